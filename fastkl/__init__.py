@@ -1,0 +1,47 @@
+"""fastkl: row-wise divergences between probability distributions, fast.
+
+    >>> import fastkl
+    >>> fastkl.kl(p, q)                       # KL(P || Q) per row, numpy float64
+    >>> fastkl.divergences(p, q, measures=("kl", "js"))   # pyarrow.Table
+    >>> fastkl.run("shards/", "scores/", measures=("kl",))  # a whole dataset
+
+See README.md and SPEC.md for the contract.
+"""
+
+from __future__ import annotations
+
+from ._api import (
+    cross_entropy,
+    divergences,
+    entropy,
+    hellinger,
+    jeffreys,
+    js,
+    kl,
+    reverse_kl,
+    tv,
+)
+from ._registry import KINDS, MEASURES, REASONS, STATUSES
+from .errors import DataError, FastKLError, InvalidRowError, OptionError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "tv", "hellinger",
+    "divergences", "run", "Summary",
+    "InvalidRowError", "OptionError", "DataError", "FastKLError",
+    "MEASURES", "KINDS", "STATUSES", "REASONS",
+]
+
+
+def __getattr__(name: str):
+    # The job layer pulls in dask; keep `import fastkl` light for in-memory use.
+    if name == "run":
+        from ._job import run
+
+        return run
+    if name == "Summary":
+        from ._summary import Summary
+
+        return Summary
+    raise AttributeError(f"module 'fastkl' has no attribute {name!r}")

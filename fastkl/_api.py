@@ -1,0 +1,106 @@
+"""The in-memory Python API (SPEC §5): one function per measure, plus `divergences`.
+
+Arguments are named for their role: `p` is the distribution the expectation
+is taken under (the data / teacher / reference in most ML uses), `q` the
+approximating one. `kl(p, q)` is KL(P || Q) = sum p log(p / q).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from ._engine import Result, compute
+from ._options import Options, check_measures
+
+ArrayLike = Any  # 2-D numpy array, pyarrow (Chunked)Array of lists of floats, or list of lists
+
+_OPTIONS_DOC = """
+    Options (SPEC §3-§4):
+        kind: "probs" (default), "logprobs" (natural log) or "logits"; sets both sides.
+        p_kind, q_kind: override `kind` for one side.
+        temperature: logits are decoded as log_softmax(x / temperature).
+        p_temperature, q_temperature: override `temperature` for one side.
+        base: logarithm base of the log measures (e by default, 2 for bits).
+        normalize: divide each row by its sum instead of requiring it to sum to 1.
+        smoothing: eps; after decoding each side becomes (p + eps) / (1 + K eps).
+        sum_tol: how far from 1 a row sum may be (default 1e-3).
+        on_invalid: "raise" (default: fastkl.InvalidRowError) or "null" (NaN for that row).
+        threads: threads to split the rows over (default: all cores).
+"""
+
+
+def _run(
+    p: ArrayLike,
+    q: ArrayLike | None,
+    measures: tuple[str, ...],
+    threads: int | None,
+    opts: dict[str, Any],
+) -> Result:
+    options = Options.from_kwargs(**opts)
+    res = compute(p, q, measures, options, threads=threads)
+    if options.on_invalid == "raise":
+        err = res.error()
+        if err is not None:
+            raise err
+    return res
+
+
+def divergences(
+    p: ArrayLike,
+    q: ArrayLike | None = None,
+    measures: Iterable[str] | str = ("kl",),
+    *,
+    status: bool = False,
+    threads: int | None = None,
+    **opts: Any,
+) -> pa.Table:
+    """Several measures per row in one pass over the data, as a pyarrow.Table.
+
+    One float64 column per measure, in the order asked, null where the row is
+    null or invalid; with `status=True` a string column `status` ("ok",
+    "null" or the reason the row is invalid).
+    """
+    res = _run(p, q, check_measures(measures), threads, opts)
+    return res.to_table(status=status)
+
+
+divergences.__doc__ += _OPTIONS_DOC
+
+
+def _measure_function(name: str, doc: str, one_sided: bool = False):
+    if one_sided:
+
+        def fn(p: ArrayLike, *, threads: int | None = None, **opts: Any) -> np.ndarray:
+            return _run(p, None, (name,), threads, opts).values[0]
+
+    else:
+
+        def fn(p: ArrayLike, q: ArrayLike, *, threads: int | None = None, **opts: Any) -> np.ndarray:
+            return _run(p, q, (name,), threads, opts).values[0]
+
+    fn.__name__ = fn.__qualname__ = name
+    fn.__doc__ = doc + "\n\n    Returns a float64 NumPy array, one value per row, NaN where the row is null or invalid.\n" + _OPTIONS_DOC
+    return fn
+
+
+kl = _measure_function(
+    "kl", "Forward KL divergence KL(P || Q) = sum p_i log(p_i / q_i), per row; +inf where q_i = 0 < p_i."
+)
+reverse_kl = _measure_function("reverse_kl", "Reverse KL divergence KL(Q || P), per row.")
+jeffreys = _measure_function("jeffreys", "Jeffreys divergence KL(P || Q) + KL(Q || P), per row.")
+js = _measure_function(
+    "js",
+    "Jensen-Shannon divergence 1/2 KL(P || M) + 1/2 KL(Q || M), M = (P + Q) / 2, per row;"
+    " in [0, log 2] (the divergence, not its square root).",
+)
+entropy = _measure_function("entropy", "Shannon entropy H(P) = -sum p_i log p_i, per row.", one_sided=True)
+cross_entropy = _measure_function(
+    "cross_entropy", "Cross-entropy H(P, Q) = -sum p_i log q_i = H(P) + KL(P || Q), per row."
+)
+tv = _measure_function("tv", "Total variation distance 1/2 sum |p_i - q_i|, per row; in [0, 1].")
+hellinger = _measure_function(
+    "hellinger", "Hellinger distance sqrt(1/2 sum (sqrt p_i - sqrt q_i)^2), per row; in [0, 1]."
+)

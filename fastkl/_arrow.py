@@ -1,0 +1,189 @@
+"""Thin adapter: turn user input into the flat buffers the kernels read.
+
+Arrow list arrays are read in place: the offsets buffer (which already
+accounts for the array's slice offset) indexes the unsliced child values,
+and null elements are read from the child's validity bitmap. Nothing here
+loops over rows in Python or builds per-row objects. The only copies are
+small ones (int32 offsets widened to int64, fixed-size offsets built from
+the stride) and explicit casts (float16 -> float32, mixed float32/float64
+sides -> float64).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import OptionError
+
+_EMPTY_MASK = np.zeros(0, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Side:
+    """One side (P or Q) of a run of rows, as flat buffers."""
+
+    offsets: np.ndarray  # int64, n + 1 entries into `values`
+    values: np.ndarray  # float32 or float64
+    mask: np.ndarray  # Arrow validity bitmap of `values` (LSB first), empty if no null element
+    mask_offset: int  # bit of mask that belongs to values[0]
+    row_null: np.ndarray | None  # bool per row, None if no null row
+
+    @property
+    def n(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> np.ndarray:
+        """The values of row i (for error messages only)."""
+        return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def row_nulls(self, i: int) -> np.ndarray:
+        """Positions of null elements in row i (for error messages only)."""
+        if self.mask.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        bits = self.mask_offset + np.arange(self.offsets[i], self.offsets[i + 1])
+        null = ((self.mask[bits >> 3] >> (bits & 7)) & 1) == 0
+        return np.flatnonzero(null)
+
+    def __post_init__(self) -> None:
+        # Arrow buffers are read-only; make every buffer read-only so that the
+        # kernel sees one array type and Numba compiles one specialisation.
+        for name in ("offsets", "values", "mask", "row_null"):
+            a = getattr(self, name)
+            if a is not None and a.flags.writeable:
+                a = a.view()
+                a.flags.writeable = False
+                object.__setattr__(self, name, a)
+
+    def astype(self, dtype: np.dtype) -> "Side":
+        if self.values.dtype == dtype:
+            return self
+        return Side(self.offsets, self.values.astype(dtype), self.mask, self.mask_offset, self.row_null)
+
+
+def _float_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    if dtype in (np.float32, np.float64):
+        return np.dtype(dtype)
+    if dtype == np.float16 or np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        return np.dtype(np.float32 if dtype == np.float16 else np.float64)
+    raise OptionError(f"{name}: expected floating-point values, got dtype {dtype}")
+
+
+def _from_numpy(x: np.ndarray, name: str) -> Side:
+    if x.ndim != 2:
+        raise OptionError(
+            f"{name}: expected a 2-D array (rows x K), got {x.ndim}-D"
+            + ("; for one distribution use x[None, :]" if x.ndim == 1 else "")
+        )
+    dtype = _float_dtype(x.dtype, name)
+    x = np.ascontiguousarray(x, dtype=dtype)  # no copy when already C-ordered float32/64
+    n, k = x.shape
+    offsets = np.arange(n + 1, dtype=np.int64) * k
+    return Side(offsets, x.reshape(-1), _EMPTY_MASK, 0, None)
+
+
+def _child_buffers(child: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """(values, validity bitmap, bit offset) of a float child array, without copying."""
+    t = child.type
+    if pa.types.is_float16(t):
+        child = pc.cast(child, pa.float32())
+    elif pa.types.is_integer(t):
+        child = pc.cast(child, pa.float64())
+    elif not (pa.types.is_float32(t) or pa.types.is_float64(t)):
+        raise OptionError(f"{name}: expected a list of float16/float32/float64, got list<{t}>")
+    dtype = np.float32 if pa.types.is_float32(child.type) else np.float64
+    validity, data = child.buffers()[:2]
+    start, n = child.offset, len(child)
+    values = np.frombuffer(data, dtype=dtype, count=start + n)[start:] if data is not None else np.zeros(0, dtype)
+    if validity is not None and child.null_count > 0:
+        return values, np.frombuffer(validity, dtype=np.uint8), start
+    return values, _EMPTY_MASK, 0
+
+
+def _from_arrow(arr: pa.Array, name: str) -> Side:
+    t = arr.type
+    n = len(arr)
+    if pa.types.is_fixed_size_list(t):
+        k = t.list_size
+        offsets = (np.arange(n + 1, dtype=np.int64) + arr.offset) * k
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        offsets = arr.offsets.to_numpy().astype(np.int64, copy=False)
+    else:
+        raise OptionError(f"{name}: expected a list, large_list or fixed_size_list array of floats, got {t}")
+    values, mask, mask_offset = _child_buffers(arr.values, name)
+    row_null = None
+    if arr.null_count > 0:
+        row_null = arr.is_null().to_numpy(zero_copy_only=False)
+    return Side(offsets, values, mask, mask_offset, row_null)
+
+
+def _as_arrow_or_numpy(x: Any, name: str) -> pa.Array | pa.ChunkedArray | np.ndarray:
+    if isinstance(x, (pa.Array, pa.ChunkedArray, np.ndarray)):
+        return x
+    if isinstance(x, (list, tuple)):
+        try:
+            return pa.array(x, type=pa.list_(pa.float64()))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+            raise OptionError(f"{name}: could not read a list of lists of numbers: {e}") from None
+    if hasattr(x, "__arrow_c_array__") or hasattr(x, "__arrow_c_stream__"):
+        return pa.array(x) if hasattr(x, "__arrow_c_array__") else pa.chunked_array(x)
+    if hasattr(x, "__array__"):
+        return np.asarray(x)
+    raise OptionError(f"{name}: unsupported input type {type(x).__name__}")
+
+
+def _side(x: pa.Array | np.ndarray, name: str) -> Side:
+    return _from_numpy(x, name) if isinstance(x, np.ndarray) else _from_arrow(x, name)
+
+
+def _length(x: pa.Array | pa.ChunkedArray | np.ndarray) -> int:
+    return x.shape[0] if isinstance(x, np.ndarray) else len(x)
+
+
+def _pieces(x: pa.Array | pa.ChunkedArray | np.ndarray, bounds: list[int]) -> Iterator[Any]:
+    """Split x at the row boundaries `bounds` (zero-copy slices)."""
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if isinstance(x, np.ndarray):
+            yield x[lo:hi]
+        elif isinstance(x, pa.ChunkedArray):
+            # bounds include every chunk boundary, so this is one slice of one chunk
+            chunks = [c for c in x.slice(lo, hi - lo).chunks if len(c)]
+            yield chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks)
+        else:
+            yield x.slice(lo, hi - lo)
+
+
+def _chunk_bounds(x: Any) -> list[int]:
+    if isinstance(x, pa.ChunkedArray):
+        return [int(b) for b in np.cumsum([0] + [len(c) for c in x.chunks])]
+    return [0, _length(x)]
+
+
+def aligned_sides(p: Any, q: Any | None) -> tuple[int, list[tuple[int, Side, Side | None]]]:
+    """Convert p (and q) to Sides, split into pieces whose rows line up.
+
+    Returns (rows, [(first_row, p_side, q_side), ...]). Chunked arrays with
+    different chunk boundaries are cut at the union of the boundaries, so each
+    piece is a plain zero-copy slice of one chunk on each side.
+    """
+    p = _as_arrow_or_numpy(p, "p")
+    q = _as_arrow_or_numpy(q, "q") if q is not None else None
+    n = _length(p)
+    if q is not None and _length(q) != n:
+        raise OptionError(f"p has {n} rows but q has {_length(q)}")
+    if n == 0:
+        return 0, []
+    bounds = sorted(set(_chunk_bounds(p)) | (set(_chunk_bounds(q)) if q is not None else set()))
+    out = []
+    q_iter = _pieces(q, bounds) if q is not None else None
+    for lo, p_piece in zip(bounds[:-1], _pieces(p, bounds)):
+        ps = _side(p_piece, "p")
+        qs = _side(next(q_iter), "q") if q_iter is not None else None
+        if qs is not None and ps.values.dtype != qs.values.dtype:
+            ps, qs = ps.astype(np.float64), qs.astype(np.float64)
+        out.append((lo, ps, qs))
+    return n, out

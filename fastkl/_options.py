@@ -1,0 +1,96 @@
+"""Validated per-call options (SPEC §3-§4), shared by the API and the job layer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+from ._registry import KINDS, MEASURES, ONE_SIDED
+from .errors import OptionError
+
+ON_INVALID = ("raise", "null")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Decoding and bad-row options, checked once and then passed around as is."""
+
+    p_kind: str = "probs"
+    q_kind: str = "probs"
+    p_temperature: float = 1.0
+    q_temperature: float = 1.0
+    base: float = math.e
+    normalize: bool = False
+    smoothing: float = 0.0
+    sum_tol: float = 1e-3
+    on_invalid: str = "raise"
+
+    @classmethod
+    def from_kwargs(
+        cls,
+        *,
+        kind: str = "probs",
+        p_kind: str | None = None,
+        q_kind: str | None = None,
+        temperature: float = 1.0,
+        p_temperature: float | None = None,
+        q_temperature: float | None = None,
+        base: float = math.e,
+        normalize: bool = False,
+        smoothing: float = 0.0,
+        sum_tol: float = 1e-3,
+        on_invalid: str = "raise",
+    ) -> "Options":
+        opts = cls(
+            p_kind=p_kind if p_kind is not None else kind,
+            q_kind=q_kind if q_kind is not None else kind,
+            p_temperature=float(p_temperature if p_temperature is not None else temperature),
+            q_temperature=float(q_temperature if q_temperature is not None else temperature),
+            base=float(base),
+            normalize=bool(normalize),
+            smoothing=float(smoothing),
+            sum_tol=float(sum_tol),
+            on_invalid=on_invalid,
+        )
+        opts.check()
+        return opts
+
+    def check(self) -> None:
+        for side in ("p", "q"):
+            kind = getattr(self, f"{side}_kind")
+            if kind not in KINDS:
+                raise OptionError(f"unknown {side}_kind {kind!r}; expected one of {', '.join(KINDS)}")
+            t = getattr(self, f"{side}_temperature")
+            if not (t > 0 and math.isfinite(t)):
+                raise OptionError(f"{side}_temperature must be a finite number > 0, got {t!r}")
+        if not (self.base > 0 and self.base != 1 and math.isfinite(self.base)):
+            raise OptionError(f"base must be a finite positive number other than 1, got {self.base!r}")
+        if not (self.smoothing >= 0 and math.isfinite(self.smoothing)):
+            raise OptionError(f"smoothing must be a finite number >= 0, got {self.smoothing!r}")
+        if not (self.sum_tol >= 0 and math.isfinite(self.sum_tol)):
+            raise OptionError(f"sum_tol must be a finite number >= 0, got {self.sum_tol!r}")
+        if self.on_invalid not in ON_INVALID:
+            raise OptionError(f"on_invalid must be 'raise' or 'null', got {self.on_invalid!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_measures(measures: Iterable[str] | str) -> tuple[str, ...]:
+    """Normalise a measure list: known names, no duplicates, kernel order kept as given."""
+    if isinstance(measures, str):
+        measures = (measures,)
+    out: list[str] = []
+    for m in measures:
+        if m not in MEASURES:
+            raise OptionError(f"unknown measure {m!r}; expected some of {', '.join(MEASURES)}")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise OptionError("no measure requested")
+    return tuple(out)
+
+
+def needs_q(measures: tuple[str, ...]) -> bool:
+    return any(m not in ONE_SIDED for m in measures)

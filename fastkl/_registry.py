@@ -1,0 +1,63 @@
+"""The names fastkl knows: measures, input kinds and row statuses.
+
+Kept in one small module so that kernels, the Arrow adapter, the job layer,
+the tests and the benchmarks all agree on the same codes.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Measures, in the order the kernel computes them and the output lists them.
+MEASURES: tuple[str, ...] = (
+    "kl",
+    "reverse_kl",
+    "jeffreys",
+    "js",
+    "entropy",
+    "cross_entropy",
+    "tv",
+    "hellinger",
+)
+MEASURE_INDEX = {name: i for i, name in enumerate(MEASURES)}
+
+# Measures whose value is a sum of logs: `base` rescales them.
+LOG_MEASURES = frozenset({"kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy"})
+
+# Measures that read only P (the `q` argument is not needed).
+ONE_SIDED = frozenset({"entropy"})
+
+KINDS: tuple[str, ...] = ("probs", "logprobs", "logits")
+KIND_CODE = {name: i for i, name in enumerate(KINDS)}
+
+# Row statuses. Code 0 is a valid row; 1 a null row (null list on either
+# side: not an error); the rest are the invalid-row reasons of SPEC §4, in the
+# order the kernel checks them.
+STATUSES: tuple[str, ...] = (
+    "ok",
+    "null",
+    "length_mismatch",
+    "empty",
+    "null_element",
+    "nan",
+    "non_finite",
+    "negative",
+    "not_normalized",
+)
+STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
+OK, NULL = 0, 1
+REASONS: tuple[str, ...] = STATUSES[2:]
+
+
+def measure_range(name: str, k: int | None = None, base: float = math.e) -> tuple[float, float]:
+    """Closed range of a measure on valid rows (SPEC §2), in units of `base`."""
+    scale = 1.0 / math.log(base)
+    if name in ("kl", "reverse_kl", "jeffreys", "cross_entropy"):
+        return 0.0, math.inf
+    if name == "js":
+        return 0.0, math.log(2.0) * scale
+    if name == "entropy":
+        return 0.0, (math.log(k) * scale) if k else math.inf
+    if name in ("tv", "hellinger"):
+        return 0.0, 1.0
+    raise KeyError(name)

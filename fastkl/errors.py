@@ -1,0 +1,57 @@
+"""Exceptions fastkl raises on purpose."""
+
+from __future__ import annotations
+
+
+class FastKLError(Exception):
+    """Base class of the errors fastkl raises about data or options."""
+
+
+class InvalidRowError(FastKLError, ValueError):
+    """A row is invalid under `on_invalid="raise"` (SPEC §4).
+
+    Carries the reason, the row (its index in the input, or inside `file` for
+    a job) and how many rows of the failing part were invalid.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        row: int,
+        count: int,
+        *,
+        file: str | None = None,
+        detail: str = "",
+    ) -> None:
+        self.reason = reason
+        self.row = row
+        self.count = count
+        self.file = file
+        self.detail = detail
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        where = f"{self.file}: row {self.row}" if self.file else f"row {self.row}"
+        msg = f"invalid row ({self.reason}) at {where}"
+        if self.detail:
+            msg += f": {self.detail}"
+        others = self.count - 1
+        if others > 0:
+            msg += f"; {self.count} invalid rows in this part"
+        msg += " (pass on_invalid='null' / --on-invalid null to keep going)"
+        return msg
+
+    def __reduce__(self):  # picklable across Dask worker processes
+        return (_rebuild_invalid_row_error, (self.reason, self.row, self.count, self.file, self.detail))
+
+
+def _rebuild_invalid_row_error(reason, row, count, file, detail):
+    return InvalidRowError(reason, row, count, file=file, detail=detail)
+
+
+class OptionError(FastKLError, ValueError):
+    """An option or argument is not usable (bad kind, unknown measure, ...)."""
+
+
+class DataError(FastKLError):
+    """Input data is refused: corrupt or mismatched files, missing columns."""
