@@ -1,0 +1,588 @@
+"""`fastkl.run`: a Dask job from a sharded Parquet/Arrow dataset to a Parquet dataset (SPEC §5-§7).
+
+The job is: scan (footers only) -> tasks defined by the input -> every task
+reads its slice, runs the same `_engine.compute` as the in-memory API, writes
+its own part into the staging directory and sends back only its row count and
+its `PartStats` -> the client merges the stats in task order, writes the
+manifest and commits (see `_output`).
+
+Sharing the cores between Dask and the kernel
+---------------------------------------------
+Two levels could use the cores: Dask runs tasks concurrently, and
+`compute(..., threads=k)` splits one batch's rows over k threads. Running
+both at full width oversubscribes (cores x cores threads); running the kernel
+serial when there are fewer tasks than cores idles cores. So each run sizes
+both levels from the same core count C (CPU affinity of the process) and the
+number T of tasks that actually have to run:
+
+* threads scheduler (default): n = min(workers or C, T) Dask threads, each
+  task calls the kernel with k = max(1, C // n). With many tasks, n = C and
+  k = 1 (serial nogil kernel in every thread: no nested pools); a single task
+  (one file, one row group) gets k = C. The kernel's helper pool is one
+  process-wide pool of C threads, so even k > 1 in several tasks at once
+  never runs more than C kernel threads.
+* processes (a LocalCluster started by fastkl on 127.0.0.1): n = min(workers
+  or C, T) worker processes of one thread each, and k = max(1, C // n).
+* an existing cluster (address or `distributed.Client`): on each host, k =
+  max(1, cores of the host // Dask threads of all workers on that host), so
+  several worker processes on one machine split its cores between them.
+* sync: one task at a time, k = C.
+
+Reading and writing happen in the task threads too (pyarrow releases the GIL),
+so with k = 1 a core alternates between decoding a batch and running the
+kernel on it; nothing waits on a second stage.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ._options import Options, check_measures, needs_q
+from ._output import MANIFEST, Staging, check_dest
+from ._progress import Progress
+from ._sources import DEFAULT_BATCH_BYTES, DEFAULT_TASK_BYTES, Columns, Plan, Task, scan
+from .errors import DataError, InvalidRowError, OptionError
+
+LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------
+# One task (runs on a Dask worker thread or process)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a task needs besides its own slice; small and picklable."""
+
+    measures: tuple[str, ...]
+    options: Options
+    columns: Columns
+    out_schema: pa.Schema
+    status: bool
+    staging: Staging
+    job_fp: str
+    stream_above: int  # tasks larger than this read through a buffered stream
+
+
+def _kernel_threads(setting: int | dict | None) -> int:
+    if isinstance(setting, int):
+        return setting
+    try:
+        from distributed import get_worker
+
+        w = get_worker()
+    except (ImportError, ValueError):
+        return 1
+    if isinstance(setting, dict) and w.address in setting:
+        return setting[w.address]
+    return max(1, _cores() // max(1, w.state.nthreads))
+
+
+def _reporter(report: Callable | str | None, task: Task) -> Callable[[int], None]:
+    if report is None:
+        return lambda rows: None
+    per_row = task.nbytes / task.rows if task.rows else 0.0
+    if callable(report):
+        return lambda rows: report(task.index, rows, int(rows * per_row), task.rows, task.nbytes)
+    from distributed import get_worker
+
+    worker = get_worker()
+    return lambda rows: worker.log_event(report, (task.index, rows, task.rows, task.nbytes))
+
+
+def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
+    cols = spec.columns.read()
+    f = task.file
+    if f.fmt == "parquet":
+        stream = task.nbytes > spec.stream_above
+        pf = pq.ParquetFile(
+            f.path,
+            buffer_size=(8 << 20) if stream else 0,  # stream a huge row group instead of loading it
+            pre_buffer=not stream,
+        )
+        yield from pf.iter_batches(
+            batch_size=batch_rows,
+            row_groups=[u.index for u in task.units],
+            columns=cols,
+            use_threads=use_threads,
+        )
+    else:
+        with pa.memory_map(f.path) as src:
+            reader = pa.ipc.open_file(src)
+            for u in task.units:
+                b = reader.get_batch(u.index).select(cols)
+                b = b.slice(u.offset, u.rows)
+                for o in range(0, u.rows, batch_rows):
+                    yield b.slice(o, batch_rows)
+
+
+def _read(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
+    """`_batches`, with read failures turned into a DataError naming the file and row groups."""
+    it = _batches(task, spec, batch_rows, use_threads)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            units = f"{task.units[0].index}" + (f"-{task.units[-1].index}" if len(task.units) > 1 else "")
+            raise DataError(f"{task.file.display}: cannot read {task.unit_name()} {units} ({_short(e)})") from e
+        yield batch
+
+
+def _const_column(value: str | None, type_: pa.DataType, n: int) -> pa.Array:
+    if value is None:
+        return pa.nulls(n, type_)
+    return pc.fill_null(pa.nulls(n, type_), pa.scalar(value).cast(type_))
+
+
+def _unit_of(task: Task, row_in_file: int) -> int:
+    r = row_in_file - task.row_start
+    for u in task.units:
+        if r < u.rows:
+            return u.index
+        r -= u.rows
+    return task.units[-1].index
+
+
+def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=None) -> dict:
+    """Read the task's slice, compute, write its part, return its row count and stats."""
+    from ._engine import compute
+    from ._summary import PartStats
+
+    t0 = time.perf_counter()
+    threads = _kernel_threads(kernel_threads)
+    progress = _reporter(report, task)
+    cols, f = spec.columns, task.file
+    staging = spec.staging
+    tmp = staging.tmp_part(task.index)
+    stats: list = []
+    first_error: InvalidRowError | None = None
+    invalid = 0
+    done = 0
+    writer = pq.ParquetWriter(tmp, spec.out_schema)
+    try:
+        for batch in _read(task, spec, batch_rows, use_threads=threads > 1):
+            n = batch.num_rows
+            p = batch.column(cols.p)
+            q = batch.column(cols.q) if cols.q is not None else None
+            res = compute(p, q, spec.measures, spec.options, threads=threads)
+            bad = res.invalid_count() if spec.options.on_invalid == "raise" else 0
+            if bad:
+                if first_error is None:
+                    first_error = res.error(file=f.display, row_offset=task.row_start + done)
+                invalid += bad
+            if first_error is None:
+                arrays = []
+                for name in cols.keep:
+                    if name in cols.partition_keep:
+                        arrays.append(_const_column(dict(f.partition).get(name), cols.partition_keep[name], n))
+                    else:
+                        arrays.append(batch.column(name))
+                mt = res.to_table(status=spec.status)
+                arrays.extend(c.combine_chunks() for c in mt.columns)
+                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=spec.out_schema))
+                stats.append(PartStats.from_batch(spec.measures, res.values, res.status))
+            done += n
+            progress(n)
+        writer.close()
+        if first_error is not None:
+            e = first_error
+            where = f"{task.unit_name()} {_unit_of(task, e.row)}"
+            raise InvalidRowError(
+                e.reason, e.row, invalid, file=e.file, detail=where + (f": {e.detail}" if e.detail else "")
+            )
+        if done != task.rows:
+            raise DataError(
+                f"{f.display}: read {done} rows from {task.unit_name()}s of {task.rows} rows; "
+                "the file changed or is corrupt"
+            )
+    except BaseException:
+        try:
+            writer.close()
+        except Exception:
+            pass
+        tmp.unlink(missing_ok=True)
+        raise
+    stats_json = PartStats.merge_all(stats, spec.measures).to_json()
+    staging.finish_part(
+        task.index,
+        tmp,
+        {"job": spec.job_fp, "fingerprint": task.fingerprint(), "batch_rows": batch_rows,
+         "rows": done, "stats": stats_json},
+    )
+    return {"index": task.index, "rows": done, "stats": stats_json, "seconds": time.perf_counter() - t0}
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+# --------------------------------------------------------------------------
+# Schedulers
+
+
+def _run_sync(todo, plan, spec, progress):
+    out = []
+    for t in todo:
+        out.append(run_task(t, plan.batch_rows[t.index], spec, _cores(), progress.add))
+    return out
+
+
+def _run_threads(todo, plan, spec, progress, workers):
+    import dask
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = _cores()
+    n = max(1, min(workers or cores, len(todo)))
+    k = max(1, cores // n)
+    tasks = [
+        dask.delayed(run_task, pure=False, name=f"fastkl-part-{t.index}")(
+            t, plan.batch_rows[t.index], spec, k, progress.add
+        )
+        for t in todo
+    ]
+    pool = ThreadPoolExecutor(n, thread_name_prefix="fastkl-task")
+    try:
+        return list(dask.compute(*tasks, scheduler="threads", pool=pool, num_workers=n))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _warm_worker() -> None:
+    from ._engine import warmup
+
+    warmup()
+
+
+def _cluster_threads(client) -> dict[str, int]:
+    """Kernel threads per worker: a host's cores divided by the Dask threads on that host."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    cores = client.run(_cores)
+    per_host: dict[str, int] = {}
+    host_cores: dict[str, int] = {}
+    for addr, w in info.items():
+        h = w.get("host", addr)
+        per_host[h] = per_host.get(h, 0) + int(w.get("nthreads", 1))
+        host_cores[h] = max(host_cores.get(h, 1), int(cores.get(addr, 1)))
+    return {
+        addr: max(1, host_cores[w.get("host", addr)] // max(1, per_host[w.get("host", addr)]))
+        for addr, w in info.items()
+    }
+
+
+def _run_distributed(todo, plan, spec, progress, client):
+    from distributed import as_completed
+
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    if not info:
+        client.wait_for_workers(1, timeout=60)
+        info = client.scheduler_info(n_workers=-1)["workers"]
+    # Numba's on-disk cache must not be written by many processes at once
+    # (numba issue 4807): the client has warmed it up; warm one worker per
+    # host first (it compiles or loads), the others then only load.
+    first: dict[str, str] = {}
+    for addr, w in info.items():
+        first.setdefault(w.get("host", addr), addr)
+    client.run(_warm_worker, workers=list(first.values()))
+    threads = _cluster_threads(client)
+    topic = f"fastkl-progress-{uuid.uuid4().hex}"
+    reported = progress.enabled
+
+    def on_event(event):
+        _, (index, rows, task_rows, task_bytes) = event
+        progress.add(index, rows, int(task_bytes * rows / task_rows) if task_rows else 0, task_rows, task_bytes)
+
+    if reported:
+        client.subscribe_topic(topic, on_event)
+    futures = [
+        client.submit(
+            run_task, t, plan.batch_rows[t.index], spec, threads, topic if reported else None,
+            key=f"fastkl-part-{t.index}-{topic[-8:]}", pure=False, priority=-t.index,
+        )
+        for t in todo
+    ]
+    by_key = {fut.key: t for fut, t in zip(futures, todo)}
+    results = []
+    try:
+        for fut in as_completed(futures, loop=client.loop):
+            if fut.status == "error":
+                fut.result()  # raises the task's exception
+            r = fut.result()
+            t = by_key[fut.key]
+            progress.done(t.index, t.rows, t.nbytes)
+            results.append(r)
+            fut.release()
+    except BaseException:
+        client.cancel(futures)
+        raise
+    finally:
+        if reported:
+            try:
+                client.unsubscribe_topic(topic)
+            except Exception:
+                pass
+    return results
+
+
+def _local_cluster(n_workers: int):
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",  # never listen beyond this machine
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+    return cluster, Client(cluster, set_as_default=False)
+
+
+# --------------------------------------------------------------------------
+# The job
+
+
+def _out_schema(cols: Columns, measures, status: bool) -> pa.Schema:
+    fields = [pa.field(k, cols.keep_types[k]) for k in cols.keep]
+    fields += [pa.field(m, pa.float64()) for m in measures]
+    if status:
+        fields.append(pa.field("status", pa.string()))
+    return pa.schema(fields)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    return str(o)
+
+
+def run(
+    source,
+    dest,
+    *,
+    p: str = "p",
+    q: str | None = "q",
+    measures: Sequence[str] | str = ("kl",),
+    keep: Sequence[str] | str = (),
+    scheduler=None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    resume: bool = False,
+    status: bool = False,
+    quiet: bool = False,
+    summary_json: str | os.PathLike | None = None,
+    task_rows: int | None = None,
+    task_bytes: int | None = DEFAULT_TASK_BYTES,
+    **opts: Any,
+):
+    """Compute `measures` for every row of SOURCE and write them to the Parquet dataset DEST.
+
+    SOURCE: a Parquet or Arrow IPC file, a directory of them (hive partitions
+    included), a glob, or a list of these. DEST: a directory that must not
+    exist (unless `overwrite=True`) and must not overlap SOURCE. Returns the
+    job's `fastkl.Summary`, also stored in DEST/_fastkl.json.
+
+    scheduler: None or "threads" (default, this machine), "processes" (a local
+    cluster of worker processes), "sync", a scheduler address, or a
+    `distributed.Client`. workers: how many threads/processes locally.
+    task_rows / task_bytes bound the size of a task (rows; decoded bytes of
+    the columns read). Other keyword arguments are the options of SPEC §3-§4
+    (kind, p_kind, temperature, base, normalize, smoothing, sum_tol,
+    on_invalid).
+    """
+    from ._summary import PartStats, Summary
+
+    t_start = time.perf_counter()
+    measures = check_measures(measures)
+    options = Options.from_kwargs(**opts) if opts else Options()
+    if isinstance(keep, str):
+        keep = (keep,)
+    keep = tuple(dict.fromkeys(keep))
+    if not needs_q(measures):
+        q = None
+    elif q is None:
+        raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")
+    for k in keep:
+        if k in measures or (status and k == "status"):
+            raise OptionError(f"keep column {k!r} has the name of an output column")
+    if workers is not None and int(workers) < 1:
+        raise OptionError(f"workers must be >= 1, got {workers}")
+    client = None
+    if scheduler is not None and not isinstance(scheduler, str):
+        try:
+            from distributed import Client
+        except ImportError:  # pragma: no cover
+            Client = ()
+        if not isinstance(scheduler, Client):
+            raise OptionError(f"scheduler must be a name, an address or a distributed.Client, got {scheduler!r}")
+        client = scheduler
+    elif isinstance(scheduler, str) and scheduler not in LOCAL_SCHEDULERS and "://" not in scheduler and ":" not in scheduler:
+        raise OptionError(
+            f"unknown scheduler {scheduler!r}; expected threads, processes, sync or a scheduler address (host:port)"
+        )
+
+    plan, roots = scan(source, p=p, q=q, keep=keep, task_rows=task_rows, task_bytes=task_bytes)
+    dest_p = check_dest(dest, roots, overwrite=overwrite)
+    cols = plan.columns
+    schema = _out_schema(cols, measures, status)
+    staging = Staging(dest_p, len(plan.tasks))
+    job = {
+        "fastkl_version": _version(),
+        "columns": {"p": cols.p, "q": cols.q, "keep": list(cols.keep)},
+        "schema": str(schema),
+        "measures": list(measures),
+        "options": options.to_dict(),
+        "status": status,
+        "task_rows": task_rows,
+        "task_bytes": task_bytes,
+    }
+    job_fp = json.dumps(job, sort_keys=True, default=_json_default)
+    done_states = staging.prepare(job, resume=resume)
+    spec = JobSpec(
+        measures, options, cols, schema, status, staging, job_fp,
+        stream_above=max(task_bytes or DEFAULT_TASK_BYTES, DEFAULT_BATCH_BYTES),
+    )
+
+    # Parts finished by an earlier attempt whose input is unchanged.
+    results: dict[int, dict] = {}
+    for t in plan.tasks:
+        st = done_states.get(t.index)
+        if (
+            st is not None
+            and st.get("job") == job_fp
+            and st.get("fingerprint") == json.loads(json.dumps(t.fingerprint()))
+            and st.get("batch_rows") == plan.batch_rows[t.index]
+            and st.get("rows") == t.rows
+        ):
+            results[t.index] = {"index": t.index, "rows": st["rows"], "stats": st["stats"], "seconds": 0.0}
+    todo = [t for t in plan.tasks if t.index not in results]
+    staging.drop_extra_parts(len(plan.tasks))
+
+    t_plan = time.perf_counter()
+    resumed_rows = sum(t.rows for t in plan.tasks if t.index in results)
+    progress = Progress(plan.rows, plan.nbytes, enabled=Progress.wanted(quiet))
+    for t in plan.tasks:
+        if t.index in results:
+            progress.done(t.index, t.rows, t.nbytes)
+    kind = "threads" if scheduler is None else scheduler if isinstance(scheduler, str) else "client"
+    to_close: list = []  # a cluster / connection this call opened, closed in reverse
+    try:
+        from ._engine import warmup
+
+        warmup()  # compile / load kernels once here, before any worker process starts
+        if todo:
+            if kind in ("sync", "synchronous"):
+                new = _run_sync(todo, plan, spec, progress)
+            elif kind == "threads":
+                new = _run_threads(todo, plan, spec, progress, workers)
+            else:
+                if kind == "processes":
+                    cluster, client = _local_cluster(max(1, min(workers or _cores(), len(todo))))
+                    to_close += [cluster, client]
+                elif client is None:
+                    from distributed import Client
+
+                    try:
+                        client = Client(scheduler, set_as_default=False, timeout="30s")
+                    except OSError as e:
+                        raise OptionError(f"cannot reach Dask scheduler {scheduler!r}: {_short(e)}") from e
+                    to_close.append(client)
+                new = _run_distributed(todo, plan, spec, progress, client)
+            for r in new:
+                results[r["index"]] = r
+    finally:
+        progress.close()
+        for obj in reversed(to_close):
+            try:
+                obj.close()
+            except Exception:
+                pass
+    t_compute = time.perf_counter()
+
+    # Merge in task order: identical whatever ran where and when.
+    if plan.tasks:
+        stats = [PartStats.from_json(results[t.index]["stats"]) for t in plan.tasks]
+    else:  # empty input: one empty part keeps DEST a readable dataset
+        empty = np.empty((len(measures), 0))
+        stats = [PartStats.from_batch(measures, empty, np.empty(0, dtype=np.uint8))]
+        pq.write_table(schema.empty_table(), staging.root / staging.part_name(0))
+    merged = PartStats.merge_all(stats, measures)
+    task_seconds = sum(r["seconds"] for r in results.values())
+    timings = {
+        "plan_s": t_plan - t_start,
+        "compute_s": t_compute - t_plan,
+        "task_s": task_seconds,
+    }
+    files = [f.to_dict() for f in plan.files]
+    parts = [
+        {
+            "file": staging.part_name(t.index),
+            "input": t.file.index,
+            "row_start": t.row_start,
+            "rows": t.rows,
+            t.unit_name().replace(" ", "_") + "s": [u.index for u in t.units],
+            "resumed": t.index in done_states and results[t.index]["seconds"] == 0.0,
+        }
+        for t in plan.tasks
+    ]
+    if not plan.tasks:
+        parts = [{"file": staging.part_name(0), "input": None, "row_start": 0, "rows": 0}]
+    timings["total_s"] = time.perf_counter() - t_start
+    summary = Summary.from_stats(
+        merged, dest=str(dest_p), options=options.to_dict(), timings=timings, files=len(plan.files)
+    )
+    manifest = {
+        "fastkl_version": _version(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": [os.fspath(s) for s in ([source] if isinstance(source, (str, os.PathLike)) else source)],
+        "dest": str(dest_p),
+        "columns": job["columns"],
+        "measures": list(measures),
+        "options": options.to_dict(),
+        "status": status,
+        "task_rows": task_rows,
+        "task_bytes": task_bytes,
+        "rows": plan.rows,
+        "inputs": files,
+        "parts": parts,
+        "summary": summary.to_dict(),
+        "timings": timings,
+    }
+    manifest = json.loads(json.dumps(manifest, default=_json_default))
+    staging.commit(manifest, overwrite=overwrite)
+    if summary_json is not None:
+        with open(summary_json, "w") as fh:
+            json.dump(manifest["summary"], fh, indent=1)
+            fh.write("\n")
+    return summary

@@ -1,0 +1,171 @@
+"""The `fastkl` command: run, demo, bench (SPEC §5).
+
+Exit status: 0 done; 1 the data was refused (invalid rows, corrupt or
+mismatched files); 2 usage errors (unknown column, bad option, DEST refused).
+Errors are one line on stderr; --debug shows the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from ._registry import KINDS, MEASURES
+from .errors import DataError, FastKLError, InvalidRowError, OptionError
+
+EXIT_DATA = 1
+EXIT_USAGE = 2
+
+
+def _fail(ctx_debug: bool, code: int, message: str) -> None:
+    if ctx_debug:
+        traceback.print_exc()
+    click.echo(f"fastkl: error: {message}", err=True)
+    sys.exit(code)
+
+
+def run_guarded(fn, debug: bool, staging_hint: str | None = None):
+    """Call fn(), turning fastkl's exceptions into one line on stderr and an exit status."""
+    try:
+        return fn()
+    except OptionError as e:
+        _fail(debug, EXIT_USAGE, str(e))
+    except (InvalidRowError, DataError) as e:
+        _fail(debug, EXIT_DATA, str(e))
+    except FastKLError as e:
+        _fail(debug, EXIT_DATA, str(e))
+    except KeyboardInterrupt:
+        msg = "interrupted"
+        if staging_hint and os.path.isdir(staging_hint):
+            msg += f"; finished parts kept in {staging_hint} (rerun with --resume to continue)"
+        _fail(debug, 130, msg)
+    except click.exceptions.Exit:
+        raise
+    except Exception as e:  # a bug or an environment problem: still one line
+        hint = "" if debug else " (run with --debug for the traceback)"
+        _fail(debug, EXIT_DATA, f"{type(e).__name__}: {e}{hint}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fastkl", prog_name="fastkl")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """fastkl: row-wise KL / JS / entropy divergences over big Parquet/Arrow datasets."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _float_or_e(value: str) -> float:
+    import math
+
+    if value.strip().lower() == "e":
+        return math.e
+    return float(value)
+
+
+@main.command("run")
+@click.argument("source", nargs=-1, required=True)
+@click.argument("dest")
+@click.option("--p", "p", default="p", show_default=True, help="Column holding P (list of floats).")
+@click.option("--q", "q", default="q", show_default=True, help="Column holding Q (list of floats).")
+@click.option(
+    "--measure", "-m", "measures", multiple=True, type=click.Choice(MEASURES),
+    help="Measure to compute (repeat for several; default kl).",
+)
+@click.option("--keep", "keep", multiple=True, help="Input column copied to the output (repeatable).")
+@click.option("--kind", type=click.Choice(KINDS), default="probs", show_default=True, help="Encoding of both sides.")
+@click.option("--p-kind", type=click.Choice(KINDS), default=None, help="Encoding of P (overrides --kind).")
+@click.option("--q-kind", type=click.Choice(KINDS), default=None, help="Encoding of Q (overrides --kind).")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature for logits.")
+@click.option("--p-temperature", type=float, default=None)
+@click.option("--q-temperature", type=float, default=None)
+@click.option("--base", default="e", show_default=True, help="Log base: e, 2, 10 or any positive number != 1.")
+@click.option("--normalize", is_flag=True, help="Renormalise each row instead of checking its sum.")
+@click.option("--smoothing", type=float, default=0.0, show_default=True, help="Additive smoothing epsilon.")
+@click.option("--sum-tol", type=float, default=1e-3, show_default=True, help="Tolerance on row sums.")
+@click.option(
+    "--on-invalid", type=click.Choice(["raise", "null"]), default="raise", show_default=True,
+    help="raise: fail the job on the first invalid row; null: null measures and go on.",
+)
+@click.option("--status", is_flag=True, help="Add a `status` column (ok, null or the reason).")
+@click.option(
+    "--scheduler", default=None,
+    help="threads (default), processes, sync, or a Dask scheduler address (host:port).",
+)
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Local threads/processes (default: cores).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing DEST once the new output is complete.")
+@click.option("--resume", is_flag=True, help="Reuse the finished parts of an interrupted job.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
+@click.option("--summary-json", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the summary as JSON to this file.")
+@click.option("--task-rows", type=click.IntRange(min=1), default=None, help="At most this many rows per task.")
+@click.option("--task-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="At most this many MB of decoded input per task (default 128 MiB).")
+@click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind, q_kind, temperature,
+            p_temperature, q_temperature, base, normalize, smoothing, sum_tol, on_invalid, status,
+            scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, debug_here):
+    """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
+    debug = debug_here or (ctx.obj or {}).get("debug", False)
+    try:
+        base_v = _float_or_e(base)
+    except ValueError:
+        raise click.BadParameter(f"{base!r} is not a number", param_hint="--base")
+
+    def go():
+        from ._job import run
+        from ._sources import DEFAULT_TASK_BYTES
+
+        summary = run(
+            list(source), dest, p=p, q=q, measures=measures or ("kl",), keep=keep,
+            scheduler=scheduler, workers=workers, overwrite=overwrite, resume=resume, status=status,
+            quiet=quiet, summary_json=summary_json, task_rows=task_rows,
+            task_bytes=int(task_mb * (1 << 20)) if task_mb else DEFAULT_TASK_BYTES,
+            kind=kind, p_kind=p_kind, q_kind=q_kind, temperature=temperature,
+            p_temperature=p_temperature, q_temperature=q_temperature, base=base_v,
+            normalize=normalize, smoothing=smoothing, sum_tol=sum_tol, on_invalid=on_invalid,
+        )
+        return summary
+
+    from ._output import staging_path
+    from pathlib import Path
+
+    summary = run_guarded(go, debug, str(staging_path(Path(os.path.abspath(dest)))))
+    if not quiet:
+        click.echo(summary.format_table())
+        t = summary.timings or {}
+        if t.get("total_s"):
+            rate = summary.rows / t["total_s"]
+            click.echo(f"done in {t['total_s']:.2f} s ({rate:,.0f} rows/s); output: {summary.dest}")
+
+
+@main.command("demo")
+@click.argument("directory", default="fastkl-demo", required=False)
+@click.option("--rows", type=click.IntRange(min=1), default=100_000, show_default=True, help="Rows in the sample.")
+@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Files in the sample.")
+@click.option("--vocab", type=click.IntRange(min=2), default=128, show_default=True, help="Support size K.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def demo_cmd(ctx, directory, rows, shards, vocab, quiet, debug_here):
+    """Make a sample distillation dataset in DIRECTORY and run a job on it."""
+    debug = debug_here or (ctx.obj or {}).get("debug", False)
+    from ._demo import demo
+
+    run_guarded(lambda: demo(directory, rows=rows, shards=shards, vocab=vocab, quiet=quiet), debug)
+
+
+@main.command("bench")
+def bench_cmd():
+    """Throughput report on this machine (SPEC §7). Not yet implemented."""
+    click.echo("fastkl bench: not yet implemented", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
