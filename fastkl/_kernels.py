@@ -5,8 +5,20 @@ three buffers: `offsets` (int64, row i is values[offsets[i]:offsets[i+1]]),
 `values` (float32 or float64) and an optional element-validity bitmap (Arrow
 layout, LSB first, empty when the side has no null elements). The kernel
 walks rows `start..stop`, writes one float64 per requested measure into
-`out` and one status code per row into `status`; rows are independent, so
+`out` and one status code per row into `status`. Rows are independent, so
 any split of the row range gives bit-identical results.
+
+Each row is handled in two steps, each a short loop over the row:
+
+1. scan: validate each side and find how to decode it (row sum, or max and
+   log-sum-exp for logits); a row with a problem is scanned again slowly to
+   name the reason;
+2. terms: one small branch-free loop per group of measures, written with
+   `_fastmath`'s vectorisable log/exp so LLVM emits SIMD code. The common
+   cases (both sides probabilities; both sides in log space for the log
+   measures) take these loops; the rest (mixed kinds, JS/TV/Hellinger on
+   log-space input, float64 ratios beyond the float range) take one general
+   loop with libm calls. Both follow the same formulas.
 
 Choices, made on purpose:
 
@@ -18,14 +30,18 @@ Choices, made on purpose:
 * fastmath: only `nsz` (ignore the sign of zero), `contract` (allow FMA) and
   `reassoc` (reorder sums so LLVM can vectorise reductions). Never `nnan`/
   `ninf`: +inf is a correct KL and NaN must be detected (SPEC §2, §4). No
-  `afn`/`arcp`: approximate functions would break the error bound.
+  `afn`/`arcp`: approximate functions would break the error bound. The
+  log/exp helpers are compiled without `reassoc` (their operation order is
+  the algorithm) and are inlined by LLVM with their own flags.
+* `error_model="numpy"`: float division by zero gives inf/NaN (which the
+  loops mask) instead of a Python exception check that blocks vectorisation.
 * `cache=True`: the compiled kernels go to Numba's on-disk cache, so only the
-  very first call on a machine pays the compile. Two specialisations exist
+  first call on a machine pays the compile. Two specialisations exist
   (float32 and float64 values; mixed inputs are cast to float64 first).
-* Accuracy (SPEC §2): sums are in float64; log(p/q) is taken as
-  log1p((p-q)/q) when p/q is near 1 (where log(p)-log(q) would cancel) and
-  the Jensen-Shannon and Hellinger terms are written in forms that do not
-  cancel when P and Q are close.
+* Accuracy (SPEC §2): sums are in float64; log(p/q) takes its mantissa from
+  (p-q)/q when p/q is near 1 (where log(p)-log(q) would cancel), and the
+  Jensen-Shannon and Hellinger terms are written in forms that do not cancel
+  when P and Q are close.
 """
 
 from __future__ import annotations
@@ -34,6 +50,8 @@ import math
 
 import numpy as np
 from numba import njit
+
+from ._fastmath import exp_neg, log_pos, log_ratio
 
 FASTMATH = {"nsz", "contract", "reassoc"}
 
@@ -50,17 +68,94 @@ N_MEASURES = 8
 LN2 = math.log(2.0)
 INF = math.inf
 NAN_ = math.nan
+MIN_NORMAL = 2.2250738585072014e-308
+MAX_FLOAT = 1.7976931348623157e308
 
-_jit = njit(nogil=True, cache=True, fastmath=FASTMATH)
+_jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+
+
+# ---------------------------------------------------------------- scanning
 
 
 @_jit
-def _is_null(mask, mask_offset, idx):
-    """True when element `idx` is null in an Arrow validity bitmap (empty = none null)."""
+def _has_null(mask, mask_offset, start, k):
     if mask.size == 0:
         return False
-    bit = mask_offset + idx
-    return ((mask[bit >> 3] >> (bit & 7)) & 1) == 0
+    for j in range(k):
+        bit = mask_offset + start + j
+        if ((mask[bit >> 3] >> (bit & 7)) & 1) == 0:
+            return True
+    return False
+
+
+@_jit
+def _problem(values, start, k, mask, mask_offset, kind, sum_tol):
+    """The status of a side that failed the fast scan (lowest code wins)."""
+    code = NOT_NORMALIZED + 1
+    for j in range(k):
+        idx = start + j
+        if mask.size:
+            bit = mask_offset + idx
+            if ((mask[bit >> 3] >> (bit & 7)) & 1) == 0:
+                code = min(code, NULL_ELEMENT)
+                continue
+        x = np.float64(values[idx])
+        if x != x:
+            code = min(code, NAN)
+        elif kind == PROBS:
+            if math.isinf(x):
+                code = min(code, NON_FINITE)
+            elif x < 0.0:
+                code = min(code, NEGATIVE)
+        elif x == INF:
+            code = min(code, NON_FINITE)
+        elif kind == LOGPROBS and x > sum_tol:
+            code = min(code, NEGATIVE)
+    return code if code <= NOT_NORMALIZED else NON_FINITE  # logits with no finite value
+
+
+@_jit
+def _scan_probs(values, start, k):
+    # The shapes below are the ones LLVM vectorises: an unconditional sum
+    # (a bad row is rescanned anyway) and a float count of bad elements.
+    total = 0.0
+    bad = 0.0
+    for j in range(k):
+        x = np.float64(values[start + j])
+        total += x
+        bad += 0.0 if ((x >= 0.0) & (x < INF)) else 1.0  # NaN compares False
+    return total, bad
+
+
+@_jit
+def _scan_logprobs(values, start, k, sum_tol):
+    total = 0.0
+    bad = 0.0
+    for j in range(k):
+        x = np.float64(values[start + j])
+        ok = x <= sum_tol  # False for NaN and +inf
+        total += exp_neg(x) if ok else 0.0
+        bad += 0.0 if ok else 1.0
+    return total, bad
+
+
+@_jit
+def _scan_logits(values, start, k):
+    top = -INF
+    bad = 0.0
+    for j in range(k):
+        x = np.float64(values[start + j])
+        top = x if x > top else top
+        bad += 0.0 if x < INF else 1.0  # NaN and +inf
+    return top, bad
+
+
+@_jit
+def _sum_exp(values, start, k, top, inv_t):
+    total = 0.0
+    for j in range(k):
+        total += exp_neg((np.float64(values[start + j]) - top) * inv_t)
+    return total
 
 
 @_jit
@@ -70,75 +165,172 @@ def _scan_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_
     Returns (status, scale, centre, log_norm): probs decode as x * scale;
     logprobs and logits as (x - centre) * inv_t - log_norm.
     """
-    code = OK
-    total = 0.0
-    top = -INF
-    for j in range(k):
-        idx = start + j
-        if _is_null(mask, mask_offset, idx):
-            code = min(code, NULL_ELEMENT) if code else NULL_ELEMENT
-            continue
-        x = np.float64(values[idx])
-        if x != x:
-            c = NAN
-        elif kind == PROBS:
-            if math.isinf(x):
-                c = NON_FINITE
-            elif x < 0.0:
-                c = NEGATIVE
-            else:
-                total += x
-                continue
-        elif x == INF:
-            c = NON_FINITE
-        elif kind == LOGPROBS:
-            if x > sum_tol:
-                c = NEGATIVE
-            else:
-                total += math.exp(x)
-                continue
-        else:  # LOGITS
-            if x > top:
-                top = x
-            continue
-        code = min(code, c) if code else c
-    if code:
-        return code, 1.0, 0.0, 0.0
+    if _has_null(mask, mask_offset, start, k):
+        return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
+    if kind == LOGITS:
+        top, bad = _scan_logits(values, start, k)
+        if bad > 0.0 or not top > -INF:
+            return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
+        # stable log-sum-exp around the row maximum; nothing materialised
+        return OK, 1.0, top, math.log(_sum_exp(values, start, k, top, inv_t))
     if kind == PROBS:
-        if normalize:
-            if not total > 0.0:
-                return NOT_NORMALIZED, 1.0, 0.0, 0.0
+        total, bad = _scan_probs(values, start, k)
+    else:
+        total, bad = _scan_logprobs(values, start, k, sum_tol)
+    if bad > 0.0:
+        return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
+    if normalize:
+        if not total > 0.0:
+            return NOT_NORMALIZED, 1.0, 0.0, 0.0
+        if kind == PROBS:
             return OK, 1.0 / total, 0.0, 0.0
-        if abs(total - 1.0) > sum_tol:
-            return NOT_NORMALIZED, 1.0, 0.0, 0.0
-        return OK, 1.0, 0.0, 0.0
-    if kind == LOGPROBS:
-        if normalize:
-            if not total > 0.0:
-                return NOT_NORMALIZED, 1.0, 0.0, 0.0
-            return OK, 1.0, 0.0, math.log(total)
-        if abs(total - 1.0) > sum_tol:
-            return NOT_NORMALIZED, 1.0, 0.0, 0.0
-        return OK, 1.0, 0.0, 0.0
-    # LOGITS: stable log-sum-exp around the row maximum, nothing materialised.
-    if top == -INF:
-        return NON_FINITE, 1.0, 0.0, 0.0
-    for j in range(k):
-        idx = start + j
-        total += math.exp((np.float64(values[idx]) - top) * inv_t)
-    return OK, 1.0, top, math.log(total)
+        return OK, 1.0, 0.0, math.log(total)
+    if abs(total - 1.0) > sum_tol:
+        return NOT_NORMALIZED, 1.0, 0.0, 0.0
+    return OK, 1.0, 0.0, 0.0
+
+
+# ------------------------------------------- terms: both sides probabilities
+# p = x * p_mul + p_add (p_mul folds normalisation and smoothing, p_add = eps/(1+K eps)).
 
 
 @_jit
-def _log_ratio(p, q):
-    """log(p / q) for p, q > 0, accurate to a few ulps of the result."""
+def _ratio_terms_probs(pv, ps, qv, qs, k, p_mul, p_add, q_mul, q_add):
+    """sum p log(p/q), sum q log(q/p), #(p>0=q), #(q>0=p), #ratios out of float range."""
+    kl = 0.0
+    rkl = 0.0
+    kl_inf = 0
+    rkl_inf = 0
+    odd = 0
+    for j in range(k):
+        p = np.float64(pv[ps + j]) * p_mul + p_add
+        q = np.float64(qv[qs + j]) * q_mul + q_add
+        both = (p > 0.0) & (q > 0.0)
+        inv_q = 1.0 / q
+        r = p * inv_q
+        # select the shared log before using it twice: LLVM then vectorises
+        lr = log_ratio(p, inv_q, p - q) if both else 0.0
+        kl += p * lr
+        rkl -= q * lr
+        kl_inf += 1 if (p > 0.0 and q == 0.0) else 0
+        rkl_inf += 1 if (q > 0.0 and p == 0.0) else 0
+        odd += 1 if both and not (MIN_NORMAL <= r <= MAX_FLOAT) else 0
+    return kl, rkl, kl_inf, rkl_inf, odd
+
+
+@_jit
+def _entropy_terms_probs(pv, ps, k, p_mul, p_add):
+    ent = 0.0
+    for j in range(k):
+        p = np.float64(pv[ps + j]) * p_mul + p_add
+        lp = log_pos(p) if p > 0.0 else 0.0
+        ent -= p * lp
+    return ent
+
+
+@_jit
+def _cross_entropy_terms_probs(pv, ps, qv, qs, k, p_mul, p_add, q_mul, q_add):
+    ce = 0.0
+    for j in range(k):
+        p = np.float64(pv[ps + j]) * p_mul + p_add
+        q = np.float64(qv[qs + j]) * q_mul + q_add
+        lq = log_pos(q) if (p > 0.0 and q > 0.0) else 0.0
+        ce -= p * lq
+    return ce
+
+
+@_jit
+def _js_terms_probs(pv, ps, qv, qs, k, p_mul, p_add, q_mul, q_add):
+    """sum p log(2p/(p+q)) + q log(2q/(p+q)), #ratios out of float range."""
+    js = 0.0
+    odd = 0
+    for j in range(k):
+        p = np.float64(pv[ps + j]) * p_mul + p_add
+        q = np.float64(qv[qs + j]) * q_mul + q_add
+        s = p + q
+        inv_s = 1.0 / s
+        d = p - q
+        lp = log_ratio(2.0 * p, inv_s, d) if p > 0.0 else 0.0
+        lq = log_ratio(2.0 * q, inv_s, -d) if q > 0.0 else 0.0
+        js += p * lp + q * lq
+        small = min(p, q)
+        odd += 1 if (small > 0.0 and 2.0 * small < MIN_NORMAL * s) else 0
+    return js, odd
+
+
+@_jit
+def _tv_hellinger_terms_probs(pv, ps, qv, qs, k, p_mul, p_add, q_mul, q_add):
+    tv = 0.0
+    hel = 0.0
+    for j in range(k):
+        p = np.float64(pv[ps + j]) * p_mul + p_add
+        q = np.float64(qv[qs + j]) * q_mul + q_add
+        d = p - q
+        tv += abs(d)
+        root_sum = math.sqrt(p) + math.sqrt(q)
+        h = d / root_sum if root_sum > 0.0 else 0.0  # = sqrt p - sqrt q, without cancelling
+        hel += h * h
+    return tv, hel
+
+
+# ------------------------------------------- terms: both sides in log space
+# a = (x - centre) * inv_t - log_norm; p = exp(a).
+
+
+@_jit
+def _ratio_terms_logs(pv, ps, qv, qs, k, p_c, p_it, p_ln, q_c, q_it, q_ln):
+    kl = 0.0
+    rkl = 0.0
+    kl_inf = 0
+    rkl_inf = 0
+    for j in range(k):
+        a = (np.float64(pv[ps + j]) - p_c) * p_it - p_ln
+        b = (np.float64(qv[qs + j]) - q_c) * q_it - q_ln
+        p_pos = a > -INF
+        q_pos = b > -INF
+        both = p_pos and q_pos
+        d = a - b if both else 0.0
+        kl += exp_neg(a) * d
+        rkl -= exp_neg(b) * d
+        kl_inf += 1 if (p_pos and not q_pos) else 0
+        rkl_inf += 1 if (q_pos and not p_pos) else 0
+    return kl, rkl, kl_inf, rkl_inf
+
+
+@_jit
+def _entropy_terms_logs(pv, ps, k, p_c, p_it, p_ln):
+    ent = 0.0
+    for j in range(k):
+        a = (np.float64(pv[ps + j]) - p_c) * p_it - p_ln
+        a = a if a > -INF else 0.0  # p = 0 contributes 0
+        ent -= exp_neg(a) * a
+    return ent
+
+
+@_jit
+def _cross_entropy_terms_logs(pv, ps, qv, qs, k, p_c, p_it, p_ln, q_c, q_it, q_ln):
+    ce = 0.0
+    for j in range(k):
+        a = (np.float64(pv[ps + j]) - p_c) * p_it - p_ln
+        b = (np.float64(qv[qs + j]) - q_c) * q_it - q_ln
+        b = b if (a > -INF and b > -INF) else 0.0
+        ce -= exp_neg(a) * b
+    return ce
+
+
+# ------------------------------------------- general loop (any combination)
+
+
+@_jit
+def _log_ratio_exact(p, q):
+    """log(p / q) for any p, q > 0 (libm), accurate to a few ulps."""
     d = p - q
     if abs(d) <= 0.5 * q:
         return math.log1p(d / q)  # p/q in [0.5, 1.5]: no cancellation
     r = p / q
-    if 1e-300 < r < 1e300:
+    if MIN_NORMAL <= r <= MAX_FLOAT:
         return math.log(r)
-    return math.log(p) - math.log(q)  # ratio out of range; far from 1, so no cancellation
+    return math.log(p) - math.log(q)  # far from 1, so no cancellation
 
 
 @_jit
@@ -159,6 +351,77 @@ def _js_logs(d):
         return LN2 - tail, LN2 - d - tail
     tail = math.log1p(math.exp(d))
     return LN2 + d - tail, LN2 - tail
+
+
+@_jit
+def _general_terms(pv, ps, qv, qs, k, use_q, p_kind, q_kind,
+                   p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln, smoothing):
+    """All sums for one row, element by element with libm: any kinds, any measures."""
+    p_logdom = p_kind != PROBS and smoothing == 0.0
+    q_logdom = q_kind != PROBS and smoothing == 0.0
+    both_log = p_logdom and q_logdom
+    smooth_norm = 1.0 / (1.0 + k * smoothing)
+    kl = rkl = js = ent = ce = tv = hel = 0.0
+    kl_inf = rkl_inf = 0
+    for j in range(k):
+        x = np.float64(pv[ps + j])
+        if p_kind == PROBS:
+            p = x * p_scale
+            a = 0.0
+        else:
+            a = (x - p_c) * p_it - p_ln
+            p = math.exp(a)
+        if smoothing > 0.0:
+            p = (p + smoothing) * smooth_norm
+        p_pos = a > -INF if p_logdom else p > 0.0
+        if use_q:
+            y = np.float64(qv[qs + j])
+            if q_kind == PROBS:
+                q = y * q_scale
+                b = 0.0
+            else:
+                b = (y - q_c) * q_it - q_ln
+                q = math.exp(b)
+            if smoothing > 0.0:
+                q = (q + smoothing) * smooth_norm
+            q_pos = b > -INF if q_logdom else q > 0.0
+        else:
+            q, b, q_pos = p, a, p_pos
+
+        if p_pos:
+            ent -= p * (a if p_logdom else math.log(p))
+        if p_pos and q_pos:
+            if both_log:
+                d = a - b
+            elif not p_logdom and not q_logdom:
+                d = _log_ratio_exact(p, q)
+            else:
+                d = (a if p_logdom else math.log(p)) - (b if q_logdom else math.log(q))
+            kl += p * d
+            rkl -= q * d
+            lp, lq = _js_logs(d)
+            js += p * lp + q * lq
+            ce -= p * (b if q_logdom else math.log(q))
+            diff = _diff_from_logs(p, q, d) if both_log else p - q
+            tv += abs(diff)
+            root_sum = math.sqrt(p) + math.sqrt(q)
+            if root_sum > 0.0:  # both may underflow to 0 in log space
+                h = diff / root_sum
+                hel += h * h
+        elif p_pos:  # q_i = 0
+            kl_inf += 1
+            js += p * LN2
+            tv += p
+            hel += p
+        elif q_pos:  # p_i = 0
+            rkl_inf += 1
+            js += q * LN2
+            tv += q
+            hel += q
+    return kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+
+
+# ---------------------------------------------------------------- the kernel
 
 
 @_jit
@@ -183,15 +446,13 @@ def divergence_rows(
     want_ce = slots[CROSS_ENTROPY] >= 0
     want_tv = slots[TV] >= 0
     want_hel = slots[HELLINGER] >= 0
-    want_ratio = want_kl or want_rkl or want_jef or want_js
-    p_logdom = p_kind != PROBS and smoothing == 0.0
-    q_logdom = q_kind != PROBS and smoothing == 0.0
-    both_log = p_logdom and q_logdom
+    want_ratio = want_kl or want_rkl or want_jef
+    both_probs = p_kind == PROBS and (q_kind == PROBS or not use_q)
+    both_log = smoothing == 0.0 and p_kind != PROBS and (q_kind != PROBS or not use_q)
+    log_fast = both_log and not (want_js or want_tv or want_hel)
 
     for i in range(start, stop):
-        code = OK
-        if row_null[i]:
-            code = NULL
+        code = NULL if row_null[i] else OK
         ps = p_offsets[i]
         k = p_offsets[i + 1] - ps
         qs = q_offsets[i]
@@ -218,74 +479,40 @@ def divergence_rows(
                     out[slots[m], i] = NAN_
             continue
 
-        smooth_norm = 1.0 / (1.0 + k * smoothing)
         kl = rkl = js = ent = ce = tv = hel = 0.0
-        kl_inf = rkl_inf = False
-        for j in range(k):
-            # Decode: p, q probabilities; a, b their logs when the side lives in log space.
-            x = np.float64(p_values[ps + j])
-            if p_kind == PROBS:
-                p = x * p_scale
-                a = 0.0
-            else:
-                a = (x - p_c) * p_inv_t - p_ln
-                p = math.exp(a)
-            if smoothing > 0.0:
-                p = (p + smoothing) * smooth_norm
-            p_pos = a > -INF if p_logdom else p > 0.0
-            if use_q:
-                y = np.float64(q_values[qs + j])
-                if q_kind == PROBS:
-                    q = y * q_scale
-                    b = 0.0
-                else:
-                    b = (y - q_c) * q_inv_t - q_ln
-                    q = math.exp(b)
-                if smoothing > 0.0:
-                    q = (q + smoothing) * smooth_norm
-                q_pos = b > -INF if q_logdom else q > 0.0
-            else:
-                q, b, q_pos = p, a, p_pos
+        kl_inf = rkl_inf = 0
+        general = not (both_probs or log_fast)
+        if both_probs:
+            smooth_norm = 1.0 / (1.0 + k * smoothing)
+            p_mul, q_mul, add = p_scale * smooth_norm, q_scale * smooth_norm, smoothing * smooth_norm
+            if use_q and (want_ratio or want_ce):
+                kl, rkl, kl_inf, rkl_inf, odd = _ratio_terms_probs(
+                    p_values, ps, q_values, qs, k, p_mul, add, q_mul, add)
+                general = general or odd > 0
+            if want_ent:
+                ent = _entropy_terms_probs(p_values, ps, k, p_mul, add)
+            if want_ce:
+                ce = _cross_entropy_terms_probs(p_values, ps, q_values, qs, k, p_mul, add, q_mul, add)
+            if want_js:
+                js, odd = _js_terms_probs(p_values, ps, q_values, qs, k, p_mul, add, q_mul, add)
+                general = general or odd > 0
+            if want_tv or want_hel:
+                tv, hel = _tv_hellinger_terms_probs(p_values, ps, q_values, qs, k, p_mul, add, q_mul, add)
+        elif log_fast:
+            if use_q and (want_ratio or want_ce):
+                kl, rkl, kl_inf, rkl_inf = _ratio_terms_logs(
+                    p_values, ps, q_values, qs, k, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
+            if want_ent:
+                ent = _entropy_terms_logs(p_values, ps, k, p_c, p_inv_t, p_ln)
+            if want_ce:
+                ce = _cross_entropy_terms_logs(
+                    p_values, ps, q_values, qs, k, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
+        if general:
+            kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _general_terms(
+                p_values, ps, q_values, qs, k, use_q, p_kind, q_kind,
+                p_scale, p_c, p_inv_t, p_ln, q_scale, q_c, q_inv_t, q_ln, smoothing)
 
-            if want_ent and p_pos:
-                ent -= p * (a if p_logdom else math.log(p))
-            if p_pos and q_pos:
-                if want_ratio:
-                    if both_log:
-                        d = a - b
-                    elif not p_logdom and not q_logdom:
-                        d = _log_ratio(p, q)
-                    else:
-                        d = (a if p_logdom else math.log(p)) - (b if q_logdom else math.log(q))
-                    kl += p * d
-                    rkl -= q * d
-                    if want_js:
-                        lp, lq = _js_logs(d)
-                        js += p * lp + q * lq
-                if want_ce:
-                    ce -= p * (b if q_logdom else math.log(q))
-                if want_tv or want_hel:
-                    if both_log:
-                        diff = _diff_from_logs(p, q, a - b)
-                    else:
-                        diff = p - q
-                    tv += abs(diff)
-                    if want_hel:
-                        root_sum = math.sqrt(p) + math.sqrt(q)
-                        if root_sum > 0.0:  # both may underflow to 0 in log space
-                            h = diff / root_sum
-                            hel += h * h
-            elif p_pos:  # q_i = 0
-                kl_inf = True
-                js += p * LN2
-                tv += p
-                hel += p
-            elif q_pos:  # p_i = 0
-                rkl_inf = True
-                js += q * LN2
-                tv += q
-                hel += q
-
+        # Clamp into each measure's range (SPEC §2): rounding never leaves it.
         if want_kl:
             out[slots[KL], i] = INF if kl_inf else max(kl, 0.0) * inv_log_base
         if want_rkl:

@@ -1,0 +1,140 @@
+"""log and exp that LLVM can vectorise, at float64 accuracy (a few ulps).
+
+Numba lowers `math.log` / `math.exp` to scalar libm calls (the llvmlite
+wheels carry no SVML), which caps a KL loop at a fraction of memory
+bandwidth. These are the classic fdlibm/Cody-Waite algorithms written as
+straight-line float and integer arithmetic (no calls, no branches, only
+selects), so a loop that uses them compiles to SIMD code.
+
+Callers must compile with `error_model="numpy"`: Numba's default Python
+error model puts a zero-division check on every float division, and that
+branch alone stops vectorisation.
+
+Domains: `log_pos(x)` for x >= 0 (0 gives -inf, +inf gives +inf);
+`exp_neg(x)` for x <= ~709 (-inf gives 0). NaN handling is the caller's job:
+fastkl validates rows before computing terms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+_fast = njit(error_model="numpy", fastmath={"nsz", "contract"})
+
+
+@intrinsic
+def float_bits(typingctx, x):
+    """Reinterpret a float64 as int64 (bit cast)."""
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_float(typingctx, x):
+    """Reinterpret an int64 as float64 (bit cast)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+# fdlibm e_log.c coefficients: log(1+f) = f - hfsq + s*(hfsq+R(s^2)), s = f/(2+f).
+_LG1 = 6.666666666666735130e-01
+_LG2 = 3.999999999940941908e-01
+_LG3 = 2.857142874366239149e-01
+_LG4 = 2.222219843214978396e-01
+_LG5 = 1.818357216161805012e-01
+_LG6 = 1.531383769920937332e-01
+_LG7 = 1.479819860511658591e-01
+_LN2_HI = 6.93147180369123816490e-01
+_LN2_LO = 1.90821492927058770002e-10
+_INV_LN2 = 1.44269504088896338700e00
+_TWO54 = 18014398509481984.0
+_MIN_NORMAL = 2.2250738585072014e-308
+_SQRT_HALF_HI = 0x3FE6A09E  # high word of sqrt(2)/2
+
+
+@_fast
+def log1p_core(k, f):
+    """k*ln2 + log(1+f) for 1+f in [sqrt(2)/2, sqrt(2)); relative error < 1 ulp."""
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_LG2 + w * (_LG4 + w * _LG6))
+    t2 = z * (_LG1 + w * (_LG3 + w * (_LG5 + w * _LG7)))
+    r = t2 + t1
+    hfsq = 0.5 * f * f
+    return k * _LN2_HI - ((hfsq - (s * (hfsq + r) + k * _LN2_LO)) - f)
+
+
+@_fast
+def _reduce(x):
+    """(k, f) with x = 2**k * (1+f), 1+f in [sqrt(2)/2, sqrt(2)); x > 0 finite."""
+    sub = x < _MIN_NORMAL
+    x = x * _TWO54 if sub else x
+    ix = float_bits(x) + ((0x3FF00000 - _SQRT_HALF_HI) << 32)
+    k = (ix >> 52) - 0x3FF - (54 if sub else 0)
+    ix = (ix & 0x000FFFFFFFFFFFFF) + (_SQRT_HALF_HI << 32)
+    return np.float64(k), bits_float(ix) - 1.0
+
+
+@_fast
+def log_pos(x):
+    """log(x) for x >= 0: -inf at 0, +inf at +inf."""
+    k, f = _reduce(x)
+    r = log1p_core(k, f)
+    r = -np.inf if x == 0.0 else r
+    return np.inf if x == np.inf else r
+
+
+@_fast
+def log_ratio(num, inv_den, diff):
+    """log(num/den) for num, den > 0 with num/den in the normal range.
+
+    Takes 1/den (divisions are the slow part of a vector loop, so callers
+    share one reciprocal) and `diff` = num - den computed without
+    cancellation error: near a ratio of 1 the mantissa is taken from
+    diff/den, so the result stays accurate to a few ulps even when num and
+    den agree to many digits (where log(num) - log(den) would lose them all).
+    """
+    k, f = _reduce(num * inv_den)
+    f = diff * inv_den if k == 0.0 else f
+    return log1p_core(k, f)
+
+
+@_fast
+def exp_neg(x):
+    """exp(x) for x <= 709.78 (callers pass log-probabilities); -inf gives 0."""
+    x = max(x, -1080.0)
+    kf = np.floor(x * _INV_LN2 + 0.5)
+    r = (x - kf * _LN2_HI) - kf * _LN2_LO  # |r| <= ln2/2
+    # Taylor series of exp(r), |r| <= 0.347: 14 terms leave < 1e-17 relative.
+    p = 1.0 / 87178291200.0
+    p = p * r + 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    # Scale by 2**k in two steps so that subnormal results are formed correctly.
+    k = np.int64(kf)
+    k1 = k >> 1
+    k2 = k - k1
+    return p * bits_float((k1 + 0x3FF) << 52) * bits_float((k2 + 0x3FF) << 52)
