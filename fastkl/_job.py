@@ -361,7 +361,7 @@ def _local_cluster(n_workers: int):
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",  # never listen beyond this machine
-        dashboard_address=None,
+        dashboard_address="127.0.0.1:0",  # no fixed port, localhost only
         silence_logs=logging.ERROR,
     )
     return cluster, Client(cluster, set_as_default=False)
