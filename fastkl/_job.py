@@ -249,6 +249,7 @@ def _short(e: BaseException) -> str:
 
 
 def _run_sync(todo, plan, spec, progress):
+    progress.start()
     out = []
     for t in todo:
         out.append(run_task(t, plan.batch_rows[t.index], spec, _cores(), progress.add))
@@ -269,6 +270,7 @@ def _run_threads(todo, plan, spec, progress, workers):
         for t in todo
     ]
     pool = ThreadPoolExecutor(n, thread_name_prefix="fastkl-task")
+    progress.start()
     try:
         return list(dask.compute(*tasks, scheduler="threads", pool=pool, num_workers=n))
     finally:
@@ -321,6 +323,7 @@ def _run_distributed(todo, plan, spec, progress, client):
 
     if reported:
         client.subscribe_topic(topic, on_event)
+    progress.start()
     futures = [
         client.submit(
             run_task, t, plan.batch_rows[t.index], spec, threads, topic if reported else None,
@@ -580,6 +583,7 @@ def run(
         "timings": timings,
     }
     manifest = json.loads(json.dumps(manifest, default=_json_default))
+    staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
     staging.commit(manifest, overwrite=overwrite)
     if summary_json is not None:
         with open(summary_json, "w") as fh:

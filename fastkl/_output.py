@@ -153,10 +153,16 @@ class Staging:
         if dest.exists() or dest.is_symlink():
             if not overwrite:  # appeared while we ran
                 raise OptionError(f"DEST {str(dest)!r} appeared while the job ran; output left in {self.root}")
-            if old.exists():
-                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+            _remove(old)  # left by an overwrite killed between its two renames
             os.rename(dest, old)
             os.rename(self.root, dest)
-            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         else:
             os.rename(self.root, dest)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -1,5 +1,8 @@
 """Progress bar of a job on stderr: rows done, rows/s, MB/s and ETA (SPEC §6).
 
+MB/s counts the decoded bytes of the input columns read (p, q, kept columns,
+as the Parquet footers / IPC buffers give them), the data the kernel chews.
+
 Shown only when stderr is a terminal and the job is not quiet. Updates may
 come from any thread (threaded tasks report each batch; distributed tasks
 report through Dask events handled on the client's event-loop thread), so
@@ -17,19 +20,25 @@ import time
 class Progress:
     def __init__(self, total_rows: int, total_bytes: int, *, enabled: bool, desc: str = "fastkl"):
         self.enabled = enabled
+        self.total_rows = total_rows
         self.total_bytes = total_bytes
+        self.desc = desc
         self._lock = threading.Lock()
-        self._rows: dict[int, int] = {}
-        self._bytes = 0
-        self._t0 = time.monotonic()
+        self._rows: dict[int, int] = {}  # rows counted per task (resumed tasks before start())
         self._last = 0.0
         self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
 
+    def start(self) -> None:
+        """Show the bar: called once the workers are up, so that rates and ETA are the job's."""
+        if not self.enabled or self.bar is not None:
+            return
+        from tqdm.auto import tqdm
+
+        with self._lock:
             self.bar = tqdm(
-                total=total_rows,
-                desc=desc,
+                total=self.total_rows,
+                initial=sum(self._rows.values()),
+                desc=self.desc,
                 unit=" rows",
                 unit_scale=True,
                 file=sys.stderr,
@@ -54,14 +63,17 @@ class Progress:
             before = self._rows.get(task, 0)
             after = min(task_rows, before + rows)
             self._rows[task] = after
-            if task_rows:
-                self._bytes += int(task_bytes * (after - before) / task_rows)
+            if self.bar is None:
+                return
             self.bar.update(after - before)
             now = time.monotonic()
-            if now - self._last > 0.5 or after == task_rows:
+            if now - self._last > 0.5:
                 self._last = now
-                mbps = self._bytes / 1e6 / max(now - self._t0, 1e-9)
-                self.bar.set_postfix_str(f"{mbps:,.0f} MB/s", refresh=False)
+                # MB/s of decoded input columns, at the bar's own (smoothed) row rate
+                fd = self.bar.format_dict
+                rate = fd.get("rate") or (fd["n"] - fd.get("initial", 0)) / max(fd["elapsed"], 1e-9)
+                per_row = self.total_bytes / self.total_rows if self.total_rows else 0.0
+                self.bar.set_postfix_str(f"{rate * per_row / 1e6:,.0f} MB/s", refresh=False)
 
     def done(self, task: int, task_rows: int, task_bytes: int) -> None:
         self.add(task, task_rows, task_bytes, task_rows, task_bytes)

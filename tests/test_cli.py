@@ -160,3 +160,23 @@ def test_real_process_exit_codes(tmp_path, source):
     r = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "_fastkl.json").exists()
+
+
+def test_progress_bar_on_a_terminal(tmp_path, source, monkeypatch):
+    import io
+
+    import fastkl
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    src, table = source
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    fastkl.run(src, tmp_path / "a", task_rows=7)
+    text = err.getvalue()
+    assert "100%" in text and f"{table.num_rows}/{table.num_rows} rows" in text and "rows/s" in text
+    err.seek(0), err.truncate()
+    fastkl.run(src, tmp_path / "b", quiet=True)
+    assert err.getvalue() == ""
