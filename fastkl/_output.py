@@ -69,8 +69,8 @@ def check_dest(dest: str | os.PathLike, roots: Iterable[str], *, overwrite: bool
                 f"DEST {os.fspath(dest)!r} is a non-empty directory that is not a fastkl output; "
                 "refusing to overwrite it (remove it yourself if it should go)"
             )
-    if not dest_p.parent.is_dir():
-        raise OptionError(f"the parent directory of DEST {os.fspath(dest)!r} does not exist")
+    if dest_p.parent.exists() and not dest_p.parent.is_dir():
+        raise OptionError(f"the parent of DEST {os.fspath(dest)!r} is not a directory")
     return dest_p
 
 
@@ -115,7 +115,7 @@ class Staging:
             if not (resume and _read_json(self.state / "job.json") == job):
                 shutil.rmtree(self.root)
         if not self.root.exists():
-            self.state.mkdir(parents=True)
+            self.state.mkdir(parents=True)  # and DEST's parent directories, like `mkdir -p`
             _write_json(self.state / "job.json", job)
         if not resume:
             return {}
