@@ -123,13 +123,18 @@ class Result:
                 if bad.any():
                     j = int(np.flatnonzero(bad)[0])
                     what = "a negative probability" if kind == "probs" else "a positive log-probability"
-                    return f"{name}[{j}] = {x[j]!r} is {what}"
+                    return f"{name}[{j}] = {float(x[j])!r} is {what}"
             if reason == "not_normalized" and kind in ("probs", "logprobs"):
                 total = math.fsum(x) if kind == "probs" else math.fsum(np.exp(x))
-                bad = (not total > 0) if self.options.normalize else abs(total - 1) > self.options.sum_tol
+                if self.options.normalize and kind == "logprobs":
+                    bad = not np.isfinite(x).any()
+                elif self.options.normalize:
+                    bad = not 0 < total < math.inf
+                else:
+                    bad = abs(total - 1) > self.options.sum_tol
                 if bad:
                     if self.options.normalize:
-                        return f"{name} sums to {total!r}, nothing to normalize"
+                        return f"{name} sums to {total!r}: cannot normalize"
                     return (
                         f"{name} sums to {total!r}, not within sum_tol={self.options.sum_tol:g} of 1 "
                         "(use normalize=True to renormalise)"

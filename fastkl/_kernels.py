@@ -180,11 +180,16 @@ def _scan_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_
     if bad > 0.0:
         return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
     if normalize:
-        if not total > 0.0:
+        if kind == LOGPROBS:
+            # renormalise around the row maximum, like logits: exp() of a row
+            # of very negative log-probabilities underflows to a zero sum
+            top, _ = _scan_logits(values, start, k)
+            if not top > -INF:
+                return NOT_NORMALIZED, 1.0, 0.0, 0.0
+            return OK, 1.0, top, math.log(_sum_exp(values, start, k, top, 1.0))
+        if not (0.0 < total < INF):  # nothing to divide by, or the sum overflows
             return NOT_NORMALIZED, 1.0, 0.0, 0.0
-        if kind == PROBS:
-            return OK, 1.0 / total, 0.0, 0.0
-        return OK, 1.0, 0.0, math.log(total)
+        return OK, 1.0 / total, 0.0, 0.0
     if abs(total - 1.0) > sum_tol:
         return NOT_NORMALIZED, 1.0, 0.0, 0.0
     return OK, 1.0, 0.0, 0.0
@@ -518,9 +523,9 @@ def divergence_rows(
         if want_rkl:
             out[slots[REVERSE_KL], i] = INF if rkl_inf else max(rkl, 0.0) * inv_log_base
         if want_jef:
-            out[slots[JEFFREYS], i] = (
-                INF if (kl_inf or rkl_inf) else (max(kl, 0.0) + max(rkl, 0.0)) * inv_log_base
-            )
+            # the exact sum is >= 0 even where kl or reverse_kl alone is not
+            # (rows normalised only within sum_tol): clamp the total only
+            out[slots[JEFFREYS], i] = INF if (kl_inf or rkl_inf) else max(kl + rkl, 0.0) * inv_log_base
         if want_js:
             out[slots[JS], i] = min(max(0.5 * js, 0.0), LN2) * inv_log_base
         if want_ent:
