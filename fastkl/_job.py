@@ -36,6 +36,7 @@ kernel on it; nothing waits on a second stage.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import time
@@ -263,10 +264,13 @@ def _run_threads(todo, plan, spec, progress, workers):
     cores = _cores()
     n = max(1, min(workers or cores, len(todo)))
     k = max(1, cores // n)
+    # partial + traverse=False: dask must not walk the Task/JobSpec dataclasses as collections
     tasks = [
-        dask.delayed(run_task, pure=False, name=f"fastkl-part-{t.index}")(
-            t, plan.batch_rows[t.index], spec, k, progress.add
-        )
+        dask.delayed(
+            functools.partial(run_task, t, plan.batch_rows[t.index], spec, k, progress.add),
+            pure=False,
+            traverse=False,
+        )(dask_key_name=f"fastkl-part-{t.index}")
         for t in todo
     ]
     pool = ThreadPoolExecutor(n, thread_name_prefix="fastkl-task")

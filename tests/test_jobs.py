@@ -139,6 +139,15 @@ def summary_stats(summary):
     return d
 
 
+def _snapshot(root):
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            st = os.stat(os.path.join(dirpath, f))
+            out[os.path.join(dirpath, f)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
 # --------------------------------------------------------------------------
 # every layout, row by row
 
@@ -146,8 +155,10 @@ def summary_stats(summary):
 @pytest.mark.parametrize("layout", ["parquet", "ipc", "mixed", "hive", "glob", "several", "one_big_group"])
 def test_layouts_row_by_row(tmp_path, rng, layout):
     source, table = write_dataset(str(tmp_path / "src"), layout, rng)
+    before = _snapshot(tmp_path / "src")
     dest = tmp_path / "out"
     summary = fastkl.run(source, dest, measures=MEASURES, keep=("id",), task_rows=17, status=True)
+    assert _snapshot(tmp_path / "src") == before  # input never changed
     out = read_dest(dest)
     assert out.column_names == ["id", *MEASURES, "status"]
     assert out.column("id").to_pylist() == table.column("id").to_pylist()
