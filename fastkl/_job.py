@@ -459,8 +459,12 @@ def run(
             f"unknown scheduler {scheduler!r}; expected threads, processes, sync or a scheduler address (host:port)"
         )
 
-    plan, roots = scan(source, p=p, q=q, keep=keep, task_rows=task_rows, task_bytes=task_bytes)
-    dest_p = check_dest(dest, roots, overwrite=overwrite)
+    checked = []
+    plan, roots = scan(
+        source, p=p, q=q, keep=keep, task_rows=task_rows, task_bytes=task_bytes,
+        check=lambda roots: checked.append(check_dest(dest, roots, overwrite=overwrite)),
+    )
+    dest_p = checked[0]
     cols = plan.columns
     schema = _out_schema(cols, measures, status)
     staging = Staging(dest_p, len(plan.tasks))
@@ -521,7 +525,7 @@ def run(
                     from distributed import Client
 
                     try:
-                        client = Client(scheduler, set_as_default=False, timeout="30s")
+                        client = Client(scheduler, set_as_default=False, timeout="10s")
                     except OSError as e:
                         raise OptionError(f"cannot reach Dask scheduler {scheduler!r}: {_short(e)}") from e
                     to_close.append(client)

@@ -169,10 +169,19 @@ def _sniff(path: str) -> str | None:
     return None
 
 
+def _is_fastkl_output(d: str) -> bool:
+    """A fastkl output, staging or old-output directory: never input (it has no list columns)."""
+    return d.endswith((".fastkl-staging", ".fastkl-old")) or os.path.exists(os.path.join(d, "_fastkl.json"))
+
+
 def _walk(root: str) -> Iterable[str]:
-    """Files under a directory in sorted order, skipping hidden/underscore entries."""
+    """Files under a directory in sorted order, skipping hidden/underscore entries and fastkl outputs."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(_IGNORE_PREFIXES))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not d.startswith(_IGNORE_PREFIXES) and not _is_fastkl_output(os.path.join(dirpath, d))
+        )
         for name in sorted(filenames):
             if not name.startswith(_IGNORE_PREFIXES):
                 yield os.path.join(dirpath, name)
@@ -384,6 +393,7 @@ def scan(
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
+    check=None,
 ) -> tuple[Plan, list[str]]:
     """Discover, read footers, check columns and cut the input into tasks."""
     if task_rows is not None and task_rows < 1:
@@ -391,6 +401,8 @@ def scan(
     if task_bytes is not None and task_bytes < 1:
         raise OptionError(f"task_bytes must be >= 1, got {task_bytes}")
     found, roots = discover(sources)
+    if check is not None:
+        check(roots)  # e.g. DEST against SOURCE: before any file is opened
     cols = Columns(p=p, q=q, keep=tuple(keep))
     names = [c for c in (p, q) if c is not None]
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:

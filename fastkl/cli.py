@@ -14,7 +14,7 @@ import traceback
 import click
 
 from ._registry import KINDS, MEASURES
-from .errors import DataError, FastKLError, InvalidRowError, OptionError
+from .errors import FastKLError, OptionError
 
 EXIT_DATA = 1
 EXIT_USAGE = 2
@@ -27,21 +27,22 @@ def _fail(ctx_debug: bool, code: int, message: str) -> None:
     sys.exit(code)
 
 
+def _kept(staging: str | None) -> str:
+    if staging and os.path.isdir(staging) and any(n.endswith(".parquet") for n in os.listdir(staging)):
+        return f"; finished parts kept in {staging} for --resume"
+    return ""
+
+
 def run_guarded(fn, debug: bool, staging_hint: str | None = None):
     """Call fn(), turning fastkl's exceptions into one line on stderr and an exit status."""
     try:
         return fn()
     except OptionError as e:
         _fail(debug, EXIT_USAGE, str(e))
-    except (InvalidRowError, DataError) as e:
-        _fail(debug, EXIT_DATA, str(e))
-    except FastKLError as e:
-        _fail(debug, EXIT_DATA, str(e))
+    except FastKLError as e:  # InvalidRowError, DataError: the data was refused
+        _fail(debug, EXIT_DATA, str(e) + _kept(staging_hint))
     except KeyboardInterrupt:
-        msg = "interrupted"
-        if staging_hint and os.path.isdir(staging_hint):
-            msg += f"; finished parts kept in {staging_hint} (rerun with --resume to continue)"
-        _fail(debug, 130, msg)
+        _fail(debug, 130, "interrupted" + _kept(staging_hint))
     except click.exceptions.Exit:
         raise
     except Exception as e:  # a bug or an environment problem: still one line

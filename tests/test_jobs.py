@@ -500,3 +500,11 @@ def test_summary_json_and_manifest(tmp_path, rng):
     assert manifest["fastkl_version"] == fastkl.__version__
     assert manifest["options"]["on_invalid"] == "raise"
     assert isinstance(s, fastkl.Summary)
+
+
+def test_outputs_inside_a_source_directory_are_not_input(tmp_path, rng):
+    source, table = write_dataset(str(tmp_path / "data" / "src"), "parquet", rng)
+    fastkl.run(source, tmp_path / "data" / "scores")  # an earlier job's output inside SOURCE below
+    s = fastkl.run(tmp_path / "data", tmp_path / "again", keep=("id",))
+    assert s.rows == table.num_rows
+    assert read_dest(tmp_path / "again").column("id").to_pylist() == table.column("id").to_pylist()
