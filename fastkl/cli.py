@@ -46,8 +46,10 @@ def run_guarded(fn, debug: bool, staging_hint: str | None = None):
     except click.exceptions.Exit:
         raise
     except Exception as e:  # a bug or an environment problem: still one line
-        hint = "" if debug else " (run with --debug for the traceback)"
-        _fail(debug, EXIT_DATA, f"{type(e).__name__}: {e}{hint}")
+        hint = "" if debug else " (run with --debug for the whole message and traceback)"
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = lines[0] if lines else ""
+        _fail(debug, EXIT_DATA, f"{type(e).__name__}: {first}{' ...' if len(lines) > 1 else ''}{hint}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
