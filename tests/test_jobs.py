@@ -508,3 +508,28 @@ def test_outputs_inside_a_source_directory_are_not_input(tmp_path, rng):
     s = fastkl.run(tmp_path / "data", tmp_path / "again", keep=("id",))
     assert s.rows == table.num_rows
     assert read_dest(tmp_path / "again").column("id").to_pylist() == table.column("id").to_pylist()
+
+
+@pytest.mark.parametrize("workers, files, expect", [(None, 3, (3, 1)), (None, 1, (1, 4)), (1, 3, (1, 4)),
+                                                    (2, 3, (2, 2)), (8, 3, (3, 1))])
+def test_threads_and_kernel_threads_share_the_cores(tmp_path, rng, monkeypatch, workers, files, expect):
+    """n Dask threads x k kernel threads never exceeds the cores, and uses them all when it can."""
+    import threading
+
+    import fastkl._job as job
+
+    source, _ = write_dataset(str(tmp_path / "src"), "parquet", rng, files=files, rows=20, group=100)
+    monkeypatch.setattr(job, "_cores", lambda: 4)
+    seen_k, seen_threads = set(), set()
+    real = job.run_task
+
+    def spy(task, batch_rows, spec, k, report=None):
+        seen_k.add(k)
+        seen_threads.add(threading.get_ident())
+        return real(task, batch_rows, spec, k, report)
+
+    monkeypatch.setattr(job, "run_task", spy)
+    fastkl.run(source, tmp_path / "out", workers=workers)
+    n, k = expect
+    assert seen_k == {k}
+    assert len(seen_threads) <= n
