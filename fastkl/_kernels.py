@@ -115,24 +115,24 @@ def _problem(values, start, k, mask, mask_offset, kind, sum_tol):
 
 
 @_jit
-def _scan_probs(values, start, k):
+def _scan_probs(row):
     # The shapes below are the ones LLVM vectorises: an unconditional sum
     # (a bad row is rescanned anyway) and a float count of bad elements.
     total = 0.0
     bad = 0.0
-    for j in range(k):
-        x = np.float64(values[start + j])
+    for j in range(row.size):
+        x = np.float64(row[j])
         total += x
         bad += 0.0 if ((x >= 0.0) & (x < INF)) else 1.0  # NaN compares False
     return total, bad
 
 
 @_jit
-def _scan_logprobs(values, start, k, sum_tol):
+def _scan_logprobs(row, sum_tol):
     total = 0.0
     bad = 0.0
-    for j in range(k):
-        x = np.float64(values[start + j])
+    for j in range(row.size):
+        x = np.float64(row[j])
         ok = x <= sum_tol  # False for NaN and +inf
         total += exp_neg(x) if ok else 0.0
         bad += 0.0 if ok else 1.0
@@ -140,21 +140,21 @@ def _scan_logprobs(values, start, k, sum_tol):
 
 
 @_jit
-def _scan_logits(values, start, k):
+def _scan_logits(row):
     top = -INF
     bad = 0.0
-    for j in range(k):
-        x = np.float64(values[start + j])
+    for j in range(row.size):
+        x = np.float64(row[j])
         top = x if x > top else top
         bad += 0.0 if x < INF else 1.0  # NaN and +inf
     return top, bad
 
 
 @_jit
-def _sum_exp(values, start, k, top, inv_t):
+def _sum_exp(row, top, inv_t):
     total = 0.0
-    for j in range(k):
-        total += exp_neg((np.float64(values[start + j]) - top) * inv_t)
+    for j in range(row.size):
+        total += exp_neg((np.float64(row[j]) - top) * inv_t)
     return total
 
 
@@ -165,28 +165,31 @@ def _scan_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_
     Returns (status, scale, centre, log_norm): probs decode as x * scale;
     logprobs and logits as (x - centre) * inv_t - log_norm.
     """
+    # Row views, not values[start + j]: a signed index makes Numba emit a
+    # negative-index wraparound per element, which halves the loop's speed.
+    row = values[start:start + k]
     if _has_null(mask, mask_offset, start, k):
         return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
     if kind == LOGITS:
-        top, bad = _scan_logits(values, start, k)
+        top, bad = _scan_logits(row)
         if bad > 0.0 or not top > -INF:
             return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
         # stable log-sum-exp around the row maximum; nothing materialised
-        return OK, 1.0, top, math.log(_sum_exp(values, start, k, top, inv_t))
+        return OK, 1.0, top, math.log(_sum_exp(row, top, inv_t))
     if kind == PROBS:
-        total, bad = _scan_probs(values, start, k)
+        total, bad = _scan_probs(row)
     else:
-        total, bad = _scan_logprobs(values, start, k, sum_tol)
+        total, bad = _scan_logprobs(row, sum_tol)
     if bad > 0.0:
         return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
     if normalize:
         if kind == LOGPROBS:
             # renormalise around the row maximum, like logits: exp() of a row
             # of very negative log-probabilities underflows to a zero sum
-            top, _ = _scan_logits(values, start, k)
+            top, _ = _scan_logits(row)
             if not top > -INF:
                 return NOT_NORMALIZED, 1.0, 0.0, 0.0
-            return OK, 1.0, top, math.log(_sum_exp(values, start, k, top, 1.0))
+            return OK, 1.0, top, math.log(_sum_exp(row, top, 1.0))
         if not (0.0 < total < INF):  # nothing to divide by, or the sum overflows
             return NOT_NORMALIZED, 1.0, 0.0, 0.0
         return OK, 1.0 / total, 0.0, 0.0
@@ -197,84 +200,92 @@ def _scan_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_
 
 # ------------------------------------------- terms: both sides probabilities
 # p = x * p_mul + p_add (p_mul folds normalisation and smoothing, p_add = eps/(1+K eps)).
+#
+# Loop shapes LLVM vectorises, learned by reading the assembly: compute the
+# log unconditionally and then select (`x if c else y` in Numba is a branch
+# around the call), count with float sums, and combine conditions with `&`.
+# "Mass where the other side is zero" (a float sum) flags the +inf cases.
 
 
 @_jit
-def _ratio_terms_probs(pv, ps, qv, qs, k, p_mul, p_add, q_mul, q_add):
-    """sum p log(p/q), sum q log(q/p), #(p>0=q), #(q>0=p), #ratios out of float range."""
+def _ratio_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add):
+    """sum p log(p/q), sum q log(q/p), mass of p where q = 0 and of q where p = 0,
+    and a count of ratios outside the float range (float64 input only)."""
     kl = 0.0
     rkl = 0.0
-    kl_inf = 0
-    rkl_inf = 0
-    odd = 0
-    for j in range(k):
-        p = np.float64(pv[ps + j]) * p_mul + p_add
-        q = np.float64(qv[qs + j]) * q_mul + q_add
+    p_only = 0.0
+    q_only = 0.0
+    odd = 0.0
+    for j in range(prow.size):
+        p = np.float64(prow[j]) * p_mul + p_add
+        q = np.float64(qrow[j]) * q_mul + q_add
         both = (p > 0.0) & (q > 0.0)
         inv_q = 1.0 / q
         r = p * inv_q
-        # select the shared log before using it twice: LLVM then vectorises
-        lr = log_ratio(p, inv_q, p - q) if both else 0.0
+        lr = log_ratio(p, inv_q, p - q)
+        lr = lr if both else 0.0
         kl += p * lr
         rkl -= q * lr
-        kl_inf += 1 if (p > 0.0 and q == 0.0) else 0
-        rkl_inf += 1 if (q > 0.0 and p == 0.0) else 0
-        odd += 1 if both and not (MIN_NORMAL <= r <= MAX_FLOAT) else 0
-    return kl, rkl, kl_inf, rkl_inf, odd
+        p_only += p if q == 0.0 else 0.0
+        q_only += q if p == 0.0 else 0.0
+        odd += 1.0 if (both & ((r < MIN_NORMAL) | (r > MAX_FLOAT))) else 0.0
+    return kl, rkl, p_only, q_only, odd
 
 
 @_jit
-def _entropy_terms_probs(pv, ps, k, p_mul, p_add):
+def _entropy_terms_probs(prow, p_mul, p_add):
     ent = 0.0
-    for j in range(k):
-        p = np.float64(pv[ps + j]) * p_mul + p_add
-        lp = log_pos(p) if p > 0.0 else 0.0
+    for j in range(prow.size):
+        p = np.float64(prow[j]) * p_mul + p_add
+        lp = log_pos(p)
+        lp = lp if p > 0.0 else 0.0
         ent -= p * lp
     return ent
 
 
 @_jit
-def _cross_entropy_terms_probs(pv, ps, qv, qs, k, p_mul, p_add, q_mul, q_add):
+def _cross_entropy_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add):
     ce = 0.0
-    for j in range(k):
-        p = np.float64(pv[ps + j]) * p_mul + p_add
-        q = np.float64(qv[qs + j]) * q_mul + q_add
-        lq = log_pos(q) if (p > 0.0 and q > 0.0) else 0.0
+    for j in range(prow.size):
+        p = np.float64(prow[j]) * p_mul + p_add
+        q = np.float64(qrow[j]) * q_mul + q_add
+        lq = log_pos(q)
+        lq = lq if ((p > 0.0) & (q > 0.0)) else 0.0
         ce -= p * lq
     return ce
 
 
 @_jit
-def _js_terms_probs(pv, ps, qv, qs, k, p_mul, p_add, q_mul, q_add):
-    """sum p log(2p/(p+q)) + q log(2q/(p+q)), #ratios out of float range."""
+def _js_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add):
+    """sum p log(2p/(p+q)) + q log(2q/(p+q)), count of ratios out of float range."""
     js = 0.0
-    odd = 0
-    for j in range(k):
-        p = np.float64(pv[ps + j]) * p_mul + p_add
-        q = np.float64(qv[qs + j]) * q_mul + q_add
+    odd = 0.0
+    for j in range(prow.size):
+        p = np.float64(prow[j]) * p_mul + p_add
+        q = np.float64(qrow[j]) * q_mul + q_add
         s = p + q
         inv_s = 1.0 / s
         d = p - q
-        lp = log_ratio(2.0 * p, inv_s, d) if p > 0.0 else 0.0
-        lq = log_ratio(2.0 * q, inv_s, -d) if q > 0.0 else 0.0
-        js += p * lp + q * lq
+        lp = log_ratio(2.0 * p, inv_s, d)
+        lq = log_ratio(2.0 * q, inv_s, -d)
+        js += (p * lp if p > 0.0 else 0.0) + (q * lq if q > 0.0 else 0.0)
         small = min(p, q)
-        odd += 1 if (small > 0.0 and 2.0 * small < MIN_NORMAL * s) else 0
+        odd += 1.0 if ((small > 0.0) & (2.0 * small < MIN_NORMAL * s)) else 0.0
     return js, odd
 
 
 @_jit
-def _tv_hellinger_terms_probs(pv, ps, qv, qs, k, p_mul, p_add, q_mul, q_add):
+def _tv_hellinger_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add):
     tv = 0.0
     hel = 0.0
-    for j in range(k):
-        p = np.float64(pv[ps + j]) * p_mul + p_add
-        q = np.float64(qv[qs + j]) * q_mul + q_add
+    for j in range(prow.size):
+        p = np.float64(prow[j]) * p_mul + p_add
+        q = np.float64(qrow[j]) * q_mul + q_add
         d = p - q
         tv += abs(d)
         root_sum = math.sqrt(p) + math.sqrt(q)
-        h = d / root_sum if root_sum > 0.0 else 0.0  # = sqrt p - sqrt q, without cancelling
-        hel += h * h
+        h = d / root_sum  # = sqrt p - sqrt q, without cancelling
+        hel += h * h if root_sum > 0.0 else 0.0
     return tv, hel
 
 
@@ -283,42 +294,43 @@ def _tv_hellinger_terms_probs(pv, ps, qv, qs, k, p_mul, p_add, q_mul, q_add):
 
 
 @_jit
-def _ratio_terms_logs(pv, ps, qv, qs, k, p_c, p_it, p_ln, q_c, q_it, q_ln):
+def _ratio_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
     kl = 0.0
     rkl = 0.0
-    kl_inf = 0
-    rkl_inf = 0
-    for j in range(k):
-        a = (np.float64(pv[ps + j]) - p_c) * p_it - p_ln
-        b = (np.float64(qv[qs + j]) - q_c) * q_it - q_ln
+    p_only = 0.0
+    q_only = 0.0
+    for j in range(prow.size):
+        a = (np.float64(prow[j]) - p_c) * p_it - p_ln
+        b = (np.float64(qrow[j]) - q_c) * q_it - q_ln
         p_pos = a > -INF
         q_pos = b > -INF
-        both = p_pos and q_pos
-        d = a - b if both else 0.0
+        d = a - b
+        d = d if (p_pos & q_pos) else 0.0
         kl += exp_neg(a) * d
         rkl -= exp_neg(b) * d
-        kl_inf += 1 if (p_pos and not q_pos) else 0
-        rkl_inf += 1 if (q_pos and not p_pos) else 0
-    return kl, rkl, kl_inf, rkl_inf
+        # counts, not masses: exp(a) may underflow to 0 while a > -inf
+        p_only += 1.0 if (p_pos & (b == -INF)) else 0.0
+        q_only += 1.0 if (q_pos & (a == -INF)) else 0.0
+    return kl, rkl, p_only, q_only
 
 
 @_jit
-def _entropy_terms_logs(pv, ps, k, p_c, p_it, p_ln):
+def _entropy_terms_logs(prow, p_c, p_it, p_ln):
     ent = 0.0
-    for j in range(k):
-        a = (np.float64(pv[ps + j]) - p_c) * p_it - p_ln
+    for j in range(prow.size):
+        a = (np.float64(prow[j]) - p_c) * p_it - p_ln
         a = a if a > -INF else 0.0  # p = 0 contributes 0
         ent -= exp_neg(a) * a
     return ent
 
 
 @_jit
-def _cross_entropy_terms_logs(pv, ps, qv, qs, k, p_c, p_it, p_ln, q_c, q_it, q_ln):
+def _cross_entropy_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
     ce = 0.0
-    for j in range(k):
-        a = (np.float64(pv[ps + j]) - p_c) * p_it - p_ln
-        b = (np.float64(qv[qs + j]) - q_c) * q_it - q_ln
-        b = b if (a > -INF and b > -INF) else 0.0
+    for j in range(prow.size):
+        a = (np.float64(prow[j]) - p_c) * p_it - p_ln
+        b = (np.float64(qrow[j]) - q_c) * q_it - q_ln
+        b = b if ((a > -INF) & (b > -INF)) else 0.0
         ce -= exp_neg(a) * b
     return ce
 
@@ -359,17 +371,17 @@ def _js_logs(d):
 
 
 @_jit
-def _general_terms(pv, ps, qv, qs, k, use_q, p_kind, q_kind,
+def _general_terms(prow, qrow, use_q, p_kind, q_kind,
                    p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln, smoothing):
     """All sums for one row, element by element with libm: any kinds, any measures."""
     p_logdom = p_kind != PROBS and smoothing == 0.0
     q_logdom = q_kind != PROBS and smoothing == 0.0
     both_log = p_logdom and q_logdom
-    smooth_norm = 1.0 / (1.0 + k * smoothing)
+    smooth_norm = 1.0 / (1.0 + prow.size * smoothing)
     kl = rkl = js = ent = ce = tv = hel = 0.0
-    kl_inf = rkl_inf = 0
-    for j in range(k):
-        x = np.float64(pv[ps + j])
+    kl_inf = rkl_inf = 0.0
+    for j in range(prow.size):
+        x = np.float64(prow[j])
         if p_kind == PROBS:
             p = x * p_scale
             a = 0.0
@@ -380,7 +392,7 @@ def _general_terms(pv, ps, qv, qs, k, use_q, p_kind, q_kind,
             p = (p + smoothing) * smooth_norm
         p_pos = a > -INF if p_logdom else p > 0.0
         if use_q:
-            y = np.float64(qv[qs + j])
+            y = np.float64(qrow[j])
             if q_kind == PROBS:
                 q = y * q_scale
                 b = 0.0
@@ -414,12 +426,12 @@ def _general_terms(pv, ps, qv, qs, k, use_q, p_kind, q_kind,
                 h = diff / root_sum
                 hel += h * h
         elif p_pos:  # q_i = 0
-            kl_inf += 1
+            kl_inf += 1.0
             js += p * LN2
             tv += p
             hel += p
         elif q_pos:  # p_i = 0
-            rkl_inf += 1
+            rkl_inf += 1.0
             js += q * LN2
             tv += q
             hel += q
@@ -484,37 +496,39 @@ def divergence_rows(
                     out[slots[m], i] = NAN_
             continue
 
+        prow = p_values[ps:ps + k]
+        qrow = q_values[qs:qs + k] if use_q else prow
         kl = rkl = js = ent = ce = tv = hel = 0.0
-        kl_inf = rkl_inf = 0
+        kl_inf = rkl_inf = 0.0  # > 0: some p_i > 0 = q_i (resp. q_i > 0 = p_i)
         general = not (both_probs or log_fast)
         if both_probs:
             smooth_norm = 1.0 / (1.0 + k * smoothing)
             p_mul, q_mul, add = p_scale * smooth_norm, q_scale * smooth_norm, smoothing * smooth_norm
             if use_q and (want_ratio or want_ce):
                 kl, rkl, kl_inf, rkl_inf, odd = _ratio_terms_probs(
-                    p_values, ps, q_values, qs, k, p_mul, add, q_mul, add)
+                    prow, qrow, p_mul, add, q_mul, add)
                 general = general or odd > 0
             if want_ent:
-                ent = _entropy_terms_probs(p_values, ps, k, p_mul, add)
+                ent = _entropy_terms_probs(prow, p_mul, add)
             if want_ce:
-                ce = _cross_entropy_terms_probs(p_values, ps, q_values, qs, k, p_mul, add, q_mul, add)
+                ce = _cross_entropy_terms_probs(prow, qrow, p_mul, add, q_mul, add)
             if want_js:
-                js, odd = _js_terms_probs(p_values, ps, q_values, qs, k, p_mul, add, q_mul, add)
+                js, odd = _js_terms_probs(prow, qrow, p_mul, add, q_mul, add)
                 general = general or odd > 0
             if want_tv or want_hel:
-                tv, hel = _tv_hellinger_terms_probs(p_values, ps, q_values, qs, k, p_mul, add, q_mul, add)
+                tv, hel = _tv_hellinger_terms_probs(prow, qrow, p_mul, add, q_mul, add)
         elif log_fast:
             if use_q and (want_ratio or want_ce):
                 kl, rkl, kl_inf, rkl_inf = _ratio_terms_logs(
-                    p_values, ps, q_values, qs, k, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
+                    prow, qrow, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
             if want_ent:
-                ent = _entropy_terms_logs(p_values, ps, k, p_c, p_inv_t, p_ln)
+                ent = _entropy_terms_logs(prow, p_c, p_inv_t, p_ln)
             if want_ce:
                 ce = _cross_entropy_terms_logs(
-                    p_values, ps, q_values, qs, k, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
+                    prow, qrow, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
         if general:
             kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _general_terms(
-                p_values, ps, q_values, qs, k, use_q, p_kind, q_kind,
+                prow, qrow, use_q, p_kind, q_kind,
                 p_scale, p_c, p_inv_t, p_ln, q_scale, q_c, q_inv_t, q_ln, smoothing)
 
         # Clamp into each measure's range (SPEC §2): rounding never leaves it.
