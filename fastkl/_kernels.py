@@ -140,6 +140,14 @@ def _scan_logprobs(row, sum_tol):
 
 
 @_jit
+def _count_bad_logprobs(row, sum_tol):
+    bad = 0.0
+    for j in range(row.size):
+        bad += 0.0 if np.float64(row[j]) <= sum_tol else 1.0  # NaN, +inf, > 0
+    return bad
+
+
+@_jit
 def _scan_logits(row):
     top = -INF
     bad = 0.0
@@ -159,11 +167,13 @@ def _sum_exp(row, top, inv_t):
 
 
 @_jit
-def _scan_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_tol):
+def _scan_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_tol, defer_sum):
     """Validate one side of a row and find how to decode it.
 
     Returns (status, scale, centre, log_norm): probs decode as x * scale;
-    logprobs and logits as (x - centre) * inv_t - log_norm.
+    logprobs and logits as (x - centre) * inv_t - log_norm. With `defer_sum`
+    (logprobs, no normalize) the exp-sum check is left to the term loop, which
+    computes the same exponentials anyway.
     """
     # Row views, not values[start + j]: a signed index makes Numba emit a
     # negative-index wraparound per element, which halves the loop's speed.
@@ -178,6 +188,8 @@ def _scan_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_
         return OK, 1.0, top, math.log(_sum_exp(row, top, inv_t))
     if kind == PROBS:
         total, bad = _scan_probs(row)
+    elif defer_sum:
+        total, bad = 1.0, _count_bad_logprobs(row, sum_tol)
     else:
         total, bad = _scan_logprobs(row, sum_tol)
     if bad > 0.0:
@@ -299,6 +311,8 @@ def _ratio_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
     rkl = 0.0
     p_only = 0.0
     q_only = 0.0
+    p_sum = 0.0
+    q_sum = 0.0
     for j in range(prow.size):
         a = (np.float64(prow[j]) - p_c) * p_it - p_ln
         b = (np.float64(qrow[j]) - q_c) * q_it - q_ln
@@ -306,22 +320,29 @@ def _ratio_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
         q_pos = b > -INF
         d = a - b
         d = d if (p_pos & q_pos) else 0.0
-        kl += exp_neg(a) * d
-        rkl -= exp_neg(b) * d
+        p = exp_neg(a)
+        q = exp_neg(b)
+        kl += p * d
+        rkl -= q * d
+        p_sum += p
+        q_sum += q
         # counts, not masses: exp(a) may underflow to 0 while a > -inf
         p_only += 1.0 if (p_pos & (b == -INF)) else 0.0
         q_only += 1.0 if (q_pos & (a == -INF)) else 0.0
-    return kl, rkl, p_only, q_only
+    return kl, rkl, p_only, q_only, p_sum, q_sum
 
 
 @_jit
 def _entropy_terms_logs(prow, p_c, p_it, p_ln):
     ent = 0.0
+    p_sum = 0.0
     for j in range(prow.size):
         a = (np.float64(prow[j]) - p_c) * p_it - p_ln
+        p = exp_neg(a)
         a = a if a > -INF else 0.0  # p = 0 contributes 0
-        ent -= exp_neg(a) * a
-    return ent
+        ent -= p * a
+        p_sum += p
+    return ent, p_sum
 
 
 @_jit
@@ -467,6 +488,9 @@ def divergence_rows(
     both_probs = p_kind == PROBS and (q_kind == PROBS or not use_q)
     both_log = smoothing == 0.0 and p_kind != PROBS and (q_kind != PROBS or not use_q)
     log_fast = both_log and not (want_js or want_tv or want_hel)
+    # logprobs rows in log_fast check their exp-sum inside the term loop
+    p_defer = log_fast and p_kind == LOGPROBS and not normalize
+    q_defer = log_fast and use_q and q_kind == LOGPROBS and not normalize
 
     for i in range(start, stop):
         code = NULL if row_null[i] else OK
@@ -481,11 +505,11 @@ def divergence_rows(
         p_c = q_c = p_ln = q_ln = 0.0
         if code == OK:
             code, p_scale, p_c, p_ln = _scan_side(
-                p_values, ps, k, p_mask, p_mask_offset, p_kind, p_inv_t, normalize, sum_tol
+                p_values, ps, k, p_mask, p_mask_offset, p_kind, p_inv_t, normalize, sum_tol, p_defer
             )
             if use_q:
                 q_code, q_scale, q_c, q_ln = _scan_side(
-                    q_values, qs, k, q_mask, q_mask_offset, q_kind, q_inv_t, normalize, sum_tol
+                    q_values, qs, k, q_mask, q_mask_offset, q_kind, q_inv_t, normalize, sum_tol, q_defer
                 )
                 if q_code and (code == OK or q_code < code):
                     code = q_code
@@ -518,14 +542,21 @@ def divergence_rows(
             if want_tv or want_hel:
                 tv, hel = _tv_hellinger_terms_probs(prow, qrow, p_mul, add, q_mul, add)
         elif log_fast:
-            if use_q and (want_ratio or want_ce):
-                kl, rkl, kl_inf, rkl_inf = _ratio_terms_logs(
+            p_sum = q_sum = 1.0
+            if use_q and (want_ratio or want_ce):  # always the case when use_q here
+                kl, rkl, kl_inf, rkl_inf, p_sum, q_sum = _ratio_terms_logs(
                     prow, qrow, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
             if want_ent:
-                ent = _entropy_terms_logs(prow, p_c, p_inv_t, p_ln)
+                ent, p_sum = _entropy_terms_logs(prow, p_c, p_inv_t, p_ln)
             if want_ce:
                 ce = _cross_entropy_terms_logs(
                     prow, qrow, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
+            if (p_defer and abs(p_sum - 1.0) > sum_tol) or (q_defer and abs(q_sum - 1.0) > sum_tol):
+                status[i] = NOT_NORMALIZED
+                for m in range(N_MEASURES):
+                    if slots[m] >= 0:
+                        out[slots[m], i] = NAN_
+                continue
         if general:
             kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _general_terms(
                 prow, qrow, use_q, p_kind, q_kind,
