@@ -1,7 +1,7 @@
 """Progress bar of a job on stderr: rows done, rows/s, MB/s and ETA (SPEC §6).
 
-MB/s counts the decoded bytes of the input columns read (p, q, kept columns,
-as the Parquet footers / IPC buffers give them), the data the kernel chews.
+MB/s counts the decoded bytes of the p and q columns read (uncompressed sizes
+from the Parquet footers, IPC buffer sizes), the data the kernel chews.
 
 Shown only when stderr is a terminal and the job is not quiet. Updates may
 come from any thread (threaded tasks report each batch; distributed tasks
