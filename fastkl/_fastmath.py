@@ -138,3 +138,67 @@ def exp_neg(x):
     k1 = k >> 1
     k2 = k - k1
     return p * bits_float((k1 + 0x3FF) << 52) * bits_float((k2 + 0x3FF) << 52)
+
+
+# ---------------------------------------------------------------- float32
+# For float32 input the error bound is 1e-6 relative (SPEC §2), so the log
+# can be taken in float32: 16 SIMD lanes instead of 8. fdlibm e_logf.c.
+
+
+@intrinsic
+def float32_bits(typingctx, x):
+    """Reinterpret a float32 as int32 (bit cast)."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_float32(typingctx, x):
+    """Reinterpret an int32 as float32 (bit cast)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+_F1 = np.float32(1.0)
+_F2 = np.float32(2.0)
+_FHALF = np.float32(0.5)
+_LG1F = np.float32(0.66666662693)
+_LG2F = np.float32(0.40000972152)
+_LG3F = np.float32(0.28498786688)
+_LG4F = np.float32(0.24279078841)
+_LN2_HIF = np.float32(6.9313812256e-01)
+_LN2_LOF = np.float32(9.0580006145e-06)
+_SQRT_HALF_F = np.int32(0x3F3504F3)
+_ONE_BITS_F = np.int32(0x3F800000)
+_MANT_F = np.int32(0x007FFFFF)
+
+
+@_fast
+def log_ratio32(num, inv_den, diff):
+    """float32 log(num/den) for num, den > 0 with num/den a normal float32.
+
+    Same scheme as `log_ratio`: near a ratio of 1 the mantissa comes from
+    diff/den (diff = num - den, exact for float32 inputs within a factor 2),
+    so the result keeps ~1e-7 relative accuracy however close num and den are.
+    """
+    ix = float32_bits(num * inv_den) + (_ONE_BITS_F - _SQRT_HALF_F)
+    k = (ix >> np.int32(23)) - np.int32(0x7F)
+    f = bits_float32((ix & _MANT_F) + _SQRT_HALF_F) - _F1
+    f = diff * inv_den if k == 0 else f
+    kf = np.float32(k)
+    s = f / (_F2 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_LG2F + w * _LG4F)
+    t2 = z * (_LG1F + w * _LG3F)
+    r = t2 + t1
+    hfsq = _FHALF * f * f
+    return kf * _LN2_HIF - ((hfsq - (s * (hfsq + r) + kf * _LN2_LOF)) - f)

@@ -1,0 +1,158 @@
+"""The vectorisable log/exp of fastkl._fastmath, over the whole float range,
+and the kernel's fast paths on rows at the edges of the float range."""
+
+from __future__ import annotations
+
+import mpmath
+import numpy as np
+import pyarrow as pa
+import pytest
+from numba import njit
+
+import fastkl
+from fastkl._fastmath import exp_neg, log_pos, log_ratio, log_ratio32
+
+from naive import check_against_reference, reference_rows, rel_bound
+
+FLAGS = {"nsz", "contract", "reassoc"}  # the kernel's flags: helpers must survive them
+
+
+@njit(error_model="numpy", fastmath=FLAGS)
+def _vec_log(x, out):
+    for i in range(x.size):
+        out[i] = log_pos(x[i])
+
+
+@njit(error_model="numpy", fastmath=FLAGS)
+def _vec_exp(x, out):
+    for i in range(x.size):
+        out[i] = exp_neg(x[i])
+
+
+@njit(error_model="numpy", fastmath=FLAGS)
+def _vec_log_ratio(a, b, out):
+    for i in range(a.size):
+        out[i] = log_ratio(a[i], 1.0 / b[i], a[i] - b[i])
+
+
+@njit(error_model="numpy", fastmath=FLAGS)
+def _vec_log_ratio32(a, b, out):
+    for i in range(a.size):
+        out[i] = log_ratio32(a[i], np.float32(1.0) / b[i], a[i] - b[i])
+
+
+def _whole_range(rng, n):
+    """Positive float64s spread over every binade, subnormals included."""
+    mant = rng.random(n) + 0.5
+    exps = rng.integers(-1074, 1024, n)
+    x = np.ldexp(mant, exps)
+    x = x[np.isfinite(x) & (x > 0)]
+    return np.concatenate([x, [5e-324, 1e-310, 2.2250738585072014e-308, 1.0, 1.7976931348623157e308]])
+
+
+def _ulps(got, exact):
+    return np.abs(got - exact) / np.spacing(np.abs(exact))
+
+
+def test_log_whole_range_within_2_ulps(rng):
+    x = _whole_range(rng, 200_000)
+    out = np.empty_like(x)
+    _vec_log(x, out)
+    assert _ulps(out, np.log(x)).max() <= 2.0
+
+
+def test_log_special_values():
+    x = np.array([0.0, np.inf, 1.0])
+    out = np.empty_like(x)
+    _vec_log(x, out)
+    assert out[0] == -np.inf and out[1] == np.inf and out[2] == 0.0
+
+
+def test_exp_whole_range_within_2_ulps(rng):
+    x = np.concatenate([rng.uniform(-760, 709.7, 200_000), [-745.13, -745.2, -708.4, -1e-300, 0.0, 1e-3]])
+    out = np.empty_like(x)
+    _vec_exp(x, out)
+    exact = np.exp(x)
+    assert np.array_equal(out == 0, exact == 0)  # underflows to 0 exactly where libm does
+    nz = exact > 0
+    assert _ulps(out[nz], exact[nz]).max() <= 2.0
+
+
+def test_exp_of_minus_inf_is_zero():
+    out = np.empty(2)
+    _vec_exp(np.array([-np.inf, -1e308]), out)
+    assert out[0] == 0.0 and out[1] == 0.0
+
+
+def _mp_log_ratio(a, b):
+    with mpmath.workdps(40):
+        return float(mpmath.log(mpmath.mpf(float(a)) / mpmath.mpf(float(b))))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_log_ratio_relative_accuracy_near_and_far_from_one(rng, dtype):
+    n = 3000
+    a = rng.random(n) * 10.0 ** rng.integers(-30, 1, n)
+    # ratios from 1 - 1e-15 to 1e6 and back: the near-1 case is the hard one
+    b = a * (1 + rng.normal(size=n) * 10.0 ** rng.integers(-15, 3, n))
+    a, b = a.astype(dtype), np.abs(b).astype(dtype)
+    keep = (a > 0) & (b > 0)
+    a, b = a[keep], b[keep]
+    out = np.empty(a.size, dtype=dtype)
+    (_vec_log_ratio32 if dtype == np.float32 else _vec_log_ratio)(a, b, out)
+    exact = np.array([_mp_log_ratio(x, y) for x, y in zip(a, b)])
+    zero = exact == 0
+    assert np.all(out[zero] == 0)
+    rel = np.abs(out[~zero] - exact[~zero]) / np.abs(exact[~zero])
+    # float64: a few ulps; float32: well inside SPEC §2's 1e-6 for float32 input
+    assert rel.max() <= (4e-16 if dtype == np.float64 else 5e-7)
+
+
+EXTREME32 = np.array(
+    [1e-45, 1.4e-45, 1e-40, 1.1754944e-38, 1e-30, 1e-8, 0.5, 1.0, 3e38], dtype=np.float64
+).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_rows_at_the_edges_of_the_float_range(rng, dtype):
+    """Rows mixing subnormals, tiny and near-1 probabilities: the fast paths
+    (float32 log, ratio range checks) must hand such rows to the exact path."""
+    rows_p, rows_q = [], []
+    tiny = [5e-324, 1e-310, 2.2250738585072014e-308] if dtype == np.float64 else list(EXTREME32[:4])
+    for _ in range(40):
+        k = int(rng.integers(3, 9))
+        p = rng.random(k)
+        q = rng.random(k)
+        for side in (p, q):
+            j = rng.integers(0, k)
+            side[j] = rng.choice(tiny)
+        p = (p / p.sum()).astype(dtype)
+        q = (q / q.sum()).astype(dtype)
+        rows_p.append(p)
+        rows_q.append(q)
+    typ = pa.list_(pa.float32() if dtype == np.float32 else pa.float64())
+    pa_p = pa.array([list(r) for r in rows_p], type=typ)
+    pa_q = pa.array([list(r) for r in rows_q], type=typ)
+    measures = ("kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "tv", "hellinger")
+    table = fastkl.divergences(pa_p, pa_q, measures=measures)
+    refs = reference_rows([list(map(float, r)) for r in rows_p], [list(map(float, r)) for r in rows_q], measures)
+    failures = []
+    for m in measures:
+        got = table[m].to_pylist()
+        failures += check_against_reference(got, refs[m], rel_bound(dtype), what=m)
+    assert not failures, "\n".join(failures[:10])
+
+
+def test_float32_fast_path_matches_float64_path_within_bound(rng):
+    """The float32 log (16 lanes) against the float64 path on the same values."""
+    p = rng.dirichlet(np.ones(256), 500).astype(np.float32)
+    q = rng.dirichlet(np.ones(256), 500).astype(np.float32)
+    q[:, :3] = p[:, :3]  # exact equalities and near-equal entries
+    q[:, 3:6] = p[:, 3:6] * np.float32(1 + 2**-20)
+    opts = dict(measures=("kl", "reverse_kl"), sum_tol=0.1)  # the edits above move row sums a little
+    got32 = fastkl.divergences(p, q, **opts).to_pydict()
+    got64 = fastkl.divergences(p.astype(np.float64), q.astype(np.float64), **opts).to_pydict()
+    for m in ("kl", "reverse_kl"):
+        a, b = np.array(got32[m]), np.array(got64[m])
+        # both within bound of the same exact value: differ by at most ~1e-6 relative
+        assert np.all(np.abs(a - b) <= 1e-6 * np.abs(b)), m
