@@ -25,26 +25,24 @@ from numba.extending import intrinsic
 _fast = njit(error_model="numpy", fastmath={"nsz", "contract"})
 
 
-@intrinsic
-def float_bits(typingctx, x):
-    """Reinterpret a float64 as int64 (bit cast)."""
-    sig = types.int64(types.float64)
+def _bitcast(src, dst, llvm_dst, doc):
+    """A Numba intrinsic that reinterprets the bits of a `src` value as `dst`."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
+    @intrinsic
+    def cast(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_dst)
 
-    return sig, codegen
+        return dst(src), codegen
+
+    cast.__doc__ = doc
+    return cast
 
 
-@intrinsic
-def bits_float(typingctx, x):
-    """Reinterpret an int64 as float64 (bit cast)."""
-    sig = types.float64(types.int64)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return sig, codegen
+float_bits = _bitcast(types.float64, types.int64, ir.IntType(64), "float64 -> int64 bits")
+bits_float = _bitcast(types.int64, types.float64, ir.DoubleType(), "int64 bits -> float64")
+float32_bits = _bitcast(types.float32, types.int32, ir.IntType(32), "float32 -> int32 bits")
+bits_float32 = _bitcast(types.int32, types.float32, ir.FloatType(), "int32 bits -> float32")
 
 
 # fdlibm e_log.c coefficients: log(1+f) = f - hfsq + s*(hfsq+R(s^2)), s = f/(2+f).
@@ -143,28 +141,6 @@ def exp_neg(x):
 # ---------------------------------------------------------------- float32
 # For float32 input the error bound is 1e-6 relative (SPEC §2), so the log
 # can be taken in float32: 16 SIMD lanes instead of 8. fdlibm e_logf.c.
-
-
-@intrinsic
-def float32_bits(typingctx, x):
-    """Reinterpret a float32 as int32 (bit cast)."""
-    sig = types.int32(types.float32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return sig, codegen
-
-
-@intrinsic
-def bits_float32(typingctx, x):
-    """Reinterpret an int32 as float32 (bit cast)."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
 
 
 _F1 = np.float32(1.0)
