@@ -223,9 +223,21 @@ def compute(
     return Result(measures, values, status, options, pieces)
 
 
-def warmup() -> None:
-    """Compile (or load from Numba's on-disk cache) both kernel specialisations."""
+def kernel_dtype(*value_types: Any) -> np.dtype:
+    """The values dtype the kernel runs on for sides of these element types
+    (pyarrow or NumPy): float64 if any side is float64, else float32."""
+    wide = any(np.dtype(t.to_pandas_dtype() if isinstance(t, pa.DataType) else t) == np.float64
+               for t in value_types)
+    return np.dtype(np.float64 if wide else np.float32)
+
+
+def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64)) -> None:
+    """Compile (or load from Numba's on-disk cache) the kernel for these dtypes.
+
+    Each specialisation costs seconds to compile the first time on a machine,
+    so callers that know their data warm only the dtype they will use.
+    """
     opts = Options()
-    for dtype in (np.float32, np.float64):
+    for dtype in dtypes:
         x = np.full((1, 2), 0.5, dtype=dtype)
         compute(x, x, ("kl",), opts, threads=1)

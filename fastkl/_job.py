@@ -281,10 +281,29 @@ def _run_threads(todo, plan, spec, progress, workers):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _warm_worker() -> None:
+def _kernel_dtypes(plan) -> tuple:
+    """The kernel dtype for this job's p/q columns, from the first file's schema."""
+    from ._engine import kernel_dtype
+
+    f = plan.files[0] if plan.files else None
+    try:
+        if f is None:
+            return ()
+        if f.fmt == "parquet":
+            schema = pq.read_schema(f.path)
+        else:
+            with pa.memory_map(f.path) as src:
+                schema = pa.ipc.open_file(src).schema
+        cols = [c for c in (plan.columns.p, plan.columns.q) if c is not None]
+        return (kernel_dtype(*(schema.field(c).type.value_type for c in cols)),)
+    except Exception:  # a bad file is reported by the task that reads it
+        return ()
+
+
+def _warm_worker(dtypes: tuple = ()) -> None:
     from ._engine import warmup
 
-    warmup()
+    warmup(dtypes)
 
 
 def _cluster_threads(client) -> dict[str, int]:
@@ -316,7 +335,7 @@ def _run_distributed(todo, plan, spec, progress, client):
     first: dict[str, str] = {}
     for addr, w in info.items():
         first.setdefault(w.get("host", addr), addr)
-    client.run(_warm_worker, workers=list(first.values()))
+    client.run(_warm_worker, _kernel_dtypes(plan), workers=list(first.values()))
     threads = _cluster_threads(client)
     topic = f"fastkl-progress-{uuid.uuid4().hex}"
     reported = progress.enabled
@@ -511,7 +530,9 @@ def run(
     try:
         from ._engine import warmup
 
-        warmup()  # compile / load kernels once here, before any worker process starts
+        # compile / load the kernel once here, before any worker process starts
+        # (numba issue 4807), and only for the dtype this data needs
+        warmup(_kernel_dtypes(plan))
         if todo:
             if kind in ("sync", "synchronous"):
                 new = _run_sync(todo, plan, spec, progress)
