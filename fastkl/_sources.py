@@ -276,17 +276,79 @@ def _is_float_list(t: pa.DataType) -> bool:
     return pa.types.is_floating(t.value_type)
 
 
-def _leaf_bytes(md: pq.FileMetaData, names: list[str]) -> list[int]:
-    """Uncompressed bytes of the named top-level columns, per row group."""
-    roots = {}
+# Decoded width of one value of a Parquet physical type (levels not counted).
+_WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "FIXED_LEN_BYTE_ARRAY": 8}
+
+
+def _leaf_columns(md: pq.FileMetaData, names: list[str]) -> list[int]:
+    roots: dict[str, list[int]] = {}
     for j in range(md.num_columns):
         roots.setdefault(md.schema.column(j).path.split(".")[0], []).append(j)
-    idx = [j for n in names for j in roots.get(n, [])]
+    return [j for n in names for j in roots.get(n, [])]
+
+
+def _leaf_bytes(md: pq.FileMetaData, names: list[str]) -> list[int]:
+    """Decoded bytes of the named top-level columns, per row group.
+
+    Not just `total_uncompressed_size`: that is the size of the *encoded*
+    pages, and a dictionary- or RLE-encoded column chunk of a few hundred
+    bytes can decode to gigabytes (one row of 10^8 equal floats). The number
+    of values declared in the footer times the value width bounds what the
+    reader materialises, so tasks and read batches are sized on that.
+    """
+    idx = _leaf_columns(md, names)
     out = []
     for g in range(md.num_row_groups):
         rg = md.row_group(g)
-        out.append(sum(rg.column(j).total_uncompressed_size for j in idx))
+        total = 0
+        for j in idx:
+            c = rg.column(j)
+            width = _WIDTH.get(c.physical_type, 0)
+            total += max(c.total_uncompressed_size, c.num_values * width)
+        out.append(total)
     return out
+
+
+def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int) -> None:
+    """Refuse a footer that contradicts itself or the file, before any page is read.
+
+    A footer is what the reader trusts to allocate and to count rows: a row
+    group declaring a negative row count made pyarrow silently drop rows, one
+    declaring 10^15 rows made it reserve memory for them. Every column chunk
+    holds at least one value (level) per row, and its pages lie inside the
+    file, before the footer.
+    """
+    data_end = file_size - 8 - md.serialized_size
+    if md.num_rows < 0:
+        raise ValueError(f"the footer declares {md.num_rows} rows")
+    total = 0
+    idx = _leaf_columns(md, names)
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        n = rg.num_rows
+        if n < 0:
+            raise ValueError(f"row group {g} declares {n} rows")
+        total += n
+        for j in idx:
+            c = rg.column(j)
+            where = f"row group {g}, column {c.path_in_schema}"
+            if c.num_values < n:
+                raise ValueError(f"{where} declares {c.num_values} values for {n} rows")
+            if c.total_compressed_size < 0 or c.total_uncompressed_size < 0:
+                raise ValueError(f"{where} declares a negative size")
+            if c.num_values == 0:
+                continue  # an empty chunk may have no page at all
+            starts = [c.data_page_offset]
+            if c.has_dictionary_page and c.dictionary_page_offset:
+                starts.append(c.dictionary_page_offset)
+            start = min(starts)
+            if start < 4 or start + c.total_compressed_size > data_end:
+                raise ValueError(
+                    f"{where} declares bytes {start}..{start + c.total_compressed_size} "
+                    f"outside the data of the file (4..{data_end})"
+                )
+    if total != md.num_rows:
+        raise ValueError(f"the row groups hold {total} rows but the footer declares {md.num_rows}")
 
 
 def _read_footer(f: _Found, names: list[str]) -> tuple[pa.Schema, list[tuple[int, int]], int, int]:
@@ -296,6 +358,10 @@ def _read_footer(f: _Found, names: list[str]) -> tuple[pa.Schema, list[tuple[int
             md = pq.read_metadata(f.path)
             schema = md.schema.to_arrow_schema()
             present = [n for n in names if n in schema.names]
+            try:
+                _check_parquet_footer(md, present, st.st_size)
+            except ValueError as e:
+                raise DataError(f"{f.display}: corrupt Parquet footer: {e}") from None
             sizes = _leaf_bytes(md, present)
             units = [(md.row_group(g).num_rows, sizes[g]) for g in range(md.num_row_groups)]
         else:
@@ -306,6 +372,7 @@ def _read_footer(f: _Found, names: list[str]) -> tuple[pa.Schema, list[tuple[int
                 units = []
                 for i in range(reader.num_record_batches):
                     b = reader.get_batch(i)
+                    b.validate()  # declared lengths against buffer sizes (offsets: in the task)
                     units.append((b.num_rows, b.select(present).nbytes if present else 0))
     except (pa.ArrowException, OSError, ValueError) as e:
         what = "Parquet" if f.fmt == "parquet" else "Arrow IPC"
