@@ -51,10 +51,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._options import Options, check_measures, needs_q
-from ._output import MANIFEST, Staging, check_dest
+from ._output import MANIFEST, Staging, _read_json, check_dest, is_regular_file, old_path
 from ._progress import Progress
 from ._sources import DEFAULT_BATCH_BYTES, DEFAULT_TASK_BYTES, Columns, Plan, Task, scan
-from .errors import DataError, InvalidRowError, OptionError
+from .errors import DataError, FastKLError, InvalidRowError, OptionError
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
 
@@ -148,12 +148,37 @@ def _read(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
     while True:
         try:
             batch = next(it)
+            # Offsets inside the values, lengths inside the buffers: the kernel
+            # trusts them (a memory-mapped IPC file is not checked when opened).
+            batch.validate(full=True)
         except StopIteration:
             return
-        except (pa.ArrowException, OSError) as e:
-            units = f"{task.units[0].index}" + (f"-{task.units[-1].index}" if len(task.units) > 1 else "")
-            raise DataError(f"{task.file.display}: cannot read {task.unit_name()} {units} ({_short(e)})") from e
+        except (pa.ArrowException, OSError, MemoryError) as e:
+            raise _read_error(task, e) from e
         yield batch
+
+
+def _units(task: Task) -> str:
+    return f"{task.units[0].index}" + (f"-{task.units[-1].index}" if len(task.units) > 1 else "")
+
+
+def _memory_limit_note() -> str:
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover
+        return ""
+    if soft == resource.RLIM_INFINITY:
+        return ""
+    return f"; this process may use {soft / 2**30:.1f} GiB, see FASTKL_MEMORY_LIMIT"
+
+
+def _read_error(task: Task, e: BaseException) -> DataError:
+    what = f"{task.file.display}: {{}} {task.unit_name()} {_units(task)}"
+    if isinstance(e, MemoryError):
+        return DataError(what.format("out of memory reading") + f" ({_short(e)}{_memory_limit_note()})")
+    return DataError(what.format("cannot read") + f" ({_short(e)})")
 
 
 def _const_column(value: str | None, type_: pa.DataType, n: int) -> pa.Array:
@@ -223,12 +248,14 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
                 f"{f.display}: read {done} rows from {task.unit_name()}s of {task.rows} rows; "
                 "the file changed or is corrupt"
             )
-    except BaseException:
+    except BaseException as e:
         try:
             writer.close()
         except Exception:
             pass
         tmp.unlink(missing_ok=True)
+        if isinstance(e, MemoryError) and not isinstance(e, FastKLError):
+            raise _read_error(task, e) from e  # the kernel's outputs: still name the data
         raise
     stats_json = PartStats.merge_all(stats, spec.measures).to_json()
     staging.finish_part(
@@ -365,8 +392,11 @@ def _run_distributed(todo, plan, spec, progress, client):
             progress.done(t.index, t.rows, t.nbytes)
             results.append(r)
             fut.release()
-    except BaseException:
+    except BaseException as e:
         client.cancel(futures)
+        lost = _killed_worker_error(e, by_key)
+        if lost is not None:
+            raise lost from e
         raise
     finally:
         if reported:
@@ -375,6 +405,57 @@ def _run_distributed(todo, plan, spec, progress, client):
             except Exception:
                 pass
     return results
+
+
+def _killed_worker_error(e: BaseException, by_key: dict) -> DataError | None:
+    """Dask gives up on a task whose workers died `allowed-failures` times: name its data."""
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(e, KilledWorker):
+        return None
+    t = by_key.get(getattr(e, "task", None))
+    tries = getattr(e, "allowed_failures", None)
+    times = f"{tries + 1} times" if isinstance(tries, int) else "repeatedly"
+    if t is None:
+        return DataError(f"a task's worker process died {times}; giving up ({_short(e)})")
+    return DataError(
+        f"{t.file.display}: {t.unit_name()} {_units(t)}: the worker process running it died {times} "
+        "(killed, out of memory or crashed on this data); giving up"
+    )
+
+
+class _DataLimit:
+    """Worker plugin: cap each worker's data segment (RLIMIT_DATA) so that hostile
+    input fails an allocation with a clear error instead of exhausting the
+    machine. Only on the local cluster that fastkl starts itself."""
+
+    name = "fastkl-data-limit"
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+
+    def setup(self, worker=None) -> None:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+        new = self.limit if hard == resource.RLIM_INFINITY else min(self.limit, hard)
+        if soft == resource.RLIM_INFINITY or soft > new:
+            resource.setrlimit(resource.RLIMIT_DATA, (new, hard))
+
+
+def _worker_data_limit(n_workers: int) -> int | None:
+    """This process's data limit shared by n workers (at least 1 GiB each); None if unlimited."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    except (ImportError, OSError, ValueError):  # pragma: no cover
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(1 << 30, soft // max(1, n_workers))
 
 
 def _local_cluster(n_workers: int):
@@ -388,9 +469,19 @@ def _local_cluster(n_workers: int):
         processes=True,
         host="127.0.0.1",  # never listen beyond this machine
         dashboard_address="127.0.0.1:0",  # no fixed port, localhost only
-        silence_logs=logging.ERROR,
+        # a failed task is reported once, by fastkl (SPEC §5: one line), not by the worker's log too
+        silence_logs=logging.CRITICAL,
     )
-    return cluster, Client(cluster, set_as_default=False)
+    client = Client(cluster, set_as_default=False)
+    limit = _worker_data_limit(n_workers)
+    if limit is not None:
+        try:
+            client.register_plugin(_DataLimit(limit))
+        except BaseException:
+            client.close()
+            cluster.close()
+            raise
+    return cluster, client
 
 
 # --------------------------------------------------------------------------
@@ -481,7 +572,9 @@ def run(
     checked = []
     plan, roots = scan(
         source, p=p, q=q, keep=keep, task_rows=task_rows, task_bytes=task_bytes,
-        check=lambda roots: checked.append(check_dest(dest, roots, overwrite=overwrite)),
+        check=lambda roots: checked.append(
+            check_dest(dest, roots, overwrite=overwrite, exists_ok=resume and not overwrite)
+        ),
     )
     dest_p = checked[0]
     cols = plan.columns
@@ -498,6 +591,20 @@ def run(
         "task_bytes": task_bytes,
     }
     job_fp = json.dumps(job, sort_keys=True, default=_json_default)
+    files = [f.to_dict() for f in plan.files]
+    planned = _identity({**job, "rows": plan.rows, "inputs": files, "parts": _parts(plan, staging)})
+    if os.path.lexists(dest_p) and not overwrite:
+        # only with resume (check_dest refused it otherwise): done already if it is this job's output
+        old = _read_json(dest_p / MANIFEST) if is_regular_file(dest_p / MANIFEST) else None
+        if isinstance(old, dict) and _identity(old) == planned:
+            _remove_quietly(old_path(dest_p))
+            return _finished(Summary.from_dict(old["summary"]), summary_json)
+        raise OptionError(f"DEST {os.fspath(dest)!r} already exists (pass --overwrite to replace it)")
+    if resume:
+        pending = staging.pending_manifest()  # a commit killed after every part was finished
+        if pending is not None and _identity(pending) == planned:
+            staging.commit_written(overwrite=overwrite)
+            return _finished(Summary.from_dict(pending["summary"]), summary_json)
     done_states = staging.prepare(job, resume=resume)
     spec = JobSpec(
         measures, options, cols, schema, status, staging, job_fp,
@@ -576,20 +683,9 @@ def run(
         "compute_s": t_compute - t_plan,
         "task_s": task_seconds,
     }
-    files = [f.to_dict() for f in plan.files]
-    parts = [
-        {
-            "file": staging.part_name(t.index),
-            "input": t.file.index,
-            "row_start": t.row_start,
-            "rows": t.rows,
-            t.unit_name().replace(" ", "_") + "s": [u.index for u in t.units],
-            "resumed": t.index in done_states and results[t.index]["seconds"] == 0.0,
-        }
-        for t in plan.tasks
-    ]
-    if not plan.tasks:
-        parts = [{"file": staging.part_name(0), "input": None, "row_start": 0, "rows": 0}]
+    parts = _parts(plan, staging)
+    for t in plan.tasks:
+        parts[t.index]["resumed"] = t.index in done_states and results[t.index]["seconds"] == 0.0
     timings["total_s"] = time.perf_counter() - t_start
     summary = Summary.from_stats(
         merged, dest=str(dest_p), options=options.to_dict(), timings=timings, files=len(plan.files)
@@ -614,8 +710,53 @@ def run(
     manifest = json.loads(json.dumps(manifest, default=_json_default))
     staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
     staging.commit(manifest, overwrite=overwrite)
+    return _finished(summary, summary_json)
+
+
+def _finished(summary, summary_json):
     if summary_json is not None:
         with open(summary_json, "w") as fh:
-            json.dump(manifest["summary"], fh, indent=1)
+            json.dump(summary.to_dict(), fh, indent=1)
             fh.write("\n")
     return summary
+
+
+def _parts(plan: Plan, staging: Staging) -> list[dict]:
+    """The manifest's list of parts (without the `resumed` flags)."""
+    if not plan.tasks:  # empty input: one empty part keeps DEST a readable dataset
+        return [{"file": staging.part_name(0), "input": None, "row_start": 0, "rows": 0}]
+    return [
+        {
+            "file": staging.part_name(t.index),
+            "input": t.file.index,
+            "row_start": t.row_start,
+            "rows": t.rows,
+            t.unit_name().replace(" ", "_") + "s": [u.index for u in t.units],
+        }
+        for t in plan.tasks
+    ]
+
+
+_IDENTITY = ("fastkl_version", "columns", "measures", "options", "status", "task_rows", "task_bytes", "rows",
+             "inputs", "parts")
+
+
+def _identity(m: dict) -> dict:
+    """What makes a manifest this job's, on this input: not when, where or how fast it ran."""
+    out = {k: m.get(k) for k in _IDENTITY}
+    parts = m.get("parts")
+    out["parts"] = [
+        {k: v for k, v in p.items() if k != "resumed"}
+        for p in (parts if isinstance(parts, list) else [])
+        if isinstance(p, dict)
+    ]
+    return json.loads(json.dumps(out, default=_json_default))
+
+
+def _remove_quietly(path: Path) -> None:
+    from ._output import _remove
+
+    try:
+        _remove(path)
+    except OSError:
+        pass
