@@ -162,22 +162,12 @@ def _units(task: Task) -> str:
     return f"{task.units[0].index}" + (f"-{task.units[-1].index}" if len(task.units) > 1 else "")
 
 
-def _memory_limit_note() -> str:
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
-    except (ImportError, OSError, ValueError):  # pragma: no cover
-        return ""
-    if soft == resource.RLIM_INFINITY:
-        return ""
-    return f"; this process may use {soft / 2**30:.1f} GiB, see FASTKL_MEMORY_LIMIT"
-
-
 def _read_error(task: Task, e: BaseException) -> DataError:
     what = f"{task.file.display}: {{}} {task.unit_name()} {_units(task)}"
     if isinstance(e, MemoryError):
-        return DataError(what.format("out of memory reading") + f" ({_short(e)}{_memory_limit_note()})")
+        from ._limits import note
+
+        return DataError(what.format("out of memory reading") + f" ({_short(e)}{note()})")
     return DataError(what.format("cannot read") + f" ({_short(e)})")
 
 
@@ -426,38 +416,6 @@ def _killed_worker_error(e: BaseException, by_key: dict) -> DataError | None:
     )
 
 
-class _DataLimit:
-    """Worker plugin: cap each worker's data segment (RLIMIT_DATA) so that hostile
-    input fails an allocation with a clear error instead of exhausting the
-    machine. Only on the local cluster that fastkl starts itself."""
-
-    name = "fastkl-data-limit"
-
-    def __init__(self, limit: int):
-        self.limit = int(limit)
-
-    def setup(self, worker=None) -> None:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
-        new = self.limit if hard == resource.RLIM_INFINITY else min(self.limit, hard)
-        if soft == resource.RLIM_INFINITY or soft > new:
-            resource.setrlimit(resource.RLIMIT_DATA, (new, hard))
-
-
-def _worker_data_limit(n_workers: int) -> int | None:
-    """This process's data limit shared by n workers (at least 1 GiB each); None if unlimited."""
-    try:
-        import resource
-
-        soft = resource.getrlimit(resource.RLIMIT_DATA)[0]
-    except (ImportError, OSError, ValueError):  # pragma: no cover
-        return None
-    if soft == resource.RLIM_INFINITY:
-        return None
-    return max(1 << 30, soft // max(1, n_workers))
-
-
 def _local_cluster(n_workers: int):
     import logging
 
@@ -473,10 +431,12 @@ def _local_cluster(n_workers: int):
         silence_logs=logging.CRITICAL,
     )
     client = Client(cluster, set_as_default=False)
-    limit = _worker_data_limit(n_workers)
+    from . import _limits
+
+    limit = _limits.worker_limit(n_workers)  # this process's memory cap (fastkl run), shared
     if limit is not None:
         try:
-            client.register_plugin(_DataLimit(limit))
+            client.register_plugin(_limits.DataLimit(limit))
         except BaseException:
             client.close()
             cluster.close()

@@ -135,10 +135,19 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
         )
         return summary
 
-    from ._output import staging_path
-    from pathlib import Path
+    from ._output import resolve_dest, staging_path
 
-    summary = run_guarded(go, debug, str(staging_path(Path(os.path.abspath(dest)))))
+    try:
+        hint = str(staging_path(resolve_dest(dest)))
+    except FastKLError:
+        hint = None  # run() says what is wrong with DEST
+    from ._limits import capped
+
+    def capped_go():
+        with capped():  # FASTKL_MEMORY_LIMIT: hostile input must not exhaust the machine
+            return go()
+
+    summary = run_guarded(capped_go, debug, hint)
     if not quiet:
         click.echo(summary.format_table())
         t = summary.timings or {}
