@@ -28,9 +28,16 @@ number T of tasks that actually have to run:
   several worker processes on one machine split its cores between them.
 * sync: one task at a time, k = C.
 
-Reading and writing happen in the task threads too (pyarrow releases the GIL),
-so with k = 1 a core alternates between decoding a batch and running the
-kernel on it; nothing waits on a second stage.
+Reading and writing happen in the task threads too (pyarrow releases the GIL).
+With k = 1 a core alternates between decoding a batch and running the kernel
+on it, while the other cores do the same for other tasks, so reading and
+computing overlap across tasks and no core waits on a second stage (a read-
+ahead thread per task was measured slower here: more threads than cores). A
+task that owns k > 1 cores (fewer tasks than cores) reads its next batch in a
+helper thread while the kernel runs on the current one (`_prefetched`), so the
+decode, which uses one thread per column, does not leave cores idle. Memory
+per task stays bounded: at most three batches (being read, ready, being
+computed) of at most DEFAULT_BATCH_BYTES each.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ import datetime as _dt
 import functools
 import json
 import os
+import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -53,7 +62,7 @@ import pyarrow.parquet as pq
 from ._options import Options, check_measures, needs_q
 from ._output import MANIFEST, Staging, _read_json, check_dest, is_regular_file, old_path
 from ._progress import Progress
-from ._sources import DEFAULT_BATCH_BYTES, DEFAULT_TASK_BYTES, Columns, Plan, Task, scan
+from ._sources import DEFAULT_TASK_BYTES, Columns, Plan, Task, scan
 from .errors import DataError, FastKLError, InvalidRowError, OptionError
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
@@ -87,7 +96,6 @@ class JobSpec:
     status: bool
     staging: Staging
     job_fp: str
-    stream_above: int  # tasks larger than this read through a buffered stream
 
 
 def _kernel_threads(setting: int | dict | None) -> int:
@@ -116,18 +124,41 @@ def _reporter(report: Callable | str | None, task: Task) -> Callable[[int], None
     return lambda rows: worker.log_event(report, (task.index, rows, task.rows, task.nbytes))
 
 
+# Parquet is read through a buffered stream of this many bytes.
+READ_BUFFER = 1 << 20
+
+
+def _aligned_batch_rows(batch_rows: int, units: Sequence[Any]) -> int:
+    """At most `batch_rows`, cut so that no read batch straddles two row groups.
+
+    `iter_batches` stitches a batch that spans a row-group boundary out of
+    both (an extra copy): a row group larger than the bound is split into
+    equal batches, and equal row groups smaller than it are read whole, as
+    many per batch as fit.
+    """
+    big = max((u.rows for u in units), default=0)
+    if big <= 0:
+        return batch_rows
+    if big > batch_rows:
+        parts = -(-big // batch_rows)
+        return -(-big // parts)
+    if all(u.rows == big for u in units):
+        return big * (batch_rows // big)
+    return batch_rows
+
+
 def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
     cols = spec.columns.read()
     f = task.file
     if f.fmt == "parquet":
-        stream = task.nbytes > spec.stream_above
-        pf = pq.ParquetFile(
-            f.path,
-            buffer_size=(8 << 20) if stream else 0,  # stream a huge row group instead of loading it
-            pre_buffer=not stream,
-        )
+        # Read through a small buffered stream, without pre-buffering. Pre-
+        # buffering first copies all the task's column chunks into one fresh
+        # allocation (page faults, memory: measured 2-5x the system time of
+        # the decode) and pays off only on high-latency object stores; the
+        # stream also keeps a task made of one huge row group in bounded memory.
+        pf = pq.ParquetFile(f.path, buffer_size=READ_BUFFER, pre_buffer=False)
         yield from pf.iter_batches(
-            batch_size=batch_rows,
+            batch_size=_aligned_batch_rows(batch_rows, task.units),
             row_groups=[u.index for u in task.units],
             columns=cols,
             use_threads=use_threads,
@@ -171,6 +202,61 @@ def _read_error(task: Task, e: BaseException) -> DataError:
     return DataError(what.format("cannot read") + f" ({_short(e)})")
 
 
+# Batches read ahead of the kernel by a task that owns several cores.
+PREFETCH = 1
+
+
+def _prefetched(batches, depth: int, name: str):
+    """Iterate `batches` in a helper thread, at most `depth` batches ahead of the consumer.
+
+    Reading (Parquet decoding releases the GIL) then overlaps the kernel and
+    the write of the previous batch. Memory per task: the batch being
+    computed, `depth` ready ones and the one being read. An exception from
+    the reader is raised in the consumer; when the consumer stops early
+    (error, cancellation) the reader stops after its current batch.
+    """
+    if depth <= 0:
+        yield from batches
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put((True, batch)):
+                    return
+            put((True, end))
+        except BaseException as e:  # handed to the consumer
+            put((False, e))
+        finally:
+            batches.close()
+
+    reader = threading.Thread(target=produce, name=name, daemon=True)
+    reader.start()
+    try:
+        while True:
+            ok, item = ready.get()
+            if not ok:
+                raise item
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
 def _const_column(value: str | None, type_: pa.DataType, n: int) -> pa.Array:
     if value is None:
         return pa.nulls(n, type_)
@@ -202,8 +288,13 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
     invalid = 0
     done = 0
     writer = pq.ParquetWriter(tmp, spec.out_schema)
+    batches = None
     try:
-        for batch in _read(task, spec, batch_rows, use_threads=threads > 1):
+        # A task that owns one core reads and computes in turn (the other
+        # cores run other tasks); a task that owns several reads ahead.
+        batches = _prefetched(_read(task, spec, batch_rows, use_threads=threads > 1),
+                              PREFETCH if threads > 1 else 0, f"fastkl-read-{task.index}")
+        for batch in batches:
             n = batch.num_rows
             p = batch.column(cols.p)
             q = batch.column(cols.q) if cols.q is not None else None
@@ -239,6 +330,8 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
                 "the file changed or is corrupt"
             )
     except BaseException as e:
+        if batches is not None:
+            batches.close()  # stop the read-ahead thread before removing the part
         try:
             writer.close()
         except Exception:
@@ -566,10 +659,7 @@ def run(
             staging.commit_written(overwrite=overwrite)
             return _finished(Summary.from_dict(pending["summary"]), summary_json)
     done_states = staging.prepare(job, resume=resume)
-    spec = JobSpec(
-        measures, options, cols, schema, status, staging, job_fp,
-        stream_above=max(task_bytes or DEFAULT_TASK_BYTES, DEFAULT_BATCH_BYTES),
-    )
+    spec = JobSpec(measures, options, cols, schema, status, staging, job_fp)
 
     # Parts finished by an earlier attempt whose input is unchanged.
     results: dict[int, dict] = {}

@@ -1,0 +1,124 @@
+"""The job's read path: batches aligned to row groups, the read-ahead thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from fastkl._job import _aligned_batch_rows, _prefetched
+
+
+def units(*rows):
+    return [SimpleNamespace(rows=r) for r in rows]
+
+
+@pytest.mark.parametrize(
+    "bound, rows, want",
+    [
+        (16384, (25000, 25000), 12500),  # big row groups: equal halves, none straddles
+        (10000, (25000,), 8334),
+        (16384, (5000, 5000, 5000, 5000), 15000),  # small equal row groups: three whole ones per batch
+        (16384, (5000, 7000), 16384),  # unequal and small: the bound
+        (100, (100, 100), 100),
+        (7, (), 7),
+    ],
+)
+def test_aligned_batch_rows(bound, rows, want):
+    got = _aligned_batch_rows(bound, units(*rows))
+    assert got == want and 1 <= got <= bound
+
+
+def gen(n, fail_at=None, log=None):
+    try:
+        for i in range(n):
+            if i == fail_at:
+                raise OSError(f"broken at {i}")
+            yield i
+    finally:
+        if log is not None:
+            log.append("closed")
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetched_keeps_order(depth):
+    assert list(_prefetched(gen(50), depth, "t")) == list(range(50))
+
+
+def test_prefetched_raises_the_readers_error_in_order():
+    got = []
+    with pytest.raises(OSError, match="broken at 3"):
+        for x in _prefetched(gen(10, fail_at=3), 1, "t"):
+            got.append(x)
+    assert got == [0, 1, 2]
+
+
+def test_prefetched_stops_the_reader_when_the_consumer_stops():
+    log = []
+    before = threading.active_count()
+    it = _prefetched(gen(10**9, log=log), 2, "fastkl-test-reader")
+    assert next(it) == 0
+    it.close()  # what run_task does when the kernel or the writer fails
+    assert log == ["closed"]
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "fastkl-test-reader" for t in threading.enumerate())
+
+
+def test_prefetched_reads_at_most_depth_ahead():
+    produced = []
+
+    def counting():
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    it = _prefetched(counting(), 1, "t")
+    assert next(it) == 0
+    time.sleep(0.2)
+    # one being consumed, one queued, one read and waiting for room
+    assert len(produced) <= 3
+    it.close()
+
+
+def _file(path, rows=400, k=8, row_group=100, bad_row=None):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    p = rng.random((rows, k)) + 0.1
+    p /= p.sum(1, keepdims=True)
+    q = p[::-1].copy()
+    if bad_row is not None:
+        p[bad_row, 0] = -0.5
+    col = lambda x: pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), k).cast(pa.list_(pa.float64()))
+    pq.write_table(pa.table({"id": np.arange(rows), "p": col(p), "q": col(q)}), path, row_group_size=row_group)
+    return p, q
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_job_with_read_ahead_matches_memory(tmp_path, scheduler):
+    """sync gives the task every core, so it reads ahead; small batches make many of them."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import fastkl
+
+    p, q = _file(tmp_path / "a.parquet")
+    fastkl.run(str(tmp_path / "a.parquet"), str(tmp_path / "out"), scheduler=scheduler, quiet=True,
+               task_bytes=4000)
+    got = pq.read_table(tmp_path / "out").column("kl").to_numpy()
+    np.testing.assert_allclose(got, fastkl.kl(p, q), rtol=1e-12)
+
+
+def test_job_with_read_ahead_reports_the_bad_row(tmp_path):
+    import fastkl
+
+    _file(tmp_path / "a.parquet", bad_row=333)
+    with pytest.raises(fastkl.InvalidRowError, match="333"):
+        fastkl.run(str(tmp_path / "a.parquet"), str(tmp_path / "out"), scheduler="sync", quiet=True)
+    assert not (tmp_path / "out").exists()
