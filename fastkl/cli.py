@@ -173,10 +173,46 @@ def demo_cmd(ctx, directory, rows, shards, vocab, quiet, debug_here):
 
 
 @main.command("bench")
-def bench_cmd():
-    """Throughput report on this machine (SPEC §7). Not yet implemented."""
-    click.echo("fastkl bench: not yet implemented", err=True)
-    sys.exit(EXIT_USAGE)
+@click.option("--rows", type=click.IntRange(min=100), default=200_000, show_default=True,
+              help="Rows of the in-memory arrays and of the job's Parquet file.")
+@click.option("--vocab", type=click.IntRange(min=2), default=256, show_default=True, help="Support size K.")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Element type of the in-memory arrays (the job's file is float32).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Kernel threads (default: cores).")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed rounds per case (the cases take turns; medians are reported).")
+@click.option("--quick", is_flag=True, help="A small run in a few seconds (20,000 rows x 64, 2 rounds).")
+@click.option("--kernel/--no-kernel", default=True, show_default=True, help="Kernel throughput vs the streaming limit.")
+@click.option("--job/--no-job", default=True, show_default=True, help="Job wall time vs the I/O floor.")
+@click.option("--peers", is_flag=True, help="Also time scipy, NumPy, Polars and DuckDB (pip install 'fastkl[bench]').")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the job's input file (default: a temporary directory, removed after).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the measurements as JSON to this file.")
+@click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def bench_cmd(ctx, rows, vocab, dtype, threads, rounds, quick, kernel, job, peers, workdir, json_path, debug_here):
+    """Throughput on this machine (SPEC §7): kernel GB/s against a streaming read of the
+    same buffers, and a job's wall time against just reading its input and writing its output."""
+    debug = debug_here or (ctx.obj or {}).get("debug", False)
+    if quick:
+        rows, vocab, rounds = min(rows, 20_000), min(vocab, 64), min(rounds, 2)
+
+    def go():
+        import json
+
+        import numpy as np
+
+        from ._bench import bench
+
+        info = bench(rows=rows, k=vocab, dtype=np.dtype(dtype).type, threads=threads, rounds=rounds,
+                     kernel=kernel, job=job, peers=peers, workdir=workdir, echo=click.echo)
+        if json_path:
+            with open(json_path, "w") as fh:
+                json.dump(info, fh, indent=1, default=str)
+                fh.write("\n")
+
+    run_guarded(go, debug)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -132,9 +132,18 @@ def test_debug_shows_traceback(tmp_path, source):
     assert code == 2 and "Traceback" in err
 
 
-def test_bench_is_a_placeholder():
-    code, _, err = invoke("bench")
-    assert code == 2 and "not yet implemented" in err
+def test_bench_quick(tmp_path):
+    """`fastkl bench --quick`: kernel vs streaming limit and job vs I/O floor, in a few seconds."""
+    out_json = tmp_path / "bench.json"
+    code, out, err = invoke("bench", "--quick", "--rounds", "1", "--dir", tmp_path / "work", "--json", out_json)
+    assert code == 0, err
+    for needle in ("streaming limit (vectorised sum)", "fastkl kl, probs", "of the streaming limit",
+                   "I/O floor", "fastkl run", "x the time to read the input"):
+        assert needle in out, out
+    info = json.loads(out_json.read_text())
+    assert info["kernel"]["fastkl kl, probs"]["median_s"] > 0
+    assert info["job"]["fastkl"]["median_s"] > 0 and info["job"]["floor"]["median_s"] > 0
+    assert invoke("bench", "--rows", "5")[0] == 2  # usage error
 
 
 def test_demo(tmp_path):

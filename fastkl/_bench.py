@@ -1,0 +1,567 @@
+"""Throughput measurement: fastkl against the machine's limits and against peers (SPEC §7).
+
+One module feeds `fastkl bench`, the pytest-benchmark suite (benchmarks/) and
+scripts/bench_jobs.py, so the three measure the same things the same way:
+
+* data: dense float32/float64 softmax rows (no zeros, so that the peers'
+  plain expressions are defined everywhere), their log-probabilities and
+  logits; a Parquet file of such rows (list<float32>, snappy, row groups);
+* the streaming limit: Numba kernels that read the same two buffers row by
+  row and only sum them into one float64 per row, split over the same
+  threads as fastkl. `stream_vec` is compiled with fastmath `reassoc` so LLVM
+  vectorises the reduction (the real limit); `stream_scalar` without it (a
+  plain scalar loop, for reference);
+* the I/O floor of a job: pyarrow reading the p and q columns of the file
+  (`pq.read_table`, all threads) and writing one float64 column of as many
+  rows (random values, so it is as large as a real result);
+* peers (imported lazily, the `bench` extra): scipy.special.rel_entr, a
+  NumPy expression, a Polars list expression and DuckDB SQL computing
+  sum(p * log(p / q)) per row; for jobs, DuckDB `COPY (SELECT ...) TO` and
+  Polars `scan_parquet(...).select(...).sink_parquet(...)`;
+* timing: every case is warmed up, then the cases run in turn (the order
+  rotates every round), and the median of the rounds is reported. Targets are
+  ratios of medians taken in the same run, never absolute times.
+
+Nothing here is imported by the rest of fastkl.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from numba import njit
+
+# --------------------------------------------------------------------------
+# Data
+
+
+def softmax_rows(rows: int, k: int, dtype=np.float32, seed: int = 0, spread: float = 2.0):
+    """(p, q, p_logits, q_logits): dense softmax rows (rows x k) and the logits they come from.
+
+    Q is P's logits plus noise, renormalised: a realistic teacher/student gap.
+    All probabilities are > 0 (float32 softmax of logits within a few units).
+    """
+    rng = np.random.default_rng(seed)
+    p_logits = (rng.standard_normal((rows, k), dtype=np.float32) * np.float32(spread)).astype(dtype)
+    q_logits = (p_logits + rng.standard_normal((rows, k), dtype=np.float32).astype(dtype) * dtype(0.5)).astype(dtype)
+    return _softmax(p_logits), _softmax(q_logits), p_logits, q_logits
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    y = np.exp(x - x.max(axis=1, keepdims=True), dtype=np.float64)
+    y /= y.sum(axis=1, keepdims=True)
+    return y.astype(x.dtype)
+
+
+def log_probs(p: np.ndarray) -> np.ndarray:
+    return np.log(p.astype(np.float64)).astype(p.dtype)
+
+
+def list_column(x: np.ndarray) -> pa.Array:
+    """A 2-D array as an Arrow list<float> column (zero copy of the values)."""
+    n, k = x.shape
+    offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(x.reshape(-1)))
+
+
+def write_parquet(path: str, rows: int = 200_000, k: int = 256, row_groups: int = 8, seed: int = 0) -> str:
+    """A Parquet file with `id`, `p`, `q` (list<float32>, snappy, `row_groups` row groups).
+
+    Reused if it exists with the same shape; written to a temporary name and
+    renamed, so an interrupted run never leaves a half file.
+    """
+    if os.path.exists(path):
+        try:
+            md = pq.ParquetFile(path).metadata
+            if md.num_rows == rows and md.num_row_groups == row_groups:
+                return path
+        except Exception:
+            pass
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    schema = pa.schema([("id", pa.int64()), ("p", pa.list_(pa.float32())), ("q", pa.list_(pa.float32()))])
+    per = -(-rows // row_groups)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="snappy") as w:
+            for i, start in enumerate(range(0, rows, per)):
+                n = min(per, rows - start)
+                p, q, _, _ = softmax_rows(n, k, np.float32, seed=seed * 1000 + i)
+                t = pa.table({"id": np.arange(start, start + n), "p": list_column(p), "q": list_column(q)},
+                             schema=schema)
+                w.write_table(t, row_group_size=n)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# --------------------------------------------------------------------------
+# The streaming limit
+
+
+@njit(nogil=True, cache=True, error_model="numpy", fastmath={"nsz", "contract", "reassoc"})
+def _stream_vec(offsets, p, q, out, lo, hi):  # pragma: no cover - compiled
+    for r in range(lo, hi):
+        a, b = offsets[r], offsets[r + 1]
+        pr = p[a:b]
+        qr = q[a:b]
+        acc = 0.0
+        for j in range(b - a):
+            acc += np.float64(pr[j]) + np.float64(qr[j])
+        out[r] = acc
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _stream_scalar(offsets, p, q, out, lo, hi):  # pragma: no cover - compiled
+    for r in range(lo, hi):
+        a, b = offsets[r], offsets[r + 1]
+        pr = p[a:b]
+        qr = q[a:b]
+        acc = 0.0
+        for j in range(b - a):
+            acc += np.float64(pr[j]) + np.float64(qr[j])
+        out[r] = acc
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="fastkl-bench")
+    return _pools[threads]
+
+
+def default_threads() -> int:
+    from ._engine import default_threads as d
+
+    return d()
+
+
+def flat(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, values) of a C-contiguous 2-D array, as fastkl's adapter builds them."""
+    n, k = x.shape
+    return np.arange(n + 1, dtype=np.int64) * k, np.ascontiguousarray(x).reshape(-1)
+
+
+def stream(p: np.ndarray, q: np.ndarray, threads: int | None = None, vectorised: bool = True) -> np.ndarray:
+    """Sum each row of p and q into one float64: only reads the two buffers.
+
+    Rows are split into 4 blocks per thread, as `fastkl._engine` splits them.
+    """
+    fn = _stream_vec if vectorised else _stream_scalar
+    offsets, pv = flat(p)
+    _, qv = flat(q)
+    n = p.shape[0]
+    out = np.empty(n)
+    threads = threads or default_threads()
+    if threads == 1:
+        fn(offsets, pv, qv, out, 0, n)
+        return out
+    cuts = np.linspace(0, n, threads * 4 + 1).astype(np.int64)
+    futs = [_pool(threads).submit(fn, offsets, pv, qv, out, int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    for f in futs:
+        f.result()
+    return out
+
+
+def warm_stream(dtype=np.float32) -> None:
+    """Compile (or load from the JIT cache) both streaming kernels for `dtype`."""
+    x = np.full((2, 4), 0.25, dtype=dtype)
+    for v in (True, False):
+        stream(x, x, threads=1, vectorised=v)
+
+
+# --------------------------------------------------------------------------
+# In-memory peers: per-row sum(p * log(p / q)) over 2-D arrays / list columns
+
+
+def scipy_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    from scipy.special import rel_entr
+
+    return rel_entr(p, q).sum(axis=1)
+
+
+def numpy_kl(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return (p * np.log(p / q)).sum(axis=1)
+
+
+def polars_frame(p: np.ndarray, q: np.ndarray):
+    import polars as pl
+
+    return pl.from_arrow(pa.table({"p": list_column(p), "q": list_column(q)}))
+
+
+def polars_kl_expr():
+    import polars as pl
+
+    ratio = (pl.col("p") / pl.col("q")).list.eval(pl.element().log())
+    return (pl.col("p") * ratio).list.sum().alias("kl")
+
+
+def polars_kl(df) -> np.ndarray:
+    return df.select(polars_kl_expr()).to_series().to_numpy()
+
+
+DUCKDB_KL = "list_sum(list_transform(p, lambda x, i: x * ln(x / q[i])))"
+
+
+def duckdb_kl(con, table: pa.Table) -> np.ndarray:
+    con.register("fastkl_bench_t", table)
+    try:
+        return np.asarray(con.execute(f"SELECT {DUCKDB_KL} AS kl FROM fastkl_bench_t").fetchnumpy()["kl"])
+    finally:
+        con.unregister("fastkl_bench_t")
+
+
+# --------------------------------------------------------------------------
+# Jobs: the I/O floor, fastkl.run and the peers on one Parquet file
+
+
+def io_floor(src: str, dest_file: str, result: np.ndarray, columns=("p", "q")) -> None:
+    """Read the columns the job reads, write one float64 column as long as the result."""
+    t = pq.read_table(src, columns=list(columns))
+    if t.num_rows != len(result):
+        raise RuntimeError(f"{src}: {t.num_rows} rows, expected {len(result)}")
+    del t
+    pq.write_table(pa.table({"kl": result}), dest_file)
+
+
+def io_floor_streamed(src: str, dest_file: str, result: np.ndarray, threads: int | None = None,
+                      columns=("p", "q")) -> None:
+    """The tightest read we know: the row groups split over `threads` threads, each
+    streaming its share the way a fastkl task reads (buffered, no pre-buffering,
+    batches within row groups) and dropping it; then the result column is written.
+    Only the kernel and the engine's own work separate a fastkl job from this.
+    """
+    from ._job import READ_BUFFER, _aligned_batch_rows
+
+    threads = threads or default_threads()
+    md = pq.ParquetFile(src).metadata
+    groups = list(range(md.num_row_groups))
+    rows = [md.row_group(i).num_rows for i in groups]
+    width = sum(md.row_group(0).column(j).total_uncompressed_size for j in range(md.num_columns)) / max(rows[0], 1) if rows else 1
+    batch = _aligned_batch_rows(max(1, int((32 << 20) // max(width, 1))), [type("U", (), {"rows": r})() for r in rows])
+
+    def read(share: list[int]) -> int:
+        n = 0
+        if share:
+            pf = pq.ParquetFile(src, buffer_size=READ_BUFFER, pre_buffer=False)
+            for b in pf.iter_batches(batch_size=batch, row_groups=share, columns=list(columns), use_threads=False):
+                n += b.num_rows
+        return n
+
+    shares = [list(a) for a in np.array_split(groups, min(threads, len(groups)) or 1)]
+    n = sum(_pool(threads).map(read, shares)) if threads > 1 else read(groups)
+    if n != len(result):
+        raise RuntimeError(f"{src}: {n} rows, expected {len(result)}")
+    pq.write_table(pa.table({"kl": result}), dest_file)
+
+
+def fastkl_job(src: str, dest: str, **kw) -> None:
+    from ._job import run
+
+    run(src, dest, measures=("kl",), quiet=True, **kw)
+
+
+def duckdb_job(con, src: str, dest_file: str) -> None:
+    s = src.replace("'", "''")
+    d = dest_file.replace("'", "''")
+    con.execute(f"COPY (SELECT {DUCKDB_KL} AS kl FROM read_parquet('{s}')) TO '{d}' (FORMAT parquet)")
+
+
+def polars_job(src: str, dest_file: str) -> None:
+    import polars as pl
+
+    pl.scan_parquet(src).select(polars_kl_expr()).sink_parquet(dest_file)
+
+
+def read_result(path: str) -> np.ndarray:
+    return pq.read_table(path, columns=["kl"]).column("kl").to_numpy()
+
+
+# --------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds) if self.seconds else math.nan
+
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu) if self.cpu else math.nan
+
+    def spread(self) -> str:
+        if len(self.seconds) < 2:
+            return ""
+        return f"{min(self.seconds):.3f}-{max(self.seconds):.3f}"
+
+
+def alternate(cases: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
+              before: Callable[[str], None] | None = None, log: Callable[[str], None] | None = None,
+              ) -> dict[str, Timing]:
+    """Time every case `rounds` times, taking turns; the order rotates every round.
+
+    `before(name)` runs untimed before each call (e.g. remove the previous
+    output). A garbage collection runs before each call, outside the timing.
+    """
+    names = list(cases)
+    out = {n: Timing(n) for n in names}
+    for _ in range(warmup):
+        for n in names:
+            if before:
+                before(n)
+            cases[n]()
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            if before:
+                before(n)
+            gc.collect()
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            cases[n]()
+            t1 = time.perf_counter()
+            out[n].seconds.append(t1 - t0)
+            out[n].cpu.append(time.process_time() - c0)
+        if log:
+            log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {out[n].seconds[-1]:.3f}s" for n in names))
+    return out
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    elif os.path.exists(path):
+        os.unlink(path)
+
+
+# --------------------------------------------------------------------------
+# Machine description
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        import psutil
+
+        mem = f", {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+    except ImportError:
+        pass
+    return f"{cpu}, {default_threads()} cores{mem}, {platform.system()} {platform.release()}"
+
+
+def versions() -> str:
+    import numba
+
+    from . import __version__
+
+    return f"fastkl {__version__}, numba {numba.__version__}, numpy {np.__version__}, pyarrow {pa.__version__}, Python {platform.python_version()}"
+
+
+def peers_available() -> dict[str, bool]:
+    out = {}
+    for mod in ("scipy", "polars", "duckdb"):
+        try:
+            __import__(mod)
+            out[mod] = True
+        except ImportError:
+            out[mod] = False
+    return out
+
+
+# --------------------------------------------------------------------------
+# Reports (`fastkl bench`)
+
+
+@dataclass
+class Row:
+    case: str
+    timing: Timing
+    rows: int = 0
+    nbytes: int = 0
+    ref: str | None = None  # ratio against this case's median
+    note: str = ""
+
+
+def _fmt_table(title: str, rows: list[Row], by_name: dict[str, Row], ratio_label: str, inverse: bool) -> list[str]:
+    lines = [title]
+    head = f"  {'case':<44} {'median':>9} {'range':>13} {'GB/s':>7} {'Mrows/s':>8} {ratio_label:>12}"
+    lines.append(head)
+    for r in rows:
+        m = r.timing.median
+        gbs = f"{r.nbytes / m / 1e9:7.2f}" if r.nbytes and m > 0 else " " * 7
+        rps = f"{r.rows / m / 1e6:8.2f}" if r.rows and m > 0 else " " * 8
+        ratio = ""
+        if r.ref and r.ref in by_name:
+            ref = by_name[r.ref].timing.median
+            if m > 0 and ref > 0:
+                ratio = f"{(ref / m if inverse else m / ref):.2f}"
+        lines.append(f"  {r.case:<44} {m:8.3f}s {r.timing.spread():>13} {gbs} {rps} {ratio:>12}" + (f"  {r.note}" if r.note else ""))
+    return lines
+
+
+def kernel_report(rows: int, k: int, dtype=np.float32, threads: int | None = None, rounds: int = 5,
+                  peers: bool = False, log=None) -> tuple[list[str], dict]:
+    """Kernel throughput against the streaming limit, in one process, alternating."""
+    from . import _api
+    from ._engine import warmup
+
+    threads = threads or default_threads()
+    p, q, pl_, ql_ = softmax_rows(rows, k, dtype)
+    lp, lq = log_probs(p), log_probs(q)
+    nbytes = p.nbytes + q.nbytes
+    warmup()
+    warm_stream(dtype)
+    several = ("kl", "reverse_kl", "js", "entropy")
+    cases: dict[str, Callable] = {
+        "streaming limit (vectorised sum)": lambda: stream(p, q, threads, True),
+        "streaming, scalar sum (no reassoc)": lambda: stream(p, q, threads, False),
+        "fastkl kl, probs": lambda: _api.kl(p, q, threads=threads),
+        "fastkl kl, logprobs": lambda: _api.kl(lp, lq, kind="logprobs", threads=threads),
+        "fastkl kl, logits": lambda: _api.kl(pl_, ql_, kind="logits", threads=threads),
+        "fastkl " + "+".join(several) + ", probs": lambda: _api.divergences(p, q, measures=several, threads=threads),
+    }
+    info = {}
+    if peers:
+        avail = peers_available()
+        if avail["scipy"]:
+            cases["scipy rel_entr(p, q).sum(1)"] = lambda: scipy_kl(p, q)
+        cases["numpy (p * log(p / q)).sum(1)"] = lambda: numpy_kl(p, q)
+        if avail["polars"]:
+            df = polars_frame(p, q)
+            cases["polars list expression"] = lambda: polars_kl(df)
+        if avail["duckdb"]:
+            import duckdb
+
+            con = duckdb.connect()
+            tab = pa.table({"p": list_column(p), "q": list_column(q)})
+            cases["duckdb list_transform SQL"] = lambda: duckdb_kl(con, tab)
+        info["peers"] = [n for n, ok in avail.items() if ok]
+    t = alternate(cases, rounds=rounds, log=log)
+    ref = "streaming limit (vectorised sum)"
+    out_rows = [Row(n, t[n], rows, nbytes, ref) for n in cases]
+    by = {r.case: r for r in out_rows}
+    title = (f"kernel: {rows:,} rows x {k} {np.dtype(dtype).name} (p and q: {nbytes / 1e6:,.0f} MB), "
+             f"{threads} thread{'s' if threads > 1 else ''}, median of {rounds}")
+    lines = _fmt_table(title, out_rows, by, "vs limit", inverse=True)
+    info.update({n: {"median_s": t[n].median, "seconds": t[n].seconds} for n in cases})
+    info["_meta"] = {"rows": rows, "k": k, "dtype": np.dtype(dtype).name, "threads": threads, "bytes": nbytes}
+    return lines, info
+
+
+def job_report(rows: int, k: int, row_groups: int = 8, rounds: int = 5, workdir: str | None = None,
+               peers: bool = False, log=None, keep_data: bool = False) -> tuple[list[str], dict]:
+    """A job's wall time against the I/O floor on one Parquet file, alternating."""
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="fastkl-bench-")
+    try:
+        src = os.path.join(workdir, f"kl-{rows}x{k}-rg{row_groups}.parquet")
+        if log:
+            log(f"  writing {src} ...")
+        write_parquet(src, rows, k, row_groups)
+        size = os.path.getsize(src)
+        out = os.path.join(workdir, "out")
+        os.makedirs(out, exist_ok=True)
+        result = np.random.default_rng(1).random(rows)
+        paths = {"floor": os.path.join(out, "floor.parquet"), "fastkl": os.path.join(out, "fastkl"),
+                 "duckdb": os.path.join(out, "duckdb.parquet"), "polars": os.path.join(out, "polars.parquet")}
+        paths["floor_streamed"] = os.path.join(out, "floor_streamed.parquet")
+        cases: dict[str, Callable] = {
+            "I/O floor (pyarrow read p, q + write 1 col)": lambda: io_floor(src, paths["floor"], result),
+            "streamed read (as fastkl reads) + write": lambda: io_floor_streamed(src, paths["floor_streamed"], result),
+            "fastkl run": lambda: fastkl_job(src, paths["fastkl"]),
+        }
+        key = {"I/O floor (pyarrow read p, q + write 1 col)": "floor",
+               "streamed read (as fastkl reads) + write": "floor_streamed", "fastkl run": "fastkl"}
+        if peers:
+            avail = peers_available()
+            if avail["duckdb"]:
+                import duckdb
+
+                con = duckdb.connect()
+                cases["duckdb COPY (SELECT ...) TO"] = lambda: duckdb_job(con, src, paths["duckdb"])
+                key["duckdb COPY (SELECT ...) TO"] = "duckdb"
+            if avail["polars"]:
+                cases["polars scan_parquet().sink_parquet()"] = lambda: polars_job(src, paths["polars"])
+                key["polars scan_parquet().sink_parquet()"] = "polars"
+        t = alternate(cases, rounds=rounds, before=lambda n: remove(paths[key[n]]), log=log)
+        floor = "I/O floor (pyarrow read p, q + write 1 col)"
+        out_rows = [Row(n, t[n], rows, size, floor) for n in cases]
+        by = {r.case: r for r in out_rows}
+        title = (f"job: {rows:,} rows x {k} float32, one Parquet file of {size / 1e6:,.0f} MB "
+                 f"({row_groups} row groups, snappy), median of {rounds}")
+        lines = _fmt_table(title, out_rows, by, "x floor", inverse=False)
+        info = {key[n]: {"median_s": t[n].median, "seconds": t[n].seconds} for n in cases}
+        info["_meta"] = {"rows": rows, "k": k, "row_groups": row_groups, "file_bytes": size}
+        return lines, info
+    finally:
+        if own and not keep_data:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def bench(rows: int = 200_000, k: int = 256, dtype=np.float32, threads: int | None = None, rounds: int = 5,
+          kernel: bool = True, job: bool = True, peers: bool = False, workdir: str | None = None,
+          echo: Callable[[str], None] = print, log: Callable[[str], None] | None = None) -> dict:
+    """`fastkl bench`: print the kernel and job reports, return their numbers."""
+    threads = threads or default_threads()
+    echo(f"fastkl bench, {time.strftime('%Y-%m-%d %H:%M')}")
+    echo(f"machine: {machine()}")
+    echo(f"software: {versions()}")
+    if peers:
+        avail = peers_available()
+        missing = [n for n, ok in avail.items() if not ok]
+        echo("peers: " + ", ".join(["numpy"] + [n for n, ok in avail.items() if ok])
+             + (f" (not installed: {', '.join(missing)}; pip install 'fastkl[bench]')" if missing else ""))
+    out: dict = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if kernel:
+        echo("")
+        lines, info = kernel_report(rows, k, dtype, threads=threads, rounds=rounds, peers=peers, log=log)
+        for line in lines:
+            echo(line)
+        lim = info["streaming limit (vectorised sum)"]["median_s"]
+        kl = info["fastkl kl, probs"]["median_s"]
+        gb = info["_meta"]["bytes"] / 1e9
+        echo(f"=> fastkl kl: {gb / kl:.2f} GB/s, {lim / kl:.0%} of the streaming limit ({gb / lim:.2f} GB/s) "
+             f"on this machine")
+        out["kernel"] = info
+    if job:
+        echo("")
+        lines, info = job_report(rows, k, rounds=rounds, workdir=workdir, peers=peers, log=log)
+        for line in lines:
+            echo(line)
+        f, j = info["floor"]["median_s"], info["fastkl"]["median_s"]
+        echo(f"=> fastkl run: {j / f:.2f}x the time to read the input and write the output "
+             f"(streamed read: {j / info['floor_streamed']['median_s']:.2f}x)")
+        out["job"] = info
+    return out
