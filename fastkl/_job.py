@@ -659,7 +659,10 @@ def run(
     if resume:
         pending = staging.pending_manifest()  # a commit killed after every part was finished
         if pending is not None and _identity(pending) == planned:
-            staging.commit_written(overwrite=overwrite)
+            for part in pending["parts"]:
+                if "resumed" in part:
+                    part["resumed"] = True  # nothing is recomputed
+            staging.commit(pending, overwrite=overwrite)
             return _finished(Summary.from_dict(pending["summary"]), summary_json)
     done_states = staging.prepare(job, resume=resume)
     spec = JobSpec(measures, options, cols, schema, status, staging, job_fp)

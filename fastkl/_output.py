@@ -128,10 +128,17 @@ def check_dest(dest: str | os.PathLike, roots: Iterable[str], *, overwrite: bool
 
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, allow_nan=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "x") as f:  # a fresh file: never through a planted link
+            json.dump(obj, f, indent=1, allow_nan=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: leave no temporary behind
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
 
 
 def _read_json(path: Path) -> Any | None:
