@@ -179,6 +179,7 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
 def _read(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
     """`_batches`, with read failures turned into a DataError naming the file and row groups."""
     it = _batches(task, spec, batch_rows, use_threads)
+    done = 0
     while True:
         try:
             batch = next(it)
@@ -188,8 +189,43 @@ def _read(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
         except StopIteration:
             return
         except (pa.ArrowException, OSError, MemoryError) as e:
-            raise _read_error(task, e) from e
+            raise _read_error(task, e, _locate(task, spec, batch_rows, done, e)) from e
+        done += batch.num_rows
         yield batch
+
+
+def _locate(task: Task, spec: JobSpec, batch_rows: int, done: int, e: BaseException) -> int | None:
+    """On a read error only: which unit (row group, record batch) fails when read alone.
+
+    A batch may span several row groups; reading the ones not yet read one by
+    one (in bounded batches) names the damaged one. Not after a MemoryError
+    (reading again would only fail again): then the first unread unit.
+    """
+    first = _unit_of(task, task.row_start + done)
+    rest = [u for u in task.units if u.index >= first]
+    if isinstance(e, MemoryError) or len({u.index for u in rest}) <= 1:
+        return first
+    cols = spec.columns.read()
+    try:
+        if task.file.fmt == "parquet":
+            pf = pq.ParquetFile(task.file.path, page_checksum_verification=True)
+            for u in rest:
+                try:
+                    for b in pf.iter_batches(batch_size=batch_rows, row_groups=[u.index], columns=cols):
+                        b.validate(full=True)
+                except (pa.ArrowException, OSError):
+                    return u.index
+        else:
+            with pa.memory_map(task.file.path) as src:
+                reader = pa.ipc.open_file(src)
+                for u in rest:
+                    try:
+                        reader.get_batch(u.index).select(cols).slice(u.offset, u.rows).validate(full=True)
+                    except (pa.ArrowException, OSError):
+                        return u.index
+    except (pa.ArrowException, OSError, MemoryError):
+        pass
+    return None
 
 
 def _units(task: Task) -> str:
