@@ -232,8 +232,9 @@ def _units(task: Task) -> str:
     return f"{task.units[0].index}" + (f"-{task.units[-1].index}" if len(task.units) > 1 else "")
 
 
-def _read_error(task: Task, e: BaseException) -> DataError:
-    what = f"{task.file.display}: {{}} {task.unit_name()} {_units(task)}"
+def _read_error(task: Task, e: BaseException, unit: int | None = None) -> DataError:
+    where = _units(task) if unit is None else str(unit)
+    what = f"{task.file.display}: {{}} {task.unit_name()} {where}"
     if isinstance(e, MemoryError):
         from ._limits import note
 
