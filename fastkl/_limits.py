@@ -13,7 +13,11 @@ killer.
 
 FASTKL_MEMORY_LIMIT sets the cap: a size ("6G", "512M", bytes), a share of
 the memory available when the job starts ("50%"), or "none". Default: 80% of
-the available memory, at least 2 GiB. The Python API sets no limit (the
+the available memory, at least 4 GiB. The cap counts address space that the
+allocators reserve, not only what is touched: on Linux a process that has
+imported fastkl's kernels already holds ~1.3 GiB of it (pyarrow's mimalloc
+reserves a 1 GiB arena up front) while its RSS is ~0.25 GiB, so a cap below
+2 GiB leaves little room for data. The Python API sets no limit (the
 caller's process is the caller's); the local cluster that `--scheduler
 processes` starts splits the cap between its worker processes.
 """
@@ -31,8 +35,8 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40,
           "tib": 1 << 40}
 DEFAULT_SHARE = 0.8
-DEFAULT_FLOOR = 2 << 30
-WORKER_FLOOR = 1 << 30
+DEFAULT_FLOOR = 4 << 30
+WORKER_FLOOR = 3 << 30
 
 
 def mem_available() -> int | None:
@@ -130,7 +134,7 @@ def note() -> str:
 
 
 def worker_limit(n_workers: int) -> int | None:
-    """This process's cap shared by n local worker processes (at least 1 GiB each)."""
+    """This process's cap shared by n local worker processes (at least 3 GiB each)."""
     soft = current_limit()
     return None if soft is None else max(WORKER_FLOOR, soft // max(1, n_workers))
 
