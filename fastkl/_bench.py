@@ -302,7 +302,8 @@ def read_result(path: str) -> np.ndarray:
 class Timing:
     name: str
     seconds: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # this process's CPU seconds per call
+    others: list[float] = field(default_factory=list)  # share of the machine other processes used
 
     @property
     def median(self) -> float:
@@ -312,10 +313,42 @@ class Timing:
     def cpu_median(self) -> float:
         return statistics.median(self.cpu) if self.cpu else math.nan
 
+    @property
+    def load(self) -> float:
+        """Share of the machine's CPU other processes used while this case ran (NaN
+        if unknown or if the case ran too briefly for the kernel's 10 ms ticks)."""
+        total = sum(self.seconds)
+        if len(self.others) != len(self.seconds) or total < 0.5:
+            return math.nan
+        return sum(o * s for o, s in zip(self.others, self.seconds)) / total
+
     def spread(self) -> str:
         if len(self.seconds) < 2:
             return ""
         return f"{min(self.seconds):.3f}-{max(self.seconds):.3f}"
+
+
+def ratio(a: Timing, b: Timing) -> float:
+    """a's time over b's, as the median over rounds of the ratio within each round.
+
+    The cases of one round run back to back, so a load that other processes
+    put on the machine for a few seconds weighs on both sides of a ratio;
+    the median over rounds then drops the rounds where it did not.
+    """
+    pairs = [x / y for x, y in zip(a.seconds, b.seconds) if y > 0]
+    return statistics.median(pairs) if pairs else math.nan
+
+
+def _busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy (Linux /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+        ticks = [int(x) for x in fields]
+        busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # minus idle, iowait
+        return busy / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def alternate(cases: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
@@ -325,9 +358,12 @@ def alternate(cases: dict[str, Callable[[], object]], rounds: int = 5, warmup: i
 
     `before(name)` runs untimed before each call (e.g. remove the previous
     output). A garbage collection runs before each call, outside the timing.
+    Each call also records the share of the machine's CPU that other
+    processes used meanwhile (Linux), to show how loaded the machine was.
     """
     names = list(cases)
     out = {n: Timing(n) for n in names}
+    ncpu = os.cpu_count() or 1
     for _ in range(warmup):
         for n in names:
             if before:
@@ -339,12 +375,17 @@ def alternate(cases: dict[str, Callable[[], object]], rounds: int = 5, warmup: i
             if before:
                 before(n)
             gc.collect()
+            b0 = _busy_seconds()
             c0 = time.process_time()
             t0 = time.perf_counter()
             cases[n]()
             t1 = time.perf_counter()
+            c1 = time.process_time()
+            b1 = _busy_seconds()
             out[n].seconds.append(t1 - t0)
-            out[n].cpu.append(time.process_time() - c0)
+            out[n].cpu.append(c1 - c0)
+            if b0 is not None and b1 is not None and t1 > t0:
+                out[n].others.append(max(0.0, (b1 - b0) - (c1 - c0)) / ((t1 - t0) * ncpu))
         if log:
             log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {out[n].seconds[-1]:.3f}s" for n in names))
     return out
@@ -416,18 +457,22 @@ class Row:
 
 def _fmt_table(title: str, rows: list[Row], by_name: dict[str, Row], ratio_label: str, inverse: bool) -> list[str]:
     lines = [title]
-    head = f"  {'case':<44} {'median':>9} {'range':>13} {'GB/s':>7} {'Mrows/s':>8} {ratio_label:>12}"
+    head = f"  {'case':<44} {'median':>9} {'range':>13} {'GB/s':>7} {'Mrows/s':>8} {ratio_label:>9} {'load':>5}"
     lines.append(head)
     for r in rows:
         m = r.timing.median
         gbs = f"{r.nbytes / m / 1e9:7.2f}" if r.nbytes and m > 0 else " " * 7
         rps = f"{r.rows / m / 1e6:8.2f}" if r.rows and m > 0 else " " * 8
-        ratio = ""
+        rat = ""
         if r.ref and r.ref in by_name:
-            ref = by_name[r.ref].timing.median
-            if m > 0 and ref > 0:
-                ratio = f"{(ref / m if inverse else m / ref):.2f}"
-        lines.append(f"  {r.case:<44} {m:8.3f}s {r.timing.spread():>13} {gbs} {rps} {ratio:>12}" + (f"  {r.note}" if r.note else ""))
+            x = ratio(r.timing, by_name[r.ref].timing)
+            if x > 0:
+                rat = f"{(1 / x if inverse else x):.2f}"
+        load = f"{r.timing.load:5.0%}" if r.timing.load == r.timing.load else ""
+        lines.append(f"  {r.case:<44} {m:8.3f}s {r.timing.spread():>13} {gbs} {rps} {rat:>9} {load:>5}"
+                     + (f"  {r.note}" if r.note else ""))
+    lines.append(f"  ({ratio_label}: median over rounds of the ratio within a round; load: share of the machine's "
+                 "CPU used by other processes meanwhile)")
     return lines
 
 
@@ -475,8 +520,9 @@ def kernel_report(rows: int, k: int, dtype=np.float32, threads: int | None = Non
     title = (f"kernel: {rows:,} rows x {k} {np.dtype(dtype).name} (p and q: {nbytes / 1e6:,.0f} MB), "
              f"{threads} thread{'s' if threads > 1 else ''}, median of {rounds}")
     lines = _fmt_table(title, out_rows, by, "vs limit", inverse=True)
-    info.update({n: {"median_s": t[n].median, "seconds": t[n].seconds} for n in cases})
-    info["_meta"] = {"rows": rows, "k": k, "dtype": np.dtype(dtype).name, "threads": threads, "bytes": nbytes}
+    info.update({n: {"median_s": t[n].median, "seconds": t[n].seconds, "others": t[n].others} for n in cases})
+    info["_meta"] = {"rows": rows, "k": k, "dtype": np.dtype(dtype).name, "threads": threads, "bytes": nbytes,
+                     "kl_vs_limit": 1 / ratio(t["fastkl kl, probs"], t[ref])}
     return lines, info
 
 
@@ -522,8 +568,10 @@ def job_report(rows: int, k: int, row_groups: int = 8, rounds: int = 5, workdir:
         title = (f"job: {rows:,} rows x {k} float32, one Parquet file of {size / 1e6:,.0f} MB "
                  f"({row_groups} row groups, snappy), median of {rounds}")
         lines = _fmt_table(title, out_rows, by, "x floor", inverse=False)
-        info = {key[n]: {"median_s": t[n].median, "seconds": t[n].seconds} for n in cases}
-        info["_meta"] = {"rows": rows, "k": k, "row_groups": row_groups, "file_bytes": size}
+        info = {key[n]: {"median_s": t[n].median, "seconds": t[n].seconds, "others": t[n].others} for n in cases}
+        info["_meta"] = {"rows": rows, "k": k, "row_groups": row_groups, "file_bytes": size,
+                         "fastkl_vs_floor": ratio(t["fastkl run"], t[floor]),
+                         "fastkl_vs_streamed": ratio(t["fastkl run"], t["streamed read (as fastkl reads) + write"])}
         return lines, info
     finally:
         if own and not keep_data:
@@ -552,16 +600,104 @@ def bench(rows: int = 200_000, k: int = 256, dtype=np.float32, threads: int | No
         lim = info["streaming limit (vectorised sum)"]["median_s"]
         kl = info["fastkl kl, probs"]["median_s"]
         gb = info["_meta"]["bytes"] / 1e9
-        echo(f"=> fastkl kl: {gb / kl:.2f} GB/s, {lim / kl:.0%} of the streaming limit ({gb / lim:.2f} GB/s) "
-             f"on this machine")
+        echo(f"=> fastkl kl: {gb / kl:.2f} GB/s, {info['_meta']['kl_vs_limit']:.0%} of the streaming limit "
+             f"({gb / lim:.2f} GB/s) on this machine")
         out["kernel"] = info
     if job:
         echo("")
         lines, info = job_report(rows, k, rounds=rounds, workdir=workdir, peers=peers, log=log)
         for line in lines:
             echo(line)
-        f, j = info["floor"]["median_s"], info["fastkl"]["median_s"]
-        echo(f"=> fastkl run: {j / f:.2f}x the time to read the input and write the output "
-             f"(streamed read: {j / info['floor_streamed']['median_s']:.2f}x)")
+        echo(f"=> fastkl run: {info['_meta']['fastkl_vs_floor']:.2f}x the time to read the input and write the output "
+             f"(streamed read: {info['_meta']['fastkl_vs_streamed']:.2f}x)")
         out["job"] = info
     return out
+
+
+def startup(data_dir: str, warm_rounds: int = 5, cold_rounds: int = 2) -> tuple[list[float], list[float]]:
+    """Wall times of `fastkl run` on a tiny file in a fresh process: warm (the JIT
+    cache is filled first) and cold (NUMBA_CACHE_DIR pointing to an empty directory)."""
+    import subprocess
+    import sys
+
+    tiny = write_parquet(os.path.join(data_dir, "tiny-100x16.parquet"), 100, 16, 1)
+    dest = os.path.join(data_dir, f"tiny-out-{os.getpid()}")
+    cmd = [sys.executable, "-m", "fastkl.cli", "run", tiny, dest, "--quiet"]
+
+    def once(env=None) -> float:
+        remove(dest)
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"fastkl run failed: {r.stderr.strip()}")
+        return elapsed
+
+    try:
+        once()  # fills the JIT cache if it is empty
+        warm = [once() for _ in range(warm_rounds)]
+        cold = []
+        for _ in range(cold_rounds):
+            cache = tempfile.mkdtemp(prefix="fastkl-numba-cache-")
+            try:
+                cold.append(once(dict(os.environ, NUMBA_CACHE_DIR=cache)))
+            finally:
+                shutil.rmtree(cache, ignore_errors=True)
+    finally:
+        remove(dest)
+    return warm, cold
+
+
+class local_cluster:
+    """A distributed.LocalCluster of `workers` one-thread worker processes on 127.0.0.1, and its Client.
+
+        with local_cluster(2) as client:
+            fastkl_job(src, dest, scheduler=client)
+    """
+
+    def __init__(self, workers: int = 2):
+        self.workers = workers
+
+    def __enter__(self):
+        import logging
+
+        from distributed import Client, LocalCluster
+
+        self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                    host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
+        self.client = Client(self.cluster, set_as_default=False)
+        self.client.wait_for_workers(self.workers, timeout=60)
+        return self.client
+
+    def __exit__(self, *exc):
+        self.client.close()
+        self.cluster.close()
+        return False
+
+
+_ON_CORES = """
+import os, sys, time
+os.sched_setaffinity(0, {int(c) for c in sys.argv[3].split(",")})
+from fastkl import _bench as B
+src, dest = sys.argv[1:3]
+B.fastkl_job(src, dest)  # warm: JIT cache, file in the page cache
+B.remove(dest)
+t0 = time.perf_counter()
+B.fastkl_job(src, dest)
+print(time.perf_counter() - t0)
+B.remove(dest)
+"""
+
+
+def job_on_cores(src: str, dest: str, cores: int) -> float:
+    """Wall time of one warm fastkl.run in a fresh process pinned to the first `cores` CPUs
+    (Linux CPU affinity, which fastkl reads to size its threads)."""
+    import subprocess
+    import sys
+
+    allowed = sorted(os.sched_getaffinity(0))[:cores]
+    r = subprocess.run([sys.executable, "-c", _ON_CORES, src, dest, ",".join(map(str, allowed))],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed")
+    return float(r.stdout.split()[-1])
