@@ -379,6 +379,9 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
         tmp.unlink(missing_ok=True)
         if isinstance(e, MemoryError) and not isinstance(e, FastKLError):
             raise _read_error(task, e) from e  # the kernel's outputs: still name the data
+        if isinstance(e, OSError):  # reading errors are DataErrors by now: this is the output side
+            raise OSError(e.errno, f"cannot write {staging.part_name(task.index)} into {staging.root}: "
+                          f"{e.strerror or _short(e)}") from e
         raise
     stats_json = PartStats.merge_all(stats, spec.measures).to_json()
     staging.finish_part(

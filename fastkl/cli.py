@@ -45,11 +45,12 @@ def run_guarded(fn, debug: bool, staging_hint: str | None = None):
         _fail(debug, 130, "interrupted" + _kept(staging_hint))
     except click.exceptions.Exit:
         raise
-    except Exception as e:  # a bug or an environment problem: still one line
+    except Exception as e:  # a bug or an environment problem (a full disk): still one line
         hint = "" if debug else " (run with --debug for the whole message and traceback)"
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         first = lines[0] if lines else ""
-        _fail(debug, EXIT_DATA, f"{type(e).__name__}: {first}{' ...' if len(lines) > 1 else ''}{hint}")
+        kept = _kept(staging_hint) if isinstance(e, OSError) else ""
+        _fail(debug, EXIT_DATA, f"{type(e).__name__}: {first}{' ...' if len(lines) > 1 else ''}{kept}{hint}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

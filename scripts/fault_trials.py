@@ -341,7 +341,8 @@ def disk(work: Path) -> dict:
             resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
         return f
 
-    for limit in (600, 3000, 8000, 30000):
+    sizes = sorted(len(b) for b in clean.parts.values())
+    for limit in (600, sizes[0] - 1, sizes[len(sizes) // 2] + 1, sizes[-1] - 1):
         dest = work / f"disk-fsize-{limit}"
         one(f"RLIMIT_FSIZE={limit} (EFBIG)", [PY, "-m", "fastkl.cli", "run", str(src), str(dest), *args],
             fsize(limit))
