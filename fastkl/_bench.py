@@ -18,9 +18,17 @@ scripts/bench_jobs.py, so the three measure the same things the same way:
   NumPy expression, a Polars list expression and DuckDB SQL computing
   sum(p * log(p / q)) per row; for jobs, DuckDB `COPY (SELECT ...) TO` and
   Polars `scan_parquet(...).select(...).sink_parquet(...)`;
+* the streamed read: the row groups split over the cores, each read the way
+  a fastkl task reads them (buffered, no pre-buffering, batches inside row
+  groups) and dropped; what separates a job from it is the kernel and the
+  engine's own work;
 * timing: every case is warmed up, then the cases run in turn (the order
-  rotates every round), and the median of the rounds is reported. Targets are
-  ratios of medians taken in the same run, never absolute times.
+  rotates every round). Times are medians over rounds; a ratio between two
+  cases is the median over rounds of the ratio within each round (`ratio`),
+  so a load that other processes put on the machine for a while weighs on
+  both sides. Each call also records how much of the machine other processes
+  used meanwhile (`Timing.load`). Targets are such ratios, never absolute
+  times.
 
 Nothing here is imported by the rest of fastkl.
 """

@@ -204,21 +204,25 @@ _PEAK = textwrap.dedent("""
 """)
 
 
-def section_memory(src: str, out: str, table: Table, results: dict) -> None:
+def section_memory(src: str, big: str | None, out: str, table: Table, results: dict) -> None:
+    """Peak RSS of the process tree above its start, each case in a fresh process."""
+    log("memory: peak RSS, each case in a fresh process")
     res = {}
-    for what in ("floor", "fastkl"):
+    cases = [("floor", src), ("fastkl", src)] + ([("fastkl", big)] if big else [])
+    for what, path in cases:
         dest = f"{out}/mem-{what}" + (".parquet" if what == "floor" else "")
         B.remove(dest)
-        r = subprocess.run([sys.executable, "-c", _PEAK, what, src, dest], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-c", _PEAK, what, path, dest], capture_output=True, text=True,
                            cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+        B.remove(dest)
         if r.returncode != 0:
             raise RuntimeError(r.stderr)
         base, peak = map(int, r.stdout.split())
-        res[what] = (peak - base) / 1e6
-        print(f"  peak RSS above start, {what}: {res[what]:,.0f} MB")
-    size = os.path.getsize(src) / 1e6
-    table.add("memory: fastkl.run peak RSS / file size", res["fastkl"] / size, "{:.2f}", "bounded", None)
-    table.add("memory: floor (read_table) peak RSS / file size", res["floor"] / size, "{:.2f}", "(reference)", None)
+        size = os.path.getsize(path) / 1e6
+        res[f"{what} {size:,.0f} MB file"] = (peak - base) / 1e6
+        print(f"  peak RSS above start, {what} on a {size:,.0f} MB file: {(peak - base) / 1e6:,.0f} MB")
+    for name, mb in res.items():
+        table.add(f"memory: {name}, peak RSS (MB)", mb, "{:,.0f}", "bounded" if "fastkl" in name else "(reference)", None)
     results["memory_mb"] = res
 
 
@@ -257,7 +261,8 @@ def main(argv=None) -> int:
         if "startup" in only:
             section_startup(a.data, out, a.rounds, table, results)
         if "memory" in only:
-            section_memory(src, out, table, results)
+            big = f"{a.data}/kl-{a.rows * 4}x{a.vocab}-rg32.parquet"
+            section_memory(src, big if os.path.exists(big) else None, out, table, results)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     print()
