@@ -462,7 +462,7 @@ def _warm_worker(dtypes: tuple = ()) -> None:
 def _cluster_threads(client) -> dict[str, int]:
     """Kernel threads per worker: a host's cores divided by the Dask threads on that host."""
     info = client.scheduler_info(n_workers=-1)["workers"]
-    cores = client.run(_cores)
+    cores = client.run(_cores, on_error="ignore")  # a worker that just died is left out
     per_host: dict[str, int] = {}
     host_cores: dict[str, int] = {}
     for addr, w in info.items():
@@ -488,7 +488,8 @@ def _run_distributed(todo, plan, spec, progress, client):
     first: dict[str, str] = {}
     for addr, w in info.items():
         first.setdefault(w.get("host", addr), addr)
-    client.run(_warm_worker, _kernel_dtypes(plan), workers=list(first.values()))
+    # on_error="ignore": a worker dying now is the scheduler's business (its tasks go elsewhere)
+    client.run(_warm_worker, _kernel_dtypes(plan), workers=list(first.values()), on_error="ignore")
     threads = _cluster_threads(client)
     topic = f"fastkl-progress-{uuid.uuid4().hex}"
     reported = progress.enabled
