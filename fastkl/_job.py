@@ -476,8 +476,6 @@ def _cluster_threads(client) -> dict[str, int]:
 
 
 def _run_distributed(todo, plan, spec, progress, client):
-    from distributed import as_completed
-
     info = client.scheduler_info(n_workers=-1)["workers"]
     if not info:
         client.wait_for_workers(1, timeout=60)
@@ -511,7 +509,7 @@ def _run_distributed(todo, plan, spec, progress, client):
     by_key = {fut.key: t for fut, t in zip(futures, todo)}
     results = []
     try:
-        for fut in as_completed(futures, loop=client.loop):
+        for fut in _completed(client, futures, by_key):
             if fut.status == "error":
                 fut.result()  # raises the task's exception
             r = fut.result()
@@ -521,7 +519,7 @@ def _run_distributed(todo, plan, spec, progress, client):
             fut.release()
     except BaseException as e:
         client.cancel(futures)
-        lost = _killed_worker_error(e, by_key)
+        lost = _killed_worker_error(e, by_key, client)
         if lost is not None:
             raise lost from e
         raise
@@ -534,8 +532,68 @@ def _run_distributed(todo, plan, spec, progress, client):
     return results
 
 
-def _killed_worker_error(e: BaseException, by_key: dict) -> DataError | None:
-    """Dask gives up on a task whose workers died `allowed-failures` times: name its data."""
+# A job whose cluster has had no worker at all for this long fails (seconds):
+# the nannies may stop restarting workers that keep dying, and tasks would
+# otherwise wait forever.
+NO_WORKER_TIMEOUT = 120.0
+
+
+def _completed(client, futures, by_key):
+    """Yield futures as they finish, like `as_completed`, but never wait forever on a cluster without workers."""
+    from distributed import as_completed
+
+    ready = as_completed(futures, loop=client.loop)
+    alone_since = None
+    checked = time.monotonic()
+    while not ready.is_empty():
+        if ready.has_ready():
+            alone_since = None
+            yield from ready.next_batch(block=False)
+            continue
+        time.sleep(0.02)
+        if time.monotonic() - checked < 2:
+            continue
+        checked = time.monotonic()
+        if client.scheduler_info(n_workers=-1)["workers"]:
+            alone_since = None
+        elif alone_since is None:
+            alone_since = time.monotonic()
+        elif time.monotonic() - alone_since > NO_WORKER_TIMEOUT:
+            raise DataError(
+                f"no Dask worker left for {NO_WORKER_TIMEOUT:.0f} s (they died and were not restarted)"
+                + _suspects_note(client, by_key)
+            )
+
+
+def _suspects(client, by_key) -> list[tuple[Task, int]]:
+    """Tasks of this job that were on workers when they died, most often first."""
+
+    def count(keys, dask_scheduler=None):
+        return {k: dask_scheduler.tasks[k].suspicious for k in keys if k in dask_scheduler.tasks}
+
+    try:
+        counts = client.run_on_scheduler(count, list(by_key))
+    except Exception:  # noqa: BLE001 - only for the message
+        return []
+    out = [(by_key[k], n) for k, n in counts.items() if n]
+    return sorted(out, key=lambda x: (-x[1], x[0].index))
+
+
+def _suspects_note(client, by_key, skip=None) -> str:
+    sus = [(t, n) for t, n in _suspects(client, by_key) if t is not skip][:3]
+    if not sus:
+        return ""
+    return "; workers died while holding " + ", ".join(
+        f"{t.file.display} {t.unit_name()} {_units(t)} ({n}x)" for t, n in sus
+    )
+
+
+def _killed_worker_error(e: BaseException, by_key: dict, client=None) -> DataError | None:
+    """Dask gives up on a task whose workers died `allowed-failures` times: name its data.
+
+    A worker may hold more tasks than it runs (queued ones are charged for its
+    death too), so the other tasks charged as often are named as well.
+    """
     try:
         from distributed.scheduler import KilledWorker
     except ImportError:  # pragma: no cover
@@ -547,8 +605,14 @@ def _killed_worker_error(e: BaseException, by_key: dict) -> DataError | None:
     times = f"{tries + 1} times" if isinstance(tries, int) else "repeatedly"
     if t is None:
         return DataError(f"a task's worker process died {times}; giving up ({_short(e)})")
+    others = ""
+    if client is not None and isinstance(tries, int):
+        same = [u for u, n in _suspects(client, by_key) if u is not t and n >= tries + 1]
+        if same:
+            others = " (or " + ", ".join(f"{u.file.display} {u.unit_name()} {_units(u)}" for u in same[:3]) + \
+                ", held by the same workers)"
     return DataError(
-        f"{t.file.display}: {t.unit_name()} {_units(t)}: the worker process running it died {times} "
+        f"{t.file.display}: {t.unit_name()} {_units(t)}: the worker process running it died {times}{others} "
         "(killed, out of memory or crashed on this data); giving up"
     )
 
