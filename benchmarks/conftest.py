@@ -123,7 +123,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     w = max(len(t[0]) for t in TARGETS)
     tr = terminalreporter
-    tr.section("fastkl performance targets (ratios of medians, same process, alternating)")
+    tr.section("fastkl performance targets (same process, cases alternating; ratio = median of per-round ratios)")
     tr.write_line(f"machine: {B.machine()}")
     tr.write_line(B.versions())
     tr.write_line(f"{'target':<{w}}  {'measured':>9}  {'goal':<10} result")

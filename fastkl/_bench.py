@@ -622,6 +622,14 @@ def bench(rows: int = 200_000, k: int = 256, dtype=np.float32, threads: int | No
     return out
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python that imports this very fastkl (not another install)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def startup(data_dir: str, warm_rounds: int = 5, cold_rounds: int = 2) -> tuple[list[float], list[float]]:
     """Wall times of `fastkl run` on a tiny file in a fresh process: warm (the JIT
     cache is filled first) and cold (NUMBA_CACHE_DIR pointing to an empty directory)."""
@@ -635,7 +643,7 @@ def startup(data_dir: str, warm_rounds: int = 5, cold_rounds: int = 2) -> tuple[
     def once(env=None) -> float:
         remove(dest)
         t0 = time.perf_counter()
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        r = subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True)
         elapsed = time.perf_counter() - t0
         if r.returncode != 0:
             raise RuntimeError(f"fastkl run failed: {r.stderr.strip()}")
@@ -648,7 +656,7 @@ def startup(data_dir: str, warm_rounds: int = 5, cold_rounds: int = 2) -> tuple[
         for _ in range(cold_rounds):
             cache = tempfile.mkdtemp(prefix="fastkl-numba-cache-")
             try:
-                cold.append(once(dict(os.environ, NUMBA_CACHE_DIR=cache)))
+                cold.append(once(child_env(NUMBA_CACHE_DIR=cache)))
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
     finally:
@@ -705,7 +713,7 @@ def job_on_cores(src: str, dest: str, cores: int) -> float:
 
     allowed = sorted(os.sched_getaffinity(0))[:cores]
     r = subprocess.run([sys.executable, "-c", _ON_CORES, src, dest, ",".join(map(str, allowed))],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=child_env())
     if r.returncode != 0:
         raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed")
     return float(r.stdout.split()[-1])

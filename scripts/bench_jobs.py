@@ -213,7 +213,7 @@ def section_memory(src: str, big: str | None, out: str, table: Table, results: d
         dest = f"{out}/mem-{what}" + (".parquet" if what == "floor" else "")
         B.remove(dest)
         r = subprocess.run([sys.executable, "-c", _PEAK, what, path, dest], capture_output=True, text=True,
-                           cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+                           env=B.child_env())
         B.remove(dest)
         if r.returncode != 0:
             raise RuntimeError(r.stderr)
