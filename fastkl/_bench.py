@@ -226,12 +226,23 @@ def polars_kl(df) -> np.ndarray:
 
 
 DUCKDB_KL = "list_sum(list_transform(p, lambda x, i: x * ln(x / q[i])))"
+DUCKDB_KL_ARROW = "list_sum(list_transform(p, (x, i) -> x * ln(x / q[i])))"  # DuckDB < 1.3
+
+
+def duckdb_kl_expr(con) -> str:
+    """The KL expression in the lambda syntax this DuckDB understands."""
+    try:
+        con.execute("SELECT list_transform([1], lambda x, i: x + i)").fetchall()
+        return DUCKDB_KL
+    except Exception:
+        return DUCKDB_KL_ARROW
 
 
 def duckdb_kl(con, table: pa.Table) -> np.ndarray:
     con.register("fastkl_bench_t", table)
     try:
-        return np.asarray(con.execute(f"SELECT {DUCKDB_KL} AS kl FROM fastkl_bench_t").fetchnumpy()["kl"])
+        sql = f"SELECT {duckdb_kl_expr(con)} AS kl FROM fastkl_bench_t"
+        return np.asarray(con.execute(sql).fetchnumpy()["kl"])
     finally:
         con.unregister("fastkl_bench_t")
 
@@ -289,7 +300,7 @@ def fastkl_job(src: str, dest: str, **kw) -> None:
 def duckdb_job(con, src: str, dest_file: str) -> None:
     s = src.replace("'", "''")
     d = dest_file.replace("'", "''")
-    con.execute(f"COPY (SELECT {DUCKDB_KL} AS kl FROM read_parquet('{s}')) TO '{d}' (FORMAT parquet)")
+    con.execute(f"COPY (SELECT {duckdb_kl_expr(con)} AS kl FROM read_parquet('{s}')) TO '{d}' (FORMAT parquet)")
 
 
 def polars_job(src: str, dest_file: str) -> None:
