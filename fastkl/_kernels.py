@@ -198,6 +198,8 @@ def _scan_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_
         top, bad = _scan_logits(row)
         if bad > 0.0 or not top > -INF:
             return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
+        if defer_sum:  # the term loop sums the exponentials itself (_logits_terms)
+            return OK, 1.0, top, 0.0
         # stable log-sum-exp around the row maximum; nothing materialised
         return OK, 1.0, top, math.log(_sum_exp(row, top, inv_t))
     if kind == PROBS:
@@ -398,6 +400,45 @@ def _cross_entropy_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
     return ce
 
 
+@_jit
+def _logits_terms(prow, qrow, p_top, p_it, q_top, q_it):
+    """Logits on both sides in one pass, 2 exponentials per element.
+
+    With u = (x - max x) / T, v likewise for Q, e = exp(u), f = exp(v):
+    a - b = u - v - (ln sum e - ln sum f), so KL(P||Q) = sum e (u - v) / sum e
+    - (ln sum e - ln sum f); reverse KL, entropy and cross-entropy follow the
+    same way. The rounding this adds is within the decode slack of SPEC §2
+    for logits (a few ulps of the log-normalisers).
+    Returns sum e, sum f, sum e u, sum e (u - v), sum f (v - u), and counts
+    of elements where only P (resp. only Q) is unmasked.
+    """
+    p_sum = 0.0
+    q_sum = 0.0
+    pu = 0.0
+    pv = 0.0
+    qv = 0.0
+    p_only = 0.0
+    q_only = 0.0
+    for j in range(prow.size):
+        u = (np.float64(prow[j]) - p_top) * p_it
+        v = (np.float64(qrow[j]) - q_top) * q_it
+        e = exp_neg(u)
+        f = exp_neg(v)
+        p_pos = u > -INF
+        q_pos = v > -INF
+        d = u - v
+        d = d if (p_pos & q_pos) else 0.0
+        uu = u if p_pos else 0.0
+        p_sum += e
+        q_sum += f
+        pu += e * uu
+        pv += e * d
+        qv -= f * d
+        p_only += 1.0 if (p_pos & (v == -INF)) else 0.0
+        q_only += 1.0 if (q_pos & (u == -INF)) else 0.0
+    return p_sum, q_sum, pu, pv, qv, p_only, q_only
+
+
 # ------------------------------------------- general loop (any combination)
 
 
@@ -530,9 +571,11 @@ def divergence_rows(
     both_probs = p_kind == PROBS and (q_kind == PROBS or not use_q)
     both_log = smoothing == 0.0 and p_kind != PROBS and (q_kind != PROBS or not use_q)
     log_fast = both_log and not (want_js or want_tv or want_hel)
+    # logits on both sides: one fused pass (_logits_terms) after the row maxima
+    logits_fused = log_fast and p_kind == LOGITS and (q_kind == LOGITS or not use_q)
     # logprobs rows in log_fast check their exp-sum inside the term loop
-    p_defer = log_fast and p_kind == LOGPROBS and not normalize
-    q_defer = log_fast and use_q and q_kind == LOGPROBS and not normalize
+    p_defer = logits_fused or (log_fast and p_kind == LOGPROBS and not normalize)
+    q_defer = logits_fused or (log_fast and use_q and q_kind == LOGPROBS and not normalize)
 
     for i in range(start, stop):
         code = NULL if row_null[i] else OK
@@ -585,6 +628,16 @@ def divergence_rows(
                 general = general or odd > 0
             if want_tv or want_hel:
                 tv, hel = _tv_hellinger_terms_probs(prow, qrow, p_mul, add, q_mul, add)
+        elif logits_fused:
+            p_sum, q_sum, pu, pv, qv, p_only, q_only = _logits_terms(prow, qrow, p_c, p_inv_t, q_c, q_inv_t)
+            p_ln = math.log(p_sum)
+            q_ln = math.log(q_sum)
+            shift = p_ln - q_ln
+            kl = pv / p_sum - shift
+            rkl = qv / q_sum + shift
+            kl_inf, rkl_inf = p_only, q_only
+            ent = p_ln - pu / p_sum
+            ce = q_ln - (pu - pv) / p_sum
         elif log_fast:
             p_sum = q_sum = 1.0
             if use_q and (want_ratio or want_ce):  # always the case when use_q here
