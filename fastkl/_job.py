@@ -509,10 +509,7 @@ def _run_distributed(todo, plan, spec, progress, client):
     by_key = {fut.key: t for fut, t in zip(futures, todo)}
     results = []
     try:
-        for fut in _completed(client, futures, by_key):
-            if fut.status == "error":
-                fut.result()  # raises the task's exception
-            r = fut.result()
+        for fut, r in _completed(client, futures, by_key):
             t = by_key[fut.key]
             progress.done(t.index, t.rows, t.nbytes)
             results.append(r)
@@ -539,30 +536,43 @@ NO_WORKER_TIMEOUT = 120.0
 
 
 def _completed(client, futures, by_key):
-    """Yield futures as they finish, like `as_completed`, but never wait forever on a cluster without workers."""
+    """Yield (future, result) as tasks finish, like `as_completed`, but never wait forever
+    on a cluster without workers: neither for a task to run nor for a result held by a
+    worker that died after finishing it (Dask recomputes it, once a worker exists)."""
     from distributed import as_completed
 
-    ready = as_completed(futures, loop=client.loop)
-    alone_since = None
-    checked = time.monotonic()
-    while not ready.is_empty():
-        if ready.has_ready():
-            alone_since = None
-            yield from ready.next_batch(block=False)
-            continue
-        time.sleep(0.02)
-        if time.monotonic() - checked < 2:
-            continue
-        checked = time.monotonic()
+    alone = {"since": None, "checked": time.monotonic()}
+
+    def check_workers(force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - alone["checked"] < 2:
+            return
+        alone["checked"] = now
         if client.scheduler_info(n_workers=-1)["workers"]:
-            alone_since = None
-        elif alone_since is None:
-            alone_since = time.monotonic()
-        elif time.monotonic() - alone_since > NO_WORKER_TIMEOUT:
+            alone["since"] = None
+        elif alone["since"] is None:
+            alone["since"] = now
+        elif now - alone["since"] > NO_WORKER_TIMEOUT:
             raise DataError(
                 f"no Dask worker left for {NO_WORKER_TIMEOUT:.0f} s (they died and were not restarted)"
                 + _suspects_note(client, by_key)
             )
+
+    ready = as_completed(futures, loop=client.loop)
+    while not ready.is_empty():
+        if not ready.has_ready():
+            time.sleep(0.02)
+            check_workers()
+            continue
+        for fut in ready.next_batch(block=False):
+            while True:
+                try:
+                    result = fut.result(timeout=2)  # raises the task's exception
+                    break
+                except TimeoutError:
+                    check_workers(force=True)
+            alone["since"] = None
+            yield fut, result
 
 
 def _suspects(client, by_key) -> list[tuple[Task, int]]:
