@@ -262,6 +262,42 @@ def test_task_that_always_kills_its_worker_fails_the_job(tmp_path, dataset, clus
     cluster.wait_for_workers(2, timeout=60)
 
 
+def test_no_worker_left_fails_in_bounded_time(tmp_path, dataset, monkeypatch):
+    """A worker without a nanny dies and nothing restarts it: the job fails, it does not wait forever."""
+    import cloudpickle
+    from distributed import Client, LocalCluster
+
+    import fastkl._job as job
+
+    source, _, _ = dataset
+    monkeypatch.setattr(job, "NO_WORKER_TIMEOUT", 3.0)
+    registered = faultinject.__name__ in cloudpickle.list_registry_pickle_by_value()  # by the cluster fixture
+    if not registered:
+        cloudpickle.register_pickle_by_value(faultinject)
+    lc = LocalCluster(n_workers=0, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                      silence_logs=50)
+    client = Client(lc, set_as_default=False)
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    worker = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", lc.scheduler_address,
+                               "--no-nanny", "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        client.wait_for_workers(1, timeout=60)
+        client.register_plugin(faultinject.KillTask("shard-01.parquet", 6, str(tmp_path)))
+        t0 = time.perf_counter()
+        with pytest.raises(fastkl.DataError, match="no Dask worker left.*shard-01.parquet row group") as info:
+            fastkl.run(source, tmp_path / "out", scheduler=client, **JOB_KW)
+        assert time.perf_counter() - t0 < 30, info.value
+        assert worker.wait(timeout=10) == -signal.SIGKILL
+        assert not (tmp_path / "out").exists()
+    finally:
+        worker.kill()
+        client.close()
+        lc.close()
+        if not registered:
+            cloudpickle.unregister_pickle_by_value(faultinject)
+
+
 # --------------------------------------------------------------------------
 # 3. exceptions while writing
 
