@@ -184,6 +184,7 @@ class Clean:
 
     def __init__(self, source: Path, dest: Path, args: list[str]):
         self.source, self.args = source, args
+        shutil.rmtree(dest, ignore_errors=True)
         r = guarded([PY, "-m", "fastkl.cli", "run", str(source), str(dest), *args])
         assert r["code"] == 0, r["stderr"]
         self.seconds = r["seconds"]
@@ -249,6 +250,8 @@ def kills(work: Path, n: int, seed: int) -> dict:
     for i in range(n):
         sched = ["--scheduler", "processes", "--workers", "2"] if i % 3 == 2 else []
         dest = work / f"kill-{i}"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(staging_of(dest), ignore_errors=True)
         t_run = clean.seconds * (2.2 if sched else 1.0)
         delay = rnd.uniform(0.05, 1.1) * t_run
         proc = subprocess.Popen([PY, "-m", "fastkl.cli", "run", str(src), str(dest), *args, *sched],
@@ -256,7 +259,10 @@ def kills(work: Path, n: int, seed: int) -> dict:
         time.sleep(delay)
         tree = _tree(psutil.Process(proc.pid))
         finished_first = proc.poll() is not None
-        os.kill(proc.pid, signal.SIGKILL)
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            finished_first = True
         proc.wait()
         t0 = time.time()
         while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree[1:]):
@@ -376,9 +382,20 @@ def workers(work: Path, n: int, seed: int) -> dict:
         t0 = time.perf_counter()
         fastkl.run(src, work / "workers-timed", scheduler=client, **kw)
         took = time.perf_counter() - t0
+        def worker_pids():
+            for _ in range(120):  # until the scheduler has noticed a death and the nanny replaced it
+                try:
+                    client.wait_for_workers(2, timeout=120)
+                    pids = list(client.run(os.getpid).values())
+                    if len(pids) == 2:
+                        return pids
+                except Exception:  # noqa: BLE001 - a worker that just died
+                    pass
+                time.sleep(0.5)
+            raise RuntimeError("the cluster did not recover two workers")
+
         for i in range(n):
-            client.wait_for_workers(2, timeout=120)
-            pids = list(client.run(os.getpid).values())
+            pids = worker_pids()
             victim = rnd.choice(pids)
             delay = rnd.uniform(0.1, 0.8) * took
             killer = threading.Timer(delay, lambda: os.kill(victim, signal.SIGKILL))
@@ -404,7 +421,7 @@ def workers(work: Path, n: int, seed: int) -> dict:
                          "seconds": round(time.perf_counter() - t0, 2), "problems": problems})
             shutil.rmtree(dest, ignore_errors=True)
         # a task that kills its worker on every attempt
-        client.wait_for_workers(2, timeout=120)
+        worker_pids()
         plugin = faultinject.KillTask("shard-003.parquet", 16, str(work), always=True)
         client.register_plugin(plugin)
         t0 = time.perf_counter()
