@@ -32,6 +32,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._footer import check_footer
 from .errors import DataError, OptionError
 
 PARQUET_EXT = (".parquet", ".parq", ".pq")
@@ -359,6 +360,7 @@ def _read_footer(f: _Found, names: list[str]) -> tuple[pa.Schema, list[tuple[int
             schema = md.schema.to_arrow_schema()
             present = [n for n in names if n in schema.names]
             try:
+                check_footer(f.path, md, st.st_size)  # before pyarrow builds any column chunk's metadata
                 _check_parquet_footer(md, present, st.st_size)
             except ValueError as e:
                 raise DataError(f"{f.display}: corrupt Parquet footer: {e}") from None
