@@ -410,9 +410,61 @@ def _run_sync(todo, plan, spec, progress):
     return out
 
 
+_task_pools: dict[int, Any] = {}
+_task_pools_pid = os.getpid()
+_task_pools_lock = threading.Lock()
+
+
+def _task_pool(n: int):
+    """The process-wide pool of `n` task threads, shared by the jobs of this process.
+
+    A thread that stays alive keeps its allocator's memory from one job to
+    the next: measured on a 400 MB job, a pool started per job cost 0.04 s
+    more system time (page faults on fresh memory) and 4-16% more wall time
+    on repeated runs. Dask's own threaded scheduler keeps its pools the
+    same way. Recreated in a forked child, whose copy has no threads.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    global _task_pools_pid
+    with _task_pools_lock:
+        if _task_pools_pid != os.getpid():
+            _task_pools.clear()
+            _task_pools_pid = os.getpid()
+        pool = _task_pools.get(n)
+        if pool is None:
+            pool = _task_pools[n] = ThreadPoolExecutor(n, thread_name_prefix="fastkl-task")
+        return pool
+
+
+class _JobPool:
+    """One job's view of a shared task pool: what dask's threaded scheduler uses
+    (`submit`, `_max_workers`), and a `shutdown` that cancels this job's queued
+    tasks and waits for its running ones, so that no task of a failed or
+    interrupted job still writes once `run` has returned."""
+
+    def __init__(self, pool, n: int):
+        self._pool = pool
+        self._max_workers = n
+        self._futures: list = []
+
+    def submit(self, fn, /, *args, **kwargs):
+        f = self._pool.submit(fn, *args, **kwargs)
+        self._futures.append(f)
+        return f
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        from concurrent.futures import wait as wait_all
+
+        if cancel_futures:
+            for f in self._futures:
+                f.cancel()
+        if wait:
+            wait_all(self._futures)
+
+
 def _run_threads(todo, plan, spec, progress, workers):
     import dask
-    from concurrent.futures import ThreadPoolExecutor
 
     cores = _cores()
     n = max(1, min(workers or cores, len(todo)))
@@ -426,7 +478,7 @@ def _run_threads(todo, plan, spec, progress, workers):
         )(dask_key_name=f"fastkl-part-{t.index}")
         for t in todo
     ]
-    pool = ThreadPoolExecutor(n, thread_name_prefix="fastkl-task")
+    pool = _JobPool(_task_pool(n), n)
     progress.start()
     try:
         return list(dask.compute(*tasks, scheduler="threads", pool=pool, num_workers=n))

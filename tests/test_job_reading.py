@@ -122,3 +122,78 @@ def test_job_with_read_ahead_reports_the_bad_row(tmp_path):
     with pytest.raises(fastkl.InvalidRowError, match="333"):
         fastkl.run(str(tmp_path / "a.parquet"), str(tmp_path / "out"), scheduler="sync", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------ the task pool
+
+
+def test_job_pool_shutdown_cancels_queued_and_waits_for_running():
+    from fastkl._job import _JobPool, _task_pool
+
+    shared = _task_pool(1)
+    job = _JobPool(shared, 1)
+    started, done = threading.Event(), []
+
+    def slow():
+        started.set()
+        time.sleep(0.2)
+        done.append("slow")
+
+    running = job.submit(slow)
+    queued = job.submit(done.append, "queued")
+    started.wait(5)
+    job.shutdown(wait=True, cancel_futures=True)
+    assert running.done() and done == ["slow"]  # waited for the running one
+    assert queued.cancelled()  # the queued one never ran
+    assert shared.submit(lambda: 7).result(5) == 7  # the shared pool lives on
+
+
+def test_task_pool_is_shared_and_recreated_after_fork():
+    import os
+
+    from fastkl._job import _task_pool
+
+    pool = _task_pool(2)
+    assert _task_pool(2) is pool
+    assert pool.submit(lambda: 1).result(5) == 1
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its copy of the pool has no threads
+        try:
+            import fastkl._job as J
+
+            ok = J._task_pool(2) is not pool and J._task_pool(2).submit(lambda: 2).result(5) == 2
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.waitpid(pid, 0)
+
+
+def test_concurrent_jobs_share_the_pool(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    import fastkl
+
+    p, q = _file(tmp_path / "a.parquet")
+    errors = []
+
+    def job(i):
+        try:
+            fastkl.run(str(tmp_path / "a.parquet"), str(tmp_path / f"out{i}"), quiet=True, task_bytes=4000)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    want = fastkl.kl(p, q)
+    for i in range(3):
+        np.testing.assert_allclose(pq.read_table(tmp_path / f"out{i}").column("kl").to_numpy(), want, rtol=1e-12)
