@@ -502,6 +502,7 @@ def scan(
         row = 0
         cur: list[Unit] = []
         cur_start = 0
+        c_rows = c_bytes = 0  # running totals of `cur` (summing it per unit was quadratic in the row groups)
         for u in file.units:
             if u.rows == 0:
                 continue
@@ -515,14 +516,15 @@ def scan(
                     for o in range(0, u.rows, step)
                 ]
             for piece in pieces:
-                c_rows = sum(x.rows for x in cur)
-                c_bytes = sum(x.nbytes for x in cur)
                 if cur and (c_rows + piece.rows > max_rows or c_bytes + piece.nbytes > max_bytes):
                     emit(file, cur, cur_start)
                     cur = []
+                    c_rows = c_bytes = 0
                 if not cur:
                     cur_start = row
                 cur.append(piece)
+                c_rows += piece.rows
+                c_bytes += piece.nbytes
                 row += piece.rows
         if cur:
             emit(file, cur, cur_start)
