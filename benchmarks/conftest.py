@@ -40,6 +40,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-rows", type=int, default=200_000, help="rows of the data (default 200,000)")
     g.addoption("--bench-vocab", type=int, default=256, help="support size K (default 256)")
     g.addoption("--bench-rounds", type=int, default=7, help="timed rounds per case (default 7)")
+    g.addoption("--bench-max-load", type=float, default=None,
+                help="shared machine: a target's round starts only when other processes use less than this share "
+                     "of the CPU, and is run again when they used more (e.g. 0.1)")
     g.addoption("--bench-data", default=None,
                 help="directory for the job's Parquet files (default: /work/data/bench if /work/data exists, "
                      "else a temporary directory)")
@@ -58,6 +61,11 @@ def vocab(pytestconfig) -> int:
 @pytest.fixture(scope="session")
 def rounds(pytestconfig) -> int:
     return pytestconfig.getoption("--bench-rounds")
+
+
+@pytest.fixture(scope="session")
+def max_load(pytestconfig):
+    return pytestconfig.getoption("--bench-max-load")
 
 
 @pytest.fixture(scope="session")

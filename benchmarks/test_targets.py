@@ -19,7 +19,7 @@ SEVERAL = ("kl", "reverse_kl", "js", "entropy")
 
 
 @pytest.fixture(scope="module")
-def kernel_times(data, rounds, threads):
+def kernel_times(data, rounds, threads, max_load):
     p, q = data["p"], data["q"]
     cases = {
         "stream_vec": lambda: B.stream(p, q, threads, True),
@@ -37,7 +37,7 @@ def kernel_times(data, rounds, threads):
     if avail["polars"]:
         df = B.polars_frame(p, q)
         cases["polars"] = lambda: B.polars_kl(df)
-    return B.alternate(cases, rounds=rounds)
+    return B.alternate(cases, rounds=rounds, max_load=max_load)
 
 
 def gels(data, seconds):
@@ -85,12 +85,12 @@ def test_threads_scale(kernel_times, threads, record_target):
     assert r > 1.1
 
 
-def test_size_flat(data, rounds, threads, record_target):
+def test_size_flat(data, rounds, threads, max_load, record_target):
     n = data["rows"]
     sizes = {"1/4": n // 4, "1": n, "2": 2 * n}
     arrays = {k: (np.concatenate([data["p"]] * 2)[:m], np.concatenate([data["q"]] * 2)[:m]) for k, m in sizes.items()}
     cases = {k: (lambda a=arrays[k]: fastkl.kl(a[0], a[1], threads=threads)) for k in sizes}
-    t = B.alternate(cases, rounds=rounds)
+    t = B.alternate(cases, rounds=rounds, max_load=max_load)
     rates = [sizes[k] / t[k].median for k in sizes]
     r = max(rates) / min(rates)
     record_target("kernel: max/min rows/s over 1/4x..2x rows", r, "{:.2f}x", "<= 1.25x", r <= 1.25)
@@ -101,7 +101,7 @@ def test_size_flat(data, rounds, threads, record_target):
 
 
 @pytest.fixture(scope="module")
-def job_times(job_file, rows, rounds, tmp_path_factory):
+def job_times(job_file, rows, rounds, max_load, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("jobs"))
     result = np.random.default_rng(1).random(rows)
     paths = {n: os.path.join(out, n) for n in ("floor", "streamed", "fastkl", "duckdb", "polars")}
@@ -118,7 +118,7 @@ def job_times(job_file, rows, rounds, tmp_path_factory):
         cases["duckdb"] = lambda: B.duckdb_job(con, job_file, paths["duckdb"])
     if avail["polars"]:
         cases["polars"] = lambda: B.polars_job(job_file, paths["polars"])
-    return B.alternate(cases, rounds=rounds, before=lambda n: B.remove(paths[n]))
+    return B.alternate(cases, rounds=rounds, before=lambda n: B.remove(paths[n]), max_load=max_load)
 
 
 def test_job_vs_io_floor(job_times, record_target):
@@ -138,7 +138,7 @@ def test_job_vs_peer(job_times, record_target, peer, goal):
     assert r >= goal
 
 
-def test_job_local_cluster(job_file, rounds, tmp_path_factory, record_target):
+def test_job_local_cluster(job_file, rounds, max_load, tmp_path_factory, record_target):
     """On a running LocalCluster of 2 worker processes (the target), and with
     scheduler="processes", which starts and stops a cluster inside the job (info)."""
     out = str(tmp_path_factory.mktemp("cluster"))
@@ -149,7 +149,12 @@ def test_job_local_cluster(job_file, rounds, tmp_path_factory, record_target):
             "cluster": lambda: B.fastkl_job(job_file, paths["cluster"], scheduler=client),
             "processes": lambda: B.fastkl_job(job_file, paths["processes"], scheduler="processes", workers=2),
         }
-        t = B.alternate(cases, rounds=max(3, rounds // 2), before=lambda n: B.remove(paths[n]))
+        def before(name):  # the workers are other processes: wait for quiet instead of judging rounds
+            B.remove(paths[name])
+            if max_load is not None:
+                B.wait_quiet(max_load)
+
+        t = B.alternate(cases, rounds=max(3, rounds // 2), before=before)
     r = B.ratio(t["cluster"], t["threads"])
     s = B.ratio(t["processes"], t["threads"])
     record_target("job: LocalCluster(2 processes) / local default", r, "{:.2f}x", "<= 1.5x", r <= 1.5)

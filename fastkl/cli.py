@@ -190,9 +190,13 @@ def demo_cmd(ctx, directory, rows, shards, vocab, quiet, debug_here):
               help="Where to write the job's input file (default: a temporary directory, removed after).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the measurements as JSON to this file.")
+@click.option("--max-load", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Shared machine: start a round only when other processes use less than this share of the "
+                   "CPU (e.g. 0.1), and run a round again when they used more.")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
-def bench_cmd(ctx, rows, vocab, dtype, threads, rounds, quick, kernel, job, peers, workdir, json_path, debug_here):
+def bench_cmd(ctx, rows, vocab, dtype, threads, rounds, quick, kernel, job, peers, workdir, json_path, max_load,
+              debug_here):
     """Throughput on this machine (SPEC §7): kernel GB/s against a streaming read of the
     same buffers, and a job's wall time against just reading its input and writing its output."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
@@ -207,7 +211,7 @@ def bench_cmd(ctx, rows, vocab, dtype, threads, rounds, quick, kernel, job, peer
         from ._bench import bench
 
         info = bench(rows=rows, k=vocab, dtype=np.dtype(dtype).type, threads=threads, rounds=rounds,
-                     kernel=kernel, job=job, peers=peers, workdir=workdir, echo=click.echo)
+                     kernel=kernel, job=job, peers=peers, workdir=workdir, echo=click.echo, max_load=max_load)
         if json_path:
             with open(json_path, "w") as fh:
                 json.dump(info, fh, indent=1, default=str)

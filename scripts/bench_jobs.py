@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from fastkl import _bench as B  # noqa: E402
 
 SECTIONS = ("floor", "scaling", "size", "startup", "memory")
+MAX_LOAD: float | None = None  # --max-load
 
 
 def log(msg: str) -> None:
@@ -91,7 +92,7 @@ def section_floor(src: str, out: str, rows: int, rounds: int, table: Table, resu
         "polars": lambda: B.polars_job(src, paths["polars"]),
     }
     log("floor: fastkl.run vs I/O floor vs DuckDB vs Polars")
-    t = B.alternate(cases, rounds=rounds, before=lambda n: B.remove(paths[n]), log=log)
+    t = B.alternate(cases, rounds=rounds, before=lambda n: B.remove(paths[n]), log=log, max_load=MAX_LOAD)
     # the three engines computed the same numbers
     ref = B.read_result(paths["fastkl"])
     for n in ("duckdb", "polars"):
@@ -119,6 +120,8 @@ def section_scaling(src: str, out: str, rounds: int, table: Table, results: dict
     log(f"scaling: fastkl.run pinned to 1 core vs {n} cores (fresh processes, alternating)")
     t = {"1 core": B.Timing("1 core"), f"{n} cores": B.Timing(f"{n} cores")}
     for r in range(max(3, rounds)):
+        if MAX_LOAD is not None:
+            B.wait_quiet(MAX_LOAD)
         for c in ((1, n) if r % 2 == 0 else (n, 1)):
             t["1 core" if c == 1 else f"{n} cores"].seconds.append(B.job_on_cores(src, paths["w1"], c))
         log(f"  round {r + 1}: " + ", ".join(f"{k} {v.seconds[-1]:.3f}s" for k, v in t.items()))
@@ -135,7 +138,14 @@ def section_scaling(src: str, out: str, rounds: int, table: Table, results: dict
             "cluster": lambda: B.fastkl_job(src, paths["cluster"], scheduler=client),
             "proc": lambda: B.fastkl_job(src, paths["proc"], scheduler="processes", workers=2),
         }
-        t2 = B.alternate(cases, rounds=max(3, rounds // 2), before=lambda n: B.remove(paths[n]), log=log)
+        # the cluster's worker processes count as "other processes": wait for
+        # a quiet machine before each call instead of judging the rounds
+        def before(name):
+            B.remove(paths[name])
+            if MAX_LOAD is not None:
+                B.wait_quiet(MAX_LOAD)
+
+        t2 = B.alternate(cases, rounds=max(3, rounds // 2), before=before, log=log)
     print(timed_table(t2))
     r = B.ratio(t2["cluster"], t2["w2"])
     table.add("scaling: LocalCluster(2 procs) / default", r, "{:.2f}x", "<= 1.5x", r <= 1.5)
@@ -153,7 +163,7 @@ def section_size(data: str, out: str, rows: int, k: int, rounds: int, table: Tab
         srcs[name] = B.write_parquet(f"{data}/kl-{n}x{k}-rg{8 * n // rows}.parquet", n, k, max(1, 8 * n // rows))
     paths = {n: f"{out}/size-{n.replace('/', '_')}" for n in sizes}
     cases = {n: (lambda n=n: B.fastkl_job(srcs[n], paths[n])) for n in sizes}
-    t = B.alternate(cases, rounds=rounds, before=lambda n: B.remove(paths[n]), log=log)
+    t = B.alternate(cases, rounds=rounds, before=lambda n: B.remove(paths[n]), log=log, max_load=MAX_LOAD)
     print(timed_table(t))
     rates = {n: sizes[n] / t[n].median for n in sizes}
     for n in sizes:
@@ -235,7 +245,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--only", default=",".join(SECTIONS))
     ap.add_argument("--json", default=None, help="write the raw timings here")
+    ap.add_argument("--max-load", type=float, default=None,
+                    help="on a shared machine: start a round only when other processes use less than this share "
+                         "of the CPU (e.g. 0.1), and run a round again when they used more")
     a = ap.parse_args(argv)
+    global MAX_LOAD
+    MAX_LOAD = a.max_load
     only = [s.strip() for s in a.only.split(",") if s.strip()]
     for s in only:
         if s not in SECTIONS:
