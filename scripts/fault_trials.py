@@ -242,9 +242,12 @@ def check_after_fault(clean: Clean, dest: Path, scheduler_args: list[str], extra
 def kills(work: Path, n: int, seed: int) -> dict:
     import psutil
 
-    src = make_dataset(work / "kill-src", files=6, rows=20000, k=64, group=2000)
+    src = make_dataset(work / "kill-src", files=6, rows=50000, k=64, group=5000)
     args = ["--measure", "kl", "--measure", "js", "--measure", "entropy", "--keep", "id", "--status", "-q"]
     clean = Clean(src, work / "kill-clean", args)
+    # the run times the kills are drawn from: warm runs (the first one also filled caches)
+    t_threads = Clean(src, work / "kill-timed", args).seconds
+    t_procs = Clean(src, work / "kill-timed", args + ["--scheduler", "processes", "--workers", "2"]).seconds
     rnd = random.Random(seed)
     rows = []
     for i in range(n):
@@ -252,8 +255,8 @@ def kills(work: Path, n: int, seed: int) -> dict:
         dest = work / f"kill-{i}"
         shutil.rmtree(dest, ignore_errors=True)
         shutil.rmtree(staging_of(dest), ignore_errors=True)
-        t_run = clean.seconds * (2.2 if sched else 1.0)
-        delay = rnd.uniform(0.05, 1.1) * t_run
+        t_run = t_procs if sched else t_threads
+        delay = rnd.uniform(0.2, 1.0) * t_run  # mostly after the imports, while parts are written
         proc = subprocess.Popen([PY, "-m", "fastkl.cli", "run", str(src), str(dest), *args, *sched],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
         time.sleep(delay)
@@ -276,7 +279,8 @@ def kills(work: Path, n: int, seed: int) -> dict:
         rows.append({"trial": i, "scheduler": "processes" if sched else "threads", "delay_s": round(delay, 2),
                      "state": state, "orphans_gone_s": round(orphans_s, 2), "problems": problems})
         shutil.rmtree(dest, ignore_errors=True)
-    return {"clean_seconds": clean.seconds, "trials": rows}
+    return {"clean_seconds": clean.seconds, "run_seconds": {"threads": t_threads, "processes": t_procs},
+            "trials": rows}
 
 
 def steps(work: Path) -> dict:
