@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import OptionError
+from .errors import DataError, OptionError
 
 _EMPTY_MASK = np.zeros(0, dtype=np.uint8)
 
@@ -115,6 +115,9 @@ def _from_arrow(arr: pa.Array, name: str) -> Side:
     else:
         raise OptionError(f"{name}: expected a list, large_list or fixed_size_list array of floats, got {t}")
     values, mask, mask_offset = _child_buffers(arr.values, name)
+    if n and (offsets[0] < 0 or offsets[-1] > len(values) or np.any(np.diff(offsets) < 0)):
+        # the kernel trusts offsets: corrupt ones (e.g. a damaged IPC file) would read out of bounds
+        raise DataError(f"{name}: corrupt list offsets (not increasing or beyond the {len(values)} values)")
     row_null = None
     if arr.null_count > 0:
         row_null = arr.is_null().to_numpy(zero_copy_only=False)
