@@ -162,8 +162,8 @@ def test_job_local_cluster(job_file, rounds, max_load, tmp_path_factory, record_
     assert r <= 1.5
 
 
-def test_startup(data_dir, record_target):
-    warm, cold = B.startup(data_dir, warm_rounds=5, cold_rounds=2)
+def test_startup(data_dir, max_load, record_target):
+    warm, cold = B.startup(data_dir, warm_rounds=5, cold_rounds=2, max_load=max_load)
     w, c = float(np.median(warm)), float(np.median(cold))
     record_target("start-up: warm `fastkl run` on a tiny file", w, "{:.2f} s", "< 2 s", w < 2)
     record_target("start-up: cold (empty JIT cache)", c, "{:.2f} s", "< 10 s", c < 10)

@@ -686,9 +686,11 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def startup(data_dir: str, warm_rounds: int = 5, cold_rounds: int = 2) -> tuple[list[float], list[float]]:
+def startup(data_dir: str, warm_rounds: int = 5, cold_rounds: int = 2,
+            max_load: float | None = None) -> tuple[list[float], list[float]]:
     """Wall times of `fastkl run` on a tiny file in a fresh process: warm (the JIT
-    cache is filled first) and cold (NUMBA_CACHE_DIR pointing to an empty directory)."""
+    cache is filled first) and cold (NUMBA_CACHE_DIR pointing to an empty directory).
+    With `max_load`, each run waits for other processes to use less of the machine."""
     import subprocess
     import sys
 
@@ -698,6 +700,8 @@ def startup(data_dir: str, warm_rounds: int = 5, cold_rounds: int = 2) -> tuple[
 
     def once(env=None) -> float:
         remove(dest)
+        if max_load is not None:
+            wait_quiet(max_load)
         t0 = time.perf_counter()
         r = subprocess.run(cmd, env=env or child_env(), capture_output=True, text=True)
         elapsed = time.perf_counter() - t0

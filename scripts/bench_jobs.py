@@ -175,7 +175,7 @@ def section_size(data: str, out: str, rows: int, k: int, rounds: int, table: Tab
 
 def section_startup(data: str, out: str, rounds: int, table: Table, results: dict) -> None:
     log("startup: `fastkl run` on a tiny file in a fresh process, warm and cold JIT cache")
-    warm, cold = B.startup(data, warm_rounds=max(3, rounds), cold_rounds=max(2, rounds // 2))
+    warm, cold = B.startup(data, warm_rounds=max(3, rounds), cold_rounds=max(2, rounds // 2), max_load=MAX_LOAD)
     w, c = float(np.median(warm)), float(np.median(cold))
     print(f"  start-up warm: median {w:.2f} s {[round(x, 2) for x in warm]}")
     print(f"  start-up cold: median {c:.2f} s {[round(x, 2) for x in cold]}")
