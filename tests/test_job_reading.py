@@ -100,26 +100,30 @@ def _file(path, rows=400, k=8, row_group=100, bad_row=None):
     return p, q
 
 
-@pytest.mark.parametrize("scheduler", ["sync", "threads"])
-def test_job_with_read_ahead_matches_memory(tmp_path, scheduler):
-    """sync gives the task every core, so it reads ahead; small batches make many of them."""
+@pytest.mark.parametrize("scheduler, task_bytes", [("sync", 4000), ("threads", 4000), ("sync", None),
+                                                   ("threads", None)])
+def test_job_with_read_ahead_matches_memory(tmp_path, scheduler, task_bytes):
+    """sync (or a single task) gives a task every core, so it reads ahead; with
+    task_bytes=4000 every row group is a task, by default one task holds them all."""
     import numpy as np
     import pyarrow.parquet as pq
 
     import fastkl
 
-    p, q = _file(tmp_path / "a.parquet")
-    fastkl.run(str(tmp_path / "a.parquet"), str(tmp_path / "out"), scheduler=scheduler, quiet=True,
-               task_bytes=4000)
+    p, q = _file(tmp_path / "a.parquet", rows=1000, row_group=70)  # 15 row groups, the last one short
+    kw = {"task_bytes": task_bytes} if task_bytes else {}
+    fastkl.run(str(tmp_path / "a.parquet"), str(tmp_path / "out"), scheduler=scheduler, quiet=True, **kw)
     got = pq.read_table(tmp_path / "out").column("kl").to_numpy()
     np.testing.assert_allclose(got, fastkl.kl(p, q), rtol=1e-12)
 
 
-def test_job_with_read_ahead_reports_the_bad_row(tmp_path):
+@pytest.mark.parametrize("bad_row", [33, 333])
+def test_job_with_read_ahead_reports_the_bad_row(tmp_path, bad_row):
+    """One task of 4 row groups with every core: the read-ahead path names the row and its row group."""
     import fastkl
 
-    _file(tmp_path / "a.parquet", bad_row=333)
-    with pytest.raises(fastkl.InvalidRowError, match="333"):
+    _file(tmp_path / "a.parquet", bad_row=bad_row)
+    with pytest.raises(fastkl.InvalidRowError, match=f"row {bad_row}\\b.*row group {bad_row // 100}"):
         fastkl.run(str(tmp_path / "a.parquet"), str(tmp_path / "out"), scheduler="sync", quiet=True)
     assert not (tmp_path / "out").exists()
 
