@@ -183,11 +183,12 @@ def _run_piece(p: Side, q: Side | None, slots: np.ndarray, opts: Options, use_q:
         1.0 / math.log(opts.base),
         slots, out, status,
     )
+    kernel = K.KERNELS[K.family(p_kind, q_kind, use_q, opts.smoothing)]
     blocks = _blocks(p.offsets, threads * 4) if threads > 1 else [(0, p.n)]
     if len(blocks) == 1:
-        K.divergence_rows(*args, 0, p.n)
+        kernel(*args, 0, p.n)
         return
-    futures = [_get_pool().submit(K.divergence_rows, *args, lo, hi) for lo, hi in blocks]
+    futures = [_get_pool().submit(kernel, *args, lo, hi) for lo, hi in blocks]
     for f in futures:
         f.result()
 
@@ -231,13 +232,14 @@ def kernel_dtype(*value_types: Any) -> np.dtype:
     return np.dtype(np.float64 if wide else np.float32)
 
 
-def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64)) -> None:
-    """Compile (or load from Numba's on-disk cache) the kernel for these dtypes.
+def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64), options: Options | None = None) -> None:
+    """Compile (or load from Numba's on-disk cache) the kernel for these dtypes
+    and the kinds of `options` (default: probs).
 
     Each specialisation costs seconds to compile the first time on a machine,
-    so callers that know their data warm only the dtype they will use.
+    so callers that know their data warm only the one they will use.
     """
-    opts = Options()
+    opts = options or Options()
     for dtype in dtypes:
         x = np.full((1, 2), 0.5, dtype=dtype)
         compute(x, x, ("kl",), opts, threads=1)

@@ -140,41 +140,59 @@ def exp_neg(x):
 
 # ---------------------------------------------------------------- float32
 # For float32 input the error bound is 1e-6 relative (SPEC §2), so the log
-# can be taken in float32: 16 SIMD lanes instead of 8. fdlibm e_logf.c.
-
+# can be taken in float32: 8 or 16 SIMD lanes instead of 4 or 8. No
+# division: x = 2**n * (1 + r) with 1 + r in [2/3, 4/3) (the reduction
+# offset 0x3f2aaaab = 2/3 puts r in [-1/3, 1/3)), then
+# log(1 + r) = r + r**2 * P(r), P of degree 7 fitted for relative error
+# (scripts/fit_log32.py: weighted minimax by Lawson's iteration, 2.6e-8 before
+# rounding the coefficients to float32; 1.3e-7 evaluated in float32 over
+# every binade). Divisions are the slowest vector instructions, and
+# fdlibm's s = f / (2 + f) was one per element.
 
 _F1 = np.float32(1.0)
-_F2 = np.float32(2.0)
-_FHALF = np.float32(0.5)
-_LG1F = np.float32(0.66666662693)
-_LG2F = np.float32(0.40000972152)
-_LG3F = np.float32(0.28498786688)
-_LG4F = np.float32(0.24279078841)
-_LN2_HIF = np.float32(6.9313812256e-01)
-_LN2_LOF = np.float32(9.0580006145e-06)
-_SQRT_HALF_F = np.int32(0x3F3504F3)
-_ONE_BITS_F = np.int32(0x3F800000)
+_P0 = np.float32(-float.fromhex("0x1.ffffd6p-2"))
+_P1 = np.float32(float.fromhex("0x1.5554fap-2"))
+_P2 = np.float32(-float.fromhex("0x1.001480p-2"))
+_P3 = np.float32(float.fromhex("0x1.99d428p-3"))
+_P4 = np.float32(-float.fromhex("0x1.5032eap-3"))
+_P5 = np.float32(float.fromhex("0x1.1ea256p-3"))
+_P6 = np.float32(-float.fromhex("0x1.3b2844p-3"))
+_P7 = np.float32(float.fromhex("0x1.1f4284p-3"))
+_LN2_F = np.float32(0.6931471805599453)
+_LN2_F_LO = np.float32(0.6931471805599453 - float(np.float32(0.6931471805599453)))
+_OFFSET_F = np.int32(0x3F2AAAAB)  # bits of float32(2/3)
 _MANT_F = np.int32(0x007FFFFF)
+_I23 = np.int32(23)
+_I0 = np.int32(0)
+_MIN_NORMAL_BITS_F = np.uint32(0x00800000)
+_NORMAL_SPAN_F = np.uint32(0x7F000000)  # bits(+inf) - bits(min normal)
+
+# Numba types int32 arithmetic as int64; every integer step below is cast
+# back to int32 so LLVM keeps 8/16 lanes per vector instead of 4/8.
 
 
 @_fast
 def log_ratio32(num, inv_den, diff):
     """float32 log(num/den) for num, den > 0 with num/den a normal float32.
 
-    Same scheme as `log_ratio`: near a ratio of 1 the mantissa comes from
+    Same scheme as `log_ratio`: near a ratio of 1 (n = 0) r comes from
     diff/den (diff = num - den, exact for float32 inputs within a factor 2),
     so the result keeps ~1e-7 relative accuracy however close num and den are.
+    For any other finite or infinite input the result is finite (garbage that
+    callers must flag with `not_normal32`), so 0 * result is 0.
     """
-    ix = float32_bits(num * inv_den) + (_ONE_BITS_F - _SQRT_HALF_F)
-    k = (ix >> np.int32(23)) - np.int32(0x7F)
-    f = bits_float32((ix & _MANT_F) + _SQRT_HALF_F) - _F1
-    f = diff * inv_den if k == 0 else f
-    kf = np.float32(k)
-    s = f / (_F2 + f)
-    z = s * s
-    w = z * z
-    t1 = w * (_LG2F + w * _LG4F)
-    t2 = z * (_LG1F + w * _LG3F)
-    r = t2 + t1
-    hfsq = _FHALF * f * f
-    return kf * _LN2_HIF - ((hfsq - (s * (hfsq + r) + kf * _LN2_LOF)) - f)
+    u = np.int32(float32_bits(num * inv_den) - _OFFSET_F)
+    n = np.int32(u >> _I23)
+    r = bits_float32(np.int32(np.int32(u & _MANT_F) + _OFFSET_F)) - _F1
+    r = diff * inv_den if n == _I0 else r
+    nf = np.float32(n)
+    r2 = r * r
+    r4 = r2 * r2
+    poly = ((_P0 + _P1 * r) + (_P2 + _P3 * r) * r2) + ((_P4 + _P5 * r) + (_P6 + _P7 * r) * r2) * r4
+    return (nf * _LN2_F + r) + (r2 * poly + nf * _LN2_F_LO)
+
+
+@_fast
+def not_normal32(x):
+    """True for x <= 0 (incl. -0), subnormal, inf or NaN: one integer compare."""
+    return np.uint32(np.uint32(float32_bits(x)) - _MIN_NORMAL_BITS_F) >= _NORMAL_SPAN_F

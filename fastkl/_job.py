@@ -519,10 +519,10 @@ def _kernel_dtypes(plan) -> tuple:
         return ()
 
 
-def _warm_worker(dtypes: tuple = ()) -> None:
+def _warm_worker(dtypes: tuple = (), options: Options | None = None) -> None:
     from ._engine import warmup
 
-    warmup(dtypes)
+    warmup(dtypes, options)
 
 
 def _cluster_threads(client) -> dict[str, int]:
@@ -553,7 +553,7 @@ def _run_distributed(todo, plan, spec, progress, client):
     for addr, w in info.items():
         first.setdefault(w.get("host", addr), addr)
     # on_error="ignore": a worker dying now is the scheduler's business (its tasks go elsewhere)
-    client.run(_warm_worker, _kernel_dtypes(plan), workers=list(first.values()), on_error="ignore")
+    client.run(_warm_worker, _kernel_dtypes(plan), spec.options, workers=list(first.values()), on_error="ignore")
     threads = _cluster_threads(client)
     topic = f"fastkl-progress-{uuid.uuid4().hex}"
     reported = progress.enabled
@@ -876,7 +876,7 @@ def run(
 
         # compile / load the kernel once here, before any worker process starts
         # (numba issue 4807), and only for the dtype this data needs
-        warmup(_kernel_dtypes(plan))
+        warmup(_kernel_dtypes(plan), options)
         if todo:
             if kind in ("sync", "synchronous"):
                 new = _run_sync(todo, plan, spec, progress)

@@ -52,7 +52,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ._fastmath import exp_neg, log_pos, log_ratio, log_ratio32
+from ._fastmath import exp_neg, log_pos, log_ratio, log_ratio32, not_normal32
 
 FASTMATH = {"nsz", "contract", "reassoc"}
 
@@ -181,49 +181,60 @@ def _sum_exp(row, top, inv_t):
 
 
 @_jit
-def _scan_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_tol, defer_sum):
-    """Validate one side of a row and find how to decode it.
-
-    Returns (status, scale, centre, log_norm): probs decode as x * scale;
-    logprobs and logits as (x - centre) * inv_t - log_norm. With `defer_sum`
-    (logprobs, no normalize) the exp-sum check is left to the term loop, which
-    computes the same exponentials anyway.
-    """
+def _scan_probs_side(values, start, k, mask, mask_offset, normalize, sum_tol):
+    """Validate one probs side of a row: (status, scale); probs decode as x * scale."""
     # Row views, not values[start + j]: a signed index makes Numba emit a
     # negative-index wraparound per element, which halves the loop's speed.
     row = values[start:start + k]
     if _has_null(mask, mask_offset, start, k):
-        return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
+        return _problem(values, start, k, mask, mask_offset, PROBS, sum_tol), 1.0
+    total, bad = _scan_probs(row)
+    if bad > 0.0:
+        return _problem(values, start, k, mask, mask_offset, PROBS, sum_tol), 1.0
+    if normalize:
+        if not (0.0 < total < INF):  # nothing to divide by, or the sum overflows
+            return NOT_NORMALIZED, 1.0
+        return OK, 1.0 / total
+    if abs(total - 1.0) > sum_tol:
+        return NOT_NORMALIZED, 1.0
+    return OK, 1.0
+
+
+@_jit
+def _scan_log_side(values, start, k, mask, mask_offset, kind, inv_t, normalize, sum_tol, defer_sum):
+    """Validate one logprobs or logits side of a row and find how to decode it.
+
+    Returns (status, centre, log_norm): x decodes as (x - centre) * inv_t - log_norm.
+    With `defer_sum` (logprobs, no normalize) the exp-sum check is left to the
+    term loop, which computes the same exponentials anyway.
+    """
+    row = values[start:start + k]
+    if _has_null(mask, mask_offset, start, k):
+        return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 0.0, 0.0
     if kind == LOGITS:
         top, bad = _scan_logits(row)
         if bad > 0.0 or not top > -INF:
-            return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
+            return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 0.0, 0.0
         if defer_sum:  # the term loop sums the exponentials itself (_logits_terms)
-            return OK, 1.0, top, 0.0
+            return OK, top, 0.0
         # stable log-sum-exp around the row maximum; nothing materialised
-        return OK, 1.0, top, math.log(_sum_exp(row, top, inv_t))
-    if kind == PROBS:
-        total, bad = _scan_probs(row)
-    elif defer_sum:
+        return OK, top, math.log(_sum_exp(row, top, inv_t))
+    if defer_sum:
         total, bad = 1.0, _count_bad_logprobs(row, sum_tol)
     else:
         total, bad = _scan_logprobs(row, sum_tol)
     if bad > 0.0:
-        return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 1.0, 0.0, 0.0
+        return _problem(values, start, k, mask, mask_offset, kind, sum_tol), 0.0, 0.0
     if normalize:
-        if kind == LOGPROBS:
-            # renormalise around the row maximum, like logits: exp() of a row
-            # of very negative log-probabilities underflows to a zero sum
-            top, _ = _scan_logits(row)
-            if not top > -INF:
-                return NOT_NORMALIZED, 1.0, 0.0, 0.0
-            return OK, 1.0, top, math.log(_sum_exp(row, top, 1.0))
-        if not (0.0 < total < INF):  # nothing to divide by, or the sum overflows
-            return NOT_NORMALIZED, 1.0, 0.0, 0.0
-        return OK, 1.0 / total, 0.0, 0.0
+        # renormalise around the row maximum, like logits: exp() of a row
+        # of very negative log-probabilities underflows to a zero sum
+        top, _ = _scan_logits(row)
+        if not top > -INF:
+            return NOT_NORMALIZED, 0.0, 0.0
+        return OK, top, math.log(_sum_exp(row, top, 1.0))
     if abs(total - 1.0) > sum_tol:
-        return NOT_NORMALIZED, 1.0, 0.0, 0.0
-    return OK, 1.0, 0.0, 0.0
+        return NOT_NORMALIZED, 0.0, 0.0
+    return OK, 0.0, 0.0
 
 
 # ------------------------------------------- terms: both sides probabilities
@@ -257,34 +268,6 @@ def _ratio_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add):
         p_only += p if q == 0.0 else 0.0
         q_only += q if p == 0.0 else 0.0
         odd += 1.0 if (both & ((r < MIN_NORMAL) | (r > MAX_FLOAT))) else 0.0
-    return kl, rkl, p_only, q_only, odd
-
-
-@_jit
-def _ratio_terms_probs32(prow, qrow):
-    """`_ratio_terms_probs` for float32 rows used as they are (no normalize, no
-    smoothing): the log is taken in float32, 16 lanes wide; each term is within
-    ~3e-7 of exact, inside the 1e-6 bound for float32 input (SPEC §2). Ratios
-    beyond the float32 range are counted in `odd` so the caller redoes the row."""
-    kl = 0.0
-    rkl = 0.0
-    p_only = 0.0
-    q_only = 0.0
-    odd = 0.0
-    zero = np.float32(0.0)
-    for j in range(prow.size):
-        p = prow[j]
-        q = qrow[j]
-        both = (p > zero) & (q > zero)
-        inv_q = np.float32(1.0) / q
-        r = p * inv_q
-        lr = log_ratio32(p, inv_q, p - q)
-        lr = lr if both else zero
-        kl += np.float64(p * lr)
-        rkl -= np.float64(q * lr)
-        p_only += np.float64(p) if q == zero else 0.0
-        q_only += np.float64(q) if p == zero else 0.0
-        odd += 1.0 if (both & ((r < F32_MIN_NORMAL) | (r > F32_MAX) | (inv_q > F32_MAX))) else 0.0
     return kl, rkl, p_only, q_only, odd
 
 
@@ -343,6 +326,174 @@ def _tv_hellinger_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add):
         h = d / root_sum  # = sqrt p - sqrt q, without cancelling
         hel += h * h if root_sum > 0.0 else 0.0
     return tv, hel
+
+
+# ------------------------------ float32 probabilities used as they are
+# The common case (float32 probs, no normalize, no smoothing) skips the scan:
+# the term loops validate as they go. Each returns its sums and a `flag`,
+# a float sum that is 0 only when every element was fit for the float32 log
+# (ratio a normal float32: no zero denominator under a non-zero numerator,
+# nothing beyond the float32 range, no NaN, inf or negative value; a
+# subnormal or zero numerator is fine, it gives a term of 0 * finite = 0).
+# A flagged row is redone by the scan and the general loops, which name the
+# problem or handle the +inf, subnormal and out-of-range cases exactly. Row
+# sums are float32 here (the caller allows for their rounding).
+# The flag sums are written `abs(x if c else 0)`: LLVM 22 leaves the loop
+# scalar for the equivalent `abs(x) if c else 0` (4x slower).
+
+
+@_jit
+def _kl32(prow, qrow):
+    """(sum p log(p/q), sum p, sum q, flag): the one-measure loop of `fastkl.kl`."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    kl = 0.0
+    p_sum = q_sum = flag = zero
+    for j in range(prow.size):
+        p = prow[j]
+        q = qrow[j]
+        p_sum += p
+        q_sum += q
+        inv_q = one / q
+        kl += np.float64(p * log_ratio32(p, inv_q, p - q))
+        flag += abs(p if not_normal32(p * inv_q) else zero) - min(q, zero)
+    return kl, p_sum, q_sum, flag
+
+
+@_jit
+def _kl_reverse32(prow, qrow):
+    """`_kl32` plus sum q log(q/p); flags q > 0 = p (reverse KL = +inf) too."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    kl = 0.0
+    rkl = 0.0
+    p_sum = q_sum = flag = zero
+    for j in range(prow.size):
+        p = prow[j]
+        q = qrow[j]
+        p_sum += p
+        q_sum += q
+        inv_q = one / q
+        lr = log_ratio32(p, inv_q, p - q)
+        kl += np.float64(p * lr)
+        rkl -= np.float64(q * lr)
+        odd = not_normal32(p * inv_q)
+        flag += abs(p if odd else zero) + abs(q if odd else zero) - min(q, zero)
+    return kl, rkl, p_sum, q_sum, flag
+
+
+@_jit
+def _entropy32(prow):
+    """(-sum p log p, sum p, flag)."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    ent = 0.0
+    p_sum = flag = zero
+    for j in range(prow.size):
+        p = prow[j]
+        p_sum += p
+        ent -= np.float64(p * log_ratio32(p, one, p - one))
+        flag += abs(p if not_normal32(p) else zero)
+    return ent, p_sum, flag
+
+
+@_jit
+def _cross_entropy32(prow, qrow):
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    ce = 0.0
+    flag = zero
+    for j in range(prow.size):
+        p = prow[j]
+        q = qrow[j]
+        ce -= np.float64(p * log_ratio32(q, one, q - one))
+        flag += abs(p if not_normal32(q) else zero)
+    return ce, flag
+
+
+@_jit
+def _js32(prow, qrow):
+    """sum p log(2p/(p+q)) + q log(2q/(p+q)); near p = q the logs take their
+    mantissa from (p - q)/(p + q), as in `_js_terms_probs`."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    js = 0.0
+    flag = zero
+    for j in range(prow.size):
+        p = prow[j]
+        q = qrow[j]
+        inv_s = one / (p + q)
+        d = p - q
+        pp = p + p
+        qq = q + q
+        js += np.float64(p * log_ratio32(pp, inv_s, d) + q * log_ratio32(qq, inv_s, -d))
+        flag += abs(p if not_normal32(pp * inv_s) else zero) + abs(q if not_normal32(qq * inv_s) else zero)
+    return js, flag
+
+
+@_jit
+def _tv_hellinger32(prow, qrow):
+    tv = 0.0
+    hel = 0.0
+    zero = np.float32(0.0)
+    for j in range(prow.size):
+        p = prow[j]
+        q = qrow[j]
+        d = p - q
+        root_sum = np.sqrt(p) + np.sqrt(q)
+        h = d / root_sum  # = sqrt p - sqrt q, without cancelling
+        tv += np.float64(abs(d))
+        hel += np.float64(h * h if root_sum > zero else zero)
+    return tv, hel
+
+
+@_jit
+def _sums32(prow, qrow):
+    """(sum p, sum q, flag) when no ratio loop validates the row: NaN and inf
+    show in the sums, negative values in the flag."""
+    zero = np.float32(0.0)
+    p_sum = q_sum = flag = zero
+    for j in range(prow.size):
+        p = prow[j]
+        q = qrow[j]
+        p_sum += p
+        q_sum += q
+        flag -= min(p, zero) + min(q, zero)
+    return p_sum, q_sum, flag
+
+
+@_jit
+def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol):
+    """All requested sums for a float32 probs row, or ok = False when the row
+    needs the scan and the general loops (a flag, or a row sum not clearly
+    within `sum_tol`: a float32 sum of k values >= 0 is off by < k * 2**-24 of it)."""
+    kl = rkl = ent = ce = js = tv = hel = 0.0
+    flag = np.float32(0.0)
+    p_sum = q_sum = np.float32(1.0)
+    if not use_q:
+        ent, p_sum, flag = _entropy32(prow)
+    else:
+        if want_rkl:
+            kl, rkl, p_sum, q_sum, flag = _kl_reverse32(prow, qrow)
+        elif want_kl:
+            kl, p_sum, q_sum, flag = _kl32(prow, qrow)
+        else:
+            p_sum, q_sum, flag = _sums32(prow, qrow)
+        if want_ent:
+            ent, _, f = _entropy32(prow)
+            flag += f
+        if want_ce:
+            ce, f = _cross_entropy32(prow, qrow)
+            flag += f
+        if want_js:
+            js, f = _js32(prow, qrow)
+            flag += f
+    margin = 2.0 * prow.size * 2.0**-24 * (1.0 + sum_tol)
+    ok = flag == 0.0 and abs(np.float64(p_sum) - 1.0) <= sum_tol - margin
+    ok = ok and abs(np.float64(q_sum) - 1.0) <= sum_tol - margin
+    if ok and want_tvh:
+        tv, hel = _tv_hellinger32(prow, qrow)
+    return ok, kl, rkl, ent, ce, js, tv, hel
 
 
 # ------------------------------------------- terms: both sides in log space
@@ -546,135 +697,236 @@ def _general_terms(prow, qrow, use_q, p_kind, q_kind,
 
 
 @_jit
-def divergence_rows(
-    p_offsets, p_values, p_mask, p_mask_offset,
-    q_offsets, q_values, q_mask, q_mask_offset,
-    row_null, use_q,
-    p_kind, q_kind, p_inv_t, q_inv_t,
-    normalize, smoothing, sum_tol, inv_log_base,
-    slots, out, status, start, stop,
-):
-    """Compute the requested measures for rows start..stop.
+def _probs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+               use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh):
+    """Status and sums of one row whose sides are probabilities."""
+    k = prow.size
+    kl = rkl = js = ent = ce = tv = hel = 0.0
+    kl_inf = rkl_inf = 0.0  # > 0: some p_i > 0 = q_i (resp. q_i > 0 = p_i)
+    if (_is_float32(prow) and not normalize and smoothing == 0.0
+            and not _has_null(p_mask, p_mask_offset, ps, k)
+            and not (use_q and _has_null(q_mask, q_mask_offset, qs, k))):
+        # float32 used as it is: the loops validate as they go; only a
+        # flagged row takes the scan and the float64 loops below
+        done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
+            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol)
+        if done:
+            return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+    code, p_scale = _scan_probs_side(p_values, ps, k, p_mask, p_mask_offset, normalize, sum_tol)
+    q_scale = 1.0
+    if use_q:
+        q_code, q_scale = _scan_probs_side(q_values, qs, k, q_mask, q_mask_offset, normalize, sum_tol)
+        if q_code and (code == OK or q_code < code):
+            code = q_code
+    if code != OK:
+        return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+    smooth_norm = 1.0 / (1.0 + k * smoothing)
+    p_mul, q_mul, add = p_scale * smooth_norm, q_scale * smooth_norm, smoothing * smooth_norm
+    general = False
+    if use_q and (want_kl or want_rkl or want_ce):
+        kl, rkl, kl_inf, rkl_inf, odd = _ratio_terms_probs(prow, qrow, p_mul, add, q_mul, add)
+        general = odd > 0
+    if want_ent:
+        ent = _entropy_terms_probs(prow, p_mul, add)
+    if want_ce:
+        ce = _cross_entropy_terms_probs(prow, qrow, p_mul, add, q_mul, add)
+    if want_js:
+        js, odd = _js_terms_probs(prow, qrow, p_mul, add, q_mul, add)
+        general = general or odd > 0
+    if want_tvh:
+        tv, hel = _tv_hellinger_terms_probs(prow, qrow, p_mul, add, q_mul, add)
+    if general:
+        return _general_row(prow, qrow, use_q, PROBS, PROBS, p_scale, 0.0, 1.0, 0.0, q_scale, 0.0, 1.0, 0.0,
+                            smoothing)
+    return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
 
-    `slots[m]` is the row of `out` that receives measure m (MEASURES order),
-    or -1 when m is not requested. Rows that are null or invalid get NaN.
-    """
-    want_kl = slots[KL] >= 0
-    want_rkl = slots[REVERSE_KL] >= 0
-    want_jef = slots[JEFFREYS] >= 0
-    want_js = slots[JS] >= 0
-    want_ent = slots[ENTROPY] >= 0
-    want_ce = slots[CROSS_ENTROPY] >= 0
-    want_tv = slots[TV] >= 0
-    want_hel = slots[HELLINGER] >= 0
-    want_ratio = want_kl or want_rkl or want_jef
-    both_probs = p_kind == PROBS and (q_kind == PROBS or not use_q)
-    both_log = smoothing == 0.0 and p_kind != PROBS and (q_kind != PROBS or not use_q)
-    log_fast = both_log and not (want_js or want_tv or want_hel)
+
+@_jit
+def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+              use_q, p_kind, q_kind, p_it, q_it, normalize, sum_tol,
+              want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh):
+    """Status and sums of one row whose sides are both in log space (no smoothing)."""
+    k = prow.size
+    kl = rkl = js = ent = ce = tv = hel = 0.0
+    kl_inf = rkl_inf = 0.0
+    log_fast = not (want_js or want_tvh)
     # logits on both sides: one fused pass (_logits_terms) after the row maxima
     logits_fused = log_fast and p_kind == LOGITS and (q_kind == LOGITS or not use_q)
-    # logprobs rows in log_fast check their exp-sum inside the term loop
+    # logprobs rows check their exp-sum inside the term loop
     p_defer = logits_fused or (log_fast and p_kind == LOGPROBS and not normalize)
     q_defer = logits_fused or (log_fast and use_q and q_kind == LOGPROBS and not normalize)
+    code, p_c, p_ln = _scan_log_side(p_values, ps, k, p_mask, p_mask_offset, p_kind, p_it, normalize, sum_tol,
+                                     p_defer)
+    q_c = q_ln = 0.0
+    if use_q:
+        q_code, q_c, q_ln = _scan_log_side(q_values, qs, k, q_mask, q_mask_offset, q_kind, q_it, normalize,
+                                           sum_tol, q_defer)
+        if q_code and (code == OK or q_code < code):
+            code = q_code
+    if code != OK:
+        return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+    if not log_fast:
+        return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln, 0.0)
+    if logits_fused:
+        p_sum, q_sum, pu, pv, qv, p_only, q_only = _logits_terms(prow, qrow, p_c, p_it, q_c, q_it)
+        p_ln = math.log(p_sum)
+        q_ln = math.log(q_sum)
+        shift = p_ln - q_ln
+        kl = pv / p_sum - shift
+        rkl = qv / q_sum + shift
+        ent = p_ln - pu / p_sum
+        ce = q_ln - (pu - pv) / p_sum
+        return OK, kl, rkl, js, ent, ce, tv, hel, p_only, q_only
+    p_sum = q_sum = 1.0
+    if use_q:
+        kl, rkl, kl_inf, rkl_inf, p_sum, q_sum = _ratio_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+    if want_ent:
+        ent, p_sum = _entropy_terms_logs(prow, p_c, p_it, p_ln)
+    if want_ce:
+        ce = _cross_entropy_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+    if (p_defer and abs(p_sum - 1.0) > sum_tol) or (q_defer and abs(q_sum - 1.0) > sum_tol):
+        code = NOT_NORMALIZED
+    return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
 
-    for i in range(start, stop):
-        code = NULL if row_null[i] else OK
-        ps = p_offsets[i]
-        k = p_offsets[i + 1] - ps
-        qs = q_offsets[i]
-        if code == OK and use_q and q_offsets[i + 1] - qs != k:
-            code = LENGTH_MISMATCH
-        if code == OK and k == 0:
-            code = EMPTY
-        p_scale = q_scale = 1.0
-        p_c = q_c = p_ln = q_ln = 0.0
-        if code == OK:
-            code, p_scale, p_c, p_ln = _scan_side(
-                p_values, ps, k, p_mask, p_mask_offset, p_kind, p_inv_t, normalize, sum_tol, p_defer
-            )
-            if use_q:
-                q_code, q_scale, q_c, q_ln = _scan_side(
-                    q_values, qs, k, q_mask, q_mask_offset, q_kind, q_inv_t, normalize, sum_tol, q_defer
-                )
-                if q_code and (code == OK or q_code < code):
-                    code = q_code
-        status[i] = code
-        if code != OK:
-            for m in range(N_MEASURES):
-                if slots[m] >= 0:
-                    out[slots[m], i] = NAN_
-            continue
 
-        prow = p_values[ps:ps + k]
-        qrow = q_values[qs:qs + k] if use_q else prow
-        kl = rkl = js = ent = ce = tv = hel = 0.0
-        kl_inf = rkl_inf = 0.0  # > 0: some p_i > 0 = q_i (resp. q_i > 0 = p_i)
-        general = not (both_probs or log_fast)
-        if both_probs:
-            smooth_norm = 1.0 / (1.0 + k * smoothing)
-            p_mul, q_mul, add = p_scale * smooth_norm, q_scale * smooth_norm, smoothing * smooth_norm
-            if use_q and (want_ratio or want_ce):
-                if _is_float32(prow) and p_mul == 1.0 and q_mul == 1.0 and add == 0.0:
-                    kl, rkl, kl_inf, rkl_inf, odd = _ratio_terms_probs32(prow, qrow)
+@_jit
+def _mixed_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+               use_q, p_kind, q_kind, p_it, q_it, normalize, smoothing, sum_tol):
+    """Status and sums of any other row (probs against log space, or smoothing of
+    log-space input): element by element in the general loop."""
+    k = prow.size
+    p_scale = q_scale = 1.0
+    p_c = q_c = p_ln = q_ln = 0.0
+    if p_kind == PROBS:
+        code, p_scale = _scan_probs_side(p_values, ps, k, p_mask, p_mask_offset, normalize, sum_tol)
+    else:
+        code, p_c, p_ln = _scan_log_side(p_values, ps, k, p_mask, p_mask_offset, p_kind, p_it, normalize,
+                                         sum_tol, False)
+    if use_q:
+        if q_kind == PROBS:
+            q_code, q_scale = _scan_probs_side(q_values, qs, k, q_mask, q_mask_offset, normalize, sum_tol)
+        else:
+            q_code, q_c, q_ln = _scan_log_side(q_values, qs, k, q_mask, q_mask_offset, q_kind, q_it, normalize,
+                                               sum_tol, False)
+        if q_code and (code == OK or q_code < code):
+            code = q_code
+    if code != OK:
+        return code, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    return _general_row(prow, qrow, use_q, p_kind, q_kind, p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln,
+                        smoothing)
+
+
+@_jit
+def _general_row(prow, qrow, use_q, p_kind, q_kind, p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln,
+                 smoothing):
+    kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _general_terms(
+        prow, qrow, use_q, p_kind, q_kind, p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln, smoothing)
+    return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+
+
+FAMILIES = ("probs", "logs", "mixed")
+
+
+def family(p_kind: int, q_kind: int, use_q: bool, smoothing: float) -> str:
+    """Which kernel serves these kinds: both probs, both log space, or mixed."""
+    if p_kind == PROBS and (q_kind == PROBS or not use_q):
+        return "probs"
+    if smoothing == 0.0 and p_kind != PROBS and (q_kind != PROBS or not use_q):
+        return "logs"
+    return "mixed"
+
+
+def _make_kernel(name):
+    """The row kernel for one family of kinds.
+
+    `probs` and `logs` are closure constants, so Numba prunes the other
+    families' branches before typing them: a kernel compiles only the loops
+    its inputs can reach (a first call compiles seconds less), and each
+    family is cached on disk separately.
+    """
+    probs = name == "probs"
+    logs = name == "logs"
+
+    def divergence_rows(
+        p_offsets, p_values, p_mask, p_mask_offset,
+        q_offsets, q_values, q_mask, q_mask_offset,
+        row_null, use_q,
+        p_kind, q_kind, p_inv_t, q_inv_t,
+        normalize, smoothing, sum_tol, inv_log_base,
+        slots, out, status, start, stop,
+    ):
+        """Compute the requested measures for rows start..stop.
+
+        `slots[m]` is the row of `out` that receives measure m (MEASURES order),
+        or -1 when m is not requested. Rows that are null or invalid get NaN.
+        """
+        want_kl = slots[KL] >= 0 or slots[JEFFREYS] >= 0
+        want_rkl = slots[REVERSE_KL] >= 0 or slots[JEFFREYS] >= 0
+        want_js = slots[JS] >= 0
+        want_ent = slots[ENTROPY] >= 0
+        want_ce = slots[CROSS_ENTROPY] >= 0
+        want_tvh = slots[TV] >= 0 or slots[HELLINGER] >= 0
+        kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = 0.0
+        for i in range(start, stop):
+            code = NULL if row_null[i] else OK
+            ps = p_offsets[i]
+            k = p_offsets[i + 1] - ps
+            qs = q_offsets[i]
+            if code == OK and use_q and q_offsets[i + 1] - qs != k:
+                code = LENGTH_MISMATCH
+            if code == OK and k == 0:
+                code = EMPTY
+            if code == OK:
+                prow = p_values[ps:ps + k]
+                qrow = q_values[qs:qs + k] if use_q else prow
+                if probs:
+                    code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _probs_row(
+                        prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+                        use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce,
+                        want_tvh)
+                elif logs:
+                    code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _logs_row(
+                        prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+                        use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, sum_tol,
+                        want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh)
                 else:
-                    kl, rkl, kl_inf, rkl_inf, odd = _ratio_terms_probs(prow, qrow, p_mul, add, q_mul, add)
-                general = general or odd > 0
-            if want_ent:
-                ent = _entropy_terms_probs(prow, p_mul, add)
-            if want_ce:
-                ce = _cross_entropy_terms_probs(prow, qrow, p_mul, add, q_mul, add)
-            if want_js:
-                js, odd = _js_terms_probs(prow, qrow, p_mul, add, q_mul, add)
-                general = general or odd > 0
-            if want_tv or want_hel:
-                tv, hel = _tv_hellinger_terms_probs(prow, qrow, p_mul, add, q_mul, add)
-        elif logits_fused:
-            p_sum, q_sum, pu, pv, qv, p_only, q_only = _logits_terms(prow, qrow, p_c, p_inv_t, q_c, q_inv_t)
-            p_ln = math.log(p_sum)
-            q_ln = math.log(q_sum)
-            shift = p_ln - q_ln
-            kl = pv / p_sum - shift
-            rkl = qv / q_sum + shift
-            kl_inf, rkl_inf = p_only, q_only
-            ent = p_ln - pu / p_sum
-            ce = q_ln - (pu - pv) / p_sum
-        elif log_fast:
-            p_sum = q_sum = 1.0
-            if use_q and (want_ratio or want_ce):  # always the case when use_q here
-                kl, rkl, kl_inf, rkl_inf, p_sum, q_sum = _ratio_terms_logs(
-                    prow, qrow, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
-            if want_ent:
-                ent, p_sum = _entropy_terms_logs(prow, p_c, p_inv_t, p_ln)
-            if want_ce:
-                ce = _cross_entropy_terms_logs(
-                    prow, qrow, p_c, p_inv_t, p_ln, q_c, q_inv_t, q_ln)
-            if (p_defer and abs(p_sum - 1.0) > sum_tol) or (q_defer and abs(q_sum - 1.0) > sum_tol):
-                status[i] = NOT_NORMALIZED
+                    code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _mixed_row(
+                        prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+                        use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, smoothing, sum_tol)
+            status[i] = code
+            if code != OK:
                 for m in range(N_MEASURES):
                     if slots[m] >= 0:
                         out[slots[m], i] = NAN_
                 continue
-        if general:
-            kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _general_terms(
-                prow, qrow, use_q, p_kind, q_kind,
-                p_scale, p_c, p_inv_t, p_ln, q_scale, q_c, q_inv_t, q_ln, smoothing)
+            _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf)
 
-        # Clamp into each measure's range (SPEC §2): rounding never leaves it.
-        if want_kl:
-            out[slots[KL], i] = INF if kl_inf else max(kl, 0.0) * inv_log_base
-        if want_rkl:
-            out[slots[REVERSE_KL], i] = INF if rkl_inf else max(rkl, 0.0) * inv_log_base
-        if want_jef:
-            # the exact sum is >= 0 even where kl or reverse_kl alone is not
-            # (rows normalised only within sum_tol): clamp the total only
-            out[slots[JEFFREYS], i] = INF if (kl_inf or rkl_inf) else max(kl + rkl, 0.0) * inv_log_base
-        if want_js:
-            out[slots[JS], i] = min(max(0.5 * js, 0.0), LN2) * inv_log_base
-        if want_ent:
-            out[slots[ENTROPY], i] = min(max(ent, 0.0), math.log(k)) * inv_log_base
-        if want_ce:
-            out[slots[CROSS_ENTROPY], i] = INF if kl_inf else max(ce, 0.0) * inv_log_base
-        if want_tv:
-            out[slots[TV], i] = min(0.5 * tv, 1.0)
-        if want_hel:
-            out[slots[HELLINGER], i] = math.sqrt(min(0.5 * hel, 1.0))
+    divergence_rows.__qualname__ = divergence_rows.__name__ = f"divergence_rows_{name}"
+    return _jit(divergence_rows)
+
+
+KERNELS = {name: _make_kernel(name) for name in FAMILIES}
+
+
+@_jit
+def _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf):
+    """Clamp each requested measure into its range (SPEC §2: rounding never
+    leaves it) and store it. kl_inf > 0: some p_i > 0 = q_i (reverse: q_i > 0 = p_i)."""
+    if slots[KL] >= 0:
+        out[slots[KL], i] = INF if kl_inf else max(kl, 0.0) * inv_log_base
+    if slots[REVERSE_KL] >= 0:
+        out[slots[REVERSE_KL], i] = INF if rkl_inf else max(rkl, 0.0) * inv_log_base
+    if slots[JEFFREYS] >= 0:
+        # the exact sum is >= 0 even where kl or reverse_kl alone is not
+        # (rows normalised only within sum_tol): clamp the total only
+        out[slots[JEFFREYS], i] = INF if (kl_inf or rkl_inf) else max(kl + rkl, 0.0) * inv_log_base
+    if slots[JS] >= 0:
+        out[slots[JS], i] = min(max(0.5 * js, 0.0), LN2) * inv_log_base
+    if slots[ENTROPY] >= 0:
+        out[slots[ENTROPY], i] = min(max(ent, 0.0), math.log(k)) * inv_log_base
+    if slots[CROSS_ENTROPY] >= 0:
+        out[slots[CROSS_ENTROPY], i] = INF if kl_inf else max(ce, 0.0) * inv_log_base
+    if slots[TV] >= 0:
+        out[slots[TV], i] = min(0.5 * tv, 1.0)
+    if slots[HELLINGER] >= 0:
+        out[slots[HELLINGER], i] = math.sqrt(min(0.5 * hel, 1.0))

@@ -364,3 +364,29 @@ def test_random_bad_rows_against_oracle(batch):
                 assert abs(a - b) <= 2 * (rel * float(r.terms) + float(r.slack)), (a, b)
             elif r is not None:
                 assert a == b == math.inf
+
+
+@pytest.mark.parametrize("k", [3, 256, 4099])
+@pytest.mark.parametrize("sum_tol", [0.0, 1e-6, 1e-3])
+def test_float32_rows_at_the_sum_tolerance_get_the_exact_verdict(rng, k, sum_tol):
+    """float32 rows are checked with a float32 sum first (fastkl._kernels._probs32_terms):
+    rows whose exact sum lies just inside or just outside sum_tol must get the
+    verdict of the exact sum of their values, as float64 rows do."""
+    rows = []
+    for target in (1 - 2 * sum_tol, 1 - sum_tol, 1.0, 1 + sum_tol, 1 + 2 * sum_tol):
+        for nudge in (-3e-7, -1e-8, 0.0, 1e-8, 3e-7):
+            p = (rng.dirichlet(np.ones(k)) * (target + nudge)).astype(np.float32)
+            # then move the largest entry so that the exact float32 sum lands nearer still
+            j = int(np.argmax(p))
+            p[j] = np.float32(p[j] + (target + nudge - math.fsum(map(float, p))))
+            rows.append(p)
+    p = np.array(rows, dtype=np.float32)
+    q = np.full_like(p, np.float32(1 / k))
+    q[:, 0] += np.float32(1 - math.fsum(map(float, q[0])))  # q's exact sum: as near 1 as float32 allows
+    exact = [abs(math.fsum(map(float, r)) - 1) <= sum_tol for r in p]
+    q_ok = abs(math.fsum(map(float, q[0])) - 1) <= sum_tol
+    got = col(fastkl.divergences(p, q, measures=("kl", "entropy"), status=True, on_invalid="null",
+                                 sum_tol=sum_tol), "status")
+    want = ["ok" if (e and q_ok) else "not_normalized" for e in exact]
+    assert got == want
+    assert any(w != "ok" for w in want) and (sum_tol == 0 or any(w == "ok" for w in want))
