@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 _fast = njit(error_model="numpy", fastmath={"nsz", "contract"})
 
@@ -110,11 +110,26 @@ def log_ratio(num, inv_den, diff):
 
 
 @_fast
-def exp_neg(x):
-    """exp(x) for x <= 709.78 (callers pass log-probabilities); -inf gives 0."""
+def _exp_reduce(x):
+    """(k, r) with x = k ln2 + r, |r| <= ln2/2 (Cody-Waite, two-part ln2)."""
     x = max(x, -1080.0)
     kf = np.floor(x * _INV_LN2 + 0.5)
-    r = (x - kf * _LN2_HI) - kf * _LN2_LO  # |r| <= ln2/2
+    return kf, (x - kf * _LN2_HI) - kf * _LN2_LO
+
+
+@_fast
+def _exp_scale(p, kf):
+    """p * 2**k, in two steps so that subnormal results are formed correctly."""
+    k = np.int64(kf)
+    k1 = k >> 1
+    k2 = k - k1
+    return p * bits_float((k1 + 0x3FF) << 52) * bits_float((k2 + 0x3FF) << 52)
+
+
+@_fast
+def exp_neg(x):
+    """exp(x) for x <= 709.78 (callers pass log-probabilities); -inf gives 0."""
+    kf, r = _exp_reduce(x)
     # Taylor series of exp(r), |r| <= 0.347: 14 terms leave < 1e-17 relative.
     p = 1.0 / 87178291200.0
     p = p * r + 1.0 / 6227020800.0
@@ -131,11 +146,27 @@ def exp_neg(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    # Scale by 2**k in two steps so that subnormal results are formed correctly.
-    k = np.int64(kf)
-    k1 = k >> 1
-    k2 = k - k1
-    return p * bits_float((k1 + 0x3FF) << 52) * bits_float((k2 + 0x3FF) << 52)
+    return _exp_scale(p, kf)
+
+
+@_fast
+def exp_neg_short(x):
+    """`exp_neg` to 7e-12 relative (Taylor degree 9) and 0 below 2**-1022 (no
+    subnormal results): for float32 logits, whose error bound is 1e-6 (SPEC §2)
+    plus the decode slack, at two thirds of the cost."""
+    kf, r = _exp_reduce(x)
+    p = 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    kf = -1023.0 if kf < -1023.0 else kf  # the bits of +0.0
+    return p * bits_float((np.int64(kf) + 0x3FF) << 52)
 
 
 # ---------------------------------------------------------------- float32
@@ -163,6 +194,7 @@ _LN2_F_LO = np.float32(0.6931471805599453 - float(np.float32(0.6931471805599453)
 _OFFSET_F = np.int32(0x3F2AAAAB)  # bits of float32(2/3)
 _MANT_F = np.int32(0x007FFFFF)
 _I23 = np.int32(23)
+_I31 = np.int32(31)
 _I0 = np.int32(0)
 _MIN_NORMAL_BITS_F = np.uint32(0x00800000)
 _NORMAL_SPAN_F = np.uint32(0x7F000000)  # bits(+inf) - bits(min normal)
@@ -196,3 +228,99 @@ def log_ratio32(num, inv_den, diff):
 def not_normal32(x):
     """True for x <= 0 (incl. -0), subnormal, inf or NaN: one integer compare."""
     return np.uint32(np.uint32(float32_bits(x)) - _MIN_NORMAL_BITS_F) >= _NORMAL_SPAN_F
+
+
+_INV_LN2_F = np.float32(1.4426950408889634)
+_LN2_HI_F = np.float32(0.693145751953125)  # 16 significant bits: k * _LN2_HI_F is exact for |k| < 256
+_LN2_LO_F = np.float32(0.6931471805599453 - 0.693145751953125)
+_EXP_LO_F = np.float32(-88.0)
+_EXP_HI_F = np.float32(88.0)
+_HALF_F = np.float32(0.5)
+_I127 = np.int32(127)
+_E2 = np.float32(1 / 2)
+_E3 = np.float32(1 / 6)
+_E4 = np.float32(1 / 24)
+_E5 = np.float32(1 / 120)
+_E6 = np.float32(1 / 720)
+_E7 = np.float32(1 / 5040)
+
+
+@_fast
+def exp32(x):
+    """float32 exp(x), ~1e-7 relative for x in [-87.3, 88]; 0 for x <= -88 and
+    -inf; e**88 for x >= 88 and +inf; NaN for NaN. Between -88 and -87.3 the
+    result is subnormal and inexact: callers flag such inputs.
+
+    Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, then the Taylor series of
+    degree 7 (5e-9 relative) and a scale by 2**k built from its bits.
+    """
+    x = _EXP_LO_F if x < _EXP_LO_F else x  # comparisons written so that NaN stays NaN
+    x = _EXP_HI_F if x > _EXP_HI_F else x
+    kf = np.floor(x * _INV_LN2_F + _HALF_F)
+    r = (x - kf * _LN2_HI_F) - kf * _LN2_LO_F
+    p = _E7
+    p = p * r + _E6
+    p = p * r + _E5
+    p = p * r + _E4
+    p = p * r + _E3
+    p = p * r + _E2
+    p = p * r + _F1
+    p = p * r + _F1
+    # k = -127 (x <= -88) gives the bits of +0.0: exp underflows to exactly 0
+    return p * bits_float32(np.int32(np.int32(np.int32(kf) + _I127) << _I23))
+
+
+# ---------------------------------------------------------------- ordering keys
+# Floating-point max does not vectorise without `nnan` (the NaN rule of a
+# compare-and-select is not associative), integer max does: map each float to
+# an integer with the same order (negative floats: flip the magnitude bits).
+# NaN maps above +inf or below -inf; callers detect NaN separately.
+
+
+def order_key(x):  # pragma: no cover - replaced by the overload inside Numba code
+    raise NotImplementedError
+
+
+def from_order_key(key):  # pragma: no cover - replaced by the overload inside Numba code
+    raise NotImplementedError
+
+
+@overload(order_key)
+def _order_key(x):
+    if x == types.float32:
+        mask32 = np.int32(0x7FFFFFFF)
+        return lambda x: np.int32(float32_bits(x) ^ (np.int32(float32_bits(x) >> _I31) & mask32))
+    if x == types.float64:
+        mask64 = np.int64(0x7FFFFFFFFFFFFFFF)
+        return lambda x: float_bits(x) ^ ((float_bits(x) >> 63) & mask64)
+
+
+@overload(from_order_key)
+def _from_order_key(key):
+    if key == types.int32:
+        mask32 = np.int32(0x7FFFFFFF)
+        return lambda key: bits_float32(np.int32(key ^ (np.int32(key >> _I31) & mask32)))
+    if key == types.int64:
+        mask64 = np.int64(0x7FFFFFFFFFFFFFFF)
+        return lambda key: bits_float(key ^ ((key >> 63) & mask64))
+
+
+def _py_key(bits: int, width: int) -> int:
+    """order_key of a float given its bits as an unsigned integer (plain Python, for constants)."""
+    signed = bits - (1 << width) if bits >> (width - 1) else bits
+    return signed ^ ((1 << (width - 1)) - 1) if signed < 0 else signed
+
+
+def inf_keys(row):  # pragma: no cover - replaced by the overload inside Numba code
+    raise NotImplementedError
+
+
+@overload(inf_keys)
+def _inf_keys(row):
+    """(order_key(-inf), order_key(+inf)) for the row's dtype: keys outside are NaN."""
+    if isinstance(row, types.Array) and row.dtype == types.float32:
+        lo, hi = np.int32(_py_key(0xFF800000, 32)), np.int32(_py_key(0x7F800000, 32))
+        return lambda row: (lo, hi)
+    if isinstance(row, types.Array) and row.dtype == types.float64:
+        lo, hi = np.int64(_py_key(0xFFF0000000000000, 64)), np.int64(_py_key(0x7FF0000000000000, 64))
+        return lambda row: (lo, hi)

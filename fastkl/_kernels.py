@@ -52,7 +52,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ._fastmath import exp_neg, log_pos, log_ratio, log_ratio32, not_normal32
+from ._fastmath import exp32, exp_neg, exp_neg_short, from_order_key, inf_keys, log_pos, log_ratio, log_ratio32, not_normal32, order_key
 
 FASTMATH = {"nsz", "contract", "reassoc"}
 
@@ -86,6 +86,15 @@ def _is_float32(values):
 def _is_float32_typed(values):
     result = isinstance(values, types.Array) and values.dtype == types.float32
     return lambda values: result
+
+
+@_jit
+def _exp_for(row, x):
+    """exp(x) (x <= 709.78) for a logits decode, as accurate as `row`'s dtype
+    needs: float32 rows take the shorter `exp_neg_short` (compile-time branch)."""
+    if _is_float32(row):
+        return exp_neg_short(x)
+    return exp_neg(x)
 
 
 # ---------------------------------------------------------------- scanning
@@ -163,20 +172,24 @@ def _count_bad_logprobs(row, sum_tol):
 
 @_jit
 def _scan_logits(row):
-    top = -INF
-    bad = 0.0
+    """(row maximum, 1.0 if the row holds NaN or +inf else 0.0), from the
+    integer-key max and min (`order_key`), which vectorise where a float max
+    does not: NaN keys lie beyond those of +inf and -inf."""
+    top = bottom = order_key(row[0])
     for j in range(row.size):
-        x = np.float64(row[j])
-        top = x if x > top else top
-        bad += 0.0 if x < INF else 1.0  # NaN and +inf
-    return top, bad
+        key = order_key(row[j])
+        top = key if key > top else top
+        bottom = key if key < bottom else bottom
+    key_ninf, key_pinf = inf_keys(row)
+    bad = 1.0 if (top >= key_pinf or bottom < key_ninf) else 0.0
+    return np.float64(from_order_key(top)), bad
 
 
 @_jit
 def _sum_exp(row, top, inv_t):
     total = 0.0
     for j in range(row.size):
-        total += exp_neg((np.float64(row[j]) - top) * inv_t)
+        total += _exp_for(row, (np.float64(row[j]) - top) * inv_t)
     return total
 
 
@@ -488,12 +501,130 @@ def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         if want_js:
             js, f = _js32(prow, qrow)
             flag += f
-    margin = 2.0 * prow.size * 2.0**-24 * (1.0 + sum_tol)
-    ok = flag == 0.0 and abs(np.float64(p_sum) - 1.0) <= sum_tol - margin
-    ok = ok and abs(np.float64(q_sum) - 1.0) <= sum_tol - margin
+    ok = flag == 0.0 and _sums_within32(p_sum, q_sum, prow.size, sum_tol)
     if ok and want_tvh:
         tv, hel = _tv_hellinger32(prow, qrow)
     return ok, kl, rkl, ent, ce, js, tv, hel
+
+
+# ------------------------------ float32 log-probabilities used as they are
+# Same scheme as float32 probs: exp in float32 (`exp32`), float32 row sums of
+# the exponentials, and a flag for what the fast loop does not do exactly: a
+# log-probability in (-inf, -87) (its exp is subnormal) and a zero probability
+# under a non-zero one (+inf measures). NaN, +inf and log-probabilities > 0
+# need no flag: they show in the sums (exp(a) > 1 + sum_tol for a > sum_tol).
+# -inf (probability 0) is fine: exp32 gives exactly 0 and the term is selected to 0.
+
+LOG_MIN32 = np.float32(-87.0)
+NEG_INF32 = np.float32(-np.inf)
+
+
+@_jit
+def _kl_logs32(arow, brow):
+    """(sum p (a - b), sum p, sum q, flag) for log-probabilities a, b."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    kl = 0.0
+    p_sum = q_sum = flag = zero
+    for j in range(arow.size):
+        a = arow[j]
+        b = brow[j]
+        p = exp32(a)
+        p_sum += p
+        q_sum += exp32(b)
+        p_pos = a > NEG_INF32
+        kl += np.float64(p * (a - b if p_pos else zero))
+        flag += one if (p_pos & ((a < LOG_MIN32) | (b == NEG_INF32))) else zero
+    return kl, p_sum, q_sum, flag
+
+
+@_jit
+def _kl_reverse_logs32(arow, brow):
+    """`_kl_logs32` plus sum q (b - a)."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    kl = 0.0
+    rkl = 0.0
+    p_sum = q_sum = flag = zero
+    for j in range(arow.size):
+        a = arow[j]
+        b = brow[j]
+        p = exp32(a)
+        q = exp32(b)
+        p_sum += p
+        q_sum += q
+        p_pos = a > NEG_INF32
+        q_pos = b > NEG_INF32
+        d = a - b if (p_pos & q_pos) else zero
+        kl += np.float64(p * d)
+        rkl -= np.float64(q * d)
+        p_alone = p_pos & ((a < LOG_MIN32) | (b == NEG_INF32))
+        q_alone = q_pos & ((b < LOG_MIN32) | (a == NEG_INF32))
+        flag += one if (p_alone | q_alone) else zero
+    return kl, rkl, p_sum, q_sum, flag
+
+
+@_jit
+def _entropy_logs32(arow):
+    """(-sum p a, sum p, flag)."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    ent = 0.0
+    p_sum = flag = zero
+    for j in range(arow.size):
+        a = arow[j]
+        p = exp32(a)
+        p_sum += p
+        p_pos = a > NEG_INF32
+        ent -= np.float64(p * (a if p_pos else zero))
+        flag += one if (p_pos & (a < LOG_MIN32)) else zero
+    return ent, p_sum, flag
+
+
+@_jit
+def _cross_entropy_logs32(arow, brow):
+    """(-sum p b, flag)."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    ce = 0.0
+    flag = zero
+    for j in range(arow.size):
+        a = arow[j]
+        b = brow[j]
+        p_pos = a > NEG_INF32
+        ce -= np.float64(exp32(a) * (b if p_pos else zero))
+        flag += one if (p_pos & ((a < LOG_MIN32) | (b == NEG_INF32))) else zero
+    return ce, flag
+
+
+@_jit
+def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol):
+    """All requested sums for a float32 logprobs row (no JS/TV/Hellinger), or
+    ok = False when the row needs the scan and the float64 loops."""
+    kl = rkl = ent = ce = 0.0
+    flag = np.float32(0.0)
+    p_sum = q_sum = np.float32(1.0)
+    if use_q:
+        if want_rkl:
+            kl, rkl, p_sum, q_sum, flag = _kl_reverse_logs32(arow, brow)
+        else:  # also the loop that checks the sums when only entropy / cross-entropy is asked
+            kl, p_sum, q_sum, flag = _kl_logs32(arow, brow)
+    if want_ent or not use_q:
+        ent, p_sum, f = _entropy_logs32(arow)
+        flag += f
+    if use_q and want_ce:
+        ce, f = _cross_entropy_logs32(arow, brow)
+        flag += f
+    return flag == 0.0 and _sums_within32(p_sum, q_sum, arow.size, sum_tol), kl, rkl, ent, ce
+
+
+@_jit
+def _sums_within32(p_sum, q_sum, k, sum_tol):
+    """Both float32 row sums clearly within sum_tol of 1: a float32 sum of k
+    values >= 0 is off by < k 2**-24 of it, and float32 exponentials by 1e-7
+    each (the margin doubles both)."""
+    margin = (2.0 * k * 2.0**-24 + 2e-7) * (1.0 + sum_tol)
+    return abs(np.float64(p_sum) - 1.0) <= sum_tol - margin and abs(np.float64(q_sum) - 1.0) <= sum_tol - margin
 
 
 # ------------------------------------------- terms: both sides in log space
@@ -573,8 +704,8 @@ def _logits_terms(prow, qrow, p_top, p_it, q_top, q_it):
     for j in range(prow.size):
         u = (np.float64(prow[j]) - p_top) * p_it
         v = (np.float64(qrow[j]) - q_top) * q_it
-        e = exp_neg(u)
-        f = exp_neg(v)
+        e = _exp_for(prow, u)
+        f = _exp_for(prow, v)
         p_pos = u > -INF
         q_pos = v > -INF
         d = u - v
@@ -588,6 +719,27 @@ def _logits_terms(prow, qrow, p_top, p_it, q_top, q_it):
         p_only += 1.0 if (p_pos & (v == -INF)) else 0.0
         q_only += 1.0 if (q_pos & (u == -INF)) else 0.0
     return p_sum, q_sum, pu, pv, qv, p_only, q_only
+
+
+@_jit
+def _logits_kl_terms(prow, qrow, p_top, p_it, q_top, q_it):
+    """`_logits_terms` for kl alone: sum e, sum f, sum e (u - v), count of
+    elements where only P is unmasked (a third fewer sums to carry)."""
+    p_sum = 0.0
+    q_sum = 0.0
+    pv = 0.0
+    p_only = 0.0
+    for j in range(prow.size):
+        u = (np.float64(prow[j]) - p_top) * p_it
+        v = (np.float64(qrow[j]) - q_top) * q_it
+        e = _exp_for(prow, u)
+        p_sum += e
+        q_sum += _exp_for(prow, v)
+        p_pos = u > -INF
+        q_pos = v > -INF
+        pv += e * (u - v if (p_pos & q_pos) else 0.0)
+        p_only += 1.0 if (p_pos & ~q_pos) else 0.0
+    return p_sum, q_sum, pv, p_only
 
 
 # ------------------------------------------- general loop (any combination)
@@ -750,6 +902,15 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
     kl = rkl = js = ent = ce = tv = hel = 0.0
     kl_inf = rkl_inf = 0.0
     log_fast = not (want_js or want_tvh)
+    if (_is_float32(prow) and log_fast and not normalize and p_kind == LOGPROBS
+            and (q_kind == LOGPROBS or not use_q)
+            and not _has_null(p_mask, p_mask_offset, ps, k)
+            and not (use_q and _has_null(q_mask, q_mask_offset, qs, k))):
+        # float32 used as it is: the loops validate as they go (like probs)
+        done, kl, rkl, ent, ce = _logprobs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce,
+                                                   sum_tol)
+        if done:
+            return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
     # logits on both sides: one fused pass (_logits_terms) after the row maxima
     logits_fused = log_fast and p_kind == LOGITS and (q_kind == LOGITS or not use_q)
     # logprobs rows check their exp-sum inside the term loop
@@ -767,6 +928,9 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
         return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
     if not log_fast:
         return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln, 0.0)
+    if logits_fused and use_q and not (want_rkl or want_ent or want_ce):
+        p_sum, q_sum, pv, p_only = _logits_kl_terms(prow, qrow, p_c, p_it, q_c, q_it)
+        return OK, pv / p_sum - (math.log(p_sum) - math.log(q_sum)), rkl, js, ent, ce, tv, hel, p_only, 0.0
     if logits_fused:
         p_sum, q_sum, pu, pv, qv, p_only, q_only = _logits_terms(prow, qrow, p_c, p_it, q_c, q_it)
         p_ln = math.log(p_sum)
