@@ -850,12 +850,14 @@ def _general_terms(prow, qrow, use_q, p_kind, q_kind,
 
 @_jit
 def _probs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
-               use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh):
-    """Status and sums of one row whose sides are probabilities."""
+               use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh,
+               try_fast):
+    """Status and sums of one row whose sides are probabilities (`try_fast`:
+    try `_probs32_terms` first; the kernel already did for arrays without nulls)."""
     k = prow.size
     kl = rkl = js = ent = ce = tv = hel = 0.0
     kl_inf = rkl_inf = 0.0  # > 0: some p_i > 0 = q_i (resp. q_i > 0 = p_i)
-    if (_is_float32(prow) and not normalize and smoothing == 0.0
+    if (try_fast and _is_float32(prow) and not normalize and smoothing == 0.0
             and not _has_null(p_mask, p_mask_offset, ps, k)
             and not (use_q and _has_null(q_mask, q_mask_offset, qs, k))):
         # float32 used as it is: the loops validate as they go; only a
@@ -1030,6 +1032,10 @@ def _make_kernel(name):
         want_ent = slots[ENTROPY] >= 0
         want_ce = slots[CROSS_ENTROPY] >= 0
         want_tvh = slots[TV] >= 0 or slots[HELLINGER] >= 0
+        # float32 probs used as they are, no null elements anywhere: straight
+        # to the float32 loops (one call per row; they validate as they go)
+        fast32 = (_is_float32(p_values) and not normalize and smoothing == 0.0
+                  and p_mask.size == 0 and (q_mask.size == 0 or not use_q))
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = 0.0
         for i in range(start, stop):
             code = NULL if row_null[i] else OK
@@ -1044,10 +1050,16 @@ def _make_kernel(name):
                 prow = p_values[ps:ps + k]
                 qrow = q_values[qs:qs + k] if use_q else prow
                 if probs:
-                    code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _probs_row(
-                        prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
-                        use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce,
-                        want_tvh)
+                    done = False
+                    if fast32:
+                        done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
+                            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol)
+                        kl_inf = rkl_inf = 0.0
+                    if not done:
+                        code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _probs_row(
+                            prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+                            use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce,
+                            want_tvh, not fast32)
                 elif logs:
                     code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _logs_row(
                         prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
