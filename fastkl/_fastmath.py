@@ -190,7 +190,6 @@ _P5 = np.float32(float.fromhex("0x1.1ea256p-3"))
 _P6 = np.float32(-float.fromhex("0x1.3b2844p-3"))
 _P7 = np.float32(float.fromhex("0x1.1f4284p-3"))
 _LN2_F = np.float32(0.6931471805599453)
-_LN2_F_LO = np.float32(0.6931471805599453 - float(np.float32(0.6931471805599453)))
 _OFFSET_F = np.int32(0x3F2AAAAB)  # bits of float32(2/3)
 _MANT_F = np.int32(0x007FFFFF)
 _I23 = np.int32(23)
@@ -221,7 +220,7 @@ def log_ratio32(num, inv_den, diff):
     r2 = r * r
     r4 = r2 * r2
     poly = ((_P0 + _P1 * r) + (_P2 + _P3 * r) * r2) + ((_P4 + _P5 * r) + (_P6 + _P7 * r) * r2) * r4
-    return (nf * _LN2_F + r) + (r2 * poly + nf * _LN2_F_LO)
+    return (nf * _LN2_F + r) + r2 * poly  # ln2's float32 rounding: < 7e-9 relative once n != 0
 
 
 @_fast

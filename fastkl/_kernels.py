@@ -1036,6 +1036,7 @@ def _make_kernel(name):
         # to the float32 loops (one call per row; they validate as they go)
         fast32 = (_is_float32(p_values) and not normalize and smoothing == 0.0
                   and p_mask.size == 0 and (q_mask.size == 0 or not use_q))
+        kl_only = use_q and want_kl and not (want_rkl or want_js or want_ent or want_ce or want_tvh)
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = 0.0
         for i in range(start, stop):
             code = NULL if row_null[i] else OK
@@ -1051,7 +1052,11 @@ def _make_kernel(name):
                 qrow = q_values[qs:qs + k] if use_q else prow
                 if probs:
                     done = False
-                    if fast32:
+                    if fast32 and kl_only:  # the common call, without the dispatch of _probs32_terms
+                        kl, p_sum, q_sum, flag = _kl32(prow, qrow)
+                        done = flag == 0.0 and _sums_within32(p_sum, q_sum, k, sum_tol)
+                        kl_inf = 0.0
+                    elif fast32:
                         done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
                             prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol)
                         kl_inf = rkl_inf = 0.0

@@ -432,3 +432,17 @@ def test_measures_in_one_call_equal_separate_calls(rng):
             tol = 2 * (1e-12 * float(r.terms) + float(r.slack))
             va, vb = (a[i] ** 2, b[i] ** 2) if m == "hellinger" else (a[i], b[i])
             assert abs(va - vb) <= tol, (m, i, a[i], b[i])
+
+
+@pytest.mark.parametrize("measures", [("kl",), ("kl", "reverse_kl"), ("kl", "cross_entropy", "js")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rows_after_an_infinite_or_invalid_row_are_their_own(dtype, measures):
+    """Rows alternate between the fast loops and the exact path (+inf, invalid):
+    nothing of one row (an infinity flag, a status) may leak into the next."""
+    p = np.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]], dtype)
+    q = np.array([[1.0, 0.0], [0.4, 0.6], [0.0, 1.0], [-0.5, 1.5], [0.4, 0.6]], dtype)
+    t = fastkl.divergences(p, q, measures=measures, status=True, on_invalid="null", threads=1)
+    kl = t["kl"].to_pylist()
+    assert kl[0] == math.inf and kl[2] == math.inf and kl[3] is None
+    assert kl[1] == kl[4] and 0 < kl[1] < 1
+    assert t["status"].to_pylist() == ["ok", "ok", "ok", "negative", "ok"]
