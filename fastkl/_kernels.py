@@ -90,7 +90,7 @@ def _is_float32_typed(values):
 
 @_jit
 def _exp_for(row, x):
-    """exp(x) (x <= 709.78) for a logits decode, as accurate as `row`'s dtype
+    """exp(x) (x <= 0) for a logits decode, as accurate as `row`'s dtype
     needs: float32 rows take the shorter `exp_neg_short` (compile-time branch)."""
     if _is_float32(row):
         return exp_neg_short(x)
@@ -1032,11 +1032,16 @@ def _make_kernel(name):
         want_ent = slots[ENTROPY] >= 0
         want_ce = slots[CROSS_ENTROPY] >= 0
         want_tvh = slots[TV] >= 0 or slots[HELLINGER] >= 0
-        # float32 probs used as they are, no null elements anywhere: straight
-        # to the float32 loops (one call per row; they validate as they go)
-        fast32 = (_is_float32(p_values) and not normalize and smoothing == 0.0
-                  and p_mask.size == 0 and (q_mask.size == 0 or not use_q))
+        # Common calls go straight to their loops (LLVM inlines them here):
+        # float32 probs or logprobs used as they are, without null elements
+        # (the loops validate as they go), and kl alone on logits. Other
+        # calls, and rows those loops flag, take the family's row function.
+        no_nulls = p_mask.size == 0 and (q_mask.size == 0 or not use_q)
+        fast32 = _is_float32(p_values) and not normalize and smoothing == 0.0 and no_nulls
         kl_only = use_q and want_kl and not (want_rkl or want_js or want_ent or want_ce or want_tvh)
+        logits_kl = kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
+        logprobs32_kl = (_is_float32(p_values) and kl_only and p_kind == LOGPROBS and q_kind == LOGPROBS
+                         and not normalize and no_nulls)
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = 0.0
         for i in range(start, stop):
             code = NULL if row_null[i] else OK
@@ -1066,10 +1071,23 @@ def _make_kernel(name):
                             use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce,
                             want_tvh, not fast32)
                 elif logs:
-                    code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _logs_row(
-                        prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
-                        use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, sum_tol,
-                        want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh)
+                    done = False
+                    if logprobs32_kl:  # the common logprobs call, straight to its loop
+                        kl, p_sum, q_sum, flag = _kl_logs32(prow, qrow)
+                        done = flag == 0.0 and _sums_within32(p_sum, q_sum, k, sum_tol)
+                        kl_inf = 0.0
+                    elif logits_kl:  # the common logits call, straight to its loops
+                        p_top, p_bad = _scan_logits(prow)
+                        q_top, q_bad = _scan_logits(qrow)
+                        if p_bad == 0.0 and q_bad == 0.0 and p_top > -INF and q_top > -INF:
+                            p_sum, q_sum, pv, kl_inf = _logits_kl_terms(prow, qrow, p_top, p_inv_t, q_top, q_inv_t)
+                            kl = pv / p_sum - (math.log(p_sum) - math.log(q_sum))
+                            done = True
+                    if not done:
+                        code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _logs_row(
+                            prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+                            use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, sum_tol,
+                            want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh)
                 else:
                     code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _mixed_row(
                         prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,

@@ -10,7 +10,7 @@ import pytest
 from numba import njit
 
 import fastkl
-from fastkl._fastmath import exp_neg, log_pos, log_ratio, log_ratio32
+from fastkl._fastmath import exp32, exp_neg, exp_neg_short, log_pos, log_ratio, log_ratio32
 
 from naive import check_against_reference, reference_rows, rel_bound
 
@@ -39,6 +39,49 @@ def _vec_log_ratio(a, b, out):
 def _vec_log_ratio32(a, b, out):
     for i in range(a.size):
         out[i] = log_ratio32(a[i], np.float32(1.0) / b[i], a[i] - b[i])
+
+
+@njit(error_model="numpy", fastmath=FLAGS)
+def _vec_exp_short(x, out):
+    for i in range(x.size):
+        out[i] = exp_neg_short(x[i])
+
+
+@njit(error_model="numpy", fastmath=FLAGS)
+def _vec_exp32(x, out):
+    for i in range(x.size):
+        out[i] = exp32(x[i])
+
+
+def _mp_exp(x):
+    with mpmath.workdps(40):
+        return mpmath.exp(mpmath.mpf(float(x)))
+
+
+def test_exp_neg_short_over_its_domain(rng):
+    """float32 logits' exp: x <= 0, 7e-12 relative; below 2**-1022, within 2**-1022."""
+    x = np.concatenate([-rng.exponential(30.0, 3000), rng.uniform(-1, 0, 1000), [0.0, -708.3, -708.4, -745.2, -1e300,
+                                                                                 -np.inf]])
+    out = np.empty_like(x)
+    _vec_exp_short(x, out)
+    exact = np.array([float(_mp_exp(v)) for v in x])
+    normal = exact >= 2.2250738585072014e-308
+    assert (np.abs(out[normal] - exact[normal]) <= 1e-11 * exact[normal]).all()
+    assert (np.abs(out[~normal] - exact[~normal]) <= 2.2250738585072014e-308).all()
+    assert out[-1] == 0.0 and out[-2] == 0.0
+
+
+def test_exp32_over_its_domain(rng):
+    """float32 logprobs' exp: 1e-7 relative in [-87, 88]; 0 at -88 and below; NaN stays NaN."""
+    x = np.concatenate([rng.uniform(-87.0, 88.0, 4000), rng.uniform(-1, 1, 1000)]).astype(np.float32)
+    out = np.empty_like(x)
+    _vec_exp32(x, out)
+    exact = np.array([float(_mp_exp(v)) for v in x])
+    assert (np.abs(out - exact) <= 1e-7 * exact).all()
+    edges = np.array([-np.inf, -1e30, -88.0, np.nan, np.inf], dtype=np.float32)
+    got = np.empty_like(edges)
+    _vec_exp32(edges, got)
+    assert list(got[:3]) == [0.0, 0.0, 0.0] and np.isnan(got[3]) and got[4] > 1e38
 
 
 def _whole_range(rng, n):
