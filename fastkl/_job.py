@@ -741,6 +741,26 @@ def _json_default(o):
     return str(o)
 
 
+
+def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close) -> list:
+    """Run the tasks on the chosen scheduler; clusters and clients it opens go to `to_close`."""
+    if kind in ("sync", "synchronous"):
+        return _run_sync(todo, plan, spec, progress)
+    if kind == "threads":
+        return _run_threads(todo, plan, spec, progress, workers)
+    if kind == "processes":
+        cluster, client = _local_cluster(max(1, min(workers or _cores(), len(todo))))
+        to_close += [cluster, client]
+    elif client is None:
+        from distributed import Client
+
+        try:
+            client = Client(scheduler, set_as_default=False, timeout="10s")
+        except OSError as e:
+            raise OptionError(f"cannot reach Dask scheduler {scheduler!r}: {_short(e)}") from e
+        to_close.append(client)
+    return _run_distributed(todo, plan, spec, progress, client)
+
 def run(
     source,
     dest,
@@ -871,6 +891,7 @@ def run(
             progress.done(t.index, t.rows, t.nbytes)
     kind = "threads" if scheduler is None else scheduler if isinstance(scheduler, str) else "client"
     to_close: list = []  # a cluster / connection this call opened, closed in reverse
+    failed = True
     try:
         from ._engine import warmup
 
@@ -878,25 +899,9 @@ def run(
         # (numba issue 4807), and only for the dtype this data needs
         warmup(_kernel_dtypes(plan), options)
         if todo:
-            if kind in ("sync", "synchronous"):
-                new = _run_sync(todo, plan, spec, progress)
-            elif kind == "threads":
-                new = _run_threads(todo, plan, spec, progress, workers)
-            else:
-                if kind == "processes":
-                    cluster, client = _local_cluster(max(1, min(workers or _cores(), len(todo))))
-                    to_close += [cluster, client]
-                elif client is None:
-                    from distributed import Client
-
-                    try:
-                        client = Client(scheduler, set_as_default=False, timeout="10s")
-                    except OSError as e:
-                        raise OptionError(f"cannot reach Dask scheduler {scheduler!r}: {_short(e)}") from e
-                    to_close.append(client)
-                new = _run_distributed(todo, plan, spec, progress, client)
-            for r in new:
+            for r in _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close):
                 results[r["index"]] = r
+        failed = False
     finally:
         progress.close()
         for obj in reversed(to_close):
@@ -904,6 +909,8 @@ def run(
                 obj.close()
             except Exception:
                 pass
+        if failed:  # workers are stopped: keep the staging directory only if --resume has parts to reuse
+            staging.discard_if_nothing_finished()
     t_compute = time.perf_counter()
 
     # Merge in task order: identical whatever ran where and when.

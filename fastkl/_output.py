@@ -226,6 +226,16 @@ class Staging:
         state = dict(state, index=index, part=part.name, part_size=size)
         _write_json(self.state / f"{part.stem}.json", state)
 
+    def discard_if_nothing_finished(self) -> None:
+        """After a failed job: drop the staging directory when no part is
+        finished (nothing for --resume to reuse), so no empty directory stays
+        beside DEST. With finished parts it stays for --resume."""
+        try:
+            if is_real_dir(self.root) and not any(self.state.glob("part-*.json")):
+                _remove(self.root)
+        except OSError:
+            pass  # a failing job reports its own error, not this one
+
     def drop_extra_parts(self, n_parts: int) -> None:
         """Remove everything that is not a part of this job (temporaries of lost
         attempts, parts of a longer earlier job, stray links or directories)."""

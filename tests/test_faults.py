@@ -332,8 +332,9 @@ def test_real_write_failure_file_size_limit(tmp_path, dataset):
                        capture_output=True, text=True, preexec_fn=limit, env=env, timeout=60)
     assert r.returncode == 1 and "File too large" in one_line(r.stderr), r.stderr
     assert not os.path.lexists(dest)
-    assert not [n for n in os.listdir(staging_path(dest)) if n.startswith(".")]
-    resume_and_check(source, dest, clean, finished_parts(staging_path(dest)))
+    staging = staging_path(dest)  # gone if no part was finished, else kept for --resume
+    assert not (staging.is_dir() and [n for n in os.listdir(staging) if n.startswith(".")])
+    resume_and_check(source, dest, clean, finished_parts(staging))
 
 
 # --------------------------------------------------------------------------

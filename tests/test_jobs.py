@@ -369,6 +369,21 @@ def test_invalid_row_fails_job_without_dest(tmp_path, rng):
     assert read_dest(dest).column("status").to_pylist().count("nan") == 1
 
 
+def test_failed_job_with_nothing_finished_leaves_nothing(tmp_path, rng):
+    """No DEST, and no staging directory either when no part was finished (a
+    job that finished some keeps them for --resume: the test below)."""
+    source, _ = write_dataset(str(tmp_path / "src"), "parquet", rng, files=1)
+    path = os.path.join(source, os.listdir(source)[0])
+    t = pq.read_table(path)
+    p = t.column("p").to_pylist()
+    p[0] = [float("nan")] + p[0][1:]
+    pq.write_table(t.set_column(t.schema.get_field_index("p"), "p", pa.array(p, t.schema.field("p").type)), path)
+    dest = tmp_path / "out"
+    with pytest.raises(fastkl.InvalidRowError):
+        fastkl.run(source, dest, scheduler="sync")
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
 def test_resume_after_failure_gives_clean_output(tmp_path, rng):
     source, table = write_dataset(str(tmp_path / "src"), "parquet", rng, files=4)
     clean = tmp_path / "clean"
