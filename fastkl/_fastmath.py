@@ -6,6 +6,10 @@ bandwidth. These are the classic fdlibm/Cody-Waite algorithms written as
 straight-line float and integer arithmetic (no calls, no branches, only
 selects), so a loop that uses them compiles to SIMD code.
 
+The kernels inline these helpers, and Numba's cache only watches the file of
+a cached function: fastkl/_kernels.py carries a digest of this file
+(FASTMATH_DIGEST, checked by the tests) so that editing here invalidates it.
+
 Callers must compile with `error_model="numpy"`: Numba's default Python
 error model puts a zero-division check on every float division, and that
 branch alone stops vectorisation.
@@ -155,19 +159,23 @@ _LN2 = 0.6931471805599453
 
 @_fast
 def exp_neg_short(x):
-    """exp(x) for x <= 0 (logits centred on their row maximum), to 7e-12
-    relative (Taylor degree 9; one-part ln2: 4e-14 more), flushing to 0 from
-    about 2**-1023 down. For float32 logits, whose error bound is 1e-6
-    (SPEC §2) plus the decode slack, at two thirds of the cost: k comes from
-    the bits of x / ln2 + 1.5 * 2**52 (no floor, no float-to-int conversion).
-    The truncation error is a smooth function of the reduced argument, so it
-    cancels between the normalisers of close P and Q (the rounding of a
-    float32 polynomial would not)."""
+    """`exp_neg` for x <= 0 (logits centred on their row maximum) with a
+    cheaper reduction: k comes from the bits of x / ln2 + 1.5 * 2**52 (no
+    floor, no float-to-int conversion) and ln2 is one double (4e-14 relative
+    at the largest k, within the decode slack of SPEC §2, which grows with
+    |x| the same way); results flush to 0 from about 2**-1023 down. The
+    series keeps exp_neg's 14 terms: a shorter one (7e-12) broke the bound
+    for a logprobs row normalised against a close probs row (hypothesis)."""
     x = max(x, -1080.0)
     t = x * _INV_LN2 + _SHIFTER
     kf = t - _SHIFTER
     r = x - kf * _LN2
-    p = 1.0 / 362880.0
+    p = 1.0 / 87178291200.0
+    p = p * r + 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
     p = p * r + 1.0 / 40320.0
     p = p * r + 1.0 / 5040.0
     p = p * r + 1.0 / 720.0

@@ -76,6 +76,12 @@ F32_MAX = np.float32(3.4028234663852886e38)
 
 _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 
+# Numba's on-disk cache is checked against this file's timestamp only, but the
+# kernels inline _fastmath's helpers: after an edit there, cached kernels would
+# keep the old code. tests/test_fastmath.py checks that this digest of
+# _fastmath.py is current, so any change there changes this file too.
+FASTMATH_DIGEST = "567b41f569e9741c"
+
 
 def _is_float32(values):
     """True when `values` holds float32; a compile-time constant inside kernels."""
