@@ -80,7 +80,7 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # kernels inline _fastmath's helpers: after an edit there, cached kernels would
 # keep the old code. tests/test_fastmath.py checks that this digest of
 # _fastmath.py is current, so any change there changes this file too.
-FASTMATH_DIGEST = "567b41f569e9741c"
+FASTMATH_DIGEST = "bea49da857be542c"
 
 
 def _is_float32(values):
