@@ -8,17 +8,26 @@ walks rows `start..stop`, writes one float64 per requested measure into
 `out` and one status code per row into `status`. Rows are independent, so
 any split of the row range gives bit-identical results.
 
-Each row is handled in two steps, each a short loop over the row:
+Each row is handled by short loops over the row (it stays in L1 between them):
 
-1. scan: validate each side and find how to decode it (row sum, or max and
+1. the common cases first: float32 probs or logprobs used as they are
+   (no normalize, smoothing or null elements) go straight to float32 term
+   loops that validate as they go (float32 row sums, and a flag for any
+   element the fast loop does not do exactly); a flagged row, or one whose
+   sum is not clearly inside sum_tol, falls through to the steps below.
+2. scan: validate each side and find how to decode it (row sum, or max and
    log-sum-exp for logits); a row with a problem is scanned again slowly to
    name the reason;
-2. terms: one small branch-free loop per group of measures, written with
+3. terms: one small branch-free loop per group of measures, written with
    `_fastmath`'s vectorisable log/exp so LLVM emits SIMD code. The common
    cases (both sides probabilities; both sides in log space for the log
    measures) take these loops; the rest (mixed kinds, JS/TV/Hellinger on
    log-space input, float64 ratios beyond the float range) take one general
-   loop with libm calls. Both follow the same formulas.
+   loop with libm calls. All follow the same formulas.
+
+There is one kernel per family of encodings (`KERNELS`: probs, logs,
+mixed), built from one function with closure constants, so each compiles
+only the loops its inputs can reach.
 
 Choices, made on purpose:
 
@@ -36,8 +45,9 @@ Choices, made on purpose:
 * `error_model="numpy"`: float division by zero gives inf/NaN (which the
   loops mask) instead of a Python exception check that blocks vectorisation.
 * `cache=True`: the compiled kernels go to Numba's on-disk cache, so only the
-  first call on a machine pays the compile. Two specialisations exist
-  (float32 and float64 values; mixed inputs are cast to float64 first).
+  first call on a machine pays the compile: per family, float32 and float64
+  values (mixed inputs are cast to float64 first). FASTMATH_DIGEST ties the
+  cache to `_fastmath.py`, whose helpers the kernels inline.
 * Accuracy (SPEC §2): sums are in float64; log(p/q) takes its mantissa from
   (p-q)/q when p/q is near 1 (where log(p)-log(q) would cancel), and the
   Jensen-Shannon and Hellinger terms are written in forms that do not cancel
