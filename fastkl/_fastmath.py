@@ -175,14 +175,15 @@ _LN2 = 0.6931471805599453
 
 
 @_fast
-def exp_neg_short(x):
-    """`exp_neg` for x <= 0 (logits centred on their row maximum) with a
-    cheaper reduction: k comes from the bits of x / ln2 + 1.5 * 2**52 (no
-    floor, no float-to-int conversion) and ln2 is one double (4e-14 relative
-    at the largest k, within the decode slack of SPEC §2, which grows with
-    |x| the same way); results flush to 0 from about 2**-1023 down. Same
-    polynomial as exp_neg: a shorter one (7e-12) broke the bound for a
-    logprobs row normalised against a close probs row (hypothesis)."""
+def exp_nonpositive(x):
+    """`exp_neg` for x <= 0 (logits centred on their row maximum, the
+    log-sum-exp of a decode) with a cheaper reduction: k comes from the bits
+    of x / ln2 + 1.5 * 2**52 (no floor, no float-to-int conversion, one
+    scaling) and ln2 is one double, 2.3e-17 |k| relative, which SPEC §2's
+    decode slack covers (it grows with |x| the same way); results flush to 0
+    from about 2**-1023 down. Same polynomial as exp_neg: a shorter one
+    (7e-12) broke the bound for a logprobs row normalised against a close
+    probs row (hypothesis)."""
     x = max(x, -1080.0)
     t = x * _INV_LN2 + _SHIFTER
     kf = t - _SHIFTER

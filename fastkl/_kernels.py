@@ -62,7 +62,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ._fastmath import exp32, exp_neg, exp_neg_short, from_order_key, inf_keys, log_pos, log_ratio, log_ratio32, not_normal32, order_key
+from ._fastmath import exp32, exp_neg, exp_nonpositive, from_order_key, inf_keys, log_pos, log_ratio, log_ratio32, not_normal32, order_key
 
 FASTMATH = {"nsz", "contract", "reassoc"}
 
@@ -90,7 +90,7 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # kernels inline _fastmath's helpers: after an edit there, cached kernels would
 # keep the old code. tests/test_fastmath.py checks that this digest of
 # _fastmath.py is current, so any change there changes this file too.
-FASTMATH_DIGEST = "bea49da857be542c"
+FASTMATH_DIGEST = "9c7edda694b42511"
 
 
 def _is_float32(values):
@@ -102,15 +102,6 @@ def _is_float32(values):
 def _is_float32_typed(values):
     result = isinstance(values, types.Array) and values.dtype == types.float32
     return lambda values: result
-
-
-@_jit
-def _exp_for(row, x):
-    """exp(x) (x <= 0) for a logits decode, as accurate as `row`'s dtype
-    needs: float32 rows take the shorter `exp_neg_short` (compile-time branch)."""
-    if _is_float32(row):
-        return exp_neg_short(x)
-    return exp_neg(x)
 
 
 # ---------------------------------------------------------------- scanning
@@ -205,7 +196,7 @@ def _scan_logits(row):
 def _sum_exp(row, top, inv_t):
     total = 0.0
     for j in range(row.size):
-        total += _exp_for(row, (np.float64(row[j]) - top) * inv_t)
+        total += exp_nonpositive((np.float64(row[j]) - top) * inv_t)
     return total
 
 
@@ -720,8 +711,8 @@ def _logits_terms(prow, qrow, p_top, p_it, q_top, q_it):
     for j in range(prow.size):
         u = (np.float64(prow[j]) - p_top) * p_it
         v = (np.float64(qrow[j]) - q_top) * q_it
-        e = _exp_for(prow, u)
-        f = _exp_for(prow, v)
+        e = exp_nonpositive(u)
+        f = exp_nonpositive(v)
         p_pos = u > -INF
         q_pos = v > -INF
         d = u - v
@@ -748,9 +739,9 @@ def _logits_kl_terms(prow, qrow, p_top, p_it, q_top, q_it):
     for j in range(prow.size):
         u = (np.float64(prow[j]) - p_top) * p_it
         v = (np.float64(qrow[j]) - q_top) * q_it
-        e = _exp_for(prow, u)
+        e = exp_nonpositive(u)
         p_sum += e
-        q_sum += _exp_for(prow, v)
+        q_sum += exp_nonpositive(v)
         p_pos = u > -INF
         q_pos = v > -INF
         pv += e * (u - v if (p_pos & q_pos) else 0.0)
