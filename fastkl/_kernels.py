@@ -81,8 +81,6 @@ INF = math.inf
 NAN_ = math.nan
 MIN_NORMAL = 2.2250738585072014e-308
 MAX_FLOAT = 1.7976931348623157e308
-F32_MIN_NORMAL = np.float32(1.1754943508222875e-38)
-F32_MAX = np.float32(3.4028234663852886e38)
 
 _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 
