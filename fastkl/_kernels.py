@@ -727,9 +727,9 @@ def _logits_terms(prow, qrow, p_top, p_it, q_top, q_it):
 
 
 @_jit
-def _logits_kl_terms(prow, qrow, p_top, p_it, q_top, q_it):
-    """`_logits_terms` for kl alone: sum e, sum f, sum e (u - v), count of
-    elements where only P is unmasked (a third fewer sums to carry)."""
+def _logits_kl(prow, qrow, p_top, p_it, q_top, q_it):
+    """kl and the count of elements where only P is unmasked: `_logits_terms`
+    for kl alone (a third fewer sums to carry)."""
     p_sum = 0.0
     q_sum = 0.0
     pv = 0.0
@@ -744,7 +744,7 @@ def _logits_kl_terms(prow, qrow, p_top, p_it, q_top, q_it):
         q_pos = v > -INF
         pv += e * (u - v if (p_pos & q_pos) else 0.0)
         p_only += 1.0 if (p_pos & ~q_pos) else 0.0
-    return p_sum, q_sum, pv, p_only
+    return pv / p_sum - (math.log(p_sum) - math.log(q_sum)), p_only
 
 
 # ------------------------------------------- general loop (any combination)
@@ -855,22 +855,12 @@ def _general_terms(prow, qrow, use_q, p_kind, q_kind,
 
 @_jit
 def _probs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
-               use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh,
-               try_fast):
-    """Status and sums of one row whose sides are probabilities (`try_fast`:
-    try `_probs32_terms` first; the kernel already did for arrays without nulls)."""
+               use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh):
+    """Status and sums of one row whose sides are probabilities (rows the
+    kernel's float32 loops did not settle)."""
     k = prow.size
     kl = rkl = js = ent = ce = tv = hel = 0.0
     kl_inf = rkl_inf = 0.0  # > 0: some p_i > 0 = q_i (resp. q_i > 0 = p_i)
-    if (try_fast and _is_float32(prow) and not normalize and smoothing == 0.0
-            and not _has_null(p_mask, p_mask_offset, ps, k)
-            and not (use_q and _has_null(q_mask, q_mask_offset, qs, k))):
-        # float32 used as it is: the loops validate as they go; only a
-        # flagged row takes the scan and the float64 loops below
-        done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
-            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol)
-        if done:
-            return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
     code, p_scale = _scan_probs_side(p_values, ps, k, p_mask, p_mask_offset, normalize, sum_tol)
     q_scale = 1.0
     if use_q:
@@ -904,20 +894,12 @@ def _probs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_
 def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
               use_q, p_kind, q_kind, p_it, q_it, normalize, sum_tol,
               want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh):
-    """Status and sums of one row whose sides are both in log space (no smoothing)."""
+    """Status and sums of one row whose sides are both in log space (no smoothing;
+    rows the kernel's float32 loops did not settle)."""
     k = prow.size
     kl = rkl = js = ent = ce = tv = hel = 0.0
     kl_inf = rkl_inf = 0.0
     log_fast = not (want_js or want_tvh)
-    if (_is_float32(prow) and log_fast and not normalize and p_kind == LOGPROBS
-            and (q_kind == LOGPROBS or not use_q)
-            and not _has_null(p_mask, p_mask_offset, ps, k)
-            and not (use_q and _has_null(q_mask, q_mask_offset, qs, k))):
-        # float32 used as it is: the loops validate as they go (like probs)
-        done, kl, rkl, ent, ce = _logprobs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce,
-                                                   sum_tol)
-        if done:
-            return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
     # logits on both sides: one fused pass (_logits_terms) after the row maxima
     logits_fused = log_fast and p_kind == LOGITS and (q_kind == LOGITS or not use_q)
     # logprobs rows check their exp-sum inside the term loop
@@ -936,8 +918,8 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
     if not log_fast:
         return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln, 0.0)
     if logits_fused and use_q and not (want_rkl or want_ent or want_ce):
-        p_sum, q_sum, pv, p_only = _logits_kl_terms(prow, qrow, p_c, p_it, q_c, q_it)
-        return OK, pv / p_sum - (math.log(p_sum) - math.log(q_sum)), rkl, js, ent, ce, tv, hel, p_only, 0.0
+        kl, p_only = _logits_kl(prow, qrow, p_c, p_it, q_c, q_it)
+        return OK, kl, rkl, js, ent, ce, tv, hel, p_only, 0.0
     if logits_fused:
         p_sum, q_sum, pu, pv, qv, p_only, q_only = _logits_terms(prow, qrow, p_c, p_it, q_c, q_it)
         p_ln = math.log(p_sum)
@@ -1038,15 +1020,16 @@ def _make_kernel(name):
         want_ce = slots[CROSS_ENTROPY] >= 0
         want_tvh = slots[TV] >= 0 or slots[HELLINGER] >= 0
         # Common calls go straight to their loops (LLVM inlines them here):
-        # float32 probs or logprobs used as they are, without null elements
-        # (the loops validate as they go), and kl alone on logits. Other
-        # calls, and rows those loops flag, take the family's row function.
+        # float32 probs or logprobs used as they are, rows without null
+        # elements (the loops validate as they go), and kl alone on logits.
+        # Other calls, and rows those loops flag, take the family's row function.
         no_nulls = p_mask.size == 0 and (q_mask.size == 0 or not use_q)
-        fast32 = _is_float32(p_values) and not normalize and smoothing == 0.0 and no_nulls
         kl_only = use_q and want_kl and not (want_rkl or want_js or want_ent or want_ce or want_tvh)
-        logits_kl = kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
-        logprobs32_kl = (_is_float32(p_values) and kl_only and p_kind == LOGPROBS and q_kind == LOGPROBS
-                         and not normalize and no_nulls)
+        as_is32 = _is_float32(p_values) and not normalize and smoothing == 0.0
+        probs32 = probs and as_is32
+        logprobs32 = (logs and as_is32 and p_kind == LOGPROBS and (q_kind == LOGPROBS or not use_q)
+                      and not (want_js or want_tvh))
+        logits_kl = logs and kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = 0.0
         for i in range(start, stop):
             code = NULL if row_null[i] else OK
@@ -1060,33 +1043,35 @@ def _make_kernel(name):
             if code == OK:
                 prow = p_values[ps:ps + k]
                 qrow = q_values[qs:qs + k] if use_q else prow
+                # float32 used as it is, and no null element in this row
+                fast = (probs32 or logprobs32) and (no_nulls or not (
+                    _has_null(p_mask, p_mask_offset, ps, k) or (use_q and _has_null(q_mask, q_mask_offset, qs, k))))
+                done = False
+                kl_inf = rkl_inf = 0.0
                 if probs:
-                    done = False
-                    if fast32 and kl_only:  # the common call, without the dispatch of _probs32_terms
+                    if fast and kl_only:  # the common call, without the dispatch of _probs32_terms
                         kl, p_sum, q_sum, flag = _kl32(prow, qrow)
                         done = flag == 0.0 and _sums_within32(p_sum, q_sum, k, sum_tol)
-                        kl_inf = 0.0
-                    elif fast32:
+                    elif fast:
                         done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
                             prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol)
-                        kl_inf = rkl_inf = 0.0
                     if not done:
                         code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _probs_row(
                             prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
                             use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce,
-                            want_tvh, not fast32)
+                            want_tvh)
                 elif logs:
-                    done = False
-                    if logprobs32_kl:  # the common logprobs call, straight to its loop
+                    if fast and kl_only:  # the common logprobs call, straight to its loop
                         kl, p_sum, q_sum, flag = _kl_logs32(prow, qrow)
                         done = flag == 0.0 and _sums_within32(p_sum, q_sum, k, sum_tol)
-                        kl_inf = 0.0
+                    elif fast:
+                        done, kl, rkl, ent, ce = _logprobs32_terms(
+                            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol)
                     elif logits_kl:  # the common logits call, straight to its loops
                         p_top, p_bad = _scan_logits(prow)
                         q_top, q_bad = _scan_logits(qrow)
                         if p_bad == 0.0 and q_bad == 0.0 and p_top > -INF and q_top > -INF:
-                            p_sum, q_sum, pv, kl_inf = _logits_kl_terms(prow, qrow, p_top, p_inv_t, q_top, q_inv_t)
-                            kl = pv / p_sum - (math.log(p_sum) - math.log(q_sum))
+                            kl, kl_inf = _logits_kl(prow, qrow, p_top, p_inv_t, q_top, q_inv_t)
                             done = True
                     if not done:
                         code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _logs_row(
