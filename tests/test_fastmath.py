@@ -17,16 +17,21 @@ from naive import check_against_reference, reference_rows, rel_bound
 FLAGS = {"nsz", "contract", "reassoc"}  # the kernel's flags: helpers must survive them
 
 
-@njit(error_model="numpy", fastmath=FLAGS)
-def _vec_log(x, out):
-    for i in range(x.size):
-        out[i] = log_pos(x[i])
+def _elementwise(f):
+    """A loop applying the helper f to each element, compiled with the kernel's flags."""
+
+    @njit(error_model="numpy", fastmath=FLAGS)
+    def apply(x, out):
+        for i in range(x.size):
+            out[i] = f(x[i])
+
+    return apply
 
 
-@njit(error_model="numpy", fastmath=FLAGS)
-def _vec_exp(x, out):
-    for i in range(x.size):
-        out[i] = exp_neg(x[i])
+_vec_log = _elementwise(log_pos)
+_vec_exp = _elementwise(exp_neg)
+_vec_exp_nonpositive = _elementwise(exp_nonpositive)
+_vec_exp32 = _elementwise(exp32)
 
 
 @njit(error_model="numpy", fastmath=FLAGS)
@@ -39,18 +44,6 @@ def _vec_log_ratio(a, b, out):
 def _vec_log_ratio32(a, b, out):
     for i in range(a.size):
         out[i] = log_ratio32(a[i], np.float32(1.0) / b[i], a[i] - b[i])
-
-
-@njit(error_model="numpy", fastmath=FLAGS)
-def _vec_exp_nonpositive(x, out):
-    for i in range(x.size):
-        out[i] = exp_nonpositive(x[i])
-
-
-@njit(error_model="numpy", fastmath=FLAGS)
-def _vec_exp32(x, out):
-    for i in range(x.size):
-        out[i] = exp32(x[i])
 
 
 def _mp_exp(x):
