@@ -290,17 +290,10 @@ def _corrupt(row, how, kind, rng):
     return row
 
 
-@st.composite
-def messy_batches(draw):
-    kind_p = draw(st.sampled_from(naive.KINDS))
-    kind_q = draw(st.sampled_from([kind_p, *naive.KINDS]))
-    n = draw(st.integers(1, 12))
-    k = draw(st.integers(1, 5))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    P = [list(map(float, r)) for r in naive.make_rows(rng, kind_p, n, k)]
-    Q = [list(map(float, r)) for r in naive.make_rows(rng, kind_q, n, k)]
-    for i in range(n):
+def mess_up(draw, rng, P, Q, kind_p, kind_q, hows=CORRUPTIONS):
+    """Draw, per row pair, in place: keep it, corrupt one or two sides (a way from
+    `hows` each), make either side null, or make both empty."""
+    for i in range(len(P)):
         what = draw(st.sampled_from(["ok", "ok", "corrupt", "corrupt", "corrupt2", "null_p", "null_q", "empty"]))
         if what == "null_p":
             P[i] = None
@@ -311,11 +304,24 @@ def messy_batches(draw):
         elif what.startswith("corrupt"):
             for _ in range(2 if what == "corrupt2" else 1):
                 side = draw(st.sampled_from("pq"))
-                how = draw(st.sampled_from(CORRUPTIONS))
+                how = draw(st.sampled_from(hows))
                 if side == "p":
                     P[i] = _corrupt(P[i], how, kind_p, rng)
                 else:
                     Q[i] = _corrupt(Q[i], how, kind_q, rng)
+
+
+@st.composite
+def messy_batches(draw):
+    kind_p = draw(st.sampled_from(naive.KINDS))
+    kind_q = draw(st.sampled_from([kind_p, *naive.KINDS]))
+    n = draw(st.integers(1, 12))
+    k = draw(st.integers(1, 5))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    P = [list(map(float, r)) for r in naive.make_rows(rng, kind_p, n, k)]
+    Q = [list(map(float, r)) for r in naive.make_rows(rng, kind_q, n, k)]
+    mess_up(draw, rng, P, Q, kind_p, kind_q)
     opts = dict(p_kind=kind_p, q_kind=kind_q, normalize=draw(st.booleans()))
     layout = draw(st.sampled_from(["pylist", "list", "large_list"]))
     pad = draw(st.integers(0, 2))

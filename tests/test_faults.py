@@ -45,7 +45,7 @@ import faultinject
 import naive
 import parquet_surgery as surgery
 from fastkl._output import MANIFEST, staging_path
-from test_bad_rows import _corrupt
+from test_bad_rows import mess_up
 from test_jobs import _bytes_of_parts, _rows, read_dest, summary_stats, write_dataset
 
 HERE = Path(__file__).resolve().parent
@@ -530,21 +530,8 @@ def messy_rows(draw):
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     P = [list(map(float, r)) for r in naive.make_probs(rng, n, k)]
     Q = [list(map(float, r)) for r in naive.make_probs(rng, n, k)]
-    hows = ("nan", "posinf", "neginf", "negative", "scale", "null_element", "truncate", "zero")
-    for i in range(n):
-        what = draw(st.sampled_from(["ok", "ok", "bad", "bad", "bad2", "null_p", "null_q", "empty"]))
-        if what == "null_p":
-            P[i] = None
-        elif what == "null_q":
-            Q[i] = None
-        elif what == "empty":
-            P[i], Q[i] = [], []
-        elif what.startswith("bad"):
-            for _ in range(2 if what == "bad2" else 1):
-                if draw(st.booleans()):
-                    P[i] = _corrupt(P[i], draw(st.sampled_from(hows)), "probs", rng)
-                else:
-                    Q[i] = _corrupt(Q[i], draw(st.sampled_from(hows)), "probs", rng)
+    mess_up(draw, rng, P, Q, "probs", "probs",
+            hows=("nan", "posinf", "neginf", "negative", "scale", "null_element", "truncate", "zero"))
     group = draw(st.integers(1, n))
     task_rows = draw(st.integers(1, n))
     return P, Q, group, task_rows
