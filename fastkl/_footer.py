@@ -273,6 +273,14 @@ def _walk(buf, out):
                                     return -1
 
 
+def _blank(out: np.ndarray) -> np.ndarray:
+    """Reset the per-column-chunk findings: nothing seen yet (-1), no flags set (0)."""
+    out[:] = -1
+    out[:, :, _F_UNENC] = 0
+    out[:, :, _F_CRYPT] = 0
+    return out
+
+
 def _interpreted(fn):
     """`fn` run by the Python interpreter (its helpers too): the same code, no compile."""
     ns = dict(globals())
@@ -300,9 +308,7 @@ def _walk_footer(buf: np.ndarray, out: np.ndarray) -> int:
             with np.errstate(all="ignore"):
                 return _interpreted_walk(buf, out)
         except Exception:  # noqa: BLE001 - e.g. an overflow the compiled loop wraps: let it decide
-            out[:] = -1
-            out[:, :, _F_UNENC] = 0
-            out[:, :, _F_CRYPT] = 0
+            _blank(out)
     return _walk(buf, out)
 
 
@@ -318,9 +324,7 @@ def check_footer(path: str, md, file_size: int | None = None) -> None:
         raw = f.read(n + 8)
     if len(raw) != n + 8 or raw[-4:] != b"PAR1" or struct.unpack("<I", raw[-8:-4])[0] != n:
         return  # not the footer pyarrow read (the file changed, or an encrypted footer): leave it to pyarrow
-    out = np.full((n_rg, n_col, _NF), -1, dtype=np.int64)
-    out[:, :, _F_UNENC] = 0
-    out[:, :, _F_CRYPT] = 0
+    out = _blank(np.empty((n_rg, n_col, _NF), dtype=np.int64))
     status = _walk_footer(np.frombuffer(raw, dtype=np.uint8, count=n), out)
     if status == -1:
         return

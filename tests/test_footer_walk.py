@@ -23,9 +23,7 @@ def _footer_bytes(tmp_path) -> bytes:
 def _both(buf: np.ndarray, shape: tuple[int, int]):
     results = []
     for walk in (F._interpreted(F._walk), F._walk):
-        out = np.full((*shape, F._NF), -1, dtype=np.int64)
-        out[:, :, F._F_UNENC] = 0
-        out[:, :, F._F_CRYPT] = 0
+        out = F._blank(np.empty((*shape, F._NF), dtype=np.int64))
         try:
             with np.errstate(all="ignore"):
                 status = walk(buf, out)
