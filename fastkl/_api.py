@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._engine import Result, compute
-from ._options import Options, check_measures
+from ._options import Options, check_flag, check_measures, check_threads
 
 ArrayLike = Any  # 2-D numpy array, pyarrow (Chunked)Array of lists of floats, or list of lists
 
@@ -40,7 +40,7 @@ def _run(
     opts: dict[str, Any],
 ) -> Result:
     options = Options.from_kwargs(**opts)
-    res = compute(p, q, measures, options, threads=threads)
+    res = compute(p, q, measures, options, threads=check_threads(threads))
     if options.on_invalid == "raise":
         err = res.error()
         if err is not None:
@@ -64,7 +64,7 @@ def divergences(
     "null" or the reason the row is invalid).
     """
     res = _run(p, q, check_measures(measures), threads, opts)
-    return res.to_table(status=status)
+    return res.to_table(status=check_flag("status", status))
 
 
 divergences.__doc__ += _OPTIONS_DOC

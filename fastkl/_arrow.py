@@ -65,11 +65,21 @@ class Side:
         return Side(self.offsets, self.values.astype(dtype), self.mask, self.mask_offset, self.row_null)
 
 
+_INTEGER_HINT = (
+    "integer values are not probabilities (bfloat16 stored as uint16 needs a declared element type, "
+    "which fastkl does not read yet): convert them to float first"
+)
+
+
 def _float_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    """The kernel dtype for NumPy input: integer or boolean values are refused, not
+    taken as probabilities (a bfloat16 buffer viewed as uint16 would give garbage)."""
     if dtype in (np.float32, np.float64):
         return np.dtype(dtype)
-    if dtype == np.float16 or np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-        return np.dtype(np.float32 if dtype == np.float16 else np.float64)
+    if dtype == np.float16:
+        return np.dtype(np.float32)
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        raise OptionError(f"{name}: got dtype {dtype}; {_INTEGER_HINT}")
     raise OptionError(f"{name}: expected floating-point values, got dtype {dtype}")
 
 
@@ -91,8 +101,8 @@ def _child_buffers(child: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray, 
     t = child.type
     if pa.types.is_float16(t):
         child = pc.cast(child, pa.float32())
-    elif pa.types.is_integer(t):
-        child = pc.cast(child, pa.float64())
+    elif pa.types.is_integer(t) or pa.types.is_boolean(t):
+        raise OptionError(f"{name}: got list<{t}>; {_INTEGER_HINT}")
     elif not (pa.types.is_float32(t) or pa.types.is_float64(t)):
         raise OptionError(f"{name}: expected a list of float16/float32/float64, got list<{t}>")
     dtype = np.float32 if pa.types.is_float32(child.type) else np.float64
@@ -112,6 +122,12 @@ def _from_arrow(arr: pa.Array, name: str) -> Side:
         offsets = (np.arange(n + 1, dtype=np.int64) + arr.offset) * k
     elif pa.types.is_list(t) or pa.types.is_large_list(t):
         offsets = arr.offsets.to_numpy().astype(np.int64, copy=False)
+    elif pa.types.is_struct(t):
+        cols = ", ".join(t.field(i).name for i in range(t.num_fields))
+        raise OptionError(
+            f"{name}: got a table (columns {cols}); pass the one column that holds the distributions, "
+            "e.g. df['p'] or table['p'], or a 2-D array"
+        )
     else:
         raise OptionError(f"{name}: expected a list, large_list or fixed_size_list array of floats, got {t}")
     values, mask, mask_offset = _child_buffers(arr.values, name)
@@ -124,7 +140,28 @@ def _from_arrow(arr: pa.Array, name: str) -> Side:
     return Side(offsets, values, mask, mask_offset, row_null)
 
 
+def _masked_to_arrow(x: np.ma.MaskedArray, name: str) -> pa.Array:
+    """A masked 2-D array as lists: masked elements are null elements (an invalid
+    row, `null_element`), a row masked entirely is a null row (its measures are null)."""
+    if x.ndim != 2:
+        raise OptionError(f"{name}: expected a 2-D masked array (rows x K), got {x.ndim}-D")
+    dtype = _float_dtype(x.dtype, name)
+    data = np.ascontiguousarray(np.ma.getdata(x), dtype=dtype)
+    mask = np.ma.getmaskarray(x)
+    values = pa.array(data.reshape(-1), mask=mask.reshape(-1))
+    rows = pa.FixedSizeListArray.from_arrays(values, data.shape[1])
+    whole = mask.all(axis=1) if data.shape[1] else np.zeros(data.shape[0], dtype=bool)
+    if whole.any():
+        offsets = pa.array(np.arange(data.shape[0] + 1, dtype=np.int32) * data.shape[1])
+        rows = pa.ListArray.from_arrays(offsets, values, mask=pa.array(whole))
+    return rows
+
+
 def _as_arrow_or_numpy(x: Any, name: str) -> pa.Array | pa.ChunkedArray | np.ndarray:
+    if isinstance(x, np.ndarray) and x.ndim == 0 or isinstance(x, (int, float, np.generic)):
+        raise OptionError(f"{name}: got a single number; expected rows of distributions (a 2-D array or lists)")
+    if np.ma.isMaskedArray(x):
+        return _masked_to_arrow(x, name) if np.ma.is_masked(x) else np.ma.getdata(x)
     if isinstance(x, (pa.Array, pa.ChunkedArray, np.ndarray)):
         return x
     if isinstance(x, (list, tuple)):

@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from . import _kernels as K
 from ._arrow import Side, aligned_sides
-from ._options import Options, check_measures, needs_q
+from ._options import Options, check_measures, check_threads, needs_q
 from ._registry import KIND_CODE, MEASURE_INDEX, OK, NULL, STATUSES
 from .errors import InvalidRowError, OptionError
 
@@ -135,11 +135,20 @@ class Result:
                 if bad:
                     if self.options.normalize:
                         return f"{name} sums to {total!r}: cannot normalize"
-                    return (
-                        f"{name} sums to {total!r}, not within sum_tol={self.options.sum_tol:g} of 1 "
-                        "(use normalize=True to renormalise)"
+                    return f"{name} sums to {total!r}, not within sum_tol={self.options.sum_tol:g} of 1" + (
+                        _TOP_K_HINT if 0 < total < _TOP_K_MASS else " (use normalize=True to renormalise)"
                     )
         return ""
+
+
+# A row holding clearly less than all the mass is most often a top-k row (only
+# the k largest of a vocabulary), which normalising and comparing by position
+# would get wrong: say so instead of suggesting normalize=True.
+_TOP_K_MASS = 0.99
+_TOP_K_HINT = (
+    ": it looks like a top-k row (only the largest entries of a vocabulary); top-k rows must be "
+    "compared by token id (p_ids / q_ids, not in this version yet), not by position nor with normalize=True"
+)
 
 
 _STATUS_DICT = pa.array(STATUSES, type=pa.string())
@@ -207,7 +216,7 @@ def compute(
     if use_q and q is None:
         raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")
     n, pieces = aligned_sides(p, q if use_q else None)
-    threads = default_threads() if threads is None else max(1, int(threads))
+    threads = default_threads() if threads is None else check_threads(threads)
     values = np.empty((len(measures), n), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
     slots = np.full(K.N_MEASURES, -1, dtype=np.int64)

@@ -6,6 +6,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
+import numpy as np
+
 from ._registry import KINDS, MEASURES, ONE_SIDED
 from .errors import OptionError
 
@@ -42,15 +44,23 @@ class Options:
         sum_tol: float = 1e-3,
         on_invalid: str = "raise",
     ) -> "Options":
+        # named as the caller named them (`temperature`, not the `p_temperature` it sets)
+        for arg, value in (("kind", kind), ("p_kind", p_kind), ("q_kind", q_kind)):
+            if value is not None and value not in KINDS:
+                raise OptionError(f"unknown {arg} {value!r}; expected one of {', '.join(KINDS)}")
+        for arg, value in (("temperature", temperature), ("p_temperature", p_temperature),
+                           ("q_temperature", q_temperature)):
+            if value is not None:
+                _check_temperature(arg, value)
         opts = cls(
             p_kind=p_kind if p_kind is not None else kind,
             q_kind=q_kind if q_kind is not None else kind,
             p_temperature=float(p_temperature if p_temperature is not None else temperature),
             q_temperature=float(q_temperature if q_temperature is not None else temperature),
-            base=float(base),
-            normalize=bool(normalize),
-            smoothing=float(smoothing),
-            sum_tol=float(sum_tol),
+            base=_number("base", base),
+            normalize=check_flag("normalize", normalize),
+            smoothing=_number("smoothing", smoothing),
+            sum_tol=_number("sum_tol", sum_tol),
             on_invalid=on_invalid,
         )
         opts.check()
@@ -75,6 +85,34 @@ class Options:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """A yes/no option: only a real boolean (bool("no") would be True)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise OptionError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise OptionError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_temperature(name: str, value: Any) -> None:
+    t = _number(name, value)
+    if not (t > 0 and math.isfinite(t)):
+        raise OptionError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def check_threads(threads: Any) -> int | None:
+    """`threads=`: None (all cores) or a whole number >= 1."""
+    if threads is None:
+        return None
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise OptionError(f"threads must be a whole number >= 1 (or None for all cores), got {threads!r}")
+    return int(threads)
 
 
 def check_measures(measures: Iterable[str] | str) -> tuple[str, ...]:

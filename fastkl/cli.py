@@ -8,6 +8,7 @@ Errors are one line on stderr; --debug shows the traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
@@ -20,10 +21,41 @@ EXIT_DATA = 1
 EXIT_USAGE = 2
 
 
+# Python keyword arguments named in messages, as the command line spells them:
+# `name=value` anywhere, names with an underscore alone, and a plain name that
+# opens the message ("temperature must be ..."). Never inside a path or quotes.
+_FLAGS = ("normalize", "overwrite", "resume", "status", "quiet")
+_NAMES = _FLAGS + ("p_temperature", "q_temperature", "temperature", "p_kind", "q_kind", "kind", "sum_tol",
+                   "on_invalid", "smoothing", "base", "workers", "task_rows", "task_bytes", "summary_json",
+                   "scheduler")
+_ALONE = "|".join(n for n in _NAMES if "_" in n)
+_PY_ARG = re.compile(
+    rf"(?<![\w./'\"-])(?:(?P<name>{'|'.join(_NAMES)})=(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;)]+)"
+    rf"|(?P<alone>{_ALONE})(?![\w./'\"(-])|^(?P<first>{'|'.join(_NAMES)})(?= must ))"
+)
+
+
+def cli_words(message: str) -> str:
+    """A message written for the Python API (`normalize=True`, `p_temperature`) in the
+    command line's words (`--normalize`, `--p-temperature`): the CLI's errors speak CLI."""
+
+    def option(m: re.Match) -> str:
+        name = m.group("name") or m.group("alone") or m.group("first")
+        if name == "task_bytes":
+            return "--task-mb"
+        opt = "--" + name.replace("_", "-")
+        value = m.group("value")
+        if value is None or name in _FLAGS:
+            return opt
+        return f"{opt} {value.strip(chr(39) + chr(34))}"
+
+    return _PY_ARG.sub(option, message)
+
+
 def _fail(ctx_debug: bool, code: int, message: str) -> None:
     if ctx_debug:
         traceback.print_exc()
-    click.echo(f"fastkl: error: {message}", err=True)
+    click.echo(f"fastkl: error: {cli_words(message)}", err=True)
     sys.exit(code)
 
 

@@ -38,7 +38,7 @@ class InvalidRowError(FastKLError, ValueError):
         others = self.count - 1
         if others > 0:
             msg += f"; {self.count} invalid rows in this part"
-        msg += " (pass on_invalid='null' / --on-invalid null to keep going)"
+        msg += " (pass on_invalid='null' to keep going)"
         return msg
 
     def __reduce__(self):  # picklable across Dask worker processes
