@@ -20,13 +20,15 @@ output parts and the summary are the same however the job is scheduled:
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterator, Sequence
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -152,17 +154,75 @@ def _has_magic(pattern: str) -> bool:
     return glob.has_magic(pattern)
 
 
-def _sniff(path: str) -> str | None:
+_SUMMARY_FILES = ("_metadata", "_common_metadata")  # a dataset's footers in one file: no data of their own
+# What fastkl writes beside a DEST (DEST.fastkl-staging, DEST.fastkl-old, DEST.fastkl-lock and their
+# temporaries): never input, whatever the way SOURCE names it.
+_FASTKL_NAME = re.compile(r"\.fastkl-[a-z]+(\.[^" + re.escape(os.sep) + r"]*)?$")
+_MANIFEST = "_fastkl.json"
+
+
+def shown(path: str) -> str:
+    """A path as a message names it: as given, or escaped like repr() if it holds a newline
+    or another unprintable character (an undecodable byte too), so every message stays one line."""
+    return path if path.isprintable() else repr(path)
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _unreadable(display: str, e: OSError) -> DataError:
+    return DataError(f"{display}: cannot read it ({_why(e)})")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def _refuse_special(display: str, mode: int) -> DataError:
+    """Reading a FIFO blocks until a writer comes, a device may never end: refuse them unopened."""
+    return DataError(f"{display}: {_kind(mode)}, not a regular file: refused without opening it")
+
+
+def _stat(path: str) -> os.stat_result:
+    """stat() following links; an error names the path (a dangling link says so)."""
+    try:
+        return os.stat(path)
+    except OSError as e:
+        if os.path.islink(path) and isinstance(e, FileNotFoundError):
+            raise DataError(f"{shown(path)}: a symbolic link to nothing ({os.readlink(path)!r})") from None
+        raise _unreadable(shown(path), e) from None
+
+
+def _sniff(path: str, display: str) -> str | None:
+    """The format of a regular file: by its extension, else by its first bytes.
+
+    Opened non-blocking and checked again through the descriptor, so a file
+    replaced by a FIFO since it was listed cannot hang discovery; an error
+    reading it is an error naming it (a file nobody can read is not a stray).
+    """
     low = path.lower()
     if low.endswith(PARQUET_EXT):
         return "parquet"
     if low.endswith(IPC_EXT):
         return "ipc"
     try:
-        with open(path, "rb") as f:
-            head = f.read(6)
-    except OSError:
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise _unreadable(display, e) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _refuse_special(display, mode)
+        head = os.read(fd, 6)
+    except OSError as e:
+        raise _unreadable(display, e) from None
+    finally:
+        os.close(fd)
     if head[:4] == b"PAR1":
         return "parquet"
     if head == b"ARROW1":
@@ -172,20 +232,135 @@ def _sniff(path: str) -> str | None:
 
 def _is_fastkl_output(d: str) -> bool:
     """A fastkl output, staging or old-output directory: never input (it has no list columns)."""
-    return d.endswith((".fastkl-staging", ".fastkl-old")) or os.path.exists(os.path.join(d, "_fastkl.json"))
+    return _FASTKL_NAME.search(os.path.basename(d)) is not None or os.path.exists(os.path.join(d, _MANIFEST))
 
 
-def _walk(root: str) -> Iterable[str]:
-    """Files under a directory in sorted order, skipping hidden/underscore entries and fastkl outputs."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(_IGNORE_PREFIXES) and not _is_fastkl_output(os.path.join(dirpath, d))
-        )
-        for name in sorted(filenames):
-            if not name.startswith(_IGNORE_PREFIXES):
-                yield os.path.join(dirpath, name)
+def _skipped_name(name: str, asked: str = "") -> bool:
+    """Hidden and underscore names (_SUCCESS, _temporary/, .crc ...) unless the glob
+    component `asked` starts with that character too, and fastkl's own names always."""
+    if _FASTKL_NAME.search(name):
+        return True
+    return name.startswith(_IGNORE_PREFIXES) and not asked.startswith(name[0])
+
+
+def _listing(d: str) -> list[os.DirEntry]:
+    """A directory's entries by name; a directory that cannot be read is an error, not empty."""
+    try:
+        with os.scandir(d or os.curdir) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"{shown(d or os.curdir)}: cannot read the directory ({_why(e)})") from None
+
+
+def _entry_mode(e: os.DirEntry, path: str) -> int:
+    """File type of an entry, links followed; stat() only when the listing does not say."""
+    if e.is_file():
+        return stat.S_IFREG
+    if e.is_dir():
+        return stat.S_IFDIR
+    return _stat(path).st_mode  # a FIFO, a socket, a device, or a dangling link (an error)
+
+
+def _walk(root: str, on_link=lambda path: None) -> Iterator[tuple[str, int]]:
+    """(path, file type) of the files under a directory, in sorted order, skipping
+    hidden/underscore entries and fastkl outputs (the rules of pyarrow.dataset, plus ours).
+
+    Files of a directory come before its subdirectories, depth first (os.walk's
+    order). Symlinked directories are followed, as pyarrow.dataset does; a directory
+    whose real path was already walked (a cycle of links, or two links to one
+    place) is walked once. `on_link` hears of every followed link.
+    """
+    visited: set[str] = set()
+    stack = [(root, False)]
+    while stack:
+        d, linked = stack.pop()
+        real = os.path.realpath(d)
+        if real in visited:
+            continue
+        visited.add(real)
+        if linked:
+            on_link(d)
+        subdirs = []
+        for e in _listing(d):
+            if _skipped_name(e.name):
+                continue
+            path = os.path.join(d, e.name)
+            mode = _entry_mode(e, path)
+            if not stat.S_ISDIR(mode):
+                yield path, mode
+            elif not _is_fastkl_output(path):
+                subdirs.append((path, e.is_symlink()))
+        stack.extend(reversed(subdirs))
+
+
+def _glob(pattern: str) -> list[str]:
+    """Paths matching a glob (`**` spans directories), under the rules of the directory walk.
+
+    Python's glob skips only dot names, lists fastkl outputs and swallows
+    unreadable directories; here every component below the fixed prefix is
+    held to `_walk`'s rules (an `_` or `.` name only where the pattern's own
+    component asks for it), unreadable directories are errors and `**` does
+    not loop through a cycle of links. Sorted, like sorted(glob.glob(...)).
+    """
+    parts = pattern.split(os.sep)
+    fixed = 0
+    while fixed < len(parts) and not _has_magic(parts[fixed]):
+        fixed += 1
+    base = os.sep.join(parts[:fixed]) or (os.sep if fixed else "")
+    rest = [c for c in parts[fixed:] if c]
+    dirs_only = parts[-1] == ""
+    try:
+        if not stat.S_ISDIR(os.stat(base or os.curdir).st_mode):
+            return []
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise _unreadable(shown(base), e) from None
+    out: set[str] = set()
+
+    def matched(path: str, mode: int, last: bool) -> bool:
+        """Record `path` if it matches the last component; True if the pattern goes on inside it."""
+        if stat.S_ISDIR(mode) and _is_fastkl_output(path):
+            return False
+        if last and not (dirs_only and not stat.S_ISDIR(mode)) and os.path.basename(path) not in _SUMMARY_FILES:
+            out.add(path)
+        return not last and stat.S_ISDIR(mode)
+
+    def expand(d: str, k: int, chain: frozenset[str]) -> None:
+        if k == len(rest):
+            out.add(d or os.curdir)
+            return
+        comp, last = rest[k], k == len(rest) - 1
+        if comp == "**" and last:  # d and all below it: what walking d reads
+            out.add(d or os.curdir)
+        elif comp == "**":
+            expand(d, k + 1, chain)  # zero directories
+            for e in _listing(d):
+                path = os.path.join(d, e.name)
+                if _skipped_name(e.name) or not e.is_dir() or _is_fastkl_output(path):
+                    continue
+                real = os.path.realpath(path)
+                if real not in chain:
+                    expand(path, k, chain | {real})
+        elif not _has_magic(comp):
+            path = os.path.join(d, comp)
+            try:
+                mode = os.stat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            except OSError as e:
+                raise _unreadable(shown(path), e) from None
+            if not _FASTKL_NAME.search(comp) and matched(path, mode, last):
+                expand(path, k + 1, chain)
+        else:
+            for e in _listing(d):
+                if fnmatch.fnmatchcase(e.name, comp) and not _skipped_name(e.name, comp):
+                    path = os.path.join(d, e.name)
+                    if matched(path, _entry_mode(e, path), last):
+                        expand(path, k + 1, chain)
+
+    expand(base, 0, frozenset({os.path.realpath(base or os.curdir)}))
+    return sorted(out)
 
 
 def _hive(rel_dir: str) -> tuple[tuple[str, str | None], ...]:
@@ -206,11 +381,26 @@ class _Found:
     partition: tuple[tuple[str, str | None], ...]
 
 
+def _stat_source(s: str) -> os.stat_result | None:
+    """stat() of a SOURCE argument; None if nothing is there (it may be a glob)."""
+    try:
+        return os.stat(s)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(s):
+            raise DataError(f"SOURCE {s!r} is a symbolic link to nothing ({os.readlink(s)!r})") from None
+        return None
+    except OSError as e:
+        raise DataError(f"SOURCE {s!r}: cannot read it ({_why(e)})") from None
+
+
 def discover(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[_Found], list[str]]:
     """Expand SOURCE arguments into data files (sorted within each argument).
 
     Returns the files and the "roots" (directories or files) the job reads,
-    which the output checks against DEST.
+    which the output checks against DEST: every argument, every glob match and
+    every symlinked directory followed. A file reached twice (the same argument
+    twice, links) is read once. Files, directories and globs follow the same
+    rules (SPEC §5): see `_walk` and `_glob`.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -221,49 +411,56 @@ def discover(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[
     roots: list[str] = []
     seen: set[str] = set()
 
-    def add(path: str, display: str, partition=(), explicit=False) -> None:
+    def add(path: str, mode: int, partition=(), explicit=False) -> bool:
+        """Take a file if it is data; True if it is (read now or already)."""
+        display = shown(path)
+        if not stat.S_ISREG(mode):
+            raise _refuse_special(display, mode)
         real = os.path.realpath(path)
         if real in seen:
-            return
-        fmt = _sniff(path)
+            return True
+        fmt = _sniff(path, display)
         if fmt is None:
             if explicit:
                 raise DataError(f"{display}: not a Parquet or Arrow IPC file")
-            return  # stray file in a dataset directory (README, .crc, ...)
+            return False  # stray file in a dataset directory (README, ...)
         seen.add(real)
         found.append(_Found(os.path.abspath(path), display, fmt, partition))
+        return True
 
-    def add_dir(d: str) -> None:
-        roots.append(os.path.abspath(d))
-        n0 = len(found)
-        for f in _walk(d):
-            add(f, f, _hive(os.path.relpath(os.path.dirname(f), d)))
-        if len(found) == n0:
-            raise OptionError(f"SOURCE {d!r} holds no Parquet or Arrow IPC file")
+    def add_dir(d: str) -> bool:
+        data = False
+        for path, mode in _walk(d, on_link=lambda link: roots.append(os.path.abspath(link))):
+            data |= add(path, mode, _hive(os.path.relpath(os.path.dirname(path), d)))
+        return data
 
     for s in sources:
-        if os.path.isdir(s):
-            add_dir(s)
-        elif os.path.isfile(s):
-            roots.append(os.path.abspath(s))
-            add(s, s, explicit=True)
-        elif _has_magic(s):
-            matches = sorted(glob.glob(s, recursive=True))
+        st = _stat_source(s)
+        if st is None and not _has_magic(s):
+            raise OptionError(f"SOURCE {s!r} does not exist")
+        if st is None:
+            matches = _glob(s)
             if not matches:
                 raise OptionError(f"SOURCE {s!r} matches no file")
-            n0 = len(found)
+            data = False
             for m in matches:
-                if os.path.isdir(m):
-                    add_dir(m)
-                elif not os.path.basename(m).startswith(_IGNORE_PREFIXES) or os.path.basename(s).startswith(
-                    _IGNORE_PREFIXES
-                ):
-                    roots.append(os.path.abspath(m))
-                    add(m, m)
-            if len(found) == n0:
+                roots.append(os.path.abspath(m))
+                mode = _stat(m).st_mode
+                data |= add_dir(m) if stat.S_ISDIR(mode) else add(m, mode)
+            if not data:
                 raise OptionError(f"SOURCE {s!r} matches no Parquet or Arrow IPC file")
+        elif stat.S_ISDIR(st.st_mode):
+            roots.append(os.path.abspath(s))
+            if not add_dir(s):
+                raise OptionError(f"SOURCE {s!r} holds no Parquet or Arrow IPC file")
         else:
-            raise OptionError(f"SOURCE {s!r} does not exist")
+            roots.append(os.path.abspath(s))
+            if os.path.basename(s) in _SUMMARY_FILES:
+                raise OptionError(
+                    f"{shown(s)} is a Parquet summary file (the footers of a dataset's files), not data: "
+                    "give the dataset's directory as SOURCE"
+                )
+            add(s, st.st_mode, explicit=True)
     return found, roots
 
 
