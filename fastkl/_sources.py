@@ -478,11 +478,46 @@ def _is_float_list(t: pa.DataType) -> bool:
 _WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "FIXED_LEN_BYTE_ARRAY": 8}
 
 
+def _leaf_count(t: pa.DataType) -> int:
+    """Parquet leaf columns that an Arrow field of type `t` is stored in."""
+    if isinstance(t, pa.ExtensionType):
+        t = t.storage_type
+    if pa.types.is_struct(t):
+        return sum(_leaf_count(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _leaf_count(t.key_type) + _leaf_count(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or (
+        hasattr(pa.types, "is_list_view") and (pa.types.is_list_view(t) or pa.types.is_large_list_view(t))
+    ):
+        return _leaf_count(t.value_type)
+    return 1
+
+
 def _leaf_columns(md: pq.FileMetaData, names: list[str]) -> list[int]:
-    roots: dict[str, list[int]] = {}
-    for j in range(md.num_columns):
-        roots.setdefault(md.schema.column(j).path.split(".")[0], []).append(j)
-    return [j for n in names for j in roots.get(n, [])]
+    """Indices of the Parquet leaf columns of the named top-level fields.
+
+    Leaves are stored depth first in field order, so each top-level field owns
+    the next `_leaf_count` of them. Not by splitting the dotted leaf paths: a
+    column named `dist.p` and a struct `dist` with a child `p` have the same
+    path, and the name would match no leaf (sized 0 bytes, its footer
+    unchecked).
+    """
+    leaves: dict[str, list[int]] = {}
+    j = 0
+    for f in md.schema.to_arrow_schema():
+        n = _leaf_count(f.type)
+        leaves.setdefault(f.name, []).extend(range(j, j + n))
+        j += n
+    if j != md.num_columns:
+        raise ValueError(f"its schema's fields make {j} leaf columns, but it declares {md.num_columns}")
+    out = []
+    for n in names:
+        for j in leaves.get(n, []):
+            path = md.schema.column(j).path
+            if path != n and not path.startswith(n + "."):
+                raise ValueError(f"leaf column {j} ({path}) is not under field {n!r}, which it belongs to")
+            out.append(j)
+    return out
 
 
 def _leaf_bytes(md: pq.FileMetaData, names: list[str]) -> list[int]:

@@ -198,6 +198,30 @@ def test_fifos_sockets_and_devices_are_refused_unopened(tmp_path):
 
 
 # --------------------------------------------------------------------------
+# 11. a dot in a column name is a character, not a path
+
+
+def test_dotted_column_names_keep_the_memory_bound_and_the_footer_checks(tmp_path):
+    n, k = 400, 64
+    dist = pa.FixedSizeListArray.from_arrays(pa.array(np.full(n * k, 1.0 / k)), k)
+    t = pa.table({"dist.p": dist, "dist.q": dist, "id": pa.array(np.arange(n))})
+    path = tmp_path / "dotted.parquet"
+    pq.write_table(t, path, row_group_size=50)
+    group_bytes = 50 * k * 8 * 2
+    plan, _ = scan(str(path), p="dist.p", q="dist.q", keep=["id"], task_bytes=2 * group_bytes)
+    assert len(plan.tasks) == 4 and all(task.nbytes >= 2 * 50 * k * 8 for task in plan.tasks)
+    assert plan.batch_rows[0] <= 100
+    s = fastkl.run(path, tmp_path / "out", p="dist.p", q="dist.q", task_bytes=2 * group_bytes)
+    assert s.rows == n
+    md, data = surgery.read_footer(str(path))
+    surgery.column_meta(md, 1, 0).set(7, 10**12)  # total_compressed_size of dist.p in row group 1
+    surgery.write_with_footer(str(path), data, md)
+    code, err = cli("run", path, tmp_path / "out2", "--p", "dist.p", "--q", "dist.q")
+    assert code == 1 and "dotted.parquet: corrupt Parquet footer: row group 1" in one_line(err), err
+    assert "outside the data" in err
+
+
+# --------------------------------------------------------------------------
 # messages
 
 
