@@ -28,7 +28,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -584,13 +584,18 @@ def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int)
         raise ValueError(f"the row groups hold {total} rows but the footer declares {md.num_rows}")
 
 
+def _present(schema: pa.Schema, names: list[str]) -> list[str]:
+    """The named columns that a file holds once (a duplicated one is refused by _check_columns)."""
+    return [n for n in names if schema.names.count(n) == 1]
+
+
 def _read_footer(f: _Found, names: list[str]) -> tuple[pa.Schema, list[tuple[int, int]], int, int]:
     st = os.stat(f.path)
     try:
         if f.fmt == "parquet":
             md = pq.read_metadata(f.path)
             schema = md.schema.to_arrow_schema()
-            present = [n for n in names if n in schema.names]
+            present = _present(schema, names)
             try:
                 check_footer(f.path, md, st.st_size)  # before pyarrow builds any column chunk's metadata
                 _check_parquet_footer(md, present, st.st_size)
@@ -602,7 +607,7 @@ def _read_footer(f: _Found, names: list[str]) -> tuple[pa.Schema, list[tuple[int
             with pa.memory_map(f.path) as src:
                 reader = pa.ipc.open_file(src)
                 schema = reader.schema
-                present = [n for n in names if n in schema.names]
+                present = _present(schema, names)
                 units = []
                 for i in range(reader.num_record_batches):
                     b = reader.get_batch(i)
@@ -635,14 +640,43 @@ def _partition_types(found: list[_Found]) -> dict[str, pa.DataType]:
     return out
 
 
-def _check_columns(found: list[_Found], schemas: list[pa.Schema], cols: Columns) -> None:
-    """Unknown column in the first file: usage error. Differing files: data error."""
+def _null_typed(t: pa.DataType) -> bool:
+    """`null` or a list of `null`: the type an empty pandas frame writes for a column of objects."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        t = t.value_type
+    return pa.types.is_null(t)
+
+
+def _check_duplicates(f: _Found, s: pa.Schema, names: Iterable[str | None]) -> None:
+    """A column read by name must be there once: which of two `id` columns would be meant?"""
+    for name in dict.fromkeys(n for n in names if n is not None):
+        n = s.names.count(name)
+        if n > 1:
+            raise DataError(f"{f.display}: column {name!r} appears {n} times; column names must be unique")
+
+
+def _check_columns(
+    found: list[_Found], schemas: list[pa.Schema], cols: Columns, rows: Sequence[int] | None = None
+) -> None:
+    """Unknown column in the reference file: usage error. Differing files: data error.
+
+    The reference is the first file with rows (the first file if none has):
+    an empty shard whose columns are typed `null` / `list<null>` (as empty
+    pandas frames write) has nothing to read, so it is accepted with any of
+    them null-typed; it contributes no row and no type.
+    """
+    rows = list(rows) if rows is not None else [1] * len(found)
+    ref = next((i for i, r in enumerate(rows) if r > 0), 0)
     ptypes = _partition_types(found)
-    first, s0 = found[0], schemas[0]
+    first, s0 = found[ref], schemas[ref]
+    _check_duplicates(first, s0, (cols.p, cols.q, *cols.keep))
 
     def unknown(name: str, role: str) -> OptionError:
         names = ", ".join(s0.names)
         return OptionError(f"unknown {role} column {name!r} in {first.display} (columns: {names})")
+
+    def probabilities(t: pa.DataType, empty: bool) -> bool:
+        return _is_float_list(t) or (empty and _null_typed(t))
 
     for role, name in (("p", cols.p), ("q", cols.q)):
         if name is None:
@@ -650,7 +684,7 @@ def _check_columns(found: list[_Found], schemas: list[pa.Schema], cols: Columns)
         if name not in s0.names:
             raise unknown(name, role)
         t = s0.field(name).type
-        if not _is_float_list(t):
+        if not probabilities(t, rows[ref] == 0):
             raise OptionError(
                 f"column {name!r} ({role}) in {first.display} has type {t}; expected a list of floats"
             )
@@ -662,13 +696,17 @@ def _check_columns(found: list[_Found], schemas: list[pa.Schema], cols: Columns)
             cols.keep_types[name] = ptypes[name]
         else:
             raise unknown(name, "keep")
-    for f, s in zip(found[1:], schemas[1:]):
+    for i, (f, s) in enumerate(zip(found, schemas)):
+        if i == ref:
+            continue
+        empty = rows[i] == 0
+        _check_duplicates(f, s, (cols.p, cols.q, *cols.keep))
         for role, name in (("p", cols.p), ("q", cols.q)):
             if name is None:
                 continue
             if name not in s.names:
                 raise DataError(f"{f.display}: no column {name!r} ({role}), unlike {first.display}")
-            if not _is_float_list(s.field(name).type):
+            if not probabilities(s.field(name).type, empty):
                 raise DataError(
                     f"{f.display}: column {name!r} ({role}) has type {s.field(name).type}; "
                     "expected a list of floats"
@@ -678,9 +716,10 @@ def _check_columns(found: list[_Found], schemas: list[pa.Schema], cols: Columns)
                 continue
             if name not in s.names:
                 raise DataError(f"{f.display}: no column {name!r} (keep), unlike {first.display}")
-            if s.field(name).type != cols.keep_types[name]:
+            t = s.field(name).type
+            if t != cols.keep_types[name] and not (empty and pa.types.is_null(t)):
                 raise DataError(
-                    f"{f.display}: column {name!r} has type {s.field(name).type}, "
+                    f"{f.display}: column {name!r} has type {t}, "
                     f"but {cols.keep_types[name]} in {first.display}"
                 )
 
@@ -708,7 +747,8 @@ def scan(
     names = [c for c in (p, q) if c is not None]
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
         footers = list(ex.map(lambda f: _read_footer(f, names), found))
-    _check_columns(found, [s for s, *_ in footers], cols)
+    rows = [sum(r for r, _ in units) for _, units, *_ in footers]
+    _check_columns(found, [s for s, *_ in footers], cols, rows)
 
     files: list[InputFile] = []
     for i, (f, (schema, units, size, mtime)) in enumerate(zip(found, footers)):

@@ -234,6 +234,19 @@ def test_the_same_directory_twice_is_read_once(tmp_path):
     assert fastkl.run([src, str(src / "*")], tmp_path / "out2").rows == 20
 
 
+def test_duplicate_column_names_name_the_file_and_the_column(tmp_path):
+    t = _table()
+    dup = pa.Table.from_arrays([t["p"], t["q"], t["id"], t["id"]], names=["p", "q", "id", "id"])
+    pq.write_table(dup, tmp_path / "dup.parquet")
+    code, err = cli("run", tmp_path / "dup.parquet", tmp_path / "out", "--keep", "id")
+    assert code == 1 and "dup.parquet: column 'id' appears 2 times" in one_line(err), err
+    two_p = pa.Table.from_arrays([t["p"], t["p"], t["q"]], names=["p", "p", "q"])
+    feather.write_feather(two_p, tmp_path / "dup.arrow")
+    code, err = cli("run", tmp_path / "dup.arrow", tmp_path / "out")
+    assert code == 1 and "dup.arrow: column 'p' appears 2 times" in one_line(err), err
+    assert fastkl.run(tmp_path / "dup.parquet", tmp_path / "out").rows == 20  # `id` not read: no matter
+
+
 def test_a_parquet_summary_file_is_not_data(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
@@ -257,3 +270,26 @@ def test_a_newline_in_a_file_name_keeps_messages_one_line(tmp_path):
     (src / "notes\nhere").write_bytes(b"text")
     code, err = cli("run", src / "notes\nhere", tmp_path / "out")
     assert code == 1 and "not a Parquet or Arrow IPC file" in one_line(err), err
+
+
+def test_empty_shards_typed_null_are_accepted(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    empty_null = pa.table({"id": pa.array([], pa.null()), "p": pa.array([], pa.null()), "q": pa.array([], pa.null())})
+    list_null = pa.list_(pa.null())
+    empty_list = pa.table({"id": pa.array([], pa.null()), "p": pa.array([], list_null), "q": pa.array([], list_null)})
+    pq.write_table(empty_null, src / "a-empty.parquet")  # first in order: the schema comes from typed files
+    pq.write_table(_table(20), src / "b.parquet")
+    feather.write_feather(empty_list, src / "c-empty.arrow")
+    s = fastkl.run(src, tmp_path / "out", keep=("id",))
+    out = read_dest(tmp_path / "out")
+    assert s.rows == 20 and out.schema.field("id").type == pa.int64() and out.num_rows == 20
+    only_empty = tmp_path / "only-empty"
+    only_empty.mkdir()
+    pq.write_table(empty_list, only_empty / "a.parquet")
+    assert fastkl.run(only_empty, tmp_path / "out2").rows == 0
+    assert pq.read_table(tmp_path / "out2").num_rows == 0
+    with pytest.raises(fastkl.DataError, match="has type null"):  # rows typed null: refused as before
+        pq.write_table(pa.table({"p": pa.array([None], pa.null()), "q": pa.array([None], pa.null())}),
+                       src / "d.parquet")
+        fastkl.run(src, tmp_path / "out3")
