@@ -20,13 +20,15 @@ output parts and the summary are the same however the job is scheduled:
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -152,17 +154,75 @@ def _has_magic(pattern: str) -> bool:
     return glob.has_magic(pattern)
 
 
-def _sniff(path: str) -> str | None:
+_SUMMARY_FILES = ("_metadata", "_common_metadata")  # a dataset's footers in one file: no data of their own
+# What fastkl writes beside a DEST (DEST.fastkl-staging, DEST.fastkl-old, DEST.fastkl-lock and their
+# temporaries): never input, whatever the way SOURCE names it.
+_FASTKL_NAME = re.compile(r"\.fastkl-[a-z]+(\.[^" + re.escape(os.sep) + r"]*)?$")
+_MANIFEST = "_fastkl.json"
+
+
+def shown(path: str) -> str:
+    """A path as a message names it: as given, or escaped like repr() if it holds a newline
+    or another unprintable character (an undecodable byte too), so every message stays one line."""
+    return path if path.isprintable() else repr(path)
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _unreadable(display: str, e: OSError) -> DataError:
+    return DataError(f"{display}: cannot read it ({_why(e)})")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "an unknown kind of file"
+
+
+def _refuse_special(display: str, mode: int) -> DataError:
+    """Reading a FIFO blocks until a writer comes, a device may never end: refuse them unopened."""
+    return DataError(f"{display}: {_kind(mode)}, not a regular file: refused without opening it")
+
+
+def _stat(path: str) -> os.stat_result:
+    """stat() following links; an error names the path (a dangling link says so)."""
+    try:
+        return os.stat(path)
+    except OSError as e:
+        if os.path.islink(path) and isinstance(e, FileNotFoundError):
+            raise DataError(f"{shown(path)}: a symbolic link to nothing ({os.readlink(path)!r})") from None
+        raise _unreadable(shown(path), e) from None
+
+
+def _sniff(path: str, display: str) -> str | None:
+    """The format of a regular file: by its extension, else by its first bytes.
+
+    Opened non-blocking and checked again through the descriptor, so a file
+    replaced by a FIFO since it was listed cannot hang discovery; an error
+    reading it is an error naming it (a file nobody can read is not a stray).
+    """
     low = path.lower()
     if low.endswith(PARQUET_EXT):
         return "parquet"
     if low.endswith(IPC_EXT):
         return "ipc"
     try:
-        with open(path, "rb") as f:
-            head = f.read(6)
-    except OSError:
-        return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise _unreadable(display, e) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise _refuse_special(display, mode)
+        head = os.read(fd, 6)
+    except OSError as e:
+        raise _unreadable(display, e) from None
+    finally:
+        os.close(fd)
     if head[:4] == b"PAR1":
         return "parquet"
     if head == b"ARROW1":
@@ -172,20 +232,135 @@ def _sniff(path: str) -> str | None:
 
 def _is_fastkl_output(d: str) -> bool:
     """A fastkl output, staging or old-output directory: never input (it has no list columns)."""
-    return d.endswith((".fastkl-staging", ".fastkl-old")) or os.path.exists(os.path.join(d, "_fastkl.json"))
+    return _FASTKL_NAME.search(os.path.basename(d)) is not None or os.path.exists(os.path.join(d, _MANIFEST))
 
 
-def _walk(root: str) -> Iterable[str]:
-    """Files under a directory in sorted order, skipping hidden/underscore entries and fastkl outputs."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d
-            for d in dirnames
-            if not d.startswith(_IGNORE_PREFIXES) and not _is_fastkl_output(os.path.join(dirpath, d))
-        )
-        for name in sorted(filenames):
-            if not name.startswith(_IGNORE_PREFIXES):
-                yield os.path.join(dirpath, name)
+def _skipped_name(name: str, asked: str = "") -> bool:
+    """Hidden and underscore names (_SUCCESS, _temporary/, .crc ...) unless the glob
+    component `asked` starts with that character too, and fastkl's own names always."""
+    if _FASTKL_NAME.search(name):
+        return True
+    return name.startswith(_IGNORE_PREFIXES) and not asked.startswith(name[0])
+
+
+def _listing(d: str) -> list[os.DirEntry]:
+    """A directory's entries by name; a directory that cannot be read is an error, not empty."""
+    try:
+        with os.scandir(d or os.curdir) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"{shown(d or os.curdir)}: cannot read the directory ({_why(e)})") from None
+
+
+def _entry_mode(e: os.DirEntry, path: str) -> int:
+    """File type of an entry, links followed; stat() only when the listing does not say."""
+    if e.is_file():
+        return stat.S_IFREG
+    if e.is_dir():
+        return stat.S_IFDIR
+    return _stat(path).st_mode  # a FIFO, a socket, a device, or a dangling link (an error)
+
+
+def _walk(root: str, on_link=lambda path: None) -> Iterator[tuple[str, int]]:
+    """(path, file type) of the files under a directory, in sorted order, skipping
+    hidden/underscore entries and fastkl outputs (the rules of pyarrow.dataset, plus ours).
+
+    Files of a directory come before its subdirectories, depth first (os.walk's
+    order). Symlinked directories are followed, as pyarrow.dataset does; a directory
+    whose real path was already walked (a cycle of links, or two links to one
+    place) is walked once. `on_link` hears of every followed link.
+    """
+    visited: set[str] = set()
+    stack = [(root, False)]
+    while stack:
+        d, linked = stack.pop()
+        real = os.path.realpath(d)
+        if real in visited:
+            continue
+        visited.add(real)
+        if linked:
+            on_link(d)
+        subdirs = []
+        for e in _listing(d):
+            if _skipped_name(e.name):
+                continue
+            path = os.path.join(d, e.name)
+            mode = _entry_mode(e, path)
+            if not stat.S_ISDIR(mode):
+                yield path, mode
+            elif not _is_fastkl_output(path):
+                subdirs.append((path, e.is_symlink()))
+        stack.extend(reversed(subdirs))
+
+
+def _glob(pattern: str) -> list[str]:
+    """Paths matching a glob (`**` spans directories), under the rules of the directory walk.
+
+    Python's glob skips only dot names, lists fastkl outputs and swallows
+    unreadable directories; here every component below the fixed prefix is
+    held to `_walk`'s rules (an `_` or `.` name only where the pattern's own
+    component asks for it), unreadable directories are errors and `**` does
+    not loop through a cycle of links. Sorted, like sorted(glob.glob(...)).
+    """
+    parts = pattern.split(os.sep)
+    fixed = 0
+    while fixed < len(parts) and not _has_magic(parts[fixed]):
+        fixed += 1
+    base = os.sep.join(parts[:fixed]) or (os.sep if fixed else "")
+    rest = [c for c in parts[fixed:] if c]
+    dirs_only = parts[-1] == ""
+    try:
+        if not stat.S_ISDIR(os.stat(base or os.curdir).st_mode):
+            return []
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as e:
+        raise _unreadable(shown(base), e) from None
+    out: set[str] = set()
+
+    def matched(path: str, mode: int, last: bool) -> bool:
+        """Record `path` if it matches the last component; True if the pattern goes on inside it."""
+        if stat.S_ISDIR(mode) and _is_fastkl_output(path):
+            return False
+        if last and not (dirs_only and not stat.S_ISDIR(mode)) and os.path.basename(path) not in _SUMMARY_FILES:
+            out.add(path)
+        return not last and stat.S_ISDIR(mode)
+
+    def expand(d: str, k: int, chain: frozenset[str]) -> None:
+        if k == len(rest):
+            out.add(d or os.curdir)
+            return
+        comp, last = rest[k], k == len(rest) - 1
+        if comp == "**" and last:  # d and all below it: what walking d reads
+            out.add(d or os.curdir)
+        elif comp == "**":
+            expand(d, k + 1, chain)  # zero directories
+            for e in _listing(d):
+                path = os.path.join(d, e.name)
+                if _skipped_name(e.name) or not e.is_dir() or _is_fastkl_output(path):
+                    continue
+                real = os.path.realpath(path)
+                if real not in chain:
+                    expand(path, k, chain | {real})
+        elif not _has_magic(comp):
+            path = os.path.join(d, comp)
+            try:
+                mode = os.stat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            except OSError as e:
+                raise _unreadable(shown(path), e) from None
+            if not _FASTKL_NAME.search(comp) and matched(path, mode, last):
+                expand(path, k + 1, chain)
+        else:
+            for e in _listing(d):
+                if fnmatch.fnmatchcase(e.name, comp) and not _skipped_name(e.name, comp):
+                    path = os.path.join(d, e.name)
+                    if matched(path, _entry_mode(e, path), last):
+                        expand(path, k + 1, chain)
+
+    expand(base, 0, frozenset({os.path.realpath(base or os.curdir)}))
+    return sorted(out)
 
 
 def _hive(rel_dir: str) -> tuple[tuple[str, str | None], ...]:
@@ -206,11 +381,26 @@ class _Found:
     partition: tuple[tuple[str, str | None], ...]
 
 
+def _stat_source(s: str) -> os.stat_result | None:
+    """stat() of a SOURCE argument; None if nothing is there (it may be a glob)."""
+    try:
+        return os.stat(s)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(s):
+            raise DataError(f"SOURCE {s!r} is a symbolic link to nothing ({os.readlink(s)!r})") from None
+        return None
+    except OSError as e:
+        raise DataError(f"SOURCE {s!r}: cannot read it ({_why(e)})") from None
+
+
 def discover(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[_Found], list[str]]:
     """Expand SOURCE arguments into data files (sorted within each argument).
 
     Returns the files and the "roots" (directories or files) the job reads,
-    which the output checks against DEST.
+    which the output checks against DEST: every argument, every glob match and
+    every symlinked directory followed. A file reached twice (the same argument
+    twice, links) is read once. Files, directories and globs follow the same
+    rules (SPEC §5): see `_walk` and `_glob`.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
@@ -221,49 +411,56 @@ def discover(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[
     roots: list[str] = []
     seen: set[str] = set()
 
-    def add(path: str, display: str, partition=(), explicit=False) -> None:
+    def add(path: str, mode: int, partition=(), explicit=False) -> bool:
+        """Take a file if it is data; True if it is (read now or already)."""
+        display = shown(path)
+        if not stat.S_ISREG(mode):
+            raise _refuse_special(display, mode)
         real = os.path.realpath(path)
         if real in seen:
-            return
-        fmt = _sniff(path)
+            return True
+        fmt = _sniff(path, display)
         if fmt is None:
             if explicit:
                 raise DataError(f"{display}: not a Parquet or Arrow IPC file")
-            return  # stray file in a dataset directory (README, .crc, ...)
+            return False  # stray file in a dataset directory (README, ...)
         seen.add(real)
         found.append(_Found(os.path.abspath(path), display, fmt, partition))
+        return True
 
-    def add_dir(d: str) -> None:
-        roots.append(os.path.abspath(d))
-        n0 = len(found)
-        for f in _walk(d):
-            add(f, f, _hive(os.path.relpath(os.path.dirname(f), d)))
-        if len(found) == n0:
-            raise OptionError(f"SOURCE {d!r} holds no Parquet or Arrow IPC file")
+    def add_dir(d: str) -> bool:
+        data = False
+        for path, mode in _walk(d, on_link=lambda link: roots.append(os.path.abspath(link))):
+            data |= add(path, mode, _hive(os.path.relpath(os.path.dirname(path), d)))
+        return data
 
     for s in sources:
-        if os.path.isdir(s):
-            add_dir(s)
-        elif os.path.isfile(s):
-            roots.append(os.path.abspath(s))
-            add(s, s, explicit=True)
-        elif _has_magic(s):
-            matches = sorted(glob.glob(s, recursive=True))
+        st = _stat_source(s)
+        if st is None and not _has_magic(s):
+            raise OptionError(f"SOURCE {s!r} does not exist")
+        if st is None:
+            matches = _glob(s)
             if not matches:
                 raise OptionError(f"SOURCE {s!r} matches no file")
-            n0 = len(found)
+            data = False
             for m in matches:
-                if os.path.isdir(m):
-                    add_dir(m)
-                elif not os.path.basename(m).startswith(_IGNORE_PREFIXES) or os.path.basename(s).startswith(
-                    _IGNORE_PREFIXES
-                ):
-                    roots.append(os.path.abspath(m))
-                    add(m, m)
-            if len(found) == n0:
+                roots.append(os.path.abspath(m))
+                mode = _stat(m).st_mode
+                data |= add_dir(m) if stat.S_ISDIR(mode) else add(m, mode)
+            if not data:
                 raise OptionError(f"SOURCE {s!r} matches no Parquet or Arrow IPC file")
+        elif stat.S_ISDIR(st.st_mode):
+            roots.append(os.path.abspath(s))
+            if not add_dir(s):
+                raise OptionError(f"SOURCE {s!r} holds no Parquet or Arrow IPC file")
         else:
-            raise OptionError(f"SOURCE {s!r} does not exist")
+            roots.append(os.path.abspath(s))
+            if os.path.basename(s) in _SUMMARY_FILES:
+                raise OptionError(
+                    f"{shown(s)} is a Parquet summary file (the footers of a dataset's files), not data: "
+                    "give the dataset's directory as SOURCE"
+                )
+            add(s, st.st_mode, explicit=True)
     return found, roots
 
 
@@ -281,11 +478,46 @@ def _is_float_list(t: pa.DataType) -> bool:
 _WIDTH = {"BOOLEAN": 1, "INT32": 4, "INT64": 8, "INT96": 12, "FLOAT": 4, "DOUBLE": 8, "FIXED_LEN_BYTE_ARRAY": 8}
 
 
+def _leaf_count(t: pa.DataType) -> int:
+    """Parquet leaf columns that an Arrow field of type `t` is stored in."""
+    if isinstance(t, pa.ExtensionType):
+        t = t.storage_type
+    if pa.types.is_struct(t):
+        return sum(_leaf_count(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _leaf_count(t.key_type) + _leaf_count(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or (
+        hasattr(pa.types, "is_list_view") and (pa.types.is_list_view(t) or pa.types.is_large_list_view(t))
+    ):
+        return _leaf_count(t.value_type)
+    return 1
+
+
 def _leaf_columns(md: pq.FileMetaData, names: list[str]) -> list[int]:
-    roots: dict[str, list[int]] = {}
-    for j in range(md.num_columns):
-        roots.setdefault(md.schema.column(j).path.split(".")[0], []).append(j)
-    return [j for n in names for j in roots.get(n, [])]
+    """Indices of the Parquet leaf columns of the named top-level fields.
+
+    Leaves are stored depth first in field order, so each top-level field owns
+    the next `_leaf_count` of them. Not by splitting the dotted leaf paths: a
+    column named `dist.p` and a struct `dist` with a child `p` have the same
+    path, and the name would match no leaf (sized 0 bytes, its footer
+    unchecked).
+    """
+    leaves: dict[str, list[int]] = {}
+    j = 0
+    for f in md.schema.to_arrow_schema():
+        n = _leaf_count(f.type)
+        leaves.setdefault(f.name, []).extend(range(j, j + n))
+        j += n
+    if j != md.num_columns:
+        raise ValueError(f"its schema's fields make {j} leaf columns, but it declares {md.num_columns}")
+    out = []
+    for n in names:
+        for j in leaves.get(n, []):
+            path = md.schema.column(j).path
+            if path != n and not path.startswith(n + "."):
+                raise ValueError(f"leaf column {j} ({path}) is not under field {n!r}, which it belongs to")
+            out.append(j)
+    return out
 
 
 def _leaf_bytes(md: pq.FileMetaData, names: list[str]) -> list[int]:
@@ -352,13 +584,18 @@ def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int)
         raise ValueError(f"the row groups hold {total} rows but the footer declares {md.num_rows}")
 
 
+def _present(schema: pa.Schema, names: list[str]) -> list[str]:
+    """The named columns that a file holds once (a duplicated one is refused by _check_columns)."""
+    return [n for n in names if schema.names.count(n) == 1]
+
+
 def _read_footer(f: _Found, names: list[str]) -> tuple[pa.Schema, list[tuple[int, int]], int, int]:
     st = os.stat(f.path)
     try:
         if f.fmt == "parquet":
             md = pq.read_metadata(f.path)
             schema = md.schema.to_arrow_schema()
-            present = [n for n in names if n in schema.names]
+            present = _present(schema, names)
             try:
                 check_footer(f.path, md, st.st_size)  # before pyarrow builds any column chunk's metadata
                 _check_parquet_footer(md, present, st.st_size)
@@ -370,7 +607,7 @@ def _read_footer(f: _Found, names: list[str]) -> tuple[pa.Schema, list[tuple[int
             with pa.memory_map(f.path) as src:
                 reader = pa.ipc.open_file(src)
                 schema = reader.schema
-                present = [n for n in names if n in schema.names]
+                present = _present(schema, names)
                 units = []
                 for i in range(reader.num_record_batches):
                     b = reader.get_batch(i)
@@ -403,14 +640,43 @@ def _partition_types(found: list[_Found]) -> dict[str, pa.DataType]:
     return out
 
 
-def _check_columns(found: list[_Found], schemas: list[pa.Schema], cols: Columns) -> None:
-    """Unknown column in the first file: usage error. Differing files: data error."""
+def _null_typed(t: pa.DataType) -> bool:
+    """`null` or a list of `null`: the type an empty pandas frame writes for a column of objects."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        t = t.value_type
+    return pa.types.is_null(t)
+
+
+def _check_duplicates(f: _Found, s: pa.Schema, names: Iterable[str | None]) -> None:
+    """A column read by name must be there once: which of two `id` columns would be meant?"""
+    for name in dict.fromkeys(n for n in names if n is not None):
+        n = s.names.count(name)
+        if n > 1:
+            raise DataError(f"{f.display}: column {name!r} appears {n} times; column names must be unique")
+
+
+def _check_columns(
+    found: list[_Found], schemas: list[pa.Schema], cols: Columns, rows: Sequence[int] | None = None
+) -> None:
+    """Unknown column in the reference file: usage error. Differing files: data error.
+
+    The reference is the first file with rows (the first file if none has):
+    an empty shard whose columns are typed `null` / `list<null>` (as empty
+    pandas frames write) has nothing to read, so it is accepted with any of
+    them null-typed; it contributes no row and no type.
+    """
+    rows = list(rows) if rows is not None else [1] * len(found)
+    ref = next((i for i, r in enumerate(rows) if r > 0), 0)
     ptypes = _partition_types(found)
-    first, s0 = found[0], schemas[0]
+    first, s0 = found[ref], schemas[ref]
+    _check_duplicates(first, s0, (cols.p, cols.q, *cols.keep))
 
     def unknown(name: str, role: str) -> OptionError:
         names = ", ".join(s0.names)
         return OptionError(f"unknown {role} column {name!r} in {first.display} (columns: {names})")
+
+    def probabilities(t: pa.DataType, empty: bool) -> bool:
+        return _is_float_list(t) or (empty and _null_typed(t))
 
     for role, name in (("p", cols.p), ("q", cols.q)):
         if name is None:
@@ -418,7 +684,7 @@ def _check_columns(found: list[_Found], schemas: list[pa.Schema], cols: Columns)
         if name not in s0.names:
             raise unknown(name, role)
         t = s0.field(name).type
-        if not _is_float_list(t):
+        if not probabilities(t, rows[ref] == 0):
             raise OptionError(
                 f"column {name!r} ({role}) in {first.display} has type {t}; expected a list of floats"
             )
@@ -430,13 +696,17 @@ def _check_columns(found: list[_Found], schemas: list[pa.Schema], cols: Columns)
             cols.keep_types[name] = ptypes[name]
         else:
             raise unknown(name, "keep")
-    for f, s in zip(found[1:], schemas[1:]):
+    for i, (f, s) in enumerate(zip(found, schemas)):
+        if i == ref:
+            continue
+        empty = rows[i] == 0
+        _check_duplicates(f, s, (cols.p, cols.q, *cols.keep))
         for role, name in (("p", cols.p), ("q", cols.q)):
             if name is None:
                 continue
             if name not in s.names:
                 raise DataError(f"{f.display}: no column {name!r} ({role}), unlike {first.display}")
-            if not _is_float_list(s.field(name).type):
+            if not probabilities(s.field(name).type, empty):
                 raise DataError(
                     f"{f.display}: column {name!r} ({role}) has type {s.field(name).type}; "
                     "expected a list of floats"
@@ -446,9 +716,10 @@ def _check_columns(found: list[_Found], schemas: list[pa.Schema], cols: Columns)
                 continue
             if name not in s.names:
                 raise DataError(f"{f.display}: no column {name!r} (keep), unlike {first.display}")
-            if s.field(name).type != cols.keep_types[name]:
+            t = s.field(name).type
+            if t != cols.keep_types[name] and not (empty and pa.types.is_null(t)):
                 raise DataError(
-                    f"{f.display}: column {name!r} has type {s.field(name).type}, "
+                    f"{f.display}: column {name!r} has type {t}, "
                     f"but {cols.keep_types[name]} in {first.display}"
                 )
 
@@ -476,7 +747,8 @@ def scan(
     names = [c for c in (p, q) if c is not None]
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
         footers = list(ex.map(lambda f: _read_footer(f, names), found))
-    _check_columns(found, [s for s, *_ in footers], cols)
+    rows = [sum(r for r, _ in units) for _, units, *_ in footers]
+    _check_columns(found, [s for s, *_ in footers], cols, rows)
 
     files: list[InputFile] = []
     for i, (f, (schema, units, size, mtime)) in enumerate(zip(found, footers)):
