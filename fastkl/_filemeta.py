@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 
 IPC_FILE_MAGIC = b"ARROW1"
@@ -155,22 +156,26 @@ class Message:
     nodes: tuple[tuple[int, int], ...]  # (length, null_count) per field, pre-order
     body: int
     metadata: bytes  # the flatbuffer, for digests
+    buffers: tuple[tuple[int, int], ...] = ()  # (offset in the body, length), pre-order
+    compressed: bool = False
 
 
 def parse_message(flat: bytes) -> Message:
     m = _root(flat)
     kind = m.scalar(1, "<B")
     body = m.scalar(3, "<q")
-    rows, nodes = 0, ()
+    rows, nodes, buffers, compressed = 0, (), (), False
     if kind == RECORD_BATCH:
         rb = m.table(2)
         if rb is None:
             raise ValueError("record batch message without its header")
         rows = rb.scalar(0, "<q")
         nodes = tuple(struct.unpack_from("<qq", flat, at) for at in rb.structs(1, 16))
+        buffers = tuple(struct.unpack_from("<qq", flat, at) for at in rb.structs(2, 16))
+        compressed = rb.table(3) is not None
     if body < 0 or rows < 0:
         raise ValueError("negative length in a message header")
-    return Message(kind, rows, nodes, body, flat)
+    return Message(kind, rows, nodes, body, flat, buffers, compressed)
 
 
 def _prefix(head: bytes) -> tuple[int, int]:
@@ -286,3 +291,170 @@ def field_bytes(schema: pa.Schema, names: list[str], msg: Message) -> int | None
         offsets = 0 if pa.types.is_fixed_size_list(t) else (rows + 1) * (8 if pa.types.is_large_list(t) else 4)
         total += values * _width(t.value_type) + offsets + (rows + 7) // 8 + (values + 7) // 8
     return total
+
+
+# --------------------------------------------------------------------------
+# Reading a row range of a record batch without reading the whole batch
+#
+# A memory map made slicing a big record batch free; through a handle,
+# pyarrow reads whole buffers. A batch split into several tasks (one batch
+# of a million rows of logits) would then be read whole by every task. So
+# the columns a task reads are cut out of the uncompressed body here: only
+# the bytes of its rows (bitmaps realigned, offsets rebased).
+
+
+def _buffer_count(t: pa.DataType) -> int | None:
+    """Buffers of one field (itself, not its children) in the IPC format; None if not handled here."""
+    if isinstance(t, pa.ExtensionType):
+        t = t.storage_type
+    if pa.types.is_null(t):
+        return 0
+    if (pa.types.is_binary(t) or pa.types.is_string(t) or pa.types.is_large_binary(t)
+            or pa.types.is_large_string(t)):
+        return 3
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_map(t):
+        return 2
+    if pa.types.is_fixed_size_list(t) or pa.types.is_struct(t):
+        return 1
+    if pa.types.is_union(t):
+        return 2 if t.mode == "dense" else 1
+    if pa.types.is_run_end_encoded(t):
+        return 0
+    if pa.types.is_dictionary(t) or _is_fixed(t):
+        return 2
+    return None  # views (variadic buffers) and anything newer
+
+
+def _is_fixed(t: pa.DataType) -> bool:
+    try:
+        return t.bit_width > 0 and t.num_fields == 0 and not pa.types.is_dictionary(t)
+    except ValueError:
+        return False
+
+
+def _all_buffers(t: pa.DataType) -> int | None:
+    if isinstance(t, pa.ExtensionType):
+        t = t.storage_type
+    n = _buffer_count(t)
+    if n is None:
+        return None
+    for i in range(t.num_fields):
+        c = _all_buffers(t.field(i).type)
+        if c is None:
+            return None
+        n += c
+    return n
+
+
+class _Body:
+    """Reads byte ranges of one record batch's body through a file handle."""
+
+    def __init__(self, src: pa.NativeFile, start: int, msg: Message):
+        self.src, self.start, self.msg = src, start, msg
+
+    def read(self, buf: int, first: int, n: int) -> bytes:
+        off, length = self.msg.buffers[buf]
+        if first < 0 or n < 0 or first + n > length:
+            raise ValueError(f"rows outside buffer {buf} of the record batch ({first}+{n} > {length})")
+        data = read_at(self.src, self.start + off + first, n)
+        if len(data) != n:
+            raise EOFError(f"the file ends inside buffer {buf} of the record batch")
+        return data
+
+    def bits(self, buf: int, a: int, n: int) -> pa.Buffer | None:
+        """Bits a..a+n of a bitmap, realigned to bit 0; None for an absent bitmap (no nulls)."""
+        if self.msg.buffers[buf][1] == 0 or n == 0:
+            return None
+        first, last = a // 8, (a + n + 7) // 8
+        raw = np.frombuffer(self.read(buf, first, last - first), dtype=np.uint8)
+        bits = np.unpackbits(raw, bitorder="little")[a % 8 : a % 8 + n]
+        return pa.py_buffer(np.packbits(bits, bitorder="little").tobytes())
+
+    def offsets(self, buf: int, a: int, n: int, wide: bool) -> tuple[int, int, pa.Buffer]:
+        dt = np.int64 if wide else np.int32
+        w = np.dtype(dt).itemsize
+        off = np.frombuffer(self.read(buf, a * w, (n + 1) * w), dtype=dt)
+        lo, hi = int(off[0]), int(off[-1])
+        if hi < lo or (np.diff(off) < 0).any():
+            raise ValueError("decreasing offsets in the record batch")
+        return lo, hi - lo, pa.py_buffer((off - dt(lo)).astype(dt).tobytes())
+
+
+def _slice(body: _Body, t: pa.DataType, bi: int, a: int, n: int) -> pa.Array:
+    """Rows a..a+n of the field whose first buffer is `bi` (types of `_sliceable`)."""
+    valid = body.bits(bi, a, n)
+    if pa.types.is_boolean(t):
+        return pa.Array.from_buffers(t, n, [valid, body.bits(bi + 1, a, n) or pa.py_buffer(bytes((n + 7) // 8))])
+    if _is_fixed(t):
+        w = t.bit_width // 8
+        return pa.Array.from_buffers(t, n, [valid, pa.py_buffer(body.read(bi + 1, a * w, n * w))])
+    if pa.types.is_fixed_size_list(t):
+        k = t.list_size
+        child = _slice(body, t.value_type, bi + 1, a * k, n * k)
+        return pa.Array.from_buffers(t, n, [valid], children=[child])
+    wide = pa.types.is_large_list(t) or pa.types.is_large_binary(t) or pa.types.is_large_string(t)
+    lo, m, offsets = body.offsets(bi + 1, a, n, wide)
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        child = _slice(body, t.value_type, bi + 2, lo, m)
+        return pa.Array.from_buffers(t, n, [valid, offsets], children=[child])
+    return pa.Array.from_buffers(t, n, [valid, offsets, pa.py_buffer(body.read(bi + 2, lo, m))])
+
+
+def _sliceable(t: pa.DataType) -> bool:
+    if pa.types.is_boolean(t) or _is_fixed(t):
+        return True
+    if (pa.types.is_binary(t) or pa.types.is_string(t) or pa.types.is_large_binary(t)
+            or pa.types.is_large_string(t)):
+        return True
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _sliceable(t.value_type)
+    return False
+
+
+def read_rows(src: pa.NativeFile, pos: int, size: int, schema: pa.Schema, names: list[str],
+              a: int, n: int) -> pa.RecordBatch | None:
+    """Rows a..a+n of the columns `names` of the record batch whose message is at `pos`.
+
+    None when the range is the whole batch (pyarrow reads it) or when it
+    cannot be done by cutting byte ranges (compressed body, a column type or
+    a preceding layout not handled here): the caller reads the whole batch.
+    The file must be little-endian (see `big_endian`).
+    """
+    head = read_at(src, pos, 8)
+    if len(head) < 8:
+        raise EOFError(f"the file ends before the record batch at byte {pos}")
+    flat_len, skip = _prefix(head)
+    if flat_len <= 0 or flat_len > _MAX_HEADER:
+        raise ValueError(f"bad message length {flat_len} at byte {pos}")
+    msg = parse_message(read_at(src, pos + skip, flat_len))
+    if msg.kind != RECORD_BATCH or msg.compressed or a + n > msg.rows or (a == 0 and n == msg.rows):
+        return None
+    first: dict[str, int] = {}
+    bi = 0
+    for fld in schema:
+        first[fld.name] = bi
+        c = _all_buffers(fld.type)
+        if c is None:
+            if any(name not in first for name in names):
+                return None
+            break
+        bi += c
+    if not all(_sliceable(schema.field(name).type) for name in names):
+        return None
+    if len(msg.buffers) < bi:
+        raise ValueError("the record batch lists fewer buffers than its schema needs")
+    body = _Body(src, pos + skip + flat_len, msg)
+    if body.start + msg.body > size:
+        raise EOFError(f"the record batch at byte {pos} ends after the end of the file")
+    arrays = [_slice(body, schema.field(name).type, first[name], a, n) for name in names]
+    return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def big_endian(src: pa.NativeFile, fmt: str, size: int) -> bool:
+    """Whether the IPC file or stream's schema says big-endian (Schema.endianness, 1 = Big)."""
+    if fmt == "ipc":
+        schema = _root(ipc_file_footer(src, size)[:-10]).table(1)
+    else:
+        msg, _ = read_message_header(src, 0, size)
+        schema = _root(msg.metadata).table(2) if msg is not None else None
+    return schema is not None and schema.scalar(0, "<h") == 1

@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 from ._options import Options, check_measures, needs_q
 from ._output import MANIFEST, Staging, _read_json, check_dest, is_regular_file, old_path
 from ._progress import Progress
-from ._filemeta import Identity, digest, ipc_file_footer, parquet_footer
+from ._filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
 from ._sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, read_schema, scan
 from .errors import DataError, FastKLError, InvalidRowError, OptionError
 
@@ -186,31 +186,45 @@ def _difference(src: pa.NativeFile, f: FileRef) -> str:
 
 
 def _ipc_batches(src: pa.NativeFile, f: FileRef, cols: list[str], units) -> Iterator[pa.RecordBatch]:
-    """The slices `units` of an IPC file or stream, only the columns `cols`, read through `src`."""
+    """The slices `units` of an IPC file or stream, only the columns `cols`, read through `src`.
+
+    A slice of a batch split into several tasks is cut out of the file
+    (`read_rows`: only its rows' bytes); a whole batch, or a compressed one,
+    is read by pyarrow, only the columns `cols`.
+    """
     if f.fmt == "ipc":
         schema = pa.ipc.open_file(src).schema
         idx = sorted(schema.get_field_index(c) for c in cols)
         reader = pa.ipc.open_file(src, options=pa.ipc.IpcReadOptions(included_fields=idx))  # reads only these
-        for u in units:
-            yield reader.get_batch(u.index).select(cols).slice(u.offset, u.rows)
-        return
-    src.seek(0)
-    schema = pa.ipc.read_schema(pa.ipc.read_message(src))
-    if any(pa.types.is_dictionary(t) for t in schema.types):
-        # dictionary batches come earlier in the stream: read it from its start
-        wanted = {u.index: u for u in units}
+
+        def whole(u):
+            return reader.get_batch(u.index)
+    else:
         src.seek(0)
-        for i, b in enumerate(pa.ipc.open_stream(src)):
-            if i in wanted:
-                u = wanted[i]
-                yield b.select(cols).slice(u.offset, u.rows)
-            if i >= units[-1].index:
-                return
-        return
+        schema = pa.ipc.read_schema(pa.ipc.read_message(src))
+        if any(pa.types.is_dictionary(t) for t in schema.types):
+            yield from _stream_from_start(src, cols, units)  # dictionaries come earlier in the stream
+            return
+
+        def whole(u):
+            src.seek(u.pos)
+            return pa.ipc.read_record_batch(pa.ipc.read_message(src), schema)
+    cut = not big_endian(src, f.fmt, f.size)
     for u in units:
-        src.seek(u.pos)
-        b = pa.ipc.read_record_batch(pa.ipc.read_message(src), schema)
-        yield b.select(cols).slice(u.offset, u.rows)
+        b = read_rows(src, u.pos, f.size, schema, cols, u.offset, u.rows) if cut else None
+        yield b if b is not None else whole(u).select(cols).slice(u.offset, u.rows)
+
+
+def _stream_from_start(src: pa.NativeFile, cols: list[str], units) -> Iterator[pa.RecordBatch]:
+    wanted: dict[int, list] = {}
+    for u in units:
+        wanted.setdefault(u.index, []).append(u)
+    src.seek(0)
+    for i, b in enumerate(pa.ipc.open_stream(src)):
+        for u in wanted.get(i, ()):
+            yield b.select(cols).slice(u.offset, u.rows)
+        if i >= units[-1].index:
+            return
 
 
 def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src: pa.NativeFile):

@@ -439,7 +439,7 @@ def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
     schema = md.schema.to_arrow_schema()
     present = [n for n in names if n in schema.names]
     try:
-        check_footer(f.path, md, size)  # before pyarrow builds any column chunk's metadata
+        check_footer(f.path, md, size, footer)  # before pyarrow builds any column chunk's metadata
         _check_parquet_footer(md, present, size)
     except ValueError as e:
         raise DataError(f"{f.display}: corrupt Parquet footer: {e}") from None

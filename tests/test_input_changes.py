@@ -388,3 +388,67 @@ def test_random_bytes_named_arrow_are_refused_naming_the_file(tmp_path):
     path.write_bytes(b"\xff\xff\xff\xff\x10\x00\x00\x00" + bytes(range(40)))
     with pytest.raises(fastkl.DataError, match=r"x.arrow: not a readable Arrow IPC file"):
         fastkl.run(path, tmp_path / "out")
+
+
+# --------------------------------------------------------------------------
+# A big record batch split into tasks: each task reads only its rows
+
+
+def _typed_table(rng, n):
+    t = _rows(rng, n, 0)
+    k = len(t.column("p")[0].as_py() or t.column("p")[1].as_py())
+    p = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.concatenate([np.asarray(r if r is not None else [1.0 / k] * k) for r in t.column("p").to_pylist()])),
+        k,
+    )
+    return pa.table({
+        "id": t.column("id"),
+        "name": pa.array([None if i % 5 == 0 else f"row-{i}" * (i % 3) for i in range(n)], pa.string()),
+        "flag": pa.array([None if i % 7 == 0 else i % 2 == 0 for i in range(n)]),
+        "score": pa.array([None if i % 4 == 0 else i / 3 for i in range(n)], pa.float32()),
+        "p": p,
+        "q": t.column("q"),  # large_list<double> with null rows
+    })
+
+
+@pytest.mark.parametrize("kind", ["file", "stream", "file-lz4"])
+def test_slices_of_a_big_batch_are_read_row_by_row(tmp_path, rng, kind):
+    t = _typed_table(rng, 101)
+    path = str(tmp_path / "one.arrow")
+    opts = pa.ipc.IpcWriteOptions(compression="lz4" if kind == "file-lz4" else None)
+    with pa.OSFile(path, "wb") as sink:
+        new = pa.ipc.new_stream if kind == "stream" else pa.ipc.new_file
+        with new(sink, t.schema, options=opts) as w:
+            w.write_table(t)  # one batch
+    dest = tmp_path / "out"
+    keep = ("id", "name", "flag", "score")
+    fastkl.run(path, dest, measures=("kl", "tv"), keep=keep, task_rows=13)
+    got = read_dest(dest)
+    assert len(json.loads((dest / MANIFEST).read_text())["parts"]) == 8
+    assert got.select(list(keep)).equals(t.select(list(keep)))
+    for m in ("kl", "tv"):
+        check_rows(got.column(m).to_pylist(), expected(t, m), m)
+
+
+def _bytes_read() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
+def test_each_slice_of_a_big_batch_reads_only_its_rows(tmp_path):
+    """20 tasks of one 4 MB batch read about 4 MB, not 20 x 4 MB (each task reading the whole batch)."""
+    n, k = 2000, 256
+    vals = np.random.default_rng(0).random(n * k).astype(np.float32) + np.float32(0.01)
+    p = pa.FixedSizeListArray.from_arrays(pa.array(vals), k)
+    t = pa.table({"id": np.arange(n), "p": p, "q": p})
+    path = str(tmp_path / "one.arrow")
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, t.schema) as w:
+        w.write_table(t)
+    kw = dict(keep=("id",), task_rows=n // 20, normalize=True)
+    fastkl.run(path, tmp_path / "warm", **kw)  # imports, kernel cache: not counted
+    before = _bytes_read()
+    fastkl.run(path, tmp_path / "out", **kw)
+    read = _bytes_read() - before
+    assert len(json.loads((tmp_path / "out" / MANIFEST).read_text())["parts"]) == 20
+    assert read < 3 * os.path.getsize(path), read
