@@ -156,7 +156,12 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
     Checked on `fstat` of the descriptor, so nothing can replace the file
     between this check and the reads, which all go through this handle.
     """
-    src = pa.OSFile(f.path)  # never a memory map: a truncated mapped file is a SIGBUS, not an error
+    try:
+        src = pa.OSFile(f.path)  # never a memory map: a truncated mapped file is a SIGBUS, not an error
+    except FileNotFoundError:
+        raise _changed_error(f, "removed") from None
+    except OSError as e:
+        raise DataError(f"{f.display}: cannot open it ({_short(e)})") from None
     try:
         changed = f.identity().differences(Identity.of(src.fileno()))
         if not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see _sources

@@ -452,3 +452,21 @@ def test_each_slice_of_a_big_batch_reads_only_its_rows(tmp_path):
     read = _bytes_read() - before
     assert len(json.loads((tmp_path / "out" / MANIFEST).read_text())["parts"]) == 20
     assert read < 3 * os.path.getsize(path), read
+
+
+def test_shard_removed_while_job_runs_is_named(tmp_path, rng):
+    paths, _ = _parquet_dataset(str(tmp_path / "src"), rng, files=2, rows=20, group=4)
+    real, calls = job.run_task, []
+
+    def remove_before_second_task(task, *a, **k):
+        calls.append(task.index)
+        if len(calls) == 2:
+            os.unlink(paths[1])
+        return real(task, *a, **k)
+
+    job.run_task = remove_before_second_task
+    try:
+        with pytest.raises(fastkl.DataError, match=r"shard-1.parquet: changed since the job started \(removed\)"):
+            fastkl.run(tmp_path / "src", tmp_path / "out", keep=("id",), task_rows=4, scheduler="sync")
+    finally:
+        job.run_task = real
