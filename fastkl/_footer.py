@@ -312,16 +312,21 @@ def _walk_footer(buf: np.ndarray, out: np.ndarray) -> int:
     return _walk(buf, out)
 
 
-def check_footer(path: str, md, file_size: int | None = None) -> None:
-    """Raise ValueError if pyarrow would abort on this file's column chunk metadata."""
+def check_footer(path: str, md, file_size: int | None = None, raw: bytes | None = None) -> None:
+    """Raise ValueError if pyarrow would abort on this file's column chunk metadata.
+
+    raw: the footer bytes (Thrift, length, PAR1) if the caller read them
+    already, from the handle `md` came from (then `path` is not opened).
+    """
     n_rg, n_col = md.num_row_groups, md.num_columns
     if n_rg == 0 or n_col == 0:
         return
-    size = os.path.getsize(path) if file_size is None else file_size
     n = md.serialized_size
-    with open(path, "rb") as f:
-        f.seek(size - 8 - n)
-        raw = f.read(n + 8)
+    if raw is None:
+        size = os.path.getsize(path) if file_size is None else file_size
+        with open(path, "rb") as f:
+            f.seek(size - 8 - n)
+            raw = f.read(n + 8)
     if len(raw) != n + 8 or raw[-4:] != b"PAR1" or struct.unpack("<I", raw[-8:-4])[0] != n:
         return  # not the footer pyarrow read (the file changed, or an encrypted footer): leave it to pyarrow
     out = _blank(np.empty((n_rg, n_col, _NF), dtype=np.int64))

@@ -52,7 +52,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +62,8 @@ import pyarrow.parquet as pq
 from ._options import Options, check_measures, needs_q
 from ._output import MANIFEST, Staging, _read_json, check_dest, is_regular_file, old_path
 from ._progress import Progress
-from ._sources import DEFAULT_TASK_BYTES, Columns, Plan, Task, scan
+from ._filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
+from ._sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, read_schema, scan
 from .errors import DataError, FastKLError, InvalidRowError, OptionError
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
@@ -147,10 +148,93 @@ def _aligned_batch_rows(batch_rows: int, units: Sequence[Any]) -> int:
     return batch_rows
 
 
-def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
+def _open_planned(f: FileRef) -> pa.NativeFile:
+    """Open the task's file and check, on the open handle, that it is the file the job planned from.
+
+    Same device and inode (not replaced), size, mtime and ctime (not
+    rewritten: `os.utime` can restore an mtime, not a ctime), same footer.
+    Checked on `fstat` of the descriptor, so nothing can replace the file
+    between this check and the reads, which all go through this handle.
+    """
+    try:
+        src = pa.OSFile(f.path)  # never a memory map: a truncated mapped file is a SIGBUS, not an error
+    except FileNotFoundError:
+        raise _changed_error(f, "removed") from None
+    except OSError as e:
+        raise DataError(f"{f.display}: cannot open it ({_short(e)})") from None
+    try:
+        changed = f.identity().differences(Identity.of(src.fileno()))
+        if not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see _sources
+            footer = parquet_footer(src, f.size) if f.fmt == "parquet" else ipc_file_footer(src, f.size)
+            changed = "" if digest(footer) == f.footer else "footer differs"
+    except (OSError, ValueError, pa.ArrowException) as e:
+        changed = f"footer unreadable: {_short(e)}"
+    except BaseException:
+        src.close()
+        raise
+    if changed:
+        src.close()
+        raise _changed_error(f, changed)
+    return src
+
+
+def _changed_error(f: FileRef, what: str) -> DataError:
+    return DataError(f"{f.display}: changed since the job started ({what})")
+
+
+def _difference(src: pa.NativeFile, f: FileRef) -> str:
+    """What changed in the open file since planning ('' if nothing): size, mtime, ctime of the handle."""
+    try:
+        return f.identity().differences(Identity.of(src.fileno()))
+    except OSError as e:
+        return f"cannot stat it: {_short(e)}"
+
+
+def _ipc_batches(src: pa.NativeFile, f: FileRef, cols: list[str], units) -> Iterator[pa.RecordBatch]:
+    """The slices `units` of an IPC file or stream, only the columns `cols`, read through `src`.
+
+    A slice of a batch split into several tasks is cut out of the file
+    (`read_rows`: only its rows' bytes); a whole batch, or a compressed one,
+    is read by pyarrow, only the columns `cols`.
+    """
+    if f.fmt == "ipc":
+        schema = pa.ipc.open_file(src).schema
+        idx = sorted(schema.get_field_index(c) for c in cols)
+        reader = pa.ipc.open_file(src, options=pa.ipc.IpcReadOptions(included_fields=idx))  # reads only these
+
+        def whole(u):
+            return reader.get_batch(u.index)
+    else:
+        src.seek(0)
+        schema = pa.ipc.read_schema(pa.ipc.read_message(src))
+        if any(pa.types.is_dictionary(t) for t in schema.types):
+            yield from _stream_from_start(src, cols, units)  # dictionaries come earlier in the stream
+            return
+
+        def whole(u):
+            src.seek(u.pos)
+            return pa.ipc.read_record_batch(pa.ipc.read_message(src), schema)
+    cut = not big_endian(src, f.fmt, f.size)
+    for u in units:
+        b = read_rows(src, u.pos, f.size, schema, cols, u.offset, u.rows) if cut else None
+        yield b if b is not None else whole(u).select(cols).slice(u.offset, u.rows)
+
+
+def _stream_from_start(src: pa.NativeFile, cols: list[str], units) -> Iterator[pa.RecordBatch]:
+    wanted: dict[int, list] = {}
+    for u in units:
+        wanted.setdefault(u.index, []).append(u)
+    src.seek(0)
+    for i, b in enumerate(pa.ipc.open_stream(src)):
+        for u in wanted.get(i, ()):
+            yield b.select(cols).slice(u.offset, u.rows)
+        if i >= units[-1].index:
+            return
+
+
+def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src: pa.NativeFile):
     cols = spec.columns.read()
-    f = task.file
-    if f.fmt == "parquet":
+    if task.file.fmt == "parquet":
         # Read through a small buffered stream, without pre-buffering. Pre-
         # buffering first copies all the task's column chunks into one fresh
         # allocation (page faults, memory: measured 2-5x the system time of
@@ -159,7 +243,7 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
         # page_checksum_verification: pages written with a CRC (parquet-mr
         # writes them by default) are checked, so a flipped bit is an error,
         # not a silently different number (cost not measurable).
-        pf = pq.ParquetFile(f.path, buffer_size=READ_BUFFER, pre_buffer=False, page_checksum_verification=True)
+        pf = pq.ParquetFile(src, buffer_size=READ_BUFFER, pre_buffer=False, page_checksum_verification=True)
         yield from pf.iter_batches(
             batch_size=_aligned_batch_rows(batch_rows, task.units),
             row_groups=[u.index for u in task.units],
@@ -167,34 +251,49 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
             use_threads=use_threads,
         )
     else:
-        with pa.memory_map(f.path) as src:
-            reader = pa.ipc.open_file(src)
-            for u in task.units:
-                b = reader.get_batch(u.index).select(cols)
-                b = b.slice(u.offset, u.rows)
-                for o in range(0, u.rows, batch_rows):
-                    yield b.slice(o, batch_rows)
+        for b in _ipc_batches(src, task.file, cols, task.units):
+            for o in range(0, b.num_rows, batch_rows):
+                yield b.slice(o, batch_rows)
+
+
+# What reading a file that is damaged, or changed under the reader, raises
+# (pyarrow's IPC reader: ValueError for a batch number beyond the footer's).
+_READ_ERRORS = (pa.ArrowException, OSError, MemoryError, ValueError, EOFError)
 
 
 def _read(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
-    """`_batches`, with read failures turned into a DataError naming the file and row groups."""
-    it = _batches(task, spec, batch_rows, use_threads)
-    done = 0
-    while True:
-        try:
-            batch = next(it)
-            # Offsets inside the values, lengths inside the buffers: the kernel
-            # trusts them (a memory-mapped IPC file is not checked when opened).
-            batch.validate(full=True)
-        except StopIteration:
-            return
-        except (pa.ArrowException, OSError, MemoryError) as e:
-            raise _read_error(task, e, _locate(task, spec, batch_rows, done, e)) from e
-        done += batch.num_rows
-        yield batch
+    """`_batches` from the planned file, with read failures turned into a DataError naming the file.
+
+    A file found changed (replaced, rewritten, truncated) before, during or
+    at the end of the read fails the task: its part would mix two versions.
+    """
+    src = _open_planned(task.file)
+    try:
+        it = _batches(task, spec, batch_rows, use_threads, src)
+        done = 0
+        while True:
+            try:
+                batch = next(it)
+                # Offsets inside the values, lengths inside the buffers: the kernel
+                # trusts them (an IPC record batch is not checked when read).
+                batch.validate(full=True)
+            except StopIteration:
+                break
+            except _READ_ERRORS as e:
+                changed = _difference(src, task.file)
+                if changed:
+                    raise _changed_error(task.file, changed) from e
+                raise _read_error(task, e, _locate(task, spec, batch_rows, done, e, src)) from e
+            done += batch.num_rows
+            yield batch
+        changed = _difference(src, task.file)
+        if changed:  # rewritten in place while it was read
+            raise _changed_error(task.file, changed)
+    finally:
+        src.close()
 
 
-def _locate(task: Task, spec: JobSpec, batch_rows: int, done: int, e: BaseException) -> int | None:
+def _locate(task: Task, spec: JobSpec, batch_rows: int, done: int, e: BaseException, src) -> int | None:
     """On a read error only: which unit (row group, record batch) fails when read alone.
 
     A batch may span several row groups; reading the ones not yet read one by
@@ -208,22 +307,21 @@ def _locate(task: Task, spec: JobSpec, batch_rows: int, done: int, e: BaseExcept
     cols = spec.columns.read()
     try:
         if task.file.fmt == "parquet":
-            pf = pq.ParquetFile(task.file.path, page_checksum_verification=True)
+            pf = pq.ParquetFile(src, page_checksum_verification=True)
             for u in rest:
                 try:
                     for b in pf.iter_batches(batch_size=batch_rows, row_groups=[u.index], columns=cols):
                         b.validate(full=True)
-                except (pa.ArrowException, OSError):
+                except (pa.ArrowException, OSError, ValueError):
                     return u.index
         else:
-            with pa.memory_map(task.file.path) as src:
-                reader = pa.ipc.open_file(src)
-                for u in rest:
-                    try:
-                        reader.get_batch(u.index).select(cols).slice(u.offset, u.rows).validate(full=True)
-                    except (pa.ArrowException, OSError):
-                        return u.index
-    except (pa.ArrowException, OSError, MemoryError):
+            for u in rest:
+                try:
+                    for b in _ipc_batches(src, task.file, cols, [u]):
+                        b.validate(full=True)
+                except (pa.ArrowException, OSError, ValueError, EOFError):
+                    return u.index
+    except (pa.ArrowException, OSError, MemoryError, ValueError):
         pass
     return None
 
@@ -508,11 +606,7 @@ def _kernel_dtypes(plan) -> tuple:
     try:
         if f is None:
             return ()
-        if f.fmt == "parquet":
-            schema = pq.read_schema(f.path)
-        else:
-            with pa.memory_map(f.path) as src:
-                schema = pa.ipc.open_file(src).schema
+        schema = read_schema(f)
         cols = [c for c in (plan.columns.p, plan.columns.q) if c is not None]
         return (kernel_dtype(*(schema.field(c).type.value_type for c in cols)),)
     except Exception:  # a bad file is reported by the task that reads it

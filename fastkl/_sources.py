@@ -1,9 +1,9 @@
 """Input side of a job: find the files, check their columns, cut the work into tasks.
 
-A SOURCE is a Parquet file, an Arrow IPC (Feather v2) file, a directory of
-them (hive-partitioned directories included), a glob, or several of these.
-Discovery reads only file footers (Parquet metadata, the IPC footer through a
-memory map); no data is read here.
+A SOURCE is a Parquet file, an Arrow IPC (Feather v2) file or stream, a
+directory of them (hive-partitioned directories included), a glob, or several of these.
+Discovery reads only file footers (Parquet metadata, the IPC footer and
+message headers, through a regular file handle); no data is read here.
 
 Tasks are defined by the input alone (never by the number of workers), so the
 output parts and the summary are the same however the job is scheduled:
@@ -14,19 +14,31 @@ output parts and the summary are the same however the job is scheduled:
   bound is a task of its own; the task streams it in batches of bounded size
   (`ParquetFile.iter_batches` over a buffered input stream), so a file with one
   huge row group still runs in bounded memory.
-* Arrow IPC: record batches are memory-mapped, so slicing is free; a batch
-  larger than the bound is split into several tasks of row ranges.
+* Arrow IPC (file or stream): record batches are read through a regular
+  file handle (a memory map of a file truncated by another process would
+  kill the reader with SIGBUS), only the columns used; a batch larger than
+  the bound is split into several tasks of row ranges. Planning reads only
+  the message headers (`_filemeta`), never the data.
+
+Every file is planned from one open handle: its identity (device, inode,
+size, mtime, ctime from `fstat`) and a digest of its footer (for an IPC
+stream, of all its message headers) go with every task, which checks them
+on its own handle before and after reading, and into `--resume`'s
+fingerprint: a file replaced or rewritten after planning is never read as
+the planned one.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import hashlib
 import os
+import struct
 import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 from urllib.parse import unquote
@@ -34,6 +46,18 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ._filemeta import (
+    Identity,
+    RECORD_BATCH,
+    digest,
+    field_bytes,
+    ipc_file_batch,
+    ipc_file_blocks,
+    ipc_file_footer,
+    parquet_footer,
+    sniff_ipc,
+    stream_messages,
+)
 from ._footer import check_footer
 from .errors import DataError, OptionError
 
@@ -56,6 +80,7 @@ class Unit:
     offset: int  # first row inside the unit (IPC slices; 0 for Parquet)
     rows: int
     nbytes: int  # estimated decoded bytes of the columns read
+    pos: int = 0  # IPC stream: byte offset of the record batch's message
 
 
 @dataclass(frozen=True)
@@ -65,10 +90,17 @@ class FileRef:
     index: int
     path: str  # absolute
     display: str  # as the user wrote / discovered it, for messages
-    fmt: str  # "parquet" | "ipc"
+    fmt: str  # "parquet" | "ipc" (IPC file) | "ipc_stream"
     size: int
     mtime_ns: int
     partition: tuple[tuple[str, str | None], ...] = ()
+    dev: int = 0
+    ino: int = 0
+    ctime_ns: int = 0
+    footer: str = ""  # digest of the footer planned from (IPC stream: of all its message headers)
+
+    def identity(self) -> Identity:
+        return Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
 
 
 @dataclass(frozen=True)
@@ -77,7 +109,7 @@ class InputFile(FileRef):
     units: tuple[Unit, ...] = ()  # one per row group / record batch, full
 
     def ref(self) -> FileRef:
-        return FileRef(self.index, self.path, self.display, self.fmt, self.size, self.mtime_ns, self.partition)
+        return FileRef(**{f.name: getattr(self, f.name) for f in fields(FileRef)})
 
     def to_dict(self) -> dict:
         return {
@@ -85,6 +117,9 @@ class InputFile(FileRef):
             "format": self.fmt,
             "size": self.size,
             "mtime_ns": self.mtime_ns,
+            "inode": self.ino,
+            "ctime_ns": self.ctime_ns,
+            "footer": self.footer,
             "rows": self.rows,
             "row_groups" if self.fmt == "parquet" else "record_batches": len(self.units),
         }
@@ -100,11 +135,19 @@ class Task:
     nbytes: int
 
     def fingerprint(self) -> dict:
-        """What must be unchanged for a finished part to be reused by --resume."""
+        """What must be unchanged for a finished part to be reused by --resume.
+
+        Size and mtime alone are not enough: `touch -r` / `os.utime` restore
+        an mtime, but not the ctime (set by the kernel on every write), the
+        inode of a replaced file, or its footer.
+        """
         return {
             "path": self.file.path,
             "size": self.file.size,
             "mtime_ns": self.file.mtime_ns,
+            "inode": self.file.ino,
+            "ctime_ns": self.file.ctime_ns,
+            "footer": self.file.footer,
             "units": [[u.index, u.offset, u.rows] for u in self.units],
             "row_start": self.row_start,
         }
@@ -209,7 +252,7 @@ def _sniff(path: str, display: str) -> str | None:
     if low.endswith(PARQUET_EXT):
         return "parquet"
     if low.endswith(IPC_EXT):
-        return "ipc"
+        return _ipc_kind(path) or "ipc"  # not IPC at all: the reader says so, naming the file
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
@@ -225,9 +268,20 @@ def _sniff(path: str, display: str) -> str | None:
         os.close(fd)
     if head[:4] == b"PAR1":
         return "parquet"
-    if head == b"ARROW1":
-        return "ipc"
-    return None
+    return _ipc_kind(path)
+
+
+def _ipc_kind(path: str) -> str | None:
+    """'ipc' (an IPC file: ARROW1 magic), 'ipc_stream' (no magic: a Schema message first) or None.
+
+    Streams are what `pa.ipc.new_stream` and Hugging Face datasets' cache
+    files (named .arrow) are.
+    """
+    try:
+        with open(path, "rb") as f:
+            return sniff_ipc(f)
+    except OSError:
+        return None
 
 
 def _is_fastkl_output(d: str) -> bool:
@@ -589,34 +643,102 @@ def _present(schema: pa.Schema, names: list[str]) -> list[str]:
     return [n for n in names if schema.names.count(n) == 1]
 
 
-def _read_footer(f: _Found, names: list[str]) -> tuple[pa.Schema, list[tuple[int, int]], int, int]:
-    st = os.stat(f.path)
+@dataclass(frozen=True)
+class _Footer:
+    """What planning learnt from one file, all through one open handle."""
+
+    schema: pa.Schema
+    units: list[tuple[int, int, int]]  # (rows, decoded bytes of the columns read, message offset)
+    identity: Identity
+    digest: str
+
+
+def _read_footer(f: _Found, names: list[str]) -> _Footer:
+    what = {"parquet": "Parquet file", "ipc": "Arrow IPC file", "ipc_stream": "Arrow IPC stream"}[f.fmt]
     try:
+        with pa.OSFile(f.path) as src:  # never a memory map: see _filemeta
+            ident = Identity.of(src.fileno())
+            read = {"parquet": _plan_parquet, "ipc": _plan_ipc_file, "ipc_stream": _plan_ipc_stream}[f.fmt]
+            schema, units, footer = read(f, src, ident.size, names)
+            changed = ident.differences(Identity.of(src.fileno()))
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, struct.error) as e:
+        raise DataError(f"{f.display}: not a readable {what} ({_short(e)})") from e
+    if changed:
+        raise DataError(f"{f.display}: changed while the job read its footer ({changed})")
+    return _Footer(schema, units, ident, footer)
+
+
+def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
+    footer = parquet_footer(src, size)
+    md = pq.read_metadata(src)
+    schema = md.schema.to_arrow_schema()
+    present = _present(schema, names)
+    try:
+        check_footer(f.path, md, size, footer)  # before pyarrow builds any column chunk's metadata
+        _check_parquet_footer(md, present, size)
+    except ValueError as e:
+        raise DataError(f"{f.display}: corrupt Parquet footer: {e}") from None
+    sizes = _leaf_bytes(md, present)
+    return schema, [(md.row_group(g).num_rows, sizes[g], 0) for g in range(md.num_row_groups)], digest(footer)
+
+
+def _plan_ipc_file(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
+    """Rows and sizes of every record batch from its message header (a few hundred bytes each)."""
+    footer = ipc_file_footer(src, size)
+    reader = pa.ipc.open_file(src)
+    schema = reader.schema
+    present = _present(schema, names)
+    blocks = ipc_file_blocks(footer)
+    if len(blocks) != reader.num_record_batches:
+        raise ValueError(f"footer lists {len(blocks)} record batches, pyarrow reads {reader.num_record_batches}")
+    units = []
+    for i, block in enumerate(blocks):
+        msg = ipc_file_batch(src, block, size)
+        nbytes = field_bytes(schema, present, msg)
+        if nbytes is None:  # a layout the header reader does not know: read the columns once
+            nbytes = _read_bytes(src, schema, present, i)
+        units.append((msg.rows, nbytes, block[0]))
+    return schema, units, digest(footer)
+
+
+def _read_bytes(src: pa.NativeFile, schema: pa.Schema, present: list[str], i: int) -> int:
+    if not present:
+        return 0
+    idx = sorted(schema.get_field_index(n) for n in present)
+    reader = pa.ipc.open_file(src, options=pa.ipc.IpcReadOptions(included_fields=idx))
+    return reader.get_batch(i).nbytes
+
+
+def _plan_ipc_stream(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
+    """An IPC stream has no footer: walk its message headers once (skipping the bodies).
+
+    The digest covers every header (the schema, the dictionaries, every
+    batch's lengths and buffer layout): the stream's equivalent of a footer.
+    """
+    schema = pa.ipc.open_stream(src).schema
+    present = _present(schema, names)
+    h = hashlib.blake2b(digest_size=16)
+    units = []
+    for pos, msg in stream_messages(src, size):
+        h.update(msg.metadata)
+        if msg.kind == RECORD_BATCH:
+            nbytes = field_bytes(schema, present, msg)
+            if nbytes is None:  # unknown layout: estimate from the body
+                nbytes = msg.body
+            units.append((msg.rows, nbytes, pos))
+    return schema, units, h.hexdigest()
+
+
+def read_schema(f: FileRef) -> pa.Schema:
+    """The schema of a planned file (through a regular handle, like every read)."""
+    with pa.OSFile(f.path) as src:
         if f.fmt == "parquet":
-            md = pq.read_metadata(f.path)
-            schema = md.schema.to_arrow_schema()
-            present = _present(schema, names)
-            try:
-                check_footer(f.path, md, st.st_size)  # before pyarrow builds any column chunk's metadata
-                _check_parquet_footer(md, present, st.st_size)
-            except ValueError as e:
-                raise DataError(f"{f.display}: corrupt Parquet footer: {e}") from None
-            sizes = _leaf_bytes(md, present)
-            units = [(md.row_group(g).num_rows, sizes[g]) for g in range(md.num_row_groups)]
-        else:
-            with pa.memory_map(f.path) as src:
-                reader = pa.ipc.open_file(src)
-                schema = reader.schema
-                present = _present(schema, names)
-                units = []
-                for i in range(reader.num_record_batches):
-                    b = reader.get_batch(i)
-                    b.validate()  # declared lengths against buffer sizes (offsets: in the task)
-                    units.append((b.num_rows, b.select(present).nbytes if present else 0))
-    except (pa.ArrowException, OSError, ValueError) as e:
-        what = "Parquet" if f.fmt == "parquet" else "Arrow IPC"
-        raise DataError(f"{f.display}: not a readable {what} file ({_short(e)})") from e
-    return schema, units, st.st_size, st.st_mtime_ns
+            return pq.read_schema(src)
+        if f.fmt == "ipc":
+            return pa.ipc.open_file(src).schema
+        return pa.ipc.open_stream(src).schema
 
 
 def _short(e: BaseException) -> str:
@@ -747,14 +869,18 @@ def scan(
     names = [c for c in (p, q) if c is not None]
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
         footers = list(ex.map(lambda f: _read_footer(f, names), found))
-    rows = [sum(r for r, _ in units) for _, units, *_ in footers]
-    _check_columns(found, [s for s, *_ in footers], cols, rows)
+    rows = [sum(u[0] for u in ft.units) for ft in footers]
+    _check_columns(found, [ft.schema for ft in footers], cols, rows)
 
     files: list[InputFile] = []
-    for i, (f, (schema, units, size, mtime)) in enumerate(zip(found, footers)):
-        us = tuple(Unit(g, 0, r, b) for g, (r, b) in enumerate(units))
+    for i, (f, ft) in enumerate(zip(found, footers)):
+        us = tuple(Unit(g, 0, r, b, pos) for g, (r, b, pos) in enumerate(ft.units))
+        ident = ft.identity
         files.append(
-            InputFile(i, f.path, f.display, f.fmt, size, mtime, f.partition, sum(r for r, _ in units), us)
+            InputFile(
+                i, f.path, f.display, f.fmt, ident.size, ident.mtime_ns, f.partition,
+                ident.dev, ident.ino, ident.ctime_ns, ft.digest, sum(u.rows for u in us), us,
+            )
         )
 
     tasks: list[Task] = []
@@ -779,12 +905,12 @@ def scan(
             if u.rows == 0:
                 continue
             pieces = [u]
-            if file.fmt == "ipc" and (u.rows > max_rows or u.nbytes > max_bytes):
+            if file.fmt != "parquet" and (u.rows > max_rows or u.nbytes > max_bytes):
                 # split a big record batch into zero-copy row slices
                 per_row = u.nbytes / u.rows
                 step = int(max(1, min(max_rows, max_bytes // max(per_row, 1.0))))
                 pieces = [
-                    Unit(u.index, o, min(step, u.rows - o), int(per_row * min(step, u.rows - o)))
+                    Unit(u.index, o, min(step, u.rows - o), int(per_row * min(step, u.rows - o)), u.pos)
                     for o in range(0, u.rows, step)
                 ]
             for piece in pieces:
