@@ -67,9 +67,11 @@ from ._output import (
     _read_json,
     _write_json,
     check_dest,
+    dest_kind,
     is_regular_file,
     new_job_id,
     old_path,
+    refuse_foreign_dest,
 )
 from ._progress import Progress
 from ._sources import DEFAULT_TASK_BYTES, Columns, Plan, Task, scan
@@ -794,7 +796,8 @@ def run(
 
     SOURCE: a Parquet or Arrow IPC file, a directory of them (hive partitions
     included), a glob, or a list of these. DEST: a directory that must not
-    exist (unless `overwrite=True`) and must not overlap SOURCE. DEST is exclusive: while this
+    exist (unless `overwrite=True`, which replaces only an earlier fastkl
+    output) and must not overlap SOURCE. DEST is exclusive: while this
     job runs, another job for the same DEST fails with `DestTakenError`.
     Returns the job's `fastkl.Summary`, also stored in DEST/_fastkl.json.
 
@@ -874,7 +877,10 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measu
     job_fp = json.dumps(job, sort_keys=True, default=_json_default)
     files = [f.to_dict() for f in plan.files]
     planned = _identity({**job, "rows": plan.rows, "inputs": files, "parts": _parts(plan, staging)})
-    if os.path.lexists(dest_p) and not overwrite:  # again, now that DEST is ours: another job may have committed
+    kind = dest_kind(dest_p)  # again, now that DEST is ours: another job may have committed meanwhile
+    if kind not in (None, "output", "empty"):
+        refuse_foreign_dest(dest, kind)
+    if kind is not None and not overwrite:
         # with resume: done already if it is this job's output
         old = _read_json(dest_p / MANIFEST) if is_regular_file(dest_p / MANIFEST) else None
         if isinstance(old, dict) and _identity(old) == planned:

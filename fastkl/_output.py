@@ -30,7 +30,10 @@ The commit writes `_fastkl.json`, drops `_state/` and renames the staging
 directory to DEST in one step, so DEST either does not exist or holds the
 complete output with its manifest. With --overwrite the old DEST is first
 renamed to DEST.fastkl-old and deleted only after the new output is in
-place.
+place. Only a fastkl output
+(a directory holding its manifest, or a symlink to one: the link is replaced)
+or an empty directory is ever replaced: a file or a foreign directory at DEST
+is refused whatever the options.
 
 Kills and hostile directories:
 
@@ -131,11 +134,48 @@ def is_real_dir(p: Path) -> bool:
     return _lstat_kind(p) == stat.S_IFDIR
 
 
+def dest_kind(dest_p: Path) -> str | None:
+    """What is at DEST: None (nothing), "output" (a fastkl output: a directory holding its
+    manifest, or a symlink to one, which is replaced, never followed), "empty" (an empty
+    directory), or else what it is, for the message refusing it."""
+    try:
+        st = os.lstat(dest_p)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        target = _real(dest_p)
+        if is_real_dir(target) and is_regular_file(target / MANIFEST):
+            return "output"
+        return "a symbolic link to something else"
+    if stat.S_ISDIR(st.st_mode):
+        if is_regular_file(dest_p / MANIFEST):
+            return "output"
+        try:
+            empty = not any(os.scandir(dest_p))
+        except OSError:
+            empty = False
+        return "empty" if empty else f"a directory without {MANIFEST}"
+    if stat.S_ISREG(st.st_mode):
+        return "a file"
+    return "not a regular file or directory"
+
+
+def refuse_foreign_dest(dest: str | os.PathLike, kind: str) -> None:
+    """Only a fastkl output (or an empty directory) may be replaced: never suggest --overwrite for the rest."""
+    hint = "choose another DEST"
+    if kind == "a file":
+        hint = "the last argument is DEST, the output directory to create (fastkl run SOURCE... DEST)"
+    raise OptionError(
+        f"DEST {os.fspath(dest)!r} exists and is not a fastkl output ({kind}): refusing to replace it; {hint}"
+    )
+
+
 def check_dest(dest: str | os.PathLike, roots: Iterable[str], *, overwrite: bool, exists_ok: bool = False) -> Path:
     """Refuse DEST overlapping SOURCE, or an existing DEST without overwrite. Before any work.
 
-    exists_ok (for --resume): an existing DEST is left for the job to judge
-    (it is accepted only if it is already this job's complete output).
+    exists_ok (for --resume): an existing fastkl output is left for the job to
+    judge (it is accepted only if it is already this job's complete output).
+    What is not a fastkl output is refused whatever the options.
     """
     dest_p = resolve_dest(dest)
     real_dest = _real(dest_p)  # follows DEST itself too, if it is a symlink
@@ -147,16 +187,11 @@ def check_dest(dest: str | os.PathLike, roots: Iterable[str], *, overwrite: bool
                     f"DEST {os.fspath(dest)!r} overlaps SOURCE {root!r}: "
                     "DEST must be outside the input and must not contain it"
                 )
-    if os.path.lexists(dest_p):
-        if not overwrite:
-            if exists_ok:
-                return dest_p
-            raise OptionError(f"DEST {os.fspath(dest)!r} already exists (pass --overwrite to replace it)")
-        if dest_p.is_dir() and not (dest_p / MANIFEST).exists() and any(dest_p.iterdir()):
-            raise OptionError(
-                f"DEST {os.fspath(dest)!r} is a non-empty directory that is not a fastkl output; "
-                "refusing to overwrite it (remove it yourself if it should go)"
-            )
+    kind = dest_kind(dest_p)
+    if kind not in (None, "output", "empty"):
+        refuse_foreign_dest(dest, kind)
+    if kind is not None and not overwrite and not exists_ok:
+        raise OptionError(f"DEST {os.fspath(dest)!r} already exists (pass --overwrite to replace it)")
     if dest_p.parent.exists() and not dest_p.parent.is_dir():
         raise OptionError(f"the parent of DEST {os.fspath(dest)!r} is not a directory")
     return dest_p
@@ -490,11 +525,13 @@ class Staging:
         """The commit once the manifest is in the staging directory (also after a kill)."""
         lock.check(self.root)
         dest, old = self.dest, old_path(self.dest)
-        present = os.path.lexists(dest)
-        if present and not overwrite:  # appeared while we ran
+        kind = dest_kind(dest)
+        if kind not in (None, "output", "empty"):  # appeared while we ran: never replaced
+            refuse_foreign_dest(dest, kind)
+        if kind is not None and not overwrite:
             raise OptionError(f"DEST {str(dest)!r} appeared while the job ran; output left in {self.root}")
         _remove(self.state)
-        if present:
+        if kind is not None:
             _remove(old)  # left by an overwrite killed between its two renames
             os.rename(dest, old)
             os.rename(self.root, dest)

@@ -75,8 +75,8 @@ def _float_or_e(value: str) -> float:
 
 
 @main.command("run")
-@click.argument("source", nargs=-1, required=True)
-@click.argument("dest")
+@click.argument("source", nargs=-1)
+@click.argument("dest", required=False)  # both checked in run_cmd, to say which one is missing
 @click.option("--p", "p", default="p", show_default=True, help="Column holding P (list of floats).")
 @click.option("--q", "q", default="q", show_default=True, help="Column holding Q (list of floats).")
 @click.option(
@@ -105,7 +105,7 @@ def _float_or_e(value: str) -> float:
 )
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Local threads/processes (default: cores).")
 @click.option("--overwrite", is_flag=True,
-              help="Replace an existing DEST once the new output is complete.")
+              help="Replace an earlier fastkl output at DEST once the new one is complete (never anything else).")
 @click.option("--resume", is_flag=True, help="Reuse the finished parts of an interrupted job.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 @click.option("--summary-json", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -120,6 +120,10 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
             scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
+    if dest is None:
+        _fail(False, EXIT_USAGE, "SOURCE and DEST are missing: fastkl run SOURCE... DEST")
+    if not source:
+        _fail(False, EXIT_USAGE, f"DEST is missing: fastkl run SOURCE... DEST (got only {dest!r})")
     try:
         base_v = _float_or_e(base)
     except ValueError:

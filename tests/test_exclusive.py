@@ -1,4 +1,4 @@
-"""DEST is exclusive (SPEC §6, issue 9 item 1).
+"""DEST is exclusive and only fastkl's (SPEC §5-§6, issue 9 items 1, 6).
 
 1. Two real `fastkl run` processes for one DEST, started together: exactly one
    commits, the other exits 1 naming the first; the committed parts all match
@@ -7,6 +7,7 @@
    jobs; a SIGKILLed job's lock blocks nobody; --resume never adopts another
    job's parts, and a part that another process renamed into the staging
    directory is never committed.
+2. --overwrite replaces only a fastkl output; a forgotten DEST is named.
 """
 
 from __future__ import annotations
@@ -259,3 +260,31 @@ def test_a_planted_lock_that_is_not_a_file_is_refused(tmp_path, data):
     with pytest.raises(fastkl.OptionError, match="not a fastkl lock file"):
         fastkl.run(source, dest)
     assert victim.read_text() == "precious" and not os.path.lexists(dest)
+
+
+# --------------------------------------------------------------------------
+# 2. --overwrite replaces only a fastkl output; a forgotten DEST
+
+
+def test_overwrite_never_replaces_a_file(tmp_path, data):
+    source, _ = data
+    a, b = Path(source) / "shard-00.parquet", Path(source) / "shard-01.parquet"
+    kept = b.read_bytes()
+    for flags in ((), ("--overwrite",), ("--resume",)):
+        code, err = invoke("run", a, b, *flags)
+        line = one_line(err)
+        assert code == 2 and "is not a fastkl output (a file)" in line and "--overwrite" not in line, err
+        assert b.read_bytes() == kept
+    link = tmp_path / "link"
+    link.symlink_to(b)
+    code, err = invoke("run", a, link, "--overwrite")
+    assert code == 2 and "not a fastkl output" in one_line(err)
+    assert link.is_symlink() and b.read_bytes() == kept
+
+
+def test_missing_dest_is_named(tmp_path, data):
+    source, _ = data
+    code, err = invoke("run", Path(source) / "shard-00.parquet")
+    assert code == 2 and "DEST is missing" in one_line(err), err
+    code, err = invoke("run")
+    assert code == 2 and "DEST are missing" in one_line(err), err
