@@ -67,6 +67,7 @@ from ._output import (
     _read_json,
     _write_json,
     check_dest,
+    check_side_file,
     dest_kind,
     is_regular_file,
     new_job_id,
@@ -844,9 +845,13 @@ def run(
 
     def check(roots) -> None:  # before any file is opened
         checked.append(check_dest(dest, roots, overwrite=overwrite, exists_ok=resume and not overwrite))
+        if summary_json is not None:
+            check_side_file(summary_json, "--summary-json", checked[0], roots)
 
     plan, roots = scan(source, p=p, q=q, keep=keep, task_rows=task_rows, task_bytes=task_bytes, check=check)
     dest_p = checked[0]
+    if summary_json is not None:
+        check_side_file(summary_json, "--summary-json", dest_p, roots, [f.path for f in plan.files])
     # DEST is this job's from here on (SPEC §6, exclusive): nothing beside DEST was touched before
     with DestLock.acquire(dest_p, os.fspath(dest)) as lock:
         return _run_locked(

@@ -197,6 +197,33 @@ def check_dest(dest: str | os.PathLike, roots: Iterable[str], *, overwrite: bool
     return dest_p
 
 
+def check_side_file(path: str | os.PathLike, option: str, dest_p: Path, roots: Iterable[str],
+                    inputs: Sequence[str] = ()) -> None:
+    """A file the job writes besides DEST (--summary-json): never an input, never inside DEST
+    or what lies beside it. Checked before any work: after the commit it would be too late."""
+    raw = os.fspath(path)
+    real = _real(raw)
+    if os.path.isdir(real) or raw.endswith(os.sep):
+        raise OptionError(f"{option} {raw!r} is a directory; give a file name")
+    for root in roots:
+        r = _real(root)
+        if real == r:
+            raise OptionError(f"{option} {raw!r} is the input {root!r}: fastkl never writes into its input")
+        if r in real.parents:
+            raise OptionError(f"{option} {raw!r} is inside SOURCE {root!r}: fastkl never writes into its input")
+    for f in inputs:
+        if real == _real(f):
+            raise OptionError(f"{option} {raw!r} is the input file {f!r}: fastkl never writes into its input")
+    for d in (dest_p, _real(dest_p), *beside(dest_p)):
+        if real == d or d in real.parents:
+            raise OptionError(
+                f"{option} {raw!r} is inside DEST {str(dest_p)!r} or its staging place; "
+                "DEST holds only the dataset: write it elsewhere"
+            )
+    if not os.path.isdir(real.parent):
+        raise OptionError(f"{option} {raw!r}: the directory {str(real.parent)!r} does not exist")
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:

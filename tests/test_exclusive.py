@@ -1,4 +1,4 @@
-"""DEST is exclusive and only fastkl's (SPEC §5-§6, issue 9 items 1, 6).
+"""DEST is exclusive and only fastkl's (SPEC §5-§6, issue 9 items 1, 6, 7).
 
 1. Two real `fastkl run` processes for one DEST, started together: exactly one
    commits, the other exits 1 naming the first; the committed parts all match
@@ -8,6 +8,7 @@
    job's parts, and a part that another process renamed into the staging
    directory is never committed.
 2. --overwrite replaces only a fastkl output; a forgotten DEST is named.
+3. --summary-json never lands on an input, in DEST or beside it.
 """
 
 from __future__ import annotations
@@ -288,3 +289,41 @@ def test_missing_dest_is_named(tmp_path, data):
     assert code == 2 and "DEST is missing" in one_line(err), err
     code, err = invoke("run")
     assert code == 2 and "DEST are missing" in one_line(err), err
+
+
+# --------------------------------------------------------------------------
+# 3. --summary-json
+
+
+def test_summary_json_never_lands_on_input_or_dest(tmp_path, data):
+    source, _ = data
+    src = Path(source)
+    dest = tmp_path / "out"
+    shard = src / "shard-00.parquet"
+    kept = shard.read_bytes()
+    cases = [
+        (source, shard, "input"),  # an input file, inside the SOURCE directory
+        (shard, shard, "input"),  # the SOURCE file itself
+        (str(src / "*.parquet"), shard, "input"),  # an input file matched by a glob
+        (source, src / "summary.json", "inside SOURCE"),
+        (source, dest, "inside DEST"),
+        (source, dest / "summary.json", "inside DEST"),
+        (source, staging_path(dest) / "summary.json", "inside DEST"),
+        (source, lock_path(dest), "inside DEST"),
+        (source, tmp_path / "no" / "such" / "dir.json", "does not exist"),
+    ]
+    before = sorted(os.listdir(tmp_path)), sorted(os.listdir(src))
+    for s, path, needle in cases:
+        code, err = invoke("run", s, dest, "-q", "--summary-json", path)
+        assert code == 2 and needle in one_line(err), (s, path, err)
+        assert (sorted(os.listdir(tmp_path)), sorted(os.listdir(src))) == before, (s, path)
+    assert shard.read_bytes() == kept
+    # an existing DEST with --overwrite: still refused before any work, the old output intact
+    assert invoke("run", source, dest, "-q")[0] == 0
+    old = sorted(os.listdir(dest))
+    code, err = invoke("run", source, dest, "-q", "--overwrite", "--summary-json", dest / "summary.json")
+    assert code == 2 and "inside DEST" in one_line(err)
+    assert sorted(os.listdir(dest)) == old
+    code, err = invoke("run", source, dest, "-q", "--overwrite", "--summary-json", tmp_path / "summary.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"] == 85
