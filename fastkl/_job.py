@@ -70,6 +70,7 @@ from ._output import (
     check_side_file,
     dest_kind,
     is_regular_file,
+    local_path,
     new_job_id,
     old_path,
     refuse_foreign_dest,
@@ -798,7 +799,8 @@ def run(
     SOURCE: a Parquet or Arrow IPC file, a directory of them (hive partitions
     included), a glob, or a list of these. DEST: a directory that must not
     exist (unless `overwrite=True`, which replaces only an earlier fastkl
-    output) and must not overlap SOURCE. DEST is exclusive: while this
+    output) and must not overlap SOURCE. Local paths or `file://` URLs (other
+    URLs are refused until object stores come). DEST is exclusive: while this
     job runs, another job for the same DEST fails with `DestTakenError`.
     Returns the job's `fastkl.Summary`, also stored in DEST/_fastkl.json.
 
@@ -841,6 +843,9 @@ def run(
             f"unknown scheduler {scheduler!r}; expected threads, processes, sync or a scheduler address (host:port)"
         )
 
+    source = _local_sources(source)
+    if summary_json is not None:
+        summary_json = local_path(summary_json, "--summary-json")
     checked = []
 
     def check(roots) -> None:  # before any file is opened
@@ -859,6 +864,13 @@ def run(
             task_rows=task_rows, task_bytes=task_bytes, scheduler=scheduler, client=client, workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
         )
+
+
+def _local_sources(source):
+    """SOURCE arguments as local paths (`file://` URLs mapped, other URLs refused)."""
+    if isinstance(source, (str, os.PathLike)):
+        return local_path(source, "SOURCE")
+    return [local_path(s, "SOURCE") for s in source]
 
 
 def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measures, options, status, task_rows,

@@ -58,6 +58,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -102,6 +103,32 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def local_path(arg: str | os.PathLike, role: str) -> str | os.PathLike:
+    """A SOURCE or DEST argument as a local path: `file://` URLs name one, other URLs are refused.
+
+    Object stores are a later issue (SPEC §12); until then `s3://bucket/out`
+    must not become the local directory `./s3:/bucket/out`. The path of a
+    `file://` URL is percent-decoded; `?` and `#` stay part of it (a glob).
+    """
+    if not isinstance(arg, str) or not _URL.match(arg):
+        return arg
+    scheme, rest = arg.split("://", 1)
+    if scheme.lower() != "file":
+        raise OptionError(
+            f"{role} {arg!r}: object stores and URLs ({scheme}://) are not supported yet; "
+            "give a local path (or a file:// URL)"
+        )
+    host, slash, path = rest.partition("/")
+    if host not in ("", "localhost") or not slash:
+        raise OptionError(f"{role} {arg!r}: a file:// URL must name a local absolute path (file:///path)")
+    from urllib.parse import unquote
+
+    return unquote("/" + path)
+
+
 def resolve_dest(dest: str | os.PathLike) -> Path:
     """DEST with its parent resolved physically: symlinks, then `..`, as the kernel does.
 
@@ -110,7 +137,7 @@ def resolve_dest(dest: str | os.PathLike) -> Path:
     The last component is kept as given: DEST itself is created or replaced,
     never followed.
     """
-    raw = os.fspath(dest)
+    raw = os.fspath(local_path(dest, "DEST"))
     head, name = os.path.split(raw.rstrip(os.sep) or raw)
     if name in ("", ".", ".."):
         raise OptionError(f"DEST {raw!r} must name a directory to create")

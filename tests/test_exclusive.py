@@ -1,4 +1,4 @@
-"""DEST is exclusive and only fastkl's (SPEC §5-§6, issue 9 items 1, 6, 7).
+"""DEST is exclusive and only fastkl's (SPEC §5-§6, issue 9 items 1, 6, 7, 8).
 
 1. Two real `fastkl run` processes for one DEST, started together: exactly one
    commits, the other exits 1 naming the first; the committed parts all match
@@ -9,6 +9,7 @@
    directory is never committed.
 2. --overwrite replaces only a fastkl output; a forgotten DEST is named.
 3. --summary-json never lands on an input, in DEST or beside it.
+4. URLs: object stores are refused, file:// names a local path.
 """
 
 from __future__ import annotations
@@ -327,3 +328,32 @@ def test_summary_json_never_lands_on_input_or_dest(tmp_path, data):
     code, err = invoke("run", source, dest, "-q", "--overwrite", "--summary-json", tmp_path / "summary.json")
     assert code == 0, err
     assert json.loads((tmp_path / "summary.json").read_text())["rows"] == 85
+
+
+# --------------------------------------------------------------------------
+# 4. URLs
+
+
+def test_object_store_urls_are_refused(tmp_path, data, monkeypatch):
+    source, _ = data
+    monkeypatch.chdir(tmp_path)  # where `s3://bucket/out` used to be written, as ./s3:/bucket/out
+    before = sorted(os.listdir(tmp_path))
+    for url in ("s3://bucket/out", "memory://x", "gs://b/out", "abfs://c/out"):
+        code, err = invoke("run", source, url)
+        assert code == 2 and f"DEST {url!r}" in one_line(err) and "not supported yet" in err, err
+        code, err = invoke("run", url, "out")
+        assert code == 2 and f"SOURCE {url!r}" in one_line(err) and "not supported yet" in err, err
+        with pytest.raises(fastkl.OptionError, match="not supported yet"):
+            fastkl.run(source, "out", summary_json=url + "/summary.json")
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_file_urls_name_local_paths(tmp_path, data):
+    source, table = data
+    dest = tmp_path / "my out"
+    code, err = invoke("run", f"file://{source}", "file://" + str(dest).replace(" ", "%20"), *JOB)
+    assert code == 0, err
+    assert read_dest(dest).column("id").to_pylist() == table.column("id").to_pylist()
+    assert not (Path.cwd() / "file:").exists()
+    code, err = invoke("run", source, "file://elsewhere/out")
+    assert code == 2 and "file:///path" in one_line(err)
