@@ -30,7 +30,8 @@ The commit writes `_fastkl.json`, drops `_state/` and renames the staging
 directory to DEST in one step, so DEST either does not exist or holds the
 complete output with its manifest. With --overwrite the old DEST is first
 renamed to DEST.fastkl-old and deleted only after the new output is in
-place. Only a fastkl output
+place; if it cannot be deleted, the job still succeeded (a FastKLWarning says
+what is left where) and the next --overwrite removes it. Only a fastkl output
 (a directory holding its manifest, or a symlink to one: the link is replaced)
 or an empty directory is ever replaced: a file or a foreign directory at DEST
 is refused whatever the options.
@@ -586,12 +587,22 @@ class Staging:
             raise OptionError(f"DEST {str(dest)!r} appeared while the job ran; output left in {self.root}")
         _remove(self.state)
         if kind is not None:
-            _remove(old)  # left by an overwrite killed between its two renames
+            try:
+                _remove(old)  # left by an overwrite killed between its two renames, or not removable then
+            except OSError as e:
+                raise OSError(e.errno, f"cannot remove {str(old)!r}, left by an earlier --overwrite "
+                                       f"({e.strerror or e}); remove it, then run again with --resume") from e
             os.rename(dest, old)
             os.rename(self.root, dest)
         else:
             os.rename(self.root, dest)
-        _remove(old)
+        try:
+            _remove(old)
+        except OSError as e:  # the new output IS committed: a warning, not a failed job
+            warnings.warn(FastKLWarning(
+                f"DEST {str(dest)!r} is complete, but the old output it replaced could not be removed "
+                f"({e.strerror or e}): what is left of it is in {str(old)!r}"
+            ), stacklevel=2)
 
 
 def _remove(path: Path) -> None:

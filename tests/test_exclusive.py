@@ -10,6 +10,7 @@
 2. --overwrite replaces only a fastkl output; a forgotten DEST is named.
 3. --summary-json never lands on an input, in DEST or beside it.
 4. URLs: object stores are refused, file:// names a local path.
+5. --overwrite whose old output cannot be removed: committed, one warning line.
 """
 
 from __future__ import annotations
@@ -357,3 +358,25 @@ def test_file_urls_name_local_paths(tmp_path, data):
     assert not (Path.cwd() / "file:").exists()
     code, err = invoke("run", source, "file://elsewhere/out")
     assert code == 2 and "file:///path" in one_line(err)
+
+
+# --------------------------------------------------------------------------
+# 5. an overwrite whose old output cannot be removed
+
+
+def test_overwrite_that_cannot_remove_the_old_output(tmp_path, data):
+    source, table = data
+    dest = tmp_path / "out"
+    assert invoke("run", source, dest, *JOB, "--base", "2")[0] == 0
+    # rmtree #1 drops the state directory, #2 the old output: it fails (EACCES)
+    code, err = cli("run", source, dest, *JOB, "--overwrite", fault=["fail:rmtree:2:13"])
+    assert code == 0, err
+    line = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(line) == 1 and line[0].startswith("fastkl: warning: "), err
+    assert "is complete" in line[0] and "out.fastkl-old" in line[0] and "Permission denied" in line[0]
+    assert check_against_manifest(dest, table)["options"]["base"] == np.e  # the new output
+    assert (tmp_path / "out.fastkl-old" / MANIFEST).exists()
+    # the next overwrite removes what was left
+    assert invoke("run", source, dest, *JOB, "--overwrite", "--base", "2")[0] == 0
+    assert not os.path.lexists(tmp_path / "out.fastkl-old")
+    assert check_against_manifest(dest, table)["options"]["base"] == 2.0
