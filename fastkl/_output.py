@@ -209,7 +209,8 @@ def check_dest(dest: str | os.PathLike, roots: Iterable[str], *, overwrite: bool
     real_dest = _real(dest_p)  # follows DEST itself too, if it is a symlink
     for root in roots:
         r = _real(root)
-        for d in (real_dest, *map(_real, beside(dest_p))):
+        # not the lock: a glob SOURCE may match a killed job's lock file, which is never read as input
+        for d in (real_dest, _real(staging_path(dest_p)), _real(old_path(dest_p))):
             if _overlaps(d, r):
                 raise OptionError(
                     f"DEST {os.fspath(dest)!r} overlaps SOURCE {root!r}: "

@@ -195,6 +195,21 @@ def test_stale_lock_of_a_killed_job_blocks_nobody(tmp_path, data):
     no_temporaries(tmp_path)
 
 
+def test_a_killed_jobs_lock_does_not_block_a_glob_beside_it(tmp_path, data):
+    """`fastkl run 'data/*' data/out`: the glob matches the lock file a killed job left; it is no input."""
+    source, table = data
+    dest = Path(source) / "out"
+    job = start("run", str(Path(source) / "*.parquet"), dest, *JOB, "--scheduler", "sync", stop_after_parts=2)
+    wait_stopped(job)
+    job.kill()
+    job.wait()
+    assert lock_path(dest).exists()
+    os.rename(staging_path(dest), tmp_path / "moved-away")  # (a glob matching staging is another item)
+    code, err = invoke("run", str(Path(source) / "*"), dest, *JOB)
+    assert code == 0, err
+    check_against_manifest(dest, table)
+
+
 def test_resume_never_adopts_another_jobs_parts(tmp_path, data):
     """A killed base-2 job's parts are not reused by a nats job's --resume, whatever their size."""
     source, table = data
