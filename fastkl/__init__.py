@@ -22,14 +22,14 @@ from ._api import (
     tv,
 )
 from ._registry import KINDS, MEASURES, REASONS, STATUSES
-from .errors import DataError, FastKLError, InvalidRowError, OptionError
+from .errors import DataError, DestTakenError, FastKLError, FastKLWarning, InvalidRowError, OptionError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "tv", "hellinger",
     "divergences", "run", "Summary",
-    "InvalidRowError", "OptionError", "DataError", "FastKLError",
+    "InvalidRowError", "OptionError", "DataError", "DestTakenError", "FastKLError", "FastKLWarning",
     "MEASURES", "KINDS", "STATUSES", "REASONS",
 ]
 

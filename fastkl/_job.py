@@ -60,7 +60,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._options import Options, check_measures, needs_q
-from ._output import MANIFEST, Staging, _read_json, check_dest, is_regular_file, old_path
+from ._output import (
+    MANIFEST,
+    DestLock,
+    Staging,
+    _read_json,
+    _write_json,
+    check_dest,
+    check_side_file,
+    dest_kind,
+    is_regular_file,
+    local_path,
+    new_job_id,
+    old_path,
+    refuse_foreign_dest,
+)
 from ._progress import Progress
 from ._filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
 from ._sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, read_schema, scan
@@ -878,8 +892,11 @@ def run(
 
     SOURCE: a Parquet or Arrow IPC file, a directory of them (hive partitions
     included), a glob, or a list of these. DEST: a directory that must not
-    exist (unless `overwrite=True`) and must not overlap SOURCE. Returns the
-    job's `fastkl.Summary`, also stored in DEST/_fastkl.json.
+    exist (unless `overwrite=True`, which replaces only an earlier fastkl
+    output) and must not overlap SOURCE. Local paths or `file://` URLs (other
+    URLs are refused until object stores come). DEST is exclusive: while this
+    job runs, another job for the same DEST fails with `DestTakenError`.
+    Returns the job's `fastkl.Summary`, also stored in DEST/_fastkl.json.
 
     scheduler: None or "threads" (default, this machine), "processes" (a local
     cluster of worker processes), "sync", a scheduler address, or a
@@ -920,14 +937,41 @@ def run(
             f"unknown scheduler {scheduler!r}; expected threads, processes, sync or a scheduler address (host:port)"
         )
 
+    source = _local_sources(source)
+    if summary_json is not None:
+        summary_json = local_path(summary_json, "--summary-json")
     checked = []
-    plan, roots = scan(
-        source, p=p, q=q, keep=keep, task_rows=task_rows, task_bytes=task_bytes,
-        check=lambda roots: checked.append(
-            check_dest(dest, roots, overwrite=overwrite, exists_ok=resume and not overwrite)
-        ),
-    )
+
+    def check(roots) -> None:  # before any file is opened
+        checked.append(check_dest(dest, roots, overwrite=overwrite, exists_ok=resume and not overwrite))
+        if summary_json is not None:
+            check_side_file(summary_json, "--summary-json", checked[0], roots)
+
+    plan, roots = scan(source, p=p, q=q, keep=keep, task_rows=task_rows, task_bytes=task_bytes, check=check)
     dest_p = checked[0]
+    if summary_json is not None:
+        check_side_file(summary_json, "--summary-json", dest_p, roots, [f.path for f in plan.files])
+    # DEST is this job's from here on (SPEC §6, exclusive): nothing beside DEST was touched before
+    with DestLock.acquire(dest_p, os.fspath(dest)) as lock:
+        return _run_locked(
+            source, dest, dest_p, plan, lock, measures=measures, options=options, status=status,
+            task_rows=task_rows, task_bytes=task_bytes, scheduler=scheduler, client=client, workers=workers,
+            overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
+        )
+
+
+def _local_sources(source):
+    """SOURCE arguments as local paths (`file://` URLs mapped, other URLs refused)."""
+    if isinstance(source, (str, os.PathLike)):
+        return local_path(source, "SOURCE")
+    return [local_path(s, "SOURCE") for s in source]
+
+
+def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measures, options, status, task_rows,
+                task_bytes, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
+    """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
+    from ._summary import PartStats, Summary
+
     cols = plan.columns
     schema = _out_schema(cols, measures, status)
     staging = Staging(dest_p, len(plan.tasks))
@@ -944,8 +988,11 @@ def run(
     job_fp = json.dumps(job, sort_keys=True, default=_json_default)
     files = [f.to_dict() for f in plan.files]
     planned = _identity({**job, "rows": plan.rows, "inputs": files, "parts": _parts(plan, staging)})
-    if os.path.lexists(dest_p) and not overwrite:
-        # only with resume (check_dest refused it otherwise): done already if it is this job's output
+    kind = dest_kind(dest_p)  # again, now that DEST is ours: another job may have committed meanwhile
+    if kind not in (None, "output", "empty"):
+        refuse_foreign_dest(dest, kind)
+    if kind is not None and not overwrite:
+        # with resume: done already if it is this job's output
         old = _read_json(dest_p / MANIFEST) if is_regular_file(dest_p / MANIFEST) else None
         if isinstance(old, dict) and _identity(old) == planned:
             _remove_quietly(old_path(dest_p))
@@ -957,9 +1004,14 @@ def run(
             for part in pending["parts"]:
                 if "resumed" in part:
                     part["resumed"] = True  # nothing is recomputed
-            staging.commit(pending, overwrite=overwrite)
+            lock.announce(pending.get("job_id") if isinstance(pending.get("job_id"), str) else None)
+            _write_json(staging.root / MANIFEST, pending)
+            staging.commit_written(overwrite=overwrite, lock=lock)
             return _finished(Summary.from_dict(pending["summary"]), summary_json)
-    done_states = staging.prepare(job, resume=resume)
+    # --resume continues the staged attempt only if it was this very job; any other is a new job
+    job_id = (staging.staged_job_id(job) if resume else None) or new_job_id()
+    lock.announce(job_id)
+    done_states = staging.prepare(job, job_id, resume=resume)
     spec = JobSpec(measures, options, cols, schema, status, staging, job_fp)
 
     # Parts finished by an earlier attempt whose input is unchanged.
@@ -1030,6 +1082,7 @@ def run(
     )
     manifest = {
         "fastkl_version": _version(),
+        "job_id": job_id,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": [os.fspath(s) for s in ([source] if isinstance(source, (str, os.PathLike)) else source)],
         "dest": str(dest_p),
@@ -1047,7 +1100,7 @@ def run(
     }
     manifest = json.loads(json.dumps(manifest, default=_json_default))
     staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
-    staging.commit(manifest, overwrite=overwrite)
+    staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks))
     return _finished(summary, summary_json)
 
 

@@ -11,11 +11,12 @@ import os
 import re
 import sys
 import traceback
+import warnings
 
 import click
 
 from ._registry import KINDS, MEASURES
-from .errors import FastKLError, OptionError
+from .errors import DestTakenError, FastKLError, FastKLWarning, OptionError
 
 EXIT_DATA = 1
 EXIT_USAGE = 2
@@ -71,6 +72,8 @@ def run_guarded(fn, debug: bool, staging_hint: str | None = None):
         return fn()
     except OptionError as e:
         _fail(debug, EXIT_USAGE, str(e))
+    except DestTakenError as e:  # the staging place is the other job's: no "kept for --resume"
+        _fail(debug, EXIT_DATA, str(e))
     except FastKLError as e:  # InvalidRowError, DataError: the data was refused
         _fail(debug, EXIT_DATA, str(e) + _kept(staging_hint))
     except KeyboardInterrupt:
@@ -104,8 +107,8 @@ def _float_or_e(value: str) -> float:
 
 
 @main.command("run")
-@click.argument("source", nargs=-1, required=True)
-@click.argument("dest")
+@click.argument("source", nargs=-1)
+@click.argument("dest", required=False)  # both checked in run_cmd, to say which one is missing
 @click.option("--p", "p", default="p", show_default=True, help="Column holding P (list of floats).")
 @click.option("--q", "q", default="q", show_default=True, help="Column holding Q (list of floats).")
 @click.option(
@@ -133,7 +136,8 @@ def _float_or_e(value: str) -> float:
     help="threads (default), processes, sync, or a Dask scheduler address (host:port).",
 )
 @click.option("--workers", type=click.IntRange(min=1), default=None, help="Local threads/processes (default: cores).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing DEST once the new output is complete.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier fastkl output at DEST once the new one is complete (never anything else).")
 @click.option("--resume", is_flag=True, help="Reuse the finished parts of an interrupted job.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary table.")
 @click.option("--summary-json", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -148,6 +152,10 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
             scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
+    if dest is None:
+        _fail(False, EXIT_USAGE, "SOURCE and DEST are missing: fastkl run SOURCE... DEST")
+    if not source:
+        _fail(False, EXIT_USAGE, f"DEST is missing: fastkl run SOURCE... DEST (got only {dest!r})")
     try:
         base_v = _float_or_e(base)
     except ValueError:
@@ -178,7 +186,17 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
 
     def capped_go():
         with capped():  # FASTKL_MEMORY_LIMIT: hostile input must not exhaust the machine
-            return go()
+            caught: list = []
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", FastKLWarning)
+                    return go()
+            finally:  # one line each, also when the job fails after them
+                for w in caught:
+                    if issubclass(w.category, FastKLWarning):
+                        click.echo(f"fastkl: warning: {w.message}", err=True)
+                    else:
+                        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
     summary = run_guarded(capped_go, debug, hint)
     if not quiet:

@@ -55,3 +55,11 @@ class OptionError(FastKLError, ValueError):
 
 class DataError(FastKLError):
     """Input data is refused: corrupt or mismatched files, missing columns."""
+
+
+class DestTakenError(FastKLError):
+    """DEST is held by another fastkl job that is still running (SPEC §6, exclusive DEST)."""
+
+
+class FastKLWarning(UserWarning):
+    """Something the user should know although the job did its work (e.g. a leftover it could not remove)."""
