@@ -95,7 +95,10 @@ def exact_mean_std(xs: list[float]) -> tuple[float, float]:
     mu = sum(fr, Fraction(0)) / n
     var = sum(((f - mu) ** 2 for f in fr), Fraction(0)) / n
     with decimal.localcontext() as ctx:
-        ctx.prec = 120
+        # enough digits for the square root of a tie between two doubles (a dyadic
+        # rational of ~1100 bits, e.g. (2**-1022 - 2**-1074) / 2) to come out exact:
+        # 120 digits rounded such a tie to the wrong side (std off by one subnormal ulp)
+        ctx.prec = 2400
         sd = (decimal.Decimal(var.numerator) / decimal.Decimal(var.denominator)).sqrt()
         std = float(sd)
     return float(mu), std
@@ -133,6 +136,17 @@ def check_against_reference(summary: Summary, values, status):
             got = getattr(m, key)
             assert abs(got - ref) <= ALPHA * abs(ref) * (1 + 1e-9) + 2.3e-308, (key, got, ref)
             assert m.min <= got <= m.max
+
+
+def test_std_rounds_a_tie_to_even_like_the_exact_reference():
+    """sqrt of the variance of {2**-1022, 2**-1074} is (2**-1022 - 2**-1074) / 2, exactly halfway
+    between two subnormals: ties go to the even one (the reference once rounded it the other way)."""
+    xs = [2.0**-1022, 5e-324]
+    tie_even = float.fromhex("0x0.8000000000000p-1022")
+    assert exact_mean_std(xs)[1] == tie_even
+    values = np.array([xs] * len(MEASURES))
+    s = Summary.from_stats(PartStats.from_batch(MEASURES, values, np.zeros(2, dtype=np.uint8)))
+    assert s.measures["kl"].std == tie_even
 
 
 # ----------------------------------------------------------------------------
