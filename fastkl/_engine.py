@@ -48,6 +48,22 @@ def _get_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_after_fork() -> None:
+    """In a forked child (multiprocessing, DataLoader workers, gunicorn): start afresh.
+
+    Only the forking thread survives a fork: the parent's pool threads do not
+    exist in the child, so work handed to the copied pool would wait forever,
+    and the lock may have been copied while another thread held it.
+    """
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 @dataclass
 class Result:
     """Per-row measures and statuses of one `compute` call."""

@@ -425,7 +425,6 @@ def _run_sync(todo, plan, spec, progress):
 
 
 _task_pools: dict[int, Any] = {}
-_task_pools_pid = os.getpid()
 _task_pools_lock = threading.Lock()
 
 
@@ -440,15 +439,22 @@ def _task_pool(n: int):
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    global _task_pools_pid
     with _task_pools_lock:
-        if _task_pools_pid != os.getpid():
-            _task_pools.clear()
-            _task_pools_pid = os.getpid()
         pool = _task_pools.get(n)
         if pool is None:
             pool = _task_pools[n] = ThreadPoolExecutor(n, thread_name_prefix="fastkl-task")
         return pool
+
+
+def _forget_task_pools_after_fork() -> None:
+    """A forked child has none of the parent's threads, and may have copied the lock held."""
+    global _task_pools_lock
+    _task_pools.clear()
+    _task_pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_task_pools_after_fork)
 
 
 class _JobPool:
