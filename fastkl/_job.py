@@ -327,8 +327,18 @@ def _unit_of(task: Task, row_in_file: int) -> int:
     return task.units[-1].index
 
 
-def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=None) -> dict:
-    """Read the task's slice, compute, write its part, return its row count and stats."""
+class Cancelled(Exception):
+    """The job this task belongs to was interrupted: the task stops between two batches."""
+
+
+def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=None,
+             cancelled: threading.Event | None = None) -> dict:
+    """Read the task's slice, compute, write its part, return its row count and stats.
+
+    `cancelled` (threads scheduler): once set, the task stops before its next
+    batch and removes its temporary part, so that an interrupted job returns
+    within a batch's time, not a task's.
+    """
     from ._engine import compute
     from ._summary import PartStats
 
@@ -349,6 +359,8 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
         # cores run other tasks); a task that owns several reads ahead.
         batches = _read_ahead(task, spec, batch_rows, threads)
         for batch in batches:
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled(f"{f.display}: interrupted")
             n = batch.num_rows
             p = batch.column(cols.p)
             q = batch.column(cols.q) if cols.q is not None else None
@@ -489,10 +501,11 @@ def _run_threads(todo, plan, spec, progress, workers):
     cores = _cores()
     n = max(1, min(workers or cores, len(todo)))
     k = max(1, cores // n)
+    cancelled = threading.Event()  # set on the way out: running tasks stop at their next batch
     # partial + traverse=False: dask must not walk the Task/JobSpec dataclasses as collections
     tasks = [
         dask.delayed(
-            functools.partial(run_task, t, plan.batch_rows[t.index], spec, k, progress.add),
+            functools.partial(run_task, t, plan.batch_rows[t.index], spec, k, progress.add, cancelled),
             pure=False,
             traverse=False,
         )(dask_key_name=f"fastkl-part-{t.index}")
@@ -503,6 +516,7 @@ def _run_threads(todo, plan, spec, progress, workers):
     try:
         return list(dask.compute(*tasks, scheduler="threads", pool=pool, num_workers=n))
     finally:
+        cancelled.set()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -699,7 +713,8 @@ def _killed_worker_error(e: BaseException, by_key: dict, client=None) -> DataErr
     )
 
 
-def _local_cluster(n_workers: int):
+def _local_cluster(n_workers: int, worker_cap: int | None = None):
+    """A LocalCluster of `n_workers` one-thread processes on 127.0.0.1, each capped at `worker_cap`."""
     import logging
 
     from distributed import Client, LocalCluster
@@ -716,15 +731,44 @@ def _local_cluster(n_workers: int):
     client = Client(cluster, set_as_default=False)
     from . import _limits
 
-    limit = _limits.worker_limit(n_workers)  # this process's memory cap (fastkl run), shared
-    if limit is not None:
-        try:
-            client.register_plugin(_limits.DataLimit(limit))
-        except BaseException:
-            client.close()
-            cluster.close()
-            raise
+    try:
+        client.register_plugin(_limits.LocalWorker(worker_cap))
+    except BaseException:
+        client.close()
+        cluster.close()
+        raise
     return cluster, client
+
+
+def _kill_local_workers(cluster) -> None:
+    """On an interrupt: close the nannies of the local cluster and SIGKILL their worker processes.
+
+    The workers' tasks are lost anyway, and a graceful close would wait for
+    the running ones (seconds); killed, they print nothing. Each nanny's close
+    starts first, so that it does not restart its dying worker, and then
+    returns at once. Parts are written to temporary names first, so a killed
+    task leaves no part that --resume would take for finished.
+    """
+    import asyncio
+    import signal
+
+    nannies = list(getattr(cluster, "workers", {}).values())
+
+    async def stop():
+        closing = [asyncio.ensure_future(n.close(timeout=1, reason="fastkl-interrupted")) for n in nannies]
+        await asyncio.sleep(0)  # every close has marked its nanny closing: no restart
+        for n in nannies:
+            try:
+                if n.pid:
+                    os.kill(n.pid, signal.SIGKILL)
+            except (OSError, AttributeError):  # already gone
+                pass
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    try:
+        cluster.sync(stop, callback_timeout=5)
+    except Exception:  # noqa: BLE001 - the cluster's own close comes next
+        pass
 
 
 # --------------------------------------------------------------------------
@@ -755,8 +799,17 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
     if kind == "threads":
         return _run_threads(todo, plan, spec, progress, workers)
     if kind == "processes":
-        cluster, client = _local_cluster(max(1, min(workers or _cores(), len(todo))))
-        to_close += [cluster, client]
+        from ._limits import ClientShare, local_workers
+
+        # the memory cap is a total: the client keeps its share, the workers split the rest
+        n, worker_cap = local_workers(max(1, min(workers or _cores(), len(todo))), explicit=workers is not None)
+        cluster, client = _local_cluster(n, worker_cap)
+        to_close += [ClientShare(), cluster, client]
+        try:
+            return _run_distributed(todo, plan, spec, progress, client)
+        except KeyboardInterrupt:
+            _kill_local_workers(cluster)  # then closed with the cluster, quickly
+            raise
     elif client is None:
         from distributed import Client
 

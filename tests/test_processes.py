@@ -137,3 +137,162 @@ def test_fork_while_another_thread_holds_the_pool_locks(tmp_path):
         in_child(child)
         release.set()
     """)
+
+
+# --------------------------------------------------------------------------
+# Interrupts: one line, exit 130 / 143, workers gone, in about a second
+
+
+@pytest.fixture(scope="module")
+def slow_source(tmp_path_factory):
+    """4 files of 20,000 logits rows (K=256), cut into 40 tasks of 2,000 rows: seconds of work."""
+    import shutil
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path_factory.mktemp("slow") / "src"
+    d.mkdir()
+    x = np.random.default_rng(9).standard_normal((20_000, 256), dtype=np.float32)
+    col = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 256)
+    pq.write_table(pa.table({"p": col, "q": col}), d / "0.parquet", row_group_size=2000, compression="none")
+    for i in range(1, 4):
+        shutil.copy(d / "0.parquet", d / f"{i}.parquet")
+    return d
+
+
+def _descendants(pid: int) -> set[int]:
+    """Processes below `pid` (from /proc: no psutil needed)."""
+    parent: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parent[int(name)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _data_cap(pid: int) -> int | None:
+    """RLIMIT_DATA soft limit of a process, None if unlimited."""
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max data size"):
+                soft = line.split()[3]
+                return None if soft == "unlimited" else int(soft)
+    return None
+
+
+def _interrupt(src, dest, sig, scheduler, *extra, env=None) -> dict:
+    """Start `fastkl run` in its own process group, signal the whole group (as a terminal's
+    Ctrl-C does) once a first part is finished; return what happened."""
+    import signal
+    import time
+
+    staging = f"{dest}.fastkl-staging"
+    cmd = [sys.executable, "-m", "fastkl.cli", "run", str(src), str(dest), "-q", "--kind", "logits",
+           "-m", "kl", "-m", "js", "--task-rows", "2000", "--scheduler", scheduler, *extra]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=_env(**(env or {})),
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (os.path.isdir(staging) and any(n.endswith(".parquet") for n in os.listdir(staging))):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.02)
+        workers = _descendants(proc.pid)
+        caps = {p: _data_cap(p) for p in [proc.pid, *workers] if _alive(p)}
+        spawned = {p for p in workers if b"spawn_main" in _cmdline(p)}  # not the resource tracker
+        t0 = time.monotonic()
+        os.killpg(proc.pid, getattr(signal, sig))
+        err = proc.stderr.read()
+        proc.wait(timeout=30)
+        seconds = time.monotonic() - t0
+        time.sleep(0.5)  # the resource tracker leaves once its pipe closes
+        left = [p for p in workers if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return {"code": proc.returncode, "stderr": err, "seconds": seconds, "left": left, "caps": caps,
+            "pid": proc.pid, "workers": spawned}
+
+
+@pytest.mark.parametrize("scheduler,sig,code", [
+    ("threads", "SIGINT", 130),
+    ("threads", "SIGTERM", 143),
+    ("processes", "SIGINT", 130),
+    ("processes", "SIGTERM", 143),
+])
+def test_interrupt_stops_the_job_with_one_line(slow_source, tmp_path, scheduler, sig, code):
+    dest = tmp_path / "out"
+    r = _interrupt(slow_source, dest, sig, scheduler)
+    lines = r["stderr"].splitlines()
+    assert r["code"] == code, r
+    what = "interrupted" if sig == "SIGINT" else "terminated (SIGTERM)"
+    assert len(lines) == 1 and lines[0].startswith(f"fastkl: error: {what}"), r
+    assert r["seconds"] < 3, r
+    assert r["left"] == [], r
+    assert not dest.exists()
+    if scheduler == "processes":
+        assert r["workers"], r  # the workers were there (and are gone)
+
+
+def test_memory_cap_is_a_total_over_the_local_worker_processes(slow_source, tmp_path):
+    # before: the client kept the whole 6G and each worker got max(3G, 6G / 2)
+    r = _interrupt(slow_source, tmp_path / "out", "SIGINT", "processes", "--workers", "2",
+                   env={"FASTKL_MEMORY_LIMIT": "6G"})
+    workers = [c for p, c in r["caps"].items() if p in r["workers"]]
+    assert len(workers) == 2, r
+    client = r["caps"][r["pid"]]
+    assert None not in workers and client is not None, r
+    assert client + sum(workers) <= 6 << 30, r
+    assert min(workers) >= 2 << 30, r
+
+
+def test_memory_cap_refuses_more_workers_than_fit(slow_source, tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "fastkl.cli", "run", str(slow_source), str(tmp_path / "out"), "-q",
+         "--task-rows", "2000", "--scheduler", "processes", "--workers", "3"],
+        capture_output=True, text=True, timeout=120, env=_env(FASTKL_MEMORY_LIMIT="4G"),
+    )
+    assert r.returncode == 2, r
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "FASTKL_MEMORY_LIMIT=4G" in lines[0] and "allows 1 worker process" in lines[0], r
+    assert "--workers 1" in lines[0] and "8G" in lines[0], r
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("setting", ["1G", "1500M"])
+def test_memory_cap_too_small_to_start_is_one_line(tmp_path, setting):
+    r = subprocess.run(
+        [sys.executable, "-m", "fastkl.cli", "run", str(tmp_path / "nothing.parquet"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env=_env(FASTKL_MEMORY_LIMIT=setting),
+    )
+    assert r.returncode == 2, r
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and f"FASTKL_MEMORY_LIMIT={setting}" in lines[0] and "too small" in lines[0], r
+    assert "2G" in lines[0], r
