@@ -521,28 +521,18 @@ def _run_threads(todo, plan, spec, progress, workers):
 
 
 def _kernel_dtypes(plan) -> tuple:
-    """The kernel dtype for this job's p/q columns, from the first file's schema."""
+    """Every kernel dtype this job's files will need (float32, float64 or both), from the
+    p/q value types of every file's schema read at scan time: a plan of mixed float32 and
+    float64 shards must not leave one of them to be compiled by several workers at once."""
     from ._engine import kernel_dtype
 
-    f = plan.files[0] if plan.files else None
-    try:
-        if f is None:
-            return ()
-        if f.fmt == "parquet":
-            schema = pq.read_schema(f.path)
-        else:
-            with pa.memory_map(f.path) as src:
-                schema = pa.ipc.open_file(src).schema
-        cols = [c for c in (plan.columns.p, plan.columns.q) if c is not None]
-        return (kernel_dtype(*(schema.field(c).type.value_type for c in cols)),)
-    except Exception:  # a bad file is reported by the task that reads it
-        return ()
+    return tuple(sorted({kernel_dtype(*types) for types in plan.value_types}, key=str))
 
 
-def _warm_worker(dtypes: tuple = (), options: Options | None = None) -> None:
+def _warm_worker(dtypes: tuple = (), options: Options | None = None, measures: tuple = ("kl",)) -> None:
     from ._engine import warmup
 
-    warmup(dtypes, options)
+    warmup(dtypes, options, measures)
 
 
 def _cluster_threads(client) -> dict[str, int]:
@@ -573,7 +563,8 @@ def _run_distributed(todo, plan, spec, progress, client):
     for addr, w in info.items():
         first.setdefault(w.get("host", addr), addr)
     # on_error="ignore": a worker dying now is the scheduler's business (its tasks go elsewhere)
-    client.run(_warm_worker, _kernel_dtypes(plan), spec.options, workers=list(first.values()), on_error="ignore")
+    client.run(_warm_worker, _kernel_dtypes(plan), spec.options, spec.measures, workers=list(first.values()),
+               on_error="ignore")
     threads = _cluster_threads(client)
     topic = f"fastkl-progress-{uuid.uuid4().hex}"
     reported = progress.enabled
@@ -955,8 +946,8 @@ def run(
         from ._engine import warmup
 
         # compile / load the kernel once here, before any worker process starts
-        # (numba issue 4807), and only for the dtype this data needs
-        warmup(_kernel_dtypes(plan), options)
+        # (numba issue 4807), for every dtype the files of the plan need
+        warmup(_kernel_dtypes(plan), options, measures)
         if todo:
             for r in _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close):
                 results[r["index"]] = r

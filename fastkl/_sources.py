@@ -134,6 +134,8 @@ class Plan:
     tasks: list[Task]
     columns: Columns
     batch_rows: list[int]  # per task: rows per read batch
+    # every (p, q) pair of list value types among the files: what the kernel will be specialised for
+    value_types: frozenset = frozenset()
 
     @property
     def rows(self) -> int:
@@ -528,4 +530,5 @@ def scan(
                 row += piece.rows
         if cur:
             emit(file, cur, cur_start)
-    return Plan(files, tasks, cols, batch_rows), roots
+    value_types = frozenset(tuple(sc.field(c).type.value_type for c in names) for sc, *_ in footers)
+    return Plan(files, tasks, cols, batch_rows, value_types), roots

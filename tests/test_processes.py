@@ -296,3 +296,33 @@ def test_memory_cap_too_small_to_start_is_one_line(tmp_path, setting):
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and f"FASTKL_MEMORY_LIMIT={setting}" in lines[0] and "too small" in lines[0], r
     assert "2G" in lines[0], r
+
+
+# --------------------------------------------------------------------------
+# Numba's cache is written by the client only: every dtype is warmed up first
+
+
+def test_warmup_covers_every_dtype_of_mixed_shards(tmp_path):
+    """float32 and float64 shards: the client compiles (or loads) both kernels before any
+    worker starts, so no two workers write the same cache files (numba issue 4807)."""
+    r = _python(f"""
+        import numpy as np, pyarrow as pa, pyarrow.parquet as pq
+        from fastkl import _kernels as K
+        from fastkl._engine import warmup
+        from fastkl._job import _kernel_dtypes
+        from fastkl._options import Options
+        from fastkl._sources import scan
+
+        src = {str(tmp_path)!r}
+        for i, t in enumerate([pa.float32(), pa.float32(), pa.float64(), pa.float16()]):
+            col = pa.array([[0.25, 0.75]] * 10, pa.list_(t))
+            pq.write_table(pa.table({{"p": col, "q": col}}), f"{{src}}/{{i}}.parquet")
+        plan, _ = scan(src, p="p", q="q", keep=())
+        dtypes = _kernel_dtypes(plan)
+        assert [str(d) for d in dtypes] == ["float32", "float64"], dtypes
+        warmup(dtypes, Options(), ("kl",))
+        assert len(K.KERNELS["probs"].signatures) == 2, K.KERNELS["probs"].signatures
+        warmup(dtypes, Options.from_kwargs(kind="logits"), ("entropy",))  # p only: the logs family
+        assert len(K.KERNELS["logs"].signatures) == 2, K.KERNELS["logs"].signatures
+    """)
+    assert r.returncode == 0, r.stdout + r.stderr
