@@ -405,6 +405,21 @@ def _partition_types(found: list[_Found]) -> dict[str, pa.DataType]:
     return out
 
 
+def kernel_bytes_scale(schema: pa.Schema, names: Sequence[str]) -> float:
+    """Bytes a task holds per byte of its stored p/q values, to size tasks and batches on.
+
+    The kernel runs on float32, or float64 when a side is float64: a float16
+    side (or a float32 side beside a float64 one) is converted, a copy beside
+    the values read, so a batch holds 1 + kernel width / stored width bytes
+    per stored byte (3 for float16) instead of 1.
+    """
+    types = [schema.field(c).type.value_type for c in names if c in schema.names]
+    floats = [t for t in types if pa.types.is_floating(t)]
+    wide = 8 if any(pa.types.is_float64(t) for t in floats) else 4
+    narrow = min((t.bit_width // 8 for t in floats), default=wide)
+    return 1.0 if narrow >= wide else 1.0 + wide / narrow
+
+
 def _check_columns(found: list[_Found], schemas: list[pa.Schema], cols: Columns) -> None:
     """Unknown column in the first file: usage error. Differing files: data error."""
     ptypes = _partition_types(found)
@@ -482,7 +497,8 @@ def scan(
 
     files: list[InputFile] = []
     for i, (f, (schema, units, size, mtime)) in enumerate(zip(found, footers)):
-        us = tuple(Unit(g, 0, r, b) for g, (r, b) in enumerate(units))
+        scale = kernel_bytes_scale(schema, names)
+        us = tuple(Unit(g, 0, r, int(b * scale)) for g, (r, b) in enumerate(units))
         files.append(
             InputFile(i, f.path, f.display, f.fmt, size, mtime, f.partition, sum(r for r, _ in units), us)
         )

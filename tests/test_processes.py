@@ -326,3 +326,42 @@ def test_warmup_covers_every_dtype_of_mixed_shards(tmp_path):
         assert len(K.KERNELS["logs"].signatures) == 2, K.KERNELS["logs"].signatures
     """)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------
+# Memory of a float16 job: tasks and batches sized on the bytes the kernel holds
+
+
+_PEAK_RSS = """
+import resource, subprocess, sys
+r = subprocess.run([sys.executable, "-m", "fastkl.cli", "run", *sys.argv[1:]], capture_output=True, text=True)
+assert r.returncode == 0, r.stderr
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def _peak_rss(*args: str) -> int:
+    """Peak RSS in bytes of one `fastkl run` (a fresh parent: its only child is the job)."""
+    r = _python(_PEAK_RSS, *args)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.split()[-1])
+
+
+def test_float16_job_memory_is_bounded_like_float32(tmp_path):
+    """One IPC record batch of 1,000 rows x K=32,000: 2.8x the float32 job's RSS before
+    (every read batch converted the whole record batch's child to float32)."""
+    import numpy as np
+    import pyarrow as pa
+
+    x = np.random.default_rng(3).random((1000, 32_000), dtype=np.float32) + 0.5
+    x /= x.sum(1, keepdims=True)
+    peaks = {}
+    for t in (np.float16, np.float32):
+        col = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(t).ravel()), 32_000)
+        table = pa.table({"p": col, "q": col})
+        path = tmp_path / f"{np.dtype(t).name}.arrow"
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
+            w.write_table(table, max_chunksize=1000)
+        del col, table
+        peaks[t] = _peak_rss(str(path), str(tmp_path / f"out-{np.dtype(t).name}"), "-q", "--sum-tol", "0.1")
+    assert peaks[np.float16] < peaks[np.float32] * 1.25 + (64 << 20), peaks
