@@ -731,6 +731,29 @@ def _local_cluster(n_workers: int, worker_cap: int | None = None):
     return cluster, client
 
 
+def _hold_interrupts():
+    """Block SIGINT and SIGTERM in this (main) thread while the local cluster starts.
+
+    The cluster's event-loop thread and the worker processes it spawns inherit
+    the blocked mask (kept across exec): a Ctrl-C, which reaches the whole
+    process group, never makes a starting worker print its traceback, and the
+    client gets it, pending, once the cluster object exists and can be
+    stopped. Returns the mask to restore (None where there is nothing to do).
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _release_interrupts(held) -> None:
+    import signal
+
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def _kill_local_workers(cluster) -> None:
     """On an interrupt: close the nannies of the local cluster and SIGKILL their worker processes.
 
@@ -794,13 +817,18 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
 
         # the memory cap is a total: the client keeps its share, the workers split the rest
         n, worker_cap = local_workers(max(1, min(workers or _cores(), len(todo))), explicit=workers is not None)
-        cluster, client = _local_cluster(n, worker_cap)
-        to_close += [ClientShare(), cluster, client]
+        held = _hold_interrupts()
         try:
-            return _run_distributed(todo, plan, spec, progress, client)
-        except KeyboardInterrupt:
-            _kill_local_workers(cluster)  # then closed with the cluster, quickly
-            raise
+            cluster, client = _local_cluster(n, worker_cap)
+            to_close += [ClientShare(), cluster, client]
+            try:
+                _release_interrupts(held)  # a Ctrl-C during the start is raised here
+                return _run_distributed(todo, plan, spec, progress, client)
+            except KeyboardInterrupt:
+                _kill_local_workers(cluster)  # then closed with the cluster, quickly
+                raise
+        finally:
+            _release_interrupts(held)
     elif client is None:
         from distributed import Client
 
