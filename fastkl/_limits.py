@@ -83,8 +83,9 @@ def memory_limit(setting: str | None = None) -> int | None:
     else:
         limit = int(value * _UNITS[m.group(2)])
     if limit < MIN_CAP:
+        written = (os.environ.get(ENV, "") if setting is None else setting).strip()
         raise OptionError(
-            f"{ENV}={(os.environ.get(ENV, '') if setting is None else setting).strip()} ({_gib(limit)}) is too small for fastkl to start: a fastkl process needs at "
+            f"{ENV}={written} ({_gib(limit)}) is too small for fastkl to start: a fastkl process needs at "
             f"least {_gib(MIN_CAP)} of address space; set {ENV}={MIN_CAP >> 30}G or more, or none"
         )
     return limit
@@ -225,7 +226,7 @@ def _set_worker_limit(limit: int) -> None:
 def __getattr__(name: str):
     # The worker plugin class is built on first use, so that importing this
     # module (the CLI does) does not import distributed. Pickled by reference
-    # as fastkl._limits.DataLimit, it is rebuilt the same way on the workers.
+    # as fastkl._limits.LocalWorker, it is rebuilt the same way on the workers.
     if name == "LocalWorker":
         from distributed.diagnostics.plugin import WorkerPlugin
 
