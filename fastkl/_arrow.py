@@ -60,9 +60,13 @@ class Side:
                 object.__setattr__(self, name, a)
 
     def astype(self, dtype: np.dtype) -> "Side":
+        """The same rows with values of `dtype`: only the values these rows use are converted
+        (a slice of a big list array shares its whole child)."""
         if self.values.dtype == dtype:
             return self
-        return Side(self.offsets, self.values.astype(dtype), self.mask, self.mask_offset, self.row_null)
+        lo, hi = (int(self.offsets[0]), int(self.offsets[-1])) if self.n else (0, 0)
+        mask_offset = self.mask_offset + lo if self.mask.size else 0
+        return Side(self.offsets - lo, self.values[lo:hi].astype(dtype), self.mask, mask_offset, self.row_null)
 
 
 _INTEGER_HINT = (
@@ -114,6 +118,10 @@ def _child_buffers(child: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray, 
     return values, _EMPTY_MASK, 0
 
 
+def _needs_cast(t: pa.DataType) -> bool:
+    return pa.types.is_float16(t) or pa.types.is_integer(t)
+
+
 def _from_arrow(arr: pa.Array, name: str) -> Side:
     t = arr.type
     n = len(arr)
@@ -130,10 +138,17 @@ def _from_arrow(arr: pa.Array, name: str) -> Side:
         )
     else:
         raise OptionError(f"{name}: expected a list, large_list or fixed_size_list array of floats, got {t}")
-    values, mask, mask_offset = _child_buffers(arr.values, name)
-    if n and (offsets[0] < 0 or offsets[-1] > len(values) or np.any(np.diff(offsets) < 0)):
+    child = arr.values  # the whole child, also for a slice of the list array
+    if n and (offsets[0] < 0 or offsets[-1] > len(child) or np.any(np.diff(offsets) < 0)):
         # the kernel trusts offsets: corrupt ones (e.g. a damaged IPC file) would read out of bounds
-        raise DataError(f"{name}: corrupt list offsets (not increasing or beyond the {len(values)} values)")
+        raise DataError(f"{name}: corrupt list offsets (not increasing or beyond the {len(child)} values)")
+    if n and _needs_cast(child.type) and (offsets[0] > 0 or offsets[-1] < len(child)):
+        # convert only the values of these rows: a batch sliced out of a big record batch
+        # would otherwise convert the whole record batch's child, every batch
+        lo = int(offsets[0])
+        child = child.slice(lo, int(offsets[-1]) - lo)
+        offsets = offsets - lo
+    values, mask, mask_offset = _child_buffers(child, name)
     row_null = None
     if arr.null_count > 0:
         row_null = arr.is_null().to_numpy(zero_copy_only=False)

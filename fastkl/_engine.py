@@ -48,6 +48,22 @@ def _get_pool() -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool_after_fork() -> None:
+    """In a forked child (multiprocessing, DataLoader workers, gunicorn): start afresh.
+
+    Only the forking thread survives a fork: the parent's pool threads do not
+    exist in the child, so work handed to the copied pool would wait forever,
+    and the lock may have been copied while another thread held it.
+    """
+    global _pool, _pool_lock
+    _pool = None
+    _pool_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 @dataclass
 class Result:
     """Per-row measures and statuses of one `compute` call."""
@@ -241,14 +257,17 @@ def kernel_dtype(*value_types: Any) -> np.dtype:
     return np.dtype(np.float64 if wide else np.float32)
 
 
-def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64), options: Options | None = None) -> None:
-    """Compile (or load from Numba's on-disk cache) the kernel for these dtypes
-    and the kinds of `options` (default: probs).
+def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64), options: Options | None = None,
+           measures: tuple[str, ...] = ("kl",)) -> None:
+    """Compile (or load from Numba's on-disk cache) the kernel for these dtypes,
+    the kinds of `options` (default: probs) and `measures` (with or without q:
+    another kernel family for some kinds).
 
     Each specialisation costs seconds to compile the first time on a machine,
-    so callers that know their data warm only the one they will use.
+    so callers that know their data warm only the ones they will use.
     """
     opts = options or Options()
+    measures = check_measures(measures)
     for dtype in dtypes:
         x = np.full((1, 2), 0.5, dtype=dtype)
-        compute(x, x, ("kl",), opts, threads=1)
+        compute(x, x if needs_q(measures) else None, measures, opts, threads=1)

@@ -77,7 +77,7 @@ from ._output import (
 )
 from ._progress import Progress
 from ._filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
-from ._sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, read_schema, scan
+from ._sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, scan
 from .errors import DataError, FastKLError, InvalidRowError, OptionError
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
@@ -439,8 +439,18 @@ def _unit_of(task: Task, row_in_file: int) -> int:
     return task.units[-1].index
 
 
-def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=None) -> dict:
-    """Read the task's slice, compute, write its part, return its row count and stats."""
+class Cancelled(Exception):
+    """The job this task belongs to was interrupted: the task stops between two batches."""
+
+
+def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=None,
+             cancelled: threading.Event | None = None) -> dict:
+    """Read the task's slice, compute, write its part, return its row count and stats.
+
+    `cancelled` (threads scheduler): once set, the task stops before its next
+    batch and removes its temporary part, so that an interrupted job returns
+    within a batch's time, not a task's.
+    """
     from ._engine import compute
     from ._summary import PartStats
 
@@ -461,6 +471,8 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
         # cores run other tasks); a task that owns several reads ahead.
         batches = _read_ahead(task, spec, batch_rows, threads)
         for batch in batches:
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled(f"{f.display}: interrupted")
             n = batch.num_rows
             p = batch.column(cols.p)
             q = batch.column(cols.q) if cols.q is not None else None
@@ -537,7 +549,6 @@ def _run_sync(todo, plan, spec, progress):
 
 
 _task_pools: dict[int, Any] = {}
-_task_pools_pid = os.getpid()
 _task_pools_lock = threading.Lock()
 
 
@@ -552,15 +563,22 @@ def _task_pool(n: int):
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    global _task_pools_pid
     with _task_pools_lock:
-        if _task_pools_pid != os.getpid():
-            _task_pools.clear()
-            _task_pools_pid = os.getpid()
         pool = _task_pools.get(n)
         if pool is None:
             pool = _task_pools[n] = ThreadPoolExecutor(n, thread_name_prefix="fastkl-task")
         return pool
+
+
+def _forget_task_pools_after_fork() -> None:
+    """A forked child has none of the parent's threads, and may have copied the lock held."""
+    global _task_pools_lock
+    _task_pools.clear()
+    _task_pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_task_pools_after_fork)
 
 
 class _JobPool:
@@ -595,10 +613,11 @@ def _run_threads(todo, plan, spec, progress, workers):
     cores = _cores()
     n = max(1, min(workers or cores, len(todo)))
     k = max(1, cores // n)
+    cancelled = threading.Event()  # set on the way out: running tasks stop at their next batch
     # partial + traverse=False: dask must not walk the Task/JobSpec dataclasses as collections
     tasks = [
         dask.delayed(
-            functools.partial(run_task, t, plan.batch_rows[t.index], spec, k, progress.add),
+            functools.partial(run_task, t, plan.batch_rows[t.index], spec, k, progress.add, cancelled),
             pure=False,
             traverse=False,
         )(dask_key_name=f"fastkl-part-{t.index}")
@@ -609,28 +628,23 @@ def _run_threads(todo, plan, spec, progress, workers):
     try:
         return list(dask.compute(*tasks, scheduler="threads", pool=pool, num_workers=n))
     finally:
+        cancelled.set()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _kernel_dtypes(plan) -> tuple:
-    """The kernel dtype for this job's p/q columns, from the first file's schema."""
+    """Every kernel dtype this job's files will need (float32, float64 or both), from the
+    p/q value types of every file's schema read at scan time: a plan of mixed float32 and
+    float64 shards must not leave one of them to be compiled by several workers at once."""
     from ._engine import kernel_dtype
 
-    f = plan.files[0] if plan.files else None
-    try:
-        if f is None:
-            return ()
-        schema = read_schema(f)
-        cols = [c for c in (plan.columns.p, plan.columns.q) if c is not None]
-        return (kernel_dtype(*(schema.field(c).type.value_type for c in cols)),)
-    except Exception:  # a bad file is reported by the task that reads it
-        return ()
+    return tuple(sorted({kernel_dtype(*types) for types in plan.value_types}, key=str))
 
 
-def _warm_worker(dtypes: tuple = (), options: Options | None = None) -> None:
+def _warm_worker(dtypes: tuple = (), options: Options | None = None, measures: tuple = ("kl",)) -> None:
     from ._engine import warmup
 
-    warmup(dtypes, options)
+    warmup(dtypes, options, measures)
 
 
 def _cluster_threads(client) -> dict[str, int]:
@@ -661,7 +675,8 @@ def _run_distributed(todo, plan, spec, progress, client):
     for addr, w in info.items():
         first.setdefault(w.get("host", addr), addr)
     # on_error="ignore": a worker dying now is the scheduler's business (its tasks go elsewhere)
-    client.run(_warm_worker, _kernel_dtypes(plan), spec.options, workers=list(first.values()), on_error="ignore")
+    client.run(_warm_worker, _kernel_dtypes(plan), spec.options, spec.measures, workers=list(first.values()),
+               on_error="ignore")
     threads = _cluster_threads(client)
     topic = f"fastkl-progress-{uuid.uuid4().hex}"
     reported = progress.enabled
@@ -801,7 +816,8 @@ def _killed_worker_error(e: BaseException, by_key: dict, client=None) -> DataErr
     )
 
 
-def _local_cluster(n_workers: int):
+def _local_cluster(n_workers: int, worker_cap: int | None = None):
+    """A LocalCluster of `n_workers` one-thread processes on 127.0.0.1, each capped at `worker_cap`."""
     import logging
 
     from distributed import Client, LocalCluster
@@ -818,15 +834,67 @@ def _local_cluster(n_workers: int):
     client = Client(cluster, set_as_default=False)
     from . import _limits
 
-    limit = _limits.worker_limit(n_workers)  # this process's memory cap (fastkl run), shared
-    if limit is not None:
-        try:
-            client.register_plugin(_limits.DataLimit(limit))
-        except BaseException:
-            client.close()
-            cluster.close()
-            raise
+    try:
+        client.register_plugin(_limits.LocalWorker(worker_cap))
+    except BaseException:
+        client.close()
+        cluster.close()
+        raise
     return cluster, client
+
+
+def _hold_interrupts():
+    """Block SIGINT and SIGTERM in this (main) thread while the local cluster starts.
+
+    The cluster's event-loop thread and the worker processes it spawns inherit
+    the blocked mask (kept across exec): a Ctrl-C, which reaches the whole
+    process group, never makes a starting worker print its traceback, and the
+    client gets it, pending, once the cluster object exists and can be
+    stopped. Returns the mask to restore (None where there is nothing to do).
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _release_interrupts(held) -> None:
+    import signal
+
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _kill_local_workers(cluster) -> None:
+    """On an interrupt: close the nannies of the local cluster and SIGKILL their worker processes.
+
+    The workers' tasks are lost anyway, and a graceful close would wait for
+    the running ones (seconds); killed, they print nothing. Each nanny's close
+    starts first, so that it does not restart its dying worker, and then
+    returns at once. Parts are written to temporary names first, so a killed
+    task leaves no part that --resume would take for finished.
+    """
+    import asyncio
+    import signal
+
+    nannies = list(getattr(cluster, "workers", {}).values())
+
+    async def stop():
+        closing = [asyncio.ensure_future(n.close(timeout=1, reason="fastkl-interrupted")) for n in nannies]
+        await asyncio.sleep(0)  # every close has marked its nanny closing: no restart
+        for n in nannies:
+            try:
+                if n.pid:
+                    os.kill(n.pid, signal.SIGKILL)
+            except (OSError, AttributeError):  # already gone
+                pass
+        await asyncio.gather(*closing, return_exceptions=True)
+
+    try:
+        cluster.sync(stop, callback_timeout=5)
+    except Exception:  # noqa: BLE001 - the cluster's own close comes next
+        pass
 
 
 # --------------------------------------------------------------------------
@@ -857,8 +925,22 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
     if kind == "threads":
         return _run_threads(todo, plan, spec, progress, workers)
     if kind == "processes":
-        cluster, client = _local_cluster(max(1, min(workers or _cores(), len(todo))))
-        to_close += [cluster, client]
+        from ._limits import ClientShare, local_workers
+
+        # the memory cap is a total: the client keeps its share, the workers split the rest
+        n, worker_cap = local_workers(max(1, min(workers or _cores(), len(todo))), explicit=workers is not None)
+        held = _hold_interrupts()
+        try:
+            cluster, client = _local_cluster(n, worker_cap)
+            to_close += [ClientShare(), cluster, client]
+            try:
+                _release_interrupts(held)  # a Ctrl-C during the start is raised here
+                return _run_distributed(todo, plan, spec, progress, client)
+            except KeyboardInterrupt:
+                _kill_local_workers(cluster)  # then closed with the cluster, quickly
+                raise
+        finally:
+            _release_interrupts(held)
     elif client is None:
         from distributed import Client
 
@@ -1042,8 +1124,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measu
         from ._engine import warmup
 
         # compile / load the kernel once here, before any worker process starts
-        # (numba issue 4807), and only for the dtype this data needs
-        warmup(_kernel_dtypes(plan), options)
+        # (numba issue 4807), for every dtype the files of the plan need
+        warmup(_kernel_dtypes(plan), options, measures)
         if todo:
             for r in _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close):
                 results[r["index"]] = r

@@ -17,9 +17,17 @@ the available memory, at least 4 GiB. The cap counts address space that the
 allocators reserve, not only what is touched: on Linux a process that has
 imported fastkl's kernels already holds ~1.3 GiB of it (pyarrow's mimalloc
 reserves a 1 GiB arena up front) while its RSS is ~0.25 GiB, so a cap below
-2 GiB leaves little room for data. The Python API sets no limit (the
-caller's process is the caller's); the local cluster that `--scheduler
-processes` starts splits the cap between its worker processes.
+2 GiB leaves little room for data, and below it a process may not even
+start (an import fails, or OpenBLAS spins forever on a failed allocation):
+caps below MIN_CAP are refused with one line. The Python API sets no limit
+(the caller's process is the caller's).
+
+The cap is a total for the job: the local cluster that `--scheduler
+processes` starts shares it between the client (which keeps PROCESS_NEED)
+and its worker processes (the rest, split equally, at least PROCESS_NEED
+each): fewer workers when more would not fit, and a refusal naming the cap
+when not even one fits or `--workers` asks for more than fit. A cluster
+given by address runs under its own workers' limits.
 """
 
 from __future__ import annotations
@@ -36,7 +44,12 @@ _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 
           "tib": 1 << 40}
 DEFAULT_SHARE = 0.8
 DEFAULT_FLOOR = 4 << 30
-WORKER_FLOOR = 3 << 30
+# What one fastkl process (the CLI, a local worker) needs under the cap to
+# start and to run a task of the default size: ~1.3 GiB of reserved address
+# space after imports (measured VmData of a worker: 1.25 GiB, of a client with
+# its local cluster: 1.4 GiB), the rest for the task's batches.
+PROCESS_NEED = 2 << 30
+MIN_CAP = PROCESS_NEED
 
 
 def mem_available() -> int | None:
@@ -64,8 +77,22 @@ def memory_limit(setting: str | None = None) -> int | None:
         raise OptionError(f"{ENV}={raw!r}: expected a size like 6G or 512M, a share like 50%, or none")
     value = float(m.group(1))
     if m.group(2) == "%":
-        return None if avail is None else max(1 << 28, int(avail * value / 100))
-    return max(1 << 28, int(value * _UNITS[m.group(2)]))
+        if avail is None:
+            return None
+        limit = int(avail * value / 100)
+    else:
+        limit = int(value * _UNITS[m.group(2)])
+    if limit < MIN_CAP:
+        written = (os.environ.get(ENV, "") if setting is None else setting).strip()
+        raise OptionError(
+            f"{ENV}={written} ({_gib(limit)}) is too small for fastkl to start: a fastkl process needs at "
+            f"least {_gib(MIN_CAP)} of address space; set {ENV}={MIN_CAP >> 30}G or more, or none"
+        )
+    return limit
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 
 def _get():
@@ -133,36 +160,97 @@ def note() -> str:
     return "" if soft is None else f"; this process may use {soft / 2**30:.1f} GiB, see {ENV}"
 
 
-def worker_limit(n_workers: int) -> int | None:
-    """This process's cap shared by n local worker processes (at least 3 GiB each)."""
-    soft = current_limit()
-    return None if soft is None else max(WORKER_FLOOR, soft // max(1, n_workers))
+def local_workers(wanted: int, explicit: bool = False) -> tuple[int, int | None]:
+    """(workers, cap of each) for a local cluster started under this process's cap.
+
+    The cap is a total: this process (the client, with the scheduler and the
+    nannies) keeps PROCESS_NEED, the workers share the rest equally and each
+    needs PROCESS_NEED too. More workers than fit: fewer, unless the caller
+    asked for that many (`explicit`); none fits: OptionError naming the cap.
+    """
+    total = current_limit()
+    if total is None:
+        return wanted, None
+    fits = (total - PROCESS_NEED) // PROCESS_NEED
+    if fits >= wanted or (fits >= 1 and not explicit):
+        n = max(1, min(wanted, fits))
+        return n, (total - PROCESS_NEED) // n
+    need = ((wanted if explicit else 1) + 1) * PROCESS_NEED
+    setting = os.environ.get(ENV, "").strip()
+    cap = f"{ENV}={setting}" if setting else f"the default cap ({ENV} unset)"
+    allows = "no worker process" if fits < 1 else f"{fits} worker process{'es' if fits > 1 else ''}"
+    hint = "use --scheduler threads" if fits < 1 else f"pass --workers {fits}"
+    raise OptionError(
+        f"{cap} ({_gib(total)}, a total for the job) allows {allows} for "
+        f"--scheduler processes (the client and each worker need {_gib(PROCESS_NEED)}); "
+        f"{hint}, or set {ENV}={-(-need // (1 << 30))}G or more"
+    )
+
+
+def set_limit(limit: int) -> None:
+    """Set this process's RLIMIT_DATA soft limit to `limit` (at most the hard limit).
+
+    Unlike `lower_limit`, may raise it: a worker process restarted by its
+    nanny inherits the client's (smaller) share and takes its own here.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover
+        return
+    soft, hard = _get()
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
+    except (ValueError, OSError):  # pragma: no cover
+        pass
+
+
+class ClientShare:
+    """The client's own share of a total cap while its local cluster runs; `close` gives back the rest."""
+
+    def __init__(self) -> None:
+        self.before = current_limit()
+        if self.before is not None:
+            lower_limit(PROCESS_NEED)
+
+    def close(self) -> None:
+        if self.before is not None:
+            set_limit(self.before)
 
 
 def _set_worker_limit(limit: int) -> None:
-    lower_limit(limit)
+    set_limit(limit)
 
 
 def __getattr__(name: str):
     # The worker plugin class is built on first use, so that importing this
     # module (the CLI does) does not import distributed. Pickled by reference
-    # as fastkl._limits.DataLimit, it is rebuilt the same way on the workers.
-    if name == "DataLimit":
+    # as fastkl._limits.LocalWorker, it is rebuilt the same way on the workers.
+    if name == "LocalWorker":
         from distributed.diagnostics.plugin import WorkerPlugin
 
-        class DataLimit(WorkerPlugin):
-            """Caps each worker's RLIMIT_DATA when it starts (restarted workers too)."""
+        class LocalWorker(WorkerPlugin):
+            """Set-up of each worker process of fastkl's local cluster when it starts (restarted ones too):
+            its share of the memory cap, and SIGINT ignored (a Ctrl-C reaches the whole process group:
+            the client stops the job and its workers, which print nothing)."""
 
-            name = "fastkl-data-limit"
+            name = "fastkl-local-worker"
 
-            def __init__(self, limit: int):
-                self.limit = int(limit)
+            def __init__(self, limit: int | None):
+                self.limit = None if limit is None else int(limit)
 
             def setup(self, worker=None) -> None:
-                _set_worker_limit(self.limit)
+                import signal
+                import threading
 
-        DataLimit.__module__ = __name__
-        DataLimit.__qualname__ = "DataLimit"
-        globals()["DataLimit"] = DataLimit
-        return DataLimit
+                if self.limit is not None:
+                    _set_worker_limit(self.limit)
+                if threading.current_thread() is threading.main_thread():
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+        LocalWorker.__module__ = __name__
+        LocalWorker.__qualname__ = "LocalWorker"
+        globals()["LocalWorker"] = LocalWorker
+        return LocalWorker
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -179,6 +179,8 @@ class Plan:
     tasks: list[Task]
     columns: Columns
     batch_rows: list[int]  # per task: rows per read batch
+    # every (p, q) pair of list value types among the files: what the kernel will be specialised for
+    value_types: frozenset = frozenset()
 
     @property
     def rows(self) -> int:
@@ -731,16 +733,6 @@ def _plan_ipc_stream(f: _Found, src: pa.NativeFile, size: int, names: list[str])
     return schema, units, h.hexdigest()
 
 
-def read_schema(f: FileRef) -> pa.Schema:
-    """The schema of a planned file (through a regular handle, like every read)."""
-    with pa.OSFile(f.path) as src:
-        if f.fmt == "parquet":
-            return pq.read_schema(src)
-        if f.fmt == "ipc":
-            return pa.ipc.open_file(src).schema
-        return pa.ipc.open_stream(src).schema
-
-
 def _short(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return s[0] if s else type(e).__name__
@@ -760,6 +752,22 @@ def _partition_types(found: list[_Found]) -> dict[str, pa.DataType]:
         else:
             out[k] = pa.string()
     return out
+
+
+def kernel_bytes_scale(schema: pa.Schema, names: Sequence[str]) -> float:
+    """Bytes a task holds per byte of its stored p/q values, to size tasks and batches on.
+
+    The kernel runs on float32, or float64 when a side is float64: a float16
+    side (or a float32 side beside a float64 one) is converted, a copy beside
+    the values read, so a batch holds 1 + kernel width / stored width bytes
+    per stored byte (3 for float16) instead of 1.
+    """
+    # getattr: an empty shard's column may be typed plain `null` (no values at all)
+    types = [getattr(schema.field(c).type, "value_type", None) for c in names if c in schema.names]
+    floats = [t for t in types if t is not None and pa.types.is_floating(t)]
+    wide = 8 if any(pa.types.is_float64(t) for t in floats) else 4
+    narrow = min((t.bit_width // 8 for t in floats), default=wide)
+    return 1.0 if narrow >= wide else 1.0 + wide / narrow
 
 
 def _null_typed(t: pa.DataType) -> bool:
@@ -874,7 +882,8 @@ def scan(
 
     files: list[InputFile] = []
     for i, (f, ft) in enumerate(zip(found, footers)):
-        us = tuple(Unit(g, 0, r, b, pos) for g, (r, b, pos) in enumerate(ft.units))
+        scale = kernel_bytes_scale(ft.schema, names)
+        us = tuple(Unit(g, 0, r, int(b * scale), pos) for g, (r, b, pos) in enumerate(ft.units))
         ident = ft.identity
         files.append(
             InputFile(
@@ -926,4 +935,7 @@ def scan(
                 row += piece.rows
         if cur:
             emit(file, cur, cur_start)
-    return Plan(files, tasks, cols, batch_rows), roots
+    # the kernel dtypes the job will meet (warm-up), from files with rows: an empty shard may be typed null
+    value_types = frozenset(tuple(ft.schema.field(c).type.value_type for c in names)
+                            for ft, n in zip(footers, rows) if n > 0)
+    return Plan(files, tasks, cols, batch_rows, value_types), roots

@@ -1,15 +1,20 @@
 """The `fastkl` command: run, demo, bench (SPEC §5).
 
 Exit status: 0 done; 1 the data was refused (invalid rows, corrupt or
-mismatched files); 2 usage errors (unknown column, bad option, DEST refused).
+mismatched files); 2 usage errors (unknown column, bad option, DEST refused);
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM): the job stops in about
+a second, workers included, with one line.
 Errors are one line on stderr; --debug shows the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 import warnings
 
@@ -20,6 +25,8 @@ from .errors import DestTakenError, FastKLError, FastKLWarning, OptionError
 
 EXIT_DATA = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + 2  # SIGINT, as shells report it
+EXIT_TERMINATED = 128 + 15  # SIGTERM
 
 
 # Python keyword arguments named in messages, as the command line spells them:
@@ -66,20 +73,52 @@ def _kept(staging: str | None) -> str:
     return ""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like a Ctrl-C, so that the job stops the same way."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM stops the job like Ctrl-C (workers stopped, one line, exit 143), not by dying
+    mid-way (which left a "leaked semaphore" warning behind). Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def run_guarded(fn, debug: bool, staging_hint: str | None = None):
     """Call fn(), turning fastkl's exceptions into one line on stderr and an exit status."""
     try:
-        return fn()
+        with _sigterm_interrupts():
+            return fn()
     except OptionError as e:
         _fail(debug, EXIT_USAGE, str(e))
     except DestTakenError as e:  # the staging place is the other job's: no "kept for --resume"
         _fail(debug, EXIT_DATA, str(e))
     except FastKLError as e:  # InvalidRowError, DataError: the data was refused
         _fail(debug, EXIT_DATA, str(e) + _kept(staging_hint))
+    except Terminated:
+        _fail(debug, EXIT_TERMINATED, "terminated (SIGTERM)" + _kept(staging_hint))
     except KeyboardInterrupt:
-        _fail(debug, 130, "interrupted" + _kept(staging_hint))
+        _fail(debug, EXIT_INTERRUPTED, "interrupted" + _kept(staging_hint))
     except click.exceptions.Exit:
         raise
+    except MemoryError as e:  # not while reading data (that is a DataError naming the file)
+        from ._limits import ENV, current_limit
+
+        soft = current_limit()
+        cap = f" under the cap of {soft / 2**30:.1f} GiB (set {ENV} higher, or none)" if soft else ""
+        detail = str(e).strip().splitlines()
+        _fail(debug, EXIT_DATA, f"out of memory{cap}" + (f": {detail[0]}" if detail else ""))
     except Exception as e:  # a bug or an environment problem (a full disk): still one line
         hint = "" if debug else " (run with --debug for the whole message and traceback)"
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -106,7 +145,18 @@ def _float_or_e(value: str) -> float:
     return float(value)
 
 
-@main.command("run")
+_RUN_EPILOG = """\
+Memory: FASTKL_MEMORY_LIMIT caps the memory (address space, RLIMIT_DATA) of
+the whole job: a size (8G, 512M), a share of the memory available at start
+(50%), or none; default 80% of the available memory, at least 4 GiB; at
+least 2G. It is a total, whatever the scheduler: with --scheduler processes
+the client keeps 2 GiB and the worker processes share the rest equally (at
+least 2 GiB each: fewer workers when more would not fit). Input that needs
+more fails with one line naming the file and row group.
+"""
+
+
+@main.command("run", epilog=_RUN_EPILOG)
 @click.argument("source", nargs=-1)
 @click.argument("dest", required=False)  # both checked in run_cmd, to say which one is missing
 @click.option("--p", "p", default="p", show_default=True, help="Column holding P (list of floats).")

@@ -623,8 +623,8 @@ def test_local_cluster_listens_on_localhost_only(tmp_path, dataset, monkeypatch)
     seen = []
     real = job._local_cluster
 
-    def spy(n):
-        cluster, client = real(n)
+    def spy(n, *rest):
+        cluster, client = real(n, *rest)
         me = psutil.Process()
         for proc in [me] + me.children(recursive=True):
             for c in proc.net_connections(kind="inet"):

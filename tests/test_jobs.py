@@ -538,10 +538,10 @@ def test_threads_and_kernel_threads_share_the_cores(tmp_path, rng, monkeypatch, 
     seen_k, seen_threads = set(), set()
     real = job.run_task
 
-    def spy(task, batch_rows, spec, k, report=None):
+    def spy(task, batch_rows, spec, k, report=None, cancelled=None):
         seen_k.add(k)
         seen_threads.add(threading.get_ident())
-        return real(task, batch_rows, spec, k, report)
+        return real(task, batch_rows, spec, k, report, cancelled)
 
     monkeypatch.setattr(job, "run_task", spy)
     fastkl.run(source, tmp_path / "out", workers=workers)
