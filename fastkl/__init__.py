@@ -5,7 +5,7 @@
     >>> fastkl.divergences(p, q, measures=("kl", "js"))   # pyarrow.Table
     >>> fastkl.run("shards/", "scores/", measures=("kl",))  # a whole dataset
 
-See README.md and SPEC.md for the contract.
+See README.md for the user's guide.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The in-memory Python API (SPEC §5): one function per measure, plus `divergences`.
+"""The in-memory Python API: one function per measure, plus `divergences`.
 
 Arguments are named for their role: `p` is the distribution the expectation
 is taken under (the data / teacher / reference in most ML uses), `q` the
@@ -18,7 +18,7 @@ from ._options import Options, check_flag, check_measures, check_threads
 ArrayLike = Any  # 2-D numpy array, pyarrow (Chunked)Array of lists of floats, or list of lists
 
 _OPTIONS_DOC = """
-    Options (SPEC §3-§4):
+    Options:
         kind: "probs" (default), "logprobs" (natural log) or "logits"; sets both sides.
         p_kind, q_kind: override `kind` for one side.
         temperature: logits are decoded as log_softmax(x / temperature).

@@ -1,4 +1,4 @@
-"""Throughput measurement: fastkl against the machine's limits and against peers (SPEC §7).
+"""Throughput measurement: fastkl against the machine's limits and against peers.
 
 One module feeds `fastkl bench`, the pytest-benchmark suite (benchmarks/) and
 scripts/bench_jobs.py, so the three measure the same things the same way:

@@ -1,4 +1,4 @@
-"""`fastkl.run`: a Dask job from a sharded Parquet/Arrow dataset to a Parquet dataset (SPEC §5-§7).
+"""`fastkl.run`: a Dask job from a sharded Parquet/Arrow dataset to a Parquet dataset (README: Jobs).
 
 The job is: scan (footers only) -> tasks defined by the input -> every task
 reads its slice, runs the same `_engine.compute` as the in-memory API, writes
@@ -828,7 +828,7 @@ def _local_cluster(n_workers: int, worker_cap: int | None = None):
         processes=True,
         host="127.0.0.1",  # never listen beyond this machine
         dashboard_address="127.0.0.1:0",  # no fixed port, localhost only
-        # a failed task is reported once, by fastkl (SPEC §5: one line), not by the worker's log too
+        # a failed task is reported once, by fastkl (one line), not by the worker's log too
         silence_logs=logging.CRITICAL,
     )
     client = Client(cluster, set_as_default=False)
@@ -984,7 +984,7 @@ def run(
     cluster of worker processes), "sync", a scheduler address, or a
     `distributed.Client`. workers: how many threads/processes locally.
     task_rows / task_bytes bound the size of a task (rows; decoded bytes of
-    the columns read). Other keyword arguments are the options of SPEC §3-§4
+    the columns read). Other keyword arguments are the options of the in-memory API
     (kind, p_kind, temperature, base, normalize, smoothing, sum_tol,
     on_invalid).
     """
@@ -1033,7 +1033,7 @@ def run(
     dest_p = checked[0]
     if summary_json is not None:
         check_side_file(summary_json, "--summary-json", dest_p, roots, [f.path for f in plan.files])
-    # DEST is this job's from here on (SPEC §6, exclusive): nothing beside DEST was touched before
+    # DEST is this job's from here on (one job per DEST): nothing beside DEST was touched before
     with DestLock.acquire(dest_p, os.fspath(dest)) as lock:
         return _run_locked(
             source, dest, dest_p, plan, lock, measures=measures, options=options, status=status,

@@ -38,7 +38,7 @@ Choices, made on purpose:
   same kernel serves a laptop call and a Dask task with one thread.
 * fastmath: only `nsz` (ignore the sign of zero), `contract` (allow FMA) and
   `reassoc` (reorder sums so LLVM can vectorise reductions). Never `nnan`/
-  `ninf`: +inf is a correct KL and NaN must be detected (SPEC §2, §4). No
+  `ninf`: +inf is a correct KL and NaN must be detected. No
   `afn`/`arcp`: approximate functions would break the error bound. The
   log/exp helpers are compiled without `reassoc` (their operation order is
   the algorithm) and are inlined by LLVM with their own flags.
@@ -48,7 +48,7 @@ Choices, made on purpose:
   first call on a machine pays the compile: per family, float32 and float64
   values (mixed inputs are cast to float64 first). FASTMATH_DIGEST ties the
   cache to `_fastmath.py`, whose helpers the kernels inline.
-* Accuracy (SPEC §2): sums are in float64; log(p/q) takes its mantissa from
+* Accuracy: sums are in float64; log(p/q) takes its mantissa from
   (p-q)/q when p/q is near 1 (where log(p)-log(q) would cancel), and the
   Jensen-Shannon and Hellinger terms are written in forms that do not cancel
   when P and Q are close.
@@ -694,7 +694,7 @@ def _logits_terms(prow, qrow, p_top, p_it, q_top, q_it):
     With u = (x - max x) / T, v likewise for Q, e = exp(u), f = exp(v):
     a - b = u - v - (ln sum e - ln sum f), so KL(P||Q) = sum e (u - v) / sum e
     - (ln sum e - ln sum f); reverse KL, entropy and cross-entropy follow the
-    same way. The rounding this adds is within the decode slack of SPEC §2
+    same way. The rounding this adds is within the decode slack of the error bound
     for logits (a few ulps of the log-normalisers).
     Returns sum e, sum f, sum e u, sum e (u - v), sum f (v - u), and counts
     of elements where only P (resp. only Q) is unmasked.
@@ -1099,7 +1099,7 @@ KERNELS = {name: _make_kernel(name) for name in FAMILIES}
 
 @_jit
 def _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf):
-    """Clamp each requested measure into its range (SPEC §2: rounding never
+    """Clamp each requested measure into its range (rounding never
     leaves it) and store it. kl_inf > 0: some p_i > 0 = q_i (reverse: q_i > 0 = p_i)."""
     if slots[KL] >= 0:
         out[slots[KL], i] = INF if kl_inf else max(kl, 0.0) * inv_log_base

@@ -1,6 +1,6 @@
 """Memory limits of `fastkl run` (hostile input must never exhaust the machine).
 
-Memory of a job is bounded by workers x task size (SPEC §6) when the input's
+Memory of a job is bounded by workers x task size when the input's
 metadata is honest. Input can lie: a Parquet column chunk of a few kilobytes
 can declare, through dictionary and run-length encoding, a row of 10^9 equal
 floats; a compressed page or IPC buffer can inflate to gigabytes. No footer

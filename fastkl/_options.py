@@ -1,4 +1,4 @@
-"""Validated per-call options (SPEC §3-§4), shared by the API and the job layer."""
+"""Validated per-call options, shared by the API and the job layer."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Output side of a job: staging beside DEST, per-part state for --resume, atomic commit.
 
-Layout while a job runs (SPEC §6)::
+Layout while a job runs::
 
     DEST.fastkl-lock                 held (flock) by the running job: pid, host, start, job id
     DEST.fastkl-staging/
@@ -110,7 +110,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 def local_path(arg: str | os.PathLike, role: str) -> str | os.PathLike:
     """A SOURCE or DEST argument as a local path: `file://` URLs name one, other URLs are refused.
 
-    Object stores are a later issue (SPEC §12); until then `s3://bucket/out`
+    Object stores are a later issue; until then `s3://bucket/out`
     must not become the local directory `./s3:/bucket/out`. The path of a
     `file://` URL is percent-decoded; `?` and `#` stay part of it (a glob).
     """
@@ -278,7 +278,7 @@ def _read_json(path: Path) -> Any | None:
 
 class DestLock:
     """One job's exclusive hold on DEST: `flock` on DEST.fastkl-lock, from before the job looks
-    at DEST or its staging directory until it has committed or given up (SPEC §6).
+    at DEST or its staging directory until it has committed or given up.
 
     flock, not a bare O_EXCL file: the kernel releases it when the holder dies,
     even by SIGKILL, so a dead job never blocks DEST (its lock file stays,

@@ -1,4 +1,4 @@
-"""Progress bar of a job on stderr: rows done, rows/s, MB/s and ETA (SPEC §6).
+"""Progress bar of a job on stderr: rows done, rows/s, MB/s and ETA.
 
 MB/s counts the decoded bytes of the p and q columns read (uncompressed sizes
 from the Parquet footers, IPC buffer sizes), the data the kernel chews.

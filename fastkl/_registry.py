@@ -31,7 +31,7 @@ KINDS: tuple[str, ...] = ("probs", "logprobs", "logits")
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}
 
 # Row statuses. Code 0 is a valid row; 1 a null row (null list on either
-# side: not an error); the rest are the invalid-row reasons of SPEC §4, in the
+# side: not an error); the rest are the invalid-row reasons, in the
 # order the kernel checks them.
 STATUSES: tuple[str, ...] = (
     "ok",
@@ -50,7 +50,7 @@ REASONS: tuple[str, ...] = STATUSES[2:]
 
 
 def measure_range(name: str, k: int | None = None, base: float = math.e) -> tuple[float, float]:
-    """Closed range of a measure on valid rows (SPEC §2), in units of `base`."""
+    """Closed range of a measure on valid rows, in units of `base`."""
     scale = 1.0 / math.log(base)
     if name in ("kl", "reverse_kl", "jeffreys", "cross_entropy"):
         return 0.0, math.inf

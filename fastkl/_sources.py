@@ -456,7 +456,7 @@ def discover(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[
     which the output checks against DEST: every argument, every glob match and
     every symlinked directory followed. A file reached twice (the same argument
     twice, links) is read once. Files, directories and globs follow the same
-    rules (SPEC §5): see `_walk` and `_glob`.
+    rules: see `_walk` and `_glob`.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]

@@ -1,4 +1,4 @@
-"""The job summary (SPEC §7): small mergeable per-task state and the final table.
+"""The job summary: small mergeable per-task state and the final table.
 
 A job runs many tasks; each task turns its batch of results into a
 `PartStats` (a few KB), the client merges them and `Summary.from_stats`
@@ -649,7 +649,7 @@ class MeasureSummary:
 
 @dataclass
 class Summary:
-    """The summary of a job (SPEC §7), as printed by `fastkl run`.
+    """The summary of a job, as printed by `fastkl run`.
 
     `to_dict()` is plain JSON: every float in it is finite (undefined
     statistics are None; +inf values are counted, never stored as a float).

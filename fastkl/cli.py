@@ -1,4 +1,4 @@
-"""The `fastkl` command: run, demo, bench (SPEC §5).
+"""The `fastkl` command: run, demo, bench (README: Jobs).
 
 Exit status: 0 done; 1 the data was refused (invalid rows, corrupt or
 mismatched files); 2 usage errors (unknown column, bad option, DEST refused);
@@ -297,7 +297,7 @@ def demo_cmd(ctx, directory, rows, shards, vocab, quiet, debug_here):
 @click.pass_context
 def bench_cmd(ctx, rows, vocab, dtype, threads, rounds, quick, kernel, job, peers, workdir, json_path, max_load,
               debug_here):
-    """Throughput on this machine (SPEC §7): kernel GB/s against a streaming read of the
+    """Throughput on this machine: kernel GB/s against a streaming read of the
     same buffers, and a job's wall time against just reading its input and writing its output."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
     if quick:

@@ -8,7 +8,7 @@ class FastKLError(Exception):
 
 
 class InvalidRowError(FastKLError, ValueError):
-    """A row is invalid under `on_invalid="raise"` (SPEC §4).
+    """A row is invalid under `on_invalid="raise"`.
 
     Carries the reason, the row (its index in the input, or inside `file` for
     a job) and how many rows of the failing part were invalid.
@@ -58,7 +58,7 @@ class DataError(FastKLError):
 
 
 class DestTakenError(FastKLError):
-    """DEST is held by another fastkl job that is still running (SPEC §6, exclusive DEST)."""
+    """DEST is held by another fastkl job that is still running (one job per DEST)."""
 
 
 class FastKLWarning(UserWarning):
