@@ -112,8 +112,9 @@ def current_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
-def lower_limit(limit: int) -> None:
-    """Lower this process's RLIMIT_DATA soft limit to `limit` (never raise it)."""
+def _set_soft(limit: int, *, may_raise: bool) -> None:
+    """Set RLIMIT_DATA's soft limit to `limit`, at most the hard limit; unless
+    `may_raise`, only ever lower it."""
     try:
         import resource
     except ImportError:  # pragma: no cover
@@ -121,11 +122,16 @@ def lower_limit(limit: int) -> None:
     soft, hard = _get()
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
-    if soft == resource.RLIM_INFINITY or soft > limit:
+    if may_raise or soft == resource.RLIM_INFINITY or soft > limit:
         try:
             resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
         except (ValueError, OSError):  # pragma: no cover
             pass
+
+
+def lower_limit(limit: int) -> None:
+    """Lower this process's RLIMIT_DATA soft limit to `limit` (never raise it)."""
+    _set_soft(limit, may_raise=False)
 
 
 @contextlib.contextmanager
@@ -193,17 +199,7 @@ def set_limit(limit: int) -> None:
     Unlike `lower_limit`, may raise it: a worker process restarted by its
     nanny inherits the client's (smaller) share and takes its own here.
     """
-    try:
-        import resource
-    except ImportError:  # pragma: no cover
-        return
-    soft, hard = _get()
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    try:
-        resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
-    except (ValueError, OSError):  # pragma: no cover
-        pass
+    _set_soft(limit, may_raise=True)
 
 
 class ClientShare:

@@ -113,23 +113,25 @@ def test_shard_replaced_while_job_is_paused_fails_naming_it(tmp_path, rng, fmt):
     assert not dest.exists()
 
 
-def test_shard_replaced_between_tasks_in_process(tmp_path, rng):
-    """Replaced after its first task: the part would mix the old and the new file."""
-    paths, _ = _parquet_dataset(str(tmp_path / "src"), rng, files=2, rows=20, group=4)
+def _before_task(monkeypatch, n: int, action) -> None:
+    """Run `action()` just before the job's n-th task (1-based; the sync scheduler runs them in order)."""
     real, calls = job.run_task, []
 
-    def replace_before_second_task(task, *a, **k):
+    def spy(task, *a, **k):
         calls.append(task.index)
-        if len(calls) == 2:
-            _write_parquet(paths[0], _rows(np.random.default_rng(3), 20, 0), 4)
+        if len(calls) == n:
+            action()
         return real(task, *a, **k)
 
-    job.run_task = replace_before_second_task
-    try:
-        with pytest.raises(fastkl.DataError, match=r"shard-0.parquet: changed since the job started \(replaced"):
-            fastkl.run(tmp_path / "src", tmp_path / "out", keep=("id",), task_rows=4, scheduler="sync")
-    finally:
-        job.run_task = real
+    monkeypatch.setattr(job, "run_task", spy)
+
+
+def test_shard_replaced_between_tasks_in_process(tmp_path, rng, monkeypatch):
+    """Replaced after its first task: the part would mix the old and the new file."""
+    paths, _ = _parquet_dataset(str(tmp_path / "src"), rng, files=2, rows=20, group=4)
+    _before_task(monkeypatch, 2, lambda: _write_parquet(paths[0], _rows(np.random.default_rng(3), 20, 0), 4))
+    with pytest.raises(fastkl.DataError, match=r"shard-0.parquet: changed since the job started \(replaced"):
+        fastkl.run(tmp_path / "src", tmp_path / "out", keep=("id",), task_rows=4, scheduler="sync")
     assert not (tmp_path / "out").exists()
 
 
@@ -149,23 +151,15 @@ def _rewrite_in_place(path, table, group):
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def test_shard_rewritten_in_place_with_mtime_restored_fails(tmp_path, rng):
+def test_shard_rewritten_in_place_with_mtime_restored_fails(tmp_path, rng, monkeypatch):
     paths, _ = _parquet_dataset(str(tmp_path / "src"), rng, files=2, rows=20, group=4)
-    real, calls = job.run_task, []
+    def rewrite():
+        time.sleep(0.01)  # a ctime tick
+        _rewrite_in_place(paths[0], _rows(np.random.default_rng(3), 20, 0), 4)
 
-    def rewrite_before_second_task(task, *a, **k):
-        calls.append(task.index)
-        if len(calls) == 2:
-            time.sleep(0.01)  # a ctime tick
-            _rewrite_in_place(paths[0], _rows(np.random.default_rng(3), 20, 0), 4)
-        return real(task, *a, **k)
-
-    job.run_task = rewrite_before_second_task
-    try:
-        with pytest.raises(fastkl.DataError, match=r"shard-0.parquet: changed since the job started"):
-            fastkl.run(tmp_path / "src", tmp_path / "out", keep=("id",), task_rows=4, scheduler="sync")
-    finally:
-        job.run_task = real
+    _before_task(monkeypatch, 2, rewrite)
+    with pytest.raises(fastkl.DataError, match=r"shard-0.parquet: changed since the job started"):
+        fastkl.run(tmp_path / "src", tmp_path / "out", keep=("id",), task_rows=4, scheduler="sync")
 
 
 def test_shard_rewritten_while_a_task_reads_it_fails(tmp_path, rng):
@@ -454,19 +448,8 @@ def test_each_slice_of_a_big_batch_reads_only_its_rows(tmp_path):
     assert read < 3 * os.path.getsize(path), read
 
 
-def test_shard_removed_while_job_runs_is_named(tmp_path, rng):
+def test_shard_removed_while_job_runs_is_named(tmp_path, rng, monkeypatch):
     paths, _ = _parquet_dataset(str(tmp_path / "src"), rng, files=2, rows=20, group=4)
-    real, calls = job.run_task, []
-
-    def remove_before_second_task(task, *a, **k):
-        calls.append(task.index)
-        if len(calls) == 2:
-            os.unlink(paths[1])
-        return real(task, *a, **k)
-
-    job.run_task = remove_before_second_task
-    try:
-        with pytest.raises(fastkl.DataError, match=r"shard-1.parquet: changed since the job started \(removed\)"):
-            fastkl.run(tmp_path / "src", tmp_path / "out", keep=("id",), task_rows=4, scheduler="sync")
-    finally:
-        job.run_task = real
+    _before_task(monkeypatch, 2, lambda: os.unlink(paths[1]))
+    with pytest.raises(fastkl.DataError, match=r"shard-1.parquet: changed since the job started \(removed\)"):
+        fastkl.run(tmp_path / "src", tmp_path / "out", keep=("id",), task_rows=4, scheduler="sync")
