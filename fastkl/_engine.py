@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import _kernels as K
+from .kernels import dense as K
 from ._arrow import Side, aligned_sides
 from ._options import Options, check_measures, check_threads, needs_q
 from ._registry import KIND_CODE, MEASURE_INDEX, OK, NULL, STATUSES

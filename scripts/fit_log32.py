@@ -1,4 +1,4 @@
-"""Fit the polynomial of fastkl's float32 log (fastkl/_fastmath.py, log_ratio32).
+"""Fit the polynomial of fastkl's float32 log (fastkl/kernels/fastmath.py, log_ratio32).
 
 log(1 + r) = r + r**2 * P(r) for r in [2/3 - 1, 4/3 - 1), P of degree 7.
 P is fitted for the relative error of log(1 + r) (weight r**2 / |log1p r|)

@@ -375,7 +375,7 @@ def test_random_bad_rows_against_oracle(batch):
 @pytest.mark.parametrize("k", [3, 256, 4099])
 @pytest.mark.parametrize("sum_tol", [0.0, 1e-6, 1e-3])
 def test_float32_rows_at_the_sum_tolerance_get_the_exact_verdict(rng, k, sum_tol):
-    """float32 rows are checked with a float32 sum first (fastkl._kernels._probs32_terms):
+    """float32 rows are checked with a float32 sum first (fastkl.kernels.dense._probs32_terms):
     rows whose exact sum lies just inside or just outside sum_tol must get the
     verdict of the exact sum of their values, as float64 rows do."""
     rows = []

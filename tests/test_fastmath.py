@@ -1,4 +1,4 @@
-"""The vectorisable log/exp of fastkl._fastmath, over the whole float range,
+"""The vectorisable log/exp of fastkl.kernels.fastmath, over the whole float range,
 and the kernel's fast paths on rows at the edges of the float range."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from numba import njit
 
 import fastkl
-from fastkl._fastmath import exp32, exp_neg, exp_nonpositive, log_pos, log_ratio, log_ratio32
+from fastkl.kernels.fastmath import exp32, exp_neg, exp_nonpositive, log_pos, log_ratio, log_ratio32
 
 from naive import check_against_reference, reference_rows, rel_bound
 
@@ -197,7 +197,7 @@ def test_float32_fast_path_matches_float64_path_within_bound(rng):
 
 @pytest.mark.parametrize("measures", [("kl",), ("reverse_kl", "entropy"), ("kl", "jeffreys", "entropy", "cross_entropy")])
 def test_float32_logprobs_rows_at_the_edges_of_exp(rng, measures):
-    """float32 log-probabilities take float32 exp (fastkl._fastmath.exp32): rows with
+    """float32 log-probabilities take float32 exp (fastkl.kernels.fastmath.exp32): rows with
     -inf (zero probabilities, on one side or both), values whose exp is subnormal or
     underflows, and ordinary values must all match the exact reference."""
     edges = [-np.inf, -200.0, -103.5, -88.0, -87.5, -87.0, -86.9, -50.0, -1e-7]
@@ -230,14 +230,14 @@ def test_float32_logprobs_rows_at_the_edges_of_exp(rng, measures):
 
 
 def test_kernels_cache_follows_fastmath():
-    """Numba's cache of fastkl/_kernels.py is invalidated only when that file
-    changes, and the kernels inline fastkl/_fastmath.py: keep its digest there."""
+    """Numba's cache of fastkl/kernels/dense.py is invalidated only when that file
+    changes, and the kernels inline fastkl/kernels/fastmath.py: keep its digest there."""
     import hashlib
     from pathlib import Path
 
-    from fastkl import _fastmath, _kernels
+    from fastkl.kernels import dense, fastmath
 
-    digest = hashlib.sha256(Path(_fastmath.__file__).read_bytes()).hexdigest()[:16]
-    assert _kernels.FASTMATH_DIGEST == digest, (
-        f"fastkl/_fastmath.py changed: set FASTMATH_DIGEST = {digest!r} in fastkl/_kernels.py"
+    digest = hashlib.sha256(Path(fastmath.__file__).read_bytes()).hexdigest()[:16]
+    assert dense.FASTMATH_DIGEST == digest, (
+        f"fastkl/kernels/fastmath.py changed: set FASTMATH_DIGEST = {digest!r} in fastkl/kernels/dense.py"
     )

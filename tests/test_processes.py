@@ -343,7 +343,7 @@ def test_warmup_covers_every_dtype_of_mixed_shards(tmp_path):
     worker starts, so no two workers write the same cache files (numba issue 4807)."""
     r = _python(f"""
         import numpy as np, pyarrow as pa, pyarrow.parquet as pq
-        from fastkl import _kernels as K
+        from fastkl.kernels import dense as K
         from fastkl._engine import warmup
         from fastkl._job import _kernel_dtypes
         from fastkl._options import Options

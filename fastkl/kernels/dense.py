@@ -19,7 +19,7 @@ Each row is handled by short loops over the row (it stays in L1 between them):
    log-sum-exp for logits); a row with a problem is scanned again slowly to
    name the reason;
 3. terms: one small branch-free loop per group of measures, written with
-   `_fastmath`'s vectorisable log/exp so LLVM emits SIMD code. The common
+   `fastmath`'s vectorisable log/exp so LLVM emits SIMD code. The common
    cases (both sides probabilities; both sides in log space for the log
    measures) take these loops; the rest (mixed kinds, JS/TV/Hellinger on
    log-space input, float64 ratios beyond the float range) take one general
@@ -32,7 +32,7 @@ only the loops its inputs can reach.
 Choices, made on purpose:
 
 * Serial, `nogil=True` kernels. Parallelism comes from calling the kernel on
-  disjoint row ranges from several Python threads (see `_engine.py`); this is
+  disjoint row ranges from several Python threads (see `fastkl/_engine.py`); this is
   thread-safe by construction (no Numba threading layer, whose default
   workqueue layer is not safe to enter from several threads at once) and the
   same kernel serves a laptop call and a Dask task with one thread.
@@ -47,7 +47,7 @@ Choices, made on purpose:
 * `cache=True`: the compiled kernels go to Numba's on-disk cache, so only the
   first call on a machine pays the compile: per family, float32 and float64
   values (mixed inputs are cast to float64 first). FASTMATH_DIGEST ties the
-  cache to `_fastmath.py`, whose helpers the kernels inline.
+  cache to `fastmath.py`, whose helpers the kernels inline.
 * Accuracy: sums are in float64; log(p/q) takes its mantissa from
   (p-q)/q when p/q is near 1 (where log(p)-log(q) would cancel), and the
   Jensen-Shannon and Hellinger terms are written in forms that do not cancel
@@ -62,7 +62,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from ._fastmath import exp32, exp_neg, exp_nonpositive, from_order_key, inf_keys, log_pos, log_ratio, log_ratio32, not_normal32, order_key
+from .fastmath import exp32, exp_neg, exp_nonpositive, from_order_key, inf_keys, log_pos, log_ratio, log_ratio32, not_normal32, order_key
 
 FASTMATH = {"nsz", "contract", "reassoc"}
 
@@ -88,7 +88,7 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # kernels inline _fastmath's helpers: after an edit there, cached kernels would
 # keep the old code. tests/test_fastmath.py checks that this digest of
 # _fastmath.py is current, so any change there changes this file too.
-FASTMATH_DIGEST = "9c7edda694b42511"
+FASTMATH_DIGEST = "96a1fed17cc12bac"
 
 
 def _is_float32(values):

@@ -7,7 +7,7 @@ straight-line float and integer arithmetic (no calls, no branches, only
 selects), so a loop that uses them compiles to SIMD code.
 
 The kernels inline these helpers, and Numba's cache only watches the file of
-a cached function: fastkl/_kernels.py carries a digest of this file
+a cached function: fastkl/kernels/dense.py carries a digest of this file
 (FASTMATH_DIGEST, checked by the tests) so that editing here invalidates it.
 
 Callers must compile with `error_model="numpy"`: Numba's default Python
