@@ -41,7 +41,7 @@ def __getattr__(name: str):
 
         return run
     if name == "Summary":
-        from ._summary import Summary
+        from .summary.stats import Summary
 
         return Summary
     raise AttributeError(f"module 'fastkl' has no attribute {name!r}")

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from .kernels import dense as K
-from ._arrow import Side, aligned_sides
+from .adapters.arrow import Side, aligned_sides
 from ._options import Options, check_measures, check_threads, needs_q
 from ._registry import KIND_CODE, MEASURE_INDEX, OK, NULL, STATUSES
 from .errors import InvalidRowError, OptionError

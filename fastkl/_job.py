@@ -452,7 +452,7 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
     within a batch's time, not a task's.
     """
     from ._engine import compute
-    from ._summary import PartStats
+    from .summary.stats import PartStats
 
     t0 = time.perf_counter()
     threads = _kernel_threads(kernel_threads)
@@ -988,7 +988,7 @@ def run(
     (kind, p_kind, temperature, base, normalize, smoothing, sum_tol,
     on_invalid).
     """
-    from ._summary import PartStats, Summary
+    from .summary.stats import PartStats, Summary
 
     t_start = time.perf_counter()
     measures = check_measures(measures)
@@ -1052,7 +1052,7 @@ def _local_sources(source):
 def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measures, options, status, task_rows,
                 task_bytes, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
     """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
-    from ._summary import PartStats, Summary
+    from .summary.stats import PartStats, Summary
 
     cols = plan.columns
     schema = _out_schema(cols, measures, status)

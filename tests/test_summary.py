@@ -1,4 +1,4 @@
-"""Tests of the job summary (fastkl/_summary.py, SPEC §7).
+"""Tests of the job summary (fastkl/summary/stats.py, SPEC §7).
 
 What is checked, precisely:
 
@@ -34,9 +34,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastkl import _summary
+from fastkl.summary import stats
 from fastkl._registry import STATUSES
-from fastkl._summary import ALPHA, PartStats, Summary
+from fastkl.summary.stats import ALPHA, PartStats, Summary
 
 MEASURES = ("kl", "js", "tv")
 
@@ -182,8 +182,8 @@ def test_split_invariance_larger_batch_and_flush_path(monkeypatch):
     s_whole = Summary.from_stats(whole)
     check_against_reference(s_whole, values, status)
     # tiny chunks and flushes: exercises the flush of the float bin sums
-    monkeypatch.setattr(_summary, "_CHUNK", 97)
-    monkeypatch.setattr(_summary, "_FLUSH", 300)
+    monkeypatch.setattr(stats, "_CHUNK", 97)
+    monkeypatch.setattr(stats, "_FLUSH", 300)
     for seed in range(3):
         merged = split_and_merge(values, status, random.Random(seed))
         assert merged == whole
@@ -233,7 +233,7 @@ def test_negative_zero_and_non_ok_rows_ignored():
 # ----------------------------------------------------------------------------
 
 def test_vectorised_keys_equal_library_keys():
-    mapping = _summary._MAPPING
+    mapping = stats._MAPPING
     rng = np.random.default_rng(5)
     edges = np.array([mapping.value(k) for k in range(-3000, 3000, 7)])
     x = np.concatenate([
@@ -242,22 +242,22 @@ def test_vectorised_keys_equal_library_keys():
         [1.0, 2.0, 0.5, math.log(2), 1.7976931348623157e308, 2.3e-308],
     ])
     x = x[(x > mapping.min_possible) & (x <= mapping.max_possible)]
-    assert _summary._keys(x).tolist() == [mapping.key(v) for v in x.tolist()]
+    assert stats._keys(x).tolist() == [mapping.key(v) for v in x.tolist()]
 
 
 def test_vectorised_values_equal_library_values():
-    mapping = _summary._MAPPING
-    assert _summary._MULT == mapping._multiplier
+    mapping = stats._MAPPING
+    assert stats._MULT == mapping._multiplier
     k_lo, k_hi = mapping.key(mapping.min_possible * 1.0001), mapping.key(mapping.max_possible)
-    assert k_hi == _summary._K_MAX
+    assert k_hi == stats._K_MAX
     keys = np.arange(k_lo, k_hi + 1)
     lib = [mapping.value(k) for k in keys.tolist()]
-    assert _summary._values(keys).tolist() == lib
+    assert stats._values(keys).tolist() == lib
     assert [mapping.key(v) for v in lib] == keys.tolist()       # key(value(k)) == k
     # the overflow bucket: everything above the top key's range
     top = np.array([np.nextafter(lib[-1] * mapping.gamma, np.inf), 1.7976931348623157e308])
-    assert _summary._keys(top).tolist() == [_summary._K_TOP] * 2
-    rep = _summary._values(np.array([_summary._K_TOP]))[0]
+    assert stats._keys(top).tolist() == [stats._K_TOP] * 2
+    rep = stats._values(np.array([stats._K_TOP]))[0]
     assert np.all(np.abs(rep - top) <= ALPHA * top)
 
 
@@ -339,7 +339,7 @@ def test_histogram_shape():
     ps, values, status = _sample_stats(20_000)
     s = Summary.from_stats(ps)
     h = s.measures["js"].histogram
-    assert len(h) == _summary.HIST_BINS
+    assert len(h) == stats.HIST_BINS
     assert h[0][0] == s.measures["js"].min and h[-1][1] == s.measures["js"].max
     assert all(a[1] == b[0] for a, b in zip(h, h[1:]))
     # counts agree with an exact histogram up to values within ALPHA of an edge

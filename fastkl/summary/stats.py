@@ -53,7 +53,7 @@ from typing import Any, Iterable
 import numpy as np
 from ddsketch.mapping import LinearlyInterpolatedMapping
 
-from ._registry import OK, STATUSES
+from .._registry import OK, STATUSES
 
 __all__ = ["PartStats", "Summary", "MeasureSummary", "ALPHA", "QUANTILES", "HIST_BINS"]
 

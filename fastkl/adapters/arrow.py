@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import DataError, OptionError
+from ..errors import DataError, OptionError
 
 _EMPTY_MASK = np.zeros(0, dtype=np.uint8)
 
