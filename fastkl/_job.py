@@ -4,7 +4,7 @@ The job is: scan (footers only) -> tasks defined by the input -> every task
 reads its slice, runs the same `_engine.compute` as the in-memory API, writes
 its own part into the staging directory and sends back only its row count and
 its `PartStats` -> the client merges the stats in task order, writes the
-manifest and commits (see `_output`).
+manifest and commits (see `fastkl.io.output`).
 
 Sharing the cores between Dask and the kernel
 ---------------------------------------------
@@ -60,7 +60,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._options import Options, check_measures, needs_q
-from ._output import (
+from .io.output import (
     MANIFEST,
     DestLock,
     Staging,
@@ -76,8 +76,8 @@ from ._output import (
     refuse_foreign_dest,
 )
 from ._progress import Progress
-from ._filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
-from ._sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, scan
+from .io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
+from .io.sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, scan
 from .errors import DataError, FastKLError, InvalidRowError, OptionError
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
@@ -178,7 +178,7 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
         raise DataError(f"{f.display}: cannot open it ({_short(e)})") from None
     try:
         changed = f.identity().differences(Identity.of(src.fileno()))
-        if not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see _sources
+        if not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see fastkl.io.sources
             footer = parquet_footer(src, f.size) if f.fmt == "parquet" else ipc_file_footer(src, f.size)
             changed = "" if digest(footer) == f.footer else "footer differs"
     except (OSError, ValueError, pa.ArrowException) as e:
@@ -1227,7 +1227,7 @@ def _identity(m: dict) -> dict:
 
 
 def _remove_quietly(path: Path) -> None:
-    from ._output import _remove
+    from .io.output import _remove
 
     try:
         _remove(path)

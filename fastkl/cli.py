@@ -213,7 +213,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
 
     def go():
         from ._job import run
-        from ._sources import DEFAULT_TASK_BYTES
+        from .io.sources import DEFAULT_TASK_BYTES
 
         summary = run(
             list(source), dest, p=p, q=q, measures=measures or ("kl",), keep=keep,
@@ -226,7 +226,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
         )
         return summary
 
-    from ._output import resolve_dest, staging_path
+    from .io.output import resolve_dest, staging_path
 
     try:
         hint = str(staging_path(resolve_dest(dest)))

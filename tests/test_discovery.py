@@ -28,7 +28,7 @@ from fastkl.cli import main as cli_main
 
 import fastkl
 import parquet_surgery as surgery
-from fastkl._sources import discover, scan
+from fastkl.io.sources import discover, scan
 from test_jobs import _rows, read_dest, write_dataset
 
 HERE = Path(__file__).resolve().parent

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import fastkl
-from fastkl._output import MANIFEST, lock_path, staging_path
+from fastkl.io.output import MANIFEST, lock_path, staging_path
 from test_faults import cli, finished_parts, invoke, one_line
 from test_jobs import read_dest, write_dataset
 
@@ -55,7 +55,7 @@ def start(*args, stop_after_parts: int | None = None) -> subprocess.Popen:
 # lock held): a job caught mid-run, deterministically, for the others to meet.
 _STOPPER = """
 import os, signal, sys
-import fastkl._output as out
+import fastkl.io.output as out
 real, n, count = out.Staging.finish_part, int(sys.argv[1]), [0]
 def finish_part(self, *a, **k):
     real(self, *a, **k)

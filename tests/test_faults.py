@@ -44,7 +44,7 @@ import fastkl
 import faultinject
 import naive
 import parquet_surgery as surgery
-from fastkl._output import MANIFEST, staging_path
+from fastkl.io.output import MANIFEST, staging_path
 from test_bad_rows import mess_up
 from test_jobs import _bytes_of_parts, _rows, read_dest, summary_stats, write_dataset
 

@@ -1,5 +1,5 @@
 """The footer check runs interpreted for a process's first footers and compiled
-after (fastkl/_footer.py): both must reach the same verdict on any bytes."""
+after (fastkl/io/footer_checks.py): both must reach the same verdict on any bytes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fastkl import _footer as F
+from fastkl.io import footer_checks as F
 
 
 def _footer_bytes(tmp_path) -> bytes:

@@ -25,7 +25,7 @@ import pytest
 
 import fastkl
 import fastkl._job as job
-from fastkl._output import MANIFEST, staging_path
+from fastkl.io.output import MANIFEST, staging_path
 from test_jobs import _rows, check_rows, expected, read_dest
 
 ROWS = 240  # rows per file; tasks of 2 rows: a CLI job of hundreds of tasks that a signal can catch mid-way

@@ -21,7 +21,7 @@ import pytest
 
 import fastkl
 import naive
-from fastkl._output import MANIFEST, staging_path
+from fastkl.io.output import MANIFEST, staging_path
 
 MEASURES = ("kl", "js", "entropy", "tv")
 K = 12

@@ -347,7 +347,7 @@ def test_warmup_covers_every_dtype_of_mixed_shards(tmp_path):
         from fastkl._engine import warmup
         from fastkl._job import _kernel_dtypes
         from fastkl._options import Options
-        from fastkl._sources import scan
+        from fastkl.io.sources import scan
 
         src = {str(tmp_path)!r}
         for i, t in enumerate([pa.float32(), pa.float32(), pa.float64(), pa.float16()]):

@@ -18,7 +18,7 @@ output parts and the summary are the same however the job is scheduled:
   file handle (a memory map of a file truncated by another process would
   kill the reader with SIGBUS), only the columns used; a batch larger than
   the bound is split into several tasks of row ranges. Planning reads only
-  the message headers (`_filemeta`), never the data.
+  the message headers (`filemeta`), never the data.
 
 Every file is planned from one open handle: its identity (device, inode,
 size, mtime, ctime from `fstat`) and a digest of its footer (for an IPC
@@ -46,7 +46,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ._filemeta import (
+from .filemeta import (
     Identity,
     RECORD_BATCH,
     digest,
@@ -58,8 +58,8 @@ from ._filemeta import (
     sniff_ipc,
     stream_messages,
 )
-from ._footer import check_footer
-from .errors import DataError, OptionError
+from .footer_checks import check_footer
+from ..errors import DataError, OptionError
 
 PARQUET_EXT = (".parquet", ".parq", ".pq")
 IPC_EXT = (".arrow", ".feather", ".ipc", ".fea")
@@ -658,7 +658,7 @@ class _Footer:
 def _read_footer(f: _Found, names: list[str]) -> _Footer:
     what = {"parquet": "Parquet file", "ipc": "Arrow IPC file", "ipc_stream": "Arrow IPC stream"}[f.fmt]
     try:
-        with pa.OSFile(f.path) as src:  # never a memory map: see _filemeta
+        with pa.OSFile(f.path) as src:  # never a memory map: see filemeta
             ident = Identity.of(src.fileno())
             read = {"parquet": _plan_parquet, "ipc": _plan_ipc_file, "ipc_stream": _plan_ipc_stream}[f.fmt]
             schema, units, footer = read(f, src, ident.size, names)

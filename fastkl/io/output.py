@@ -69,7 +69,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .errors import DataError, DestTakenError, FastKLWarning, OptionError
+from ..errors import DataError, DestTakenError, FastKLWarning, OptionError
 
 MANIFEST = "_fastkl.json"
 STATE_DIR = "_state"
