@@ -37,7 +37,7 @@ __all__ = [
 def __getattr__(name: str):
     # The job layer pulls in dask; keep `import fastkl` light for in-memory use.
     if name == "run":
-        from ._job import run
+        from .jobs.run import run
 
         return run
     if name == "Summary":

@@ -267,7 +267,7 @@ def io_floor_streamed(src: str, dest_file: str, result: np.ndarray, threads: int
     batches within row groups) and dropping it; then the result column is written.
     Only the kernel and the engine's own work separate a fastkl job from this.
     """
-    from ._job import READ_BUFFER, _aligned_batch_rows
+    from .jobs.run import READ_BUFFER, _aligned_batch_rows
 
     threads = threads or default_threads()
     md = pq.ParquetFile(src).metadata
@@ -292,7 +292,7 @@ def io_floor_streamed(src: str, dest_file: str, result: np.ndarray, threads: int
 
 
 def fastkl_job(src: str, dest: str, **kw) -> None:
-    from ._job import run
+    from .jobs.run import run
 
     run(src, dest, measures=("kl",), quiet=True, **kw)
 

@@ -83,7 +83,7 @@ def make_sample(data_dir: str, rows: int, shards: int, vocab: int, seed: int = 0
 
 def demo(directory: str = "fastkl-demo", *, rows: int = 100_000, shards: int = 4, vocab: int = 128,
          quiet: bool = False):
-    from ._job import run
+    from .jobs.run import run
 
     data = os.path.join(directory, "data")
     out = os.path.join(directory, "scores")

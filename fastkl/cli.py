@@ -113,7 +113,7 @@ def run_guarded(fn, debug: bool, staging_hint: str | None = None):
     except click.exceptions.Exit:
         raise
     except MemoryError as e:  # not while reading data (that is a DataError naming the file)
-        from ._limits import ENV, current_limit
+        from .jobs.limits import ENV, current_limit
 
         soft = current_limit()
         cap = f" under the cap of {soft / 2**30:.1f} GiB (set {ENV} higher, or none)" if soft else ""
@@ -212,7 +212,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
         raise click.BadParameter(f"{base!r} is not a number", param_hint="--base")
 
     def go():
-        from ._job import run
+        from .jobs.run import run
         from .io.sources import DEFAULT_TASK_BYTES
 
         summary = run(
@@ -232,7 +232,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
         hint = str(staging_path(resolve_dest(dest)))
     except FastKLError:
         hint = None  # run() says what is wrong with DEST
-    from ._limits import capped
+    from .jobs.limits import capped
 
     def capped_go():
         with capped():  # FASTKL_MEMORY_LIMIT: hostile input must not exhaust the machine

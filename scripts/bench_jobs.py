@@ -201,7 +201,7 @@ _PEAK = textwrap.dedent("""
                 pass
             time.sleep(0.005)
     from fastkl import _bench as B
-    import fastkl._job, pyarrow.parquet as pq
+    import fastkl.jobs.run, pyarrow.parquet as pq
     base = me.memory_info().rss
     th = threading.Thread(target=sample, daemon=True); th.start()
     if what == "floor":

@@ -113,7 +113,7 @@ class KillTask(_kill_plugin_base()):
         self._real = None
 
     def setup(self, worker=None) -> None:
-        import fastkl._job as job
+        import fastkl.jobs.run as job
 
         real = job.run_task
         if getattr(real, "_fault_wrapped", False):
@@ -140,7 +140,7 @@ class KillTask(_kill_plugin_base()):
         return True
 
     def teardown(self, worker=None) -> None:
-        import fastkl._job as job
+        import fastkl.jobs.run as job
 
         if self._real is not None:
             job.run_task = self._real

@@ -267,7 +267,7 @@ def test_no_worker_left_fails_in_bounded_time(tmp_path, dataset, monkeypatch):
     import cloudpickle
     from distributed import Client, LocalCluster
 
-    import fastkl._job as job
+    import fastkl.jobs.run as job
 
     source, _, _ = dataset
     monkeypatch.setattr(job, "NO_WORKER_TIMEOUT", 3.0)
@@ -617,7 +617,7 @@ def test_nothing_from_a_data_file_is_unpickled(tmp_path, rng):
 def test_local_cluster_listens_on_localhost_only(tmp_path, dataset, monkeypatch):
     import psutil
 
-    import fastkl._job as job
+    import fastkl.jobs.run as job
 
     source, _, clean = dataset
     seen = []

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fastkl
-import fastkl._job as job
+import fastkl.jobs.run as job
 from fastkl.io.output import MANIFEST, staging_path
 from test_jobs import _rows, check_rows, expected, read_dest
 
@@ -258,7 +258,7 @@ _TRUNCATE_WHILE_OPEN = textwrap.dedent(
     """
     import os, sys
     import pyarrow as pa
-    import fastkl, fastkl._job as job
+    import fastkl, fastkl.jobs.run as job
 
     path, src, dest = sys.argv[1:4]
     real_task, real_open = job.run_task, pa.ipc.open_file

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fastkl._job import _aligned_batch_rows, _prefetched
+from fastkl.jobs.run import _aligned_batch_rows, _prefetched
 
 
 def units(*rows):
@@ -132,7 +132,7 @@ def test_job_with_read_ahead_reports_the_bad_row(tmp_path, bad_row):
 
 
 def test_job_pool_shutdown_cancels_queued_and_waits_for_running():
-    from fastkl._job import _JobPool, _task_pool
+    from fastkl.jobs.run import _JobPool, _task_pool
 
     shared = _task_pool(1)
     job = _JobPool(shared, 1)
@@ -155,7 +155,7 @@ def test_job_pool_shutdown_cancels_queued_and_waits_for_running():
 def test_task_pool_is_shared_and_recreated_after_fork():
     import os
 
-    from fastkl._job import _task_pool
+    from fastkl.jobs.run import _task_pool
 
     pool = _task_pool(2)
     assert _task_pool(2) is pool
@@ -166,7 +166,7 @@ def test_task_pool_is_shared_and_recreated_after_fork():
     pid = os.fork()
     if pid == 0:  # the child: its copy of the pool has no threads
         try:
-            import fastkl._job as J
+            import fastkl.jobs.run as J
 
             ok = J._task_pool(2) is not pool and J._task_pool(2).submit(lambda: 2).result(5) == 2
             os.write(w, b"1" if ok else b"0")

@@ -413,7 +413,7 @@ def test_resume_after_failure_gives_clean_output(tmp_path, rng):
 
 
 def test_resume_after_interrupt(tmp_path, rng, monkeypatch):
-    import fastkl._job as job
+    import fastkl.jobs.run as job
 
     source, table = write_dataset(str(tmp_path / "src"), "parquet", rng, files=3)
     clean = tmp_path / "clean"
@@ -531,7 +531,7 @@ def test_threads_and_kernel_threads_share_the_cores(tmp_path, rng, monkeypatch, 
     """n Dask threads x k kernel threads never exceeds the cores, and uses them all when it can."""
     import threading
 
-    import fastkl._job as job
+    import fastkl.jobs.run as job
 
     source, _ = write_dataset(str(tmp_path / "src"), "parquet", rng, files=files, rows=20, group=100)
     monkeypatch.setattr(job, "_cores", lambda: 4)

@@ -113,7 +113,8 @@ def test_fork_while_another_thread_holds_the_pool_locks(tmp_path):
     # locks at the moment of the fork: in the child nobody will release them.
     _fork_script(f"""
         import pyarrow as pa, pyarrow.parquet as pq
-        from fastkl import _engine, _job
+        from fastkl import _engine
+        from fastkl.jobs import run as job
 
         src, dest = {str(tmp_path / "src")!r}, {str(tmp_path / "out")!r}
         os.makedirs(src)
@@ -125,7 +126,7 @@ def test_fork_while_another_thread_holds_the_pool_locks(tmp_path):
 
         held, release = threading.Event(), threading.Event()
         def hold():
-            with _engine._pool_lock, _job._task_pools_lock:
+            with _engine._pool_lock, job._task_pools_lock:
                 held.set()
                 release.wait()
         threading.Thread(target=hold, daemon=True).start()
@@ -345,7 +346,7 @@ def test_warmup_covers_every_dtype_of_mixed_shards(tmp_path):
         import numpy as np, pyarrow as pa, pyarrow.parquet as pq
         from fastkl.kernels import dense as K
         from fastkl._engine import warmup
-        from fastkl._job import _kernel_dtypes
+        from fastkl.jobs.run import _kernel_dtypes
         from fastkl._options import Options
         from fastkl.io.sources import scan
 

@@ -36,7 +36,7 @@ import contextlib
 import os
 import re
 
-from .errors import OptionError
+from ..errors import OptionError
 
 ENV = "FASTKL_MEMORY_LIMIT"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
@@ -222,7 +222,7 @@ def _set_worker_limit(limit: int) -> None:
 def __getattr__(name: str):
     # The worker plugin class is built on first use, so that importing this
     # module (the CLI does) does not import distributed. Pickled by reference
-    # as fastkl._limits.LocalWorker, it is rebuilt the same way on the workers.
+    # as fastkl.jobs.limits.LocalWorker, it is rebuilt the same way on the workers.
     if name == "LocalWorker":
         from distributed.diagnostics.plugin import WorkerPlugin
 

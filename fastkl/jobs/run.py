@@ -59,8 +59,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ._options import Options, check_measures, needs_q
-from .io.output import (
+from .._options import Options, check_measures, needs_q
+from ..io.output import (
     MANIFEST,
     DestLock,
     Staging,
@@ -75,16 +75,16 @@ from .io.output import (
     old_path,
     refuse_foreign_dest,
 )
-from ._progress import Progress
-from .io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
-from .io.sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, scan
-from .errors import DataError, FastKLError, InvalidRowError, OptionError
+from .progress import Progress
+from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
+from ..io.sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, scan
+from ..errors import DataError, FastKLError, InvalidRowError, OptionError
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -348,7 +348,7 @@ def _read_error(task: Task, e: BaseException, unit: int | None = None) -> DataEr
     where = _units(task) if unit is None else str(unit)
     what = f"{task.file.display}: {{}} {task.unit_name()} {where}"
     if isinstance(e, MemoryError):
-        from ._limits import note
+        from .limits import note
 
         return DataError(what.format("out of memory reading") + f" ({_short(e)}{note()})")
     return DataError(what.format("cannot read") + f" ({_short(e)})")
@@ -451,8 +451,8 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
     batch and removes its temporary part, so that an interrupted job returns
     within a batch's time, not a task's.
     """
-    from ._engine import compute
-    from .summary.stats import PartStats
+    from .._engine import compute
+    from ..summary.stats import PartStats
 
     t0 = time.perf_counter()
     threads = _kernel_threads(kernel_threads)
@@ -636,13 +636,13 @@ def _kernel_dtypes(plan) -> tuple:
     """Every kernel dtype this job's files will need (float32, float64 or both), from the
     p/q value types of every file's schema read at scan time: a plan of mixed float32 and
     float64 shards must not leave one of them to be compiled by several workers at once."""
-    from ._engine import kernel_dtype
+    from .._engine import kernel_dtype
 
     return tuple(sorted({kernel_dtype(*types) for types in plan.value_types}, key=str))
 
 
 def _warm_worker(dtypes: tuple = (), options: Options | None = None, measures: tuple = ("kl",)) -> None:
-    from ._engine import warmup
+    from .._engine import warmup
 
     warmup(dtypes, options, measures)
 
@@ -832,10 +832,10 @@ def _local_cluster(n_workers: int, worker_cap: int | None = None):
         silence_logs=logging.CRITICAL,
     )
     client = Client(cluster, set_as_default=False)
-    from . import _limits
+    from . import limits
 
     try:
-        client.register_plugin(_limits.LocalWorker(worker_cap))
+        client.register_plugin(limits.LocalWorker(worker_cap))
     except BaseException:
         client.close()
         cluster.close()
@@ -925,7 +925,7 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
     if kind == "threads":
         return _run_threads(todo, plan, spec, progress, workers)
     if kind == "processes":
-        from ._limits import ClientShare, local_workers
+        from .limits import ClientShare, local_workers
 
         # the memory cap is a total: the client keeps its share, the workers split the rest
         n, worker_cap = local_workers(max(1, min(workers or _cores(), len(todo))), explicit=workers is not None)
@@ -988,7 +988,7 @@ def run(
     (kind, p_kind, temperature, base, normalize, smoothing, sum_tol,
     on_invalid).
     """
-    from .summary.stats import PartStats, Summary
+    from ..summary.stats import PartStats, Summary
 
     t_start = time.perf_counter()
     measures = check_measures(measures)
@@ -1052,7 +1052,7 @@ def _local_sources(source):
 def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measures, options, status, task_rows,
                 task_bytes, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
     """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
-    from .summary.stats import PartStats, Summary
+    from ..summary.stats import PartStats, Summary
 
     cols = plan.columns
     schema = _out_schema(cols, measures, status)
@@ -1121,7 +1121,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measu
     to_close: list = []  # a cluster / connection this call opened, closed in reverse
     failed = True
     try:
-        from ._engine import warmup
+        from .._engine import warmup
 
         # compile / load the kernel once here, before any worker process starts
         # (numba issue 4807), for every dtype the files of the plan need
@@ -1227,7 +1227,7 @@ def _identity(m: dict) -> dict:
 
 
 def _remove_quietly(path: Path) -> None:
-    from .io.output import _remove
+    from ..io.output import _remove
 
     try:
         _remove(path)
