@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from fastkl import _bench as B
+from fastkl.bench import throughput as B
 
 TARGETS: list[tuple[str, float, str, str, bool]] = []  # (target, measured, fmt, goal, ok)
 

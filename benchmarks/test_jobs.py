@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from fastkl import _bench as B
+from fastkl.bench import throughput as B
 
 CASES = ["I/O floor (read_table + write)", "streamed read + write", "fastkl.run", "fastkl.run (LocalCluster, 2 procs)",
          "duckdb COPY (SELECT ...) TO", "polars scan_parquet().sink_parquet()"]

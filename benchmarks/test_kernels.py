@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fastkl
-from fastkl import _bench as B
+from fastkl.bench import throughput as B
 
 
 def run(benchmark, fn, data, rounds, rows=None):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fastkl
-from fastkl import _bench as B
+from fastkl.bench import throughput as B
 
 SEVERAL = ("kl", "reverse_kl", "js", "entropy")
 

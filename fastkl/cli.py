@@ -308,7 +308,7 @@ def bench_cmd(ctx, rows, vocab, dtype, threads, rounds, quick, kernel, job, peer
 
         import numpy as np
 
-        from ._bench import bench
+        from .bench.throughput import bench
 
         info = bench(rows=rows, k=vocab, dtype=np.dtype(dtype).type, threads=threads, rounds=rounds,
                      kernel=kernel, job=job, peers=peers, workdir=workdir, echo=click.echo, max_load=max_load)

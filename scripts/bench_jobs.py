@@ -44,7 +44,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from fastkl import _bench as B  # noqa: E402
+from fastkl.bench import throughput as B  # noqa: E402
 
 SECTIONS = ("floor", "scaling", "size", "startup", "memory")
 MAX_LOAD: float | None = None  # --max-load
@@ -200,7 +200,7 @@ _PEAK = textwrap.dedent("""
             except psutil.Error:
                 pass
             time.sleep(0.005)
-    from fastkl import _bench as B
+    from fastkl.bench import throughput as B
     import fastkl.jobs.run, pyarrow.parquet as pq
     base = me.memory_info().rss
     th = threading.Thread(target=sample, daemon=True); th.start()

@@ -41,6 +41,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -155,7 +156,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def default_threads() -> int:
-    from ._engine import default_threads as d
+    from .._engine import default_threads as d
 
     return d()
 
@@ -267,7 +268,7 @@ def io_floor_streamed(src: str, dest_file: str, result: np.ndarray, threads: int
     batches within row groups) and dropping it; then the result column is written.
     Only the kernel and the engine's own work separate a fastkl job from this.
     """
-    from .jobs.run import READ_BUFFER, _aligned_batch_rows
+    from ..jobs.run import READ_BUFFER, _aligned_batch_rows
 
     threads = threads or default_threads()
     md = pq.ParquetFile(src).metadata
@@ -292,7 +293,7 @@ def io_floor_streamed(src: str, dest_file: str, result: np.ndarray, threads: int
 
 
 def fastkl_job(src: str, dest: str, **kw) -> None:
-    from .jobs.run import run
+    from ..jobs.run import run
 
     run(src, dest, measures=("kl",), quiet=True, **kw)
 
@@ -486,7 +487,7 @@ def machine() -> str:
 def versions() -> str:
     import numba
 
-    from . import __version__
+    from .. import __version__
 
     return f"fastkl {__version__}, numba {numba.__version__}, numpy {np.__version__}, pyarrow {pa.__version__}, Python {platform.python_version()}"
 
@@ -540,8 +541,8 @@ def _fmt_table(title: str, rows: list[Row], by_name: dict[str, Row], ratio_label
 def kernel_report(rows: int, k: int, dtype=np.float32, threads: int | None = None, rounds: int = 5,
                   peers: bool = False, log=None, max_load: float | None = None) -> tuple[list[str], dict]:
     """Kernel throughput against the streaming limit, in one process, alternating."""
-    from . import _api
-    from ._engine import warmup
+    from .. import _api
+    from .._engine import warmup
 
     threads = threads or default_threads()
     p, q, pl_, ql_ = softmax_rows(rows, k, dtype)
@@ -680,7 +681,7 @@ def bench(rows: int = 200_000, k: int = 256, dtype=np.float32, threads: int | No
 
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for a child Python that imports this very fastkl (not another install)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(sys.modules["fastkl"].__file__)))
     env = dict(os.environ, **extra)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -754,7 +755,7 @@ class local_cluster:
 _ON_CORES = """
 import os, sys, time
 os.sched_setaffinity(0, {int(c) for c in sys.argv[3].split(",")})
-from fastkl import _bench as B
+from fastkl.bench import throughput as B
 src, dest = sys.argv[1:3]
 B.fastkl_job(src, dest)  # warm: JIT cache, file in the page cache
 B.remove(dest)
