@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .kernels import dense as K
 from .adapters.arrow import Side, aligned_sides
+from .kernels import dense as K
 from ._options import Options, check_measures, check_threads, needs_q
 from ._registry import KIND_CODE, MEASURE_INDEX, OK, NULL, STATUSES
 from .errors import InvalidRowError, OptionError

@@ -75,10 +75,10 @@ from ..io.output import (
     old_path,
     refuse_foreign_dest,
 )
-from .progress import Progress
+from ..errors import DataError, FastKLError, InvalidRowError, OptionError
 from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
 from ..io.sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, scan
-from ..errors import DataError, FastKLError, InvalidRowError, OptionError
+from .progress import Progress
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
 

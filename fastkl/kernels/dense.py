@@ -85,9 +85,9 @@ MAX_FLOAT = 1.7976931348623157e308
 _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 
 # Numba's on-disk cache is checked against this file's timestamp only, but the
-# kernels inline _fastmath's helpers: after an edit there, cached kernels would
+# kernels inline fastmath's helpers: after an edit there, cached kernels would
 # keep the old code. tests/test_fastmath.py checks that this digest of
-# _fastmath.py is current, so any change there changes this file too.
+# fastmath.py is current, so any change there changes this file too.
 FASTMATH_DIGEST = "96a1fed17cc12bac"
 
 
