@@ -19,32 +19,23 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from . import _config
+from ._config import MIN_ELEMENTS_PER_BLOCK
 from .adapters.arrow import Side, aligned_sides
 from .kernels import dense as K
 from ._options import Options, check_measures, check_threads, needs_q
 from ._registry import KIND_CODE, MEASURE_INDEX, OK, NULL, STATUSES
 from .errors import InvalidRowError, OptionError
 
-# Below this many elements a call runs on the calling thread: handing work to
-# the pool costs more than it saves.
-_MIN_ELEMENTS_PER_BLOCK = 1 << 16
-
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-
-
-def default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _get_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=default_threads(), thread_name_prefix="fastkl")
+            _pool = ThreadPoolExecutor(max_workers=_config.cores(), thread_name_prefix="fastkl")
         return _pool
 
 
@@ -180,7 +171,7 @@ def _blocks(offsets: np.ndarray, n_blocks: int) -> list[tuple[int, int]]:
     """Split rows into up to n_blocks ranges holding about as many elements each."""
     n = len(offsets) - 1
     total = int(offsets[-1] - offsets[0])
-    n_blocks = max(1, min(n_blocks, n, total // _MIN_ELEMENTS_PER_BLOCK))
+    n_blocks = max(1, min(n_blocks, n, total // MIN_ELEMENTS_PER_BLOCK))
     if n_blocks == 1:
         return [(0, n)]
     targets = offsets[0] + (np.arange(1, n_blocks) * total) // n_blocks
@@ -232,7 +223,7 @@ def compute(
     if use_q and q is None:
         raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")
     n, pieces = aligned_sides(p, q if use_q else None)
-    threads = default_threads() if threads is None else check_threads(threads)
+    threads = _config.cores() if threads is None else check_threads(threads)
     values = np.empty((len(measures), n), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
     slots = np.full(K.N_MEASURES, -1, dtype=np.int64)

@@ -213,7 +213,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
 
     def go():
         from .jobs.run import run
-        from .io.sources import DEFAULT_TASK_BYTES
+        from ._config import DEFAULT_TASK_BYTES
 
         summary = run(
             list(source), dest, p=p, q=q, measures=measures or ("kl",), keep=keep,

@@ -532,9 +532,10 @@ def test_threads_and_kernel_threads_share_the_cores(tmp_path, rng, monkeypatch, 
     import threading
 
     import fastkl.jobs.run as job
+    from fastkl import _config
 
     source, _ = write_dataset(str(tmp_path / "src"), "parquet", rng, files=files, rows=20, group=100)
-    monkeypatch.setattr(job, "_cores", lambda: 4)
+    monkeypatch.setattr(_config, "cores", lambda: 4)
     seen_k, seen_threads = set(), set()
     real = job.run_task
 

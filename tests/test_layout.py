@@ -80,3 +80,12 @@ def test_every_room_is_installed():
     an __init__.py would be left out of the wheel."""
     for d in sorted(p for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"):
         assert (d / "__init__.py").is_file(), f"{d.relative_to(PKG.parent)} has no __init__.py"
+
+
+def test_the_core_count_is_computed_once():
+    """The kernel's pool, the job's workers and each task's threads are sized on one `fastkl._config.cores()`:
+    a second computation (it once lived in both the engine and the job layer) could disagree with it.
+    bench/ is exempt: it measures the machine itself (load over all CPUs, pinning a child to some)."""
+    bad = [str(f.relative_to(PKG.parent)) for f in sorted(PKG.rglob("*.py"))
+           if f.name != "_config.py" and "bench" not in f.relative_to(PKG).parts and ("sched_getaffinity" in f.read_text() or "cpu_count" in f.read_text())]
+    assert not bad, bad

@@ -156,9 +156,9 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def default_threads() -> int:
-    from .._engine import default_threads as d
+    from .._config import cores
 
-    return d()
+    return cores()
 
 
 def flat(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +268,8 @@ def io_floor_streamed(src: str, dest_file: str, result: np.ndarray, threads: int
     batches within row groups) and dropping it; then the result column is written.
     Only the kernel and the engine's own work separate a fastkl job from this.
     """
-    from ..jobs.run import READ_BUFFER, _aligned_batch_rows
+    from .._config import READ_BUFFER
+    from ..jobs.run import _aligned_batch_rows
 
     threads = threads or default_threads()
     md = pq.ParquetFile(src).metadata

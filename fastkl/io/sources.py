@@ -46,6 +46,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .._config import DEFAULT_BATCH_BYTES, DEFAULT_TASK_BYTES
 from .filemeta import (
     Identity,
     RECORD_BATCH,
@@ -66,10 +67,7 @@ IPC_EXT = (".arrow", ".feather", ".ipc", ".fea")
 _IGNORE_PREFIXES = (".", "_")  # pyarrow.dataset's convention: _SUCCESS, _metadata, .crc ...
 _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 
-# Default task bound: 128 MiB of decoded input columns per task; each task
-# reads and computes in batches of at most 32 MiB (or task_rows rows).
-DEFAULT_TASK_BYTES = 128 << 20
-DEFAULT_BATCH_BYTES = 32 << 20
+# Default task and batch bounds: fastkl._config.
 
 
 @dataclass(frozen=True)

@@ -36,19 +36,13 @@ import contextlib
 import os
 import re
 
+from .._config import MEMORY_FLOOR, MEMORY_SHARE, PROCESS_NEED
 from ..errors import OptionError
 
 ENV = "FASTKL_MEMORY_LIMIT"
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40,
           "tib": 1 << 40}
-DEFAULT_SHARE = 0.8
-DEFAULT_FLOOR = 4 << 30
-# What one fastkl process (the CLI, a local worker) needs under the cap to
-# start and to run a task of the default size: ~1.3 GiB of reserved address
-# space after imports (measured VmData of a worker: 1.25 GiB, of a client with
-# its local cluster: 1.4 GiB), the rest for the task's batches.
-PROCESS_NEED = 2 << 30
 MIN_CAP = PROCESS_NEED
 
 
@@ -71,7 +65,7 @@ def memory_limit(setting: str | None = None) -> int | None:
         return None
     avail = mem_available()
     if not raw:
-        return None if avail is None else max(DEFAULT_FLOOR, int(avail * DEFAULT_SHARE))
+        return None if avail is None else max(MEMORY_FLOOR, int(avail * MEMORY_SHARE))
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(%|[a-z]*)", raw)
     if m is None or (m.group(2) != "%" and m.group(2) not in _UNITS):
         raise OptionError(f"{ENV}={raw!r}: expected a size like 6G or 512M, a share like 50%, or none")

@@ -59,6 +59,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .. import _config
+from .._config import DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER
 from .._options import Options, check_measures, needs_q
 from ..io.output import (
     MANIFEST,
@@ -77,7 +79,7 @@ from ..io.output import (
 )
 from ..errors import DataError, FastKLError, InvalidRowError, OptionError
 from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
-from ..io.sources import DEFAULT_TASK_BYTES, Columns, FileRef, Plan, Task, scan
+from ..io.sources import Columns, FileRef, Plan, Task, scan
 from .progress import Progress
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
@@ -87,13 +89,6 @@ def _version() -> str:
     from .. import __version__
 
     return __version__
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------
@@ -124,7 +119,7 @@ def _kernel_threads(setting: int | dict | None) -> int:
         return 1
     if isinstance(setting, dict) and w.address in setting:
         return setting[w.address]
-    return max(1, _cores() // max(1, w.state.nthreads))
+    return max(1, _config.cores() // max(1, w.state.nthreads))
 
 
 def _reporter(report: Callable | str | None, task: Task) -> Callable[[int], None]:
@@ -137,10 +132,6 @@ def _reporter(report: Callable | str | None, task: Task) -> Callable[[int], None
 
     worker = get_worker()
     return lambda rows: worker.log_event(report, (task.index, rows, task.rows, task.nbytes))
-
-
-# Parquet is read through a buffered stream of this many bytes.
-READ_BUFFER = 1 << 20
 
 
 def _aligned_batch_rows(batch_rows: int, units: Sequence[Any]) -> int:
@@ -354,10 +345,6 @@ def _read_error(task: Task, e: BaseException, unit: int | None = None) -> DataEr
     return DataError(what.format("cannot read") + f" ({_short(e)})")
 
 
-# Batches read ahead of the kernel by a task that owns several cores.
-PREFETCH = 1
-
-
 def _prefetched(batches, depth: int, name: str):
     """Iterate `batches` in a helper thread, at most `depth` batches ahead of the consumer.
 
@@ -544,7 +531,7 @@ def _run_sync(todo, plan, spec, progress):
     progress.start()
     out = []
     for t in todo:
-        out.append(run_task(t, plan.batch_rows[t.index], spec, _cores(), progress.add))
+        out.append(run_task(t, plan.batch_rows[t.index], spec, _config.cores(), progress.add))
     return out
 
 
@@ -610,7 +597,7 @@ class _JobPool:
 def _run_threads(todo, plan, spec, progress, workers):
     import dask
 
-    cores = _cores()
+    cores = _config.cores()
     n = max(1, min(workers or cores, len(todo)))
     k = max(1, cores // n)
     cancelled = threading.Event()  # set on the way out: running tasks stop at their next batch
@@ -650,7 +637,7 @@ def _warm_worker(dtypes: tuple = (), options: Options | None = None, measures: t
 def _cluster_threads(client) -> dict[str, int]:
     """Kernel threads per worker: a host's cores divided by the Dask threads on that host."""
     info = client.scheduler_info(n_workers=-1)["workers"]
-    cores = client.run(_cores, on_error="ignore")  # a worker that just died is left out
+    cores = client.run(_config.cores, on_error="ignore")  # a worker that just died is left out
     per_host: dict[str, int] = {}
     host_cores: dict[str, int] = {}
     for addr, w in info.items():
@@ -666,7 +653,7 @@ def _cluster_threads(client) -> dict[str, int]:
 def _run_distributed(todo, plan, spec, progress, client):
     info = client.scheduler_info(n_workers=-1)["workers"]
     if not info:
-        client.wait_for_workers(1, timeout=60)
+        client.wait_for_workers(1, timeout=FIRST_WORKER_TIMEOUT)
         info = client.scheduler_info(n_workers=-1)["workers"]
     # Numba's on-disk cache must not be written by many processes at once
     # (numba issue 4807): the client has warmed it up; warm one worker per
@@ -716,12 +703,6 @@ def _run_distributed(todo, plan, spec, progress, client):
             except Exception:
                 pass
     return results
-
-
-# A job whose cluster has had no worker at all for this long fails (seconds):
-# the nannies may stop restarting workers that keep dying, and tasks would
-# otherwise wait forever.
-NO_WORKER_TIMEOUT = 120.0
 
 
 def _completed(client, futures, by_key):
@@ -928,7 +909,7 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
         from .limits import ClientShare, local_workers
 
         # the memory cap is a total: the client keeps its share, the workers split the rest
-        n, worker_cap = local_workers(max(1, min(workers or _cores(), len(todo))), explicit=workers is not None)
+        n, worker_cap = local_workers(max(1, min(workers or _config.cores(), len(todo))), explicit=workers is not None)
         held = _hold_interrupts()
         try:
             cluster, client = _local_cluster(n, worker_cap)

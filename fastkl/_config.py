@@ -1,0 +1,75 @@
+"""fastkl's tuning constants, in one place: sizes, buffers, timeouts, memory shares, and the core count.
+
+They were spread over the engine, the job layer, input planning and the
+memory caps; a newcomer tuning fastkl for a machine looks here first. The
+modules that use a value import it by name, so each module still has its
+own global (tests patch those: `fastkl.jobs.run.NO_WORKER_TIMEOUT`, ...).
+
+None of these changes a measure's value or the summary. DEFAULT_TASK_BYTES
+changes how DEST is cut into parts (tasks are defined by the input and this
+bound, never by the number of workers), so it is part of a job's identity
+for --resume.
+
+Left beside the code they belong to, on purpose: bounds that an exactness
+proof or a check depends on (`summary.stats._CHUNK` / `_FLUSH`,
+`io.filemeta._MAX_HEADER`, `io.footer_checks._INTERPRET_BYTES`) and
+the short polling intervals inside the job loop.
+"""
+
+from __future__ import annotations
+
+import os
+
+# --- planning and reading (fastkl.io.sources, fastkl.jobs.run) -------------
+
+# A task covers at most this many bytes of decoded input columns (the p and q
+# values the kernel holds); it reads and computes in batches of at most
+# DEFAULT_BATCH_BYTES (or task_rows rows), so a worker holds about one batch
+# of each column, not a whole task.
+DEFAULT_TASK_BYTES = 128 << 20
+DEFAULT_BATCH_BYTES = 32 << 20
+
+# Parquet is read through a buffered stream of this many bytes.
+READ_BUFFER = 1 << 20
+
+# Batches read ahead of the kernel by a task that owns several cores.
+PREFETCH = 1
+
+# --- the kernel's thread pool (fastkl._engine) -----------------------------
+
+# Below this many elements a call runs on the calling thread: handing work to
+# the pool costs more than it saves.
+MIN_ELEMENTS_PER_BLOCK = 1 << 16
+
+# --- timeouts (seconds, fastkl.jobs.run) -----------------------------------
+
+# A job whose cluster has had no worker at all for this long fails: the
+# nannies may stop restarting workers that keep dying, and tasks would
+# otherwise wait forever.
+NO_WORKER_TIMEOUT = 120.0
+
+# A job given a cluster with no worker yet waits this long for the first one.
+FIRST_WORKER_TIMEOUT = 60.0
+
+# --- memory caps (fastkl.jobs.limits) --------------------------------------
+
+# With FASTKL_MEMORY_LIMIT unset, a job caps itself at this share of
+# MemAvailable, but never below MEMORY_FLOOR.
+MEMORY_SHARE = 0.8
+MEMORY_FLOOR = 4 << 30
+
+# What one fastkl process (the CLI, a local worker) needs under the cap to
+# start and to run a task of the default size: ~1.3 GiB of reserved address
+# space after imports (measured VmData of a worker: 1.25 GiB, of a client with
+# its local cluster: 1.4 GiB), the rest for the task's batches.
+PROCESS_NEED = 2 << 30
+
+
+def cores() -> int:
+    """CPUs this process may run on: its affinity mask where there is one
+    (taskset, cpusets), else the machine's count. The kernel's pool, the
+    job's workers and each task's share of threads are all sized on it."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
