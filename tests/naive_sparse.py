@@ -1,0 +1,449 @@
+"""Slow, obviously-right references for sparse top-k rows (SPEC §10, docs/sparse-bounds.md).
+
+One position = each side's listed ids and probabilities (decoded, not log-probs).
+What is known about the full pair: the listed values; every unlisted entry of a
+side lies in [0, that side's smallest listed value]; each side sums to 1; V
+when given. Three functions per position:
+
+- ``bucket``: the tail="bucket" point estimate (A compared one by one, the rest
+  of each side pooled into one bucket);
+- ``bounds``: (lower, upper) by the algorithm of docs/sparse-bounds.md;
+- ``extreme_completions``: a brute-force oracle for tiny V (<= 8): numerical
+  minimisation over the unlisted entries from many starts, and enumeration of
+  the vertices of the feasible set for maxima.
+
+Plain Python / NumPy / scipy; does not import fastkl (an independent oracle).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from scipy.optimize import minimize
+
+F_DIVERGENCES = ("kl", "reverse_kl", "jeffreys", "js", "tv", "hellinger")
+MEASURES = F_DIVERGENCES + ("entropy", "cross_entropy")
+LOG2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------
+# Per-entry terms phi(p, q) of the f-divergences (hellinger: its square).
+
+
+def _xlogy(x, y):
+    """x*log(y) with 0*log(anything) = 0, elementwise."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = x * np.log(y)
+    return np.where(x == 0, 0.0, out)
+
+
+def _kl_term(p, q):
+    """p log(p/q): 0 where p = 0, +inf where p > 0 = q."""
+    p = np.asarray(p, dtype=float)
+    q = np.asarray(q, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = p * (np.log(p) - np.log(q))
+    return np.where(p == 0, 0.0, out)
+
+
+def phi(measure: str, p, q) -> np.ndarray:
+    """The term of an f-divergence at entries (p, q); for hellinger, ½(√p − √q)²."""
+    p = np.maximum(np.asarray(p, dtype=float), 0.0)
+    q = np.maximum(np.asarray(q, dtype=float), 0.0)
+    if measure == "kl":
+        return _kl_term(p, q)
+    if measure == "reverse_kl":
+        return _kl_term(q, p)
+    if measure == "jeffreys":
+        return _kl_term(p, q) + _kl_term(q, p)
+    if measure == "js":
+        m = 0.5 * (p + q)
+        return 0.5 * (_kl_term(p, m) + _kl_term(q, m))
+    if measure == "tv":
+        return 0.5 * np.abs(p - q)
+    if measure == "hellinger":
+        return 0.5 * (np.sqrt(p) - np.sqrt(q)) ** 2
+    raise ValueError(f"not an f-divergence term: {measure}")
+
+
+def full_value(measure: str, p, q) -> float:
+    """The measure on two full distributions (the truth the tests compare with)."""
+    p = np.asarray(p, dtype=float)
+    q = np.asarray(q, dtype=float)
+    if measure == "entropy":
+        return float(-_xlogy(p, p).sum())
+    if measure == "cross_entropy":
+        return float(full_value("entropy", p, q) + full_value("kl", p, q))
+    total = float(phi(measure, p, q).sum())
+    return math.sqrt(max(total, 0.0)) if measure == "hellinger" else total
+
+
+def _finish(measure: str, total: float) -> float:
+    """Turn a sum of terms into the measure (hellinger: square root), clipped at 0."""
+    total = max(float(total), 0.0)
+    return math.sqrt(total) if measure == "hellinger" else total
+
+
+# --------------------------------------------------------------------------
+# One position, split into A (both list), B (only P), C (only Q), U (neither).
+
+
+@dataclass
+class Split:
+    """The known facts of one position, in the notation of docs/sparse-bounds.md."""
+
+    pA: np.ndarray
+    qA: np.ndarray
+    pB: np.ndarray  # P's values at ids only P lists (Q unknown there)
+    qC: np.ndarray  # Q's values at ids only Q lists (P unknown there)
+    r_P: float  # P's unlisted mass
+    r_Q: float
+    m_P: float  # cap on each unlisted entry of P (its smallest listed value)
+    m_Q: float
+    n_U: float  # ids neither side lists (math.inf without V)
+
+    @property
+    def slots_P(self) -> float:
+        """Entries where P's unlisted mass may sit: C and U."""
+        return len(self.qC) + self.n_U
+
+    @property
+    def slots_Q(self) -> float:
+        return len(self.pB) + self.n_U
+
+
+def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> Split:
+    """Merge the two id lists; unlisted masses; caps (relaxed if rounding makes them infeasible)."""
+    p_map = dict(zip((int(i) for i in p_ids), (float(v) for v in p_vals)))
+    q_map = dict(zip((int(i) for i in q_ids), (float(v) for v in q_vals)))
+    both = sorted(set(p_map) & set(q_map))
+    only_p = sorted(set(p_map) - set(q_map))
+    only_q = sorted(set(q_map) - set(p_map))
+    n_U = math.inf if vocab is None else vocab - len(both) - len(only_p) - len(only_q)
+    r_P = max(0.0, 1.0 - math.fsum(p_map.values()))
+    r_Q = max(0.0, 1.0 - math.fsum(q_map.values()))
+    m_P = min(p_map.values())
+    m_Q = min(q_map.values())
+    s = Split(
+        pA=np.array([p_map[i] for i in both]),
+        qA=np.array([q_map[i] for i in both]),
+        pB=np.array([p_map[i] for i in only_p]),
+        qC=np.array([q_map[i] for i in only_q]),
+        r_P=r_P, r_Q=r_Q, m_P=m_P, m_Q=m_Q, n_U=n_U,
+    )
+    # Rounding of listed values can leave a little more unlisted mass than the
+    # slots can hold at the cap (or mass with no slot at all): relax minimally.
+    if s.slots_P == 0:
+        s.r_P = 0.0
+    elif s.r_P > s.slots_P * s.m_P:
+        s.m_P = s.r_P / s.slots_P
+    if s.slots_Q == 0:
+        s.r_Q = 0.0
+    elif s.r_Q > s.slots_Q * s.m_Q:
+        s.m_Q = s.r_Q / s.slots_Q
+    return s
+
+
+# --------------------------------------------------------------------------
+# tail="bucket"
+
+
+def bucket(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> float:
+    """A compared one by one, everything else of each side pooled into one bucket."""
+    s = split(p_ids, p_vals, q_ids, q_vals, vocab)
+    # 1 − Σ_A p, computed as Σ_B p + r_P so that a fully listed side has an exactly empty bucket.
+    p = np.append(s.pA, s.pB.sum() + s.r_P)
+    q = np.append(s.qA, s.qC.sum() + s.r_Q)
+    return full_value(measure, p, q)
+
+
+# --------------------------------------------------------------------------
+# Lower bounds of the f-divergences: the aligned completion.
+
+
+def water_fill(weights: np.ndarray, cap: float, total: float) -> np.ndarray:
+    """x_i = min(cap, c·w_i) with Σx = total (0 <= total <= n·cap): the f-independent shape.
+
+    Sorting and prefix sums: with the j largest weights capped, c = (total − j·cap)/Σ(rest).
+    """
+    n = len(weights)
+    if n == 0 or total <= 0:
+        return np.zeros(n)
+    if total >= n * cap:
+        return np.full(n, cap)
+    order = np.argsort(-weights)
+    w = weights[order]
+    rest = np.concatenate([np.cumsum(w[::-1])[::-1], [0.0]])  # rest[j] = Σ_{i>=j} w_i
+    x = np.empty(n)
+    for j in range(n):  # j entries capped
+        c = (total - j * cap) / rest[j]
+        if c * w[j] <= cap * (1 + 1e-15) and (j == 0 or c * w[j - 1] >= cap * (1 - 1e-15)):
+            x[:j] = cap
+            x[j:] = np.minimum(cap, c * w[j:])
+            break
+    else:  # pragma: no cover - rounding: cap all but the smallest
+        x[:] = cap
+        x[-1] = total - (n - 1) * cap
+    out = np.empty(n)
+    out[order] = x
+    return out
+
+
+def _golden_min(fn, lo: float, hi: float, iters: int = 60) -> tuple[float, float]:
+    """Minimum of a convex (possibly +inf-valued) fn on [lo, hi]; endpoints are candidates too."""
+    best = min((fn(lo), lo), (fn(hi), hi))
+    if hi - lo <= 0:
+        return best
+    g = (math.sqrt(5) - 1) / 2
+    a, b = lo, hi
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = fn(c), fn(d)
+    for _ in range(iters):
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = fn(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = fn(d)
+    return min(best, (fc, c), (fd, d))
+
+
+def aligned_completion(s: Split) -> tuple[float, float]:
+    """(t_P, t_Q) of the completion minimising every f-divergence at once (docs §3).
+
+    t_Q = Q's unlisted mass given to B (water-filled ∝ p_B), t_P = P's to C (∝ q_C); the
+    rest goes to U, spread evenly (one pooled entry). Found by minimising the squared
+    Hellinger distance (finite everywhere) with nested golden sections: a convex problem.
+    """
+    M_P = s.n_U * s.m_P if s.n_U else 0.0
+    M_Q = s.n_U * s.m_Q if s.n_U else 0.0
+    tq_lo, tq_hi = max(0.0, s.r_Q - M_Q), min(s.r_Q, len(s.pB) * s.m_Q)
+    tp_lo, tp_hi = max(0.0, s.r_P - M_P), min(s.r_P, len(s.qC) * s.m_P)
+    tq_lo, tp_lo = min(tq_lo, tq_hi), min(tp_lo, tp_hi)
+
+    def inner(t_Q: float) -> tuple[float, float]:
+        return _golden_min(lambda t_P: _tail_terms("hellinger", s, t_P, t_Q), tp_lo, tp_hi)
+
+    _, t_Q = _golden_min(lambda t: inner(t)[0], tq_lo, tq_hi)
+    _, t_P = inner(t_Q)
+    return t_P, t_Q
+
+
+def _tail_terms(measure: str, s: Split, t_P: float, t_Q: float) -> float:
+    """Σ over B, C and the pooled U of phi, for the completion (t_P, t_Q)."""
+    qB = water_fill(s.pB, s.m_Q, t_Q)
+    pC = water_fill(s.qC, s.m_P, t_P)
+    pool = phi(measure, max(0.0, s.r_P - t_P), max(0.0, s.r_Q - t_Q))
+    return float(phi(measure, s.pB, qB).sum() + phi(measure, pC, s.qC).sum() + pool)
+
+
+@lru_cache(maxsize=256)
+def _aligned_cached(key) -> tuple[float, float]:
+    pB, qC, r_P, r_Q, m_P, m_Q, n_U = key
+    return aligned_completion(Split(np.zeros(0), np.zeros(0), np.array(pB), np.array(qC),
+                                    r_P, r_Q, m_P, m_Q, n_U))
+
+
+def _f_lower(measure: str, s: Split) -> float:
+    """The measure at the aligned completion (one per position, shared by all measures)."""
+    t_P, t_Q = _aligned_cached((tuple(s.pB), tuple(s.qC), s.r_P, s.r_Q, s.m_P, s.m_Q, s.n_U))
+    return _finish(measure, phi(measure, s.pA, s.qA).sum() + _tail_terms(measure, s, t_P, t_Q))
+
+
+# --------------------------------------------------------------------------
+# Upper bounds of the f-divergences: disjoint tails.
+
+
+def _phi_p_alone(measure: str) -> float:
+    """phi(1, 0): the cost per unit of P mass where Q is 0."""
+    return {"kl": math.inf, "reverse_kl": 0.0, "jeffreys": math.inf, "js": 0.5 * LOG2,
+            "tv": 0.5, "hellinger": 0.5}[measure]
+
+
+def _phi_q_alone(measure: str) -> float:
+    return {"kl": 0.0, "reverse_kl": math.inf, "jeffreys": math.inf, "js": 0.5 * LOG2,
+            "tv": 0.5, "hellinger": 0.5}[measure]
+
+
+def _f_upper(measure: str, s: Split) -> float:
+    """Every unlisted mass where the other side is 0 (valid for any V; tight without V)."""
+    mass_p_alone = s.pB.sum() + s.r_P
+    mass_q_alone = s.qC.sum() + s.r_Q
+    total = phi(measure, s.pA, s.qA).sum()
+    for mass, unit in ((mass_p_alone, _phi_p_alone(measure)), (mass_q_alone, _phi_q_alone(measure))):
+        if mass > 0:
+            total += mass * unit
+    return _finish(measure, total)
+
+
+# --------------------------------------------------------------------------
+# Entropy of P (concave in P's unlisted entries).
+
+
+def _entropy_bounds(s: Split) -> tuple[float, float]:
+    known = float(-_xlogy(np.concatenate([s.pA, s.pB]), np.concatenate([s.pA, s.pB])).sum())
+    if s.r_P <= 0:
+        return known, known
+    full = math.floor(s.r_P / s.m_P * (1 + 1e-12))  # slots filled to the cap
+    full = min(full, int(s.slots_P) if math.isfinite(s.slots_P) else full)
+    rem = max(0.0, s.r_P - full * s.m_P)
+    low = known - full * s.m_P * math.log(s.m_P) - float(_xlogy(rem, rem))
+    if math.isinf(s.slots_P):
+        return low, math.inf
+    u = s.r_P / s.slots_P
+    return low, known - s.r_P * math.log(u)
+
+
+def bounds(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> tuple[float, float]:
+    """(lower, upper) over all full pairs consistent with the position (docs/sparse-bounds.md)."""
+    s = split(p_ids, p_vals, q_ids, q_vals, vocab)
+    if measure in F_DIVERGENCES:
+        return _f_lower(measure, s), _f_upper(measure, s)
+    if measure == "entropy":
+        return _entropy_bounds(s)
+    if measure == "cross_entropy":
+        h_lo, h_hi = _entropy_bounds(s)
+        return h_lo + _f_lower("kl", s), h_hi + _f_upper("kl", s)
+    raise ValueError(f"unknown measure: {measure}")
+
+
+# --------------------------------------------------------------------------
+# Brute force over tiny vocabularies.
+
+
+def _side_vertices(n: int, cap: float, total: float) -> list[np.ndarray]:
+    """Vertices of {x in [0, cap]^n : Σx = total}: floor(total/cap) at cap, one remainder."""
+    if n == 0:
+        return [np.zeros(0)]
+    full = min(n, math.floor(total / cap * (1 + 1e-12)))
+    rem = max(0.0, total - full * cap)
+    out = []
+    for capped in itertools.combinations(range(n), full):
+        others = [i for i in range(n) if i not in capped] or [None]
+        for j in others:
+            x = np.zeros(n)
+            x[list(capped)] = cap
+            if j is not None:
+                x[j] += rem
+            out.append(x)
+    return out
+
+
+def _completions_layout(p_ids, p_vals, q_ids, q_vals, vocab: int):
+    """Full vectors with the listed entries in place and the slots of unlisted entries."""
+    s = split(p_ids, p_vals, q_ids, q_vals, vocab)
+    p = np.zeros(vocab)
+    q = np.zeros(vocab)
+    p[list(p_ids)] = p_vals
+    q[list(q_ids)] = q_vals
+    free_p = np.setdiff1d(np.arange(vocab), np.asarray(p_ids, dtype=int))
+    free_q = np.setdiff1d(np.arange(vocab), np.asarray(q_ids, dtype=int))
+    return s, p, q, free_p, free_q
+
+
+def extreme_completions(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int,
+                        starts: int = 12, seed: int = 0) -> tuple[float, float]:
+    """(min, max) of the measure over the feasible set, by brute force (vocab <= 8).
+
+    Maxima of convex objectives (f-divergences; cross-entropy, linear in P and convex in Q)
+    lie at vertices of the product of the two sides' polytopes: all are enumerated. The
+    convex minima (and entropy's maximum) are found by SLSQP from many random feasible
+    starts plus all vertex pairs' best as a start.
+    """
+    assert vocab <= 8, "brute force is for tiny vocabularies"
+    s, p0, q0, free_p, free_q = _completions_layout(p_ids, p_vals, q_ids, q_vals, vocab)
+    nP, nQ = len(free_p), len(free_q)
+    vP = _side_vertices(nP, s.m_P, s.r_P)
+    vQ = _side_vertices(nQ, s.m_Q, s.r_Q)
+
+    def full(x):
+        p, q = p0.copy(), q0.copy()
+        p[free_p] = x[:nP]
+        q[free_q] = x[nP:]
+        return p, q
+
+    def value(x):
+        return full_value(measure, *full(np.clip(x, 0, None)))
+
+    vertex_vals = [(value(np.concatenate([a, b])), np.concatenate([a, b])) for a in vP for b in vQ]
+    vmax = max(v for v, _ in vertex_vals)
+    vmin_vertex, x_best = min(vertex_vals, key=lambda t: t[0])
+    if measure == "entropy":  # concave in P: min at a vertex, max by optimisation
+        neg_min = _optimise(lambda x: -value(x), s, nP, nQ, starts, seed, measure, x_best)
+        return vmin_vertex, max(vmax, -neg_min)
+    if measure == "cross_entropy":  # linear in P: min over P-vertices of a convex min over Q
+        best = math.inf
+        for a in vP:
+            best = min(best, _optimise(lambda y, a=a: value(np.concatenate([a, y])),
+                                       s, 0, nQ, starts // 3 + 1, seed, measure, None, fixed_p=a))
+        return min(best, vmin_vertex), vmax
+    squared = lambda x: _smooth_value(measure, full(np.clip(x, 0, None)))  # noqa: E731
+    vmin = _optimise(squared, s, nP, nQ, starts, seed, measure, x_best)
+    vmin = min(vmin, min(_smooth_value(measure, full(x)) for _, x in vertex_vals))
+    return _finish(measure, vmin), vmax
+
+
+def _smooth_value(measure: str, pq) -> float:
+    """The sum of terms (hellinger: squared), with entries floored at 1e-300 so logs stay finite."""
+    p, q = pq
+    tiny = 1e-300
+    return float(phi(measure, np.maximum(p, tiny), np.maximum(q, tiny)).sum())
+
+
+def _optimise(fn, s: Split, nP: int, nQ: int, starts: int, seed: int, measure: str,
+              x_start, fixed_p=None) -> float:
+    """min fn over the box-and-two-sums set by SLSQP from random feasible starts."""
+    rng = np.random.default_rng(seed)
+    n = nP + nQ
+    if n == 0:
+        return fn(np.zeros(0))
+    cons = []
+    if nP:
+        cons.append({"type": "eq", "fun": lambda x: x[:nP].sum() - s.r_P})
+    if nQ:
+        cons.append({"type": "eq", "fun": lambda x: x[nP:].sum() - s.r_Q})
+    box = [(0.0, s.m_P)] * nP + [(0.0, s.m_Q)] * nQ
+    best = math.inf
+    inits = [] if x_start is None or len(x_start) != n else [x_start]
+    for _ in range(starts):
+        x = np.concatenate([_random_point(rng, nP, s.m_P, s.r_P), _random_point(rng, nQ, s.m_Q, s.r_Q)])
+        inits.append(x)
+    for x in inits:
+        best = min(best, fn(x))
+        res = minimize(fn, x, method="SLSQP", bounds=box, constraints=cons,
+                       options={"ftol": 1e-14, "maxiter": 500})
+        if res.success or np.isfinite(res.fun):
+            xr = np.clip(res.x, [b[0] for b in box], [b[1] for b in box])
+            if _feasible(xr, nP, s):
+                best = min(best, fn(xr))
+    return best
+
+
+def _feasible(x, nP, s: Split, tol: float = 1e-9) -> bool:
+    ok_p = nP == 0 or abs(x[:nP].sum() - s.r_P) <= tol
+    ok_q = len(x) == nP or abs(x[nP:].sum() - s.r_Q) <= tol
+    return ok_p and ok_q
+
+
+def _random_point(rng, n: int, cap: float, total: float) -> np.ndarray:
+    """A random point of {x in [0, cap]^n : Σx = total} (Dirichlet, pushed inside the caps)."""
+    if n == 0:
+        return np.zeros(0)
+    x = rng.dirichlet(np.full(n, rng.choice([0.2, 1.0, 5.0]))) * total
+    for _ in range(100):
+        over = x > cap
+        if not over.any():
+            break
+        excess = (x[over] - cap).sum()
+        x[over] = cap
+        room = cap - x
+        x = x + excess * room / room.sum()
+    return np.minimum(x, cap)
