@@ -126,8 +126,9 @@ def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> Split:
     only_p = sorted(set(p_map) - set(q_map))
     only_q = sorted(set(q_map) - set(p_map))
     n_U = math.inf if vocab is None else vocab - len(both) - len(only_p) - len(only_q)
-    r_P = max(0.0, 1.0 - math.fsum(p_map.values()))
-    r_Q = max(0.0, 1.0 - math.fsum(q_map.values()))
+    # Unlisted mass below 1e-14 is the rounding of the listed values, not mass: 0.
+    r_P = _residue(1.0 - math.fsum(p_map.values()))
+    r_Q = _residue(1.0 - math.fsum(q_map.values()))
     m_P = min(p_map.values())
     m_Q = min(q_map.values())
     s = Split(
@@ -223,11 +224,7 @@ def aligned_completion(s: Split) -> tuple[float, float]:
     rest goes to U, spread evenly (one pooled entry). Found by minimising the squared
     Hellinger distance (finite everywhere) with nested golden sections: a convex problem.
     """
-    M_P = s.n_U * s.m_P if s.n_U else 0.0
-    M_Q = s.n_U * s.m_Q if s.n_U else 0.0
-    tq_lo, tq_hi = max(0.0, s.r_Q - M_Q), min(s.r_Q, len(s.pB) * s.m_Q)
-    tp_lo, tp_hi = max(0.0, s.r_P - M_P), min(s.r_P, len(s.qC) * s.m_P)
-    tq_lo, tp_lo = min(tq_lo, tq_hi), min(tp_lo, tp_hi)
+    (tp_lo, tp_hi), (tq_lo, tq_hi) = _t_ranges(s)
 
     def inner(t_Q: float) -> tuple[float, float]:
         return _golden_min(lambda t_P: _tail_terms("hellinger", s, t_P, t_Q), tp_lo, tp_hi)
@@ -241,7 +238,8 @@ def _tail_terms(measure: str, s: Split, t_P: float, t_Q: float) -> float:
     """Σ over B, C and the pooled U of phi, for the completion (t_P, t_Q)."""
     qB = water_fill(s.pB, s.m_Q, t_Q)
     pC = water_fill(s.qC, s.m_P, t_P)
-    pool = phi(measure, max(0.0, s.r_P - t_P), max(0.0, s.r_Q - t_Q))
+    # A pool left with a rounding residue (r − t ~ 1e-17 when the caps add up to r) is empty.
+    pool = phi(measure, _residue(s.r_P - t_P), _residue(s.r_Q - t_Q))
     return float(phi(measure, s.pB, qB).sum() + phi(measure, pC, s.qC).sum() + pool)
 
 
@@ -252,10 +250,39 @@ def _aligned_cached(key) -> tuple[float, float]:
                                     r_P, r_Q, m_P, m_Q, n_U))
 
 
+def _residue(x: float) -> float:
+    return 0.0 if x < 1e-14 else x
+
+
 def _f_lower(measure: str, s: Split) -> float:
-    """The measure at the aligned completion (one per position, shared by all measures)."""
+    """The measure at the aligned completion (one per position, shared by all measures).
+
+    The golden sections stop ~1e-13 short of an end of the range; where the aligned
+    completion empties one side of the pool exactly (a kink: p > 0 = q there costs +inf in
+    kl), the ends within 1e-9 are tried too. Every candidate is feasible, so the minimum
+    over them is still a value of the measure on the feasible set.
+    """
     t_P, t_Q = _aligned_cached((tuple(s.pB), tuple(s.qC), s.r_P, s.r_Q, s.m_P, s.m_Q, s.n_U))
-    return _finish(measure, phi(measure, s.pA, s.qA).sum() + _tail_terms(measure, s, t_P, t_Q))
+    (tp_lo, tp_hi), (tq_lo, tq_hi) = _t_ranges(s)
+    known = phi(measure, s.pA, s.qA).sum()
+    best = math.inf
+    for tp in _near_ends(t_P, tp_lo, tp_hi):
+        for tq in _near_ends(t_Q, tq_lo, tq_hi):
+            best = min(best, known + _tail_terms(measure, s, tp, tq))
+    return _finish(measure, best)
+
+
+def _near_ends(t: float, lo: float, hi: float, tol: float = 1e-9) -> list[float]:
+    return [t] + [e for e in (lo, hi) if abs(t - e) <= tol]
+
+
+def _t_ranges(s: Split) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Feasible ranges of t_P (P's unlisted mass in C) and t_Q (Q's in B)."""
+    M_P = s.n_U * s.m_P if s.n_U else 0.0
+    M_Q = s.n_U * s.m_Q if s.n_U else 0.0
+    tq_lo, tq_hi = max(0.0, s.r_Q - M_Q), min(s.r_Q, len(s.pB) * s.m_Q)
+    tp_lo, tp_hi = max(0.0, s.r_P - M_P), min(s.r_P, len(s.qC) * s.m_P)
+    return (min(tp_lo, tp_hi), tp_hi), (min(tq_lo, tq_hi), tq_hi)
 
 
 # --------------------------------------------------------------------------
@@ -445,5 +472,7 @@ def _random_point(rng, n: int, cap: float, total: float) -> np.ndarray:
         excess = (x[over] - cap).sum()
         x[over] = cap
         room = cap - x
+        if room.sum() <= 0:
+            break
         x = x + excess * room / room.sum()
     return np.minimum(x, cap)
