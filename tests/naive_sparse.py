@@ -329,6 +329,36 @@ def _entropy_bounds(s: Split) -> tuple[float, float]:
     return low, known - s.r_P * math.log(u)
 
 
+def _cross_entropy_lower(s: Split) -> float:
+    """min of −Σ p log q: P's unlisted mass fills C by descending q_c, then U at the cap; Q water-fills.
+
+    −p log q is linear in P, so P sits at a vertex; a C slot (q_c >= m_Q >= any q_u) always
+    beats a U slot, and a larger q_c a smaller one. Given P, −Σ w log q over Q's slots is
+    convex and decreasing in each q: all of Q's mass that fits goes ∝ w, capped at m_Q.
+    """
+    known = -float(_xlogy(s.pA, s.qA).sum())
+    t_P = min(s.r_P, len(s.qC) * s.m_P)
+    qC = np.sort(s.qC)[::-1]
+    pC = _vertex_fill(len(qC), s.m_P, t_P)
+    u_weights = _vertex_fill(None, s.m_P, _residue(s.r_P - t_P))
+    weights = np.concatenate([s.pB, u_weights])
+    total = min(s.r_Q, len(weights) * s.m_Q)
+    q_w = water_fill(weights, s.m_Q, total)
+    return known - float(_xlogy(pC, qC).sum()) - float(_xlogy(weights, q_w).sum())
+
+
+def _vertex_fill(n: int | None, cap: float, total: float) -> np.ndarray:
+    """cap, cap, ..., remainder, 0, ...: the first slots filled to the cap (n=None: as many as needed)."""
+    full = math.floor(total / cap * (1 + 1e-12)) if total > 0 else 0
+    if n is not None:
+        full = min(full, n)
+    rem = _residue(total - full * cap)
+    x = [cap] * full + ([rem] if rem > 0 else [])
+    if n is not None:
+        x = (x + [0.0] * n)[:n]
+    return np.array(x, dtype=float)
+
+
 def bounds(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> tuple[float, float]:
     """(lower, upper) over all full pairs consistent with the position (docs/sparse-bounds.md)."""
     s = split(p_ids, p_vals, q_ids, q_vals, vocab)
@@ -338,7 +368,7 @@ def bounds(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None)
         return _entropy_bounds(s)
     if measure == "cross_entropy":
         h_lo, h_hi = _entropy_bounds(s)
-        return h_lo + _f_lower("kl", s), h_hi + _f_upper("kl", s)
+        return _cross_entropy_lower(s), h_hi + _f_upper("kl", s)
     raise ValueError(f"unknown measure: {measure}")
 
 

@@ -119,8 +119,7 @@ def test_bounds_equal_brute_force_extremes_where_tight(pos):
         note(f"{m}: lower={lo} brute min={e_lo}; upper={hi} brute max={e_hi}")
         # The brute force only ever finds feasible values: the bounds must contain them.
         assert close_or_above(e_lo, lo, 1e-7) and close_or_above(hi, e_hi, 1e-7), m
-        if m != "cross_entropy":  # cross-entropy's lower bound is valid, not tight (docs §5)
-            assert close(lo, e_lo, 1e-6), m
+        assert close(lo, e_lo, 1e-6), m
         if m == "entropy" or _disjoint_room(s):
             assert close(hi, e_hi, 1e-6), m
 
