@@ -234,6 +234,63 @@ def aligned_completion(s: Split) -> tuple[float, float]:
     return t_P, t_Q
 
 
+def _fill_ratio(weights: np.ndarray, cap: float, total: float) -> float:
+    """The ratio x/w of the uncapped entries of water_fill(weights, cap, total) (c of x = min(cap, c·w)).
+
+    0 for total 0; +inf when every entry is at the cap (nothing uncapped is left).
+    """
+    if total <= 0:
+        return 0.0
+    if len(weights) == 0 or total >= len(weights) * cap:
+        return math.inf
+    x = water_fill(weights, cap, total)
+    free = x < cap
+    return float(x[free].sum() / weights[free].sum())
+
+
+def _ratio(a: float, b: float) -> float:
+    """a/b with x/0 = +inf for x > 0 and 0/0 = nan (an empty pool has no ratio)."""
+    if b > 0:
+        return a / b
+    return math.inf if a > 0 else math.nan
+
+
+def aligned_completion_by_signs(s: Split, iters: int = 64) -> tuple[float, float]:
+    """The kernel's algorithm of docs §3: nested bisections on f-free signs, no measure at all.
+
+    ∂F/∂t_P has the sign of ρ_C − ρ_U, ∂F/∂t_Q that of ρ_U − ρ_B (ρ = p/q of the free
+    entries: uncapped C, the pool, uncapped B). C entries get p = c'·q, so ρ_C = c'; B
+    entries get q = c·p, so ρ_B = 1/c. An empty pool (0/0) counts as "stop": t moves down.
+    """
+    (tp_lo, tp_hi), (tq_lo, tq_hi) = _t_ranges(s)
+
+    def inner(t_Q: float) -> float:
+        a, b = tp_lo, tp_hi
+        for _ in range(iters):
+            t = 0.5 * (a + b)
+            rho_C = _fill_ratio(s.qC, s.m_P, t)
+            rho_U = _ratio(_residue(s.r_P - t), _residue(s.r_Q - t_Q))
+            if rho_C < rho_U:
+                a = t  # more P mass into C lowers F
+            else:
+                b = t
+        return 0.5 * (a + b)
+
+    a, b = tq_lo, tq_hi
+    for _ in range(iters):
+        t = 0.5 * (a + b)
+        t_P = inner(t)
+        c = _fill_ratio(s.pB, s.m_Q, t)
+        rho_B = 1.0 / c if c > 0 else math.inf
+        rho_U = _ratio(_residue(s.r_P - t_P), _residue(s.r_Q - t))
+        if rho_U < rho_B:
+            a = t  # more Q mass into B lowers F
+        else:
+            b = t
+    t_Q = 0.5 * (a + b)
+    return inner(t_Q), t_Q
+
+
 def _tail_terms(measure: str, s: Split, t_P: float, t_Q: float) -> float:
     """Σ over B, C and the pooled U of phi, for the completion (t_P, t_Q)."""
     qB = water_fill(s.pB, s.m_Q, t_Q)
@@ -244,9 +301,10 @@ def _tail_terms(measure: str, s: Split, t_P: float, t_Q: float) -> float:
 
 
 @lru_cache(maxsize=256)
-def _aligned_cached(key) -> tuple[float, float]:
+def _aligned_cached(key, method: str = "signs") -> tuple[float, float]:
     pB, qC, r_P, r_Q, m_P, m_Q, n_U = key
-    return aligned_completion(Split(np.zeros(0), np.zeros(0), np.array(pB), np.array(qC),
+    solve = aligned_completion_by_signs if method == "signs" else aligned_completion
+    return solve(Split(np.zeros(0), np.zeros(0), np.array(pB), np.array(qC),
                                     r_P, r_Q, m_P, m_Q, n_U))
 
 
@@ -254,7 +312,7 @@ def _residue(x: float) -> float:
     return 0.0 if x < 1e-14 else x
 
 
-def _f_lower(measure: str, s: Split) -> float:
+def _f_lower(measure: str, s: Split, method: str = "signs") -> float:
     """The measure at the aligned completion (one per position, shared by all measures).
 
     The golden sections stop ~1e-13 short of an end of the range; where the aligned
@@ -262,7 +320,8 @@ def _f_lower(measure: str, s: Split) -> float:
     kl), the ends within 1e-9 are tried too. Every candidate is feasible, so the minimum
     over them is still a value of the measure on the feasible set.
     """
-    t_P, t_Q = _aligned_cached((tuple(s.pB), tuple(s.qC), s.r_P, s.r_Q, s.m_P, s.m_Q, s.n_U))
+    key = (tuple(s.pB), tuple(s.qC), s.r_P, s.r_Q, s.m_P, s.m_Q, s.n_U)
+    t_P, t_Q = _aligned_cached(key, method)
     (tp_lo, tp_hi), (tq_lo, tq_hi) = _t_ranges(s)
     known = phi(measure, s.pA, s.qA).sum()
     best = math.inf
@@ -359,11 +418,16 @@ def _vertex_fill(n: int | None, cap: float, total: float) -> np.ndarray:
     return np.array(x, dtype=float)
 
 
-def bounds(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> tuple[float, float]:
-    """(lower, upper) over all full pairs consistent with the position (docs/sparse-bounds.md)."""
+def bounds(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None,
+           method: str = "signs") -> tuple[float, float]:
+    """(lower, upper) over all full pairs consistent with the position (docs/sparse-bounds.md).
+
+    method: how the aligned completion of the f-divergences' lower bound is found:
+    "signs" (the docs' f-free bisections, default) or "golden" (minimising hellinger²).
+    """
     s = split(p_ids, p_vals, q_ids, q_vals, vocab)
     if measure in F_DIVERGENCES:
-        return _f_lower(measure, s), _f_upper(measure, s)
+        return _f_lower(measure, s, method), _f_upper(measure, s)
     if measure == "entropy":
         return _entropy_bounds(s)
     if measure == "cross_entropy":
