@@ -445,10 +445,10 @@ def _side_vertices(n: int, cap: float, total: float) -> list[np.ndarray]:
     if n == 0:
         return [np.zeros(0)]
     full = min(n, math.floor(total / cap * (1 + 1e-12)))
-    rem = max(0.0, total - full * cap)
+    rem = _residue(total - full * cap)  # a 1e-17 remainder is rounding, not a slot with mass
     out = []
     for capped in itertools.combinations(range(n), full):
-        others = [i for i in range(n) if i not in capped] or [None]
+        others = [i for i in range(n) if i not in capped and rem > 0] or [None]
         for j in others:
             x = np.zeros(n)
             x[list(capped)] = cap

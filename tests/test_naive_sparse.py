@@ -125,6 +125,37 @@ def test_bounds_equal_brute_force_extremes_where_tight(pos):
             assert close(hi, e_hi, 1e-6), m
 
 
+def _slots(mass: float, cap: float) -> int:
+    return math.ceil(mass / cap - 1e-9) if mass > 0 else 0
+
+
+@settings(max_examples=max(3, settings.default.max_examples // 4))
+@given(position(max_V=5))
+def test_bounds_without_vocab_equal_brute_force_with_enough_room(pos):
+    """Without V the bounds are the extremes over a vocabulary large enough for them (docs §3, §4).
+
+    The brute force runs at V' = |A∪B∪C| + the slots the no-V extremes use (when V' <= 8):
+    the aligned completion's pool spread evenly, and disjoint tails.
+    """
+    p, q, p_ids, q_ids = pos
+    data = row(p, q, p_ids, q_ids)
+    s = ns.split(*data, vocab=None)
+    t_P, t_Q = ns.aligned_completion_by_signs(s)
+    listed = len(s.pA) + len(s.pB) + len(s.qC)
+    room = max(_slots(s.r_P - t_P, s.m_P), _slots(s.r_Q - t_Q, s.m_Q),
+               _slots(s.r_P, s.m_P) + _slots(s.r_Q, s.m_Q))
+    big_V = listed + room
+    if big_V > 8:
+        return
+    for m in ns.MEASURES:
+        lo, hi = ns.bounds(m, *data, vocab=None)
+        e_lo, e_hi = ns.extreme_completions(m, *data, vocab=big_V, starts=3)
+        note(f"{m} at V'={big_V}: lower={lo} brute min={e_lo}; upper={hi} brute max={e_hi}")
+        assert close(lo, e_lo, 1e-6), m
+        if m != "entropy":  # without V entropy's upper bound is +inf when r_P > 0
+            assert close(hi, e_hi, 1e-6), m
+
+
 @settings(max_examples=max(3, settings.default.max_examples // 4))
 @given(position(), st.booleans())
 def test_sign_bisection_finds_the_minimiser_of_hellinger(pos, with_vocab):
