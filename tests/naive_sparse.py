@@ -359,8 +359,42 @@ def _phi_q_alone(measure: str) -> float:
             "tv": 0.5, "hellinger": 0.5}[measure]
 
 
-def _f_upper(measure: str, s: Split) -> float:
-    """Every unlisted mass where the other side is 0 (valid for any V; tight without V)."""
+def _swap(s: Split) -> Split:
+    """The same position with P and Q exchanged (reverse_kl from kl)."""
+    return Split(s.qA, s.pA, s.qC, s.pB, s.r_Q, s.r_P, s.m_Q, s.m_P, s.n_U)
+
+
+def _kl_upper_small_vocab(s: Split) -> float:
+    """kl's upper bound when V is so small that Q cannot leave any P-positive slot at 0.
+
+    +inf iff some completion has p > 0 = q: a B id, or a U id P gives mass to, left at
+    q = 0 while Q's r_Q still fits in its other slots. Otherwise every unknown q is at
+    least q_floor = r_Q − (slots_Q − 1)·m_Q > 0 (the rest at the cap), and each unknown term
+    p log(p/q) <= p·log(m_P/q_floor) (p <= m_P): a valid, finite, not tight bound (docs §4).
+    """
+    p_may_sit_alone = len(s.pB) > 0 or (s.r_P > 0 and s.n_U >= 1)
+    if not p_may_sit_alone or math.isinf(s.slots_Q):
+        return math.inf if p_may_sit_alone else _f_upper("kl", s, small_vocab=False)
+    q_floor = s.r_Q - (s.slots_Q - 1) * s.m_Q
+    if q_floor <= 1e-12 * max(s.r_Q, 1e-300):
+        return math.inf
+    total = float(phi("kl", s.pA, s.qA).sum())
+    total += float(np.sum(s.pB * np.maximum(np.log(s.pB / q_floor), 0.0)))
+    floor_all = min([q_floor] + list(s.qC))
+    total += s.r_P * max(math.log(s.m_P / floor_all), 0.0)
+    return total
+
+
+def _f_upper(measure: str, s: Split, small_vocab: bool = True) -> float:
+    """Every unlisted mass where the other side is 0 (valid for any V; tight without V).
+
+    With a V too small for that, kl's and reverse_kl's +inf is replaced by the finite
+    bound of _kl_upper_small_vocab where +inf is impossible (jeffreys: their sum).
+    """
+    if small_vocab and measure in ("kl", "reverse_kl", "jeffreys") and math.isfinite(s.n_U):
+        kl_hi = min(_f_upper("kl", s, False), _kl_upper_small_vocab(s))
+        rkl_hi = min(_f_upper("reverse_kl", s, False), _kl_upper_small_vocab(_swap(s)))
+        return {"kl": kl_hi, "reverse_kl": rkl_hi, "jeffreys": kl_hi + rkl_hi}[measure]
     mass_p_alone = s.pB.sum() + s.r_P
     mass_q_alone = s.qC.sum() + s.r_Q
     total = phi(measure, s.pA, s.qA).sum()

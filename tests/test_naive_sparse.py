@@ -176,6 +176,18 @@ def test_kl_upper_is_infinite_exactly_when_q_may_vanish_under_p():
     assert hi == math.inf
 
 
+def test_kl_upper_is_finite_when_the_vocabulary_forces_q_under_p():
+    """V = 3, Q's unlisted mass has exactly one slot (P's only-listed id): no +inf."""
+    p = np.array([0.5, 0.3, 0.2])
+    q = np.array([0.4, 0.3, 0.3])
+    for m in ("kl", "reverse_kl", "jeffreys", "cross_entropy"):
+        lo, hi = ns.bounds(m, [0, 1], p[[0, 1]], [0, 2], q[[0, 2]], vocab=3)
+        assert math.isfinite(hi), m
+        assert close_or_above(ns.full_value(m, p, q), lo) and close_or_above(hi, ns.full_value(m, p, q)), m
+    _, hi = ns.bounds("kl", [0, 1], p[[0, 1]], [0, 2], q[[0, 2]], vocab=None)
+    assert hi == math.inf
+
+
 def test_full_listing_is_exact():
     """k = V on both sides: lower = upper = bucket = truth."""
     p = np.array([0.5, 0.3, 0.2])
