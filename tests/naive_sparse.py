@@ -245,6 +245,8 @@ def _fill_ratio(weights: np.ndarray, cap: float, total: float) -> float:
         return math.inf
     x = water_fill(weights, cap, total)
     free = x < cap
+    if weights[free].sum() <= 0:  # rounding put every entry at the cap
+        return math.inf
     return float(x[free].sum() / weights[free].sum())
 
 
