@@ -106,8 +106,8 @@ def _disjoint_room(s: ns.Split) -> bool:
     return s.n_U >= need
 
 
-# A quarter of the profile's examples (25 by default, 250 under "thorough"): the oracle is slow.
-@settings(max_examples=max(3, settings.default.max_examples // 4))
+# A fifth of the profile's examples (20 by default, 200 under "thorough"): the oracle is slow.
+@settings(max_examples=max(3, settings.default.max_examples // 5))
 @given(position(max_V=5))
 def test_bounds_equal_brute_force_extremes_where_tight(pos):
     p, q, p_ids, q_ids = pos
@@ -129,7 +129,7 @@ def _slots(mass: float, cap: float) -> int:
     return math.ceil(mass / cap - 1e-9) if mass > 0 else 0
 
 
-@settings(max_examples=max(3, settings.default.max_examples // 4))
+@settings(max_examples=max(3, settings.default.max_examples // 5))
 @given(position(max_V=5))
 def test_bounds_without_vocab_equal_brute_force_with_enough_room(pos):
     """Without V the bounds are the extremes over a vocabulary large enough for them (docs §3, §4).
@@ -156,7 +156,7 @@ def test_bounds_without_vocab_equal_brute_force_with_enough_room(pos):
             assert close(hi, e_hi, 1e-6), m
 
 
-@settings(max_examples=max(3, settings.default.max_examples // 4))
+@settings(max_examples=max(3, settings.default.max_examples // 10))
 @given(position(), st.booleans())
 def test_sign_bisection_finds_the_minimiser_of_hellinger(pos, with_vocab):
     """The docs' f-free algorithm and a plain minimisation of hellinger² give the same lower bounds."""
