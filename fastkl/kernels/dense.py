@@ -88,7 +88,7 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # kernels inline fastmath's helpers: after an edit there, cached kernels would
 # keep the old code. tests/test_fastmath.py checks that this digest of
 # fastmath.py is current, so any change there changes this file too.
-FASTMATH_DIGEST = "96a1fed17cc12bac"
+FASTMATH_DIGEST = "81ac095f9833b24f"
 
 
 def _is_float32(values):

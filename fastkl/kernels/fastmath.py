@@ -179,7 +179,7 @@ def exp_nonpositive(x):
     """`exp_neg` for x <= 0 (logits centred on their row maximum, the
     log-sum-exp of a decode) with a cheaper reduction: k comes from the bits
     of x / ln2 + 1.5 * 2**52 (no floor, no float-to-int conversion, one
-    scaling) and ln2 is one double, 2.3e-17 |k| relative, which SPEC §2's
+    scaling) and ln2 is one double, 2.3e-17 |k| relative, which the error bound's
     decode slack covers (it grows with |x| the same way); results flush to 0
     from about 2**-1023 down. Same polynomial as exp_neg: a shorter one
     (7e-12) broke the bound for a logprobs row normalised against a close
@@ -195,7 +195,7 @@ def exp_nonpositive(x):
 
 
 # ---------------------------------------------------------------- float32
-# For float32 input the error bound is 1e-6 relative (SPEC §2), so the log
+# For float32 input the error bound is 1e-6 relative, so the log
 # can be taken in float32: 8 or 16 SIMD lanes instead of 4 or 8. No
 # division: x = 2**n * (1 + r) with 1 + r in [2/3, 4/3) (the reduction
 # offset 0x3f2aaaab = 2/3 puts r in [-1/3, 1/3)), then
