@@ -79,6 +79,14 @@ def wait_stopped(proc: subprocess.Popen, timeout: float = 60) -> None:
     raise AssertionError("the job did not stop")
 
 
+def kill_after_parts(n: int, *args) -> None:
+    """Run `fastkl *args`, SIGKILL it once n parts are finished (it holds the lock then)."""
+    job = start(*args, stop_after_parts=n)
+    wait_stopped(job)
+    job.kill()
+    job.wait()
+
+
 def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
@@ -169,10 +177,7 @@ def test_a_running_job_keeps_dest(tmp_path, data, flags):
 def test_stale_lock_of_a_killed_job_blocks_nobody(tmp_path, data):
     source, table = data
     dest = tmp_path / "out"
-    job = start("run", source, dest, *JOB, "--base", "2", "--scheduler", "sync", stop_after_parts=4)
-    wait_stopped(job)
-    job.kill()
-    job.wait()
+    kill_after_parts(4, "run", source, dest, *JOB, "--base", "2", "--scheduler", "sync")
     assert lock_path(dest).exists()  # left behind, unlocked
     before = finished_parts(staging_path(dest))
     code, err = invoke("run", source, dest, *JOB, "--base", "2", "--resume")
@@ -185,10 +190,7 @@ def test_stale_lock_of_a_killed_job_blocks_nobody(tmp_path, data):
     assert not os.path.lexists(lock_path(dest))
     # a killed job's lock does not block a new job either
     dest2 = tmp_path / "out2"
-    job = start("run", source, dest2, *JOB, "--scheduler", "sync", stop_after_parts=2)
-    wait_stopped(job)
-    job.kill()
-    job.wait()
+    kill_after_parts(2, "run", source, dest2, *JOB, "--scheduler", "sync")
     code, err = invoke("run", source, dest2, *JOB, "--overwrite")
     assert code == 0, err
     check_against_manifest(dest2, table)
@@ -199,10 +201,7 @@ def test_a_killed_jobs_lock_does_not_block_a_glob_beside_it(tmp_path, data):
     """`fastkl run 'data/*' data/out`: the glob matches the lock file a killed job left; it is no input."""
     source, table = data
     dest = Path(source) / "out"
-    job = start("run", str(Path(source) / "*.parquet"), dest, *JOB, "--scheduler", "sync", stop_after_parts=2)
-    wait_stopped(job)
-    job.kill()
-    job.wait()
+    kill_after_parts(2, "run", str(Path(source) / "*.parquet"), dest, *JOB, "--scheduler", "sync")
     assert lock_path(dest).exists()
     os.rename(staging_path(dest), tmp_path / "moved-away")  # (a glob matching staging is another item)
     code, err = invoke("run", str(Path(source) / "*"), dest, *JOB)
@@ -214,10 +213,7 @@ def test_resume_never_adopts_another_jobs_parts(tmp_path, data):
     """A killed base-2 job's parts are not reused by a nats job's --resume, whatever their size."""
     source, table = data
     dest = tmp_path / "out"
-    job = start("run", source, dest, *JOB, "--base", "2", "--scheduler", "sync", stop_after_parts=5)
-    wait_stopped(job)
-    job.kill()
-    job.wait()
+    kill_after_parts(5, "run", source, dest, *JOB, "--base", "2", "--scheduler", "sync")
     assert len(finished_parts(staging_path(dest))) == 5
     code, err = invoke("run", source, dest, *JOB, "--resume")
     assert code == 0, err
