@@ -24,7 +24,7 @@ from ._config import MIN_ELEMENTS_PER_BLOCK
 from .adapters.arrow import Side, aligned_sides
 from .kernels import dense as K
 from ._options import Options, check_measures, check_threads, needs_q
-from ._registry import KIND_CODE, MEASURE_INDEX, OK, NULL, STATUSES
+from ._registry import FIRST_INVALID, KIND_CODE, MEASURE_INDEX, OK, STATUSES
 from .errors import InvalidRowError, OptionError
 
 _pool: ThreadPoolExecutor | None = None
@@ -70,11 +70,11 @@ class Result:
         return len(self.status)
 
     def invalid_count(self) -> int:
-        return int(np.count_nonzero(self.status > NULL))
+        return int(np.count_nonzero(self.status >= FIRST_INVALID))
 
     def error(self, file: str | None = None, row_offset: int = 0) -> InvalidRowError | None:
         """An InvalidRowError for the first invalid row, or None if there is none."""
-        bad = np.flatnonzero(self.status > NULL)
+        bad = np.flatnonzero(self.status >= FIRST_INVALID)
         if bad.size == 0:
             return None
         row = int(bad[0])

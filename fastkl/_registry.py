@@ -31,11 +31,14 @@ KINDS: tuple[str, ...] = ("probs", "logprobs", "logits")
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}
 
 # Row statuses. Code 0 is a valid row; 1 a null row (null list on either
-# side: not an error); the rest are the invalid-row reasons, in the
-# order the kernel checks them.
+# side: not an error); 2 a sequence row whose mask counts no position (null
+# measures, not an error either); the rest are the invalid-row reasons, in
+# the order the kernels check them (the dense ones, then those of sparse and
+# sequence rows).
 STATUSES: tuple[str, ...] = (
     "ok",
     "null",
+    "no_tokens",
     "length_mismatch",
     "empty",
     "null_element",
@@ -43,10 +46,16 @@ STATUSES: tuple[str, ...] = (
     "non_finite",
     "negative",
     "not_normalized",
+    "ids_length_mismatch",
+    "id_not_integer",
+    "id_out_of_range",
+    "duplicate_id",
+    "mask_length_mismatch",
 )
 STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
-OK, NULL = 0, 1
-REASONS: tuple[str, ...] = STATUSES[2:]
+OK, NULL, NO_TOKENS = 0, 1, 2
+FIRST_INVALID = 3  # status >= FIRST_INVALID: an invalid row
+REASONS: tuple[str, ...] = STATUSES[FIRST_INVALID:]
 
 
 def measure_range(name: str, k: int | None = None, base: float = math.e) -> tuple[float, float]:

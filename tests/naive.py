@@ -47,6 +47,11 @@ REASONS = (
     "non_finite",
     "negative",
     "not_normalized",
+    "ids_length_mismatch",
+    "id_not_integer",
+    "id_out_of_range",
+    "duplicate_id",
+    "mask_length_mismatch",
 )
 ELEMENT_REASONS = ("null_element", "nan", "non_finite", "negative")
 

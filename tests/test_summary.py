@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastkl.summary import stats
-from fastkl._registry import STATUSES
+from fastkl._registry import FIRST_INVALID, STATUS_CODE, STATUSES
 from fastkl.summary.stats import ALPHA, PartStats, Summary
 
 MEASURES = ("kl", "js", "tv")
@@ -117,7 +117,7 @@ def check_against_reference(summary: Summary, values, status):
         assert m.rows == status.size
         assert m.valid == int(np.sum(status == 0))
         assert m.null == int(np.sum(status == 1))
-        assert m.invalid == {r: int(np.sum(status == c)) for c, r in enumerate(STATUSES) if c >= 2}
+        assert m.invalid == {r: int(np.sum(status == c)) for c, r in enumerate(STATUSES) if c >= FIRST_INVALID}
         assert m.inf == int(np.sum(ok == np.inf))
         assert m.neg_inf == int(np.sum(ok == -np.inf)) and m.nan == 0
         assert m.finite == x.size
@@ -221,7 +221,7 @@ def test_quantiles_broad_distribution():
 
 def test_negative_zero_and_non_ok_rows_ignored():
     values = np.array([[-0.0, 0.0, 1.0, 123.0, -7.0]])
-    status = np.array([0, 0, 0, 3, 1], np.uint8)   # the last two are not ok: ignored
+    status = np.array([0, 0, 0, STATUS_CODE["empty"], 1], np.uint8)   # the last two are not ok: ignored
     m = Summary.from_stats(PartStats.from_batch(("kl",), values, status)).measures["kl"]
     assert (m.finite, m.zeros, m.valid, m.null, m.invalid["empty"]) == (3, 2, 3, 1, 1)
     assert m.max == 1.0 and math.copysign(1.0, m.min) == 1.0   # -0.0 normalised to 0.0

@@ -70,7 +70,7 @@ FASTMATH = {"nsz", "contract", "reassoc"}
 PROBS, LOGPROBS, LOGITS = 0, 1, 2
 
 # Status codes (fastkl._registry.STATUSES order).
-OK, NULL, LENGTH_MISMATCH, EMPTY, NULL_ELEMENT, NAN, NON_FINITE, NEGATIVE, NOT_NORMALIZED = range(9)
+OK, NULL, NO_TOKENS, LENGTH_MISMATCH, EMPTY, NULL_ELEMENT, NAN, NON_FINITE, NEGATIVE, NOT_NORMALIZED = range(10)
 
 # Measure slots (fastkl._registry.MEASURES order).
 KL, REVERSE_KL, JEFFREYS, JS, ENTROPY, CROSS_ENTROPY, TV, HELLINGER = range(8)
@@ -1003,7 +1003,7 @@ def _make_kernel(name):
     def divergence_rows(
         p_offsets, p_values, p_mask, p_mask_offset,
         q_offsets, q_values, q_mask, q_mask_offset,
-        row_null, use_q,
+        pre_status, use_q,
         p_kind, q_kind, p_inv_t, q_inv_t,
         normalize, smoothing, sum_tol, inv_log_base,
         slots, out, status, start, stop,
@@ -1032,7 +1032,7 @@ def _make_kernel(name):
         logits_kl = logs and kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = 0.0
         for i in range(start, stop):
-            code = NULL if row_null[i] else OK
+            code = np.int64(pre_status[i])  # a code other than OK: settled before the kernel
             ps = p_offsets[i]
             k = p_offsets[i + 1] - ps
             qs = q_offsets[i]

@@ -53,7 +53,7 @@ from typing import Any, Iterable
 import numpy as np
 from ddsketch.mapping import LinearlyInterpolatedMapping
 
-from .._registry import OK, STATUSES
+from .._registry import OK, REASONS, STATUSES
 
 __all__ = ["PartStats", "Summary", "MeasureSummary", "ALPHA", "QUANTILES", "HIST_BINS"]
 
@@ -667,7 +667,7 @@ class Summary:
     def from_stats(cls, stats: PartStats, **extra: Any) -> "Summary":
         sc = dict(zip(STATUSES, stats.status_counts))
         valid, null = sc["ok"], sc["null"]
-        invalid = {r: sc[r] for r in STATUSES[2:]}
+        invalid = {r: sc[r] for r in REASONS}
         measures = {}
         for name, st in zip(stats.measures, stats._stats):
             measures[name] = MeasureSummary(
