@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ._registry import KINDS, MEASURES, ONE_SIDED
+from ._registry import KINDS, MEASURES, ONE_SIDED, TAILS
 from .errors import OptionError
 
 ON_INVALID = ("raise", "null")
@@ -27,6 +27,11 @@ class Options:
     smoothing: float = 0.0
     sum_tol: float = 1e-3
     on_invalid: str = "raise"
+    # token data: sparse rows and sequence rows
+    vocab: int | None = None
+    tail: str = "bucket"
+    bounds: bool = True
+    per_token: bool = False
 
     @classmethod
     def from_kwargs(
@@ -43,6 +48,10 @@ class Options:
         smoothing: float = 0.0,
         sum_tol: float = 1e-3,
         on_invalid: str = "raise",
+        vocab: int | None = None,
+        tail: str = "bucket",
+        bounds: bool = True,
+        per_token: bool = False,
     ) -> "Options":
         # named as the caller named them (`temperature`, not the `p_temperature` it sets)
         for arg, value in (("kind", kind), ("p_kind", p_kind), ("q_kind", q_kind)):
@@ -62,6 +71,10 @@ class Options:
             smoothing=_number("smoothing", smoothing),
             sum_tol=_number("sum_tol", sum_tol),
             on_invalid=on_invalid,
+            vocab=_vocab(vocab),
+            tail=tail,
+            bounds=check_flag("bounds", bounds),
+            per_token=check_flag("per_token", per_token),
         )
         opts.check()
         return opts
@@ -82,6 +95,22 @@ class Options:
             raise OptionError(f"sum_tol must be a finite number >= 0, got {self.sum_tol!r}")
         if self.on_invalid not in ON_INVALID:
             raise OptionError(f"on_invalid must be 'raise' or 'null', got {self.on_invalid!r}")
+        if self.tail not in TAILS:
+            raise OptionError(f"unknown tail {self.tail!r}; expected one of {', '.join(TAILS)}")
+
+    def check_sparse(self, dense_side: bool) -> None:
+        """What sparse (top-k) rows cannot do: refused before any work, with the way out."""
+        for side in ("p", "q"):
+            if getattr(self, f"{side}_kind") == "logits":
+                raise OptionError(
+                    f"{side}_kind='logits' with token ids: top-k logits cannot be decoded without the whole "
+                    "row's log-sum-exp; store log-probs (log_softmax over the full vocabulary) or probabilities")
+        if self.normalize or self.smoothing:
+            raise OptionError("normalize and smoothing do not apply to top-k rows (their unlisted mass is "
+                              "unknown); tail='renormalize' renormalises the listed values if that is meant")
+        if self.tail == "uniform" and self.vocab is None and not dense_side:
+            raise OptionError("tail='uniform' spreads the unlisted mass over the vocabulary: give vocab=V "
+                              "(--vocab V), the vocabulary size")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +121,14 @@ def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise OptionError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def _vocab(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise OptionError(f"vocab must be a whole number >= 1 (the vocabulary size), got {value!r}")
+    return int(value)
 
 
 def _number(name: str, value: Any) -> float:

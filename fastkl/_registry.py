@@ -28,6 +28,9 @@ LOG_MEASURES = frozenset({"kl", "reverse_kl", "jeffreys", "js", "entropy", "cros
 ONE_SIDED = frozenset({"entropy"})
 
 KINDS: tuple[str, ...] = ("probs", "logprobs", "logits")
+
+# How a sparse (top-k) row's unlisted mass is treated by the point estimate.
+TAILS: tuple[str, ...] = ("bucket", "renormalize", "uniform")
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}
 
 # Row statuses. Code 0 is a valid row; 1 a null row (null list on either

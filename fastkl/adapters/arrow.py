@@ -122,12 +122,20 @@ def _needs_cast(t: pa.DataType) -> bool:
     return pa.types.is_float16(t) or pa.types.is_integer(t)
 
 
-def _from_arrow(arr: pa.Array, name: str) -> Side:
+def is_list_type(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def list_offsets(arr: pa.Array, name: str, what: str = "floats") -> tuple[np.ndarray, pa.Array]:
+    """(int64 offsets into the whole child, the whole child) of a list-like array, checked.
+
+    The child is not sliced (a slice of the list array shares it); the offsets
+    already account for the array's slice offset.
+    """
     t = arr.type
     n = len(arr)
     if pa.types.is_fixed_size_list(t):
-        k = t.list_size
-        offsets = (np.arange(n + 1, dtype=np.int64) + arr.offset) * k
+        offsets = (np.arange(n + 1, dtype=np.int64) + arr.offset) * t.list_size
     elif pa.types.is_list(t) or pa.types.is_large_list(t):
         offsets = arr.offsets.to_numpy().astype(np.int64, copy=False)
     elif pa.types.is_struct(t):
@@ -137,11 +145,17 @@ def _from_arrow(arr: pa.Array, name: str) -> Side:
             "e.g. df['p'] or table['p'], or a 2-D array"
         )
     else:
-        raise OptionError(f"{name}: expected a list, large_list or fixed_size_list array of floats, got {t}")
+        raise OptionError(f"{name}: expected a list, large_list or fixed_size_list array of {what}, got {t}")
     child = arr.values  # the whole child, also for a slice of the list array
     if n and (offsets[0] < 0 or offsets[-1] > len(child) or np.any(np.diff(offsets) < 0)):
         # the kernel trusts offsets: corrupt ones (e.g. a damaged IPC file) would read out of bounds
         raise DataError(f"{name}: corrupt list offsets (not increasing or beyond the {len(child)} values)")
+    return offsets, child
+
+
+def _from_arrow(arr: pa.Array, name: str) -> Side:
+    n = len(arr)
+    offsets, child = list_offsets(arr, name)
     if n and _needs_cast(child.type) and (offsets[0] > 0 or offsets[-1] < len(child)):
         # convert only the values of these rows: a batch sliced out of a big record batch
         # would otherwise convert the whole record batch's child, every batch
@@ -180,15 +194,26 @@ def _as_arrow_or_numpy(x: Any, name: str) -> pa.Array | pa.ChunkedArray | np.nda
     if isinstance(x, (pa.Array, pa.ChunkedArray, np.ndarray)):
         return x
     if isinstance(x, (list, tuple)):
-        try:
-            return pa.array(x, type=pa.list_(pa.float64()))
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
-            raise OptionError(f"{name}: could not read a list of lists of numbers: {e}") from None
+        return _from_python(x, name)
     if hasattr(x, "__arrow_c_array__") or hasattr(x, "__arrow_c_stream__"):
         return pa.array(x) if hasattr(x, "__arrow_c_array__") else pa.chunked_array(x)
     if hasattr(x, "__array__"):
         return np.asarray(x)
     raise OptionError(f"{name}: unsupported input type {type(x).__name__}")
+
+
+def _from_python(x: list | tuple, name: str) -> pa.Array:
+    """Python lists: floats for values (lists of lists for sequences), as typed for ids and masks."""
+    if name in ("p", "q"):
+        types = (pa.list_(pa.float64()), pa.list_(pa.list_(pa.float64())))
+    else:
+        types = (None,)
+    for t in types:
+        try:
+            return pa.array(x, type=t)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
+            error = e
+    raise OptionError(f"{name}: could not read a list of lists of numbers: {error}") from None
 
 
 def _side(x: pa.Array | np.ndarray, name: str) -> Side:
@@ -218,27 +243,36 @@ def _chunk_bounds(x: Any) -> list[int]:
     return [0, _length(x)]
 
 
-def aligned_sides(p: Any, q: Any | None) -> tuple[int, list[tuple[int, Side, Side | None]]]:
-    """Convert p (and q) to Sides, split into pieces whose rows line up.
+def aligned_columns(columns: dict[str, Any]) -> tuple[int, list[tuple[int, dict[str, Any]]]]:
+    """Split columns of one table (p, q, ids, masks: Arrow or NumPy) into pieces whose rows line up.
 
-    Returns (rows, [(first_row, p_side, q_side), ...]). Chunked arrays with
+    Returns (rows, [(first_row, {name: piece}), ...]). Chunked arrays with
     different chunk boundaries are cut at the union of the boundaries, so each
-    piece is a plain zero-copy slice of one chunk on each side.
+    piece is a plain zero-copy slice of one chunk of each column.
     """
-    p = _as_arrow_or_numpy(p, "p")
-    q = _as_arrow_or_numpy(q, "q") if q is not None else None
-    n = _length(p)
-    if q is not None and _length(q) != n:
-        raise OptionError(f"p has {n} rows but q has {_length(q)}")
+    cols = {name: _as_arrow_or_numpy(x, name) for name, x in columns.items() if x is not None}
+    names = list(cols)
+    n = _length(cols[names[0]])
+    for name in names[1:]:
+        if _length(cols[name]) != n:
+            raise OptionError(f"{names[0]} has {n} rows but {name} has {_length(cols[name])}")
     if n == 0:
         return 0, []
-    bounds = sorted(set(_chunk_bounds(p)) | (set(_chunk_bounds(q)) if q is not None else set()))
-    out = []
-    q_iter = _pieces(q, bounds) if q is not None else None
-    for lo, p_piece in zip(bounds[:-1], _pieces(p, bounds)):
-        ps = _side(p_piece, "p")
-        qs = _side(next(q_iter), "q") if q_iter is not None else None
-        if qs is not None and ps.values.dtype != qs.values.dtype:
-            ps, qs = ps.astype(np.float64), qs.astype(np.float64)
-        out.append((lo, ps, qs))
-    return n, out
+    bounds = sorted(set().union(*(_chunk_bounds(x) for x in cols.values())))
+    split = [_pieces(cols[name], bounds) for name in names]
+    return n, [(lo, dict(zip(names, parts))) for lo, *parts in zip(bounds[:-1], *split)]
+
+
+def side_pair(p: Any, q: Any | None) -> tuple[Side, Side | None]:
+    """The Sides of one piece of p (and q), on one values dtype (mixed float32/float64: float64)."""
+    ps = _side(p, "p")
+    qs = _side(q, "q") if q is not None else None
+    if qs is not None and ps.values.dtype != qs.values.dtype:
+        ps, qs = ps.astype(np.float64), qs.astype(np.float64)
+    return ps, qs
+
+
+def aligned_sides(p: Any, q: Any | None) -> tuple[int, list[tuple[int, Side, Side | None]]]:
+    """Convert p (and q) to Sides, split into pieces whose rows line up (see `aligned_columns`)."""
+    n, pieces = aligned_columns({"p": p, "q": q})
+    return n, [(lo, *side_pair(cols["p"], cols.get("q"))) for lo, cols in pieces]

@@ -1,0 +1,273 @@
+"""Token tables: sequence rows flattened to positions, ids columns, masks.
+
+A sequence row holds one distribution per position (`list<list<float>>`, a
+3-D array) and optionally a mask (`list<bool|int8>`) or a length saying
+which positions count. The kernels know only rows, so a sequence column is
+read as its positions (the inner lists, zero-copy) plus the sequence
+offsets; each position gets a pre-status (compute, not counted, or bad
+before the kernel) and the kernel's per-position results are summed back
+per sequence (`fastkl.kernels.sequences`). Sequences whose columns disagree
+on their number of positions are invalid before any kernel runs; only then
+are the positions of the others gathered (a copy, on bad input only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .._registry import NULL, OK, STATUS_CODE
+from ..errors import OptionError
+from .arrow import is_list_type, list_offsets
+
+NULL_ELEMENT = STATUS_CODE["null_element"]
+# Per-sequence checks before the kernel, in the order they are reported.
+_SEQUENCE_REASONS = ("length_mismatch", "ids_length_mismatch", "mask_length_mismatch")
+
+
+def is_sequence(x: Any) -> bool:
+    """True for sequence rows: lists of lists (any list kind at either level) or a 3-D array."""
+    if isinstance(x, np.ndarray):
+        return x.ndim == 3
+    t = x.type
+    return is_list_type(t) and is_list_type(t.value_type)
+
+
+@dataclass(frozen=True)
+class _Nested:
+    """One sequence column: where each sequence's positions are, and which sequences are null."""
+
+    offsets: np.ndarray  # int64, n + 1, into `positions`
+    positions: pa.Array | np.ndarray  # the whole inner array (positions of every sequence)
+    null: np.ndarray | None  # bool per sequence
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _nested(x: pa.Array | np.ndarray, name: str) -> _Nested:
+    if isinstance(x, np.ndarray):
+        if x.ndim != 3:
+            raise OptionError(f"{name}: expected a 3-D array (sequences x positions x K), got {x.ndim}-D")
+        n, t = x.shape[:2]
+        return _Nested(np.arange(n + 1, dtype=np.int64) * t, x.reshape(n * t, x.shape[2]), None)
+    if not is_sequence(x):
+        raise OptionError(f"{name}: expected sequence rows (lists of lists), got {x.type}")
+    offsets, child = list_offsets(x, name)
+    return _Nested(offsets, child, _nulls(x))
+
+
+def _flat(x: pa.Array | np.ndarray, name: str) -> _Nested:
+    """A per-sequence list of scalars (mask) as a `_Nested` of its elements."""
+    if isinstance(x, np.ndarray):
+        if x.ndim != 2:
+            raise OptionError(f"{name}: expected a 2-D array (sequences x positions), got {x.ndim}-D")
+        n, t = x.shape
+        return _Nested(np.arange(n + 1, dtype=np.int64) * t, x.reshape(-1), None)
+    offsets, child = list_offsets(x, name, "booleans or integers")
+    return _Nested(offsets, child, _nulls(x))
+
+
+def _nulls(x: pa.Array) -> np.ndarray | None:
+    return x.is_null().to_numpy(zero_copy_only=False) if x.null_count else None
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + c) for each (s, c), without a Python loop."""
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(counts)
+    shift = np.repeat(starts - (ends - counts), counts)
+    return np.arange(total, dtype=np.int64) + shift
+
+
+def _take(col: _Nested, keep: np.ndarray | None) -> tuple[np.ndarray, pa.Array | np.ndarray]:
+    """(positions of the kept sequences, their offsets): a zero-copy slice when all are kept."""
+    if keep is None:
+        lo, hi = int(col.offsets[0]), int(col.offsets[-1])
+        pos = col.positions[lo:hi] if isinstance(col.positions, np.ndarray) else col.positions.slice(lo, hi - lo)
+        return col.offsets - lo, pos
+    counts = np.where(keep, col.counts, 0)
+    idx = _ranges(col.offsets[:-1], counts)
+    pos = col.positions[idx] if isinstance(col.positions, np.ndarray) else col.positions.take(pa.array(idx))
+    return np.concatenate(([0], np.cumsum(counts))).astype(np.int64), pos
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Sequence rows as positions: what the kernels run on and how to sum back."""
+
+    offsets: np.ndarray  # int64, n + 1: sequence i is positions offsets[i]:offsets[i+1]
+    status: np.ndarray  # uint8 per sequence: OK, NULL or a reason found before the kernel
+    pre_status: np.ndarray  # uint8 per position: OK (compute), NULL (not counted), NULL_ELEMENT
+    columns: dict[str, Any]  # the position-level columns (token rows), same keys as given
+    counts: dict[str, np.ndarray]  # positions per sequence of each input column (error messages)
+
+    @property
+    def n(self) -> int:
+        return len(self.status)
+
+
+def flatten(columns: dict[str, Any], mask: Any | None = None, lengths: Any | None = None) -> Sequences:
+    """Sequence columns (p, q, p_ids, q_ids: same keys out) as position-level columns.
+
+    `mask`: per sequence, a list of booleans or integers (nonzero = counted);
+    `lengths`: per sequence, the number of leading positions counted.
+    """
+    nested = {name: _nested(x, name) for name, x in columns.items()}
+    if mask is not None:
+        nested["mask"] = _flat(mask, "mask")
+    n = len(next(iter(nested.values())).offsets) - 1
+    status = np.full(n, OK, dtype=np.uint8)
+    null = np.zeros(n, dtype=bool)
+    for col in nested.values():
+        if col.null is not None:
+            null |= col.null
+    lengths_np = _lengths(lengths, n, null) if lengths is not None else None
+    counts = {name: col.counts for name, col in nested.items()}
+    for reason, bad in zip(_SEQUENCE_REASONS, _mismatches(counts, lengths_np)):
+        status[(status == OK) & bad & ~null] = STATUS_CODE[reason]
+    status[null] = NULL
+    keep = None if (status == OK).all() else status == OK
+    out: dict[str, Any] = {}
+    offsets = None
+    for name, col in nested.items():
+        offsets, out[name] = _take(col, keep)
+    pre = np.full(int(offsets[-1]), OK, dtype=np.uint8)
+    mask_pos = out.pop("mask", None)
+    counted = _counted(mask_pos, offsets, lengths_np)
+    for name, pos in [("mask", mask_pos)] + list(out.items()):
+        if pos is not None and not isinstance(pos, np.ndarray) and pos.null_count:
+            pre[pos.is_null().to_numpy(zero_copy_only=False)] = NULL_ELEMENT  # a null position that counts
+    if counted is not None:
+        pre[~counted] = NULL
+    if lengths_np is not None:
+        counts["lengths"] = lengths_np
+    return Sequences(offsets, status, pre, out, counts)
+
+
+def _lengths(lengths: Any, n: int, null: np.ndarray) -> np.ndarray:
+    if isinstance(lengths, (pa.Array, pa.ChunkedArray)):
+        if lengths.null_count:
+            null |= lengths.is_null().to_numpy(zero_copy_only=False)
+            lengths = pc.fill_null(lengths, 0)
+        lengths = lengths.to_numpy()
+    lengths = np.asarray(lengths)
+    if lengths.shape != (n,) or not (np.issubdtype(lengths.dtype, np.integer) or lengths.size == 0):
+        raise OptionError(f"lengths: expected one whole number per sequence ({n}), got {lengths.dtype} "
+                          f"of shape {lengths.shape}")
+    return lengths.astype(np.int64, copy=False)
+
+
+def _mismatches(counts: dict[str, np.ndarray], lengths: np.ndarray | None):
+    """Per sequence-level reason, which sequences have it."""
+    ref = counts["p"]
+    none = np.zeros(len(ref), dtype=bool)
+    yield counts["q"] != ref if "q" in counts else none
+    ids = none
+    for side in ("p", "q"):
+        if f"{side}_ids" in counts and side in counts:
+            ids = ids | (counts[f"{side}_ids"] != counts[side])
+    yield ids
+    bad = counts["mask"] != ref if "mask" in counts else none
+    if lengths is not None:
+        bad = bad | (lengths < 0) | (lengths > ref)
+    yield bad
+
+
+def _counted(mask: Any | None, offsets: np.ndarray, lengths: np.ndarray | None) -> np.ndarray | None:
+    """Which positions count (None: all), from the mask values or the lengths."""
+    if mask is not None:
+        if isinstance(mask, np.ndarray):
+            if not (mask.dtype == np.bool_ or np.issubdtype(mask.dtype, np.integer)):
+                raise OptionError(f"mask: expected booleans or integers, got {mask.dtype}")
+            return mask != 0
+        t = mask.type
+        if not (pa.types.is_boolean(t) or pa.types.is_integer(t)):
+            raise OptionError(f"mask: expected list<bool> or list<int8>, got list<{t}>")
+        counted = pc.not_equal(mask.cast(pa.int8()) if pa.types.is_boolean(t) else mask, 0)
+        # a null mask entry: the position is neither counted nor skipped silently
+        return pc.fill_null(counted, True).to_numpy(zero_copy_only=False)
+    if lengths is not None:
+        within = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], np.diff(offsets))
+        return within < np.repeat(lengths, np.diff(offsets))
+    return None
+
+
+# ------------------------------------------------------------------ ids
+
+
+@dataclass(frozen=True)
+class Ids:
+    """The ids column of a sparse side, as flat buffers."""
+
+    offsets: np.ndarray  # int64, n + 1
+    ids: np.ndarray  # int32, int64, uint32 or uint16
+    pre_status: np.ndarray | None  # uint8 per row: NULL (null list), NULL_ELEMENT, ID_NOT_INTEGER
+
+    @property
+    def n(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> np.ndarray:
+        return self.ids[self.offsets[i]: self.offsets[i + 1]]
+
+
+_NATIVE_IDS = (np.int32, np.int64, np.uint32, np.uint16)
+ID_NOT_INTEGER = STATUS_CODE["id_not_integer"]
+
+
+def ids_side(x: pa.Array | np.ndarray, name: str) -> Ids:
+    """Token ids per row: integers read in place; floats accepted where integral."""
+    pre = None
+    if isinstance(x, np.ndarray):
+        if x.ndim != 2:
+            raise OptionError(f"{name}: expected a 2-D array of token ids (rows x k), got {x.ndim}-D")
+        n, k = x.shape
+        offsets = np.arange(n + 1, dtype=np.int64) * k
+        values, valid = x.reshape(-1), None
+    else:
+        offsets, child = list_offsets(x, name, "integers")
+        lo, hi = (int(offsets[0]), int(offsets[-1])) if len(x) else (0, 0)
+        child = child.slice(lo, hi - lo)
+        offsets = offsets - lo
+        if not (pa.types.is_integer(child.type) or pa.types.is_floating(child.type)):
+            raise OptionError(f"{name}: token ids must be integers, got list<{child.type}>")
+        valid = child.is_valid().to_numpy(zero_copy_only=False) if child.null_count else None
+        values = child.to_numpy(zero_copy_only=False) if valid is None else pc.fill_null(child, 0).to_numpy()
+        if x.null_count:
+            pre = np.where(x.is_null().to_numpy(zero_copy_only=False), NULL, OK).astype(np.uint8)
+    if valid is not None:
+        pre = _flag_rows(pre, offsets, ~valid, NULL_ELEMENT)
+    if np.issubdtype(values.dtype, np.floating):
+        integral = np.isfinite(values) & (values == np.round(values))
+        pre = _flag_rows(pre, offsets, ~integral, ID_NOT_INTEGER)
+        values = np.where(integral, values, -1).astype(np.int64)
+    elif not np.issubdtype(values.dtype, np.integer):
+        raise OptionError(f"{name}: token ids must be integers, got {values.dtype}")
+    elif values.dtype.type not in _NATIVE_IDS:
+        values = values.astype(np.int64)  # int8/int16/uint8: small, widen; uint64: range-checked as int64
+    values = np.ascontiguousarray(values)
+    values.flags.writeable = False
+    return Ids(offsets, values, pre)
+
+
+def _flag_rows(pre: np.ndarray | None, offsets: np.ndarray, bad: np.ndarray, code: int) -> np.ndarray | None:
+    """Give `code` to the rows (still OK) holding any bad element."""
+    if not bad.any():
+        return pre
+    pre = np.zeros(len(offsets) - 1, dtype=np.uint8) if pre is None else pre
+    seen = np.concatenate(([0], np.cumsum(bad, dtype=np.int64)))
+    pre[(pre == OK) & (seen[offsets[1:]] > seen[offsets[:-1]])] = code
+    return pre
+
+
+def empty_ids() -> Ids:
+    return Ids(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), None)
+
