@@ -12,10 +12,14 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 
-from ._engine import Result, compute
+from ._engine import compute
+from ._result import Result
 from ._options import Options, check_flag, check_measures, check_threads
 
 ArrayLike = Any  # 2-D numpy array, pyarrow (Chunked)Array of lists of floats, or list of lists
+
+# Keywords that are columns beside p and q, not options.
+_DATA_KEYWORDS = ("mask", "lengths")
 
 _OPTIONS_DOC = """
     Options:
@@ -29,6 +33,14 @@ _OPTIONS_DOC = """
         sum_tol: how far from 1 a row sum may be (default 1e-3).
         on_invalid: "raise" (default: fastkl.InvalidRowError) or "null" (NaN for that row).
         threads: threads to split the rows over (default: all cores).
+
+    Sequence rows (one distribution per position: lists of lists, or 3-D arrays):
+        Each measure is the sum over the counted positions (`divergences` adds
+        `m_mean`, and `tokens`, the number of counted positions).
+        mask: per sequence, a list of booleans or 0/1 integers: which positions count.
+        lengths: per sequence, how many leading positions count.
+        per_token: `divergences` adds `m_tokens`, the value at each position
+            (null where not counted).
 """
 
 
@@ -39,8 +51,9 @@ def _run(
     threads: int | None,
     opts: dict[str, Any],
 ) -> Result:
+    data = {name: opts.pop(name) for name in _DATA_KEYWORDS if name in opts}
     options = Options.from_kwargs(**opts)
-    res = compute(p, q, measures, options, threads=check_threads(threads))
+    res = compute(p, q, measures, options, threads=check_threads(threads), **data)
     if options.on_invalid == "raise":
         err = res.error()
         if err is not None:

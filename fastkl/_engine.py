@@ -13,19 +13,22 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 
 from . import _config
 from ._config import MIN_ELEMENTS_PER_BLOCK
-from .adapters.arrow import Side, aligned_sides
-from .kernels import dense as K
 from ._options import Options, check_measures, check_threads, needs_q
-from ._registry import FIRST_INVALID, KIND_CODE, MEASURE_INDEX, OK, STATUSES
-from .errors import InvalidRowError, OptionError
+from ._registry import KIND_CODE, MEASURE_INDEX, NULL
+from ._result import Layout, PerToken, Result, concat, empty
+from .adapters.arrow import Side, aligned_columns, side_pair
+from .adapters.tokens import describe_sequence, flatten, is_sequence
+from .errors import OptionError
+from .kernels import dense as K
+from .kernels.sequences import sum_positions
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -55,97 +58,51 @@ if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
-@dataclass
-class Result:
-    """Per-row measures and statuses of one `compute` call."""
-
-    measures: tuple[str, ...]
-    values: np.ndarray  # float64, (len(measures), rows); NaN where status != ok
-    status: np.ndarray  # uint8 codes of fastkl.STATUSES
-    options: Options
-    _pieces: list[tuple[int, Side, Side | None]] = field(repr=False, default_factory=list)
-
-    @property
-    def rows(self) -> int:
-        return len(self.status)
-
-    def invalid_count(self) -> int:
-        return int(np.count_nonzero(self.status >= FIRST_INVALID))
-
-    def error(self, file: str | None = None, row_offset: int = 0) -> InvalidRowError | None:
-        """An InvalidRowError for the first invalid row, or None if there is none."""
-        bad = np.flatnonzero(self.status >= FIRST_INVALID)
-        if bad.size == 0:
-            return None
-        row = int(bad[0])
-        reason = STATUSES[self.status[row]]
-        return InvalidRowError(
-            reason, row_offset + row, int(bad.size), file=file, detail=self._describe(row, reason)
-        )
-
-    def to_table(self, status: bool = False) -> pa.Table:
-        """Measures as float64 columns (null where the row is not ok), then `status`."""
-        not_ok = self.status != OK
-        has_nulls = bool(not_ok.any())
-        cols = {
-            m: pa.array(self.values[i], mask=not_ok if has_nulls else None)
-            for i, m in enumerate(self.measures)
-        }
-        if status:
-            cols["status"] = status_array(self.status)
-        return pa.table(cols)
-
-    def _describe(self, row: int, reason: str) -> str:
-        """A short human explanation of why `row` is invalid."""
-        for first, p, q in self._pieces:
-            if first <= row < first + p.n:
-                i = row - first
-                break
-        else:
-            return ""
-        sides = [("p", p, self.options.p_kind)]
-        if q is not None:
-            sides.append(("q", q, self.options.q_kind))
-        if reason == "length_mismatch" and q is not None:
-            return f"p has {len(p.row(i))} elements, q has {len(q.row(i))}"
-        if reason == "empty":
-            return "the row has no elements"
-        for name, side, kind in sides:
-            x = side.row(i).astype(np.float64)
-            nulls = side.row_nulls(i)
-            if reason == "null_element" and nulls.size:
-                return f"{name}[{nulls[0]}] is null"
-            if nulls.size:
-                continue
-            if reason == "nan" and np.isnan(x).any():
-                return f"{name}[{np.flatnonzero(np.isnan(x))[0]}] is NaN"
-            if reason == "non_finite":
-                bad = np.isposinf(x) if kind != "probs" else np.isinf(x)
-                if bad.any():
-                    return f"{name}[{np.flatnonzero(bad)[0]}] is {x[bad][0]} ({kind})"
-                if kind == "logits" and not np.isfinite(x).any():
-                    return f"{name} has no finite logit"
-            if reason == "negative":
-                bad = x < 0 if kind == "probs" else x > self.options.sum_tol
-                if bad.any():
-                    j = int(np.flatnonzero(bad)[0])
-                    what = "a negative probability" if kind == "probs" else "a positive log-probability"
-                    return f"{name}[{j}] = {float(x[j])!r} is {what}"
-            if reason == "not_normalized" and kind in ("probs", "logprobs"):
-                total = math.fsum(x) if kind == "probs" else math.fsum(np.exp(x))
-                if self.options.normalize and kind == "logprobs":
-                    bad = not np.isfinite(x).any()
-                elif self.options.normalize:
-                    bad = not 0 < total < math.inf
-                else:
-                    bad = abs(total - 1) > self.options.sum_tol
-                if bad:
-                    if self.options.normalize:
-                        return f"{name} sums to {total!r}: cannot normalize"
-                    return f"{name} sums to {total!r}, not within sum_tol={self.options.sum_tol:g} of 1" + (
-                        _TOP_K_HINT if 0 < total < _TOP_K_MASS else " (use normalize=True to renormalise)"
-                    )
-        return ""
+def _describe_dense(p: Side, q: Side | None, options: Options, i: int, reason: str) -> str:
+    """A short human explanation of why token row `i` of (p, q) is invalid."""
+    sides = [("p", p, options.p_kind)]
+    if q is not None:
+        sides.append(("q", q, options.q_kind))
+    if reason == "length_mismatch" and q is not None:
+        return f"p has {len(p.row(i))} elements, q has {len(q.row(i))}"
+    if reason == "empty":
+        return "the row has no elements"
+    for name, side, kind in sides:
+        x = side.row(i).astype(np.float64)
+        nulls = side.row_nulls(i)
+        if reason == "null_element" and nulls.size:
+            return f"{name}[{nulls[0]}] is null"
+        if nulls.size:
+            continue
+        if reason == "nan" and np.isnan(x).any():
+            return f"{name}[{np.flatnonzero(np.isnan(x))[0]}] is NaN"
+        if reason == "non_finite":
+            bad = np.isposinf(x) if kind != "probs" else np.isinf(x)
+            if bad.any():
+                return f"{name}[{np.flatnonzero(bad)[0]}] is {x[bad][0]} ({kind})"
+            if kind == "logits" and not np.isfinite(x).any():
+                return f"{name} has no finite logit"
+        if reason == "negative":
+            bad = x < 0 if kind == "probs" else x > options.sum_tol
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                what = "a negative probability" if kind == "probs" else "a positive log-probability"
+                return f"{name}[{j}] = {float(x[j])!r} is {what}"
+        if reason == "not_normalized" and kind in ("probs", "logprobs"):
+            total = math.fsum(x) if kind == "probs" else math.fsum(np.exp(x))
+            if options.normalize and kind == "logprobs":
+                bad = not np.isfinite(x).any()
+            elif options.normalize:
+                bad = not 0 < total < math.inf
+            else:
+                bad = abs(total - 1) > options.sum_tol
+            if bad:
+                if options.normalize:
+                    return f"{name} sums to {total!r}: cannot normalize"
+                return f"{name} sums to {total!r}, not within sum_tol={options.sum_tol:g} of 1" + (
+                    _TOP_K_HINT if 0 < total < _TOP_K_MASS else " (use normalize=True to renormalise)"
+                )
+    return ""
 
 
 # A row holding clearly less than all the mass is most often a top-k row (only
@@ -156,15 +113,6 @@ _TOP_K_HINT = (
     ": it looks like a top-k row (only the largest entries of a vocabulary); top-k rows must be "
     "compared by token id (p_ids / q_ids, not in this version yet), not by position nor with normalize=True"
 )
-
-
-_STATUS_DICT = pa.array(STATUSES, type=pa.string())
-
-
-def status_array(status: np.ndarray) -> pa.Array:
-    """Status codes as a string column, built without Python-level loops."""
-    codes = pa.array(status.astype(np.int8, copy=False))
-    return pa.DictionaryArray.from_arrays(codes, _STATUS_DICT).cast(pa.string())
 
 
 def _blocks(offsets: np.ndarray, n_blocks: int) -> list[tuple[int, int]]:
@@ -179,19 +127,38 @@ def _blocks(offsets: np.ndarray, n_blocks: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def _run_piece(p: Side, q: Side | None, slots: np.ndarray, opts: Options, use_q: bool,
+def _pre_status(pre: np.ndarray | None, *sides: Side | None) -> np.ndarray:
+    """Per-row codes settled before the kernel: `pre` where given, else null rows of either side."""
+    if pre is None:
+        pre = np.zeros(sides[0].n, dtype=np.uint8)
+        for side in sides:
+            if side is not None and side.row_null is not None:
+                pre[side.row_null] = NULL
+    pre = pre.view()
+    pre.flags.writeable = False  # same array type as the other inputs: one specialisation
+    return pre
+
+
+def _run_blocks(kernel, args: tuple, offsets: np.ndarray, threads: int) -> None:
+    """kernel(*args, start, stop) over blocks of rows of about equal element counts, on the pool."""
+    n = len(offsets) - 1
+    blocks = _blocks(offsets, threads * 4) if threads > 1 else [(0, n)]
+    if len(blocks) == 1:
+        kernel(*args, 0, n)
+        return
+    futures = [_get_pool().submit(kernel, *args, lo, hi) for lo, hi in blocks]
+    for f in futures:
+        f.result()
+
+
+def _run_piece(p: Side, q: Side | None, pre: np.ndarray, slots: np.ndarray, opts: Options, use_q: bool,
                out: np.ndarray, status: np.ndarray, threads: int) -> None:
     qq = q if q is not None else p
-    row_null = p.row_null
-    if q is not None and q.row_null is not None:
-        row_null = q.row_null if row_null is None else (row_null | q.row_null)
-    row_null = np.zeros(p.n, dtype=np.uint8) if row_null is None else row_null.astype(np.uint8)
-    row_null.flags.writeable = False  # same array type as the other inputs: one specialisation
     p_kind, q_kind = KIND_CODE[opts.p_kind], KIND_CODE[opts.q_kind]
     args = (
         p.offsets, p.values, p.mask, int(p.mask_offset),
         qq.offsets, qq.values, qq.mask, int(qq.mask_offset),
-        row_null, bool(use_q),
+        pre, bool(use_q),
         int(p_kind), int(q_kind),
         1.0 / opts.p_temperature if opts.p_kind == "logits" else 1.0,
         1.0 / opts.q_temperature if opts.q_kind == "logits" else 1.0,
@@ -199,14 +166,81 @@ def _run_piece(p: Side, q: Side | None, slots: np.ndarray, opts: Options, use_q:
         1.0 / math.log(opts.base),
         slots, out, status,
     )
-    kernel = K.KERNELS[K.family(p_kind, q_kind, use_q, opts.smoothing)]
-    blocks = _blocks(p.offsets, threads * 4) if threads > 1 else [(0, p.n)]
-    if len(blocks) == 1:
-        kernel(*args, 0, p.n)
-        return
-    futures = [_get_pool().submit(kernel, *args, lo, hi) for lo, hi in blocks]
-    for f in futures:
-        f.result()
+    _run_blocks(K.KERNELS[K.family(p_kind, q_kind, use_q, opts.smoothing)], args, p.offsets, threads)
+
+
+@dataclass
+class _Rows:
+    """The kernel's per-row (token-level) outputs for one piece."""
+
+    values: np.ndarray  # float64 (measures, rows)
+    status: np.ndarray  # uint8
+    describe: Callable[[int, str], str]
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    listed: np.ndarray | None = None
+
+
+def _slots(measures: tuple[str, ...]) -> np.ndarray:
+    slots = np.full(K.N_MEASURES, -1, dtype=np.int64)
+    for i, m in enumerate(measures):
+        slots[MEASURE_INDEX[m]] = i
+    return slots
+
+
+def _run_rows(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
+              use_q: bool, threads: int) -> _Rows:
+    """Run the kernel over token rows (`pre`: codes settled before it, e.g. from a sequence's mask)."""
+    ps, qs = side_pair(cols["p"], cols.get("q"))
+    n = ps.n
+    values = np.empty((len(layout.measures), n), dtype=np.float64)
+    status = np.empty(n, dtype=np.uint8)
+    _run_piece(ps, qs, _pre_status(pre, ps, qs), _slots(layout.measures), options, use_q, values, status, threads)
+    return _Rows(values, status, lambda i, reason: _describe_dense(ps, qs, options, i, reason))
+
+
+def _token_result(cols: dict[str, Any], layout: Layout, options: Options, use_q: bool, threads: int) -> Result:
+    if "mask" in cols or "lengths" in cols:
+        raise OptionError("mask and lengths are for sequence rows (a list of positions per row, "
+                          "lists of lists); these rows hold one distribution each")
+    rows = _run_rows(cols, None, layout, options, use_q, threads)
+    describe = lambda i, reason: (None, rows.describe(i, reason))  # noqa: E731
+    return Result(layout, rows.values, rows.status, options, rows.lower, rows.upper, rows.listed,
+                  _describe=[(0, len(rows.status), describe)])
+
+
+def _sequence_result(cols: dict[str, Any], layout: Layout, options: Options, use_q: bool,
+                     threads: int) -> Result:
+    """Sequence rows: the kernel over their counted positions, then sums per sequence."""
+    seqs = flatten({k: v for k, v in cols.items() if k not in ("mask", "lengths")},
+                   cols.get("mask"), cols.get("lengths"))
+    rows = _run_rows(seqs.columns, seqs.pre_status, layout, options, use_q, threads)
+    stacked = [a for a in (rows.values, rows.lower, rows.upper, rows.listed) if a is not None]
+    per_position = np.ascontiguousarray(np.concatenate(stacked) if len(stacked) > 1 else stacked[0])
+    n = seqs.n
+    sums = np.empty((per_position.shape[0], n), dtype=np.float64)
+    tokens = np.empty(n, dtype=np.int64)
+    status = np.empty(n, dtype=np.uint8)
+    first_bad = np.empty(n, dtype=np.int64)
+    sum_positions(seqs.offsets, seqs.status, rows.status, per_position, sums, tokens, status, first_bad)
+    m = len(layout.measures)
+    parts = iter(np.split(sums, np.cumsum([len(a) for a in stacked])[:-1]))
+    values = next(parts)
+    lower, upper = (next(parts), next(parts)) if rows.lower is not None else (None, None)
+    listed = None
+    if rows.listed is not None:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            listed = next(parts) / tokens
+    per_token = PerToken(seqs.offsets, rows.values, rows.status) if layout.per_token else None
+
+    def describe(i: int, reason: str) -> tuple[int | None, str]:
+        j = int(first_bad[i])
+        if j < 0:
+            return None, describe_sequence(seqs, i, reason)
+        return j - int(seqs.offsets[i]), rows.describe(j, reason)
+
+    assert values.shape[0] == m
+    return Result(layout, values, status, options, lower, upper, listed, tokens, per_token, [(0, n, describe)])
 
 
 def compute(
@@ -215,29 +249,47 @@ def compute(
     measures: tuple[str, ...] | list[str] | str,
     options: Options,
     *,
+    p_ids: Any | None = None,
+    q_ids: Any | None = None,
+    mask: Any | None = None,
+    lengths: Any | None = None,
     threads: int | None = None,
 ) -> Result:
-    """Compute `measures` for every row of (p, q). Never raises for bad rows: see `Result.status`."""
+    """Compute `measures` for every row of (p, q). Never raises for bad rows: see `Result.status`.
+
+    Rows are token rows (one distribution each) or sequence rows (one per
+    position, lists of lists); `mask` / `lengths` say which positions of a
+    sequence count.
+    """
     measures = check_measures(measures)
     use_q = needs_q(measures)
     if use_q and q is None:
         raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")
-    n, pieces = aligned_sides(p, q if use_q else None)
+    if p_ids is not None or q_ids is not None:
+        raise OptionError("p_ids / q_ids (sparse top-k rows): not in this version yet")
+    columns = {"p": p, "q": q if use_q else None, "mask": mask, "lengths": lengths}
+    n, pieces = aligned_columns(columns)
+    sequence = _is_sequence_input(pieces)
+    layout = Layout(measures, sequence=sequence, per_token=sequence and options.per_token)
+    if options.per_token and not sequence and n:
+        raise OptionError("per_token is for sequence rows (lists of lists); these rows hold one distribution each")
     threads = _config.cores() if threads is None else check_threads(threads)
-    values = np.empty((len(measures), n), dtype=np.float64)
-    status = np.empty(n, dtype=np.uint8)
-    slots = np.full(K.N_MEASURES, -1, dtype=np.int64)
-    for i, m in enumerate(measures):
-        slots[MEASURE_INDEX[m]] = i
-    for first, ps, qs in pieces:
-        last = first + ps.n
-        # Column slices of a C-ordered 2-D array are strided; give the kernel
-        # contiguous buffers (one specialisation) and copy back when needed.
-        piece_out = values if len(pieces) == 1 else np.empty((len(measures), ps.n))
-        _run_piece(ps, qs, slots, options, use_q, piece_out, status[first:last], threads)
-        if piece_out is not values:
-            values[:, first:last] = piece_out
-    return Result(measures, values, status, options, pieces)
+    run = _sequence_result if sequence else _token_result
+    parts = [(first, run(cols, layout, options, use_q, threads)) for first, cols in pieces]
+    return concat(layout, options, parts) if parts else empty(layout, options)
+
+
+def _is_sequence_input(pieces: list[tuple[int, dict[str, Any]]]) -> bool:
+    """Sequence rows or token rows; p and q must agree."""
+    if not pieces:
+        return False
+    cols = pieces[0][1]
+    kinds = {name: is_sequence(cols[name]) for name in ("p", "q") if name in cols}
+    if len(set(kinds.values())) > 1:
+        seq = [k for k, v in kinds.items() if v][0]
+        raise OptionError(f"{seq} holds sequence rows (lists of lists) but the other side holds token rows; "
+                          "give both sides the same shape")
+    return kinds["p"]
 
 
 def kernel_dtype(*value_types: Any) -> np.dtype:

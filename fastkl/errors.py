@@ -11,7 +11,8 @@ class InvalidRowError(FastKLError, ValueError):
     """A row is invalid under `on_invalid="raise"`.
 
     Carries the reason, the row (its index in the input, or inside `file` for
-    a job) and how many rows of the failing part were invalid.
+    a job), for a sequence row the position that made it invalid, and how
+    many rows of the failing part were invalid.
     """
 
     def __init__(
@@ -22,16 +23,20 @@ class InvalidRowError(FastKLError, ValueError):
         *,
         file: str | None = None,
         detail: str = "",
+        position: int | None = None,
     ) -> None:
         self.reason = reason
         self.row = row
         self.count = count
         self.file = file
         self.detail = detail
+        self.position = position
         super().__init__(self._message())
 
     def _message(self) -> str:
         where = f"{self.file}: row {self.row}" if self.file else f"row {self.row}"
+        if self.position is not None:
+            where += f", position {self.position}"
         msg = f"invalid row ({self.reason}) at {where}"
         if self.detail:
             msg += f": {self.detail}"
@@ -42,11 +47,12 @@ class InvalidRowError(FastKLError, ValueError):
         return msg
 
     def __reduce__(self):  # picklable across Dask worker processes
-        return (_rebuild_invalid_row_error, (self.reason, self.row, self.count, self.file, self.detail))
+        return (_rebuild_invalid_row_error, (self.reason, self.row, self.count, self.file, self.detail,
+                                                self.position))
 
 
-def _rebuild_invalid_row_error(reason, row, count, file, detail):
-    return InvalidRowError(reason, row, count, file=file, detail=detail)
+def _rebuild_invalid_row_error(reason, row, count, file, detail, position=None):
+    return InvalidRowError(reason, row, count, file=file, detail=detail, position=position)
 
 
 class OptionError(FastKLError, ValueError):

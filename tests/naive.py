@@ -713,3 +713,103 @@ def check_against_reference(got: Sequence, refs: Sequence[Ref | None], rel: floa
         if not ok:
             failures.append(f"{what} row {i}: {msg}")
     return failures
+
+
+# --------------------------------------------------------------------------
+# Sequence rows (SPEC §10): one distribution per position, a mask or a length
+
+
+ABSENT = object()  # "no mask given" (None is a null mask list)
+
+
+@dataclass
+class SequenceRef:
+    """What one sequence row must give: its allowed statuses, the first bad
+    position (when invalid), and the exact per-position references."""
+
+    status: frozenset
+    position: int | None
+    refs: dict[str, list]  # measure -> per position Ref, None where not counted
+
+    @property
+    def tokens(self) -> int:
+        first = next(iter(self.refs.values()), [])
+        return sum(r is not None for r in first)
+
+    def total(self, name: str, rel: float) -> Ref:
+        """The exact sum over counted positions, with an allowance that adds up each
+        position's (for hellinger |d - d'| <= sqrt(|d^2 - d'^2|)) and the float64 sum's rounding."""
+        c = _ctx()
+        refs = [r for r in self.refs[name] if r is not None]
+        value = c.fsum(r.value for r in refs)
+        if any(c.isinf(r.value) for r in refs):
+            return Ref(c.inf, c.inf, c.mpf(0))
+        allow = c.fsum((c.sqrt(rel * r.terms) if r.squared else rel * r.terms) + r.slack for r in refs)
+        rounding = len(refs) * c.mpf(EPS64) * c.fsum(abs(r.value) for r in refs)
+        return Ref(value, c.mpf(0), allow + rounding + c.mpf(4 * EPS64) * abs(value))
+
+
+def sequence_reference(measures, p_seq, q_seq=None, *, mask=ABSENT, length=ABSENT, one_sided=False,
+                       **kwargs) -> SequenceRef:
+    """The reference of one sequence row (None = a null list; a None position = a null position)."""
+    o = Opts.from_kwargs(**kwargs)
+    none = SequenceRef(frozenset({"null"}), None, {m: [] for m in measures})
+    if p_seq is None or (not one_sided and q_seq is None) or mask is None or length is None:
+        return none
+    T = len(p_seq)
+    reasons = set()
+    if not one_sided and len(q_seq) != T:
+        reasons.add("length_mismatch")
+    if mask is not ABSENT and len(mask) != T:
+        reasons.add("mask_length_mismatch")
+    if length is not ABSENT and not 0 <= length <= T:
+        reasons.add("mask_length_mismatch")
+    if reasons:  # one of them (the precedence is a detail)
+        return SequenceRef(frozenset(reasons), None, {m: [] for m in measures})
+    refs = {m: [] for m in measures}
+    for j in range(T):
+        counted = (mask[j] is None or mask[j] != 0) if mask is not ABSENT else (
+            j < length if length is not ABSENT else True)
+        if not counted:
+            for m in measures:
+                refs[m].append(None)
+            continue
+        pr, qr = p_seq[j], None if one_sided else q_seq[j]
+        if (mask is not ABSENT and mask[j] is None) or pr is None or (not one_sided and qr is None):
+            return SequenceRef(frozenset({"null_element"}), j, refs)
+        st = row_status(pr, qr, opts=o, one_sided=one_sided)
+        if st != frozenset({"ok"}):
+            return SequenceRef(st, j, refs)
+        P = _decode_side(pr, "p", o)
+        Q = None if one_sided else _decode_side(qr, "q", o)
+        for m in measures:
+            refs[m].append(measure_from_decoded(m, P, Q if m != "entropy" else None, o.base))
+    status = frozenset({"ok"}) if any(r is not None for r in next(iter(refs.values()))) else frozenset({"no_tokens"})
+    return SequenceRef(status, None, refs)
+
+
+def nested_array(seqs, value_type="float64", outer="list", inner="list", *, pad=0):
+    """A list<list<value>> array (each level list / large_list / fixed_size_list) from
+    sequences (None = null sequence, None position = null position, None value = null element);
+    `pad` > 0 puts junk sequences around and returns a slice."""
+    import pyarrow as pa
+
+    vt = pa.type_for_alias(value_type) if isinstance(value_type, str) else value_type
+
+    def level(kind, child, sizes):
+        if kind == "fixed_size_list":
+            (k,) = sizes or {1}
+            return pa.list_(child, k)
+        return pa.large_list(child) if kind == "large_list" else pa.list_(child)
+
+    real = [s for s in seqs if s is not None]
+    ks = {len(r) for s in real for r in s if r is not None}
+    ts = {len(s) for s in real}
+    if inner == "fixed_size_list" and len(ks) > 1 or outer == "fixed_size_list" and len(ts) > 1:
+        raise ValueError("fixed_size_list needs one length")
+    k = next(iter(ks), 1)
+    t = next(iter(ts), 1)
+    typ = level(outer, level(inner, vt, {k}), {t})
+    junk = [[[0.25] * k] * t for _ in range(pad)]
+    arr = pa.array(junk + list(seqs) + junk, type=typ)
+    return arr.slice(pad, len(seqs)) if pad else arr

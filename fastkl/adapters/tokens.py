@@ -152,6 +152,23 @@ def flatten(columns: dict[str, Any], mask: Any | None = None, lengths: Any | Non
     return Sequences(offsets, status, pre, out, counts)
 
 
+def describe_sequence(seqs: Sequences, i: int, reason: str) -> str:
+    """Why sequence `i` was invalid before any kernel ran (its columns disagree on its length)."""
+    c = {name: int(v[i]) for name, v in seqs.counts.items()}
+    if reason == "length_mismatch":
+        return f"p has {c['p']} positions, q has {c['q']}"
+    if reason == "ids_length_mismatch":
+        for side in ("p", "q"):
+            if f"{side}_ids" in c and side in c and c[f"{side}_ids"] != c[side]:
+                return f"{side} has {c[side]} positions, {side}_ids has {c[side + '_ids']}"
+    if reason == "mask_length_mismatch":
+        if "mask" in c and c["mask"] != c["p"]:
+            return f"the mask has {c['mask']} entries, the sequence {c['p']} positions"
+        if "lengths" in c:
+            return f"lengths = {c['lengths']}, the sequence has {c['p']} positions"
+    return ""
+
+
 def _lengths(lengths: Any, n: int, null: np.ndarray) -> np.ndarray:
     if isinstance(lengths, (pa.Array, pa.ChunkedArray)):
         if lengths.null_count:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .._registry import FIRST_INVALID, NO_TOKENS, OK
+from .dense import LENGTH_MISMATCH as FIRST_INVALID, NO_TOKENS, OK  # the first invalid-row code
 
 
 @njit(nogil=True, cache=True)
