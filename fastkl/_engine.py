@@ -9,6 +9,7 @@ so the same kernel runs at every scale and nothing oversubscribes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -23,7 +24,7 @@ from . import _config
 from ._config import MIN_ELEMENTS_PER_BLOCK
 from ._options import Options, check_measures, check_threads, needs_q
 from ._registry import KIND_CODE, MEASURE_INDEX, NULL
-from ._result import Layout, PerToken, Result, concat, empty
+from ._result import Layout, PerToken, Result, concat, empty, layout_for
 from .adapters.arrow import Side, aligned_columns, side_pair
 from .adapters.tokens import describe_sequence, flatten, is_sequence
 from .errors import OptionError
@@ -231,7 +232,7 @@ def _sequence_result(cols: dict[str, Any], layout: Layout, options: Options, use
     if rows.listed is not None:
         with np.errstate(invalid="ignore", divide="ignore"):
             listed = next(parts) / tokens
-    per_token = PerToken(seqs.offsets, rows.values, rows.status) if layout.per_token else None
+    per_token = PerToken(seqs.offsets, rows.values, rows.status)  # the summary's token level
 
     def describe(i: int, reason: str) -> tuple[int | None, str]:
         j = int(first_bad[i])
@@ -270,9 +271,7 @@ def compute(
     columns = {"p": p, "q": q if use_q else None, "mask": mask, "lengths": lengths}
     n, pieces = aligned_columns(columns)
     sequence = _is_sequence_input(pieces)
-    layout = Layout(measures, sequence=sequence, per_token=sequence and options.per_token)
-    if options.per_token and not sequence and n:
-        raise OptionError("per_token is for sequence rows (lists of lists); these rows hold one distribution each")
+    layout = layout_for(measures, options, sequence=sequence)
     threads = _config.cores() if threads is None else check_threads(threads)
     run = _sequence_result if sequence else _token_result
     parts = [(first, run(cols, layout, options, use_q, threads)) for first, cols in pieces]
@@ -309,7 +308,7 @@ def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64), options: Options 
     Each specialisation costs seconds to compile the first time on a machine,
     so callers that know their data warm only the ones they will use.
     """
-    opts = options or Options()
+    opts = dataclasses.replace(options or Options(), per_token=False)  # warmed on token rows
     measures = check_measures(measures)
     for dtype in dtypes:
         x = np.full((1, 2), 0.5, dtype=dtype)

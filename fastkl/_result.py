@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ._options import Options
 from ._registry import FIRST_INVALID, NO_TOKENS, OK, STATUSES
-from .errors import InvalidRowError
+from .errors import InvalidRowError, OptionError
 
 # describe(row, reason) -> (position or None, a short human explanation)
 Describe = Callable[[int, str], "tuple[int | None, str]"]
@@ -32,6 +32,14 @@ class Layout:
     sparse: bool = False
     bounds: bool = False
     per_token: bool = False
+
+
+def layout_for(measures: tuple[str, ...], options: Options, *, sequence: bool, sparse: bool = False) -> Layout:
+    """The columns an input of this shape gets under these options (the API and jobs agree)."""
+    if options.per_token and not sequence:
+        raise OptionError("per_token is for sequence rows (lists of lists); these rows hold one distribution each")
+    return Layout(measures, sequence=sequence, sparse=sparse, bounds=sparse and options.bounds,
+                  per_token=options.per_token)
 
 
 def output_fields(layout: Layout, status: bool) -> list[pa.Field]:
@@ -76,7 +84,7 @@ class Result:
     upper: np.ndarray | None = None
     listed: np.ndarray | None = None  # float64 (2, rows), sparse: mass P and Q list (mean per position)
     tokens: np.ndarray | None = None  # int64 per row, sequences: counted positions
-    per_token: PerToken | None = None
+    per_token: PerToken | None = None  # sequences (output only with layout.per_token)
     _describe: list[tuple[int, int, Describe]] = field(repr=False, default_factory=list)
 
     @property
@@ -161,7 +169,7 @@ def concat(layout: Layout, options: Options, parts: list[tuple[int, Result]]) ->
         return None if got[0] is None else np.concatenate(got, axis=axis)
 
     per_token = None
-    if layout.per_token:
+    if rs[0].per_token is not None:
         starts = np.cumsum([0] + [r.per_token.offsets[-1] for r in rs])
         offsets = np.concatenate([[0]] + [r.per_token.offsets[1:] + s for r, s in zip(rs, starts)])
         per_token = PerToken(offsets.astype(np.int64), np.concatenate([r.per_token.values for r in rs], axis=1),
@@ -173,7 +181,7 @@ def concat(layout: Layout, options: Options, parts: list[tuple[int, Result]]) ->
 
 def empty(layout: Layout, options: Options) -> Result:
     m = len(layout.measures)
-    per_token = PerToken(np.zeros(1, np.int64), np.zeros((m, 0)), np.zeros(0, np.uint8)) if layout.per_token else None
+    per_token = PerToken(np.zeros(1, np.int64), np.zeros((m, 0)), np.zeros(0, np.uint8)) if layout.sequence else None
     return Result(layout, np.zeros((m, 0)), np.zeros(0, np.uint8), options,
                   np.zeros((m, 0)) if layout.bounds else None, np.zeros((m, 0)) if layout.bounds else None,
                   np.zeros((2, 0)) if layout.sparse else None,

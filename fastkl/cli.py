@@ -166,6 +166,12 @@ more fails with one line naming the file and row group.
     help="Measure to compute (repeat for several; default kl).",
 )
 @click.option("--keep", "keep", multiple=True, help="Input column copied to the output (repeatable).")
+@click.option("--mask", "mask", default=None,
+              help="Sequence rows: column (list<bool> or list<int8>) saying which positions count.")
+@click.option("--lengths", "lengths", default=None,
+              help="Sequence rows: integer column, how many leading positions count.")
+@click.option("--per-token", is_flag=True,
+              help="Sequence rows: add m_tokens, each position's value (list<float64>, null where not counted).")
 @click.option("--kind", type=click.Choice(KINDS), default="probs", show_default=True, help="Encoding of both sides.")
 @click.option("--p-kind", type=click.Choice(KINDS), default=None, help="Encoding of P (overrides --kind).")
 @click.option("--q-kind", type=click.Choice(KINDS), default=None, help="Encoding of Q (overrides --kind).")
@@ -197,7 +203,7 @@ more fails with one line naming the file and row group.
               help="At most this many MB of decoded input per task (default 128 MiB).")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
-def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind, q_kind, temperature,
+def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, mask, lengths, per_token, kind, p_kind, q_kind, temperature,
             p_temperature, q_temperature, base, normalize, smoothing, sum_tol, on_invalid, status,
             scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
@@ -223,6 +229,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, kind, p_kind
             kind=kind, p_kind=p_kind, q_kind=q_kind, temperature=temperature,
             p_temperature=p_temperature, q_temperature=q_temperature, base=base_v,
             normalize=normalize, smoothing=smoothing, sum_tol=sum_tol, on_invalid=on_invalid,
+            mask=mask, lengths=lengths, per_token=per_token,
         )
         return summary
 

@@ -161,11 +161,19 @@ class Columns:
     keep: tuple[str, ...]
     keep_types: dict[str, pa.DataType] = field(default_factory=dict)
     partition_keep: dict[str, pa.DataType] = field(default_factory=dict)  # keep cols from hive paths
+    # token data: which positions of a sequence count (a mask or lengths column)
+    mask: str | None = None
+    lengths: str | None = None
+
+    def roles(self) -> list[tuple[str, str]]:
+        """(role, column) of every column the kernels read: p, q, mask, lengths."""
+        named = (("p", self.p), ("q", self.q), ("mask", self.mask), ("lengths", self.lengths))
+        return [(role, name) for role, name in named if name is not None]
 
     def read(self) -> list[str]:
-        """File columns a task reads, each once: p, q, then the kept ones."""
+        """File columns a task reads, each once: p, q, mask, lengths, then the kept ones."""
         out: list[str] = []
-        for c in (self.p, self.q, *self.keep):
+        for c in (*(name for _, name in self.roles()), *self.keep):
             if c is not None and c not in self.partition_keep and c not in out:
                 out.append(c)
         return out
@@ -179,6 +187,7 @@ class Plan:
     batch_rows: list[int]  # per task: rows per read batch
     # every (p, q) pair of list value types among the files: what the kernel will be specialised for
     value_types: frozenset = frozenset()
+    sequence: bool = False  # sequence rows (lists of lists): the output has m_mean, tokens, ...
 
     @property
     def rows(self) -> int:
@@ -522,10 +531,38 @@ def discover(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[
 # Footers and schemas
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
 def _is_float_list(t: pa.DataType) -> bool:
-    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
+    """A list of floats (token rows) or a list of lists of floats (sequence rows)."""
+    if not _is_list(t):
         return False
-    return pa.types.is_floating(t.value_type)
+    t = t.value_type
+    return pa.types.is_floating(t) or (_is_list(t) and pa.types.is_floating(t.value_type))
+
+
+def is_sequence_type(t: pa.DataType) -> bool:
+    """Sequence rows: one list of values per position."""
+    return _is_list(t) and _is_list(t.value_type)
+
+
+def _element_type(t: pa.DataType) -> pa.DataType | None:
+    """The values' type of a (nested) list type; None for a `null`-typed empty column."""
+    while _is_list(t):
+        t = t.value_type
+    return None if pa.types.is_null(t) else t
+
+
+# What each role's column must hold: (test of its type, what to say when it fails).
+_ROLE_TYPES = {
+    "p": (_is_float_list, "a list of floats (or of lists of floats, for sequence rows)"),
+    "q": (_is_float_list, "a list of floats (or of lists of floats, for sequence rows)"),
+    "mask": (lambda t: _is_list(t) and (pa.types.is_boolean(t.value_type) or pa.types.is_integer(t.value_type)),
+             "a list of booleans or integers (list<bool> or list<int8>)"),
+    "lengths": (pa.types.is_integer, "an integer per sequence"),
+}
 
 
 # Decoded width of one value of a Parquet physical type (levels not counted).
@@ -761,7 +798,7 @@ def kernel_bytes_scale(schema: pa.Schema, names: Sequence[str]) -> float:
     per stored byte (3 for float16) instead of 1.
     """
     # getattr: an empty shard's column may be typed plain `null` (no values at all)
-    types = [getattr(schema.field(c).type, "value_type", None) for c in names if c in schema.names]
+    types = [_element_type(schema.field(c).type) for c in names if c in schema.names]
     floats = [t for t in types if t is not None and pa.types.is_floating(t)]
     wide = 8 if any(pa.types.is_float64(t) for t in floats) else 4
     narrow = min((t.bit_width // 8 for t in floats), default=wide)
@@ -797,25 +834,32 @@ def _check_columns(
     ref = next((i for i, r in enumerate(rows) if r > 0), 0)
     ptypes = _partition_types(found)
     first, s0 = found[ref], schemas[ref]
-    _check_duplicates(first, s0, (cols.p, cols.q, *cols.keep))
+    roles = cols.roles()
+    _check_duplicates(first, s0, (*(n for _, n in roles), *cols.keep))
 
     def unknown(name: str, role: str) -> OptionError:
         names = ", ".join(s0.names)
         return OptionError(f"unknown {role} column {name!r} in {first.display} (columns: {names})")
 
-    def probabilities(t: pa.DataType, empty: bool) -> bool:
-        return _is_float_list(t) or (empty and _null_typed(t))
+    def usable(role: str, t: pa.DataType, empty: bool) -> bool:
+        return _ROLE_TYPES[role][0](t) or (empty and _null_typed(t))
 
-    for role, name in (("p", cols.p), ("q", cols.q)):
-        if name is None:
-            continue
+    for role, name in roles:
         if name not in s0.names:
             raise unknown(name, role)
         t = s0.field(name).type
-        if not probabilities(t, rows[ref] == 0):
+        if not usable(role, t, rows[ref] == 0):
             raise OptionError(
-                f"column {name!r} ({role}) in {first.display} has type {t}; expected a list of floats"
+                f"column {name!r} ({role}) in {first.display} has type {t}; expected {_ROLE_TYPES[role][1]}"
             )
+    shapes = {role: is_sequence_type(s0.field(name).type) for role, name in roles if role in ("p", "q")}
+    if len(set(shapes.values())) > 1:
+        raise OptionError(f"{first.display}: p and q must both be sequence rows (lists of lists) or both "
+                          f"token rows; column {cols.p!r} has type {s0.field(cols.p).type}, "
+                          f"{cols.q!r} {s0.field(cols.q).type}")
+    if (cols.mask or cols.lengths) and not shapes.get("p"):
+        raise OptionError(f"--mask and --lengths are for sequence rows (lists of lists); column {cols.p!r} "
+                          f"in {first.display} has type {s0.field(cols.p).type}")
     for name in cols.keep:
         if name in s0.names:
             cols.keep_types[name] = s0.field(name).type
@@ -828,17 +872,18 @@ def _check_columns(
         if i == ref:
             continue
         empty = rows[i] == 0
-        _check_duplicates(f, s, (cols.p, cols.q, *cols.keep))
-        for role, name in (("p", cols.p), ("q", cols.q)):
-            if name is None:
-                continue
+        _check_duplicates(f, s, (*(n for _, n in roles), *cols.keep))
+        for role, name in roles:
             if name not in s.names:
                 raise DataError(f"{f.display}: no column {name!r} ({role}), unlike {first.display}")
-            if not probabilities(s.field(name).type, empty):
+            t = s.field(name).type
+            if not usable(role, t, empty):
                 raise DataError(
-                    f"{f.display}: column {name!r} ({role}) has type {s.field(name).type}; "
-                    "expected a list of floats"
+                    f"{f.display}: column {name!r} ({role}) has type {t}; expected {_ROLE_TYPES[role][1]}"
                 )
+            if role in ("p", "q") and not (empty and _null_typed(t)) and is_sequence_type(t) != shapes[role]:
+                raise DataError(f"{f.display}: column {name!r} ({role}) has type {t}, but "
+                                f"{s0.field(name).type} in {first.display}")
         for name in cols.keep:
             if name in cols.partition_keep:
                 continue
@@ -858,6 +903,8 @@ def scan(
     p: str,
     q: str | None,
     keep: Sequence[str],
+    mask: str | None = None,
+    lengths: str | None = None,
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
@@ -871,7 +918,7 @@ def scan(
     found, roots = discover(sources)
     if check is not None:
         check(roots)  # e.g. DEST against SOURCE: before any file is opened
-    cols = Columns(p=p, q=q, keep=tuple(keep))
+    cols = Columns(p=p, q=q, keep=tuple(keep), mask=mask, lengths=lengths)
     names = [c for c in (p, q) if c is not None]
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
         footers = list(ex.map(lambda f: _read_footer(f, names), found))
@@ -934,6 +981,8 @@ def scan(
         if cur:
             emit(file, cur, cur_start)
     # the kernel dtypes the job will meet (warm-up), from files with rows: an empty shard may be typed null
-    value_types = frozenset(tuple(ft.schema.field(c).type.value_type for c in names)
+    value_types = frozenset(tuple(_element_type(ft.schema.field(c).type) for c in names)
                             for ft, n in zip(footers, rows) if n > 0)
-    return Plan(files, tasks, cols, batch_rows, value_types), roots
+    ref = next((ft for ft, n in zip(footers, rows) if n > 0), footers[0] if footers else None)
+    sequence = ref is not None and is_sequence_type(ref.schema.field(p).type)
+    return Plan(files, tasks, cols, batch_rows, value_types, sequence), roots

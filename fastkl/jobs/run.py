@@ -80,6 +80,7 @@ from ..io.output import (
 from ..errors import DataError, FastKLError, InvalidRowError, OptionError
 from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
 from ..io.sources import Columns, FileRef, Plan, Task, scan
+from .._result import Layout, layout_for, output_fields
 from .progress import Progress
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
@@ -106,6 +107,7 @@ class JobSpec:
     status: bool
     staging: Staging
     job_fp: str
+    layout: Layout | None = None  # which columns compute gives (sequence rows: m_mean, tokens, ...)
 
 
 def _kernel_threads(setting: int | dict | None) -> int:
@@ -461,9 +463,8 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled(f"{f.display}: interrupted")
             n = batch.num_rows
-            p = batch.column(cols.p)
-            q = batch.column(cols.q) if cols.q is not None else None
-            res = compute(p, q, spec.measures, spec.options, threads=threads)
+            data = {role: batch.column(name) for role, name in cols.roles()}
+            res = compute(data.pop("p"), data.pop("q", None), spec.measures, spec.options, threads=threads, **data)
             bad = res.invalid_count() if spec.options.on_invalid == "raise" else 0
             if bad:
                 if first_error is None:
@@ -479,7 +480,7 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
                 mt = res.to_table(status=spec.status)
                 arrays.extend(c.combine_chunks() for c in mt.columns)
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=spec.out_schema))
-                stats.append(PartStats.from_batch(spec.measures, res.values, res.status))
+                stats.append(PartStats.from_result(res))
             done += n
             progress(n)
         writer.close()
@@ -487,7 +488,8 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
             e = first_error
             where = f"{task.unit_name()} {_unit_of(task, e.row)}"
             raise InvalidRowError(
-                e.reason, e.row, invalid, file=e.file, detail=where + (f": {e.detail}" if e.detail else "")
+                e.reason, e.row, invalid, file=e.file, detail=where + (f": {e.detail}" if e.detail else ""),
+                position=e.position,
             )
         if done != task.rows:
             raise DataError(
@@ -508,7 +510,7 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
             raise OSError(e.errno, f"cannot write {staging.part_name(task.index)} into {staging.root}: "
                           f"{e.strerror or _short(e)}") from e
         raise
-    stats_json = PartStats.merge_all(stats, spec.measures).to_json()
+    stats_json = PartStats.merge_all([PartStats.for_layout(spec.layout), *stats]).to_json()
     staging.finish_part(
         task.index,
         tmp,
@@ -882,12 +884,10 @@ def _kill_local_workers(cluster) -> None:
 # The job
 
 
-def _out_schema(cols: Columns, measures, status: bool) -> pa.Schema:
+def _out_schema(cols: Columns, layout: Layout, status: bool) -> pa.Schema:
+    """The kept columns, then the measures' columns (`fastkl._result.output_fields`)."""
     fields = [pa.field(k, cols.keep_types[k]) for k in cols.keep]
-    fields += [pa.field(m, pa.float64()) for m in measures]
-    if status:
-        fields.append(pa.field("status", pa.string()))
-    return pa.schema(fields)
+    return pa.schema(fields + output_fields(layout, status))
 
 
 def _json_default(o):
@@ -949,6 +949,8 @@ def run(
     summary_json: str | os.PathLike | None = None,
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
+    mask: str | None = None,
+    lengths: str | None = None,
     **opts: Any,
 ):
     """Compute `measures` for every row of SOURCE and write them to the Parquet dataset DEST.
@@ -965,9 +967,10 @@ def run(
     cluster of worker processes), "sync", a scheduler address, or a
     `distributed.Client`. workers: how many threads/processes locally.
     task_rows / task_bytes bound the size of a task (rows; decoded bytes of
-    the columns read). Other keyword arguments are the options of the in-memory API
-    (kind, p_kind, temperature, base, normalize, smoothing, sum_tol,
-    on_invalid).
+    the columns read). mask / lengths: for sequence rows (p and q lists of
+    lists), the column saying which positions count. Other keyword arguments
+    are the options of the in-memory API (kind, p_kind, temperature, base,
+    normalize, smoothing, sum_tol, on_invalid, per_token).
     """
     from ..summary.stats import PartStats, Summary
 
@@ -1010,14 +1013,21 @@ def run(
         if summary_json is not None:
             check_side_file(summary_json, "--summary-json", checked[0], roots)
 
-    plan, roots = scan(source, p=p, q=q, keep=keep, task_rows=task_rows, task_bytes=task_bytes, check=check)
+    if mask is not None and lengths is not None:
+        raise OptionError("give mask or lengths, not both")
+    plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, task_rows=task_rows,
+                       task_bytes=task_bytes, check=check)
+    layout = layout_for(measures, options, sequence=plan.sequence)
+    for k in keep:
+        if k in {f.name for f in output_fields(layout, status)}:
+            raise OptionError(f"keep column {k!r} has the name of an output column")
     dest_p = checked[0]
     if summary_json is not None:
         check_side_file(summary_json, "--summary-json", dest_p, roots, [f.path for f in plan.files])
     # DEST is this job's from here on (one job per DEST): nothing beside DEST was touched before
     with DestLock.acquire(dest_p, os.fspath(dest)) as lock:
         return _run_locked(
-            source, dest, dest_p, plan, lock, measures=measures, options=options, status=status,
+            source, dest, dest_p, plan, lock, layout=layout, options=options, status=status,
             task_rows=task_rows, task_bytes=task_bytes, scheduler=scheduler, client=client, workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
         )
@@ -1030,17 +1040,19 @@ def _local_sources(source):
     return [local_path(s, "SOURCE") for s in source]
 
 
-def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measures, options, status, task_rows,
+def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layout, options, status, task_rows,
                 task_bytes, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
     """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
     from ..summary.stats import PartStats, Summary
 
     cols = plan.columns
-    schema = _out_schema(cols, measures, status)
+    measures = layout.measures
+    schema = _out_schema(cols, layout, status)
     staging = Staging(dest_p, len(plan.tasks))
     job = {
         "fastkl_version": _version(),
-        "columns": {"p": cols.p, "q": cols.q, "keep": list(cols.keep)},
+        "columns": {"p": cols.p, "q": cols.q, "keep": list(cols.keep),
+                    **{role: name for role, name in cols.roles() if role not in ("p", "q")}},
         "schema": str(schema),
         "measures": list(measures),
         "options": options.to_dict(),
@@ -1075,7 +1087,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measu
     job_id = (staging.staged_job_id(job) if resume else None) or new_job_id()
     lock.announce(job_id)
     done_states = staging.prepare(job, job_id, resume=resume)
-    spec = JobSpec(measures, options, cols, schema, status, staging, job_fp)
+    spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout)
 
     # Parts finished by an earlier attempt whose input is unchanged.
     results: dict[int, dict] = {}
@@ -1126,10 +1138,9 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measu
     if plan.tasks:
         stats = [PartStats.from_json(results[t.index]["stats"]) for t in plan.tasks]
     else:  # empty input: one empty part keeps DEST a readable dataset
-        empty = np.empty((len(measures), 0))
-        stats = [PartStats.from_batch(measures, empty, np.empty(0, dtype=np.uint8))]
+        stats = [PartStats.for_layout(layout)]
         pq.write_table(schema.empty_table(), staging.root / staging.part_name(0))
-    merged = PartStats.merge_all(stats, measures)
+    merged = PartStats.merge_all(stats)
     task_seconds = sum(r["seconds"] for r in results.values())
     timings = {
         "plan_s": t_plan - t_start,

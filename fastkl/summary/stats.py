@@ -461,7 +461,7 @@ class PartStats:
     Picklable (through `to_json`) and JSON-serialisable.
     """
 
-    __slots__ = ("measures", "rows", "status_counts", "_stats", "_sketch_id")
+    __slots__ = ("measures", "rows", "status_counts", "_stats", "_sketch_id", "tokens")
 
     def __init__(self, measures: tuple[str, ...]) -> None:
         measures = tuple(measures)
@@ -472,6 +472,8 @@ class PartStats:
         self.status_counts: list[int] = [0] * len(STATUSES)
         self._stats = [_MeasureStats() for _ in measures]
         self._sketch_id = _SKETCH_ID
+        # sequence rows: the same statistics over their counted positions (the second level)
+        self.tokens: PartStats | None = None
 
     @classmethod
     def empty(cls, measures: tuple[str, ...]) -> "PartStats":
@@ -513,6 +515,31 @@ class PartStats:
             st.add_values(v, ok)
         return out
 
+    @classmethod
+    def for_layout(cls, layout: Any) -> "PartStats":
+        """The empty state of a job whose results have this `fastkl._result.Layout`."""
+        if not layout.sequence:
+            return cls(layout.measures)
+        out = cls(tuple(n for m in layout.measures for n in (m, f"{m}_mean")))
+        out.tokens = cls(layout.measures)
+        return out
+
+    @classmethod
+    def from_result(cls, res: Any) -> "PartStats":
+        """State of one `compute` result; for sequence rows, `m` and `m_mean` per
+        sequence, and the token level over the counted positions of valid sequences."""
+        layout = res.layout
+        if not layout.sequence:
+            return cls.from_batch(res.measures, res.values, res.status)
+        names = tuple(n for m in res.measures for n in (m, f"{m}_mean"))
+        values = np.stack([a for pair in zip(res.values, res.means()) for a in pair])
+        out = cls.from_batch(names, values, res.status)
+        t = res.per_token
+        in_ok = np.repeat(res.status == OK, np.diff(t.offsets))
+        counted = in_ok & (t.status == OK)
+        out.tokens = cls.from_batch(res.measures, t.values[:, counted], t.status[counted])
+        return out
+
     # -- merging ------------------------------------------------------------
     def _check(self, other: "PartStats") -> None:
         if not isinstance(other, PartStats):
@@ -529,6 +556,10 @@ class PartStats:
         self.status_counts = [a + b for a, b in zip(self.status_counts, other.status_counts)]
         for mine, theirs in zip(self._stats, other._stats):
             mine.merge_into(theirs)
+        if other.tokens is not None:
+            if self.tokens is None:
+                self.tokens = PartStats(other.tokens.measures)
+            self.tokens._merge_in_place(other.tokens)
 
     def copy(self) -> "PartStats":
         out = PartStats(self.measures)
@@ -536,6 +567,7 @@ class PartStats:
         out.status_counts = list(self.status_counts)
         out._stats = [s.copy() for s in self._stats]
         out._sketch_id = self._sketch_id
+        out.tokens = None if self.tokens is None else self.tokens.copy()
         return out
 
     def merge(self, other: "PartStats") -> "PartStats":
@@ -568,6 +600,7 @@ class PartStats:
             "rows": self.rows,
             "status_counts": dict(zip(STATUSES, self.status_counts)),
             "stats": {m: s.to_json() for m, s in zip(self.measures, self._stats)},
+            **({"tokens": self.tokens.to_json()} if self.tokens is not None else {}),
         }
 
     @classmethod
@@ -583,6 +616,7 @@ class PartStats:
             raise ValueError(f"unknown statuses {sorted(unknown)}")
         out.status_counts = [int(sc.get(name, 0)) for name in STATUSES]
         out._stats = [_MeasureStats.from_json(d["stats"][m]) for m in out.measures]
+        out.tokens = PartStats.from_json(d["tokens"]) if "tokens" in d else None
         return out
 
     def __reduce__(self):
@@ -647,6 +681,9 @@ class MeasureSummary:
         return cls(**kw)
 
 
+_NOT_INVALID = ("ok", "null", "no_tokens")  # statuses that are not a bad row
+
+
 @dataclass
 class Summary:
     """The summary of a job, as printed by `fastkl run`.
@@ -662,6 +699,7 @@ class Summary:
     options: dict | None = None
     timings: dict | None = None
     files: int | None = None
+    tokens: "Summary | None" = None  # sequence rows: the same over their counted positions
 
     @classmethod
     def from_stats(cls, stats: PartStats, **extra: Any) -> "Summary":
@@ -676,7 +714,8 @@ class Summary:
                 zeros=st.zeros, mean=st.mean(), std=st.std(), min=st.min, max=st.max,
                 **st.quantiles(), histogram=st.histogram(),
             )
-        return cls(rows=stats.rows, measures=measures, status_counts=sc, **extra)
+        tokens = cls.from_stats(stats.tokens) if stats.tokens is not None else None
+        return cls(rows=stats.rows, measures=measures, status_counts=sc, tokens=tokens, **extra)
 
     def to_dict(self) -> dict:
         return {
@@ -687,6 +726,7 @@ class Summary:
             "options": self.options,
             "timings": self.timings,
             "files": self.files,
+            **({"tokens": self.tokens.to_dict()} if self.tokens is not None else {}),
         }
 
     @classmethod
@@ -697,6 +737,7 @@ class Summary:
             status_counts={str(k): int(v) for k, v in d["status_counts"].items()},
             dest=d.get("dest"), options=d.get("options"),
             timings=d.get("timings"), files=d.get("files"),
+            tokens=cls.from_dict(d["tokens"]) if d.get("tokens") else None,
         )
 
     # -- text -------------------------------------------------------------------
@@ -714,13 +755,27 @@ class Summary:
             except (LookupError, UnicodeEncodeError):
                 unicode = False
         sc = self.status_counts
-        n_invalid = sum(v for k, v in sc.items() if k not in ("ok", "null"))
+        n_invalid = sum(v for k, v in sc.items() if k not in _NOT_INVALID)
         head = f"{self.rows} rows: {sc.get('ok', 0)} valid, {sc.get('null', 0)} null, {n_invalid} invalid"
+        if sc.get("no_tokens"):
+            head += f", {sc['no_tokens']} with no counted position"
         if self.files is not None:
             head += f", {self.files} files"
         if self.dest:
             head += f" -> {self.dest}"
         lines = [head]
+        lines += self._measure_lines(unicode)
+        reasons = [(k, v) for k, v in sc.items() if k not in _NOT_INVALID and v]
+        if reasons:
+            lines.append("invalid rows: " + ", ".join(f"{k} {v}" for k, v in reasons))
+        if self.tokens is not None:
+            lines.append(f"over the {self.tokens.rows} counted positions of the valid sequences:")
+            lines += self.tokens._measure_lines(unicode)
+        return "\n".join(lines)
+
+    def _measure_lines(self, unicode: bool) -> list[str]:
+        """One line per measure, then their histograms."""
+        lines: list[str] = []
         if self.measures:
             w = max(8, max(len(m) for m in self.measures))
             cols = ["valid", "null", "invalid", "inf", "mean", "std", "min",
@@ -737,9 +792,6 @@ class Summary:
             if any(m.inf or m.neg_inf for m in self.measures.values()):
                 lines.append("(mean, std, min, quantiles and max are over the finite values; "
                              "inf counts the +inf values)")
-        reasons = [(k, v) for k, v in sc.items() if k not in ("ok", "null") and v]
-        if reasons:
-            lines.append("invalid rows: " + ", ".join(f"{k} {v}" for k, v in reasons))
         if any(m.histogram for m in self.measures.values()):
             lines.append(f"histograms ({HIST_BINS} equal bins from min to max):")
             w = max(len(m) for m in self.measures)
@@ -747,7 +799,7 @@ class Summary:
                 if m.histogram:
                     bar = _sparkline([c for _, _, c in m.histogram], unicode)
                     lines.append(f"  {name:<{w}} {_fmt(m.min):>10} |{bar}| {_fmt(m.max)}")
-        return "\n".join(lines)
+        return lines
 
     def __str__(self) -> str:
         return self.format_table()
