@@ -480,14 +480,35 @@ def _sums32(prow, qrow):
     return p_sum, q_sum, flag
 
 
+# Long rows are summed in chunks of SUM_BLOCK values: a float32 sum of k values
+# >= 0 is off by < k 2**-24 of it, too loose to tell a sum within sum_tol of 1
+# once k is in the thousands (K = 131,072: 0.8%); float32 within a chunk, float64
+# across chunks keeps the bound at SUM_BLOCK 2**-24 whatever K, and every chunk
+# still runs the vectorised one-pass loops (a chunk of both rows fits in L1).
+SUM_BLOCK = 1024
+
+
 @_jit
-def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol):
-    """All requested sums for a float32 probs row, or ok = False when the row
-    needs the scan and the general loops (a flag, or a row sum not clearly
-    within `sum_tol`: a float32 sum of k values >= 0 is off by < k * 2**-24 of it)."""
-    kl = rkl = ent = ce = js = tv = hel = 0.0
+def _kl32_blocked(prow, qrow):
+    """`_kl32` over chunks of SUM_BLOCK: (kl, p_sum, q_sum, flag) with float64 sums."""
+    kl = p_sum = q_sum = flag = 0.0
+    for b0 in range(0, prow.size, SUM_BLOCK):
+        b1 = min(b0 + SUM_BLOCK, prow.size)
+        a, ps, qs, f = _kl32(prow[b0:b1], qrow[b0:b1])
+        kl += a
+        p_sum += np.float64(ps)
+        q_sum += np.float64(qs)
+        flag += np.float64(f)
+    return kl, p_sum, q_sum, flag
+
+
+@_jit
+def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js):
+    """The requested sums over one chunk of a float32 probs row:
+    (flag, p_sum, q_sum, kl, rkl, ent, ce, js)."""
+    kl = rkl = ent = ce = js = 0.0
     flag = np.float32(0.0)
-    p_sum = q_sum = np.float32(1.0)
+    p_sum = q_sum = np.float32(0.0)
     if not use_q:
         ent, p_sum, flag = _entropy32(prow)
     else:
@@ -506,7 +527,31 @@ def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         if want_js:
             js, f = _js32(prow, qrow)
             flag += f
-    ok = flag == 0.0 and _sums_within32(p_sum, q_sum, prow.size, sum_tol)
+    return flag, p_sum, q_sum, kl, rkl, ent, ce, js
+
+
+@_jit
+def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol):
+    """All requested sums for a float32 probs row, or ok = False when the row
+    needs the scan and the general loops (a flag, or a row sum not clearly
+    within `sum_tol`)."""
+    kl = rkl = ent = ce = js = tv = hel = 0.0
+    flag = p_sum = q_sum = 0.0
+    for b0 in range(0, prow.size, SUM_BLOCK):
+        b1 = min(b0 + SUM_BLOCK, prow.size)
+        f, ps, qs, a, b, c, d, e = _probs32_chunk(prow[b0:b1], qrow[b0:b1], use_q, want_kl, want_rkl,
+                                                  want_ent, want_ce, want_js)
+        flag += np.float64(f)
+        p_sum += np.float64(ps)
+        q_sum += np.float64(qs)
+        kl += a
+        rkl += b
+        ent += c
+        ce += d
+        js += e
+    if not use_q:
+        q_sum = 1.0
+    ok = flag == 0.0 and _sums_within32(p_sum, q_sum, min(prow.size, SUM_BLOCK), sum_tol)
     if ok and want_tvh:
         tv, hel = _tv_hellinger32(prow, qrow)
     return ok, kl, rkl, ent, ce, js, tv, hel
@@ -603,12 +648,25 @@ def _cross_entropy_logs32(arow, brow):
 
 
 @_jit
-def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol):
-    """All requested sums for a float32 logprobs row (no JS/TV/Hellinger), or
-    ok = False when the row needs the scan and the float64 loops."""
+def _kl_logs32_blocked(arow, brow):
+    """`_kl_logs32` over chunks of SUM_BLOCK: (kl, p_sum, q_sum, flag) with float64 sums."""
+    kl = p_sum = q_sum = flag = 0.0
+    for b0 in range(0, arow.size, SUM_BLOCK):
+        b1 = min(b0 + SUM_BLOCK, arow.size)
+        a, ps, qs, f = _kl_logs32(arow[b0:b1], brow[b0:b1])
+        kl += a
+        p_sum += np.float64(ps)
+        q_sum += np.float64(qs)
+        flag += np.float64(f)
+    return kl, p_sum, q_sum, flag
+
+
+@_jit
+def _logprobs32_chunk(arow, brow, use_q, want_rkl, want_ent, want_ce):
+    """The requested sums over one chunk of a float32 logprobs row: (flag, p_sum, q_sum, kl, rkl, ent, ce)."""
     kl = rkl = ent = ce = 0.0
     flag = np.float32(0.0)
-    p_sum = q_sum = np.float32(1.0)
+    p_sum = q_sum = np.float32(0.0)
     if use_q:
         if want_rkl:
             kl, rkl, p_sum, q_sum, flag = _kl_reverse_logs32(arow, brow)
@@ -620,14 +678,35 @@ def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, s
     if use_q and want_ce:
         ce, f = _cross_entropy_logs32(arow, brow)
         flag += f
-    return flag == 0.0 and _sums_within32(p_sum, q_sum, arow.size, sum_tol), kl, rkl, ent, ce
+    return flag, p_sum, q_sum, kl, rkl, ent, ce
+
+
+@_jit
+def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol):
+    """All requested sums for a float32 logprobs row (no JS/TV/Hellinger), or
+    ok = False when the row needs the scan and the float64 loops."""
+    kl = rkl = ent = ce = 0.0
+    flag = p_sum = q_sum = 0.0
+    for b0 in range(0, arow.size, SUM_BLOCK):
+        b1 = min(b0 + SUM_BLOCK, arow.size)
+        f, ps, qs, a, b, c, d = _logprobs32_chunk(arow[b0:b1], brow[b0:b1], use_q, want_rkl, want_ent, want_ce)
+        flag += np.float64(f)
+        p_sum += np.float64(ps)
+        q_sum += np.float64(qs)
+        kl += a
+        rkl += b
+        ent += c
+        ce += d
+    if not use_q:
+        q_sum = 1.0
+    return flag == 0.0 and _sums_within32(p_sum, q_sum, min(arow.size, SUM_BLOCK), sum_tol), kl, rkl, ent, ce
 
 
 @_jit
 def _sums_within32(p_sum, q_sum, k, sum_tol):
-    """Both float32 row sums clearly within sum_tol of 1: a float32 sum of k
-    values >= 0 is off by < k 2**-24 of it, and float32 exponentials by 1e-7
-    each (the margin doubles both)."""
+    """Both row sums clearly within sum_tol of 1: a float32 sum of k values
+    >= 0 is off by < k 2**-24 of it (k: the chunk length, for sums chunked
+    into float64), and float32 exponentials by 1e-7 each (the margin doubles both)."""
     margin = (2.0 * k * 2.0**-24 + 2e-7) * (1.0 + sum_tol)
     return abs(np.float64(p_sum) - 1.0) <= sum_tol - margin and abs(np.float64(q_sum) - 1.0) <= sum_tol - margin
 
@@ -1050,8 +1129,8 @@ def _make_kernel(name):
                 kl_inf = rkl_inf = 0.0
                 if probs:
                     if fast and kl_only:  # the common call, without the dispatch of _probs32_terms
-                        kl, p_sum, q_sum, flag = _kl32(prow, qrow)
-                        done = flag == 0.0 and _sums_within32(p_sum, q_sum, k, sum_tol)
+                        kl, p_sum, q_sum, flag = _kl32_blocked(prow, qrow)
+                        done = flag == 0.0 and _sums_within32(p_sum, q_sum, min(k, SUM_BLOCK), sum_tol)
                     elif fast:
                         done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
                             prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol)
@@ -1062,8 +1141,8 @@ def _make_kernel(name):
                             want_tvh)
                 elif logs:
                     if fast and kl_only:  # the common logprobs call, straight to its loop
-                        kl, p_sum, q_sum, flag = _kl_logs32(prow, qrow)
-                        done = flag == 0.0 and _sums_within32(p_sum, q_sum, k, sum_tol)
+                        kl, p_sum, q_sum, flag = _kl_logs32_blocked(prow, qrow)
+                        done = flag == 0.0 and _sums_within32(p_sum, q_sum, min(k, SUM_BLOCK), sum_tol)
                     elif fast:
                         done, kl, rkl, ent, ce = _logprobs32_terms(
                             prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol)
