@@ -361,7 +361,20 @@ def _tv_hellinger_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add):
 
 
 @_jit
-def _kl32(prow, qrow):
+def _sum64(terms, n):
+    """float64 sum of the first n float32 terms. The term loops store their
+    float32 terms and this sums them: accumulating float64 inside a float32
+    loop would make LLVM vectorise all of it at the float64 width (half the
+    lanes; measured 2x slower), while a float32 accumulator would lose the
+    error bound."""
+    total = 0.0
+    for j in range(n):
+        total += np.float64(terms[j])
+    return total
+
+
+@_jit
+def _kl32(prow, qrow, terms):
     """(sum p log(p/q), sum p, sum q, flag): the one-measure loop of `fastkl.kl`."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
@@ -373,13 +386,14 @@ def _kl32(prow, qrow):
         p_sum += p
         q_sum += q
         inv_q = one / q
-        kl += np.float64(p * log_ratio32(p, inv_q, p - q))
+        terms[0, j] = p * log_ratio32(p, inv_q, p - q)
         flag += abs(p if not_normal32(p * inv_q) else zero) - min(q, zero)
+    kl = _sum64(terms[0], prow.size)
     return kl, p_sum, q_sum, flag
 
 
 @_jit
-def _kl_reverse32(prow, qrow):
+def _kl_reverse32(prow, qrow, terms):
     """`_kl32` plus sum q log(q/p); flags q > 0 = p (reverse KL = +inf) too."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
@@ -393,15 +407,17 @@ def _kl_reverse32(prow, qrow):
         q_sum += q
         inv_q = one / q
         lr = log_ratio32(p, inv_q, p - q)
-        kl += np.float64(p * lr)
-        rkl -= np.float64(q * lr)
+        terms[0, j] = p * lr
+        terms[1, j] = q * lr
         odd = not_normal32(p * inv_q)
         flag += abs(p if odd else zero) + abs(q if odd else zero) - min(q, zero)
+    kl = _sum64(terms[0], prow.size)
+    rkl = -_sum64(terms[1], prow.size)
     return kl, rkl, p_sum, q_sum, flag
 
 
 @_jit
-def _entropy32(prow):
+def _entropy32(prow, terms):
     """(-sum p log p, sum p, flag)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
@@ -410,13 +426,14 @@ def _entropy32(prow):
     for j in range(prow.size):
         p = prow[j]
         p_sum += p
-        ent -= np.float64(p * log_ratio32(p, one, p - one))
+        terms[0, j] = p * log_ratio32(p, one, p - one)
         flag += abs(p if not_normal32(p) else zero)
+    ent = -_sum64(terms[0], prow.size)
     return ent, p_sum, flag
 
 
 @_jit
-def _cross_entropy32(prow, qrow):
+def _cross_entropy32(prow, qrow, terms):
     zero = np.float32(0.0)
     one = np.float32(1.0)
     ce = 0.0
@@ -424,13 +441,14 @@ def _cross_entropy32(prow, qrow):
     for j in range(prow.size):
         p = prow[j]
         q = qrow[j]
-        ce -= np.float64(p * log_ratio32(q, one, q - one))
+        terms[0, j] = p * log_ratio32(q, one, q - one)
         flag += abs(p if not_normal32(q) else zero)
+    ce = -_sum64(terms[0], prow.size)
     return ce, flag
 
 
 @_jit
-def _js32(prow, qrow):
+def _js32(prow, qrow, terms):
     """sum p log(2p/(p+q)) + q log(2q/(p+q)); near p = q the logs take their
     mantissa from (p - q)/(p + q), as in `_js_terms_probs`."""
     zero = np.float32(0.0)
@@ -444,13 +462,14 @@ def _js32(prow, qrow):
         d = p - q
         pp = p + p
         qq = q + q
-        js += np.float64(p * log_ratio32(pp, inv_s, d) + q * log_ratio32(qq, inv_s, -d))
+        terms[0, j] = p * log_ratio32(pp, inv_s, d) + q * log_ratio32(qq, inv_s, -d)
         flag += abs(p if not_normal32(pp * inv_s) else zero) + abs(q if not_normal32(qq * inv_s) else zero)
+    js = _sum64(terms[0], prow.size)
     return js, flag
 
 
 @_jit
-def _tv_hellinger32(prow, qrow):
+def _tv_hellinger32(prow, qrow, terms):
     tv = 0.0
     hel = 0.0
     zero = np.float32(0.0)
@@ -460,8 +479,10 @@ def _tv_hellinger32(prow, qrow):
         d = p - q
         root_sum = np.sqrt(p) + np.sqrt(q)
         h = d / root_sum  # = sqrt p - sqrt q, without cancelling
-        tv += np.float64(abs(d))
-        hel += np.float64(h * h if root_sum > zero else zero)
+        terms[0, j] = abs(d)
+        terms[1, j] = h * h if root_sum > zero else zero
+    tv = _sum64(terms[0], prow.size)
+    hel = _sum64(terms[1], prow.size)
     return tv, hel
 
 
@@ -489,12 +510,12 @@ SUM_BLOCK = 1024
 
 
 @_jit
-def _kl32_blocked(prow, qrow):
+def _kl32_blocked(prow, qrow, terms):
     """`_kl32` over chunks of SUM_BLOCK: (kl, p_sum, q_sum, flag) with float64 sums."""
     kl = p_sum = q_sum = flag = 0.0
     for b0 in range(0, prow.size, SUM_BLOCK):
         b1 = min(b0 + SUM_BLOCK, prow.size)
-        a, ps, qs, f = _kl32(prow[b0:b1], qrow[b0:b1])
+        a, ps, qs, f = _kl32(prow[b0:b1], qrow[b0:b1], terms)
         kl += a
         p_sum += np.float64(ps)
         q_sum += np.float64(qs)
@@ -503,35 +524,35 @@ def _kl32_blocked(prow, qrow):
 
 
 @_jit
-def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js):
+def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, terms):
     """The requested sums over one chunk of a float32 probs row:
     (flag, p_sum, q_sum, kl, rkl, ent, ce, js)."""
     kl = rkl = ent = ce = js = 0.0
     flag = np.float32(0.0)
     p_sum = q_sum = np.float32(0.0)
     if not use_q:
-        ent, p_sum, flag = _entropy32(prow)
+        ent, p_sum, flag = _entropy32(prow, terms)
     else:
         if want_rkl:
-            kl, rkl, p_sum, q_sum, flag = _kl_reverse32(prow, qrow)
+            kl, rkl, p_sum, q_sum, flag = _kl_reverse32(prow, qrow, terms)
         elif want_kl:
-            kl, p_sum, q_sum, flag = _kl32(prow, qrow)
+            kl, p_sum, q_sum, flag = _kl32(prow, qrow, terms)
         else:
             p_sum, q_sum, flag = _sums32(prow, qrow)
         if want_ent:
-            ent, _, f = _entropy32(prow)
+            ent, _, f = _entropy32(prow, terms)
             flag += f
         if want_ce:
-            ce, f = _cross_entropy32(prow, qrow)
+            ce, f = _cross_entropy32(prow, qrow, terms)
             flag += f
         if want_js:
-            js, f = _js32(prow, qrow)
+            js, f = _js32(prow, qrow, terms)
             flag += f
     return flag, p_sum, q_sum, kl, rkl, ent, ce, js
 
 
 @_jit
-def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol):
+def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol, terms):
     """All requested sums for a float32 probs row, or ok = False when the row
     needs the scan and the general loops (a flag, or a row sum not clearly
     within `sum_tol`)."""
@@ -540,7 +561,7 @@ def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
     for b0 in range(0, prow.size, SUM_BLOCK):
         b1 = min(b0 + SUM_BLOCK, prow.size)
         f, ps, qs, a, b, c, d, e = _probs32_chunk(prow[b0:b1], qrow[b0:b1], use_q, want_kl, want_rkl,
-                                                  want_ent, want_ce, want_js)
+                                                  want_ent, want_ce, want_js, terms)
         flag += np.float64(f)
         p_sum += np.float64(ps)
         q_sum += np.float64(qs)
@@ -553,7 +574,11 @@ def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         q_sum = 1.0
     ok = flag == 0.0 and _sums_within32(p_sum, q_sum, min(prow.size, SUM_BLOCK), sum_tol)
     if ok and want_tvh:
-        tv, hel = _tv_hellinger32(prow, qrow)
+        for b0 in range(0, prow.size, SUM_BLOCK):
+            b1 = min(b0 + SUM_BLOCK, prow.size)
+            a, b = _tv_hellinger32(prow[b0:b1], qrow[b0:b1], terms)
+            tv += a
+            hel += b
     return ok, kl, rkl, ent, ce, js, tv, hel
 
 
@@ -570,7 +595,7 @@ NEG_INF32 = np.float32(-np.inf)
 
 
 @_jit
-def _kl_logs32(arow, brow):
+def _kl_logs32(arow, brow, terms):
     """(sum p (a - b), sum p, sum q, flag) for log-probabilities a, b."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
@@ -583,13 +608,14 @@ def _kl_logs32(arow, brow):
         p_sum += p
         q_sum += exp32(b)
         p_pos = a > NEG_INF32
-        kl += np.float64(p * (a - b if p_pos else zero))
+        terms[0, j] = p * (a - b if p_pos else zero)
         flag += one if (p_pos & ((a < LOG_MIN32) | (b == NEG_INF32))) else zero
+    kl = _sum64(terms[0], arow.size)
     return kl, p_sum, q_sum, flag
 
 
 @_jit
-def _kl_reverse_logs32(arow, brow):
+def _kl_reverse_logs32(arow, brow, terms):
     """`_kl_logs32` plus sum q (b - a)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
@@ -606,16 +632,18 @@ def _kl_reverse_logs32(arow, brow):
         p_pos = a > NEG_INF32
         q_pos = b > NEG_INF32
         d = a - b if (p_pos & q_pos) else zero
-        kl += np.float64(p * d)
-        rkl -= np.float64(q * d)
+        terms[0, j] = p * d
+        terms[1, j] = q * d
         p_alone = p_pos & ((a < LOG_MIN32) | (b == NEG_INF32))
         q_alone = q_pos & ((b < LOG_MIN32) | (a == NEG_INF32))
         flag += one if (p_alone | q_alone) else zero
+    kl = _sum64(terms[0], arow.size)
+    rkl = -_sum64(terms[1], arow.size)
     return kl, rkl, p_sum, q_sum, flag
 
 
 @_jit
-def _entropy_logs32(arow):
+def _entropy_logs32(arow, terms):
     """(-sum p a, sum p, flag)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
@@ -626,13 +654,14 @@ def _entropy_logs32(arow):
         p = exp32(a)
         p_sum += p
         p_pos = a > NEG_INF32
-        ent -= np.float64(p * (a if p_pos else zero))
+        terms[0, j] = p * (a if p_pos else zero)
         flag += one if (p_pos & (a < LOG_MIN32)) else zero
+    ent = -_sum64(terms[0], arow.size)
     return ent, p_sum, flag
 
 
 @_jit
-def _cross_entropy_logs32(arow, brow):
+def _cross_entropy_logs32(arow, brow, terms):
     """(-sum p b, flag)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
@@ -642,18 +671,19 @@ def _cross_entropy_logs32(arow, brow):
         a = arow[j]
         b = brow[j]
         p_pos = a > NEG_INF32
-        ce -= np.float64(exp32(a) * (b if p_pos else zero))
+        terms[0, j] = exp32(a) * (b if p_pos else zero)
         flag += one if (p_pos & ((a < LOG_MIN32) | (b == NEG_INF32))) else zero
+    ce = -_sum64(terms[0], arow.size)
     return ce, flag
 
 
 @_jit
-def _kl_logs32_blocked(arow, brow):
+def _kl_logs32_blocked(arow, brow, terms):
     """`_kl_logs32` over chunks of SUM_BLOCK: (kl, p_sum, q_sum, flag) with float64 sums."""
     kl = p_sum = q_sum = flag = 0.0
     for b0 in range(0, arow.size, SUM_BLOCK):
         b1 = min(b0 + SUM_BLOCK, arow.size)
-        a, ps, qs, f = _kl_logs32(arow[b0:b1], brow[b0:b1])
+        a, ps, qs, f = _kl_logs32(arow[b0:b1], brow[b0:b1], terms)
         kl += a
         p_sum += np.float64(ps)
         q_sum += np.float64(qs)
@@ -662,34 +692,35 @@ def _kl_logs32_blocked(arow, brow):
 
 
 @_jit
-def _logprobs32_chunk(arow, brow, use_q, want_rkl, want_ent, want_ce):
+def _logprobs32_chunk(arow, brow, use_q, want_rkl, want_ent, want_ce, terms):
     """The requested sums over one chunk of a float32 logprobs row: (flag, p_sum, q_sum, kl, rkl, ent, ce)."""
     kl = rkl = ent = ce = 0.0
     flag = np.float32(0.0)
     p_sum = q_sum = np.float32(0.0)
     if use_q:
         if want_rkl:
-            kl, rkl, p_sum, q_sum, flag = _kl_reverse_logs32(arow, brow)
+            kl, rkl, p_sum, q_sum, flag = _kl_reverse_logs32(arow, brow, terms)
         else:  # also the loop that checks the sums when only entropy / cross-entropy is asked
-            kl, p_sum, q_sum, flag = _kl_logs32(arow, brow)
+            kl, p_sum, q_sum, flag = _kl_logs32(arow, brow, terms)
     if want_ent or not use_q:
-        ent, p_sum, f = _entropy_logs32(arow)
+        ent, p_sum, f = _entropy_logs32(arow, terms)
         flag += f
     if use_q and want_ce:
-        ce, f = _cross_entropy_logs32(arow, brow)
+        ce, f = _cross_entropy_logs32(arow, brow, terms)
         flag += f
     return flag, p_sum, q_sum, kl, rkl, ent, ce
 
 
 @_jit
-def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol):
+def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol, terms):
     """All requested sums for a float32 logprobs row (no JS/TV/Hellinger), or
     ok = False when the row needs the scan and the float64 loops."""
     kl = rkl = ent = ce = 0.0
     flag = p_sum = q_sum = 0.0
     for b0 in range(0, arow.size, SUM_BLOCK):
         b1 = min(b0 + SUM_BLOCK, arow.size)
-        f, ps, qs, a, b, c, d = _logprobs32_chunk(arow[b0:b1], brow[b0:b1], use_q, want_rkl, want_ent, want_ce)
+        f, ps, qs, a, b, c, d = _logprobs32_chunk(arow[b0:b1], brow[b0:b1], use_q, want_rkl, want_ent,
+                                                  want_ce, terms)
         flag += np.float64(f)
         p_sum += np.float64(ps)
         q_sum += np.float64(qs)
@@ -1110,6 +1141,7 @@ def _make_kernel(name):
                       and not (want_js or want_tvh))
         logits_kl = logs and kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = 0.0
+        terms = np.empty((2, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
         for i in range(start, stop):
             code = np.int64(pre_status[i])  # a code other than OK: settled before the kernel
             ps = p_offsets[i]
@@ -1129,11 +1161,11 @@ def _make_kernel(name):
                 kl_inf = rkl_inf = 0.0
                 if probs:
                     if fast and kl_only:  # the common call, without the dispatch of _probs32_terms
-                        kl, p_sum, q_sum, flag = _kl32_blocked(prow, qrow)
+                        kl, p_sum, q_sum, flag = _kl32_blocked(prow, qrow, terms)
                         done = flag == 0.0 and _sums_within32(p_sum, q_sum, min(k, SUM_BLOCK), sum_tol)
                     elif fast:
                         done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
-                            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol)
+                            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol, terms)
                     if not done:
                         code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _probs_row(
                             prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
@@ -1141,11 +1173,11 @@ def _make_kernel(name):
                             want_tvh)
                 elif logs:
                     if fast and kl_only:  # the common logprobs call, straight to its loop
-                        kl, p_sum, q_sum, flag = _kl_logs32_blocked(prow, qrow)
+                        kl, p_sum, q_sum, flag = _kl_logs32_blocked(prow, qrow, terms)
                         done = flag == 0.0 and _sums_within32(p_sum, q_sum, min(k, SUM_BLOCK), sum_tol)
                     elif fast:
                         done, kl, rkl, ent, ce = _logprobs32_terms(
-                            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol)
+                            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol, terms)
                     elif logits_kl:  # the common logits call, straight to its loops
                         p_top, p_bad = _scan_logits(prow)
                         q_top, q_bad = _scan_logits(qrow)
