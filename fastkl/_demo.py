@@ -55,6 +55,76 @@ def make_shard(rng: np.random.Generator, first_id: int, n: int, vocab: int) -> p
     })
 
 
+# ---------------------------------------------------------------- token data
+# A distillation table as DistillKit / Axolotl store it: one row per sequence,
+# per position the teacher's top-k token ids and log-probs, a mask of the
+# positions that count (the completion, not the prompt), and here also the
+# student's own top-k. Distributions are Zipf-like over a 32k vocabulary, drawn
+# by rank (no full distribution is ever built): the listed values are the top
+# ranks, so every unlisted value is below the smallest listed one, as in real
+# top-k data; the student's ranks are noisy and partly other tokens.
+
+def _zipf_top(rng: np.random.Generator, n: int, k: int, vocab: int, s: np.ndarray,
+              noise: float) -> np.ndarray:
+    """Log-probs of the k largest entries of n Zipf-like distributions, descending."""
+    ranks = np.arange(1, vocab + 1, dtype=np.float64)
+    logw = -s[:, None] * np.log(ranks[None, :k] + 2.0) + rng.normal(0.0, noise, (n, k))
+    logw = -np.sort(-logw, axis=1)
+    # the tail beyond k: the same power law from rank k+1, its total by a 64-point sum of blocks
+    edges = np.unique(np.geomspace(k + 1, vocab, 64).astype(np.int64))
+    mids, widths = (edges[:-1] + edges[1:]) / 2.0, np.diff(edges)
+    tail = (widths[None, :] * np.exp(-s[:, None] * np.log(mids[None, :] + 2.0))).sum(axis=1)
+    top = np.exp(logw)
+    tail = np.minimum(tail, top[:, -1] * (vocab - k))  # never above the cap top-k implies
+    return logw - np.log(top.sum(axis=1) + tail)[:, None]
+
+
+def _distinct_ids(rng: np.random.Generator, n: int, k: int, vocab: int) -> np.ndarray:
+    """n rows of k distinct token ids (common tokens more often)."""
+    ids = (vocab * rng.random((n, 3 * k)) ** 3).astype(np.int64)
+    out = np.empty((n, k), dtype=np.int64)
+    for i in range(n):
+        _, first = np.unique(ids[i], return_index=True)
+        row = ids[i][np.sort(first)]
+        while row.size < k:
+            row = np.unique(np.concatenate([row, rng.integers(0, vocab, k)]))
+        out[i] = row[:k]
+    return out
+
+
+def make_distill_shard(rng: np.random.Generator, first_id: int, n: int, positions: int, vocab: int,
+                       k: int) -> pa.Table:
+    m = n * positions
+    teacher_ids = _distinct_ids(rng, m, k, vocab)
+    teacher = _zipf_top(rng, m, k, vocab, rng.uniform(1.1, 1.6, m), 0.0)
+    # the student: its own top-k, mostly the teacher's tokens in a noisier order, some others
+    other = _distinct_ids(rng, m, k, vocab)
+    keep = rng.random((m, k)) < 0.8
+    student_ids = np.where(keep, teacher_ids, other)
+    for i in np.flatnonzero((np.sort(student_ids, axis=1)[:, 1:] == np.sort(student_ids, axis=1)[:, :-1]).any(1)):
+        _, first = np.unique(student_ids[i], return_index=True)  # a replacement hit a kept id: redraw
+        row = student_ids[i][np.sort(first)]
+        fresh = np.setdiff1d(rng.integers(0, vocab, 4 * k), row)[: k - row.size]
+        student_ids[i] = np.concatenate([row, fresh])
+    student = _zipf_top(rng, m, k, vocab, rng.uniform(1.0, 1.5, m), 0.4)
+    prompt = rng.integers(positions // 8, positions // 2, n)
+    mask = (np.arange(positions)[None, :] >= prompt[:, None]).astype(np.int8)
+
+    def nested(x: np.ndarray, t: pa.DataType) -> pa.Array:
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), type=t), k).cast(pa.list_(t))
+        return pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * positions), inner)
+
+    return pa.table({
+        "id": pa.array(np.arange(first_id, first_id + n, dtype=np.int64)),
+        "target_token_ids": nested(teacher_ids.astype(np.int32), pa.int32()),
+        "target_logprobs": nested(teacher.astype(np.float32), pa.float32()),
+        "target_mask": pa.ListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * positions),
+                                                pa.array(mask.reshape(-1))),
+        "student_token_ids": nested(student_ids.astype(np.int32), pa.int32()),
+        "student_logprobs": nested(student.astype(np.float32), pa.float32()),
+    })
+
+
 def make_sample(data_dir: str, rows: int, shards: int, vocab: int, seed: int = 0) -> list[str]:
     """Write the sample shards (skipped when the same sample is already there)."""
     meta = {"rows": rows, "shards": shards, "vocab": vocab, "seed": seed, "format": 1}

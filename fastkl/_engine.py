@@ -23,10 +23,11 @@ import pyarrow as pa
 from . import _config
 from ._config import MIN_ELEMENTS_PER_BLOCK
 from ._options import Options, check_measures, check_threads, needs_q
-from ._registry import KIND_CODE, MEASURE_INDEX, NULL
+from ._registry import KIND_CODE, MEASURE_INDEX, NULL, TAILS
 from ._result import Layout, PerToken, Result, concat, empty, layout_for
 from .adapters.arrow import Side, aligned_columns, side_pair
-from .adapters.tokens import describe_sequence, flatten, is_sequence
+from .adapters.tokens import (describe_sequence, describe_sparse, empty_ids, flatten, ids_side, is_sequence,
+                              merge_pre_status)
 from .errors import OptionError
 from .kernels import dense as K
 from .kernels.sequences import sum_positions
@@ -192,12 +193,51 @@ def _slots(measures: tuple[str, ...]) -> np.ndarray:
 def _run_rows(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
               use_q: bool, threads: int) -> _Rows:
     """Run the kernel over token rows (`pre`: codes settled before it, e.g. from a sequence's mask)."""
+    if layout.sparse:
+        return _run_sparse(cols, pre, layout, options, use_q, threads)
     ps, qs = side_pair(cols["p"], cols.get("q"))
     n = ps.n
     values = np.empty((len(layout.measures), n), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
     _run_piece(ps, qs, _pre_status(pre, ps, qs), _slots(layout.measures), options, use_q, values, status, threads)
     return _Rows(values, status, lambda i, reason: _describe_dense(ps, qs, options, i, reason))
+
+
+def _run_sparse(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
+                use_q: bool, threads: int) -> _Rows:
+    """The sparse kernel over token rows: a side with ids lists its top-k, one without is dense."""
+    from .kernels.sparse import sparse_rows
+
+    ps, qs = side_pair(cols["p"], cols.get("q"))
+    p_ids = ids_side(cols["p_ids"], "p_ids") if "p_ids" in cols else None
+    q_ids = ids_side(cols["q_ids"], "q_ids") if use_q and "q_ids" in cols else None
+    pre = _pre_status(merge_pre_status(_pre_status(pre, ps, qs), p_ids, q_ids), ps)
+    n, m = ps.n, len(layout.measures)
+    values = np.empty((m, n), dtype=np.float64)
+    bounds = (m, n) if layout.bounds else (m, 0)
+    lower, upper = np.empty(bounds), np.empty(bounds)
+    listed = np.empty((2, n), dtype=np.float64)
+    status = np.empty(n, dtype=np.uint8)
+    qq, q_id = (qs, q_ids) if qs is not None else (ps, p_ids)
+    none = empty_ids()
+    args = (
+        ps.offsets, (p_ids or none).offsets, (p_ids or none).ids, ps.values, ps.mask, int(ps.mask_offset),
+        p_ids is None,
+        qq.offsets, (q_id or none).offsets, (q_id or none).ids, qq.values, qq.mask, int(qq.mask_offset),
+        q_id is None,
+        pre, bool(use_q), KIND_CODE[options.p_kind], KIND_CODE[options.q_kind],
+        -1 if options.vocab is None else int(options.vocab), TAILS.index(options.tail), bool(layout.bounds),
+        float(options.sum_tol), 1.0 / math.log(options.base),
+        _slots(layout.measures), values, lower, upper, listed, status,
+    )
+    _run_blocks(sparse_rows, args, ps.offsets, threads)
+    sides = {"p": (ps, p_ids, options.p_kind), "q": (qs, q_ids, options.q_kind)}
+
+    def describe(i: int, reason: str) -> str:
+        return describe_sparse(sides, options, i, reason) or _describe_dense(ps, qs, options, i, reason)
+
+    return _Rows(values, status, describe, lower if layout.bounds else None,
+                 upper if layout.bounds else None, listed)
 
 
 def _token_result(cols: dict[str, Any], layout: Layout, options: Options, use_q: bool, threads: int) -> Result:

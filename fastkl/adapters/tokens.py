@@ -288,3 +288,44 @@ def _flag_rows(pre: np.ndarray | None, offsets: np.ndarray, bad: np.ndarray, cod
 def empty_ids() -> Ids:
     return Ids(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64), None)
 
+
+
+def merge_pre_status(pre: np.ndarray, *ids: Ids | None) -> np.ndarray:
+    """Row codes settled before the kernel: `pre`'s, then those the ids columns found (a null
+    ids list is a null row, a null id or a non-integral one makes the row invalid)."""
+    out = np.array(pre, dtype=np.uint8)  # a writable copy
+    for side in ids:
+        if side is not None and side.pre_status is not None:
+            free = out == OK
+            out[free] = side.pre_status[free]
+    return out
+
+
+def describe_sparse(sides: dict[str, tuple[Any, Ids | None, str]], options: Any, i: int, reason: str) -> str:
+    """Why sparse row `i` is invalid, for the reasons of ids and listed mass ('' for the others)."""
+    for name, (side, ids, kind) in sides.items():
+        if side is None or ids is None:
+            continue
+        values, row = side.row(i), ids.row(i).astype(np.int64)
+        if reason == "ids_length_mismatch" and len(values) != len(row):
+            return f"{name} has {len(values)} values, {name}_ids {len(row)} ids"
+        if reason == "id_not_integer" and (row == -1).any():
+            return f"{name}_ids[{int(np.flatnonzero(row == -1)[0])}] is not a whole number"
+        if reason == "id_out_of_range":
+            bad = (row < 0) | (row >= options.vocab) if options.vocab is not None else row < 0
+            if bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                where = f"in [0, {options.vocab})" if options.vocab is not None else ">= 0"
+                return f"{name}_ids[{j}] = {int(row[j])} is not {where}"
+        if reason == "duplicate_id":
+            _, first, counts = np.unique(row, return_index=True, return_counts=True)
+            if (counts > 1).any():
+                v = int(np.unique(row)[counts > 1][0])
+                j0, j1 = np.flatnonzero(row == v)[:2]
+                return f"{name}_ids[{j1}] = {v} repeats {name}_ids[{j0}]"
+        if reason == "not_normalized" and len(values) == len(row):
+            x = values.astype(np.float64)
+            total = float(np.sum(x if kind == "probs" else np.exp(x)))
+            if total > 1 + options.sum_tol:
+                return f"{name} lists a mass of {total!r}, more than 1 + sum_tol={options.sum_tol:g}"
+    return ""
