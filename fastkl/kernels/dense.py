@@ -509,18 +509,26 @@ def _sums32(prow, qrow):
 SUM_BLOCK = 1024
 
 
-@_jit
-def _kl32_blocked(prow, qrow, terms):
-    """`_kl32` over chunks of SUM_BLOCK: (kl, p_sum, q_sum, flag) with float64 sums."""
-    kl = p_sum = q_sum = flag = 0.0
-    for b0 in range(0, prow.size, SUM_BLOCK):
-        b1 = min(b0 + SUM_BLOCK, prow.size)
-        a, ps, qs, f = _kl32(prow[b0:b1], qrow[b0:b1], terms)
-        kl += a
-        p_sum += np.float64(ps)
-        q_sum += np.float64(qs)
-        flag += np.float64(f)
-    return kl, p_sum, q_sum, flag
+def _in_chunks(kl_loop):
+    """`kl_loop` (a float32 kl loop: (kl, p_sum, q_sum, flag)) over chunks of
+    SUM_BLOCK, its sums and flag added in float64."""
+
+    def chunked(arow, brow, terms):
+        kl = p_sum = q_sum = flag = 0.0
+        for b0 in range(0, arow.size, SUM_BLOCK):
+            b1 = min(b0 + SUM_BLOCK, arow.size)
+            a, ps, qs, f = kl_loop(arow[b0:b1], brow[b0:b1], terms)
+            kl += a
+            p_sum += np.float64(ps)
+            q_sum += np.float64(qs)
+            flag += np.float64(f)
+        return kl, p_sum, q_sum, flag
+
+    chunked.__qualname__ = chunked.__name__ = f"{kl_loop.__name__}_blocked"
+    return _jit(chunked)
+
+
+_kl32_blocked = _in_chunks(_kl32)
 
 
 @_jit
@@ -677,18 +685,7 @@ def _cross_entropy_logs32(arow, brow, terms):
     return ce, flag
 
 
-@_jit
-def _kl_logs32_blocked(arow, brow, terms):
-    """`_kl_logs32` over chunks of SUM_BLOCK: (kl, p_sum, q_sum, flag) with float64 sums."""
-    kl = p_sum = q_sum = flag = 0.0
-    for b0 in range(0, arow.size, SUM_BLOCK):
-        b1 = min(b0 + SUM_BLOCK, arow.size)
-        a, ps, qs, f = _kl_logs32(arow[b0:b1], brow[b0:b1], terms)
-        kl += a
-        p_sum += np.float64(ps)
-        q_sum += np.float64(qs)
-        flag += np.float64(f)
-    return kl, p_sum, q_sum, flag
+_kl_logs32_blocked = _in_chunks(_kl_logs32)
 
 
 @_jit
