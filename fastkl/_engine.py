@@ -189,8 +189,8 @@ def _run_piece(p: Side, q: Side | None, slots: np.ndarray, opts: Options, use_q:
     row_null.flags.writeable = False  # same array type as the other inputs: one specialisation
     p_kind, q_kind = KIND_CODE[opts.p_kind], KIND_CODE[opts.q_kind]
     args = (
-        p.offsets, p.values, p.mask, int(p.mask_offset),
-        qq.offsets, qq.values, qq.mask, int(qq.mask_offset),
+        p.offsets, p.values, p.mask, int(p.mask_offset), int(p.decode),
+        qq.offsets, qq.values, qq.mask, int(qq.mask_offset), int(qq.decode),
         row_null, bool(use_q),
         int(p_kind), int(q_kind),
         1.0 / opts.p_temperature if opts.p_kind == "logits" else 1.0,
@@ -222,7 +222,7 @@ def compute(
     use_q = needs_q(measures)
     if use_q and q is None:
         raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")
-    n, pieces = aligned_sides(p, q if use_q else None)
+    n, pieces = aligned_sides(p, q if use_q else None, options.p_dtype, options.q_dtype)
     threads = _config.cores() if threads is None else check_threads(threads)
     values = np.empty((len(measures), n), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
