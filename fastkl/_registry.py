@@ -29,6 +29,10 @@ ONE_SIDED = frozenset({"entropy"})
 
 KINDS: tuple[str, ...] = ("probs", "logprobs", "logits")
 
+# Element types a side may be declared as (`p_dtype`; None: as stored). Arrow
+# has no bfloat16: a list<uint16> holding bfloat16 bits must be declared so.
+DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
+
 # How a sparse (top-k) row's unlisted mass is treated by the point estimate.
 TAILS: tuple[str, ...] = ("bucket", "renormalize", "uniform")
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}
