@@ -42,6 +42,7 @@ computed) of at most DEFAULT_BATCH_BYTES each.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import json
@@ -619,6 +620,18 @@ def _run_threads(todo, plan, spec, progress, workers):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _check_element_types(plan, options: Options) -> None:
+    """Every file's p/q element types against the declared ones (`p_dtype`): a
+    list<uint16> is bfloat16 or float16 only when declared so. Refused before any task runs."""
+    from ..adapters.arrow import element_type
+
+    cols = plan.columns
+    roles = [(r, c, d) for r, c, d in (("p", cols.p, options.p_dtype), ("q", cols.q, options.q_dtype)) if c is not None]
+    for types in plan.value_types:
+        for t, (role, column, declared) in zip(types, roles):
+            element_type(t, declared, f"column {column!r} ({role})", role)
+
+
 def _kernel_dtypes(plan) -> tuple:
     """Every kernel dtype this job's files will need (float32, float64 or both), from the
     p/q value types of every file's schema read at scan time: a plan of mixed float32 and
@@ -631,7 +644,13 @@ def _kernel_dtypes(plan) -> tuple:
 def _warm_worker(dtypes: tuple = (), options: Options | None = None, measures: tuple = ("kl",)) -> None:
     from .._engine import warmup
 
-    warmup(dtypes, options, measures)
+    warmup(dtypes, _warm_options(options), measures)
+
+
+def _warm_options(options: Options | None) -> Options | None:
+    """The options a warm-up runs with: its sample rows are float32/float64, so
+    declared element types (p_dtype) are dropped."""
+    return None if options is None else dataclasses.replace(options, p_dtype=None, q_dtype=None)
 
 
 def _cluster_threads(client) -> dict[str, int]:
@@ -966,7 +985,7 @@ def run(
     `distributed.Client`. workers: how many threads/processes locally.
     task_rows / task_bytes bound the size of a task (rows; decoded bytes of
     the columns read). Other keyword arguments are the options of the in-memory API
-    (kind, p_kind, temperature, base, normalize, smoothing, sum_tol,
+    (kind, p_kind, dtype, p_dtype, temperature, base, normalize, smoothing, sum_tol,
     on_invalid).
     """
     from ..summary.stats import PartStats, Summary
@@ -1011,6 +1030,7 @@ def run(
             check_side_file(summary_json, "--summary-json", checked[0], roots)
 
     plan, roots = scan(source, p=p, q=q, keep=keep, task_rows=task_rows, task_bytes=task_bytes, check=check)
+    _check_element_types(plan, options)
     dest_p = checked[0]
     if summary_json is not None:
         check_side_file(summary_json, "--summary-json", dest_p, roots, [f.path for f in plan.files])
@@ -1106,7 +1126,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, measu
 
         # compile / load the kernel once here, before any worker process starts
         # (numba issue 4807), for every dtype the files of the plan need
-        warmup(_kernel_dtypes(plan), options, measures)
+        warmup(_kernel_dtypes(plan), _warm_options(options), measures)
         if todo:
             for r in _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close):
                 results[r["index"]] = r
