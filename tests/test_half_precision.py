@@ -66,6 +66,13 @@ def test_bfloat16_decoder_every_bit_pattern():
     np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
 
 
+def test_decode_codes_agree_with_the_registry():
+    from fastkl._registry import DECODE_CODE
+    from fastkl.kernels import half
+
+    assert (half.AS_IS, half.FLOAT16, half.BFLOAT16) == tuple(DECODE_CODE[n] for n in ("as_is", "float16", "bfloat16"))
+
+
 def test_scalar_decoders_and_row_window():
     assert float16_to_float32(0x0001) == 2.0**-24  # smallest subnormal
     assert float16_to_float32(0x03FF) == 1023 * 2.0**-24  # largest subnormal
@@ -300,6 +307,11 @@ def test_torch_tensors(rng):
             p.numpy(), q.numpy(), measures=fastkl.MEASURES, sum_tol=2e-2))
         if dtype == torch.bfloat16:
             same_results(got, ref)  # bfloat16 of bfloat16-exact values: no rounding
+    tb = torch.from_numpy(p32).bfloat16()
+    _, [(_, ps, _)] = aligned_sides(tb, None)
+    assert ps.decode == BFLOAT16 and np.shares_memory(ps.values, tb.view(torch.int16).numpy())  # no copy
+    grad = torch.from_numpy(p32).requires_grad_(True)
+    np.testing.assert_array_equal(fastkl.kl(grad, q32, sum_tol=2e-2), fastkl.kl(p32, q32, sum_tol=2e-2))
     with pytest.raises(OptionError, match=r"torch.bfloat16"):
         fastkl.kl(torch.from_numpy(p32).bfloat16(), q32, p_dtype="float16")
     with pytest.raises(OptionError, match=r"^p: a torch tensor on meta"):

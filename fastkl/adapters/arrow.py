@@ -24,9 +24,10 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .._registry import DTYPES
+from .._registry import DECODE_CODE, DTYPES
 from ..errors import DataError, OptionError
-from ..kernels.half import AS_IS, BFLOAT16, FLOAT16
+
+AS_IS, FLOAT16, BFLOAT16 = DECODE_CODE["as_is"], DECODE_CODE["float16"], DECODE_CODE["bfloat16"]
 
 _EMPTY_MASK = np.zeros(0, dtype=np.uint8)
 
@@ -40,7 +41,7 @@ class Side:
     mask: np.ndarray  # Arrow validity bitmap of `values` (LSB first), empty if no null element
     mask_offset: int  # bit of mask that belongs to values[0]
     row_null: np.ndarray | None  # bool per row, None if no null row
-    decode: int = 0  # 0: float values; 1 / 2: uint16 values holding float16 / bfloat16 bits (kernels.half)
+    decode: int = 0  # 0: float values; 1 / 2: uint16 values holding float16 / bfloat16 bits (_registry.DECODES)
 
     @property
     def n(self) -> int:

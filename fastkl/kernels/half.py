@@ -18,7 +18,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-# Decode codes of a side (the kernel's p_decode / q_decode).
+# Decode codes of a side (the kernel's p_decode / q_decode; fastkl._registry.DECODES order).
 AS_IS, FLOAT16, BFLOAT16 = 0, 1, 2
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")  # integer code: no fastmath needed
