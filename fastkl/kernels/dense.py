@@ -90,6 +90,8 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # keep the old code. tests/test_fastmath.py checks that this digest of
 # fastmath.py is current, so any change there changes this file too.
 FASTMATH_DIGEST = "81ac095f9833b24f"
+# The same for half.py, whose decoders the kernels inline (tests/test_half_precision.py).
+HALF_DIGEST = "2c07a5592e0476bb"
 
 
 def _is_float32(values):

@@ -6,9 +6,9 @@ viewed as uint16) and decodes one row at a time into a float32 scratch row
 that stays in L1, so a table is never copied to float32 as a whole. Both
 decoders are exact for every one of the 65,536 bit patterns (subnormals,
 ±inf, NaN with its payload, -0) and written with integer selects only, so
-LLVM vectorises the row loop. float16 subnormals go through an exact
-int -> float32 conversion (m * 2**-24 is a normal float32): no float32
-subnormal is ever formed, so a flush-denormals CPU mode cannot change them.
+LLVM vectorises the row loop. float16 subnormals come out of one exact
+subtraction of normal float32s: no float32 subnormal is ever formed, so a
+flush-denormals CPU mode cannot change them.
 """
 
 from __future__ import annotations
@@ -24,57 +24,67 @@ AS_IS, FLOAT16, BFLOAT16 = 0, 1, 2
 _jit = njit(nogil=True, cache=True, error_model="numpy")  # integer code: no fastmath needed
 
 
+def _as_i32(builder, v, width):
+    """The low 16 bits of an integer value, zero-extended to i32."""
+    i16, i32 = ir.IntType(16), ir.IntType(32)
+    if width != 16:
+        v = builder.trunc(v, i16) if width > 16 else builder.zext(v, i16)
+    return builder.zext(v, i32)
+
+
+# Written as LLVM IR on i32 lanes: Numba would widen integer arithmetic to 64
+# bits (half as many lanes per vector, and no vector int64 -> float).
+
 @intrinsic
-def _f32_bits(typingctx, x):
-    """The bits of a float32 as uint32 (a bitcast: Numba has no scalar view)."""
-    if x != types.float32:
+def _float16_bits(typingctx, h):
+    """The float32 value of the float16 bit pattern h (the low 16 bits of an integer)."""
+    if not isinstance(h, types.Integer):
         return None
+    width = h.bitwidth
 
     def codegen(context, builder, sig, args):
-        return builder.bitcast(args[0], ir.IntType(32))
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        c = lambda v: ir.Constant(i32, v)
+        x = _as_i32(builder, args[0], width)
+        sign = builder.shl(builder.and_(x, c(0x8000)), c(16))
+        em = builder.and_(x, c(0x7FFF))  # exponent and mantissa
+        shifted = builder.shl(em, c(13))
+        normal = builder.add(shifted, c(112 << 23))  # rebias the exponent by 127 - 15
+        inf_nan = builder.add(shifted, c(224 << 23))  # exponent field 31 -> 255, payload kept
+        # subnormal m * 2**-24 = (2**-14 * (1 + m/1024)) - 2**-14, exact, in normal float32s only
+        biased = builder.bitcast(builder.add(shifted, c(113 << 23)), f32)
+        sub = builder.bitcast(builder.fsub(biased, ir.Constant(f32, 2.0**-14)), i32)
+        bits = builder.select(builder.icmp_unsigned(">=", em, c(0x7C00)), inf_nan, normal)
+        bits = builder.select(builder.icmp_unsigned("<", em, c(0x400)), sub, bits)
+        return builder.bitcast(builder.or_(bits, sign), f32)
 
-    return types.uint32(types.float32), codegen
+    return types.float32(h), codegen
 
 
 @intrinsic
-def _bits_f32(typingctx, x):
-    """The float32 whose bits are the low 32 bits of the integer x (Numba widens
-    integer arithmetic to 64 bits, so x is truncated, or zero-extended)."""
-    if not isinstance(x, types.Integer):
+def _bfloat16_bits(typingctx, h):
+    """The float32 value of the bfloat16 bit pattern h: the top half of a float32."""
+    if not isinstance(h, types.Integer):
         return None
-    width = x.bitwidth
+    width = h.bitwidth
 
     def codegen(context, builder, sig, args):
-        v = args[0]
-        if width > 32:
-            v = builder.trunc(v, ir.IntType(32))
-        elif width < 32:
-            v = builder.zext(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
+        x = _as_i32(builder, args[0], width)
+        return builder.bitcast(builder.shl(x, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
 
-    return types.float32(x), codegen
-
-
-_SUB_SCALE = np.float32(2.0**-24)  # a float16 subnormal is m * 2**-24
+    return types.float32(h), codegen
 
 
 @_jit
 def float16_to_float32(h):
     """The float32 value of the float16 bit pattern h (an integer < 2**16)."""
-    h = np.uint32(h)
-    em = h & np.uint32(0x7FFF)  # exponent and mantissa
-    # normal: rebias the exponent by 127 - 15; inf/NaN: exponent field 31 -> 255
-    shift = np.uint32(224 << 23) if em >= np.uint32(0x7C00) else np.uint32(112 << 23)
-    bits = (em << np.uint32(13)) + shift
-    sub = _f32_bits(np.float32(em) * _SUB_SCALE)  # exact: em < 1024 here
-    bits = sub if em < np.uint32(0x400) else bits
-    return _bits_f32(bits | ((h & np.uint32(0x8000)) << np.uint32(16)))
+    return _float16_bits(h)
 
 
 @_jit
 def bfloat16_to_float32(h):
-    """The float32 value of the bfloat16 bit pattern h: the top half of a float32."""
-    return _bits_f32(np.uint32(h) << np.uint32(16))
+    """The float32 value of the bfloat16 bit pattern h (an integer < 2**16)."""
+    return _bfloat16_bits(h)
 
 
 @_jit
@@ -85,8 +95,8 @@ def decode_row(values_u16, start, k, code, scratch_f32):
     out = scratch_f32[:k]
     if code == BFLOAT16:
         for j in range(k):
-            out[j] = bfloat16_to_float32(row[j])
+            out[j] = _bfloat16_bits(row[j])
     else:
         for j in range(k):
-            out[j] = float16_to_float32(row[j])
+            out[j] = _float16_bits(row[j])
     return out
