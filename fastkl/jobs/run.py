@@ -633,12 +633,19 @@ def _check_element_types(plan, options: Options) -> None:
 
 
 def _kernel_dtypes(plan) -> tuple:
-    """Every kernel dtype this job's files will need (float32, float64 or both), from the
+    """Every kernel dtype this job's files will need (float32, float64, float16), from the
     p/q value types of every file's schema read at scan time: a plan of mixed float32 and
-    float64 shards must not leave one of them to be compiled by several workers at once."""
+    float64 shards must not leave one of them to be compiled by several workers at once.
+    float16 stands for the 16-bit kernel, which float16 and bfloat16 sides share (a half
+    side beside a float32 one needs a kernel of its own, compiled where it is first met)."""
     from .._engine import kernel_dtype
 
-    return tuple(sorted({kernel_dtype(*types) for types in plan.value_types}, key=str))
+    def half(t: pa.DataType) -> bool:
+        return pa.types.is_float16(t) or (pa.types.is_integer(t) and t.bit_width == 16)
+
+    dtypes = {np.dtype(np.float16) if all(half(t) for t in types) else kernel_dtype(*types)
+              for types in plan.value_types}
+    return tuple(sorted(dtypes, key=str))
 
 
 def _warm_worker(dtypes: tuple = (), options: Options | None = None, measures: tuple = ("kl",)) -> None:
