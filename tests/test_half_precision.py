@@ -180,10 +180,30 @@ def test_numpy_float16_is_viewed_and_matches(rng):
     q = decoded(rows_bits(rng, FLOAT16), FLOAT16).astype(np.float16)
     _, [(_, ps, qs)] = aligned_sides(p, q)
     assert ps.decode == FLOAT16 and ps.values.dtype == np.uint16 and np.shares_memory(ps.values, p)
+    assert ps.row(3).dtype == np.float32
+    np.testing.assert_array_equal(ps.row(3), p[3].astype(np.float32))  # what error messages show
+    wide = ps.astype(np.float64)
+    assert wide.decode == 0 and np.array_equal(wide.row(3), p[3].astype(np.float64))
     for measures in (("kl",), fastkl.MEASURES):
         same_results(fastkl.divergences(p, q, measures=measures, sum_tol=2e-2, status=True, on_invalid="null"),
                      fastkl.divergences(p.astype(np.float32), q.astype(np.float32), measures=measures, sum_tol=2e-2,
                                         status=True, on_invalid="null"))
+
+
+def test_masked_and_chunked_float16(rng):
+    p = decoded(rows_bits(rng, FLOAT16), FLOAT16).astype(np.float16)
+    q = decoded(rows_bits(rng, FLOAT16), FLOAT16).astype(np.float16)
+    masked = np.ma.masked_array(p, mask=np.zeros(p.shape, bool))
+    masked[4, 0] = np.ma.masked
+    masked[6] = np.ma.masked
+    t = fastkl.divergences(masked, q, sum_tol=2e-2, status=True, on_invalid="null")
+    status = t.column("status").to_pylist()
+    assert status[4] == "null_element" and status[6] == "null"
+    p_arr, p_ref = arrow_half(p.view(np.uint16), FLOAT16)
+    q_arr, q_ref = arrow_half(q.view(np.uint16), FLOAT16, pad=0)
+    p_chunks, q_chunks = naive.chunked(p_arr, [5, 11]), naive.chunked(q_arr, [8])
+    same_results(fastkl.divergences(p_chunks, q_chunks, measures=fastkl.MEASURES, sum_tol=2e-2),
+                 fastkl.divergences(p_ref, q_ref, measures=fastkl.MEASURES, sum_tol=2e-2))
 
 
 def test_arrow_float16_child_is_not_copied(rng):
