@@ -102,6 +102,27 @@ def _integer_hint(side: str) -> str:
             f"or float16 bits stored as uint16, declare it ({side}_dtype='bfloat16')")
 
 
+def _element_kind(t: Any) -> tuple[str, str]:
+    """(kind, label for messages) of a pyarrow or NumPy element type: float16, bfloat16,
+    float32, float64, int16 (16-bit integers), integer or other."""
+    if isinstance(t, pa.DataType):
+        label = f"list<{t}>"
+        if pa.types.is_float16(t):
+            return "float16", label
+        if pa.types.is_float32(t) or pa.types.is_float64(t):
+            return np.dtype(t.to_pandas_dtype()).name, label
+        if pa.types.is_integer(t):
+            return ("int16" if t.bit_width == 16 else "integer"), label
+        return ("integer" if pa.types.is_boolean(t) else "other"), label
+    dt = np.dtype(t)
+    label = f"dtype {dt.name}"
+    if dt.name == "bfloat16" or dt in (np.float16, np.float32, np.float64):  # bfloat16: ml_dtypes, not imported
+        return dt.name, label
+    if dt in (np.uint16, np.int16):
+        return "int16", label
+    return ("integer" if np.issubdtype(dt, np.integer) or dt == np.bool_ else "other"), label
+
+
 def element_type(t: Any, declared: str | None, name: str, side: str | None = None) -> tuple[np.dtype, int]:
     """(NumPy dtype of the stored values, decode code) of one side's elements, checked
     against the declared element type; `t` is a pyarrow or NumPy element type.
@@ -114,30 +135,7 @@ def element_type(t: Any, declared: str | None, name: str, side: str | None = Non
     default `name`) names the option.
     """
     side = side or name
-    if isinstance(t, pa.DataType):
-        if pa.types.is_float16(t):
-            kind, label = "float16", f"list<{t}>"
-        elif pa.types.is_integer(t) and t.bit_width == 16:
-            kind, label = "int16", f"list<{t}>"
-        elif pa.types.is_float32(t) or pa.types.is_float64(t):
-            kind, label = str(t.to_pandas_dtype().__name__), f"list<{t}>"
-        elif pa.types.is_integer(t) or pa.types.is_boolean(t):
-            kind, label = "integer", f"list<{t}>"
-        else:
-            kind, label = "other", f"list<{t}>"
-    else:
-        dt = np.dtype(t)
-        label = f"dtype {dt.name}"
-        if dt.name == "bfloat16":  # ml_dtypes.bfloat16, recognised without importing ml_dtypes
-            kind = "bfloat16"
-        elif dt in (np.float16, np.float32, np.float64):
-            kind = dt.name
-        elif dt in (np.uint16, np.int16):
-            kind = "int16"
-        elif np.issubdtype(dt, np.integer) or dt == np.bool_:
-            kind = "integer"
-        else:
-            kind = "other"
+    kind, label = _element_kind(t)
     if declared is not None and declared not in DTYPES:
         raise OptionError(f"unknown {side}_dtype {declared!r}; expected one of {', '.join(DTYPES)}")
     if declared in _HALF:
