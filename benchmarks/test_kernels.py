@@ -61,6 +61,16 @@ def test_encodings(benchmark, data, rounds, threads, kind):
     run(benchmark, lambda: fastkl.kl(x, y, kind=kind, threads=threads), data, rounds)
 
 
+@pytest.mark.benchmark(group="kl: float16 and bfloat16 vs float32 (same rows)")
+@pytest.mark.parametrize("case", ["float32", "float16", "bfloat16"])
+def test_half_precision(benchmark, data, rounds, threads, case):
+    cases = B.half_cases(data["p"], data["q"], threads)
+    name = next(n for n in cases if f" {case} " in n)
+    fn, nbytes = cases[name]
+    run(benchmark, fn, data, rounds)
+    benchmark.extra_info["GB_per_s"] = nbytes / benchmark.stats.stats.median / 1e9  # bytes of this dtype
+
+
 MEASURE_SETS = {
     "kl": ("kl",),
     "kl+reverse_kl+js+entropy": ("kl", "reverse_kl", "js", "entropy"),

@@ -40,6 +40,22 @@ def kernel_times(data, rounds, threads, max_load):
     return B.alternate(cases, rounds=rounds, max_load=max_load)
 
 
+@pytest.fixture(scope="module")
+def half_times(data, rounds, threads, max_load):
+    cases = B.half_cases(data["p"], data["q"], threads)
+    return B.alternate({n: fn for n, (fn, _) in cases.items()}, rounds=rounds, max_load=max_load)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_half_precision_throughput(half_times, record_target, half):
+    """Half precision decoded in the kernel reads half the bytes: at least float32's rows/s."""
+    t = half_times
+    name = next(n for n in t if f" {half} " in n)
+    r = B.ratio(t["fastkl kl, float32 probs"], t[name])
+    record_target(f"kernel: kl rows/s, {half} / float32", r, "{:.2f}", ">= 1.0", r >= 1.0)
+    assert r >= 1.0
+
+
 def gels(data, seconds):
     return data["elements"] / seconds / 1e9
 

@@ -25,6 +25,11 @@ _OPTIONS_DOC = """
     Options:
         kind: "probs" (default), "logprobs" (natural log) or "logits"; sets both sides.
         p_kind, q_kind: override `kind` for one side.
+        dtype: element type of both sides, "float16", "bfloat16", "float32" or "float64"
+            (default None: as stored). Arrow has no bfloat16: dtype="bfloat16" reads a
+            list<uint16> (or a uint16 array) as bfloat16 bits. Half precision is decoded
+            to float32 row by row (no float32 copy) and bounded like float32.
+        p_dtype, q_dtype: override `dtype` for one side.
         temperature: logits are decoded as log_softmax(x / temperature).
         p_temperature, q_temperature: override `temperature` for one side.
         base: logarithm base of the log measures (e by default, 2 for bits).

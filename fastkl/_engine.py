@@ -158,8 +158,8 @@ def _run_piece(p: Side, q: Side | None, pre: np.ndarray, slots: np.ndarray, opts
     qq = q if q is not None else p
     p_kind, q_kind = KIND_CODE[opts.p_kind], KIND_CODE[opts.q_kind]
     args = (
-        p.offsets, p.values, p.mask, int(p.mask_offset),
-        qq.offsets, qq.values, qq.mask, int(qq.mask_offset),
+        p.offsets, p.values, p.mask, int(p.mask_offset), int(p.decode),
+        qq.offsets, qq.values, qq.mask, int(qq.mask_offset), int(qq.decode),
         pre, bool(use_q),
         int(p_kind), int(q_kind),
         1.0 / opts.p_temperature if opts.p_kind == "logits" else 1.0,
@@ -195,7 +195,7 @@ def _run_rows(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, opti
     """Run the kernel over token rows (`pre`: codes settled before it, e.g. from a sequence's mask)."""
     if layout.sparse:
         return _run_sparse(cols, pre, layout, options, use_q, threads)
-    ps, qs = side_pair(cols["p"], cols.get("q"))
+    ps, qs = side_pair(cols["p"], cols.get("q"), options.p_dtype, options.q_dtype)
     n = ps.n
     values = np.empty((len(layout.measures), n), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
@@ -208,7 +208,7 @@ def _run_sparse(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, op
     """The sparse kernel over token rows: a side with ids lists its top-k, one without is dense."""
     from .kernels.sparse import sparse_rows
 
-    ps, qs = side_pair(cols["p"], cols.get("q"))
+    ps, qs = side_pair(cols["p"], cols.get("q"), options.p_dtype, options.q_dtype)
     p_ids = ids_side(cols["p_ids"], "p_ids") if "p_ids" in cols else None
     q_ids = ids_side(cols["q_ids"], "q_ids") if use_q and "q_ids" in cols else None
     pre = _pre_status(merge_pre_status(_pre_status(pre, ps, qs), p_ids, q_ids), ps)

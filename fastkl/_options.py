@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ._registry import KINDS, MEASURES, ONE_SIDED, TAILS
+from ._registry import DTYPES, KINDS, MEASURES, ONE_SIDED, TAILS
 from .errors import OptionError
 
 ON_INVALID = ("raise", "null")
@@ -32,6 +32,9 @@ class Options:
     tail: str = "bucket"
     bounds: bool = True
     per_token: bool = False
+    # declared element types (None: as stored)
+    p_dtype: str | None = None
+    q_dtype: str | None = None
 
     @classmethod
     def from_kwargs(
@@ -52,11 +55,16 @@ class Options:
         tail: str = "bucket",
         bounds: bool = True,
         per_token: bool = False,
+        dtype: str | None = None,
+        p_dtype: str | None = None,
+        q_dtype: str | None = None,
     ) -> "Options":
         # named as the caller named them (`temperature`, not the `p_temperature` it sets)
         for arg, value in (("kind", kind), ("p_kind", p_kind), ("q_kind", q_kind)):
             if value is not None and value not in KINDS:
                 raise OptionError(f"unknown {arg} {value!r}; expected one of {', '.join(KINDS)}")
+        for arg, value in (("dtype", dtype), ("p_dtype", p_dtype), ("q_dtype", q_dtype)):
+            _check_dtype(arg, value)
         for arg, value in (("temperature", temperature), ("p_temperature", p_temperature),
                            ("q_temperature", q_temperature)):
             if value is not None:
@@ -75,6 +83,8 @@ class Options:
             tail=tail,
             bounds=check_flag("bounds", bounds),
             per_token=check_flag("per_token", per_token),
+            p_dtype=p_dtype if p_dtype is not None else dtype,
+            q_dtype=q_dtype if q_dtype is not None else dtype,
         )
         opts.check()
         return opts
@@ -95,6 +105,8 @@ class Options:
             raise OptionError(f"sum_tol must be a finite number >= 0, got {self.sum_tol!r}")
         if self.on_invalid not in ON_INVALID:
             raise OptionError(f"on_invalid must be 'raise' or 'null', got {self.on_invalid!r}")
+        _check_dtype("p_dtype", self.p_dtype)
+        _check_dtype("q_dtype", self.q_dtype)
         if self.tail not in TAILS:
             raise OptionError(f"unknown tail {self.tail!r}; expected one of {', '.join(TAILS)}")
 
@@ -121,6 +133,11 @@ def check_flag(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise OptionError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def _check_dtype(name: str, value: Any) -> None:
+    if value is not None and value not in DTYPES:
+        raise OptionError(f"unknown {name} {value!r}; expected one of {', '.join(DTYPES)} (or None: as stored)")
 
 
 def _vocab(value: Any) -> int | None:

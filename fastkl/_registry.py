@@ -29,6 +29,14 @@ ONE_SIDED = frozenset({"entropy"})
 
 KINDS: tuple[str, ...] = ("probs", "logprobs", "logits")
 
+# Element types a side may be declared as (`p_dtype`; None: as stored). Arrow
+# has no bfloat16: a list<uint16> holding bfloat16 bits must be declared so.
+DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
+# How the kernel reads a side's values (`Side.decode`, the kernel's p_decode):
+# as they are (float32/float64), or uint16 holding float16 / bfloat16 bits.
+DECODES: tuple[str, ...] = ("as_is", "float16", "bfloat16")
+DECODE_CODE = {name: i for i, name in enumerate(DECODES)}
+
 # How a sparse (top-k) row's unlisted mass is treated by the point estimate.
 TAILS: tuple[str, ...] = ("bucket", "renormalize", "uniform")
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}

@@ -20,7 +20,7 @@ import warnings
 
 import click
 
-from ._registry import KINDS, MEASURES
+from ._registry import DTYPES, KINDS, MEASURES
 from .errors import DestTakenError, FastKLError, FastKLWarning, OptionError
 
 EXIT_DATA = 1
@@ -34,6 +34,7 @@ EXIT_TERMINATED = 128 + 15  # SIGTERM
 # opens the message ("temperature must be ..."). Never inside a path or quotes.
 _FLAGS = ("normalize", "overwrite", "resume", "status", "quiet")
 _NAMES = _FLAGS + ("p_temperature", "q_temperature", "temperature", "p_kind", "q_kind", "kind", "sum_tol",
+                   "p_dtype", "q_dtype", "dtype",
                    "on_invalid", "smoothing", "base", "workers", "task_rows", "task_bytes", "summary_json",
                    "scheduler")
 _ALONE = "|".join(n for n in _NAMES if "_" in n)
@@ -175,6 +176,10 @@ more fails with one line naming the file and row group.
 @click.option("--kind", type=click.Choice(KINDS), default="probs", show_default=True, help="Encoding of both sides.")
 @click.option("--p-kind", type=click.Choice(KINDS), default=None, help="Encoding of P (overrides --kind).")
 @click.option("--q-kind", type=click.Choice(KINDS), default=None, help="Encoding of Q (overrides --kind).")
+@click.option("--dtype", type=click.Choice(DTYPES), default=None,
+              help="Element type of both sides (default: as stored); bfloat16 reads list<uint16> as bfloat16 bits.")
+@click.option("--p-dtype", type=click.Choice(DTYPES), default=None, help="Element type of P (overrides --dtype).")
+@click.option("--q-dtype", type=click.Choice(DTYPES), default=None, help="Element type of Q (overrides --dtype).")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature for logits.")
 @click.option("--p-temperature", type=float, default=None)
 @click.option("--q-temperature", type=float, default=None)
@@ -203,7 +208,8 @@ more fails with one line naming the file and row group.
               help="At most this many MB of decoded input per task (default 128 MiB).")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
-def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, mask, lengths, per_token, kind, p_kind, q_kind, temperature,
+def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, mask, lengths, per_token, kind, p_kind, q_kind,
+            dtype, p_dtype, q_dtype, temperature,
             p_temperature, q_temperature, base, normalize, smoothing, sum_tol, on_invalid, status,
             scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
@@ -226,7 +232,8 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, mask, length
             scheduler=scheduler, workers=workers, overwrite=overwrite, resume=resume, status=status,
             quiet=quiet, summary_json=summary_json, task_rows=task_rows,
             task_bytes=int(task_mb * (1 << 20)) if task_mb else DEFAULT_TASK_BYTES,
-            kind=kind, p_kind=p_kind, q_kind=q_kind, temperature=temperature,
+            kind=kind, p_kind=p_kind, q_kind=q_kind, dtype=dtype, p_dtype=p_dtype, q_dtype=q_dtype,
+            temperature=temperature,
             p_temperature=p_temperature, q_temperature=q_temperature, base=base_v,
             normalize=normalize, smoothing=smoothing, sum_tol=sum_tol, on_invalid=on_invalid,
             mask=mask, lengths=lengths, per_token=per_token,

@@ -5,8 +5,15 @@ accounts for the array's slice offset) indexes the unsliced child values,
 and null elements are read from the child's validity bitmap. Nothing here
 loops over rows in Python or builds per-row objects. The only copies are
 small ones (int32 offsets widened to int64, fixed-size offsets built from
-the stride) and explicit casts (float16 -> float32, mixed float32/float64
-sides -> float64).
+the stride) and explicit casts (a float32 or half side beside a float64
+one -> float64; see `side_pair`).
+
+Half precision (float16, bfloat16) is not converted: its buffer is viewed
+as uint16 and the Side says how to decode it (`Side.decode`); the kernel
+decodes row by row (fastkl.kernels.half). Arrow has no bfloat16, so a
+`list<uint16>` (or a NumPy uint16 array) is bfloat16 or float16 only when
+declared so (`p_dtype` / `q_dtype`); NumPy arrays of `ml_dtypes.bfloat16`
+and CPU torch tensors carry their type.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from .._registry import DECODE_CODE, DTYPES
 from ..errors import DataError, OptionError
+
+AS_IS, FLOAT16, BFLOAT16 = DECODE_CODE["as_is"], DECODE_CODE["float16"], DECODE_CODE["bfloat16"]
 
 _EMPTY_MASK = np.zeros(0, dtype=np.uint8)
 
@@ -32,14 +41,15 @@ class Side:
     mask: np.ndarray  # Arrow validity bitmap of `values` (LSB first), empty if no null element
     mask_offset: int  # bit of mask that belongs to values[0]
     row_null: np.ndarray | None  # bool per row, None if no null row
+    decode: int = 0  # 0: float values; 1 / 2: uint16 values holding float16 / bfloat16 bits (_registry.DECODES)
 
     @property
     def n(self) -> int:
         return len(self.offsets) - 1
 
     def row(self, i: int) -> np.ndarray:
-        """The values of row i (for error messages only)."""
-        return self.values[self.offsets[i] : self.offsets[i + 1]]
+        """The values of row i, half precision decoded to float32 (for error messages only)."""
+        return _decoded(self.values[self.offsets[i] : self.offsets[i + 1]], self.decode)
 
     def row_nulls(self, i: int) -> np.ndarray:
         """Positions of null elements in row i (for error messages only)."""
@@ -62,64 +72,114 @@ class Side:
     def astype(self, dtype: np.dtype) -> "Side":
         """The same rows with values of `dtype`: only the values these rows use are converted
         (a slice of a big list array shares its whole child)."""
-        if self.values.dtype == dtype:
+        if self.values.dtype == dtype and not self.decode:
             return self
         lo, hi = (int(self.offsets[0]), int(self.offsets[-1])) if self.n else (0, 0)
         mask_offset = self.mask_offset + lo if self.mask.size else 0
-        return Side(self.offsets - lo, self.values[lo:hi].astype(dtype), self.mask, mask_offset, self.row_null)
+        values = _decoded(self.values[lo:hi], self.decode).astype(dtype, copy=False)
+        return Side(self.offsets - lo, values, self.mask, mask_offset, self.row_null)
+
+    @property
+    def kernel_dtype(self) -> np.dtype:
+        """What the kernel computes on: half precision is decoded to float32."""
+        return np.dtype(np.float32) if self.decode else self.values.dtype
 
 
-_INTEGER_HINT = (
-    "integer values are not probabilities (bfloat16 stored as uint16 needs a declared element type, "
-    "which fastkl does not read yet): convert them to float first"
-)
+def _decoded(bits_or_values: np.ndarray, decode: int) -> np.ndarray:
+    """uint16 half-precision bits as float32 (NumPy; the kernel has its own decoder)."""
+    if decode == FLOAT16:
+        return bits_or_values.view(np.float16).astype(np.float32)
+    if decode == BFLOAT16:
+        return (bits_or_values.astype(np.uint32) << 16).view(np.float32)
+    return bits_or_values
 
 
-def _float_dtype(dtype: np.dtype, name: str) -> np.dtype:
-    """The kernel dtype for NumPy input: integer or boolean values are refused, not
-    taken as probabilities (a bfloat16 buffer viewed as uint16 would give garbage)."""
-    if dtype in (np.float32, np.float64):
-        return np.dtype(dtype)
-    if dtype == np.float16:
-        return np.dtype(np.float32)
-    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-        raise OptionError(f"{name}: got dtype {dtype}; {_INTEGER_HINT}")
-    raise OptionError(f"{name}: expected floating-point values, got dtype {dtype}")
+_HALF = {"float16": FLOAT16, "bfloat16": BFLOAT16}
 
 
-def _from_numpy(x: np.ndarray, name: str) -> Side:
+def _integer_hint(side: str) -> str:
+    return ("integer values are not probabilities: convert them to float first, or, if they are bfloat16 "
+            f"or float16 bits stored as uint16, declare it ({side}_dtype='bfloat16')")
+
+
+def _element_kind(t: Any) -> tuple[str, str]:
+    """(kind, label for messages) of a pyarrow or NumPy element type: float16, bfloat16,
+    float32, float64, int16 (16-bit integers), integer or other."""
+    if isinstance(t, pa.DataType):
+        label = f"list<{t}>"
+        if pa.types.is_float16(t):
+            return "float16", label
+        if pa.types.is_float32(t) or pa.types.is_float64(t):
+            return np.dtype(t.to_pandas_dtype()).name, label
+        if pa.types.is_integer(t):
+            return ("int16" if t.bit_width == 16 else "integer"), label
+        return ("integer" if pa.types.is_boolean(t) else "other"), label
+    dt = np.dtype(t)
+    label = f"dtype {dt.name}"
+    if dt.name == "bfloat16" or dt in (np.float16, np.float32, np.float64):  # bfloat16: ml_dtypes, not imported
+        return dt.name, label
+    if dt in (np.uint16, np.int16):
+        return "int16", label
+    return ("integer" if np.issubdtype(dt, np.integer) or dt == np.bool_ else "other"), label
+
+
+def element_type(t: Any, declared: str | None, name: str, side: str | None = None) -> tuple[np.dtype, int]:
+    """(NumPy dtype of the stored values, decode code) of one side's elements, checked
+    against the declared element type; `t` is a pyarrow or NumPy element type.
+
+    Undeclared, float16/float32/float64 (and NumPy `ml_dtypes.bfloat16`) are
+    read as they are and integers are refused (a bfloat16 buffer viewed as
+    uint16 would give garbage). Declared float16/bfloat16 needs 16-bit values
+    (float16, uint16, int16; bfloat16 for bfloat16); declared float32/float64
+    needs exactly that type. `name` opens error messages; `side` ("p" or "q",
+    default `name`) names the option.
+    """
+    side = side or name
+    kind, label = _element_kind(t)
+    if declared is not None and declared not in DTYPES:
+        raise OptionError(f"unknown {side}_dtype {declared!r}; expected one of {', '.join(DTYPES)}")
+    if declared in _HALF:
+        if kind == "int16" or kind == declared:
+            return np.dtype(np.uint16), _HALF[declared]
+        raise OptionError(f"{name}: declared {side}_dtype={declared!r} but got {label}; {declared} needs 16-bit "
+                          f"values ({'list<halffloat> or ' if declared == 'float16' else ''}list<uint16> holding "
+                          f"its bits{', or ml_dtypes.bfloat16' if declared == 'bfloat16' else ''})")
+    if declared is not None and kind != declared:
+        raise OptionError(f"{name}: declared {side}_dtype={declared!r} but got {label}")
+    if kind in _HALF:
+        return np.dtype(np.uint16), _HALF[kind]
+    if kind in ("float32", "float64"):
+        return np.dtype(kind), AS_IS
+    if kind in ("int16", "integer"):
+        raise OptionError(f"{name}: got {label}; {_integer_hint(side)}")
+    if isinstance(t, pa.DataType):
+        raise OptionError(f"{name}: expected a list of float16/float32/float64, got {label}")
+    raise OptionError(f"{name}: expected floating-point values, got {label}")
+
+
+def _from_numpy(x: np.ndarray, name: str, declared: str | None = None) -> Side:
     if x.ndim != 2:
         raise OptionError(
             f"{name}: expected a 2-D array (rows x K), got {x.ndim}-D"
             + ("; for one distribution use x[None, :]" if x.ndim == 1 else "")
         )
-    dtype = _float_dtype(x.dtype, name)
-    x = np.ascontiguousarray(x, dtype=dtype)  # no copy when already C-ordered float32/64
+    dtype, decode = element_type(x.dtype, declared, name)
+    x = np.ascontiguousarray(x)  # no copy when already C-ordered
     n, k = x.shape
     offsets = np.arange(n + 1, dtype=np.int64) * k
-    return Side(offsets, x.reshape(-1), _EMPTY_MASK, 0, None)
+    return Side(offsets, x.reshape(-1).view(dtype), _EMPTY_MASK, 0, None, decode)
 
 
-def _child_buffers(child: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """(values, validity bitmap, bit offset) of a float child array, without copying."""
-    t = child.type
-    if pa.types.is_float16(t):
-        child = pc.cast(child, pa.float32())
-    elif pa.types.is_integer(t) or pa.types.is_boolean(t):
-        raise OptionError(f"{name}: got list<{t}>; {_INTEGER_HINT}")
-    elif not (pa.types.is_float32(t) or pa.types.is_float64(t)):
-        raise OptionError(f"{name}: expected a list of float16/float32/float64, got list<{t}>")
-    dtype = np.float32 if pa.types.is_float32(child.type) else np.float64
+def _child_buffers(child: pa.Array, name: str, declared: str | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """(values, validity bitmap, bit offset, decode) of a float child array, without
+    copying (half precision: its bits as uint16)."""
+    dtype, decode = element_type(child.type, declared, name)
     validity, data = child.buffers()[:2]
     start, n = child.offset, len(child)
     values = np.frombuffer(data, dtype=dtype, count=start + n)[start:] if data is not None else np.zeros(0, dtype)
     if validity is not None and child.null_count > 0:
-        return values, np.frombuffer(validity, dtype=np.uint8), start
-    return values, _EMPTY_MASK, 0
-
-
-def _needs_cast(t: pa.DataType) -> bool:
-    return pa.types.is_float16(t) or pa.types.is_integer(t)
+        return values, np.frombuffer(validity, dtype=np.uint8), start, decode
+    return values, _EMPTY_MASK, 0, decode
 
 
 def is_list_type(t: pa.DataType) -> bool:
@@ -153,20 +213,13 @@ def list_offsets(arr: pa.Array, name: str, what: str = "floats") -> tuple[np.nda
     return offsets, child
 
 
-def _from_arrow(arr: pa.Array, name: str) -> Side:
-    n = len(arr)
+def _from_arrow(arr: pa.Array, name: str, declared: str | None = None) -> Side:
     offsets, child = list_offsets(arr, name)
-    if n and _needs_cast(child.type) and (offsets[0] > 0 or offsets[-1] < len(child)):
-        # convert only the values of these rows: a batch sliced out of a big record batch
-        # would otherwise convert the whole record batch's child, every batch
-        lo = int(offsets[0])
-        child = child.slice(lo, int(offsets[-1]) - lo)
-        offsets = offsets - lo
-    values, mask, mask_offset = _child_buffers(child, name)
+    values, mask, mask_offset, decode = _child_buffers(child, name, declared)
     row_null = None
     if arr.null_count > 0:
         row_null = arr.is_null().to_numpy(zero_copy_only=False)
-    return Side(offsets, values, mask, mask_offset, row_null)
+    return Side(offsets, values, mask, mask_offset, row_null, decode)
 
 
 def _masked_to_arrow(x: np.ma.MaskedArray, name: str) -> pa.Array:
@@ -174,8 +227,9 @@ def _masked_to_arrow(x: np.ma.MaskedArray, name: str) -> pa.Array:
     row, `null_element`), a row masked entirely is a null row (its measures are null)."""
     if x.ndim != 2:
         raise OptionError(f"{name}: expected a 2-D masked array (rows x K), got {x.ndim}-D")
-    dtype = _float_dtype(x.dtype, name)
-    data = np.ascontiguousarray(np.ma.getdata(x), dtype=dtype)
+    data = np.ascontiguousarray(np.ma.getdata(x))
+    if data.dtype.name == "bfloat16":  # Arrow has no bfloat16: a masked one is rare, decode it
+        data = _decoded(data.view(np.uint16), BFLOAT16)
     mask = np.ma.getmaskarray(x)
     values = pa.array(data.reshape(-1), mask=mask.reshape(-1))
     rows = pa.FixedSizeListArray.from_arrays(values, data.shape[1])
@@ -193,6 +247,8 @@ def _as_arrow_or_numpy(x: Any, name: str) -> pa.Array | pa.ChunkedArray | np.nda
         return _masked_to_arrow(x, name) if np.ma.is_masked(x) else np.ma.getdata(x)
     if isinstance(x, (pa.Array, pa.ChunkedArray, np.ndarray)):
         return x
+    if type(x).__module__.startswith("torch"):
+        return _from_torch(x, name)
     if isinstance(x, (list, tuple)):
         return _from_python(x, name)
     if hasattr(x, "__arrow_c_array__") or hasattr(x, "__arrow_c_stream__"):
@@ -216,8 +272,36 @@ def _from_python(x: list | tuple, name: str) -> pa.Array:
     raise OptionError(f"{name}: could not read a list of lists of numbers: {error}") from None
 
 
-def _side(x: pa.Array | np.ndarray, name: str) -> Side:
-    return _from_numpy(x, name) if isinstance(x, np.ndarray) else _from_arrow(x, name)
+def _from_torch(x: Any, name: str) -> np.ndarray:
+    """A CPU torch tensor as a NumPy view, no copy; bfloat16 (which NumPy lacks)
+    as uint16 bits, declared bfloat16 by `aligned_sides`."""
+    import torch  # already imported: x is a torch object
+
+    if not isinstance(x, torch.Tensor):
+        raise OptionError(f"{name}: unsupported input type {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise OptionError(f"{name}: a torch tensor on {x.device}; fastkl reads CPU memory: pass {name}.cpu()")
+    x = x.detach()
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int16).numpy().view(np.uint16)
+    try:
+        return x.numpy()
+    except TypeError as e:  # a dtype NumPy has no equivalent of
+        raise OptionError(f"{name}: torch tensor of {x.dtype}: {e}") from None
+
+
+def _torch_declared(x: Any, declared: str | None, name: str) -> str | None:
+    """The element type of a side, declared by a torch bfloat16 tensor itself (its
+    NumPy view is uint16 bits)."""
+    if not (type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16"):
+        return declared
+    if declared not in (None, "bfloat16"):
+        raise OptionError(f"{name}: declared {name}_dtype={declared!r} but got a torch.bfloat16 tensor")
+    return "bfloat16"
+
+
+def _side(x: pa.Array | np.ndarray, name: str, declared: str | None = None) -> Side:
+    return _from_numpy(x, name, declared) if isinstance(x, np.ndarray) else _from_arrow(x, name, declared)
 
 
 def _length(x: pa.Array | pa.ChunkedArray | np.ndarray) -> int:
@@ -263,16 +347,30 @@ def aligned_columns(columns: dict[str, Any]) -> tuple[int, list[tuple[int, dict[
     return n, [(lo, dict(zip(names, parts))) for lo, *parts in zip(bounds[:-1], *split)]
 
 
-def side_pair(p: Any, q: Any | None) -> tuple[Side, Side | None]:
-    """The Sides of one piece of p (and q), on one values dtype (mixed float32/float64: float64)."""
-    ps = _side(p, "p")
-    qs = _side(q, "q") if q is not None else None
-    if qs is not None and ps.values.dtype != qs.values.dtype:
+def side_pair(p: Any, q: Any | None, p_dtype: str | None = None,
+              q_dtype: str | None = None) -> tuple[Side, Side | None]:
+    """The Sides of one piece of p (and q), checked against their declared element types.
+
+    The kernel computes both sides in one precision: float32 when neither
+    side is float64 (a float16 or bfloat16 side stays 16-bit and is decoded
+    row by row, also beside a float32 side), else float64 (a float64 side
+    converts the other side, decoded if half, to float64 for this piece).
+    """
+    ps = _side(p, "p", p_dtype)
+    qs = _side(q, "q", q_dtype) if q is not None else None
+    if qs is not None and ps.kernel_dtype != qs.kernel_dtype:
         ps, qs = ps.astype(np.float64), qs.astype(np.float64)
     return ps, qs
 
 
-def aligned_sides(p: Any, q: Any | None) -> tuple[int, list[tuple[int, Side, Side | None]]]:
-    """Convert p (and q) to Sides, split into pieces whose rows line up (see `aligned_columns`)."""
+def aligned_sides(p: Any, q: Any | None, p_dtype: str | None = None,
+                  q_dtype: str | None = None) -> tuple[int, list[tuple[int, Side, Side | None]]]:
+    """Convert p (and q) to Sides, split into pieces whose rows line up (see `aligned_columns`).
+
+    `p_dtype` / `q_dtype` declare the element type of a side (None: as
+    stored; see `element_type`); a torch bfloat16 tensor declares itself.
+    """
+    p_dtype = _torch_declared(p, p_dtype, "p")
+    q_dtype = _torch_declared(q, q_dtype, "q")
     n, pieces = aligned_columns({"p": p, "q": q})
-    return n, [(lo, *side_pair(cols["p"], cols.get("q"))) for lo, cols in pieces]
+    return n, [(lo, *side_pair(cols["p"], cols.get("q"), p_dtype, q_dtype)) for lo, cols in pieces]

@@ -79,6 +79,33 @@ def log_probs(p: np.ndarray) -> np.ndarray:
     return np.log(p.astype(np.float64)).astype(p.dtype)
 
 
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values as bfloat16 bits (uint16, rounded to nearest even), as
+    pipelines store bfloat16 where Arrow has no such type."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def half_cases(p: np.ndarray, q: np.ndarray, threads: int) -> dict[str, tuple[Callable[[], object], int]]:
+    """fastkl kl on the same rows as float32, float16 and bfloat16: {case: (call, bytes of p and q)}.
+
+    The half sides are decoded row by row inside the kernel (no float32 copy),
+    so they read half the bytes; the rows' values differ by the rounding only.
+    """
+    from .. import _api
+
+    p32, q32 = p.astype(np.float32), q.astype(np.float32)
+    p16, q16 = p32.astype(np.float16), q32.astype(np.float16)
+    pb, qb = bfloat16_bits(p32), bfloat16_bits(q32)
+    tol = 2e-2  # the rounding of bfloat16 moves row sums by up to 2**-8
+    return {
+        "fastkl kl, float32 probs": (lambda: _api.kl(p32, q32, threads=threads, sum_tol=tol), p32.nbytes * 2),
+        "fastkl kl, float16 probs": (lambda: _api.kl(p16, q16, threads=threads, sum_tol=tol), p16.nbytes * 2),
+        "fastkl kl, bfloat16 probs (uint16)": (
+            lambda: _api.kl(pb, qb, dtype="bfloat16", threads=threads, sum_tol=tol), pb.nbytes * 2),
+    }
+
+
 def list_column(x: np.ndarray) -> pa.Array:
     """A 2-D array as an Arrow list<float> column (zero copy of the values)."""
     n, k = x.shape
@@ -576,16 +603,21 @@ def kernel_report(rows: int, k: int, dtype=np.float32, threads: int | None = Non
             tab = pa.table({"p": list_column(p), "q": list_column(q)})
             cases["duckdb list_transform SQL"] = lambda: duckdb_kl(con, tab)
         info["peers"] = [n for n, ok in avail.items() if ok]
+    half = half_cases(p, q, threads)
+    cases.update({n: fn for n, (fn, _) in half.items()})
     t = alternate(cases, rounds=rounds, log=log, max_load=max_load)
     ref = "streaming limit (vectorised sum)"
-    out_rows = [Row(n, t[n], rows, nbytes, ref) for n in cases]
+    out_rows = [Row(n, t[n], rows, half[n][1] if n in half else nbytes, ref) for n in cases]
     by = {r.case: r for r in out_rows}
     title = (f"kernel: {rows:,} rows x {k} {np.dtype(dtype).name} (p and q: {nbytes / 1e6:,.0f} MB), "
              f"{threads} thread{'s' if threads > 1 else ''}, median of {rounds}")
     lines = _fmt_table(title, out_rows, by, "vs limit", inverse=True)
     info.update({n: {"median_s": t[n].median, "seconds": t[n].seconds, "others": t[n].others} for n in cases})
     info["_meta"] = {"rows": rows, "k": k, "dtype": np.dtype(dtype).name, "threads": threads, "bytes": nbytes,
-                     "kl_vs_limit": 1 / ratio(t["fastkl kl, probs"], t[ref])}
+                     "kl_vs_limit": 1 / ratio(t["fastkl kl, probs"], t[ref]),
+                     "float16_vs_float32": ratio(t["fastkl kl, float32 probs"], t["fastkl kl, float16 probs"]),
+                     "bfloat16_vs_float32": ratio(t["fastkl kl, float32 probs"],
+                                                  t["fastkl kl, bfloat16 probs (uint16)"])}
     return lines, info
 
 

@@ -536,11 +536,14 @@ def _is_list(t: pa.DataType) -> bool:
 
 
 def _is_float_list(t: pa.DataType) -> bool:
-    """A list of floats (token rows) or a list of lists of floats (sequence rows)."""
+    """A list of floats (token rows) or a list of lists of floats (sequence rows); or of
+    16-bit integers (bfloat16/float16 bits: the job checks that they are declared so, `p_dtype`)."""
     if not _is_list(t):
         return False
     t = t.value_type
-    return pa.types.is_floating(t) or (_is_list(t) and pa.types.is_floating(t.value_type))
+    if _is_list(t):
+        t = t.value_type
+    return pa.types.is_floating(t) or _is_16bit_int(t)
 
 
 def is_sequence_type(t: pa.DataType) -> bool:
@@ -563,6 +566,10 @@ _ROLE_TYPES = {
              "a list of booleans or integers (list<bool> or list<int8>)"),
     "lengths": (pa.types.is_integer, "an integer per sequence"),
 }
+
+
+def _is_16bit_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) and t.bit_width == 16
 
 
 # Decoded width of one value of a Parquet physical type (levels not counted).
@@ -792,17 +799,19 @@ def _partition_types(found: list[_Found]) -> dict[str, pa.DataType]:
 def kernel_bytes_scale(schema: pa.Schema, names: Sequence[str]) -> float:
     """Bytes a task holds per byte of its stored p/q values, to size tasks and batches on.
 
-    The kernel runs on float32, or float64 when a side is float64: a float16
-    side (or a float32 side beside a float64 one) is converted, a copy beside
-    the values read, so a batch holds 1 + kernel width / stored width bytes
-    per stored byte (3 for float16) instead of 1.
+    The kernel reads float32 and float64 as they are and decodes 16-bit
+    sides (float16, bfloat16 bits) row by row; only beside a float64 side is
+    a narrower side converted to float64, a copy beside the values read, so
+    a batch holds 1 + 8 / stored width bytes per stored byte (5 for float16)
+    instead of 1.
     """
     # getattr: an empty shard's column may be typed plain `null` (no values at all)
     types = [_element_type(schema.field(c).type) for c in names if c in schema.names]
-    floats = [t for t in types if t is not None and pa.types.is_floating(t)]
-    wide = 8 if any(pa.types.is_float64(t) for t in floats) else 4
-    narrow = min((t.bit_width // 8 for t in floats), default=wide)
-    return 1.0 if narrow >= wide else 1.0 + wide / narrow
+    floats = [t for t in types if t is not None and (pa.types.is_floating(t) or _is_16bit_int(t))]
+    if not any(pa.types.is_float64(t) for t in floats):
+        return 1.0
+    narrow = min(t.bit_width // 8 for t in floats)
+    return 1.0 if narrow >= 8 else 1.0 + 8 / narrow
 
 
 def _null_typed(t: pa.DataType) -> bool:

@@ -42,6 +42,7 @@ computed) of at most DEFAULT_BATCH_BYTES each.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import json
@@ -621,19 +622,44 @@ def _run_threads(todo, plan, spec, progress, workers):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _check_element_types(plan, options: Options) -> None:
+    """Every file's p/q element types against the declared ones (`p_dtype`): a
+    list<uint16> is bfloat16 or float16 only when declared so. Refused before any task runs."""
+    from ..adapters.arrow import element_type
+
+    cols = plan.columns
+    roles = [(r, c, d) for r, c, d in (("p", cols.p, options.p_dtype), ("q", cols.q, options.q_dtype)) if c is not None]
+    for types in plan.value_types:
+        for t, (role, column, declared) in zip(types, roles):
+            element_type(t, declared, f"column {column!r} ({role})", role)
+
+
 def _kernel_dtypes(plan) -> tuple:
-    """Every kernel dtype this job's files will need (float32, float64 or both), from the
+    """Every kernel dtype this job's files will need (float32, float64, float16), from the
     p/q value types of every file's schema read at scan time: a plan of mixed float32 and
-    float64 shards must not leave one of them to be compiled by several workers at once."""
+    float64 shards must not leave one of them to be compiled by several workers at once.
+    float16 stands for the 16-bit kernel, which float16 and bfloat16 sides share (a half
+    side beside a float32 one needs a kernel of its own, compiled where it is first met)."""
     from .._engine import kernel_dtype
 
-    return tuple(sorted({kernel_dtype(*types) for types in plan.value_types}, key=str))
+    def half(t: pa.DataType) -> bool:
+        return pa.types.is_float16(t) or (pa.types.is_integer(t) and t.bit_width == 16)
+
+    dtypes = {np.dtype(np.float16) if all(half(t) for t in types) else kernel_dtype(*types)
+              for types in plan.value_types}
+    return tuple(sorted(dtypes, key=str))
 
 
 def _warm_worker(dtypes: tuple = (), options: Options | None = None, measures: tuple = ("kl",)) -> None:
     from .._engine import warmup
 
-    warmup(dtypes, options, measures)
+    warmup(dtypes, _warm_options(options), measures)
+
+
+def _warm_options(options: Options | None) -> Options | None:
+    """The options a warm-up runs with: its sample rows are float32/float64, so
+    declared element types (p_dtype) are dropped."""
+    return None if options is None else dataclasses.replace(options, p_dtype=None, q_dtype=None)
 
 
 def _cluster_threads(client) -> dict[str, int]:
@@ -969,8 +995,8 @@ def run(
     task_rows / task_bytes bound the size of a task (rows; decoded bytes of
     the columns read). mask / lengths: for sequence rows (p and q lists of
     lists), the column saying which positions count. Other keyword arguments
-    are the options of the in-memory API (kind, p_kind, temperature, base,
-    normalize, smoothing, sum_tol, on_invalid, per_token).
+    are the options of the in-memory API (kind, p_kind, dtype, p_dtype,
+    temperature, base, normalize, smoothing, sum_tol, on_invalid, per_token).
     """
     from ..summary.stats import PartStats, Summary
 
@@ -1021,6 +1047,7 @@ def run(
     for k in keep:
         if k in {f.name for f in output_fields(layout, status)}:
             raise OptionError(f"keep column {k!r} has the name of an output column")
+    _check_element_types(plan, options)
     dest_p = checked[0]
     if summary_json is not None:
         check_side_file(summary_json, "--summary-json", dest_p, roots, [f.path for f in plan.files])
@@ -1118,7 +1145,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
 
         # compile / load the kernel once here, before any worker process starts
         # (numba issue 4807), for every dtype the files of the plan need
-        warmup(_kernel_dtypes(plan), options, measures)
+        warmup(_kernel_dtypes(plan), _warm_options(options), measures)
         if todo:
             for r in _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close):
                 results[r["index"]] = r

@@ -62,6 +62,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
+from .half import decode_row
 from .fastmath import exp32, exp_neg, exp_nonpositive, from_order_key, inf_keys, log_pos, log_ratio, log_ratio32, not_normal32, order_key
 
 FASTMATH = {"nsz", "contract", "reassoc"}
@@ -89,17 +90,67 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # keep the old code. tests/test_fastmath.py checks that this digest of
 # fastmath.py is current, so any change there changes this file too.
 FASTMATH_DIGEST = "81ac095f9833b24f"
+# The same for half.py, whose decoders the kernels inline (tests/test_half_precision.py).
+HALF_DIGEST = "2c07a5592e0476bb"
 
 
 def _is_float32(values):
-    """True when `values` holds float32; a compile-time constant inside kernels."""
-    return values.dtype == np.float32
+    """True when `values` holds float32 or 16-bit halves (decoded to float32);
+    a compile-time constant inside kernels."""
+    return values.dtype in (np.float32, np.uint16)
 
 
 @overload(_is_float32)
 def _is_float32_typed(values):
-    result = isinstance(values, types.Array) and values.dtype == types.float32
+    result = isinstance(values, types.Array) and values.dtype in (types.float32, types.uint16)
     return lambda values: result
+
+
+# ------------------------------------------- half-precision sides (uint16 bits)
+# A 16-bit side (float16 or bfloat16 bits, `decode` 1 or 2) is decoded one row
+# at a time into a float32 scratch row; every loop below then runs on that row
+# as on a float32 side. The choice is made on the values' dtype when Numba
+# types the kernel, so float32/float64 sides compile to exactly the code they
+# had (plain row views, no scratch).
+
+
+def _scratch(values, offsets, start, stop):
+    """A float32 row buffer for rows start..stop of a 16-bit side (empty otherwise)."""
+
+
+@overload(_scratch)
+def _scratch_typed(values, offsets, start, stop):
+    if isinstance(values, types.Array) and values.dtype == types.uint16:
+        def impl(values, offsets, start, stop):
+            longest = 0
+            for i in range(start, stop):
+                longest = max(longest, offsets[i + 1] - offsets[i])
+            return np.empty(longest, dtype=np.float32)
+        return impl
+    return lambda values, offsets, start, stop: np.empty(0, dtype=np.float32)
+
+
+def _row(values, start, k, decode, scratch):
+    """Row values[start:start + k] as the loops read it: a view, or decoded into scratch."""
+
+
+@overload(_row, inline="always")
+def _row_typed(values, start, k, decode, scratch):
+    if isinstance(values, types.Array) and values.dtype == types.uint16:
+        return lambda values, start, k, decode, scratch: decode_row(values, start, k, decode, scratch)
+    return lambda values, start, k, decode, scratch: values[start:start + k]
+
+
+def _side_at(values, start, mask_offset, scratch):
+    """(values, start, mask_offset) for the scans of one row: a 16-bit side's
+    row is scratch[0:k] (already decoded by `_row`), its mask bits stay where they are."""
+
+
+@overload(_side_at, inline="always")
+def _side_at_typed(values, start, mask_offset, scratch):
+    if isinstance(values, types.Array) and values.dtype == types.uint16:
+        return lambda values, start, mask_offset, scratch: (scratch, 0, mask_offset + start)
+    return lambda values, start, mask_offset, scratch: (values, start, mask_offset)
 
 
 # ---------------------------------------------------------------- scanning
@@ -1108,8 +1159,8 @@ def _make_kernel(name):
     logs = name == "logs"
 
     def divergence_rows(
-        p_offsets, p_values, p_mask, p_mask_offset,
-        q_offsets, q_values, q_mask, q_mask_offset,
+        p_offsets, p_values, p_mask, p_mask_offset, p_decode,
+        q_offsets, q_values, q_mask, q_mask_offset, q_decode,
         pre_status, use_q,
         p_kind, q_kind, p_inv_t, q_inv_t,
         normalize, smoothing, sum_tol, inv_log_base,
@@ -1119,6 +1170,8 @@ def _make_kernel(name):
 
         `slots[m]` is the row of `out` that receives measure m (MEASURES order),
         or -1 when m is not requested. Rows that are null or invalid get NaN.
+        `p_decode` / `q_decode` (fastkl.kernels.half codes): 0 for float32/float64
+        values, FLOAT16 or BFLOAT16 for uint16 values holding those bits.
         """
         want_kl = slots[KL] >= 0 or slots[JEFFREYS] >= 0
         want_rkl = slots[REVERSE_KL] >= 0 or slots[JEFFREYS] >= 0
@@ -1139,6 +1192,8 @@ def _make_kernel(name):
         logits_kl = logs and kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = 0.0
         terms = np.empty((2, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
+        p_scratch = _scratch(p_values, p_offsets, start, stop)  # empty unless a 16-bit side
+        q_scratch = _scratch(q_values, q_offsets, start, stop) if use_q else p_scratch
         for i in range(start, stop):
             code = np.int64(pre_status[i])  # a code other than OK: settled before the kernel
             ps = p_offsets[i]
@@ -1149,8 +1204,11 @@ def _make_kernel(name):
             if code == OK and k == 0:
                 code = EMPTY
             if code == OK:
-                prow = p_values[ps:ps + k]
-                qrow = q_values[qs:qs + k] if use_q else prow
+                prow = _row(p_values, ps, k, p_decode, p_scratch)
+                qrow = _row(q_values, qs, k, q_decode, q_scratch) if use_q else prow
+                # what the scans read: the row's values, or its decoded copy
+                pv, pvs, pmo = _side_at(p_values, ps, p_mask_offset, p_scratch)
+                qv, qvs, qmo = _side_at(q_values, qs, q_mask_offset, q_scratch)
                 # float32 used as it is, and no null element in this row
                 fast = (probs32 or logprobs32) and (no_nulls or not (
                     _has_null(p_mask, p_mask_offset, ps, k) or (use_q and _has_null(q_mask, q_mask_offset, qs, k))))
@@ -1165,7 +1223,7 @@ def _make_kernel(name):
                             prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol, terms)
                     if not done:
                         code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _probs_row(
-                            prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+                            prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
                             use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce,
                             want_tvh)
                 elif logs:
@@ -1183,12 +1241,12 @@ def _make_kernel(name):
                             done = True
                     if not done:
                         code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _logs_row(
-                            prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+                            prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
                             use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, sum_tol,
                             want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh)
                 else:
                     code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _mixed_row(
-                        prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
+                        prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
                         use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, smoothing, sum_tol)
             status[i] = code
             if code != OK:
