@@ -113,7 +113,8 @@ def _describe_dense(p: Side, q: Side | None, options: Options, i: int, reason: s
 _TOP_K_MASS = 0.99
 _TOP_K_HINT = (
     ": it looks like a top-k row (only the largest entries of a vocabulary); top-k rows must be "
-    "compared by token id (p_ids / q_ids, not in this version yet), not by position nor with normalize=True"
+    "compared by token id, not by position nor with normalize=True: pass each side's ids as p_ids / q_ids "
+    "(CLI --p-ids / --q-ids)"
 )
 
 
@@ -306,12 +307,14 @@ def compute(
     use_q = needs_q(measures)
     if use_q and q is None:
         raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")
-    if p_ids is not None or q_ids is not None:
-        raise OptionError("p_ids / q_ids (sparse top-k rows): not in this version yet")
-    columns = {"p": p, "q": q if use_q else None, "mask": mask, "lengths": lengths}
+    sparse = p_ids is not None or (use_q and q_ids is not None)
+    if sparse:
+        options.check_sparse(dense_side=p_ids is None or (use_q and q_ids is None))
+    columns = {"p": p, "q": q if use_q else None, "p_ids": p_ids, "q_ids": q_ids if use_q else None,
+               "mask": mask, "lengths": lengths}
     n, pieces = aligned_columns(columns)
     sequence = _is_sequence_input(pieces)
-    layout = layout_for(measures, options, sequence=sequence)
+    layout = layout_for(measures, options, sequence=sequence, sparse=sparse)
     threads = _config.cores() if threads is None else check_threads(threads)
     run = _sequence_result if sequence else _token_result
     parts = [(first, run(cols, layout, options, use_q, threads)) for first, cols in pieces]

@@ -20,7 +20,7 @@ import warnings
 
 import click
 
-from ._registry import DTYPES, KINDS, MEASURES
+from ._registry import DTYPES, KINDS, MEASURES, TAILS
 from .errors import DestTakenError, FastKLError, FastKLWarning, OptionError
 
 EXIT_DATA = 1
@@ -167,6 +167,14 @@ more fails with one line naming the file and row group.
     help="Measure to compute (repeat for several; default kl).",
 )
 @click.option("--keep", "keep", multiple=True, help="Input column copied to the output (repeatable).")
+@click.option("--p-ids", "p_ids", default=None,
+              help="Column of P's token ids: P holds top-k rows (list<int>, or list<list<int>> per sequence).")
+@click.option("--q-ids", "q_ids", default=None, help="Column of Q's token ids (top-k rows).")
+@click.option("--vocab", type=click.IntRange(min=1), default=None,
+              help="Vocabulary size V of top-k rows: ids must be in [0, V); tightens the bounds.")
+@click.option("--tail", type=click.Choice(TAILS), default="bucket", show_default=True,
+              help="Point estimate of top-k rows: what the unlisted mass is taken to be.")
+@click.option("--no-bounds", "no_bounds", is_flag=True, help="Top-k rows: no m_lower / m_upper columns.")
 @click.option("--mask", "mask", default=None,
               help="Sequence rows: column (list<bool> or list<int8>) saying which positions count.")
 @click.option("--lengths", "lengths", default=None,
@@ -208,7 +216,8 @@ more fails with one line naming the file and row group.
               help="At most this many MB of decoded input per task (default 128 MiB).")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
-def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, mask, lengths, per_token, kind, p_kind, q_kind,
+def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids, vocab, tail, no_bounds, mask,
+            lengths, per_token, kind, p_kind, q_kind,
             dtype, p_dtype, q_dtype, temperature,
             p_temperature, q_temperature, base, normalize, smoothing, sum_tol, on_invalid, status,
             scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, debug_here):
@@ -236,7 +245,8 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, mask, length
             temperature=temperature,
             p_temperature=p_temperature, q_temperature=q_temperature, base=base_v,
             normalize=normalize, smoothing=smoothing, sum_tol=sum_tol, on_invalid=on_invalid,
-            mask=mask, lengths=lengths, per_token=per_token,
+            mask=mask, lengths=lengths, per_token=per_token, p_ids=p_ids, q_ids=q_ids, vocab=vocab,
+            tail=tail, bounds=not no_bounds,
         )
         return summary
 

@@ -161,13 +161,16 @@ class Columns:
     keep: tuple[str, ...]
     keep_types: dict[str, pa.DataType] = field(default_factory=dict)
     partition_keep: dict[str, pa.DataType] = field(default_factory=dict)  # keep cols from hive paths
-    # token data: which positions of a sequence count (a mask or lengths column)
+    # token data: each side's token ids (top-k rows); which positions of a sequence count
+    p_ids: str | None = None
+    q_ids: str | None = None
     mask: str | None = None
     lengths: str | None = None
 
     def roles(self) -> list[tuple[str, str]]:
-        """(role, column) of every column the kernels read: p, q, mask, lengths."""
-        named = (("p", self.p), ("q", self.q), ("mask", self.mask), ("lengths", self.lengths))
+        """(role, column) of every column the kernels read: p, q, p_ids, q_ids, mask, lengths."""
+        named = (("p", self.p), ("q", self.q), ("p_ids", self.p_ids), ("q_ids", self.q_ids),
+                 ("mask", self.mask), ("lengths", self.lengths))
         return [(role, name) for role, name in named if name is not None]
 
     def read(self) -> list[str]:
@@ -565,7 +568,22 @@ _ROLE_TYPES = {
     "mask": (lambda t: _is_list(t) and (pa.types.is_boolean(t.value_type) or pa.types.is_integer(t.value_type)),
              "a list of booleans or integers (list<bool> or list<int8>)"),
     "lengths": (pa.types.is_integer, "an integer per sequence"),
+    "p_ids": (lambda t: _is_ids_list(t), "a list of integer token ids (or of lists, for sequence rows)"),
+    "q_ids": (lambda t: _is_ids_list(t), "a list of integer token ids (or of lists, for sequence rows)"),
 }
+
+
+_SHAPED = ("p", "q", "p_ids", "q_ids")  # roles that are token rows or sequence rows alike
+
+
+def _is_ids_list(t: pa.DataType) -> bool:
+    """list<int> or list<list<int>> (float ids are read too: integral ones are ids, others bad rows)."""
+    if not _is_list(t):
+        return False
+    t = t.value_type
+    if _is_list(t):
+        t = t.value_type
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
 def _is_16bit_int(t: pa.DataType) -> bool:
@@ -844,6 +862,7 @@ def _check_columns(
     ptypes = _partition_types(found)
     first, s0 = found[ref], schemas[ref]
     roles = cols.roles()
+    named = dict(roles)
     _check_duplicates(first, s0, (*(n for _, n in roles), *cols.keep))
 
     def unknown(name: str, role: str) -> OptionError:
@@ -861,11 +880,11 @@ def _check_columns(
             raise OptionError(
                 f"column {name!r} ({role}) in {first.display} has type {t}; expected {_ROLE_TYPES[role][1]}"
             )
-    shapes = {role: is_sequence_type(s0.field(name).type) for role, name in roles if role in ("p", "q")}
+    shapes = {role: is_sequence_type(s0.field(name).type) for role, name in roles if role in _SHAPED}
     if len(set(shapes.values())) > 1:
-        raise OptionError(f"{first.display}: p and q must both be sequence rows (lists of lists) or both "
-                          f"token rows; column {cols.p!r} has type {s0.field(cols.p).type}, "
-                          f"{cols.q!r} {s0.field(cols.q).type}")
+        kinds = ", ".join(f"{role} ({named[role]!r}) {s0.field(named[role]).type}" for role in shapes)
+        raise OptionError(f"{first.display}: the values and ids columns must all be sequence rows (lists of "
+                          f"lists) or all token rows; got {kinds}")
     if (cols.mask or cols.lengths) and not shapes.get("p"):
         raise OptionError(f"--mask and --lengths are for sequence rows (lists of lists); column {cols.p!r} "
                           f"in {first.display} has type {s0.field(cols.p).type}")
@@ -890,7 +909,7 @@ def _check_columns(
                 raise DataError(
                     f"{f.display}: column {name!r} ({role}) has type {t}; expected {_ROLE_TYPES[role][1]}"
                 )
-            if role in ("p", "q") and not (empty and _null_typed(t)) and is_sequence_type(t) != shapes[role]:
+            if role in _SHAPED and not (empty and _null_typed(t)) and is_sequence_type(t) != shapes[role]:
                 raise DataError(f"{f.display}: column {name!r} ({role}) has type {t}, but "
                                 f"{s0.field(name).type} in {first.display}")
         for name in cols.keep:
@@ -914,6 +933,8 @@ def scan(
     keep: Sequence[str],
     mask: str | None = None,
     lengths: str | None = None,
+    p_ids: str | None = None,
+    q_ids: str | None = None,
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
@@ -927,10 +948,11 @@ def scan(
     found, roots = discover(sources)
     if check is not None:
         check(roots)  # e.g. DEST against SOURCE: before any file is opened
-    cols = Columns(p=p, q=q, keep=tuple(keep), mask=mask, lengths=lengths)
+    cols = Columns(p=p, q=q, keep=tuple(keep), p_ids=p_ids, q_ids=q_ids, mask=mask, lengths=lengths)
     names = [c for c in (p, q) if c is not None]
+    read = [c for _, c in cols.roles()]  # sized on all the columns a task reads (ids, masks too)
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
-        footers = list(ex.map(lambda f: _read_footer(f, names), found))
+        footers = list(ex.map(lambda f: _read_footer(f, read), found))
     rows = [sum(u[0] for u in ft.units) for ft in footers]
     _check_columns(found, [ft.schema for ft in footers], cols, rows)
 

@@ -977,6 +977,8 @@ def run(
     task_bytes: int | None = DEFAULT_TASK_BYTES,
     mask: str | None = None,
     lengths: str | None = None,
+    p_ids: str | None = None,
+    q_ids: str | None = None,
     **opts: Any,
 ):
     """Compute `measures` for every row of SOURCE and write them to the Parquet dataset DEST.
@@ -993,8 +995,9 @@ def run(
     cluster of worker processes), "sync", a scheduler address, or a
     `distributed.Client`. workers: how many threads/processes locally.
     task_rows / task_bytes bound the size of a task (rows; decoded bytes of
-    the columns read). mask / lengths: for sequence rows (p and q lists of
-    lists), the column saying which positions count. Other keyword arguments
+    the columns read). p_ids / q_ids: the columns of token ids of a side
+    holding top-k rows (sparse); mask / lengths: for sequence rows (p and q
+    lists of lists), the column saying which positions count. Other keyword arguments
     are the options of the in-memory API (kind, p_kind, dtype, p_dtype,
     temperature, base, normalize, smoothing, sum_tol, on_invalid, per_token).
     """
@@ -1041,9 +1044,14 @@ def run(
 
     if mask is not None and lengths is not None:
         raise OptionError("give mask or lengths, not both")
-    plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, task_rows=task_rows,
-                       task_bytes=task_bytes, check=check)
-    layout = layout_for(measures, options, sequence=plan.sequence)
+    if q is None:
+        q_ids = None
+    sparse = p_ids is not None or q_ids is not None
+    if sparse:
+        options.check_sparse(dense_side=p_ids is None or (q is not None and q_ids is None))
+    plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
+                       task_rows=task_rows, task_bytes=task_bytes, check=check)
+    layout = layout_for(measures, options, sequence=plan.sequence, sparse=sparse)
     for k in keep:
         if k in {f.name for f in output_fields(layout, status)}:
             raise OptionError(f"keep column {k!r} has the name of an output column")
