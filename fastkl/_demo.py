@@ -36,7 +36,7 @@ def _truncate(p: np.ndarray, rows: np.ndarray, k: int) -> None:
     p[rows] = sub / sub.sum(axis=1, keepdims=True)
 
 
-def make_shard(rng: np.random.Generator, first_id: int, n: int, vocab: int) -> pa.Table:
+def make_shard(rng: np.random.Generator, first_id: int, n: int, *, vocab: int) -> pa.Table:
     logits = rng.standard_t(df=3, size=(n, vocab)) * rng.uniform(1.0, 3.0, size=(n, 1))
     teacher = _softmax(logits / 0.7)
     student = _softmax(logits + rng.normal(0.0, 0.6, size=(n, vocab)))
@@ -92,11 +92,11 @@ def _distinct_ids(rng: np.random.Generator, n: int, k: int, vocab: int) -> np.nd
     return out
 
 
-def make_distill_shard(rng: np.random.Generator, first_id: int, n: int, positions: int, vocab: int,
+def make_distill_shard(rng: np.random.Generator, first_id: int, n: int, *, vocab: int, positions: int,
                        k: int) -> pa.Table:
     m = n * positions
     teacher_ids = _distinct_ids(rng, m, k, vocab)
-    teacher = _zipf_top(rng, m, k, vocab, rng.uniform(1.1, 1.6, m), 0.0)
+    teacher = _zipf_top(rng, m, k, vocab, rng.uniform(1.3, 2.2, m), 0.0)
     # the student: its own top-k, mostly the teacher's tokens in a noisier order, some others
     other = _distinct_ids(rng, m, k, vocab)
     keep = rng.random((m, k)) < 0.8
@@ -106,7 +106,7 @@ def make_distill_shard(rng: np.random.Generator, first_id: int, n: int, position
         row = student_ids[i][np.sort(first)]
         fresh = np.setdiff1d(rng.integers(0, vocab, 4 * k), row)[: k - row.size]
         student_ids[i] = np.concatenate([row, fresh])
-    student = _zipf_top(rng, m, k, vocab, rng.uniform(1.0, 1.5, m), 0.4)
+    student = _zipf_top(rng, m, k, vocab, rng.uniform(1.2, 2.0, m), 0.3)
     prompt = rng.integers(positions // 8, positions // 2, n)
     mask = (np.arange(positions)[None, :] >= prompt[:, None]).astype(np.int8)
 
@@ -125,9 +125,11 @@ def make_distill_shard(rng: np.random.Generator, first_id: int, n: int, position
     })
 
 
-def make_sample(data_dir: str, rows: int, shards: int, vocab: int, seed: int = 0) -> list[str]:
+def make_sample(data_dir: str, rows: int, shards: int, vocab: int, seed: int = 0, *,
+                make=make_shard, **shape) -> list[str]:
     """Write the sample shards (skipped when the same sample is already there)."""
-    meta = {"rows": rows, "shards": shards, "vocab": vocab, "seed": seed, "format": 1}
+    meta = {"rows": rows, "shards": shards, "vocab": vocab, "seed": seed, "format": 2,
+            "kind": make.__name__, **shape}
     marker = os.path.join(data_dir, "_sample.json")
     names = [os.path.join(data_dir, f"shard-{i:04d}.parquet") for i in range(shards)]
     try:
@@ -141,7 +143,7 @@ def make_sample(data_dir: str, rows: int, shards: int, vocab: int, seed: int = 0
     first = 0
     for i, name in enumerate(names):
         n = rows // shards + (1 if i < rows % shards else 0)
-        table = make_shard(rng, first, n, vocab)
+        table = make(rng, first, n, vocab=vocab, **shape)
         tmp = name + ".tmp"
         pq.write_table(table, tmp, row_group_size=max(1, min(8192, n)))
         os.replace(tmp, name)
@@ -174,4 +176,46 @@ def demo(directory: str = "fastkl-demo", *, rows: int = 100_000, shards: int = 4
     click.echo(f"output: {os.path.abspath(out)}/  (Parquet parts + _fastkl.json manifest)")
     click.echo(f"read it back: python -c \"import pyarrow.dataset as ds; "
                f"print(ds.dataset('{out}').to_table().slice(0, 5))\"")
+    distill_demo(directory, quiet=quiet)
     return summary
+
+
+def distill_demo(directory: str, *, sequences: int = 1000, positions: int = 128, vocab: int = 32_000,
+                 k: int = 20, quiet: bool = False):
+    """Token data as distillation pipelines store it: top-k ids + log-probs per position."""
+    from .jobs.run import run
+
+    data = os.path.join(directory, "distill")
+    out = os.path.join(directory, "distill-scores")
+    click.echo(f"\nfastkl demo, token data: {sequences:,} sequences x {positions} positions, teacher and "
+               f"student top-{k} token ids + log-probs over V={vocab:,}, masked prompts, in {data}/ ...", err=True)
+    make_sample(data, sequences, 2, vocab, make=make_distill_shard, positions=positions, k=k)
+    cmd = (f"fastkl run {shlex.quote(data)} {shlex.quote(out)} --p target_logprobs --p-ids target_token_ids "
+           f"--q student_logprobs --q-ids student_token_ids --mask target_mask --kind logprobs "
+           f"--vocab {vocab} -m kl -m reverse_kl --keep id --overwrite")
+    click.echo(f"running: {cmd}", err=True)
+    summary = run(data, out, p="target_logprobs", q="student_logprobs", p_ids="target_token_ids",
+                  q_ids="student_token_ids", mask="target_mask", kind="logprobs", vocab=vocab,
+                  measures=("kl", "reverse_kl"), keep=("id",), overwrite=True, quiet=quiet)
+    click.echo(summary.format_table())
+    click.echo(_per_token_line(out, ("kl", "reverse_kl")))
+    return summary
+
+
+def _per_token_line(out: str, measures: tuple[str, ...]) -> str:
+    """The mean per counted token of the estimate and of its bounds, over the valid sequences
+    (null measures of other rows are left out of the sums; their tokens are null too)."""
+    import pyarrow.dataset as ds
+
+    t = ds.dataset(out).to_table()
+    tokens = np.asarray(t["tokens"].fill_null(0), dtype=np.float64).sum()
+    lines = [f"per counted token (mean over {int(tokens):,} tokens; bucket estimate, then what the "
+             "top-k data allow):"]
+    for m in measures:
+        est, lo, hi = (float(np.nansum(t[c].to_numpy(zero_copy_only=False))) / tokens
+                       for c in (m, f"{m}_lower", f"{m}_upper"))
+        lines.append(f"  {m:<11} {est:.4f}   provably in [{lo:.4f}, {hi:.4f}]")
+    mass = np.nanmean(t["listed_mass_p"].to_numpy(zero_copy_only=False))
+    lines.append(f"  (the teacher lists {mass:.1%} of its mass per position on average; fastkl never "
+                 "guesses the rest: see README, 'Token data')")
+    return "\n".join(lines)

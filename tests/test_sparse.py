@@ -16,6 +16,9 @@ import fastkl
 import naive
 import naive_sparse as ns
 from test_naive_sparse import position
+from test_sparse_kernel import cap_slack, residue_tol
+
+PROBS, LOGPROBS = 0, 1  # the kind codes of test_sparse_kernel's helpers
 
 MEASURES = ns.MEASURES
 
@@ -64,9 +67,21 @@ def _columns(rows, dtype, kind):
     return p, q, p_ids, q_ids
 
 
-def _stored(full, ids, dtype):
-    """The values as the row stores them (rounded to dtype), as the references read them."""
-    return full[ids].astype(dtype).astype(np.float64)
+def _stored(full, ids, dtype, kind):
+    """(values as the row stores them, the probabilities the kernel decodes from them)."""
+    v = full[ids].astype(dtype)
+    if kind == "logprobs":
+        with np.errstate(divide="ignore"):
+            v = np.log(v)
+        return v, np.exp(v.astype(np.float64))
+    return v, v.astype(np.float64)
+
+
+def _rounding(p_stored, q_stored, kind):
+    """The reference's rounding arguments matching the kernel's (docs/sparse-bounds.md §1)."""
+    code = LOGPROBS if kind == "logprobs" else PROBS
+    return dict(residue=(residue_tol(p_stored, code), residue_tol(q_stored, code)),
+                cap_slack=(cap_slack(p_stored, code), cap_slack(q_stored, code)))
 
 
 @settings(max_examples=60, deadline=None)
@@ -82,19 +97,21 @@ def test_bucket_and_bounds_match_the_references_and_contain_the_truth(rows, dtyp
     assert table.column("status").to_pylist() == ["ok"] * len(rows)
     tol = _tol(dtype)
     for i, (pf, qf, pi, qi) in enumerate(rows):
-        args = (pi, _stored(pf, pi, dtype), qi, _stored(qf, qi, dtype))
-        assert _close(table.column("listed_mass_p")[i].as_py(), float(np.sum(args[1])), tol)
-        assert _close(table.column("listed_mass_q")[i].as_py(), float(np.sum(args[3])), tol)
+        (ps, pseen), (qs, qseen) = _stored(pf, pi, dtype, kind), _stored(qf, qi, dtype, kind)
+        args = (pi, pseen, qi, qseen)
+        rounding = _rounding(ps, qs, kind)
+        assert _close(table.column("listed_mass_p")[i].as_py(), float(np.sum(pseen)), tol)
+        assert _close(table.column("listed_mass_q")[i].as_py(), float(np.sum(qseen)), tol)
         for m in MEASURES:
             got = table.column(m)[i].as_py()
             lo, hi = table.column(f"{m}_lower")[i].as_py(), table.column(f"{m}_upper")[i].as_py()
-            b = ns.bucket(m, *args, vocab=vocab)
-            ref_lo, ref_hi = ns.bounds(m, *args, vocab=vocab)
+            b = ns.bucket(m, *args, vocab=vocab, **rounding)
+            ref_lo, ref_hi = ns.bounds(m, *args, vocab=vocab, **rounding)
             truth = ns.full_value(m, pf, qf)
             note(f"row {i} {m}: got {got} [{lo}, {hi}], bucket {b} [{ref_lo}, {ref_hi}], truth {truth}")
             assert _close(got, b, tol), (i, m)
             assert _close(lo, ref_lo, tol) and _close(hi, ref_hi, tol), (i, m)
-            if dtype == "float64":  # the stored values are the full ones: the truth is inside
+            if dtype == "float64" and kind == "probs":  # the stored values are the full ones
                 assert lo <= truth + 1e-9 * (1 + abs(truth)) and truth <= hi + 1e-9 * (1 + abs(truth)), (i, m)
 
 

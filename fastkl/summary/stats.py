@@ -515,6 +515,212 @@ class PartStats:
             st.add_values(v, ok)
         return out
 
+    @staticmethod
+    def _columns(layout: Any) -> tuple[str, ...]:
+        """The result columns summarised: per measure m [, m_mean][, m_lower, m_upper]."""
+        return tuple(name for m in layout.measures for name in (
+            m, *((f"{m}_mean",) if layout.sequence else ()),
+            *((f"{m}_lower", f"{m}_upper") if layout.bounds else ())))
+
+    @classmethod
+    def for_layout(cls, layout: Any) -> "PartStats":
+        """The empty state of a job whose results have this `fastkl._result.Layout`."""
+        out = cls(cls._columns(layout))
+        if layout.sequence:
+            out.tokens = cls(layout.measures)
+        return out
+
+    @classmethod
+    def from_result(cls, res: Any) -> "PartStats":
+        """State of one `compute` result: each measure's value (and for sequence rows its
+        mean per position, for top-k rows its bounds) per row, and for sequence rows the
+        token level over the counted positions of valid sequences."""
+        layout = res.layout
+        means = res.means() if layout.sequence else None
+        rows = []
+        for i in range(len(res.measures)):
+            rows.append(res.values[i])
+            if means is not None:
+                rows.append(means[i])
+            if layout.bounds:
+                rows += [res.lower[i], res.upper[i]]
+        out = cls.from_batch(cls._columns(layout), np.stack(rows), res.status)
+        if layout.sequence:
+            t = res.per_token
+            in_ok = np.repeat(res.status == OK, np.diff(t.offsets))
+            counted = in_ok & (t.status == OK)
+            out.tokens = cls.from_batch(res.measures, t.values[:, counted], t.status[counted])
+        return out
+
+    # -- merging ------------------------------------------------------------
+    def merge_into(self, o: "_MeasureStats") -> None:
+        for name in ("finite", "inf", "neg_inf", "nan", "zeros", "s1", "s2", "zero_bucket"):
+            setattr(self, name, getattr(self, name) + getattr(o, name))
+        if o.min is not None:
+            self.min = o.min if self.min is None else min(self.min, o.min)
+            self.max = o.max if self.max is None else max(self.max, o.max)
+        self.pos.add_dense(o.pos.offset, o.pos.counts)
+        self.neg.add_dense(o.neg.offset, o.neg.counts)
+
+    def copy(self) -> "_MeasureStats":
+        out = _MeasureStats()
+        for name in self.__slots__:
+            setattr(out, name, getattr(self, name))
+        out.pos, out.neg = self.pos.copy(), self.neg.copy()
+        return out
+
+    # -- serialisation --------------------------------------------------------
+    def to_json(self) -> dict:
+        return {
+            "finite": self.finite, "inf": self.inf, "neg_inf": self.neg_inf,
+            "nan": self.nan, "zeros": self.zeros,
+            "min": self.min, "max": self.max,
+            # exact integers, hex strings (JSON readers differ on huge ints)
+            "sum": hex(self.s1), "sumsq": hex(self.s2),
+            "zero_bucket": self.zero_bucket,
+            "pos": self.pos.to_json(), "neg": self.neg.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "_MeasureStats":
+        out = cls()
+        for name in ("finite", "inf", "neg_inf", "nan", "zeros", "zero_bucket"):
+            setattr(out, name, int(d[name]))
+        out.min = None if d["min"] is None else float(d["min"])
+        out.max = None if d["max"] is None else float(d["max"])
+        out.s1 = int(d["sum"], 16)
+        out.s2 = int(d["sumsq"], 16)
+        out.pos = _KeyCounts.from_json(d["pos"])
+        out.neg = _KeyCounts.from_json(d["neg"])
+        return out
+
+    # -- finalisation -----------------------------------------------------------
+    def mean(self) -> float | None:
+        if self.finite == 0:
+            return None
+        return _div_round(self.s1, self.finite << 1074)
+
+    def std(self) -> float | None:
+        """Population standard deviation (ddof=0), correctly rounded."""
+        n = self.finite
+        if n == 0:
+            return None
+        # var = (n*S2 - S1**2) / n**2 with S1 = s1 * 2**-1074, S2 = s2 * 2**-2148
+        return _sqrt_ratio(n * self.s2 - self.s1 * self.s1, (n * n) << 2148)
+
+    def buckets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(representative values clamped into [min, max], counts), ascending."""
+        nk, nc = self.neg.items()
+        pk, pc = self.pos.items()
+        reps = np.concatenate([-_values(np.asarray(nk[::-1], np.int64)),
+                               [0.0] if self.zero_bucket else [],
+                               _values(np.asarray(pk, np.int64))])
+        counts = np.asarray(nc[::-1] + ([self.zero_bucket] if self.zero_bucket else []) + pc,
+                            np.int64)
+        np.clip(reps, self.min, self.max, out=reps)
+        return reps + 0.0, counts
+
+    def quantiles(self) -> dict[str, float | None]:
+        """DDSketch's query: the bucket holding rank q*(n-1), as its value."""
+        if self.finite == 0:
+            return {name: None for name, _ in QUANTILES}
+        reps, counts = self.buckets()
+        cum = np.cumsum(counts)
+        out = {}
+        for name, q in QUANTILES:
+            rank = q * (self.finite - 1)
+            i = int(np.searchsorted(cum, rank, side="right"))   # first cum > rank
+            out[name] = float(reps[i])
+        return out
+
+    def histogram(self, bins: int = HIST_BINS) -> list[tuple[float, float, int]]:
+        """`bins` equal-width bins from min to max, counted from the sketch buckets.
+
+        Each sketch bucket goes wholly to the bin holding its representative
+        value, so a bin edge is blurred by at most the sketch's relative
+        accuracy; the counts add up to `finite` exactly.
+        """
+        if self.finite == 0:
+            return []
+        lo, hi = self.min, self.max
+        if lo == hi:
+            return [(lo, hi, self.finite)]
+        width = hi / bins - lo / bins          # no overflow for any finite lo, hi
+        edges = [lo + i * width for i in range(bins)] + [hi]
+        edges = [min(e, hi) for e in edges]
+        reps, bc = self.buckets()
+        idx = np.searchsorted(np.asarray(edges[1:-1]), reps, side="right")
+        counts = np.zeros(bins, np.int64)
+        np.add.at(counts, idx, bc)
+        return [(edges[i], edges[i + 1], int(counts[i])) for i in range(bins)]
+
+
+# ----------------------------------------------------------------------------
+# PartStats
+# ----------------------------------------------------------------------------
+
+class PartStats:
+    """Mergeable statistics of part of a job (one task, or several merged).
+
+    `merge` is exact, associative and commutative; `Summary.from_stats` of a
+    merged state does not depend on how the rows were split or merged.
+    Picklable (through `to_json`) and JSON-serialisable.
+    """
+
+    __slots__ = ("measures", "rows", "status_counts", "_stats", "_sketch_id", "tokens")
+
+    def __init__(self, measures: tuple[str, ...]) -> None:
+        measures = tuple(measures)
+        if len(set(measures)) != len(measures) or not all(isinstance(m, str) for m in measures):
+            raise ValueError(f"measures must be distinct names, got {measures!r}")
+        self.measures: tuple[str, ...] = measures
+        self.rows: int = 0
+        self.status_counts: list[int] = [0] * len(STATUSES)
+        self._stats = [_MeasureStats() for _ in measures]
+        self._sketch_id = _SKETCH_ID
+        # sequence rows: the same statistics over their counted positions (the second level)
+        self.tokens: PartStats | None = None
+
+    @classmethod
+    def empty(cls, measures: tuple[str, ...]) -> "PartStats":
+        return cls(measures)
+
+    @classmethod
+    def from_batch(cls, measures: tuple[str, ...], values: np.ndarray,
+                   status: np.ndarray) -> "PartStats":
+        """State of one batch: `values` (n_measures, n) float64, NaN where the
+        row is not ok; `status` (n,) uint8 codes of fastkl._registry.STATUSES.
+
+        Only rows with status ok contribute values; their +inf / -inf / NaN
+        are counted apart and the finite ones feed the statistics.
+        """
+        out = cls(measures)
+        status = np.asarray(status)
+        n = status.shape[0] if status.ndim == 1 else -1
+        if n < 0:
+            raise ValueError(f"status must be 1-D, got shape {status.shape}")
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim == 1 and len(out.measures) == 1:
+            values = values[None, :]
+        if values.shape != (len(out.measures), n):
+            raise ValueError(f"values must have shape ({len(out.measures)}, {n}) "
+                             f"for measures {out.measures}, got {values.shape}")
+        out.rows = n
+        if n == 0:
+            return out
+        lo, hi = int(status.min()), int(status.max())
+        if lo < 0 or hi >= len(STATUSES):
+            raise ValueError(f"status codes must be in 0..{len(STATUSES) - 1}, got {lo}..{hi}")
+        counts = np.bincount(status.astype(np.intp, copy=False), minlength=len(STATUSES))
+        out.status_counts = counts.tolist()
+        n_ok = out.status_counts[OK]
+        if n_ok == 0:
+            return out
+        ok = None if n_ok == n else (status == OK)
+        for st, v in zip(out._stats, values):
+            st.add_values(v, ok)
+        return out
+
     @classmethod
     def for_layout(cls, layout: Any) -> "PartStats":
         """The empty state of a job whose results have this `fastkl._result.Layout`."""
