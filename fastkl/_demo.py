@@ -209,13 +209,13 @@ def _per_token_line(out: str, measures: tuple[str, ...]) -> str:
 
     t = ds.dataset(out).to_table()
     tokens = np.asarray(t["tokens"].fill_null(0), dtype=np.float64).sum()
-    lines = [f"per counted token (mean over {int(tokens):,} tokens; bucket estimate, then what the "
-             "top-k data allow):"]
+    lines = [f"per counted token (mean over {int(tokens):,} tokens): the bucket estimate (tail='bucket', "
+             "never above the truth) and the range the top-k data prove the truth is in:"]
     for m in measures:
         est, lo, hi = (float(np.nansum(t[c].to_numpy(zero_copy_only=False))) / tokens
                        for c in (m, f"{m}_lower", f"{m}_upper"))
-        lines.append(f"  {m:<11} {est:.4f}   provably in [{lo:.4f}, {hi:.4f}]")
+        lines.append(f"  {m:<11} estimate {est:.4f}   truth in [{lo:.4f}, {hi:.4f}]")
     mass = np.nanmean(t["listed_mass_p"].to_numpy(zero_copy_only=False))
-    lines.append(f"  (the teacher lists {mass:.1%} of its mass per position on average; fastkl never "
-                 "guesses the rest: see README, 'Token data')")
+    lines.append(f"  (the teacher's top-k holds {mass:.1%} of its mass per position on average; the upper "
+                 "bound is inf where the student's unlisted entries may be 0: README, 'Token data')")
     return "\n".join(lines)
