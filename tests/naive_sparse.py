@@ -118,11 +118,14 @@ class Split:
         return len(self.pB) + self.n_U
 
 
-def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None, residue: float = 1e-14) -> Split:
+def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None, residue: float = 1e-14,
+          cap_slack: tuple[float, float] = (1.0, 1.0)) -> Split:
     """Merge the two id lists; unlisted masses; caps (relaxed if rounding makes them infeasible).
 
     residue: unlisted mass below it is the rounding of the listed sum, not mass (0); a
     number, or a pair (P's, Q's) for inputs whose dtype rounds more (float32).
+    cap_slack: factors (P's, Q's) widening the caps by the rounding of the stored minimum
+    (a float32 minimum may lie below the true one, which bounds the unlisted entries).
     """
     res_P, res_Q = residue if isinstance(residue, tuple) else (residue, residue)
     p_map = dict(zip((int(i) for i in p_ids), (float(v) for v in p_vals)))
@@ -134,8 +137,8 @@ def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None, residue: float
     # Unlisted mass below 1e-14 is the rounding of the listed values, not mass: 0.
     r_P = _residue(1.0 - math.fsum(p_map.values()), res_P)
     r_Q = _residue(1.0 - math.fsum(q_map.values()), res_Q)
-    m_P = min(p_map.values())
-    m_Q = min(q_map.values())
+    m_P = min(p_map.values()) * cap_slack[0]
+    m_Q = min(q_map.values()) * cap_slack[1]
     s = Split(
         pA=np.array([p_map[i] for i in both]),
         qA=np.array([q_map[i] for i in both]),
@@ -161,9 +164,9 @@ def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None, residue: float
 
 
 def bucket(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None,
-           residue: float = 1e-14) -> float:
+           residue: float = 1e-14, cap_slack=(1.0, 1.0)) -> float:
     """A compared one by one, everything else of each side pooled into one bucket."""
-    s = split(p_ids, p_vals, q_ids, q_vals, vocab, residue)
+    s = split(p_ids, p_vals, q_ids, q_vals, vocab, residue, cap_slack)
     # 1 − Σ_A p, computed as Σ_B p + r_P so that a fully listed side has an exactly empty bucket.
     p = np.append(s.pA, s.pB.sum() + s.r_P)
     q = np.append(s.qA, s.qC.sum() + s.r_Q)
@@ -171,7 +174,7 @@ def bucket(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None,
 
 
 def renormalize(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None,
-                residue: float = 1e-14) -> float:
+                residue: float = 1e-14, cap_slack=(1.0, 1.0)) -> float:
     """tail="renormalize": each side's listed values divided by their sum, unlisted = 0,
     compared on the union of the ids (kl = +inf as soon as P lists an id Q does not)."""
     p_map = dict(zip((int(i) for i in p_ids), (float(v) for v in p_vals)))
@@ -184,12 +187,12 @@ def renormalize(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = 
 
 
 def uniform(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int,
-            residue: float = 1e-14) -> float:
+            residue: float = 1e-14, cap_slack=(1.0, 1.0)) -> float:
     """tail="uniform": each side's unlisted mass r spread evenly over its V − k unlisted ids.
 
     Built as full vectors over the V ids (V small in tests), after split's rounding rules.
     """
-    s = split(p_ids, p_vals, q_ids, q_vals, vocab, residue)
+    s = split(p_ids, p_vals, q_ids, q_vals, vocab, residue, cap_slack)
     p = np.zeros(vocab)
     q = np.zeros(vocab)
     p_ids = np.asarray(p_ids, dtype=int)
@@ -496,13 +499,13 @@ def _vertex_fill(n: int | None, cap: float, total: float) -> np.ndarray:
 
 
 def bounds(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None,
-           method: str = "signs", residue: float = 1e-14) -> tuple[float, float]:
+           method: str = "signs", residue: float = 1e-14, cap_slack=(1.0, 1.0)) -> tuple[float, float]:
     """(lower, upper) over all full pairs consistent with the position (docs/sparse-bounds.md).
 
     method: how the aligned completion of the f-divergences' lower bound is found:
     "signs" (the docs' f-free bisections, default) or "golden" (minimising hellinger²).
     """
-    s = split(p_ids, p_vals, q_ids, q_vals, vocab, residue)
+    s = split(p_ids, p_vals, q_ids, q_vals, vocab, residue, cap_slack)
     if measure in F_DIVERGENCES:
         return _f_lower(measure, s, method), _f_upper(measure, s)
     if measure == "entropy":

@@ -57,6 +57,21 @@ def residue_tol(stored: np.ndarray, kind: int) -> float:
     return 1e-14 + u * (2.0 * float(p.sum()) + lsum)
 
 
+def cap_slack(stored: np.ndarray, kind: int) -> float:
+    """The kernel's widening of the cap by the stored minimum's rounding: 1 + 2u(1 + |log m|)
+    for log-probs, 1 + 2u for probs."""
+    u = 2.0 ** -24 if stored.dtype == np.float32 else 2.0 ** -53
+    x = stored.astype(np.float64)
+    x_min = float(min(x.min(), 0.0)) if kind == LOGPROBS else 0.0
+    return 1.0 + 2.0 * u * (1.0 + (-x_min if np.isfinite(x_min) else 0.0))
+
+
+def rounding(P: "Side", Q: "Side", r: int) -> dict:
+    """The reference's rounding arguments matching the kernel's for row r."""
+    return dict(residue=(residue_tol(P.stored[r], P.kind), residue_tol(Q.stored[r], Q.kind)),
+                cap_slack=(cap_slack(P.stored[r], P.kind), cap_slack(Q.stored[r], Q.kind)))
+
+
 class Side:
     """Flat buffers of one side: offsets, id offsets, ids, values, empty mask."""
 
@@ -116,12 +131,20 @@ def le(a: float, b: float, tol: float) -> bool:
     return a <= b + tol * (1 + abs(b))
 
 
-def reference(m: str, tail: str, data, vocab, residue) -> float:
+def clamp(m: str, x: float) -> float:
+    """Into the measure's range, as the kernel writes it (rounding never leaves it)."""
+    lo, hi = _registry.measure_range(m)
+    return min(max(x, lo), hi)
+
+
+def reference(m: str, tail: str, data, vocab, kw) -> float:
     if tail == "bucket":
-        return ns.bucket(m, *data, vocab=vocab, residue=residue)
-    if tail == "renormalize":
-        return ns.renormalize(m, *data, vocab=vocab, residue=residue)
-    return ns.uniform(m, *data, vocab=vocab, residue=residue)
+        x = ns.bucket(m, *data, vocab=vocab, **kw)
+    elif tail == "renormalize":
+        x = ns.renormalize(m, *data, vocab=vocab, **kw)
+    else:
+        x = ns.uniform(m, *data, vocab=vocab, **kw)
+    return clamp(m, x)
 
 
 # ------------------------------------------------------------ strategies
@@ -165,7 +188,7 @@ dtypes = st.sampled_from([np.float64, np.float32])
 kinds = st.sampled_from([PROBS, LOGPROBS])
 
 
-@settings(max_examples=40)
+@settings(max_examples=max(10, settings.default.max_examples // 2))
 @given(pair_rows(), dtypes, kinds, kinds, st.sampled_from(["none", "p", "q"]), st.booleans(),
        st.sampled_from(["bucket", "renormalize", "uniform"]))
 def test_estimates_and_bounds_equal_the_reference(pr, dtype, p_kind, q_kind, dense, with_vocab, tail):
@@ -180,25 +203,28 @@ def test_estimates_and_bounds_equal_the_reference(pr, dtype, p_kind, q_kind, den
         p_ids, p_seen = P.seen(r)
         q_ids, q_seen = Q.seen(r)
         data = (p_ids, p_seen, q_ids, q_seen)
-        residue = (residue_tol(P.stored[r], p_kind), residue_tol(Q.stored[r], q_kind))
+        kw = rounding(P, Q, r)
         assert close(listed[0, r], 1.0 if P.dense else min(p_seen.sum(), 1.0), 1e-12)
         assert close(listed[1, r], 1.0 if Q.dense else min(q_seen.sum(), 1.0), 1e-12)
         for m in MEASURES:
             est, lo, hi = (float(a[r]) for a in res[m])
-            want = reference(m, tail, data, eff_vocab, residue)
-            n_lo, n_hi = ns.bounds(m, *data, vocab=eff_vocab, residue=residue)
+            want = reference(m, tail, data, eff_vocab, kw)
+            n_lo, n_hi = ns.bounds(m, *data, vocab=eff_vocab, **kw)
             truth = ns.full_value(m, p, q)
             note(f"row {r} {m}: est={est} ref={want}; lower={lo} ref={n_lo}; upper={hi} ref={n_hi}; true={truth}")
             assert close(est, want, 1e-9), (m, est, want)
-            assert close(lo, n_lo, 1e-7), (m, lo, n_lo)
-            assert close(hi, n_hi, 1e-7), (m, hi, n_hi)
+            # float32 rows: kl and reverse_kl of near-equal rows are ~1e-7 of rounding, which the
+            # reference clamps at 0 one by one before summing jeffreys' upper bound; the kernel sums first
+            b_tol = 1e-6 if f32 else 1e-7
+            assert close(lo, n_lo, b_tol), (m, lo, n_lo)
+            assert close(hi, n_hi, b_tol), (m, hi, n_hi)
             t_tol = 1e-5 if f32 else 1e-9
             assert le(lo, truth, t_tol) and le(truth, hi, t_tol), (m, lo, truth, hi)
             if tail == "bucket":
                 assert le(est, lo, 1e-9), (m, est, lo)
 
 
-@settings(max_examples=15)
+@settings(max_examples=max(5, settings.default.max_examples // 6))
 @given(pair_rows(max_V=40, n_rows=2), dtypes, st.booleans())
 def test_bounds_contain_the_truth_on_larger_vocabularies(pr, dtype, with_vocab):
     """Larger V (more room for the pools): bucket <= lower <= true <= upper, and the reference agrees."""
@@ -209,14 +235,15 @@ def test_bounds_contain_the_truth_on_larger_vocabularies(pr, dtype, with_vocab):
     assert (status == 0).all()
     for r, (p, q, _, _) in enumerate(rows):
         data = (*P.seen(r), *Q.seen(r))
-        residue = (residue_tol(P.stored[r], PROBS), residue_tol(Q.stored[r], LOGPROBS))
+        kw = rounding(P, Q, r)
         for m in MEASURES:
             est, lo, hi = (float(a[r]) for a in res[m])
             truth = ns.full_value(m, p, q)
             t_tol = 1e-5 if dtype == np.float32 else 1e-9
             assert le(est, lo, 1e-9) and le(lo, truth, t_tol) and le(truth, hi, t_tol), (m, est, lo, truth, hi)
-            n_lo, n_hi = ns.bounds(m, *data, vocab=vocab, residue=residue)
-            assert close(lo, n_lo, 1e-7) and close(hi, n_hi, 1e-7), (m, lo, n_lo, hi, n_hi)
+            n_lo, n_hi = ns.bounds(m, *data, vocab=vocab, **kw)
+            b_tol = 1e-6 if dtype == np.float32 else 1e-7
+            assert close(lo, n_lo, b_tol) and close(hi, n_hi, b_tol), (m, lo, n_lo, hi, n_hi)
 
 
 def test_entropy_alone_reads_only_p():

@@ -135,16 +135,20 @@ def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, ki
                vals, idbuf):
     """Validate and decode row i of one side into vals/idbuf.
 
-    Returns (code, k, listed sum, residue threshold). The lowest code wins (the
-    order of fastkl._registry.STATUSES): empty, element problems, the sum, then ids.
+    Returns (code, k, listed sum, residue threshold, cap factor). The lowest code wins
+    (the order of fastkl._registry.STATUSES): empty, element problems, the sum, then ids.
+    The cap factor widens the cap m (the smallest listed value) by its own rounding: the
+    stored minimum may sit up to that much below the true one (float32 log-probs:
+    2u(1 + |log m|)), and the unlisted entries are only known to be <= the true one.
     """
     s = offsets[i]
     k = offsets[i + 1] - s
     if k == 0:
-        return EMPTY, k, 0.0, 0.0
+        return EMPTY, k, 0.0, 0.0, 1.0
     code = NOT_NORMALIZED + 1
     total = 0.0
     lsum = 0.0  # Σ p |log p| of log-probs: their decoding's rounding (docs §1)
+    x_min = 0.0  # the smallest log-prob
     for j in range(k):
         idx = s + j
         if not _bit_valid(mask, mask_offset, idx):
@@ -167,31 +171,33 @@ def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, ki
             code = min(code, NEGATIVE)
         else:
             p = math.exp(x)
+            x_min = min(x_min, x)
             vals[j] = p
             total += p
             lsum -= p * x if x < 0.0 else 0.0
     if code <= NOT_NORMALIZED:
-        return code, k, total, 0.0
+        return code, k, total, 0.0, 1.0
     if dense:
         if abs(total - 1.0) > sum_tol:
-            return NOT_NORMALIZED, k, total, 0.0
+            return NOT_NORMALIZED, k, total, 0.0, 1.0
     elif total > 1.0 + sum_tol:
-        return NOT_NORMALIZED, k, total, 0.0
+        return NOT_NORMALIZED, k, total, 0.0, 1.0
     u = U32 if _is_float32(values) else U64
     thresh = 1e-14 + u * (2.0 * total + lsum)
+    cap_mul = 1.0 + 2.0 * u * (1.0 + (-x_min if x_min > -INF else 0.0))
     if dense:
         for j in range(k):
             idbuf[j] = j
-        return OK, k, total, thresh
+        return OK, k, total, thresh, cap_mul
     ids_start = id_offsets[i]
     if id_offsets[i + 1] - ids_start != k:
-        return IDS_LENGTH_MISMATCH, k, total, thresh
+        return IDS_LENGTH_MISMATCH, k, total, thresh, cap_mul
     for j in range(k):
         v = np.int64(ids[ids_start + j])
         if v < 0 or (vocab >= 0 and v >= vocab):
-            return ID_OUT_OF_RANGE, k, total, thresh
+            return ID_OUT_OF_RANGE, k, total, thresh, cap_mul
         idbuf[j] = v
-    return OK, k, total, thresh
+    return OK, k, total, thresh, cap_mul
 
 
 # ------------------------------------------------------------ merging the id lists
@@ -660,7 +666,9 @@ def _estimate(est, accA, tail, aP, aQ, nA, bP, nB, SpB, cQ, nC, SqC, S_P, S_Q, r
             _add_phi(est, u_P, cQ[c], fk, fj, ft)
             est[ENTROPY] += _neg_xlogy(u_P, u_P)
             est[CROSS_ENTROPY] += _neg_xlogy(u_P, cQ[c])
-        if n_U < INF:
+        if n_U == 0.0:
+            pass
+        elif n_U < INF:
             _add_phi(est, n_U * u_P, n_U * u_Q, fk, fj, ft)
             est[ENTROPY] += n_U * _neg_xlogy(u_P, u_P)
             est[CROSS_ENTROPY] += n_U * _neg_xlogy(u_P, u_Q)
@@ -769,16 +777,17 @@ def sparse_rows(p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset,
             if V < 0:
                 V = kp if p_dense else (kq if (use_q and q_dense) else -1)
         S_P = S_Q = th_P = th_Q = 0.0
+        cm_P = cm_Q = 1.0
         if code == OK:
-            code, kp, S_P, th_P = _load_side(i, p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset,
+            code, kp, S_P, th_P, cm_P = _load_side(i, p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset,
                                              p_dense, p_kind, sum_tol, V, pv, pid)
             if use_q:
-                q_code, kq, S_Q, th_Q = _load_side(i, q_offsets, q_id_offsets, q_ids, q_values, q_mask,
+                q_code, kq, S_Q, th_Q, cm_Q = _load_side(i, q_offsets, q_id_offsets, q_ids, q_values, q_mask,
                                                    q_mask_offset, q_dense, q_kind, sum_tol, V, qv, qid)
                 if q_code != OK and (code == OK or q_code < code):
                     code = q_code
             else:
-                S_Q, th_Q = S_P, th_P
+                S_Q, th_Q, cm_Q = S_P, th_P, cm_P
         nA = nB = nC = 0
         if code == OK:
             if use_q:
@@ -806,7 +815,7 @@ def sparse_rows(p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset,
             listed[0, i] = NAN_
             listed[1, i] = NAN_
             continue
-        _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, V, tail, want_bounds, fk, fj, ft, fe, fc,
+        _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, want_bounds, fk, fj, ft, fe, fc,
              accA, est, lo, hi, tmp, gw, gn)
         _write(out, slots, i, est, inv_log_base)
         if want_bounds:
@@ -817,7 +826,7 @@ def sparse_rows(p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset,
 
 
 @_jit
-def _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, V, tail, want_bounds, fk, fj, ft, fe, fc,
+def _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, want_bounds, fk, fj, ft, fe, fc,
          accA, est, lo, hi, tmp, gw, gn):
     """Estimate and bounds of one merged position (docs §1-§7)."""
     SpB = 0.0
@@ -836,6 +845,8 @@ def _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, V, tail, want_bounds,
         m_Q = min(m_Q, aQ[a])
     for c in range(nC):
         m_Q = min(m_Q, cQ[c])
+    m_P *= cm_P
+    m_Q *= cm_Q
     r_P = 1.0 - S_P
     r_P = r_P if r_P >= th_P else 0.0
     r_Q = 1.0 - S_Q
