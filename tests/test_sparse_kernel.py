@@ -94,7 +94,7 @@ class Side:
 
 
 def run(P: Side, Q: Side, vocab=None, tail="bucket", want_bounds=True, measures=MEASURES, pre_status=None,
-        use_q=True, base=math.e):
+        use_q=True, base=math.e, kernel=sk.sparse_rows):
     n = len(P.offsets) - 1
     slots = np.full(8, -1, np.int64)
     for j, m in enumerate(measures):
@@ -106,7 +106,7 @@ def run(P: Side, Q: Side, vocab=None, tail="bucket", want_bounds=True, measures=
     pre = np.zeros(n, np.uint8) if pre_status is None else np.asarray(pre_status, np.uint8)
     if not use_q:
         Q = P
-    sk.sparse_rows(P.offsets, P.id_offsets, P.ids, P.values, P.mask, 0, P.dense,
+    kernel(P.offsets, P.id_offsets, P.ids, P.values, P.mask, 0, P.dense,
                    Q.offsets, Q.id_offsets, Q.ids, Q.values, Q.mask, 0, Q.dense,
                    pre, use_q, P.kind, Q.kind, -1 if vocab is None else vocab,
                    _registry.TAILS.index(tail), want_bounds, SUM_TOL, 1.0 / math.log(base),
@@ -431,3 +431,25 @@ def test_status_codes_match_the_registry():
     assert [getattr(sk, m.upper()) for m in MEASURES] == list(range(8))
     assert (sk.BUCKET, sk.RENORMALIZE, sk.UNIFORM) == tuple(range(3))
     assert _registry.TAILS == ("bucket", "renormalize", "uniform")
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalize", "uniform"])
+def test_sort_merge_variant_agrees_with_the_hash_merge(tail):
+    """The sort-merge kernel (kept for the merge measurement) computes the same rows."""
+    rng = np.random.default_rng(7)
+    V = 300
+    rows = []
+    for _ in range(40):
+        p = rng.dirichlet(np.full(V, 0.3))
+        q = rng.dirichlet(np.full(V, 0.3)) if rng.random() < 0.7 else p
+        rows.append((p, q, top_k(p, int(rng.integers(1, 40))), top_k(q, int(rng.integers(1, 40)))))
+    P, Q = _sides(V, rows, np.float32, LOGPROBS, PROBS, "none")
+    r = int(np.argmax(np.diff(Q.id_offsets) > 1))  # one duplicate id in a row of Q
+    Q.ids[Q.id_offsets[r] + 1] = Q.ids[Q.id_offsets[r]]
+    a, la, sa = run(P, Q, vocab=V, tail=tail)
+    assert sa[r] == SC["duplicate_id"] and (sa == 0).sum() == len(sa) - 1
+    b, lb, sb = run(P, Q, vocab=V, tail=tail, kernel=sk.sparse_rows_sortmerge)
+    assert np.array_equal(sa, sb) and np.array_equal(la, lb, equal_nan=True)
+    for m in MEASURES:
+        for j in range(3):
+            assert np.allclose(a[m][j], b[m][j], rtol=1e-12, atol=1e-15, equal_nan=True), m

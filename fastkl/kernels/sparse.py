@@ -259,6 +259,50 @@ def _merge(pid, pv, kp, qid, qv, kq, keys, stamp, hp, hq, gen, bits, pslot, qslo
 
 
 @_jit
+def _merge_sorted(pid, pv, kp, qid, qv, kq, pkey, qkey, aP, aQ, bP, cQ):
+    """The sort-merge alternative to `_merge` (kept for the measurement in MERGE_NOTE):
+    each side's (id << 20 | index) keys sorted, then one merge. Needs ids < 2**43 and
+    k < 2**20; returns (duplicate, nA, nB, nC, ok) with ok False when ids are too large."""
+    for j in range(kp):
+        if pid[j] >= (1 << 43):
+            return False, 0, 0, 0, False
+        pkey[j] = (pid[j] << 20) | j
+    for j in range(kq):
+        if qid[j] >= (1 << 43):
+            return False, 0, 0, 0, False
+        qkey[j] = (qid[j] << 20) | j
+    _sort_desc(pkey, kp)
+    _sort_desc(qkey, kq)
+    low = (1 << 20) - 1
+    for j in range(1, kp):
+        if (pkey[j] >> 20) == (pkey[j - 1] >> 20):
+            return True, 0, 0, 0, True
+    for j in range(1, kq):
+        if (qkey[j] >> 20) == (qkey[j - 1] >> 20):
+            return True, 0, 0, 0, True
+    nA = nB = nC = 0
+    a = b = 0
+    while a < kp or b < kq:
+        ia = pkey[a] >> 20 if a < kp else -1
+        ib = qkey[b] >> 20 if b < kq else -1
+        if ia == ib:
+            aP[nA] = pv[pkey[a] & low]
+            aQ[nA] = qv[qkey[b] & low]
+            nA += 1
+            a += 1
+            b += 1
+        elif ia > ib:
+            bP[nB] = pv[pkey[a] & low]
+            nB += 1
+            a += 1
+        else:
+            cQ[nC] = qv[qkey[b] & low]
+            nC += 1
+            b += 1
+    return False, nA, nB, nC, True
+
+
+@_jit
 def _sort_desc(x, n):
     """Sort x[:n] descending in place: a pass if already sorted, else heapsort (O(n log n))."""
     done = True
@@ -720,109 +764,122 @@ def _max_len(offsets, start, stop):
 # ------------------------------------------------------------ the kernel
 
 
-@_jit
-def sparse_rows(p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset, p_dense,
-                q_offsets, q_id_offsets, q_ids, q_values, q_mask, q_mask_offset, q_dense,
-                pre_status, use_q, p_kind, q_kind, vocab, tail, want_bounds, sum_tol, inv_log_base,
-                slots, out, lower, upper, listed, status, start, stop):
-    """Estimates (and bounds) of the requested measures for sparse rows start..stop.
+def _make_kernel(hash_merge):
+    """The row kernel, with the hash merge (the default) or the sort-merge (measured only)."""
 
-    `slots[m]`: the row of out/lower/upper receiving measure m, or -1. Rows not OK get
-    NaN everywhere (listed too). Without use_q only P is read (Q is P: entropy).
-    """
-    fk = slots[KL] >= 0 or slots[REVERSE_KL] >= 0 or slots[JEFFREYS] >= 0 or (
-        want_bounds and slots[CROSS_ENTROPY] >= 0)
-    fj = slots[JS] >= 0
-    ft = slots[TV] >= 0 or slots[HELLINGER] >= 0
-    fe = slots[ENTROPY] >= 0 or slots[CROSS_ENTROPY] >= 0
-    fc = slots[CROSS_ENTROPY] >= 0
-    kmax = max(_max_len(p_offsets, start, stop), 1)
-    if use_q:
-        kmax = max(kmax, _max_len(q_offsets, start, stop))
-    pv = np.empty(kmax)
-    qv = np.empty(kmax)
-    pid = np.empty(kmax, np.int64)
-    qid = np.empty(kmax, np.int64)
-    bits = 1
-    while (1 << bits) < 4 * kmax:
-        bits += 1
-    keys = np.empty(1 << bits, np.int64)
-    stamp = np.zeros(1 << bits, np.int64)
-    hp = np.empty(1 << bits, np.int64)
-    hq = np.empty(1 << bits, np.int64)
-    pslot = np.empty(kmax, np.int64)
-    qslot = np.empty(kmax, np.int64)
-    aP = np.empty(kmax)
-    aQ = np.empty(kmax)
-    bP = np.empty(kmax)
-    cQ = np.empty(kmax)
-    gw = np.empty(kmax + 2)
-    gn = np.empty(kmax + 2)
-    accA = np.zeros(N_MEASURES)
-    est = np.zeros(N_MEASURES)
-    lo = np.zeros(N_MEASURES)
-    hi = np.zeros(N_MEASURES)
-    tmp = np.zeros(N_MEASURES)
-    gen = 0
-    for i in range(start, stop):
-        code = np.int64(pre_status[i])
-        kp = p_offsets[i + 1] - p_offsets[i]
-        kq = q_offsets[i + 1] - q_offsets[i] if use_q else kp
-        V = vocab
-        if code == OK:
-            if use_q and p_dense and q_dense and kp != kq:
-                code = LENGTH_MISMATCH
-            elif vocab >= 0 and ((p_dense and kp != vocab) or (use_q and q_dense and kq != vocab)):
-                code = LENGTH_MISMATCH  # a dense side lists the whole vocabulary
-            if V < 0:
-                V = kp if p_dense else (kq if (use_q and q_dense) else -1)
-        S_P = S_Q = th_P = th_Q = 0.0
-        cm_P = cm_Q = 1.0
-        if code == OK:
-            code, kp, S_P, th_P, cm_P = _load_side(i, p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset,
-                                             p_dense, p_kind, sum_tol, V, pv, pid)
-            if use_q:
-                q_code, kq, S_Q, th_Q, cm_Q = _load_side(i, q_offsets, q_id_offsets, q_ids, q_values, q_mask,
-                                                   q_mask_offset, q_dense, q_kind, sum_tol, V, qv, qid)
-                if q_code != OK and (code == OK or q_code < code):
-                    code = q_code
-            else:
-                S_Q, th_Q, cm_Q = S_P, th_P, cm_P
-        nA = nB = nC = 0
-        if code == OK:
-            if use_q:
-                gen += 1
-                dup, nA, nB, nC = _merge(pid, pv, kp, qid, qv, kq, keys, stamp, hp, hq, gen, bits,
-                                         pslot, qslot, aP, aQ, bP, cQ)
-                if dup:
-                    code = DUPLICATE_ID
-            else:
-                gen += 1
-                dup, nA, nB, nC = _merge(pid, pv, kp, pid, pv, 0, keys, stamp, hp, hq, gen, bits,
-                                         pslot, qslot, aP, aQ, bP, cQ)
-                if dup:
-                    code = DUPLICATE_ID
-                for a in range(kp):
-                    aP[a] = pv[a]
-                    aQ[a] = pv[a]
-                nA, nB, nC = kp, 0, 0
-        status[i] = code
-        if code != OK:
-            _write_nan(out, slots, i)
+    def sparse_rows(p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset, p_dense,
+                    q_offsets, q_id_offsets, q_ids, q_values, q_mask, q_mask_offset, q_dense,
+                    pre_status, use_q, p_kind, q_kind, vocab, tail, want_bounds, sum_tol, inv_log_base,
+                    slots, out, lower, upper, listed, status, start, stop):
+        """Estimates (and bounds) of the requested measures for sparse rows start..stop.
+
+        `slots[m]`: the row of out/lower/upper receiving measure m, or -1. Rows not OK get
+        NaN everywhere (listed too). Without use_q only P is read (Q is P: entropy).
+        """
+        fk = slots[KL] >= 0 or slots[REVERSE_KL] >= 0 or slots[JEFFREYS] >= 0 or (
+            want_bounds and slots[CROSS_ENTROPY] >= 0)
+        fj = slots[JS] >= 0
+        ft = slots[TV] >= 0 or slots[HELLINGER] >= 0
+        fe = slots[ENTROPY] >= 0 or slots[CROSS_ENTROPY] >= 0
+        fc = slots[CROSS_ENTROPY] >= 0
+        kmax = max(_max_len(p_offsets, start, stop), 1)
+        if use_q:
+            kmax = max(kmax, _max_len(q_offsets, start, stop))
+        pv = np.empty(kmax)
+        qv = np.empty(kmax)
+        pid = np.empty(kmax, np.int64)
+        qid = np.empty(kmax, np.int64)
+        bits = 1
+        while (1 << bits) < 4 * kmax:
+            bits += 1
+        keys = np.empty(1 << bits, np.int64)
+        stamp = np.zeros(1 << bits, np.int64)
+        hp = np.empty(1 << bits, np.int64)
+        hq = np.empty(1 << bits, np.int64)
+        pslot = np.empty(kmax, np.int64)
+        qslot = np.empty(kmax, np.int64)
+        aP = np.empty(kmax)
+        aQ = np.empty(kmax)
+        bP = np.empty(kmax)
+        cQ = np.empty(kmax)
+        gw = np.empty(kmax + 2)
+        gn = np.empty(kmax + 2)
+        accA = np.zeros(N_MEASURES)
+        est = np.zeros(N_MEASURES)
+        lo = np.zeros(N_MEASURES)
+        hi = np.zeros(N_MEASURES)
+        tmp = np.zeros(N_MEASURES)
+        gen = 0
+        for i in range(start, stop):
+            code = np.int64(pre_status[i])
+            kp = p_offsets[i + 1] - p_offsets[i]
+            kq = q_offsets[i + 1] - q_offsets[i] if use_q else kp
+            V = vocab
+            if code == OK:
+                if use_q and p_dense and q_dense and kp != kq:
+                    code = LENGTH_MISMATCH
+                elif vocab >= 0 and ((p_dense and kp != vocab) or (use_q and q_dense and kq != vocab)):
+                    code = LENGTH_MISMATCH  # a dense side lists the whole vocabulary
+                if V < 0:
+                    V = kp if p_dense else (kq if (use_q and q_dense) else -1)
+            S_P = S_Q = th_P = th_Q = 0.0
+            cm_P = cm_Q = 1.0
+            if code == OK:
+                code, kp, S_P, th_P, cm_P = _load_side(i, p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset,
+                                                 p_dense, p_kind, sum_tol, V, pv, pid)
+                if use_q:
+                    q_code, kq, S_Q, th_Q, cm_Q = _load_side(i, q_offsets, q_id_offsets, q_ids, q_values, q_mask,
+                                                       q_mask_offset, q_dense, q_kind, sum_tol, V, qv, qid)
+                    if q_code != OK and (code == OK or q_code < code):
+                        code = q_code
+                else:
+                    S_Q, th_Q, cm_Q = S_P, th_P, cm_P
+            nA = nB = nC = 0
+            if code == OK:
+                if use_q:
+                    gen += 1
+                    ok = False
+                    if not hash_merge:
+                        dup, nA, nB, nC, ok = _merge_sorted(pid, pv, kp, qid, qv, kq, pslot, qslot, aP, aQ, bP, cQ)
+                    if not ok:
+                        dup, nA, nB, nC = _merge(pid, pv, kp, qid, qv, kq, keys, stamp, hp, hq, gen, bits,
+                                                 pslot, qslot, aP, aQ, bP, cQ)
+                    if dup:
+                        code = DUPLICATE_ID
+                else:
+                    gen += 1
+                    dup, nA, nB, nC = _merge(pid, pv, kp, pid, pv, 0, keys, stamp, hp, hq, gen, bits,
+                                             pslot, qslot, aP, aQ, bP, cQ)
+                    if dup:
+                        code = DUPLICATE_ID
+                    for a in range(kp):
+                        aP[a] = pv[a]
+                        aQ[a] = pv[a]
+                    nA, nB, nC = kp, 0, 0
+            status[i] = code
+            if code != OK:
+                _write_nan(out, slots, i)
+                if want_bounds:
+                    _write_nan(lower, slots, i)
+                    _write_nan(upper, slots, i)
+                listed[0, i] = NAN_
+                listed[1, i] = NAN_
+                continue
+            _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, want_bounds, fk, fj, ft, fe, fc,
+                 accA, est, lo, hi, tmp, gw, gn)
+            _write(out, slots, i, est, inv_log_base)
             if want_bounds:
-                _write_nan(lower, slots, i)
-                _write_nan(upper, slots, i)
-            listed[0, i] = NAN_
-            listed[1, i] = NAN_
-            continue
-        _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, want_bounds, fk, fj, ft, fe, fc,
-             accA, est, lo, hi, tmp, gw, gn)
-        _write(out, slots, i, est, inv_log_base)
-        if want_bounds:
-            _write(lower, slots, i, lo, inv_log_base)
-            _write(upper, slots, i, hi, inv_log_base)
-        listed[0, i] = 1.0 if p_dense else min(S_P, 1.0)
-        listed[1, i] = (1.0 if q_dense else min(S_Q, 1.0)) if use_q else NAN_
+                _write(lower, slots, i, lo, inv_log_base)
+                _write(upper, slots, i, hi, inv_log_base)
+            listed[0, i] = 1.0 if p_dense else min(S_P, 1.0)
+            listed[1, i] = (1.0 if q_dense else min(S_Q, 1.0)) if use_q else NAN_
+
+    sparse_rows.__qualname__ = sparse_rows.__name__ = "sparse_rows" if hash_merge else "sparse_rows_sortmerge"
+    return _jit(sparse_rows)
+
+
+sparse_rows = _make_kernel(True)
+sparse_rows_sortmerge = _make_kernel(False)
 
 
 @_jit
