@@ -246,6 +246,34 @@ def test_bounds_contain_the_truth_on_larger_vocabularies(pr, dtype, with_vocab):
             assert close(lo, n_lo, b_tol) and close(hi, n_hi, b_tol), (m, lo, n_lo, hi, n_hi)
 
 
+@settings(max_examples=max(10, settings.default.max_examples // 3))
+@given(st.integers(2, 6), st.data(), dtypes)
+def test_bounds_on_lists_that_are_not_top_k_equal_the_reference(V, data, dtype):
+    """Random id subsets (not the top k): the caps are relaxed (docs §1), a pool side may sit at its
+    cap, and the kernel takes its bisection path; it must still equal the reference."""
+    rows = []
+    for _ in range(3):
+        p = data.draw(distribution(V))
+        q = data.draw(distribution(V))
+        k_p = data.draw(st.integers(1, V))
+        k_q = data.draw(st.integers(1, V))
+        p_ids = np.array(data.draw(st.permutations(range(V))))[:k_p]
+        q_ids = np.array(data.draw(st.permutations(range(V))))[:k_q]
+        rows.append((p, q, p_ids, q_ids))
+    P, Q = _sides(V, rows, dtype, PROBS, PROBS, "none")
+    res, _, status = run(P, Q, vocab=V)
+    assert (status == 0).all()
+    for r in range(len(rows)):
+        d = (*P.seen(r), *Q.seen(r))
+        kw = rounding(P, Q, r)
+        for m in MEASURES:
+            est, lo, hi = (float(a[r]) for a in res[m])
+            n_lo, n_hi = ns.bounds(m, *d, vocab=V, **kw)
+            note(f"row {r} {m}: lower={lo} ref={n_lo}; upper={hi} ref={n_hi}")
+            assert close(lo, n_lo, 1e-7) and close(hi, n_hi, 1e-7), (m, lo, n_lo, hi, n_hi)
+            assert close(est, clamp(m, ns.bucket(m, *d, vocab=V, **kw)), 1e-9), m
+
+
 def test_entropy_alone_reads_only_p():
     """use_q=False: Q is P (all of P compared one by one), Q's buffers are not read."""
     p = np.array([0.5, 0.2, 0.1, 0.1, 0.1])
