@@ -221,7 +221,7 @@ def test_estimates_and_bounds_equal_the_reference(pr, dtype, p_kind, q_kind, den
             t_tol = 1e-5 if f32 else 1e-9
             assert le(lo, truth, t_tol) and le(truth, hi, t_tol), (m, lo, truth, hi)
             if tail == "bucket":
-                assert le(est, lo, 1e-9), (m, est, lo)
+                assert le(est, lo, t_tol), (m, est, lo)
 
 
 @settings(max_examples=max(5, settings.default.max_examples // 6))
@@ -240,7 +240,8 @@ def test_bounds_contain_the_truth_on_larger_vocabularies(pr, dtype, with_vocab):
             est, lo, hi = (float(a[r]) for a in res[m])
             truth = ns.full_value(m, p, q)
             t_tol = 1e-5 if dtype == np.float32 else 1e-9
-            assert le(est, lo, 1e-9) and le(lo, truth, t_tol) and le(truth, hi, t_tol), (m, est, lo, truth, hi)
+            # float32: the cap and the residue allow for rounding, so bucket <= lower holds to rounding only
+            assert le(est, lo, t_tol) and le(lo, truth, t_tol) and le(truth, hi, t_tol), (m, est, lo, truth, hi)
             n_lo, n_hi = ns.bounds(m, *data, vocab=vocab, **kw)
             b_tol = 1e-6 if dtype == np.float32 else 1e-7
             assert close(lo, n_lo, b_tol) and close(hi, n_hi, b_tol), (m, lo, n_lo, hi, n_hi)
