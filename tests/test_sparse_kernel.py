@@ -423,6 +423,14 @@ def test_dense_side_must_list_the_vocabulary():
     assert status[0] == SC["length_mismatch"]
 
 
+def test_sparse_side_listing_the_whole_vocabulary_must_sum_to_one():
+    P = Side([(np.array([2, 0, 1]), [0.5, 0.3, 0.1])])
+    _, _, status = run(P, Side([GOOD_Q]), vocab=3)
+    assert status[0] == SC["not_normalized"]
+    _, _, status = run(P, Side([GOOD_Q]), vocab=4)  # one id left for the missing 0.1
+    assert status[0] == 0
+
+
 def test_dense_side_not_normalized():
     P = Side([(np.arange(3), [0.5, 0.3, 0.1])], dense=True)
     _, _, status = run(P, Side([GOOD_Q]), vocab=3)

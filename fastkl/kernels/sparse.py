@@ -189,7 +189,8 @@ def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, ki
     if dense:
         if abs(total - 1.0) > sum_tol:
             return NOT_NORMALIZED, k, total, 0.0, 1.0
-    elif total > 1.0 + sum_tol:
+    elif total > 1.0 + sum_tol or (vocab >= 0 and k >= vocab and total < 1.0 - sum_tol):
+        # (a side listing all V ids has nowhere to keep unlisted mass: it must sum to 1)
         return NOT_NORMALIZED, k, total, 0.0, 1.0
     u = U32 if _is_float32(values) else U64
     thresh = 1e-14 + u * (2.0 * total + lsum)
