@@ -47,6 +47,7 @@ import math
 import numpy as np
 
 from .dense import _is_float32, _jit
+from .fastmath import exp_neg
 
 # Kinds (fastkl._registry.KINDS order).
 PROBS, LOGPROBS, LOGITS = 0, 1, 2
@@ -179,7 +180,7 @@ def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, ki
         elif x > sum_tol:
             code = min(code, NEGATIVE)
         else:
-            p = math.exp(x)
+            p = exp_neg(x)
             x_min = min(x_min, x)
             vals[j] = p
             total += p
