@@ -275,6 +275,36 @@ def test_bounds_on_lists_that_are_not_top_k_equal_the_reference(V, data, dtype):
             assert close(est, clamp(m, ns.bucket(m, *d, vocab=V, **kw)), 1e-9), m
 
 
+@st.composite
+def with_zeros(draw, V: int) -> np.ndarray:
+    """A distribution with exact zeros (listed zeros: log-probs of -inf)."""
+    p = np.array(draw(st.lists(st.sampled_from([0.0, 0.0, 1.0, 2.0, 5.0]), min_size=V, max_size=V)))
+    if p.sum() == 0:
+        p[draw(st.integers(0, V - 1))] = 1.0
+    return p / p.sum()
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 4))
+@given(st.integers(2, 7), st.data(), kinds, st.booleans())
+def test_listed_zeros_keep_bucket_le_lower_le_true_le_upper(V, data, kind, with_vocab):
+    """Zeros among the listed values (a cap of 0, zero weights in the water-fills). Only the
+    containment is checked: the reference's water_fill is not meant for zero weights."""
+    rows = []
+    for _ in range(3):
+        p = data.draw(with_zeros(V))
+        q = data.draw(st.one_of(st.just(p), with_zeros(V)))
+        rows.append((p, q, top_k(p, data.draw(st.integers(1, V))), top_k(q, data.draw(st.integers(1, V)))))
+    P, Q = _sides(V, rows, np.float64, kind, kind, "none")
+    res, _, status = run(P, Q, vocab=V if with_vocab else None)
+    assert (status == 0).all()
+    for r, (p, q, _, _) in enumerate(rows):
+        for m in MEASURES:
+            est, lo, hi = (float(a[r]) for a in res[m])
+            truth = ns.full_value(m, p, q)
+            note(f"row {r} {m}: bucket={est} lower={lo} true={truth} upper={hi}")
+            assert le(est, lo, 1e-9) and le(lo, truth, 1e-9) and le(truth, hi, 1e-9), m
+
+
 def test_entropy_alone_reads_only_p():
     """use_q=False: Q is P (all of P compared one by one), Q's buffers are not read."""
     p = np.array([0.5, 0.2, 0.1, 0.1, 0.1])
