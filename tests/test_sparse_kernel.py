@@ -520,3 +520,30 @@ def test_sort_merge_variant_agrees_with_the_hash_merge(tail):
     for m in MEASURES:
         for j in range(3):
             assert np.allclose(a[m][j], b[m][j], rtol=1e-12, atol=1e-15, equal_nan=True), m
+
+
+def test_realistic_rows_equal_the_reference(rng):
+    """V = 32,000, k = 32: teacher Zipf-like, student = teacher with log-noise (docs §8's sample)."""
+    V = 32_000
+    rows = []
+    for _ in range(2):
+        p = 1.0 / np.arange(1, V + 1) ** rng.uniform(1.0, 1.3)
+        rng.shuffle(p)
+        p /= p.sum()
+        q = np.exp(np.log(p) + rng.normal(0, 0.5, V))
+        q /= q.sum()
+        rows.append((p, q, top_k(p, 32), top_k(q, 32)))
+    for dtype, kind in ((np.float64, PROBS), (np.float32, LOGPROBS)):
+        P, Q = _sides(V, rows, dtype, kind, kind, "none")
+        res, _, status = run(P, Q, vocab=V)
+        assert (status == 0).all()
+        for r, (p, q, _, _) in enumerate(rows):
+            d = (*P.seen(r), *Q.seen(r))
+            kw = rounding(P, Q, r)
+            for m in MEASURES:
+                est, lo, hi = (float(a[r]) for a in res[m])
+                n_lo, n_hi = ns.bounds(m, *d, vocab=V, **kw)
+                truth = ns.full_value(m, p, q)
+                assert close(est, clamp(m, ns.bucket(m, *d, vocab=V, **kw)), 1e-9), m
+                assert close(lo, n_lo, 1e-9) and close(hi, n_hi, 1e-9), (m, lo, n_lo, hi, n_hi)
+                assert le(est, lo, 1e-9) and le(lo, truth, 1e-6) and le(truth, hi, 1e-6), m
