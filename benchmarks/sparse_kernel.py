@@ -16,7 +16,6 @@ sort-merge variant at k = 32 and 128.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import subprocess

@@ -836,33 +836,27 @@ def _make_kernel(hash_merge):
             S_P = S_Q = th_P = th_Q = 0.0
             cm_P = cm_Q = 1.0
             if code == OK:
-                code, kp, S_P, th_P, cm_P = _load_side(i, p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset,
-                                                 p_dense, p_kind, sum_tol, V, pv, pid)
+                code, kp, S_P, th_P, cm_P = _load_side(i, p_offsets, p_id_offsets, p_ids, p_values, p_mask,
+                                                       p_mask_offset, p_dense, p_kind, sum_tol, V, pv, pid)
                 if use_q:
                     q_code, kq, S_Q, th_Q, cm_Q = _load_side(i, q_offsets, q_id_offsets, q_ids, q_values, q_mask,
-                                                       q_mask_offset, q_dense, q_kind, sum_tol, V, qv, qid)
+                                                             q_mask_offset, q_dense, q_kind, sum_tol, V, qv, qid)
                     if q_code != OK and (code == OK or q_code < code):
                         code = q_code
                 else:
                     S_Q, th_Q, cm_Q = S_P, th_P, cm_P
             nA = nB = nC = 0
             if code == OK:
-                if use_q:
-                    gen += 1
-                    ok = False
-                    if not hash_merge:
-                        dup, nA, nB, nC, ok = _merge_sorted(pid, pv, kp, qid, qv, kq, pslot, qslot, aP, aQ, bP, cQ)
-                    if not ok:
-                        dup, nA, nB, nC = _merge(pid, pv, kp, qid, qv, kq, keys, stamp, hp, hq, gen, bits,
-                                                 pslot, qslot, aP, aQ, bP, cQ)
-                    if dup:
-                        code = DUPLICATE_ID
-                else:
-                    gen += 1
-                    dup, nA, nB, nC = _merge(pid, pv, kp, pid, pv, 0, keys, stamp, hp, hq, gen, bits,
-                                             pslot, qslot, aP, aQ, bP, cQ)
-                    if dup:
-                        code = DUPLICATE_ID
+                gen += 1
+                ok = False
+                if use_q and not hash_merge:
+                    dup, nA, nB, nC, ok = _merge_sorted(pid, pv, kp, qid, qv, kq, pslot, qslot, aP, aQ, bP, cQ)
+                if not ok:  # without use_q: P against nothing, for its duplicates only
+                    dup, nA, nB, nC = _merge(pid, pv, kp, qid, qv, kq if use_q else 0, keys, stamp, hp, hq, gen,
+                                             bits, pslot, qslot, aP, aQ, bP, cQ)
+                if dup:
+                    code = DUPLICATE_ID
+                elif not use_q:  # Q is P: every id compared one by one
                     for a in range(kp):
                         aP[a] = pv[a]
                         aQ[a] = pv[a]
@@ -876,8 +870,8 @@ def _make_kernel(hash_merge):
                 listed[0, i] = NAN_
                 listed[1, i] = NAN_
                 continue
-            _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, want_bounds, fk, fj, ft, fe, fc,
-                 accA, est, lo, hi, tmp, gw, gn)
+            _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, want_bounds,
+                 fk, fj, ft, fe, fc, accA, est, lo, hi, tmp, gw, gn)
             _write(out, slots, i, est, inv_log_base)
             if want_bounds:
                 _write(lower, slots, i, lo, inv_log_base)
