@@ -419,6 +419,8 @@ def _kl_upper_small_vocab(s: Split) -> float:
     p log(p/q) <= p·log(m_P/q_floor) (p <= m_P): a valid, finite, not tight bound (docs §4).
     """
     p_may_sit_alone = len(s.pB) > 0 or (s.r_P > 0 and s.n_U >= 1)
+    if not p_may_sit_alone and s.r_P > 0 and s.n_U == 0:
+        return _kl_upper_on_known_q(s)
     if not p_may_sit_alone or math.isinf(s.slots_Q):
         return math.inf if p_may_sit_alone else _f_upper("kl", s, small_vocab=False)
     q_floor = s.r_Q - (s.slots_Q - 1) * s.m_Q
@@ -429,6 +431,18 @@ def _kl_upper_small_vocab(s: Split) -> float:
     floor_all = min([q_floor] + list(s.qC))
     total += s.r_P * max(math.log(s.m_P / floor_all), 0.0)
     return total
+
+
+def _kl_upper_on_known_q(s: Split) -> float:
+    """kl's exact maximum when P's unlisted mass can only sit on C (B = ∅, no U id: e.g. Q dense).
+
+    kl is then Σ_A + Σ_C p_c log(p_c/q_c) with q_c known, convex in p_C: the maximum is a vertex
+    (⌊r_P/m_P⌋ entries at the cap, one remainder), and exchanging two entries shows the caps go to
+    the smallest q_c and the remainder to the next one.
+    """
+    qC = np.sort(s.qC)
+    p = _vertex_fill(len(qC), s.m_P, s.r_P)
+    return float(phi("kl", s.pA, s.qA).sum() + phi("kl", p, qC).sum())
 
 
 def _f_upper(measure: str, s: Split, small_vocab: bool = True) -> float:

@@ -547,3 +547,23 @@ def test_realistic_rows_equal_the_reference(rng):
                 assert close(est, clamp(m, ns.bucket(m, *d, vocab=V, **kw)), 1e-9), m
                 assert close(lo, n_lo, 1e-9) and close(hi, n_hi, 1e-9), (m, lo, n_lo, hi, n_hi)
                 assert le(est, lo, 1e-9) and le(lo, truth, 1e-6) and le(truth, hi, 1e-6), m
+
+
+@settings(max_examples=max(5, settings.default.max_examples // 10))
+@given(st.integers(2, 5), st.data())
+def test_kl_upper_against_a_dense_side_is_the_brute_force_maximum(V, data):
+    """P sparse against Q dense: P's unlisted mass can only sit where Q is known, so kl's upper bound is
+    finite and exact (the caps on the smallest q); likewise reverse_kl with the sides swapped."""
+    p = data.draw(distribution(V))
+    q = data.draw(distribution(V))
+    k = data.draw(st.integers(1, V))
+    for dense in ("q", "p"):
+        rows = [(p, q, top_k(p, k), top_k(q, k))]
+        P, Q = _sides(V, rows, np.float64, PROBS, PROBS, dense)
+        res, _, status = run(P, Q, vocab=V)
+        assert status[0] == 0
+        m = "kl" if dense == "q" else "reverse_kl"
+        hi = float(res[m][2][0])
+        _, e_hi = ns.extreme_completions(m, *P.seen(0), *Q.seen(0), vocab=V, starts=2)
+        note(f"{m} dense={dense}: upper={hi} brute max={e_hi}")
+        assert math.isfinite(hi) and close(hi, e_hi, 1e-6), (m, hi, e_hi)

@@ -569,6 +569,17 @@ def _kl_upper_small_vocab(klA, xB, nB, yC, nC, r_x, r_y, m_x, m_y, n_U, disjoint
     `disjoint` is the disjoint-tails value, returned where the refinement does not apply."""
     may_alone = nB > 0 or (r_x > 0.0 and n_U >= 1.0)
     slots_y = nB + n_U
+    if not may_alone and r_x > 0.0 and n_U == 0.0:
+        # X's unlisted mass can only sit on C, where Y is known (e.g. Y dense): the exact
+        # maximum of the convex Σ_C x log(x/y) is the vertex with the caps on the smallest y
+        full, rem = _vertex_count(r_x, m_x)
+        full = min(full, nC)
+        total = klA
+        for t in range(int(full)):
+            total += m_x * _log_ratio(m_x, yC[nC - 1 - t]) if m_x > 0.0 else 0.0
+        if rem > 0.0 and full < nC:
+            total += rem * _log_ratio(rem, yC[nC - 1 - int(full)])
+        return total
     if not may_alone:
         return disjoint
     if slots_y == INF:
