@@ -567,3 +567,17 @@ def test_kl_upper_against_a_dense_side_is_the_brute_force_maximum(V, data):
         _, e_hi = ns.extreme_completions(m, *P.seen(0), *Q.seen(0), vocab=V, starts=2)
         note(f"{m} dense={dense}: upper={hi} brute max={e_hi}")
         assert math.isfinite(hi) and close(hi, e_hi, 1e-6), (m, hi, e_hi)
+
+
+def test_minus_inf_logprob_is_a_listed_zero():
+    """A listed log-prob of -inf is p = 0 (a cap of 0, relaxed when mass is unlisted), not a NaN
+    in the rounding threshold that would silently drop the unlisted mass."""
+    P = Side([(np.array([0, 1]), [0.5, 0.0])], kind=LOGPROBS)
+    Q = Side([(np.array([0, 2]), [0.4, 0.3])])
+    res, listed, status = run(P, Q, vocab=5)
+    assert status[0] == 0 and listed[0, 0] == 0.5
+    d = (np.array([0, 1]), np.array([0.5, 0.0]), np.array([0, 2]), np.array([0.4, 0.3]))
+    for m in ("entropy", "tv", "kl"):
+        n_lo, n_hi = ns.bounds(m, *d, vocab=5)
+        assert close(res[m][1][0], n_lo, 1e-9) and close(res[m][2][0], n_hi, 1e-9), m
+    assert res["entropy"][1][0] > 1.0  # the unlisted 0.5 counts (without it: 0.5 log 2 = 0.35)

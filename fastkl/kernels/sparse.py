@@ -184,7 +184,7 @@ def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, ki
             x_min = min(x_min, x)
             vals[j] = p
             total += p
-            lsum -= p * x if x < 0.0 else 0.0
+            lsum -= p * x if (x < 0.0 and p > 0.0) else 0.0  # -inf decodes to 0: no 0 * -inf
     if code <= NOT_NORMALIZED:
         return code, k, total, 0.0, 1.0
     if dense:
