@@ -34,8 +34,15 @@ Why it is built this way:
 * The f-divergences' lower bound is one completion for every measure (the
   aligned completion, docs §3): in the common case its common ratio ρ is the
   root of a piecewise-linear function found by one sweep over the sorted
-  breakpoints; when a pool side hits its cap (small V) a nested bisection on
-  the f-free signs (exact inner solve) takes over, as in the reference.
+  breakpoints; a pool side can only hit its cap when the caps were relaxed
+  (lists that are not the true top k, docs §10), and then a nested
+  bisection on the f-free signs (exact inner solve) takes over, as in the
+  reference.
+* Bad rows: a dense side must have k = V when V is given (length_mismatch),
+  and its k is V otherwise; two dense sides must have the same k; a sparse
+  side listing all V ids must sum to 1 (not_normalized). Without use_q, Q is
+  P (entropy) and listed[1] is NaN.
+* tail="uniform" without any V (the engine refuses it) is the limit V → ∞.
 * Log-measure values and bounds are scaled by `inv_log_base`; tv and
   hellinger are not.
 """
