@@ -169,8 +169,8 @@ def main() -> None:
     rates = {}
     for name, measures in (("kl", ("kl",)), ("all 8", _registry.MEASURES)):
         for wb in (False, True):
-            t1 = best(lambda: run(buf, measures, wb, 1), 1)
-            tn = best(lambda: run(buf, measures, wb, threads), 1)
+            t1 = best(lambda: run(buf, measures, wb, 1), 2)
+            tn = best(lambda: run(buf, measures, wb, threads), 2)
             rates[name, wb] = (n / t1, n / tn)
             print(f"{name:<10} {int(wb):>6} {n / t1:>16,.0f} {n / tn:>18,.0f}")
     for name in ("kl", "all 8"):
