@@ -118,8 +118,16 @@ class Split:
         return len(self.pB) + self.n_U
 
 
-def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> Split:
-    """Merge the two id lists; unlisted masses; caps (relaxed if rounding makes them infeasible)."""
+def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None, residue: float = 1e-14,
+          cap_slack: tuple[float, float] = (1.0, 1.0)) -> Split:
+    """Merge the two id lists; unlisted masses; caps (relaxed if rounding makes them infeasible).
+
+    residue: unlisted mass below it is the rounding of the listed sum, not mass (0); a
+    number, or a pair (P's, Q's) for inputs whose dtype rounds more (float32).
+    cap_slack: factors (P's, Q's) widening the caps by the rounding of the stored minimum
+    (a float32 minimum may lie below the true one, which bounds the unlisted entries).
+    """
+    res_P, res_Q = residue if isinstance(residue, tuple) else (residue, residue)
     p_map = dict(zip((int(i) for i in p_ids), (float(v) for v in p_vals)))
     q_map = dict(zip((int(i) for i in q_ids), (float(v) for v in q_vals)))
     both = sorted(set(p_map) & set(q_map))
@@ -127,10 +135,10 @@ def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> Split:
     only_q = sorted(set(q_map) - set(p_map))
     n_U = math.inf if vocab is None else vocab - len(both) - len(only_p) - len(only_q)
     # Unlisted mass below 1e-14 is the rounding of the listed values, not mass: 0.
-    r_P = _residue(1.0 - math.fsum(p_map.values()))
-    r_Q = _residue(1.0 - math.fsum(q_map.values()))
-    m_P = min(p_map.values())
-    m_Q = min(q_map.values())
+    r_P = _residue(1.0 - math.fsum(p_map.values()), res_P)
+    r_Q = _residue(1.0 - math.fsum(q_map.values()), res_Q)
+    m_P = min(p_map.values()) * cap_slack[0]
+    m_Q = min(q_map.values()) * cap_slack[1]
     s = Split(
         pA=np.array([p_map[i] for i in both]),
         qA=np.array([q_map[i] for i in both]),
@@ -155,12 +163,48 @@ def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> Split:
 # tail="bucket"
 
 
-def bucket(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None) -> float:
+def bucket(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None,
+           residue: float = 1e-14, cap_slack=(1.0, 1.0)) -> float:
     """A compared one by one, everything else of each side pooled into one bucket."""
-    s = split(p_ids, p_vals, q_ids, q_vals, vocab)
+    s = split(p_ids, p_vals, q_ids, q_vals, vocab, residue, cap_slack)
     # 1 − Σ_A p, computed as Σ_B p + r_P so that a fully listed side has an exactly empty bucket.
     p = np.append(s.pA, s.pB.sum() + s.r_P)
     q = np.append(s.qA, s.qC.sum() + s.r_Q)
+    return full_value(measure, p, q)
+
+
+def renormalize(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None,
+                residue: float = 1e-14, cap_slack=(1.0, 1.0)) -> float:
+    """tail="renormalize": each side's listed values divided by their sum, unlisted = 0,
+    compared on the union of the ids (kl = +inf as soon as P lists an id Q does not)."""
+    p_map = dict(zip((int(i) for i in p_ids), (float(v) for v in p_vals)))
+    q_map = dict(zip((int(i) for i in q_ids), (float(v) for v in q_vals)))
+    union = sorted(set(p_map) | set(q_map))
+    sp, sq = math.fsum(p_map.values()), math.fsum(q_map.values())
+    p = np.array([p_map.get(i, 0.0) / sp for i in union])
+    q = np.array([q_map.get(i, 0.0) / sq for i in union])
+    return full_value(measure, p, q)
+
+
+def uniform(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int,
+            residue: float = 1e-14, cap_slack=(1.0, 1.0)) -> float:
+    """tail="uniform": each side's unlisted mass r spread evenly over its V − k unlisted ids.
+
+    Built as full vectors over the V ids (V small in tests), after split's rounding rules.
+    """
+    s = split(p_ids, p_vals, q_ids, q_vals, vocab, residue, cap_slack)
+    p = np.zeros(vocab)
+    q = np.zeros(vocab)
+    p_ids = np.asarray(p_ids, dtype=int)
+    q_ids = np.asarray(q_ids, dtype=int)
+    free_p = np.setdiff1d(np.arange(vocab), p_ids)
+    free_q = np.setdiff1d(np.arange(vocab), q_ids)
+    if len(free_p):
+        p[free_p] = s.r_P / len(free_p)
+    if len(free_q):
+        q[free_q] = s.r_Q / len(free_q)
+    p[p_ids] = p_vals
+    q[q_ids] = q_vals
     return full_value(measure, p, q)
 
 
@@ -310,8 +354,8 @@ def _aligned_cached(key, method: str = "signs") -> tuple[float, float]:
                                     r_P, r_Q, m_P, m_Q, n_U))
 
 
-def _residue(x: float) -> float:
-    return 0.0 if x < 1e-14 else x
+def _residue(x: float, tol: float = 1e-14) -> float:
+    return 0.0 if x < tol else x
 
 
 def _f_lower(measure: str, s: Split, method: str = "signs") -> float:
@@ -375,6 +419,8 @@ def _kl_upper_small_vocab(s: Split) -> float:
     p log(p/q) <= p·log(m_P/q_floor) (p <= m_P): a valid, finite, not tight bound (docs §4).
     """
     p_may_sit_alone = len(s.pB) > 0 or (s.r_P > 0 and s.n_U >= 1)
+    if not p_may_sit_alone and s.r_P > 0 and s.n_U == 0:
+        return _kl_upper_on_known_q(s)
     if not p_may_sit_alone or math.isinf(s.slots_Q):
         return math.inf if p_may_sit_alone else _f_upper("kl", s, small_vocab=False)
     q_floor = s.r_Q - (s.slots_Q - 1) * s.m_Q
@@ -385,6 +431,18 @@ def _kl_upper_small_vocab(s: Split) -> float:
     floor_all = min([q_floor] + list(s.qC))
     total += s.r_P * max(math.log(s.m_P / floor_all), 0.0)
     return total
+
+
+def _kl_upper_on_known_q(s: Split) -> float:
+    """kl's exact maximum when P's unlisted mass can only sit on C (B = ∅, no U id: e.g. Q dense).
+
+    kl is then Σ_A + Σ_C p_c log(p_c/q_c) with q_c known, convex in p_C: the maximum is a vertex
+    (⌊r_P/m_P⌋ entries at the cap, one remainder), and exchanging two entries shows the caps go to
+    the smallest q_c and the remainder to the next one.
+    """
+    qC = np.sort(s.qC)
+    p = _vertex_fill(len(qC), s.m_P, s.r_P)
+    return float(phi("kl", s.pA, s.qA).sum() + phi("kl", p, qC).sum())
 
 
 def _f_upper(measure: str, s: Split, small_vocab: bool = True) -> float:
@@ -455,13 +513,13 @@ def _vertex_fill(n: int | None, cap: float, total: float) -> np.ndarray:
 
 
 def bounds(measure: str, p_ids, p_vals, q_ids, q_vals, vocab: int | None = None,
-           method: str = "signs") -> tuple[float, float]:
+           method: str = "signs", residue: float = 1e-14, cap_slack=(1.0, 1.0)) -> tuple[float, float]:
     """(lower, upper) over all full pairs consistent with the position (docs/sparse-bounds.md).
 
     method: how the aligned completion of the f-divergences' lower bound is found:
     "signs" (the docs' f-free bisections, default) or "golden" (minimising hellinger²).
     """
-    s = split(p_ids, p_vals, q_ids, q_vals, vocab)
+    s = split(p_ids, p_vals, q_ids, q_vals, vocab, residue, cap_slack)
     if measure in F_DIVERGENCES:
         return _f_lower(measure, s, method), _f_upper(measure, s)
     if measure == "entropy":
