@@ -90,8 +90,8 @@ class Buffers:
 
     def call(self, measures, want_bounds, tail, start, stop, out, lower, upper, listed, status, slots,
              kernel=sk.sparse_rows):
-        kernel(self.offsets, self.offsets, self.p_ids, self.p_vals, self.mask, 0, False,
-               self.q_offsets, self.q_offsets, self.q_ids, self.q_vals, self.mask, 0, False,
+        kernel(self.offsets, self.offsets, self.p_ids, self.p_vals, self.mask, 0, False, 0,
+               self.q_offsets, self.q_offsets, self.q_ids, self.q_vals, self.mask, 0, False, 0,
                self.pre, True, LOGPROBS, LOGPROBS, V, tail, want_bounds, 1e-4, 1.0,
                slots, out, lower, upper, listed, status, start, stop)
 

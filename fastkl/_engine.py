@@ -223,9 +223,9 @@ def _run_sparse(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, op
     none = empty_ids()
     args = (
         ps.offsets, (p_ids or none).offsets, (p_ids or none).ids, ps.values, ps.mask, int(ps.mask_offset),
-        p_ids is None,
+        p_ids is None, int(ps.decode),
         qq.offsets, (q_id or none).offsets, (q_id or none).ids, qq.values, qq.mask, int(qq.mask_offset),
-        q_id is None,
+        q_id is None, int(qq.decode),
         pre, bool(use_q), KIND_CODE[options.p_kind], KIND_CODE[options.q_kind],
         -1 if options.vocab is None else int(options.vocab), TAILS.index(options.tail), bool(layout.bounds),
         float(options.sum_tol), 1.0 / math.log(options.base),

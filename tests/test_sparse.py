@@ -261,3 +261,21 @@ def test_half_precision_values_with_ids():
     b = fastkl.divergences(p.astype(np.float32), p[:, ::-1].astype(np.float32), ["kl"], p_ids=ids,
                            q_ids=ids[:, ::-1].copy(), vocab=10)
     assert a.to_pylist() == b.to_pylist()
+
+
+def test_bfloat16_log_probs_with_ids_in_sequences():
+    """bfloat16 bits declared on a list<list<uint16>> column, decoded in the sparse kernel."""
+    lp = np.log(np.array([[[0.5, 0.25, 0.125], [0.5, 0.25, 0.0625]]], dtype=np.float32))
+    bits = (lp.view(np.uint32) >> 16).astype(np.uint16)  # truncated to bfloat16
+    decoded = (bits.astype(np.uint32) << 16).view(np.float32)
+    ids = np.array([[[7, 3, 1], [2, 3, 4]]])
+    col = pa.array(bits.tolist(), type=pa.list_(pa.list_(pa.uint16())))
+    a = fastkl.divergences(col, col, ["kl", "js"], p_ids=ids, q_ids=ids[..., ::-1].copy(), vocab=10,
+                           kind="logprobs", dtype="bfloat16")
+    b = fastkl.divergences(decoded, decoded, ["kl", "js"], p_ids=ids, q_ids=ids[..., ::-1].copy(), vocab=10,
+                           kind="logprobs")
+    for m in ("kl", "js"):
+        assert a[m].to_pylist() == pytest.approx(b[m].to_pylist(), rel=1e-12)
+    assert a["listed_mass_p"][0].as_py() == pytest.approx(b["listed_mass_p"][0].as_py(), rel=1e-12)
+    with pytest.raises(fastkl.OptionError, match="bfloat16"):
+        fastkl.kl(decoded, decoded, p_ids=ids, q_ids=ids, kind="logprobs", dtype="bfloat16")

@@ -106,8 +106,8 @@ def run(P: Side, Q: Side, vocab=None, tail="bucket", want_bounds=True, measures=
     pre = np.zeros(n, np.uint8) if pre_status is None else np.asarray(pre_status, np.uint8)
     if not use_q:
         Q = P
-    kernel(P.offsets, P.id_offsets, P.ids, P.values, P.mask, 0, P.dense,
-                   Q.offsets, Q.id_offsets, Q.ids, Q.values, Q.mask, 0, Q.dense,
+    kernel(P.offsets, P.id_offsets, P.ids, P.values, P.mask, 0, P.dense, 0,
+                   Q.offsets, Q.id_offsets, Q.ids, Q.values, Q.mask, 0, Q.dense, 0,
                    pre, use_q, P.kind, Q.kind, -1 if vocab is None else vocab,
                    _registry.TAILS.index(tail), want_bounds, SUM_TOL, 1.0 / math.log(base),
                    slots, out, lower, upper, listed, status, 0, n)

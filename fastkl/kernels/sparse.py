@@ -53,8 +53,12 @@ import math
 
 import numpy as np
 
-from .dense import _is_float32, _jit
+from numba import types
+from numba.extending import overload
+
+from .dense import _jit
 from .fastmath import exp_neg
+from .half import BFLOAT16, bfloat16_to_float32, float16_to_float32
 
 # Kinds (fastkl._registry.KINDS order).
 PROBS, LOGPROBS, LOGITS = 0, 1, 2
@@ -147,8 +151,34 @@ def _bit_valid(mask, mask_offset, idx):
     return ((mask[bit >> 3] >> (bit & 7)) & 1) == 1
 
 
+def _value(values, idx, decode):
+    """values[idx] as a float: 16-bit sides (uint16 bits) decoded by `decode`."""
+
+
+@overload(_value, inline="always")
+def _value_typed(values, idx, decode):
+    if isinstance(values, types.Array) and values.dtype == types.uint16:
+        def impl(values, idx, decode):
+            h = values[idx]
+            return bfloat16_to_float32(h) if decode == BFLOAT16 else float16_to_float32(h)
+        return impl
+    return lambda values, idx, decode: values[idx]
+
+
+def _unit_roundoff(values, decode):
+    """The storage's unit roundoff: how far a stored value may be from the one it rounds."""
+
+
+@overload(_unit_roundoff, inline="always")
+def _unit_roundoff_typed(values, decode):
+    if isinstance(values, types.Array) and values.dtype == types.uint16:
+        return lambda values, decode: 2.0 ** -8 if decode == BFLOAT16 else 2.0 ** -11
+    u = U32 if isinstance(values, types.Array) and values.dtype == types.float32 else U64
+    return lambda values, decode: u
+
+
 @_jit
-def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, kind, sum_tol, vocab,
+def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, decode, kind, sum_tol, vocab,
                vals, idbuf):
     """Validate and decode row i of one side into vals/idbuf.
 
@@ -171,7 +201,7 @@ def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, ki
         if not _bit_valid(mask, mask_offset, idx):
             code = min(code, NULL_ELEMENT)
             continue
-        x = np.float64(values[idx])
+        x = np.float64(_value(values, idx, decode))
         if x != x:
             code = min(code, NAN)
         elif kind == PROBS:
@@ -200,7 +230,7 @@ def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, ki
     elif total > 1.0 + sum_tol or (vocab >= 0 and k >= vocab and total < 1.0 - sum_tol):
         # (a side listing all V ids has nowhere to keep unlisted mass: it must sum to 1)
         return NOT_NORMALIZED, k, total, 0.0, 1.0
-    u = U32 if _is_float32(values) else U64
+    u = _unit_roundoff(values, decode)
     thresh = 1e-14 + u * (2.0 * total + lsum)
     cap_mul = 1.0 + 2.0 * u * (1.0 + (-x_min if x_min > -INF else 0.0))
     if dense:
@@ -796,8 +826,8 @@ def _max_len(offsets, start, stop):
 def _make_kernel(hash_merge):
     """The row kernel, with the hash merge (the default) or the sort-merge (measured only)."""
 
-    def sparse_rows(p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset, p_dense,
-                    q_offsets, q_id_offsets, q_ids, q_values, q_mask, q_mask_offset, q_dense,
+    def sparse_rows(p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset, p_dense, p_decode,
+                    q_offsets, q_id_offsets, q_ids, q_values, q_mask, q_mask_offset, q_dense, q_decode,
                     pre_status, use_q, p_kind, q_kind, vocab, tail, want_bounds, sum_tol, inv_log_base,
                     slots, out, lower, upper, listed, status, start, stop):
         """Estimates (and bounds) of the requested measures for sparse rows start..stop.
@@ -855,10 +885,12 @@ def _make_kernel(hash_merge):
             cm_P = cm_Q = 1.0
             if code == OK:
                 code, kp, S_P, th_P, cm_P = _load_side(i, p_offsets, p_id_offsets, p_ids, p_values, p_mask,
-                                                       p_mask_offset, p_dense, p_kind, sum_tol, V, pv, pid)
+                                                       p_mask_offset, p_dense, p_decode, p_kind, sum_tol, V,
+                                                       pv, pid)
                 if use_q:
                     q_code, kq, S_Q, th_Q, cm_Q = _load_side(i, q_offsets, q_id_offsets, q_ids, q_values, q_mask,
-                                                             q_mask_offset, q_dense, q_kind, sum_tol, V, qv, qid)
+                                                             q_mask_offset, q_dense, q_decode, q_kind, sum_tol, V,
+                                                             qv, qid)
                     if q_code != OK and (code == OK or q_code < code):
                         code = q_code
                 else:
