@@ -154,7 +154,7 @@ def make_sample(data_dir: str, rows: int, shards: int, vocab: int, seed: int = 0
 
 
 def demo(directory: str = "fastkl-demo", *, rows: int = 100_000, shards: int = 4, vocab: int = 128,
-         quiet: bool = False):
+         sequences: int = 1000, quiet: bool = False):
     from .jobs.run import run
 
     data = os.path.join(directory, "data")
@@ -176,7 +176,7 @@ def demo(directory: str = "fastkl-demo", *, rows: int = 100_000, shards: int = 4
     click.echo(f"output: {os.path.abspath(out)}/  (Parquet parts + _fastkl.json manifest)")
     click.echo(f"read it back: python -c \"import pyarrow.dataset as ds; "
                f"print(ds.dataset('{out}').to_table().slice(0, 5))\"")
-    distill_demo(directory, quiet=quiet)
+    distill_demo(directory, sequences=sequences, quiet=quiet)
     return summary
 
 

@@ -286,15 +286,19 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
 @click.option("--rows", type=click.IntRange(min=1), default=100_000, show_default=True, help="Rows in the sample.")
 @click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True, help="Files in the sample.")
 @click.option("--vocab", type=click.IntRange(min=2), default=128, show_default=True, help="Support size K.")
+@click.option("--sequences", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Sequences of the token-data sample (top-k ids + log-probs per position).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
-def demo_cmd(ctx, directory, rows, shards, vocab, quiet, debug_here):
-    """Make a sample distillation dataset in DIRECTORY and run a job on it."""
+def demo_cmd(ctx, directory, rows, shards, vocab, sequences, quiet, debug_here):
+    """Make sample distillation datasets in DIRECTORY (dense rows; token data with top-k ids)
+    and run a job on each."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
     from ._demo import demo
 
-    run_guarded(lambda: demo(directory, rows=rows, shards=shards, vocab=vocab, quiet=quiet), debug)
+    run_guarded(lambda: demo(directory, rows=rows, shards=shards, vocab=vocab, sequences=sequences,
+                             quiet=quiet), debug)
 
 
 @main.command("bench")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -148,7 +149,8 @@ def test_bench_quick(tmp_path):
 
 def test_demo(tmp_path):
     d = tmp_path / "demo"
-    code, out, err = invoke("demo", d, "--rows", "3000", "--shards", "3", "--vocab", "32")
+    args = ("demo", d, "--rows", "3000", "--shards", "3", "--vocab", "32", "--sequences", "40")
+    code, out, err = invoke(*args)
     assert code == 0, err
     assert "kl" in out and "output:" in out
     table = read_dest(d / "scores")
@@ -156,8 +158,16 @@ def test_demo(tmp_path):
     assert table.column_names == ["id", "position", "kl", "reverse_kl", "js", "entropy"]
     kl = table.column("kl").to_pylist()
     assert any(v == float("inf") for v in kl)  # students with zeros where the teacher is not
-    # a second run reuses the sample and replaces the output
-    assert invoke("demo", d, "--rows", "3000", "--shards", "3", "--vocab", "32")[0] == 0
+    # the token-data part: top-k sequences, the estimate and its bounds per token
+    tokens = read_dest(d / "distill-scores")
+    assert tokens.num_rows == 40
+    assert {"kl", "kl_mean", "kl_lower", "kl_upper", "tokens", "listed_mass_p"} <= set(tokens.column_names)
+    assert set(tokens.column("status").to_pylist() if "status" in tokens.column_names else ["ok"]) == {"ok"}
+    lower = np.array(tokens.column("kl_lower").to_pylist())
+    assert np.all(np.array(tokens.column("kl").to_pylist()) <= lower * (1 + 1e-6) + 1e-9)  # bucket <= lower
+    assert "per counted token" in out and "truth in [" in out
+    # a second run reuses the samples and replaces the outputs
+    assert invoke(*args)[0] == 0
 
 
 def test_real_process_exit_codes(tmp_path, source):
