@@ -10,7 +10,11 @@ See README.md for the user's guide.
 
 from __future__ import annotations
 
-from ._api import (
+from ._config import prefer_wide_vectors
+
+prefer_wide_vectors()  # before anything compiles: see its docstring
+
+from ._api import (  # noqa: E402
     cross_entropy,
     divergences,
     entropy,
@@ -21,8 +25,8 @@ from ._api import (
     reverse_kl,
     tv,
 )
-from ._registry import KINDS, MEASURES, REASONS, STATUSES
-from .errors import DataError, DestTakenError, FastKLError, FastKLWarning, InvalidRowError, OptionError
+from ._registry import KINDS, MEASURES, REASONS, STATUSES  # noqa: E402
+from .errors import DataError, DestTakenError, FastKLError, FastKLWarning, InvalidRowError, OptionError  # noqa: E402
 
 __version__ = "0.1.0"
 
