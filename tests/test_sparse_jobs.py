@@ -92,3 +92,14 @@ def test_option_errors(tmp_path, rng, extra, match):
     flags = [f for f in FLAGS if f not in ("--vocab", "500")] if "uniform" in extra else FLAGS
     r = _invoke(src, tmp_path / "out", *flags, *extra)
     assert r.exit_code == 2 and match in r.output, r.output
+
+
+def test_worker_processes_give_the_same_output(tmp_path, rng):
+    """A real LocalCluster of worker processes (each imports fastkl and compiles for itself)."""
+    src, _ = _shards(tmp_path, rng)
+    args = [*FLAGS, "--mask", "target_mask", "--keep", "id", "-q"]
+    assert _invoke(src, tmp_path / "threads", *args).exit_code == 0
+    r = _invoke(src, tmp_path / "procs", *args, "--scheduler", "processes", "--workers", "2")
+    assert r.exit_code == 0, r.output
+    a, b = (pq.read_table(tmp_path / d).sort_by("id") for d in ("threads", "procs"))
+    assert a.equals(b)
