@@ -62,7 +62,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .half import decode_row
+from .half import as_float32, decode_row
 from .fastmath import exp32, exp_neg, exp_nonpositive, from_order_key, inf_keys, log_pos, log_ratio, log_ratio32, not_normal32, order_key
 
 FASTMATH = {"nsz", "contract", "reassoc"}
@@ -91,7 +91,7 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # fastmath.py is current, so any change there changes this file too.
 FASTMATH_DIGEST = "81ac095f9833b24f"
 # The same for half.py, whose decoders the kernels inline (tests/test_half_precision.py).
-HALF_DIGEST = "e8544225a0a2c0a9"
+HALF_DIGEST = "b613eb7967c47450"
 
 
 def _is_float32(values):
@@ -425,15 +425,16 @@ def _sum64(terms, n):
 
 
 @_jit
-def _kl32(prow, qrow, terms):
-    """(sum p log(p/q), sum p, sum q, flag): the one-measure loop of `fastkl.kl`."""
+def _kl32(prow, qrow, terms, p_decode, q_decode):
+    """(sum p log(p/q), sum p, sum q, flag): the one-measure loop of `fastkl.kl`; rows of
+    16-bit patterns (uint16) are decoded in the loop by p_decode / q_decode."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     kl = 0.0
     p_sum = q_sum = flag = zero
     for j in range(prow.size):
-        p = prow[j]
-        q = qrow[j]
+        p = as_float32(prow[j], p_decode)
+        q = as_float32(qrow[j], q_decode)
         p_sum += p
         q_sum += q
         inv_q = one / q
@@ -564,11 +565,11 @@ def _in_chunks(kl_loop):
     """`kl_loop` (a float32 kl loop: (kl, p_sum, q_sum, flag)) over chunks of
     SUM_BLOCK, its sums and flag added in float64."""
 
-    def chunked(arow, brow, terms):
+    def chunked(arow, brow, terms, a_decode, b_decode):
         kl = p_sum = q_sum = flag = 0.0
         for b0 in range(0, arow.size, SUM_BLOCK):
             b1 = min(b0 + SUM_BLOCK, arow.size)
-            a, ps, qs, f = kl_loop(arow[b0:b1], brow[b0:b1], terms)
+            a, ps, qs, f = kl_loop(arow[b0:b1], brow[b0:b1], terms, a_decode, b_decode)
             kl += a
             p_sum += np.float64(ps)
             q_sum += np.float64(qs)
@@ -595,7 +596,7 @@ def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         if want_rkl:
             kl, rkl, p_sum, q_sum, flag = _kl_reverse32(prow, qrow, terms)
         elif want_kl:
-            kl, p_sum, q_sum, flag = _kl32(prow, qrow, terms)
+            kl, p_sum, q_sum, flag = _kl32(prow, qrow, terms, 0, 0)
         else:
             p_sum, q_sum, flag = _sums32(prow, qrow)
         if want_ent:
@@ -654,15 +655,15 @@ NEG_INF32 = np.float32(-np.inf)
 
 
 @_jit
-def _kl_logs32(arow, brow, terms):
-    """(sum p (a - b), sum p, sum q, flag) for log-probabilities a, b."""
+def _kl_logs32(arow, brow, terms, p_decode, q_decode):
+    """(sum p (a - b), sum p, sum q, flag) for log-probabilities a, b (16-bit rows decoded in the loop)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     kl = 0.0
     p_sum = q_sum = flag = zero
     for j in range(arow.size):
-        a = arow[j]
-        b = brow[j]
+        a = as_float32(arow[j], p_decode)
+        b = as_float32(brow[j], q_decode)
         p = exp32(a)
         p_sum += p
         q_sum += exp32(b)
@@ -749,7 +750,7 @@ def _logprobs32_chunk(arow, brow, use_q, want_rkl, want_ent, want_ce, terms):
         if want_rkl:
             kl, rkl, p_sum, q_sum, flag = _kl_reverse_logs32(arow, brow, terms)
         else:  # also the loop that checks the sums when only entropy / cross-entropy is asked
-            kl, p_sum, q_sum, flag = _kl_logs32(arow, brow, terms)
+            kl, p_sum, q_sum, flag = _kl_logs32(arow, brow, terms, 0, 0)
     if want_ent or not use_q:
         ent, p_sum, f = _entropy_logs32(arow, terms)
         flag += f
@@ -1204,50 +1205,56 @@ def _make_kernel(name):
             if code == OK and k == 0:
                 code = EMPTY
             if code == OK:
-                prow = _row(p_values, ps, k, p_decode, p_scratch)
-                qrow = _row(q_values, qs, k, q_decode, q_scratch) if use_q else prow
-                # what the scans read: the row's values, or its decoded copy
-                pv, pvs, pmo = _side_at(p_values, ps, p_mask_offset, p_scratch)
-                qv, qvs, qmo = _side_at(q_values, qs, q_mask_offset, q_scratch)
                 # float32 used as it is, and no null element in this row
                 fast = (probs32 or logprobs32) and (no_nulls or not (
                     _has_null(p_mask, p_mask_offset, ps, k) or (use_q and _has_null(q_mask, q_mask_offset, qs, k))))
                 done = False
                 kl_inf = rkl_inf = 0.0
-                if probs:
-                    if fast and kl_only:  # the common call, without the dispatch of _probs32_terms
-                        kl, p_sum, q_sum, flag = _kl32_blocked(prow, qrow, terms)
-                        done = flag == 0.0 and _sums_within32(p_sum, q_sum, min(k, SUM_BLOCK), sum_tol)
-                    elif fast:
-                        done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
-                            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol, terms)
-                    if not done:
-                        code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _probs_row(
+                if fast and kl_only:
+                    # the common call, straight to its loop over the values as stored
+                    # (a 16-bit side decoded in the loop, without a decoded copy)
+                    p_raw = p_values[ps:ps + k]
+                    q_raw = q_values[qs:qs + k]
+                    if probs:
+                        kl, p_sum, q_sum, flag = _kl32_blocked(p_raw, q_raw, terms, p_decode, q_decode)
+                    else:
+                        kl, p_sum, q_sum, flag = _kl_logs32_blocked(p_raw, q_raw, terms, p_decode, q_decode)
+                    done = flag == 0.0 and _sums_within32(p_sum, q_sum, min(k, SUM_BLOCK), sum_tol)
+                if not done:
+                    prow = _row(p_values, ps, k, p_decode, p_scratch)
+                    qrow = _row(q_values, qs, k, q_decode, q_scratch) if use_q else prow
+                    # what the scans read: the row's values, or its decoded copy
+                    pv, pvs, pmo = _side_at(p_values, ps, p_mask_offset, p_scratch)
+                    qv, qvs, qmo = _side_at(q_values, qs, q_mask_offset, q_scratch)
+                    if probs:
+                        if fast and not kl_only:
+                            done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
+                                prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh,
+                                sum_tol, terms)
+                        if not done:
+                            code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _probs_row(
+                                prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
+                                use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce,
+                                want_tvh)
+                    elif logs:
+                        if fast and not kl_only:
+                            done, kl, rkl, ent, ce = _logprobs32_terms(
+                                prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol, terms)
+                        elif logits_kl:  # the common logits call, straight to its loops
+                            p_top, p_bad = _scan_logits(prow)
+                            q_top, q_bad = _scan_logits(qrow)
+                            if p_bad == 0.0 and q_bad == 0.0 and p_top > -INF and q_top > -INF:
+                                kl, kl_inf = _logits_kl(prow, qrow, p_top, p_inv_t, q_top, q_inv_t)
+                                done = True
+                        if not done:
+                            code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _logs_row(
+                                prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
+                                use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, sum_tol,
+                                want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh)
+                    else:
+                        code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _mixed_row(
                             prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
-                            use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce,
-                            want_tvh)
-                elif logs:
-                    if fast and kl_only:  # the common logprobs call, straight to its loop
-                        kl, p_sum, q_sum, flag = _kl_logs32_blocked(prow, qrow, terms)
-                        done = flag == 0.0 and _sums_within32(p_sum, q_sum, min(k, SUM_BLOCK), sum_tol)
-                    elif fast:
-                        done, kl, rkl, ent, ce = _logprobs32_terms(
-                            prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol, terms)
-                    elif logits_kl:  # the common logits call, straight to its loops
-                        p_top, p_bad = _scan_logits(prow)
-                        q_top, q_bad = _scan_logits(qrow)
-                        if p_bad == 0.0 and q_bad == 0.0 and p_top > -INF and q_top > -INF:
-                            kl, kl_inf = _logits_kl(prow, qrow, p_top, p_inv_t, q_top, q_inv_t)
-                            done = True
-                    if not done:
-                        code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _logs_row(
-                            prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
-                            use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, sum_tol,
-                            want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh)
-                else:
-                    code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _mixed_row(
-                        prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
-                        use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, smoothing, sum_tol)
+                            use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, smoothing, sum_tol)
             status[i] = code
             if code != OK:
                 for m in range(N_MEASURES):

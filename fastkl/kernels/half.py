@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # Decode codes of a side (the kernel's p_decode / q_decode; fastkl._registry.DECODES order).
 AS_IS, FLOAT16, BFLOAT16 = 0, 1, 2
@@ -68,6 +68,36 @@ def _bfloat16_bits(typingctx, h):
         return builder.bitcast(builder.shl(x, ir.Constant(ir.IntType(32), 16)), ir.FloatType())
 
     return types.float32(h), codegen
+
+
+@intrinsic
+def _half_bits(typingctx, h, code):
+    """The float32 value of the 16-bit pattern h, bfloat16 when code == BFLOAT16 else float16:
+    both decodings and a select (no branch), so a loop over a row of either stays vectorised."""
+    if not isinstance(h, types.Integer) or not isinstance(code, types.Integer):
+        return None
+    width = h.bitwidth
+
+    def codegen(context, builder, sig, args):
+        i32, f32 = ir.IntType(32), ir.FloatType()
+        x = _as_i32(builder, args[0], width)
+        f16 = builder.fpext(builder.bitcast(builder.trunc(x, ir.IntType(16)), ir.HalfType()), f32)
+        bf16 = builder.bitcast(builder.shl(x, ir.Constant(i32, 16)), f32)
+        is_bf16 = builder.icmp_signed("==", args[1], ir.Constant(args[1].type, BFLOAT16))
+        return builder.select(is_bf16, bf16, f16)
+
+    return types.float32(h, code), codegen
+
+
+def as_float32(x, code):
+    """A value as the float loops read it: 16-bit patterns (uint16) decoded by `code`, floats as they are."""
+
+
+@overload(as_float32, inline="always")
+def _as_float32_typed(x, code):
+    if isinstance(x, types.Integer):
+        return lambda x, code: _half_bits(x, code)
+    return lambda x, code: x
 
 
 @_jit
