@@ -22,10 +22,10 @@ import pyarrow as pa
 
 from . import _config
 from ._config import MIN_ELEMENTS_PER_BLOCK
-from ._options import Options, check_measures, check_threads, needs_q
-from ._registry import KIND_CODE, MEASURE_INDEX, NULL, TAILS
+from ._options import Options, check_kind_for, check_measures, check_threads, needs_q
+from ._registry import KIND_CODE, MEASURE_INDEX, NULL, SAMPLED_INDEX, TAILS
 from ._result import Layout, PerToken, Result, concat, empty, layout_for
-from .adapters.arrow import Side, aligned_columns, side_pair
+from .adapters.arrow import Side, aligned_columns, scalar_side, side_pair
 from .adapters.tokens import (describe_sequence, describe_sparse, empty_ids, flatten, ids_side, is_sequence,
                               merge_pre_status)
 from .errors import OptionError
@@ -194,6 +194,8 @@ def _slots(measures: tuple[str, ...]) -> np.ndarray:
 def _run_rows(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
               use_q: bool, threads: int) -> _Rows:
     """Run the kernel over token rows (`pre`: codes settled before it, e.g. from a sequence's mask)."""
+    if options.p_kind == "sampled":
+        return _run_sampled(cols, pre, layout, options, threads)
     if layout.sparse:
         return _run_sparse(cols, pre, layout, options, use_q, threads)
     ps, qs = side_pair(cols["p"], cols.get("q"), options.p_dtype, options.q_dtype)
@@ -241,6 +243,36 @@ def _run_sparse(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, op
                  upper if layout.bounds else None, listed)
 
 
+def _run_sampled(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
+                 threads: int) -> _Rows:
+    """The RLHF estimators over token rows of one sampled log-prob per side."""
+    from .kernels.sampled import N_SAMPLED, sampled_rows
+
+    ps, qs = scalar_side(cols["p"], "p"), scalar_side(cols["q"], "q")
+    n = ps.n
+    values = np.empty((len(layout.measures), n), dtype=np.float64)
+    status = np.empty(n, dtype=np.uint8)
+    slots = np.full(N_SAMPLED, -1, dtype=np.int64)
+    for i, m in enumerate(layout.measures):
+        slots[SAMPLED_INDEX[m]] = i
+    args = (ps.values, ps.mask, int(ps.mask_offset), qs.values, qs.mask, int(qs.mask_offset),
+            _pre_status(pre, ps, qs), float(options.sum_tol), slots, values, status)
+    _run_blocks(sampled_rows, args, ps.offsets, threads)
+
+    def describe(i: int, reason: str) -> str:
+        for name, side, who in (("p", ps, "the policy"), ("q", qs, "the reference")):
+            x = float(side.values[i])
+            if side.row_nulls(i).size:
+                return f"{name} is null"
+            if reason == "nan" and x != x or reason == "negative" and x > options.sum_tol or (
+                    reason == "non_finite" and (x == math.inf or (name == "p" and x == -math.inf))):
+                return f"{name} = {x!r} is not a log-prob of a token {who} sampled" if name == "p" else (
+                    f"{name} = {x!r} is not a log-prob under {who}")
+        return ""
+
+    return _Rows(values, status, describe)
+
+
 def _token_result(cols: dict[str, Any], layout: Layout, options: Options, use_q: bool, threads: int) -> Result:
     if "mask" in cols or "lengths" in cols:
         raise OptionError("mask and lengths are for sequence rows (a list of positions per row, "
@@ -255,7 +287,7 @@ def _sequence_result(cols: dict[str, Any], layout: Layout, options: Options, use
                      threads: int) -> Result:
     """Sequence rows: the kernel over their counted positions, then sums per sequence."""
     seqs = flatten({k: v for k, v in cols.items() if k not in ("mask", "lengths")},
-                   cols.get("mask"), cols.get("lengths"))
+                   cols.get("mask"), cols.get("lengths"), sampled=options.p_kind == "sampled")
     rows = _run_rows(seqs.columns, seqs.pre_status, layout, options, use_q, threads)
     stacked = [a for a in (rows.values, rows.lower, rows.upper, rows.listed) if a is not None]
     per_position = np.ascontiguousarray(np.concatenate(stacked) if len(stacked) > 1 else stacked[0])
@@ -304,16 +336,19 @@ def compute(
     sequence count.
     """
     measures = check_measures(measures)
+    check_kind_for(measures, options)
     use_q = needs_q(measures)
     if use_q and q is None:
         raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")
     sparse = p_ids is not None or (use_q and q_ids is not None)
+    if sparse and options.p_kind == "sampled":
+        raise OptionError("kind='sampled' holds one log-prob per token: it has no token ids (p_ids / q_ids)")
     if sparse:
         options.check_sparse(dense_side=p_ids is None or (use_q and q_ids is None))
     columns = {"p": p, "q": q if use_q else None, "p_ids": p_ids, "q_ids": q_ids if use_q else None,
                "mask": mask, "lengths": lengths}
     n, pieces = aligned_columns(columns)
-    sequence = _is_sequence_input(pieces)
+    sequence = _is_sequence_input(pieces, sampled=options.p_kind == "sampled")
     layout = layout_for(measures, options, sequence=sequence, sparse=sparse)
     threads = _config.cores() if threads is None else check_threads(threads)
     run = _sequence_result if sequence else _token_result
@@ -321,12 +356,12 @@ def compute(
     return concat(layout, options, parts) if parts else empty(layout, options)
 
 
-def _is_sequence_input(pieces: list[tuple[int, dict[str, Any]]]) -> bool:
+def _is_sequence_input(pieces: list[tuple[int, dict[str, Any]]], sampled: bool = False) -> bool:
     """Sequence rows or token rows; p and q must agree."""
     if not pieces:
         return False
     cols = pieces[0][1]
-    kinds = {name: is_sequence(cols[name]) for name in ("p", "q") if name in cols}
+    kinds = {name: is_sequence(cols[name], sampled) for name in ("p", "q") if name in cols}
     if len(set(kinds.values())) > 1:
         seq = [k for k, v in kinds.items() if v][0]
         raise OptionError(f"{seq} holds sequence rows (lists of lists) but the other side holds token rows; "

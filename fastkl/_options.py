@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ._registry import DTYPES, KINDS, MEASURES, ONE_SIDED, TAILS
+from ._registry import DTYPES, KINDS, MEASURES, ONE_SIDED, SAMPLED_MEASURES, TAILS
 from .errors import OptionError
 
 ON_INVALID = ("raise", "null")
@@ -170,18 +170,41 @@ def check_threads(threads: Any) -> int | None:
 
 
 def check_measures(measures: Iterable[str] | str) -> tuple[str, ...]:
-    """Normalise a measure list: known names, no duplicates, kernel order kept as given."""
+    """Normalise a measure list: known names, no duplicates, kernel order kept as given;
+    measures of distributions and estimators from sampled tokens are not mixed."""
     if isinstance(measures, str):
         measures = (measures,)
     out: list[str] = []
     for m in measures:
-        if m not in MEASURES:
-            raise OptionError(f"unknown measure {m!r}; expected some of {', '.join(MEASURES)}")
+        if m not in MEASURES and m not in SAMPLED_MEASURES:
+            raise OptionError(f"unknown measure {m!r}; expected some of {', '.join(MEASURES)} "
+                              f"(or, with kind='sampled', of {', '.join(SAMPLED_MEASURES)})")
         if m not in out:
             out.append(m)
     if not out:
         raise OptionError("no measure requested")
+    if is_sampled(tuple(out)) and any(m in MEASURES for m in out):
+        raise OptionError(f"{', '.join(m for m in out if m in SAMPLED_MEASURES)} estimate KL from the "
+                          "sampled tokens' log-probs (kind='sampled'); they cannot be asked together with "
+                          "measures of whole distributions")
     return tuple(out)
+
+
+def is_sampled(measures: tuple[str, ...]) -> bool:
+    """Estimators from sampled-token log-probs (k1, k2, k3, abs)."""
+    return any(m in SAMPLED_MEASURES for m in measures)
+
+
+def check_kind_for(measures: tuple[str, ...], options: "Options") -> None:
+    """kind='sampled' goes with the estimators k1..abs, and only with them."""
+    sampled = is_sampled(measures)
+    kinds = {options.p_kind, options.q_kind}
+    if sampled and kinds != {"sampled"}:
+        raise OptionError(f"{', '.join(measures)} need kind='sampled' (p and q: the log-probability of "
+                          "each sampled token under the policy and under the reference)")
+    if not sampled and "sampled" in kinds:
+        raise OptionError("kind='sampled' holds one log-prob per token, not distributions: ask for the "
+                          f"estimators {', '.join(SAMPLED_MEASURES)}")
 
 
 def needs_q(measures: tuple[str, ...]) -> bool:

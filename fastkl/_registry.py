@@ -27,7 +27,12 @@ LOG_MEASURES = frozenset({"kl", "reverse_kl", "jeffreys", "js", "entropy", "cros
 # Measures that read only P (the `q` argument is not needed).
 ONE_SIDED = frozenset({"entropy"})
 
-KINDS: tuple[str, ...] = ("probs", "logprobs", "logits")
+KINDS: tuple[str, ...] = ("probs", "logprobs", "logits", "sampled")
+
+# RLHF estimators of KL(policy || reference) from the log-probabilities of the
+# sampled tokens alone (kind="sampled": p the policy's, q the reference's).
+SAMPLED_MEASURES: tuple[str, ...] = ("k1", "k2", "k3", "abs")
+SAMPLED_INDEX = {name: i for i, name in enumerate(SAMPLED_MEASURES)}
 
 # Element types a side may be declared as (`p_dtype`; None: as stored). Arrow
 # has no bfloat16: a list<uint16> holding bfloat16 bits must be declared so.
@@ -80,4 +85,8 @@ def measure_range(name: str, k: int | None = None, base: float = math.e) -> tupl
         return 0.0, (math.log(k) * scale) if k else math.inf
     if name in ("tv", "hellinger"):
         return 0.0, 1.0
+    if name == "k1":
+        return -math.inf, math.inf
+    if name in ("k2", "k3", "abs"):
+        return 0.0, math.inf
     raise KeyError(name)

@@ -20,7 +20,7 @@ import warnings
 
 import click
 
-from ._registry import DTYPES, KINDS, MEASURES, TAILS
+from ._registry import DTYPES, KINDS, MEASURES, SAMPLED_MEASURES, TAILS
 from .errors import DestTakenError, FastKLError, FastKLWarning, OptionError
 
 EXIT_DATA = 1
@@ -163,8 +163,9 @@ more fails with one line naming the file and row group.
 @click.option("--p", "p", default="p", show_default=True, help="Column holding P (list of floats).")
 @click.option("--q", "q", default="q", show_default=True, help="Column holding Q (list of floats).")
 @click.option(
-    "--measure", "-m", "measures", multiple=True, type=click.Choice(MEASURES),
-    help="Measure to compute (repeat for several; default kl).",
+    "--measure", "-m", "measures", multiple=True, type=click.Choice(MEASURES + SAMPLED_MEASURES),
+    help="Measure to compute (repeat for several; default kl). k1, k2, k3, abs: RLHF estimators "
+         "from sampled-token log-probs (--kind sampled).",
 )
 @click.option("--keep", "keep", multiple=True, help="Input column copied to the output (repeatable).")
 @click.option("--p-ids", "p_ids", default=None,
@@ -237,7 +238,8 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
         from ._config import DEFAULT_TASK_BYTES
 
         summary = run(
-            list(source), dest, p=p, q=q, measures=measures or ("kl",), keep=keep,
+            list(source), dest, p=p, q=q, keep=keep,
+            measures=measures or (("k1", "k3") if kind == "sampled" else ("kl",)),
             scheduler=scheduler, workers=workers, overwrite=overwrite, resume=resume, status=status,
             quiet=quiet, summary_json=summary_json, task_rows=task_rows,
             task_bytes=int(task_mb * (1 << 20)) if task_mb else DEFAULT_TASK_BYTES,

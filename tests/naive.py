@@ -813,3 +813,32 @@ def nested_array(seqs, value_type="float64", outer="list", inner="list", *, pad=
     junk = [[[0.25] * k] * t for _ in range(pad)]
     arr = pa.array(junk + list(seqs) + junk, type=typ)
     return arr.slice(pad, len(seqs)) if pad else arr
+
+
+# --------------------------------------------------------------------------
+# RLHF estimators from sampled-token log-probs (SPEC §11): p the policy's,
+# q the reference's log-prob of each sampled token, r = q - p.
+
+SAMPLED_MEASURES = ("k1", "k2", "k3", "abs")
+
+
+def sampled_reference(name: str, p: float, q: float):
+    """Exact value (mpmath, 50 digits) of one estimator at one position; None if the
+    position is bad (NaN, +inf, a policy log-prob of -inf, a log-prob > 1e-3)."""
+    c = _ctx()
+    if any(math.isnan(x) or x == math.inf or x > 1e-3 for x in (p, q)) or p == -math.inf:
+        return None
+    if q == -math.inf:
+        return c.inf
+    r = c.mpf(q) - c.mpf(p)
+    if name == "k1":
+        return -r
+    if name == "k2":
+        return r * r / 2
+    if name == "k3":
+        if abs(r) < 1:  # the series: exp(r) - 1 - r at 50 digits would cancel to 0 for tiny r
+            return c.fsum(r ** n / c.factorial(n) for n in range(2, 60))
+        return c.exp(r) - 1 - r
+    if name == "abs":
+        return abs(r)
+    raise KeyError(name)

@@ -97,7 +97,8 @@ def cases(draw, max_k=24, max_n=5, kinds=naive.KINDS, allow_decode=True, same_ki
 
 def test_names_agree_with_fastkl():
     assert naive.MEASURES == fastkl.MEASURES
-    assert naive.KINDS == fastkl.KINDS
+    assert naive.KINDS + ("sampled",) == fastkl.KINDS  # naive.KINDS: the encodings of distributions
+    assert naive.SAMPLED_MEASURES == fastkl._registry.SAMPLED_MEASURES
     assert naive.REASONS == fastkl.REASONS
     assert set(naive.REFERENCES) == set(fastkl.MEASURES) == set(naive.SCIPY_REFERENCES)
 

@@ -374,3 +374,23 @@ def aligned_sides(p: Any, q: Any | None, p_dtype: str | None = None,
     q_dtype = _torch_declared(q, q_dtype, "q")
     n, pieces = aligned_columns({"p": p, "q": q})
     return n, [(lo, *side_pair(cols["p"], cols.get("q"), p_dtype, q_dtype)) for lo, cols in pieces]
+
+
+def scalar_side(x: pa.Array | np.ndarray, name: str) -> Side:
+    """One float per row (a sampled token's log-prob) as a Side of rows of one value;
+    a null value is a null row. float16 is widened to float32 (one value per token: small)."""
+    if isinstance(x, np.ndarray):
+        if x.ndim != 1:
+            raise OptionError(f"{name}: expected one log-prob per row (a 1-D array), got {x.ndim}-D")
+        dtype, decode = element_type(x.dtype, None, name)
+        if decode:  # float16 bits: one value per token, widened
+            x, dtype = x.astype(np.float32), np.dtype(np.float32)
+        values, mask, offset, null = np.ascontiguousarray(x, dtype=dtype), _EMPTY_MASK, 0, None
+    else:
+        if not pa.types.is_floating(x.type):
+            raise OptionError(f"{name}: expected floats (log-probs of the sampled tokens), got {x.type}")
+        if pa.types.is_float16(x.type):
+            x = pc.cast(x, pa.float32())
+        values, mask, offset, _ = _child_buffers(x, name)
+        null = x.is_null().to_numpy(zero_copy_only=False) if x.null_count else None
+    return Side(np.arange(len(values) + 1, dtype=np.int64), values, mask, offset, null)

@@ -29,12 +29,13 @@ NULL_ELEMENT = STATUS_CODE["null_element"]
 _SEQUENCE_REASONS = ("length_mismatch", "ids_length_mismatch", "mask_length_mismatch")
 
 
-def is_sequence(x: Any) -> bool:
-    """True for sequence rows: lists of lists (any list kind at either level) or a 3-D array."""
+def is_sequence(x: Any, sampled: bool = False) -> bool:
+    """True for sequence rows: lists of lists (any list kind at either level) or a 3-D array;
+    for sampled-token log-probs (one value per position), lists or a 2-D array."""
     if isinstance(x, np.ndarray):
-        return x.ndim == 3
+        return x.ndim == (2 if sampled else 3)
     t = x.type
-    return is_list_type(t) and is_list_type(t.value_type)
+    return is_list_type(t) and (sampled or is_list_type(t.value_type))
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,9 @@ class _Nested:
         return np.diff(self.offsets)
 
 
-def _nested(x: pa.Array | np.ndarray, name: str) -> _Nested:
+def _nested(x: pa.Array | np.ndarray, name: str, sampled: bool = False) -> _Nested:
+    if sampled:
+        return _flat(x, name)
     if isinstance(x, np.ndarray):
         if x.ndim != 3:
             raise OptionError(f"{name}: expected a 3-D array (sequences x positions x K), got {x.ndim}-D")
@@ -114,13 +117,15 @@ class Sequences:
         return len(self.status)
 
 
-def flatten(columns: dict[str, Any], mask: Any | None = None, lengths: Any | None = None) -> Sequences:
+def flatten(columns: dict[str, Any], mask: Any | None = None, lengths: Any | None = None,
+            sampled: bool = False) -> Sequences:
     """Sequence columns (p, q, p_ids, q_ids: same keys out) as position-level columns.
 
     `mask`: per sequence, a list of booleans or integers (nonzero = counted);
-    `lengths`: per sequence, the number of leading positions counted.
+    `lengths`: per sequence, the number of leading positions counted;
+    `sampled`: a position is one value (a sampled token's log-prob), not a list.
     """
-    nested = {name: _nested(x, name) for name, x in columns.items()}
+    nested = {name: _nested(x, name, sampled) for name, x in columns.items()}
     if mask is not None:
         nested["mask"] = _flat(mask, "mask")
     n = len(next(iter(nested.values())).offsets) - 1

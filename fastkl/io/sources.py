@@ -562,6 +562,15 @@ def _element_type(t: pa.DataType) -> pa.DataType | None:
 
 
 # What each role's column must hold: (test of its type, what to say when it fails).
+def _is_sampled_column(t: pa.DataType) -> bool:
+    """A sampled token's log-prob per row (a float) or per position of a sequence (a list of floats)."""
+    if _is_list(t):
+        t = t.value_type
+    return pa.types.is_floating(t)
+
+
+_SAMPLED_TYPE = (_is_sampled_column, "a float per token or a list of floats per sequence (kind='sampled')")
+
 _ROLE_TYPES = {
     "p": (_is_float_list, "a list of floats (or of lists of floats, for sequence rows)"),
     "q": (_is_float_list, "a list of floats (or of lists of floats, for sequence rows)"),
@@ -848,7 +857,8 @@ def _check_duplicates(f: _Found, s: pa.Schema, names: Iterable[str | None]) -> N
 
 
 def _check_columns(
-    found: list[_Found], schemas: list[pa.Schema], cols: Columns, rows: Sequence[int] | None = None
+    found: list[_Found], schemas: list[pa.Schema], cols: Columns, rows: Sequence[int] | None = None,
+    sampled: bool = False,
 ) -> None:
     """Unknown column in the reference file: usage error. Differing files: data error.
 
@@ -869,8 +879,11 @@ def _check_columns(
         names = ", ".join(s0.names)
         return OptionError(f"unknown {role} column {name!r} in {first.display} (columns: {names})")
 
+    role_types = {**_ROLE_TYPES, **({"p": _SAMPLED_TYPE, "q": _SAMPLED_TYPE} if sampled else {})}
+    shape_of = _is_list if sampled else is_sequence_type
+
     def usable(role: str, t: pa.DataType, empty: bool) -> bool:
-        return _ROLE_TYPES[role][0](t) or (empty and _null_typed(t))
+        return role_types[role][0](t) or (empty and _null_typed(t))
 
     for role, name in roles:
         if name not in s0.names:
@@ -878,9 +891,9 @@ def _check_columns(
         t = s0.field(name).type
         if not usable(role, t, rows[ref] == 0):
             raise OptionError(
-                f"column {name!r} ({role}) in {first.display} has type {t}; expected {_ROLE_TYPES[role][1]}"
+                f"column {name!r} ({role}) in {first.display} has type {t}; expected {role_types[role][1]}"
             )
-    shapes = {role: is_sequence_type(s0.field(name).type) for role, name in roles if role in _SHAPED}
+    shapes = {role: shape_of(s0.field(name).type) for role, name in roles if role in _SHAPED}
     if len(set(shapes.values())) > 1:
         kinds = ", ".join(f"{role} ({named[role]!r}) {s0.field(named[role]).type}" for role in shapes)
         raise OptionError(f"{first.display}: the values and ids columns must all be sequence rows (lists of "
@@ -907,9 +920,9 @@ def _check_columns(
             t = s.field(name).type
             if not usable(role, t, empty):
                 raise DataError(
-                    f"{f.display}: column {name!r} ({role}) has type {t}; expected {_ROLE_TYPES[role][1]}"
+                    f"{f.display}: column {name!r} ({role}) has type {t}; expected {role_types[role][1]}"
                 )
-            if role in _SHAPED and not (empty and _null_typed(t)) and is_sequence_type(t) != shapes[role]:
+            if role in _SHAPED and not (empty and _null_typed(t)) and shape_of(t) != shapes[role]:
                 raise DataError(f"{f.display}: column {name!r} ({role}) has type {t}, but "
                                 f"{s0.field(name).type} in {first.display}")
         for name in cols.keep:
@@ -935,6 +948,7 @@ def scan(
     lengths: str | None = None,
     p_ids: str | None = None,
     q_ids: str | None = None,
+    sampled: bool = False,
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
@@ -954,7 +968,7 @@ def scan(
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
         footers = list(ex.map(lambda f: _read_footer(f, read), found))
     rows = [sum(u[0] for u in ft.units) for ft in footers]
-    _check_columns(found, [ft.schema for ft in footers], cols, rows)
+    _check_columns(found, [ft.schema for ft in footers], cols, rows, sampled)
 
     files: list[InputFile] = []
     for i, (f, ft) in enumerate(zip(found, footers)):
@@ -1015,5 +1029,6 @@ def scan(
     value_types = frozenset(tuple(_element_type(ft.schema.field(c).type) for c in names)
                             for ft, n in zip(footers, rows) if n > 0)
     ref = next((ft for ft, n in zip(footers, rows) if n > 0), footers[0] if footers else None)
-    sequence = ref is not None and is_sequence_type(ref.schema.field(p).type)
+    shape_of = _is_list if sampled else is_sequence_type
+    sequence = ref is not None and shape_of(ref.schema.field(p).type)
     return Plan(files, tasks, cols, batch_rows, value_types, sequence), roots

@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 
 from .. import _config
 from .._config import DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER
-from .._options import Options, check_measures, needs_q
+from .._options import Options, check_kind_for, check_measures, needs_q
 from ..io.output import (
     MANIFEST,
     DestLock,
@@ -1049,8 +1049,12 @@ def run(
     sparse = p_ids is not None or q_ids is not None
     if sparse:
         options.check_sparse(dense_side=p_ids is None or (q is not None and q_ids is None))
+    check_kind_for(measures, options)
+    sampled = options.p_kind == "sampled"
+    if sampled and sparse:
+        raise OptionError("kind='sampled' holds one log-prob per token: it has no token ids (--p-ids / --q-ids)")
     plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
-                       task_rows=task_rows, task_bytes=task_bytes, check=check)
+                       sampled=sampled, task_rows=task_rows, task_bytes=task_bytes, check=check)
     layout = layout_for(measures, options, sequence=plan.sequence, sparse=sparse)
     for k in keep:
         if k in {f.name for f in output_fields(layout, status)}:
