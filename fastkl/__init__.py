@@ -18,6 +18,7 @@ from ._api import (  # noqa: E402
     cross_entropy,
     divergences,
     entropy,
+    gaussian_kl,
     hellinger,
     jeffreys,
     js,
@@ -31,7 +32,7 @@ from .errors import DataError, DestTakenError, FastKLError, FastKLWarning, Inval
 __version__ = "0.1.0"
 
 __all__ = [
-    "kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "tv", "hellinger",
+    "kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "tv", "hellinger", "gaussian_kl",
     "divergences", "run", "Summary",
     "InvalidRowError", "OptionError", "DataError", "DestTakenError", "FastKLError", "FastKLWarning",
     "MEASURES", "KINDS", "STATUSES", "REASONS",

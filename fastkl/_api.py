@@ -7,12 +7,13 @@ approximating one. `kl(p, q)` is KL(P || Q) = sum p log(p / q).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 
-from ._engine import compute
+from ._engine import compute, compute_gaussian
 from ._result import Result
 from ._options import Options, check_flag, check_measures, check_threads
 
@@ -122,3 +123,31 @@ tv = _measure_function("tv", "Total variation distance 1/2 sum |p_i - q_i|, per 
 hellinger = _measure_function(
     "hellinger", "Hellinger distance sqrt(1/2 sum (sqrt p_i - sqrt q_i)^2), per row; in [0, 1]."
 )
+
+
+def gaussian_kl(
+    p_mean: ArrayLike,
+    p_logvar: ArrayLike,
+    q_mean: ArrayLike,
+    q_logvar: ArrayLike,
+    *,
+    base: float = math.e,
+    on_invalid: str = "raise",
+    threads: int | None = None,
+) -> np.ndarray:
+    """KL(N(p_mean, e^p_logvar) || N(q_mean, e^q_logvar)) per row, between diagonal Gaussians
+    (VAE posteriors against their prior, variational inference).
+
+    Each argument holds one list of per-dimension values per row (or a 2-D
+    array). Computed as 1/2 sum_j [(e^d - 1 - d) + (mu_p - mu_q)^2 e^-b],
+    d = a - b, so nothing cancels. Returns a float64 array, NaN where a row is
+    null or, with on_invalid="null", invalid (NaN, inf, dimensions that differ).
+    """
+    options = Options.from_kwargs(base=base, on_invalid=on_invalid)
+    res = compute_gaussian({"p_mean": p_mean, "p_logvar": p_logvar, "q_mean": q_mean, "q_logvar": q_logvar},
+                           options, threads=check_threads(threads))
+    if options.on_invalid == "raise":
+        err = res.error()
+        if err is not None:
+            raise err
+    return res.values[0]

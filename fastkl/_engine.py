@@ -378,16 +378,74 @@ def kernel_dtype(*value_types: Any) -> np.dtype:
 
 
 def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64), options: Options | None = None,
-           measures: tuple[str, ...] = ("kl",)) -> None:
+           measures: tuple[str, ...] = ("kl",), sparse: bool = False) -> None:
     """Compile (or load from Numba's on-disk cache) the kernel for these dtypes,
     the kinds of `options` (default: probs) and `measures` (with or without q:
-    another kernel family for some kinds).
+    another kernel family for some kinds); `sparse`: the top-k kernel, for the
+    usual ids types (int32, int64).
 
     Each specialisation costs seconds to compile the first time on a machine,
     so callers that know their data warm only the ones they will use.
     """
     opts = dataclasses.replace(options or Options(), per_token=False)  # warmed on token rows
-    measures = check_measures(measures)
     for dtype in dtypes:
+        if measures == ("gaussian_kl",):
+            x = np.zeros((1, 2), dtype=dtype)
+            compute_gaussian(dict.fromkeys(GAUSSIAN_COLUMNS, x), opts, threads=1)
+            continue
+        if opts.p_kind == "sampled":
+            x = np.full(2, -0.5, dtype=dtype)
+            compute(x, x, measures, opts, threads=1)
+            continue
         x = np.full((1, 2), 0.5, dtype=dtype)
-        compute(x, x if needs_q(measures) else None, measures, opts, threads=1)
+        q = x if needs_q(check_measures(measures)) else None
+        for ids in ((np.array([[0, 1]], dtype=np.int32), np.array([[0, 1]])) if sparse else (None,)):
+            compute(x, q, measures, opts, p_ids=ids, q_ids=ids, threads=1)
+
+
+GAUSSIAN_COLUMNS = ("p_mean", "p_logvar", "q_mean", "q_logvar")
+
+
+def compute_gaussian(columns: dict[str, Any], options: Options, *, threads: int | None = None) -> Result:
+    """KL between diagonal Gaussians per row, from four columns of per-dimension values
+    (`GAUSSIAN_COLUMNS`: lists of floats, or 2-D arrays). Never raises for bad rows."""
+    from .kernels.gaussian import gaussian_rows
+
+    layout = Layout(("gaussian_kl",))
+    n, pieces = aligned_columns({name: columns[name] for name in GAUSSIAN_COLUMNS})
+    threads = _config.cores() if threads is None else check_threads(threads)
+    parts = []
+    for first, cols in pieces:
+        sides = [_side(cols[name], name) for name in GAUSSIAN_COLUMNS]
+        pre = _pre_status(None, *sides)
+        values = np.empty((1, sides[0].n), dtype=np.float64)
+        status = np.empty(sides[0].n, dtype=np.uint8)
+        args = tuple(a for s in sides for a in (s.offsets, s.values, s.mask, int(s.mask_offset)))
+        args += (pre, 1.0 / math.log(options.base), values[0], status)
+        _run_blocks(gaussian_rows, args, sides[0].offsets, threads)
+        describe = _gaussian_describe(sides)
+        parts.append((first, Result(layout, values, status, options, _describe=[(0, sides[0].n, describe)])))
+    return concat(layout, options, parts) if parts else empty(layout, options)
+
+
+def _side(x: Any, name: str) -> Side:
+    side = side_pair(x, None)[0]
+    return side.astype(np.float64) if side.decode else side  # half precision: widened (small rows)
+
+
+def _gaussian_describe(sides: list[Side]) -> Callable[[int, str], tuple[int | None, str]]:
+    def describe(i: int, reason: str) -> tuple[int | None, str]:
+        if reason == "length_mismatch":
+            counts = ", ".join(f"{name} {len(s.row(i))}" for name, s in zip(GAUSSIAN_COLUMNS, sides))
+            return None, f"the four columns have different numbers of dimensions ({counts})"
+        for name, s in zip(GAUSSIAN_COLUMNS, sides):
+            x, nulls = s.row(i).astype(np.float64), s.row_nulls(i)
+            if reason == "null_element" and nulls.size:
+                return None, f"{name}[{nulls[0]}] is null"
+            bad = np.isnan(x) if reason == "nan" else ~np.isfinite(x)
+            if reason in ("nan", "non_finite") and bad.any():
+                j = int(np.flatnonzero(bad)[0])
+                return None, f"{name}[{j}] is {x[j]}"
+        return None, ""
+
+    return describe

@@ -176,6 +176,10 @@ more fails with one line naming the file and row group.
 @click.option("--tail", type=click.Choice(TAILS), default="bucket", show_default=True,
               help="Point estimate of top-k rows: what the unlisted mass is taken to be.")
 @click.option("--no-bounds", "no_bounds", is_flag=True, help="Top-k rows: no m_lower / m_upper columns.")
+@click.option("--p-mean", default=None, help="Diagonal Gaussians: column of P's per-dimension means (gaussian_kl).")
+@click.option("--p-logvar", default=None, help="Diagonal Gaussians: column of P's log-variances.")
+@click.option("--q-mean", default=None, help="Diagonal Gaussians: column of Q's means.")
+@click.option("--q-logvar", default=None, help="Diagonal Gaussians: column of Q's log-variances.")
 @click.option("--mask", "mask", default=None,
               help="Sequence rows: column (list<bool> or list<int8>) saying which positions count.")
 @click.option("--lengths", "lengths", default=None,
@@ -217,7 +221,8 @@ more fails with one line naming the file and row group.
               help="At most this many MB of decoded input per task (default 128 MiB).")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
-def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids, vocab, tail, no_bounds, mask,
+def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids, vocab, tail, no_bounds, p_mean,
+            p_logvar, q_mean, q_logvar, mask,
             lengths, per_token, kind, p_kind, q_kind,
             dtype, p_dtype, q_dtype, temperature,
             p_temperature, q_temperature, base, normalize, smoothing, sum_tol, on_invalid, status,
@@ -248,7 +253,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             p_temperature=p_temperature, q_temperature=q_temperature, base=base_v,
             normalize=normalize, smoothing=smoothing, sum_tol=sum_tol, on_invalid=on_invalid,
             mask=mask, lengths=lengths, per_token=per_token, p_ids=p_ids, q_ids=q_ids, vocab=vocab,
-            tail=tail, bounds=not no_bounds,
+            tail=tail, bounds=not no_bounds, p_mean=p_mean, p_logvar=p_logvar, q_mean=q_mean, q_logvar=q_logvar,
         )
         return summary
 

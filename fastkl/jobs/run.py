@@ -441,7 +441,7 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
     batch and removes its temporary part, so that an interrupted job returns
     within a batch's time, not a task's.
     """
-    from .._engine import compute
+    from .._engine import compute, compute_gaussian
     from ..summary.stats import PartStats
 
     t0 = time.perf_counter()
@@ -465,7 +465,12 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
                 raise Cancelled(f"{f.display}: interrupted")
             n = batch.num_rows
             data = {role: batch.column(name) for role, name in cols.roles()}
-            res = compute(data.pop("p"), data.pop("q", None), spec.measures, spec.options, threads=threads, **data)
+            if spec.measures == ("gaussian_kl",):
+                res = compute_gaussian({"p_mean": data["p"], "p_logvar": data["p_logvar"], "q_mean": data["q"],
+                                        "q_logvar": data["q_logvar"]}, spec.options, threads=threads)
+            else:
+                res = compute(data.pop("p"), data.pop("q", None), spec.measures, spec.options, threads=threads,
+                              **data)
             bad = res.invalid_count() if spec.options.on_invalid == "raise" else 0
             if bad:
                 if first_error is None:
@@ -650,10 +655,11 @@ def _kernel_dtypes(plan) -> tuple:
     return tuple(sorted(dtypes, key=str))
 
 
-def _warm_worker(dtypes: tuple = (), options: Options | None = None, measures: tuple = ("kl",)) -> None:
+def _warm_worker(dtypes: tuple = (), options: Options | None = None, measures: tuple = ("kl",),
+                 sparse: bool = False) -> None:
     from .._engine import warmup
 
-    warmup(dtypes, _warm_options(options), measures)
+    warmup(dtypes, _warm_options(options), measures, sparse)
 
 
 def _warm_options(options: Options | None) -> Options | None:
@@ -690,7 +696,8 @@ def _run_distributed(todo, plan, spec, progress, client):
     for addr, w in info.items():
         first.setdefault(w.get("host", addr), addr)
     # on_error="ignore": a worker dying now is the scheduler's business (its tasks go elsewhere)
-    client.run(_warm_worker, _kernel_dtypes(plan), spec.options, spec.measures, workers=list(first.values()),
+    client.run(_warm_worker, _kernel_dtypes(plan), spec.options, spec.measures, spec.layout.sparse,
+               workers=list(first.values()),
                on_error="ignore")
     threads = _cluster_threads(client)
     topic = f"fastkl-progress-{uuid.uuid4().hex}"
@@ -979,6 +986,10 @@ def run(
     lengths: str | None = None,
     p_ids: str | None = None,
     q_ids: str | None = None,
+    p_mean: str | None = None,
+    p_logvar: str | None = None,
+    q_mean: str | None = None,
+    q_logvar: str | None = None,
     **opts: Any,
 ):
     """Compute `measures` for every row of SOURCE and write them to the Parquet dataset DEST.
@@ -1004,12 +1015,19 @@ def run(
     from ..summary.stats import PartStats, Summary
 
     t_start = time.perf_counter()
-    measures = check_measures(measures)
+    gaussian = (p_mean, p_logvar, q_mean, q_logvar)
+    if any(c is not None for c in gaussian):
+        if any(c is None for c in gaussian):
+            raise OptionError("diagonal Gaussians need all four columns: p_mean, p_logvar, q_mean, q_logvar "
+                              "(--p-mean --p-logvar --q-mean --q-logvar)")
+        p, q, measures = p_mean, q_mean, ("gaussian_kl",)
+    else:
+        measures = check_measures(measures)
     options = Options.from_kwargs(**opts) if opts else Options()
     if isinstance(keep, str):
         keep = (keep,)
     keep = tuple(dict.fromkeys(keep))
-    if not needs_q(measures):
+    if measures != ("gaussian_kl",) and not needs_q(measures):
         q = None
     elif q is None:
         raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")
@@ -1049,13 +1067,16 @@ def run(
     sparse = p_ids is not None or q_ids is not None
     if sparse:
         options.check_sparse(dense_side=p_ids is None or (q is not None and q_ids is None))
-    check_kind_for(measures, options)
+    if measures != ("gaussian_kl",):
+        check_kind_for(measures, options)
     sampled = options.p_kind == "sampled"
     if sampled and sparse:
         raise OptionError("kind='sampled' holds one log-prob per token: it has no token ids (--p-ids / --q-ids)")
     plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
-                       sampled=sampled, task_rows=task_rows, task_bytes=task_bytes, check=check)
-    layout = layout_for(measures, options, sequence=plan.sequence, sparse=sparse)
+                       sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
+                       task_rows=task_rows, task_bytes=task_bytes, check=check)
+    layout = (Layout(measures) if measures == ("gaussian_kl",)
+              else layout_for(measures, options, sequence=plan.sequence, sparse=sparse))
     for k in keep:
         if k in {f.name for f in output_fields(layout, status)}:
             raise OptionError(f"keep column {k!r} has the name of an output column")
@@ -1157,7 +1178,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
 
         # compile / load the kernel once here, before any worker process starts
         # (numba issue 4807), for every dtype the files of the plan need
-        warmup(_kernel_dtypes(plan), _warm_options(options), measures)
+        warmup(_kernel_dtypes(plan), _warm_options(options), measures, spec.layout.sparse)
         if todo:
             for r in _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close):
                 results[r["index"]] = r
