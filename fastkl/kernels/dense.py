@@ -157,6 +157,15 @@ def _side_at_typed(values, start, mask_offset, scratch):
 
 
 @_jit
+def valid_bit(mask, mask_offset, idx):
+    """Is element idx valid in an Arrow validity bitmap (LSB first; empty: no null at all)?"""
+    if mask.size == 0:
+        return True
+    bit = mask_offset + idx
+    return ((mask[bit >> 3] >> (bit & 7)) & 1) == 1
+
+
+@_jit
 def _has_null(mask, mask_offset, start, k):
     if mask.size == 0:
         return False

@@ -12,23 +12,15 @@ import math
 import numpy as np
 from numba import njit
 
-from .dense import EMPTY, LENGTH_MISMATCH, NAN, NON_FINITE, NULL_ELEMENT, OK
+from .dense import EMPTY, LENGTH_MISMATCH, NAN, NON_FINITE, NULL_ELEMENT, OK, valid_bit
 from .sampled import k3_term
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")
 
 
 @_jit
-def _valid(mask, mask_offset, idx):
-    if mask.size == 0:
-        return True
-    bit = mask_offset + idx
-    return ((mask[bit >> 3] >> (bit & 7)) & 1) == 1
-
-
-@_jit
 def _code(x, mask, mask_offset, idx):
-    if not _valid(mask, mask_offset, idx):
+    if not valid_bit(mask, mask_offset, idx):
         return NULL_ELEMENT
     if x != x:
         return NAN

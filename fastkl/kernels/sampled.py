@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .dense import NAN, NEGATIVE, NON_FINITE, NULL_ELEMENT, OK
+from .dense import NAN, NEGATIVE, NON_FINITE, NULL_ELEMENT, OK, valid_bit
 
 K1, K2, K3, ABS = 0, 1, 2, 3  # slots: fastkl._registry.SAMPLED_MEASURES order
 N_SAMPLED = 4
@@ -54,20 +54,12 @@ def _bad(x, sum_tol, is_policy):
 
 
 @_jit
-def _valid(mask, mask_offset, idx):
-    if mask.size == 0:
-        return True
-    bit = mask_offset + idx
-    return ((mask[bit >> 3] >> (bit & 7)) & 1) == 1
-
-
-@_jit
 def sampled_rows(p_values, p_mask, p_mask_offset, q_values, q_mask, q_mask_offset, pre_status, sum_tol,
                  slots, out, status, start, stop):
     """The requested estimators (slots[m]: row of `out`, or -1) for positions start..stop."""
     for i in range(start, stop):
         code = np.int64(pre_status[i])
-        if code == OK and not (_valid(p_mask, p_mask_offset, i) and _valid(q_mask, q_mask_offset, i)):
+        if code == OK and not (valid_bit(p_mask, p_mask_offset, i) and valid_bit(q_mask, q_mask_offset, i)):
             code = NULL_ELEMENT
         p = np.float64(p_values[i])
         q = np.float64(q_values[i])

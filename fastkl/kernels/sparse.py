@@ -56,7 +56,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from .dense import _jit
+from .dense import _jit, valid_bit
 from .fastmath import exp_neg
 from .half import BFLOAT16, bfloat16_to_float32, float16_to_float32
 
@@ -143,14 +143,6 @@ def _neg_xlogy(x, y):
 # ------------------------------------------------------------ loading a side
 
 
-@_jit
-def _bit_valid(mask, mask_offset, idx):
-    if mask.size == 0:
-        return True
-    bit = mask_offset + idx
-    return ((mask[bit >> 3] >> (bit & 7)) & 1) == 1
-
-
 def _value(values, idx, decode):
     """values[idx] as a float: 16-bit sides (uint16 bits) decoded by `decode`."""
 
@@ -198,7 +190,7 @@ def _load_side(i, offsets, id_offsets, ids, values, mask, mask_offset, dense, de
     x_min = 0.0  # the smallest log-prob
     for j in range(k):
         idx = s + j
-        if not _bit_valid(mask, mask_offset, idx):
+        if not valid_bit(mask, mask_offset, idx):
             code = min(code, NULL_ELEMENT)
             continue
         x = np.float64(_value(values, idx, decode))
