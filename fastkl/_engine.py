@@ -260,14 +260,15 @@ def _run_sampled(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, o
     _run_blocks(sampled_rows, args, ps.offsets, threads)
 
     def describe(i: int, reason: str) -> str:
-        for name, side, who in (("p", ps, "the policy"), ("q", qs, "the reference")):
+        for name, side, what in (("p", ps, "the log-prob of a token the policy sampled"),
+                                 ("q", qs, "a log-prob under the reference")):
             x = float(side.values[i])
             if side.row_nulls(i).size:
                 return f"{name} is null"
-            if reason == "nan" and x != x or reason == "negative" and x > options.sum_tol or (
-                    reason == "non_finite" and (x == math.inf or (name == "p" and x == -math.inf))):
-                return f"{name} = {x!r} is not a log-prob of a token {who} sampled" if name == "p" else (
-                    f"{name} = {x!r} is not a log-prob under {who}")
+            bad = {"nan": x != x, "negative": x > options.sum_tol,
+                   "non_finite": x == math.inf or (name == "p" and x == -math.inf)}
+            if bad.get(reason):
+                return f"{name} = {x!r} cannot be {what}"
         return ""
 
     return _Rows(values, status, describe)
@@ -297,7 +298,6 @@ def _sequence_result(cols: dict[str, Any], layout: Layout, options: Options, use
     status = np.empty(n, dtype=np.uint8)
     first_bad = np.empty(n, dtype=np.int64)
     sum_positions(seqs.offsets, seqs.status, rows.status, per_position, sums, tokens, status, first_bad)
-    m = len(layout.measures)
     parts = iter(np.split(sums, np.cumsum([len(a) for a in stacked])[:-1]))
     values = next(parts)
     lower, upper = (next(parts), next(parts)) if rows.lower is not None else (None, None)
@@ -313,7 +313,6 @@ def _sequence_result(cols: dict[str, Any], layout: Layout, options: Options, use
             return None, describe_sequence(seqs, i, reason)
         return j - int(seqs.offsets[i]), rows.describe(j, reason)
 
-    assert values.shape[0] == m
     return Result(layout, values, status, options, lower, upper, listed, tokens, per_token, [(0, n, describe)])
 
 
