@@ -24,6 +24,7 @@ class InvalidRowError(FastKLError, ValueError):
         file: str | None = None,
         detail: str = "",
         position: int | None = None,
+        unit: str | None = None,
     ) -> None:
         self.reason = reason
         self.row = row
@@ -31,10 +32,13 @@ class InvalidRowError(FastKLError, ValueError):
         self.file = file
         self.detail = detail
         self.position = position
+        self.unit = unit  # where in the file the row is: "row group 3" / "record batch 0"
         super().__init__(self._message())
 
     def _message(self) -> str:
         where = f"{self.file}: row {self.row}" if self.file else f"row {self.row}"
+        if self.unit:
+            where += f" ({self.unit})"
         if self.position is not None:
             where += f", position {self.position}"
         msg = f"invalid row ({self.reason}) at {where}"
@@ -48,11 +52,11 @@ class InvalidRowError(FastKLError, ValueError):
 
     def __reduce__(self):  # picklable across Dask worker processes
         return (_rebuild_invalid_row_error, (self.reason, self.row, self.count, self.file, self.detail,
-                                                self.position))
+                                                self.position, self.unit))
 
 
-def _rebuild_invalid_row_error(reason, row, count, file, detail, position=None):
-    return InvalidRowError(reason, row, count, file=file, detail=detail, position=position)
+def _rebuild_invalid_row_error(reason, row, count, file, detail, position=None, unit=None):
+    return InvalidRowError(reason, row, count, file=file, detail=detail, position=position, unit=unit)
 
 
 class OptionError(FastKLError, ValueError):

@@ -80,7 +80,7 @@ def test_a_bad_position_names_file_row_and_position(tmp_path, rng):
     src = _write(tmp_path, table)
     r = CliRunner().invoke(main, ["run", str(src), str(tmp_path / "out")])
     assert r.exit_code != 0
-    assert "invalid row (nan) at" in r.output and "part-1.parquet: row 2, position 3" in r.output, r.output
+    assert "invalid row (nan) at" in r.output and "part-1.parquet: row 2 (row group 0), position 3: p[0] is NaN" in r.output, r.output
     assert not (tmp_path / "out").exists()
 
 

@@ -68,7 +68,7 @@ def test_a_bad_id_names_file_row_and_position(tmp_path, rng):
     pq.write_table(bad, src / "part-0.parquet", row_group_size=7)
     r = _invoke(src, tmp_path / "out", *FLAGS)
     assert r.exit_code != 0
-    assert "invalid row (duplicate_id)" in r.output and "part-0.parquet: row 9, position 4" in r.output, r.output
+    assert "invalid row (duplicate_id)" in r.output and "part-0.parquet: row 9 (row group 1), position 4: target_token_ids" not in r.output and "part-0.parquet: row 9 (row group 1), position 4: p_ids[2]" in r.output, r.output
     assert not (tmp_path / "out").exists()
 
 

@@ -494,8 +494,7 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
             e = first_error
             where = f"{task.unit_name()} {_unit_of(task, e.row)}"
             raise InvalidRowError(
-                e.reason, e.row, invalid, file=e.file, detail=where + (f": {e.detail}" if e.detail else ""),
-                position=e.position,
+                e.reason, e.row, invalid, file=e.file, detail=e.detail, position=e.position, unit=where,
             )
         if done != task.rows:
             raise DataError(
