@@ -138,7 +138,8 @@ class Result:
         if self.layout.sequence:
             arrays.append(pa.array(self.tokens, type=pa.int64(), mask=self._no_sequence()))
         if self.layout.sparse:
-            arrays += [pa.array(self.listed[0], mask=mask), pa.array(self.listed[1], mask=mask)]
+            # NaN beside an ok row: no q was read (entropy alone)
+            arrays += [pa.array(x, mask=np.isnan(x) | not_ok) for x in self.listed]
         if status:
             arrays.append(status_array(self.status))
         return pa.Table.from_arrays(arrays, schema=pa.schema(output_fields(self.layout, status)))

@@ -78,3 +78,10 @@ def test_a_job_over_vae_posteriors(tmp_path):
     assert "gaussian_kl" in r.output
     r = CliRunner().invoke(main, ["run", str(src), str(tmp_path / "out2"), "--p-mean", "mu"])
     assert r.exit_code == 2 and "need all four columns" in r.output, r.output
+
+
+def test_rows_without_dimensions_are_empty_rows():
+    got = fastkl.gaussian_kl([[]], [[]], [[]], [[]], on_invalid="null")
+    assert np.isnan(got).all()
+    with pytest.raises(fastkl.InvalidRowError, match=r"invalid row \(empty\)"):
+        fastkl.gaussian_kl([[]], [[]], [[]], [[]])

@@ -205,3 +205,10 @@ def test_chunked_sequences_with_other_chunk_boundaries(rng):
 def test_option_errors(call, match):
     with pytest.raises(fastkl.OptionError, match=match):
         call()
+
+
+def test_no_sequences_still_give_the_sequence_columns():
+    t = pa.list_(pa.list_(pa.float64()))
+    table = fastkl.divergences(pa.array([], type=t), pa.array([], type=t), ["kl"], per_token=True, status=True)
+    assert table.num_rows == 0
+    assert table.column_names == ["kl", "kl_mean", "kl_tokens", "tokens", "status"]

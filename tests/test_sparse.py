@@ -279,3 +279,11 @@ def test_bfloat16_log_probs_with_ids_in_sequences():
     assert a["listed_mass_p"][0].as_py() == pytest.approx(b["listed_mass_p"][0].as_py(), rel=1e-12)
     with pytest.raises(fastkl.OptionError, match="bfloat16"):
         fastkl.kl(decoded, decoded, p_ids=ids, q_ids=ids, kind="logprobs", dtype="bfloat16")
+
+
+def test_entropy_alone_reads_no_q_and_says_so():
+    table = fastkl.divergences([[0.5, 0.3]], None, ["entropy"], p_ids=[[1, 2]], vocab=5)
+    assert table["listed_mass_p"][0].as_py() == pytest.approx(0.8)
+    assert table["listed_mass_q"][0].as_py() is None  # null, not NaN
+    lo, hi = table["entropy_lower"][0].as_py(), table["entropy_upper"][0].as_py()
+    assert lo == pytest.approx(table["entropy"][0].as_py()) and lo < hi

@@ -260,7 +260,7 @@ def _as_arrow_or_numpy(x: Any, name: str) -> pa.Array | pa.ChunkedArray | np.nda
 
 def _from_python(x: list | tuple, name: str) -> pa.Array:
     """Python lists: floats for values (lists of lists for sequences), as typed for ids and masks."""
-    if name in ("p", "q"):
+    if name in ("p", "q", "p_mean", "p_logvar", "q_mean", "q_logvar"):  # values: floats
         types = (pa.list_(pa.float64()), pa.list_(pa.list_(pa.float64())))
     else:
         types = (None,)
@@ -327,6 +327,13 @@ def _chunk_bounds(x: Any) -> list[int]:
     return [0, _length(x)]
 
 
+def _pieces_of_nothing(x: Any) -> Any:
+    """An empty column as one plain (unchunked) empty piece."""
+    if isinstance(x, pa.ChunkedArray):
+        return x.combine_chunks() if x.num_chunks != 1 else x.chunk(0)
+    return x
+
+
 def aligned_columns(columns: dict[str, Any]) -> tuple[int, list[tuple[int, dict[str, Any]]]]:
     """Split columns of one table (p, q, ids, masks: Arrow or NumPy) into pieces whose rows line up.
 
@@ -340,8 +347,8 @@ def aligned_columns(columns: dict[str, Any]) -> tuple[int, list[tuple[int, dict[
     for name in names[1:]:
         if _length(cols[name]) != n:
             raise OptionError(f"{names[0]} has {n} rows but {name} has {_length(cols[name])}")
-    if n == 0:
-        return 0, []
+    if n == 0:  # one empty piece: its types still say what the rows are (sequences or not)
+        return 0, [(0, {name: _pieces_of_nothing(x) for name, x in cols.items()})]
     bounds = sorted(set().union(*(_chunk_bounds(x) for x in cols.values())))
     split = [_pieces(cols[name], bounds) for name in names]
     return n, [(lo, dict(zip(names, parts))) for lo, *parts in zip(bounds[:-1], *split)]
