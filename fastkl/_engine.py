@@ -185,10 +185,34 @@ class _Rows:
 
 
 def _slots(measures: tuple[str, ...]) -> np.ndarray:
+    """Which row of the outputs receives each kernel measure (-1: not asked; top1_agree is
+    filled by its own pass, `_fill_top1`)."""
     slots = np.full(K.N_MEASURES, -1, dtype=np.int64)
     for i, m in enumerate(measures):
-        slots[MEASURE_INDEX[m]] = i
+        if m in MEASURE_INDEX:
+            slots[MEASURE_INDEX[m]] = i
     return slots
+
+
+def _fill_top1(rows: "_Rows", layout: Layout, ps: Side, qs: Side | None, p_ids: Any = None,
+               q_ids: Any = None, threads: int = 1) -> "_Rows":
+    """The top1_agree row of `rows`, where the kernel left the rows it validated ok."""
+    if "top1_agree" not in layout.measures:
+        return rows
+    from .kernels.compare import top1_rows
+
+    if qs is None:
+        raise OptionError("q is required for top1_agree")
+    i = layout.measures.index("top1_agree")
+    none = empty_ids()
+    args = tuple(a for side, ids in ((ps, p_ids), (qs, q_ids)) for a in (
+        side.offsets, side.values, int(side.decode), (ids or none).offsets, (ids or none).ids, ids is not None))
+    out = np.empty(len(rows.status), dtype=np.float64)
+    _run_blocks(top1_rows, args + (rows.status, out), ps.offsets, threads)
+    rows.values[i] = out
+    if rows.lower is not None:  # a top-k list holds the true top-1: exact
+        rows.lower[i] = rows.upper[i] = out
+    return rows
 
 
 def _run_rows(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
@@ -203,7 +227,8 @@ def _run_rows(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, opti
     values = np.empty((len(layout.measures), n), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
     _run_piece(ps, qs, _pre_status(pre, ps, qs), _slots(layout.measures), options, use_q, values, status, threads)
-    return _Rows(values, status, lambda i, reason: _describe_dense(ps, qs, options, i, reason))
+    rows = _Rows(values, status, lambda i, reason: _describe_dense(ps, qs, options, i, reason))
+    return _fill_top1(rows, layout, ps, qs, threads=threads)
 
 
 def _run_sparse(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
@@ -239,8 +264,9 @@ def _run_sparse(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, op
     def describe(i: int, reason: str) -> str:
         return describe_sparse(sides, options, i, reason) or _describe_dense(ps, qs, options, i, reason)
 
-    return _Rows(values, status, describe, lower if layout.bounds else None,
+    rows = _Rows(values, status, describe, lower if layout.bounds else None,
                  upper if layout.bounds else None, listed)
+    return _fill_top1(rows, layout, ps, qs, p_ids, q_ids, threads)
 
 
 def _run_sampled(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ._registry import DTYPES, KINDS, MEASURES, ONE_SIDED, SAMPLED_MEASURES, TAILS
+from ._registry import COMPARISON_MEASURES, DTYPES, KINDS, MEASURES, ONE_SIDED, SAMPLED_MEASURES, TAILS
 from .errors import OptionError
 
 ON_INVALID = ("raise", "null")
@@ -176,14 +176,14 @@ def check_measures(measures: Iterable[str] | str) -> tuple[str, ...]:
         measures = (measures,)
     out: list[str] = []
     for m in measures:
-        if m not in MEASURES and m not in SAMPLED_MEASURES:
-            raise OptionError(f"unknown measure {m!r}; expected some of {', '.join(MEASURES)} "
+        if m not in MEASURES and m not in SAMPLED_MEASURES and m not in COMPARISON_MEASURES:
+            raise OptionError(f"unknown measure {m!r}; expected some of {', '.join(MEASURES + COMPARISON_MEASURES)} "
                               f"(or, with kind='sampled', of {', '.join(SAMPLED_MEASURES)})")
         if m not in out:
             out.append(m)
     if not out:
         raise OptionError("no measure requested")
-    if is_sampled(tuple(out)) and any(m in MEASURES for m in out):
+    if is_sampled(tuple(out)) and any(m not in SAMPLED_MEASURES for m in out):
         raise OptionError(f"{', '.join(m for m in out if m in SAMPLED_MEASURES)} estimate KL from the "
                           "sampled tokens' log-probs (kind='sampled'); they cannot be asked together with "
                           "measures of whole distributions")

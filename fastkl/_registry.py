@@ -34,6 +34,10 @@ KINDS: tuple[str, ...] = ("probs", "logprobs", "logits", "sampled")
 SAMPLED_MEASURES: tuple[str, ...] = ("k1", "k2", "k3", "abs")
 SAMPLED_INDEX = {name: i for i, name in enumerate(SAMPLED_MEASURES)}
 
+# Model comparison, beside the measures of distributions: does the most likely
+# token of P equal Q's (1.0 or 0.0; for sequence rows, summed and averaged).
+COMPARISON_MEASURES: tuple[str, ...] = ("top1_agree",)
+
 # Element types a side may be declared as (`p_dtype`; None: as stored). Arrow
 # has no bfloat16: a list<uint16> holding bfloat16 bits must be declared so.
 DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
@@ -89,4 +93,6 @@ def measure_range(name: str, k: int | None = None, base: float = math.e) -> tupl
         return -math.inf, math.inf
     if name in ("k2", "k3", "abs"):
         return 0.0, math.inf
+    if name == "top1_agree":
+        return 0.0, 1.0
     raise KeyError(name)

@@ -20,7 +20,7 @@ import warnings
 
 import click
 
-from ._registry import DTYPES, KINDS, MEASURES, SAMPLED_MEASURES, TAILS
+from ._registry import COMPARISON_MEASURES, DTYPES, KINDS, MEASURES, SAMPLED_MEASURES, TAILS
 from .errors import DestTakenError, FastKLError, FastKLWarning, OptionError
 
 EXIT_DATA = 1
@@ -163,7 +163,7 @@ more fails with one line naming the file and row group.
 @click.option("--p", "p", default="p", show_default=True, help="Column holding P (list of floats).")
 @click.option("--q", "q", default="q", show_default=True, help="Column holding Q (list of floats).")
 @click.option(
-    "--measure", "-m", "measures", multiple=True, type=click.Choice(MEASURES + SAMPLED_MEASURES),
+    "--measure", "-m", "measures", multiple=True, type=click.Choice(MEASURES + COMPARISON_MEASURES + SAMPLED_MEASURES),
     help="Measure to compute (repeat for several; default kl). k1, k2, k3, abs: RLHF estimators "
          "from sampled-token log-probs (--kind sampled).",
 )

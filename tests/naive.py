@@ -867,3 +867,13 @@ def gaussian_kl_textbook(p_mean, p_logvar, q_mean, q_logvar):
     c = _ctx()
     return c.fsum((c.mpf(b) - c.mpf(a) + (c.exp(c.mpf(a)) + (c.mpf(mp) - c.mpf(mq)) ** 2) / c.exp(c.mpf(b)) - 1) / 2
                   for mp, a, mq, b in zip(p_mean, p_logvar, q_mean, q_logvar))
+
+
+def top1_agree_reference(p_row, q_row, p_ids=None, q_ids=None) -> float:
+    """1.0 when P's most likely token (first on a tie) is Q's, else 0.0 (on stored values:
+    every decoding is increasing)."""
+    a = max(range(len(p_row)), key=lambda j: (p_row[j], -j))
+    b = max(range(len(q_row)), key=lambda j: (q_row[j], -j))
+    ta = p_ids[a] if p_ids is not None else a
+    tb = q_ids[b] if q_ids is not None else b
+    return 1.0 if ta == tb else 0.0
