@@ -20,7 +20,7 @@ from ._options import Options, check_flag, check_measures, check_threads
 ArrayLike = Any  # 2-D numpy array, pyarrow (Chunked)Array of lists of floats, or list of lists
 
 # Keywords that are columns beside p and q, not options.
-_DATA_KEYWORDS = ("p_ids", "q_ids", "mask", "lengths")
+_DATA_KEYWORDS = ("p_ids", "q_ids", "mask", "lengths", "target")
 
 _OPTIONS_DOC = """
     Options:

@@ -22,12 +22,12 @@ import pyarrow as pa
 
 from . import _config
 from ._config import MIN_ELEMENTS_PER_BLOCK
-from ._options import Options, check_kind_for, check_measures, check_threads, needs_q
-from ._registry import KIND_CODE, MEASURE_INDEX, NULL, SAMPLED_INDEX, TAILS
+from ._options import Options, check_kind_for, check_measures, check_target, check_threads, needs_q
+from ._registry import KIND_CODE, MEASURE_INDEX, NULL, OK, SAMPLED_INDEX, TAILS, TARGET_MEASURES
 from ._result import Layout, PerToken, Result, concat, empty, layout_for
 from .adapters.arrow import Side, aligned_columns, scalar_side, side_pair
 from .adapters.tokens import (describe_sequence, describe_sparse, empty_ids, flatten, ids_side, is_sequence,
-                              merge_pre_status)
+                              merge_pre_status, target_ids)
 from .errors import OptionError
 from .kernels import dense as K
 from .kernels.sequences import sum_positions
@@ -194,6 +194,32 @@ def _slots(measures: tuple[str, ...]) -> np.ndarray:
     return slots
 
 
+def _fill_target(rows: "_Rows", layout: Layout, ps: Side, qs: Side | None, target: Any, options: Options,
+                 threads: int = 1) -> "_Rows":
+    """The nll_p, nll_q and delta_p rows of `rows`, at the token that came next (`target`)."""
+    wanted = [m for m in layout.measures if m in TARGET_MEASURES]
+    if not wanted:
+        return rows
+    from .kernels.compare import target_rows
+
+    ids, null = target_ids(target)
+    status = rows.status
+    if null is not None:
+        status[null & (status == OK)] = NULL
+    inv_t = [1.0 / t if kind == "logits" else 1.0 for kind, t in
+             ((options.p_kind, options.p_temperature), (options.q_kind, options.q_temperature))]
+    outs = {m: np.empty(len(status)) for m in ("nll_p", "nll_q", "delta_p")}
+    args = (ps.offsets, ps.values, int(ps.decode), KIND_CODE[options.p_kind], inv_t[0],
+            qs.offsets, qs.values, int(qs.decode), KIND_CODE[options.q_kind], inv_t[1],
+            np.ascontiguousarray(ids), status, outs["nll_p"], outs["nll_q"], outs["delta_p"])
+    _run_blocks(target_rows, args, ps.offsets, threads)
+    bad = status != OK
+    for m in wanted:
+        rows.values[layout.measures.index(m)] = outs[m]
+    rows.values[:, bad] = np.nan  # a target outside its row: the row is invalid for every measure
+    return rows
+
+
 def _fill_top1(rows: "_Rows", layout: Layout, ps: Side, qs: Side | None, p_ids: Any = None,
                q_ids: Any = None, threads: int = 1) -> "_Rows":
     """The top1_agree row of `rows`, where the kernel left the rows it validated ok."""
@@ -227,8 +253,10 @@ def _run_rows(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, opti
     values = np.empty((len(layout.measures), n), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
     _run_piece(ps, qs, _pre_status(pre, ps, qs), _slots(layout.measures), options, use_q, values, status, threads)
-    rows = _Rows(values, status, lambda i, reason: _describe_dense(ps, qs, options, i, reason))
-    return _fill_top1(rows, layout, ps, qs, threads=threads)
+    rows = _Rows(values, status, lambda i, reason: _describe_target(cols, i, reason) or
+                 _describe_dense(ps, qs, options, i, reason))
+    rows = _fill_top1(rows, layout, ps, qs, threads=threads)
+    return _fill_target(rows, layout, ps, qs, cols.get("target"), options, threads)
 
 
 def _run_sparse(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
@@ -300,6 +328,13 @@ def _run_sampled(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, o
     return _Rows(values, status, describe)
 
 
+def _describe_target(cols: dict[str, Any], i: int, reason: str) -> str:
+    if reason != "id_out_of_range" or cols.get("target") is None:
+        return ""
+    ids, _ = target_ids(cols["target"])
+    return f"target = {int(ids[i])} is not a position of the row"
+
+
 def _token_result(cols: dict[str, Any], layout: Layout, options: Options, use_q: bool, threads: int) -> Result:
     if "mask" in cols or "lengths" in cols:
         raise OptionError("mask and lengths are for sequence rows (a list of positions per row, "
@@ -313,8 +348,9 @@ def _token_result(cols: dict[str, Any], layout: Layout, options: Options, use_q:
 def _sequence_result(cols: dict[str, Any], layout: Layout, options: Options, use_q: bool,
                      threads: int) -> Result:
     """Sequence rows: the kernel over their counted positions, then sums per sequence."""
-    seqs = flatten({k: v for k, v in cols.items() if k not in ("mask", "lengths")},
-                   cols.get("mask"), cols.get("lengths"), sampled=options.p_kind == "sampled")
+    seqs = flatten({k: v for k, v in cols.items() if k not in ("mask", "lengths", "target")},
+                   cols.get("mask"), cols.get("lengths"), sampled=options.p_kind == "sampled",
+                   target=cols.get("target"))
     rows = _run_rows(seqs.columns, seqs.pre_status, layout, options, use_q, threads)
     stacked = [a for a in (rows.values, rows.lower, rows.upper, rows.listed) if a is not None]
     per_position = np.ascontiguousarray(np.concatenate(stacked) if len(stacked) > 1 else stacked[0])
@@ -352,6 +388,7 @@ def compute(
     q_ids: Any | None = None,
     mask: Any | None = None,
     lengths: Any | None = None,
+    target: Any | None = None,
     threads: int | None = None,
 ) -> Result:
     """Compute `measures` for every row of (p, q). Never raises for bad rows: see `Result.status`.
@@ -370,8 +407,9 @@ def compute(
         raise OptionError("kind='sampled' holds one log-prob per token: it has no token ids (p_ids / q_ids)")
     if sparse:
         options.check_sparse(dense_side=p_ids is None or (use_q and q_ids is None))
+    check_target(measures, options, target is not None, sparse)
     columns = {"p": p, "q": q if use_q else None, "p_ids": p_ids, "q_ids": q_ids if use_q else None,
-               "mask": mask, "lengths": lengths}
+               "mask": mask, "lengths": lengths, "target": target}
     n, pieces = aligned_columns(columns)
     sequence = _is_sequence_input(pieces, sampled=options.p_kind == "sampled")
     layout = layout_for(measures, options, sequence=sequence, sparse=sparse)
@@ -424,8 +462,9 @@ def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64), options: Options 
             continue
         x = np.full((1, 2), 0.5, dtype=dtype)
         q = x if needs_q(check_measures(measures)) else None
+        target = np.zeros(1, dtype=np.int64) if TARGET_MEASURES.intersection(measures) else None
         for ids in ((np.array([[0, 1]], dtype=np.int32), np.array([[0, 1]])) if sparse else (None,)):
-            compute(x, q, measures, opts, p_ids=ids, q_ids=ids, threads=1)
+            compute(x, q, measures, opts, p_ids=ids, q_ids=ids, target=target, threads=1)
 
 
 GAUSSIAN_COLUMNS = ("p_mean", "p_logvar", "q_mean", "q_logvar")

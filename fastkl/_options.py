@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ._registry import COMPARISON_MEASURES, DTYPES, KINDS, MEASURES, ONE_SIDED, SAMPLED_MEASURES, TAILS
+from ._registry import COMPARISON_MEASURES, DTYPES, KINDS, MEASURES, ONE_SIDED, SAMPLED_MEASURES, TAILS, TARGET_MEASURES
 from .errors import OptionError
 
 ON_INVALID = ("raise", "null")
@@ -209,3 +209,18 @@ def check_kind_for(measures: tuple[str, ...], options: "Options") -> None:
 
 def needs_q(measures: tuple[str, ...]) -> bool:
     return any(m not in ONE_SIDED for m in measures)
+
+
+def check_target(measures: tuple[str, ...], options: "Options", has_target: bool, sparse: bool) -> None:
+    """nll_p, nll_q and delta_p need the token that came next; what they cannot do yet is refused."""
+    wanted = [m for m in measures if m in TARGET_MEASURES]
+    if wanted and not has_target:
+        raise OptionError(f"{', '.join(wanted)} need the token that came next at each row: target= "
+                          "(--target COL), an integer per row or a list per sequence")
+    if has_target and not wanted:
+        raise OptionError("target is read by nll_p, nll_q and delta_p only: ask for one of them")
+    if wanted and sparse:
+        raise OptionError(f"{', '.join(wanted)} on top-k rows (p_ids / q_ids): not in this version yet")
+    if wanted and (options.normalize or options.smoothing):
+        raise OptionError(f"{', '.join(wanted)} read the stored distributions: normalize and smoothing "
+                          "are not applied to them; leave them out")

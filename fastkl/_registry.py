@@ -36,7 +36,8 @@ SAMPLED_INDEX = {name: i for i, name in enumerate(SAMPLED_MEASURES)}
 
 # Model comparison, beside the measures of distributions: does the most likely
 # token of P equal Q's (1.0 or 0.0; for sequence rows, summed and averaged).
-COMPARISON_MEASURES: tuple[str, ...] = ("top1_agree",)
+COMPARISON_MEASURES: tuple[str, ...] = ("top1_agree", "nll_p", "nll_q", "delta_p")
+TARGET_MEASURES = frozenset({"nll_p", "nll_q", "delta_p"})  # need the token that came next
 
 # Element types a side may be declared as (`p_dtype`; None: as stored). Arrow
 # has no bfloat16: a list<uint16> holding bfloat16 bits must be declared so.
@@ -95,4 +96,8 @@ def measure_range(name: str, k: int | None = None, base: float = math.e) -> tupl
         return 0.0, math.inf
     if name == "top1_agree":
         return 0.0, 1.0
+    if name in ("nll_p", "nll_q"):
+        return 0.0, math.inf
+    if name == "delta_p":
+        return -1.0, 1.0
     raise KeyError(name)

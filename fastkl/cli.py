@@ -180,6 +180,8 @@ more fails with one line naming the file and row group.
 @click.option("--p-logvar", default=None, help="Diagonal Gaussians: column of P's log-variances.")
 @click.option("--q-mean", default=None, help="Diagonal Gaussians: column of Q's means.")
 @click.option("--q-logvar", default=None, help="Diagonal Gaussians: column of Q's log-variances.")
+@click.option("--target", default=None,
+              help="Column of the token ids that came next (nll_p, nll_q, delta_p): an int per row or a list per sequence.")
 @click.option("--mask", "mask", default=None,
               help="Sequence rows: column (list<bool> or list<int8>) saying which positions count.")
 @click.option("--lengths", "lengths", default=None,
@@ -222,7 +224,7 @@ more fails with one line naming the file and row group.
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
 def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids, vocab, tail, no_bounds, p_mean,
-            p_logvar, q_mean, q_logvar, mask,
+            p_logvar, q_mean, q_logvar, target, mask,
             lengths, per_token, kind, p_kind, q_kind,
             dtype, p_dtype, q_dtype, temperature,
             p_temperature, q_temperature, base, normalize, smoothing, sum_tol, on_invalid, status,
@@ -254,6 +256,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             normalize=normalize, smoothing=smoothing, sum_tol=sum_tol, on_invalid=on_invalid,
             mask=mask, lengths=lengths, per_token=per_token, p_ids=p_ids, q_ids=q_ids, vocab=vocab,
             tail=tail, bounds=not no_bounds, p_mean=p_mean, p_logvar=p_logvar, q_mean=q_mean, q_logvar=q_logvar,
+            target=target,
         )
         return summary
 

@@ -84,3 +84,72 @@ def test_a_job_reports_the_agreement_rate(tmp_path):
     s = json.loads((tmp_path / "s.json").read_text())
     agree = (P.argmax(axis=2) == Q.argmax(axis=2))
     assert s["tokens"]["measures"]["top1_agree"]["mean"] == pytest.approx(agree.mean())
+
+
+def test_nll_and_delta_p_at_the_target_token():
+    rng = np.random.default_rng(1)
+    P = rng.dirichlet(np.ones(6), size=8)
+    Q = rng.dirichlet(np.ones(6), size=8)
+    target = rng.integers(0, 6, 8)
+    for kind, enc in (("probs", lambda x: x), ("logprobs", np.log), ("logits", lambda x: 2.0 * np.log(x) + 5)):
+        opts = dict(temperature=2.0) if kind == "logits" else {}
+        t = fastkl.divergences(enc(P), enc(Q), ["nll_p", "nll_q", "delta_p"], kind=kind, target=target, **opts)
+        rows = np.arange(8)
+        np.testing.assert_allclose(t["nll_p"].to_numpy(), -np.log(P[rows, target]), rtol=1e-12)
+        np.testing.assert_allclose(t["nll_q"].to_numpy(), -np.log(Q[rows, target]), rtol=1e-12)
+        np.testing.assert_allclose(t["delta_p"].to_numpy(), Q[rows, target] - P[rows, target], rtol=1e-9,
+                                   atol=1e-15)
+
+
+def test_target_errors():
+    p = np.array([[0.5, 0.5]])
+    with pytest.raises(fastkl.InvalidRowError, match="target = 2 is not a position of the row"):
+        fastkl.divergences(p, p, ["kl", "nll_p"], target=np.array([2]))
+    t = fastkl.divergences(p, p, ["kl", "nll_p"], target=np.array([2]), on_invalid="null", status=True)
+    assert t.to_pylist() == [{"kl": None, "nll_p": None, "status": "id_out_of_range"}]
+    with pytest.raises(fastkl.OptionError, match="need the token that came next"):
+        fastkl.divergences(p, p, ["nll_p"])
+    with pytest.raises(fastkl.OptionError, match="target is read by"):
+        fastkl.divergences(p, p, ["kl"], target=np.array([0]))
+    with pytest.raises(fastkl.OptionError, match="not in this version yet"):
+        fastkl.divergences(p, p, ["nll_p"], target=np.array([0]), p_ids=[[0, 1]], q_ids=[[0, 1]])
+    with pytest.raises(fastkl.InvalidRowError, match="p has 2 positions, target has 1"):
+        fastkl.divergences(p[None].repeat(2, 1), p[None].repeat(2, 1), ["nll_p"], target=[[0]])
+
+
+def test_status_code_of_the_kernel_agrees():
+    from fastkl._registry import STATUS_CODE
+    from fastkl.kernels import compare
+
+    assert compare.ID_OUT_OF_RANGE == STATUS_CODE["id_out_of_range"]
+
+
+def test_a_quantised_vs_base_job_reports_perplexities(tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from fastkl.cli import main
+
+    rng = np.random.default_rng(2)
+    n, t, V = 10, 5, 7
+    base = rng.normal(size=(n, t, V))
+    quant = base + rng.normal(0, 0.1, size=(n, t, V))
+    nxt = rng.integers(0, V, size=(n, t))
+    table = pa.table({"base": pa.array(base.tolist()), "quant": pa.array(quant.tolist()),
+                      "next": pa.array(nxt.tolist())})
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(table, src / "a.parquet")
+    r = CliRunner().invoke(main, ["run", str(src), str(tmp_path / "out"), "--p", "base", "--q", "quant",
+                                  "--kind", "logits", "--target", "next", "-m", "kl", "-m", "top1_agree",
+                                  "-m", "nll_p", "-m", "nll_q", "-m", "delta_p",
+                                  "--summary-json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    lp = base - np.log(np.exp(base).sum(axis=2, keepdims=True))
+    nll = -np.take_along_axis(lp, nxt[..., None], 2)[..., 0]
+    assert "perplexity" in r.output
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["tokens"]["measures"]["nll_p"]["mean"] == pytest.approx(nll.mean(), rel=1e-12)
+    assert f"p {np.exp(nll.mean()):.4g}" in r.output

@@ -118,16 +118,19 @@ class Sequences:
 
 
 def flatten(columns: dict[str, Any], mask: Any | None = None, lengths: Any | None = None,
-            sampled: bool = False) -> Sequences:
+            sampled: bool = False, target: Any | None = None) -> Sequences:
     """Sequence columns (p, q, p_ids, q_ids: same keys out) as position-level columns.
 
     `mask`: per sequence, a list of booleans or integers (nonzero = counted);
     `lengths`: per sequence, the number of leading positions counted;
-    `sampled`: a position is one value (a sampled token's log-prob), not a list.
+    `sampled`: a position is one value (a sampled token's log-prob), not a list;
+    `target`: per sequence, the token id that came next at each position.
     """
     nested = {name: _nested(x, name, sampled) for name, x in columns.items()}
     if mask is not None:
         nested["mask"] = _flat(mask, "mask")
+    if target is not None:
+        nested["target"] = _flat(target, "target")
     n = len(next(iter(nested.values())).offsets) - 1
     status = np.full(n, OK, dtype=np.uint8)
     null = np.zeros(n, dtype=bool)
@@ -161,7 +164,9 @@ def describe_sequence(seqs: Sequences, i: int, reason: str) -> str:
     """Why sequence `i` was invalid before any kernel ran (its columns disagree on its length)."""
     c = {name: int(v[i]) for name, v in seqs.counts.items()}
     if reason == "length_mismatch":
-        return f"p has {c['p']} positions, q has {c['q']}"
+        if "q" in c and c["q"] != c["p"]:
+            return f"p has {c['p']} positions, q has {c['q']}"
+        return f"p has {c['p']} positions, target has {c.get('target')}"
     if reason == "ids_length_mismatch":
         for side in ("p", "q"):
             if f"{side}_ids" in c and side in c and c[f"{side}_ids"] != c[side]:
@@ -191,7 +196,7 @@ def _mismatches(counts: dict[str, np.ndarray], lengths: np.ndarray | None):
     """Per sequence-level reason, which sequences have it."""
     ref = counts["p"]
     none = np.zeros(len(ref), dtype=bool)
-    yield counts["q"] != ref if "q" in counts else none
+    yield (counts["q"] != ref if "q" in counts else none) | (counts["target"] != ref if "target" in counts else none)
     ids = none
     for side in ("p", "q"):
         if f"{side}_ids" in counts and side in counts:
@@ -334,3 +339,15 @@ def describe_sparse(sides: dict[str, tuple[Any, Ids | None, str]], options: Any,
             if total > 1 + options.sum_tol:
                 return f"{name} lists a mass of {total!r}, more than 1 + sum_tol={options.sum_tol:g}"
     return ""
+
+
+def target_ids(x: pa.Array | np.ndarray, name: str = "target") -> tuple[np.ndarray, np.ndarray | None]:
+    """(int64 token id per row, which rows are null or None) of a target column."""
+    if isinstance(x, np.ndarray):
+        if x.ndim != 1 or not np.issubdtype(x.dtype, np.integer):
+            raise OptionError(f"{name}: expected one integer token id per row, got {x.dtype} of {x.ndim}-D")
+        return x.astype(np.int64, copy=False), None
+    if not pa.types.is_integer(x.type):
+        raise OptionError(f"{name}: expected integer token ids, got {x.type}")
+    null = x.is_null().to_numpy(zero_copy_only=False) if x.null_count else None
+    return pc.fill_null(x, 0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False), null

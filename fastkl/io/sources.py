@@ -169,13 +169,14 @@ class Columns:
     # diagonal Gaussians: p and q are the means, these the log-variances
     p_logvar: str | None = None
     q_logvar: str | None = None
+    target: str | None = None  # the token id that came next (nll_p, nll_q, delta_p)
 
     def roles(self) -> list[tuple[str, str]]:
         """(role, column) of every column the kernels read: p, q, p_ids, q_ids, mask, lengths
         (or p_logvar, q_logvar)."""
         named = (("p", self.p), ("q", self.q), ("p_ids", self.p_ids), ("q_ids", self.q_ids),
                  ("mask", self.mask), ("lengths", self.lengths), ("p_logvar", self.p_logvar),
-                 ("q_logvar", self.q_logvar))
+                 ("q_logvar", self.q_logvar), ("target", self.target))
         return [(role, name) for role, name in named if name is not None]
 
     def read(self) -> list[str]:
@@ -582,6 +583,8 @@ _ROLE_TYPES = {
     "mask": (lambda t: _is_list(t) and (pa.types.is_boolean(t.value_type) or pa.types.is_integer(t.value_type)),
              "a list of booleans or integers (list<bool> or list<int8>)"),
     "lengths": (pa.types.is_integer, "an integer per sequence"),
+    "target": (lambda t: pa.types.is_integer(t) or (_is_list(t) and pa.types.is_integer(t.value_type)),
+               "an integer token id per row (or a list of them per sequence)"),
     "p_logvar": (lambda t: _is_list(t) and pa.types.is_floating(t.value_type), "a list of floats"),
     "q_logvar": (lambda t: _is_list(t) and pa.types.is_floating(t.value_type), "a list of floats"),
     "p_ids": (lambda t: _is_ids_list(t), "a list of integer token ids (or of lists, for sequence rows)"),
@@ -957,6 +960,7 @@ def scan(
     q_ids: str | None = None,
     sampled: bool = False,
     logvars: tuple[str, str] | None = None,
+    target: str | None = None,
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
@@ -971,7 +975,8 @@ def scan(
     if check is not None:
         check(roots)  # e.g. DEST against SOURCE: before any file is opened
     cols = Columns(p=p, q=q, keep=tuple(keep), p_ids=p_ids, q_ids=q_ids, mask=mask, lengths=lengths,
-                   p_logvar=logvars[0] if logvars else None, q_logvar=logvars[1] if logvars else None)
+                   p_logvar=logvars[0] if logvars else None, q_logvar=logvars[1] if logvars else None,
+                   target=target)
     names = [c for c in (p, q) if c is not None]
     read = [c for _, c in cols.roles()]  # sized on all the columns a task reads (ids, masks too)
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:

@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 
 from .. import _config
 from .._config import DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER
-from .._options import Options, check_kind_for, check_measures, needs_q
+from .._options import Options, check_kind_for, check_measures, check_target, needs_q
 from ..io.output import (
     MANIFEST,
     DestLock,
@@ -989,6 +989,7 @@ def run(
     p_logvar: str | None = None,
     q_mean: str | None = None,
     q_logvar: str | None = None,
+    target: str | None = None,
     **opts: Any,
 ):
     """Compute `measures` for every row of SOURCE and write them to the Parquet dataset DEST.
@@ -1068,11 +1069,13 @@ def run(
         options.check_sparse(dense_side=p_ids is None or (q is not None and q_ids is None))
     if measures != ("gaussian_kl",):
         check_kind_for(measures, options)
+        check_target(measures, options, target is not None, sparse)
     sampled = options.p_kind == "sampled"
     if sampled and sparse:
         raise OptionError("kind='sampled' holds one log-prob per token: it has no token ids (--p-ids / --q-ids)")
     plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
                        sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
+                       target=target,
                        task_rows=task_rows, task_bytes=task_bytes, check=check)
     layout = (Layout(measures) if measures == ("gaussian_kl",)
               else layout_for(measures, options, sequence=plan.sequence, sparse=sparse))

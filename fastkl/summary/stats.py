@@ -783,7 +783,23 @@ class Summary:
         if self.tokens is not None:
             lines.append(f"over the {self.tokens.rows} counted positions of the valid sequences:")
             lines += self.tokens._measure_lines(unicode)
+        ppl = self.perplexity()
+        if ppl:
+            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in ppl.items())
+            lines.append(f"perplexity (exp of the mean nll over the valid tokens): {shown}")
         return "\n".join(lines)
+
+    def perplexity(self) -> dict[str, float]:
+        """exp(mean nll) of each side over the valid tokens (+inf if any nll is), and Q's over P's."""
+        level = self.tokens if self.tokens is not None else self
+        out: dict[str, float] = {}
+        for side in ("p", "q"):
+            m = level.measures.get(f"nll_{side}")
+            if m is not None and m.valid:
+                out[side] = math.inf if m.inf else math.exp(m.mean) if m.mean is not None else math.nan
+        if len(out) == 2 and out["p"] > 0:
+            out["q / p"] = out["q"] / out["p"] if math.isfinite(out["p"]) else math.nan
+        return out
 
     def _measure_lines(self, unicode: bool) -> list[str]:
         """One line per measure, then their histograms."""
