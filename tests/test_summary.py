@@ -131,7 +131,7 @@ def check_against_reference(summary: Summary, values, status):
         assert m.std == std
         assert m.min == float(x.min()) and m.max == float(x.max())
         xs = np.sort(x)
-        for key, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        for key, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
             ref = xs[int(math.floor(q * (xs.size - 1)))]
             got = getattr(m, key)
             assert abs(got - ref) <= ALPHA * abs(ref) * (1 + 1e-9) + 2.3e-308, (key, got, ref)
@@ -212,7 +212,7 @@ def test_quantiles_broad_distribution():
     s = Summary.from_stats(PartStats.from_batch(("kl",), values, status))
     m = s.measures["kl"]
     xs = np.sort(values[0])
-    for key, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+    for key, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
         ref = xs[int(math.floor(q * (n - 1)))]
         assert ref == np.quantile(xs, q, method="lower")
         assert abs(getattr(m, key) - ref) <= 0.01 * ref
@@ -275,7 +275,7 @@ def test_quantiles_equal_library_sketch(xs):
     values = np.array([xs])
     m = Summary.from_stats(PartStats.from_batch(("kl",), values, np.zeros(len(xs), np.uint8)))
     m = m.measures["kl"]
-    for key, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+    for key, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
         expect = min(max(float(lib.get_quantile_value(q)), min(xs)), max(xs)) + 0.0
         assert getattr(m, key) == expect
 

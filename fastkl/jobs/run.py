@@ -831,11 +831,39 @@ def _killed_worker_error(e: BaseException, by_key: dict, client=None) -> DataErr
     )
 
 
+class _AfterInterrupt:
+    """A logging filter for distributed's handlers: quiet once a local cluster was interrupted.
+
+    LocalCluster silences distributed's logs in this process only while it is
+    open, and restores their level when it closes; the comms of the killed
+    workers may report their end after that ("Batched Comm Closed" with a
+    traceback), beside the one line an interrupt gets. A filter on the
+    handlers holds whatever the level.
+    """
+
+    active = False
+
+    @classmethod
+    def filter(cls, record) -> bool:
+        return not cls.active
+
+    @classmethod
+    def install(cls) -> None:
+        import logging
+
+        cls.active = False
+        for h in logging.getLogger("distributed").handlers:
+            if cls not in h.filters:
+                h.addFilter(cls)
+
+
 def _local_cluster(n_workers: int, worker_cap: int | None = None):
     """A LocalCluster of `n_workers` one-thread processes on 127.0.0.1, each capped at `worker_cap`."""
     import logging
 
     from distributed import Client, LocalCluster
+
+    _AfterInterrupt.install()
 
     cluster = LocalCluster(
         n_workers=n_workers,
@@ -893,6 +921,7 @@ def _kill_local_workers(cluster) -> None:
     import asyncio
     import signal
 
+    _AfterInterrupt.active = True  # the killed workers' comms may still report their end
     nannies = list(getattr(cluster, "workers", {}).values())
 
     async def stop():

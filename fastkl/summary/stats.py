@@ -59,7 +59,7 @@ __all__ = ["PartStats", "Summary", "MeasureSummary", "ALPHA", "QUANTILES", "HIST
 
 FORMAT_VERSION = 1
 ALPHA = 0.005                       # relative accuracy of the quantile sketch
-QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
+QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999))  # p999: llama.cpp's p99.9
 HIST_BINS = 20
 
 _MAPPING = LinearlyInterpolatedMapping(ALPHA)
@@ -675,6 +675,7 @@ class MeasureSummary:
     p50: float | None
     p90: float | None
     p99: float | None
+    p999: float | None = None  # the 99.9th percentile (absent from summaries written before it)
     histogram: list[tuple[float, float, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -685,10 +686,10 @@ class MeasureSummary:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MeasureSummary":
-        kw = {k: d[k] for k in cls.__dataclass_fields__}
+        kw = {k: d[k] if k != "p999" else d.get(k) for k in cls.__dataclass_fields__}
         kw["invalid"] = {str(k): int(v) for k, v in d["invalid"].items()}
         kw["histogram"] = [(float(lo), float(hi), int(c)) for lo, hi, c in d["histogram"]]
-        for k in ("mean", "std", "min", "max", "p50", "p90", "p99"):
+        for k in ("mean", "std", "min", "max", "p50", "p90", "p99", "p999"):
             kw[k] = None if kw[k] is None else float(kw[k])
         return cls(**kw)
 
@@ -807,12 +808,12 @@ class Summary:
         if self.measures:
             w = max(8, max(len(m) for m in self.measures))
             cols = ["valid", "null", "invalid", "inf", "mean", "std", "min",
-                    "p50", "p90", "p99", "max"]
-            widths = [10, 8, 8, 6] + [10] * 7
+                    "p50", "p90", "p99", "p99.9", "max"]
+            widths = [10, 8, 8, 6] + [10] * 8
             lines.append(f"{'measure':<{w}}" + "".join(f" {c:>{cw}}" for c, cw in zip(cols, widths)))
             for name, m in self.measures.items():
                 cells = [str(m.valid), str(m.null), str(sum(m.invalid.values())), str(m.inf)]
-                cells += [_fmt(getattr(m, k)) for k in cols[4:]]
+                cells += [_fmt(getattr(m, k.replace(".", ""))) for k in cols[4:]]
                 lines.append(f"{name:<{w}}" + "".join(f" {c:>{cw}}" for c, cw in zip(cells, widths)))
                 odd = [f"{k} {v}" for k, v in (("-inf", m.neg_inf), ("nan on valid rows", m.nan)) if v]
                 if odd:
