@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from . import _config
 from ._config import MIN_ELEMENTS_PER_BLOCK
-from ._options import Options, check_kind_for, check_measures, check_target, check_threads, needs_q
+from ._options import Options, check_measures, check_request, check_threads, needs_q
 from ._registry import KIND_CODE, MEASURE_INDEX, NULL, OK, SAMPLED_INDEX, TAILS, TARGET_MEASURES
 from ._result import Layout, PerToken, Result, concat, empty, layout_for
 from .adapters.arrow import Side, aligned_columns, scalar_side, side_pair
@@ -398,16 +398,11 @@ def compute(
     sequence count.
     """
     measures = check_measures(measures)
-    check_kind_for(measures, options)
     use_q = needs_q(measures)
     if use_q and q is None:
         raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")
-    sparse = p_ids is not None or (use_q and q_ids is not None)
-    if sparse and options.p_kind == "sampled":
-        raise OptionError("kind='sampled' holds one log-prob per token: it has no token ids (p_ids / q_ids)")
-    if sparse:
-        options.check_sparse(dense_side=p_ids is None or (use_q and q_ids is None))
-    check_target(measures, options, target is not None, sparse)
+    sparse = check_request(measures, options, p_ids=p_ids is not None, q_ids=q_ids is not None, has_q=use_q,
+                           has_target=target is not None)
     columns = {"p": p, "q": q if use_q else None, "p_ids": p_ids, "q_ids": q_ids if use_q else None,
                "mask": mask, "lengths": lengths, "target": target}
     n, pieces = aligned_columns(columns)

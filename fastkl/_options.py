@@ -224,3 +224,19 @@ def check_target(measures: tuple[str, ...], options: "Options", has_target: bool
     if wanted and (options.normalize or options.smoothing):
         raise OptionError(f"{', '.join(wanted)} read the stored distributions: normalize and smoothing "
                           "are not applied to them; leave them out")
+
+
+def check_request(measures: tuple[str, ...], options: "Options", *, p_ids: bool, q_ids: bool, has_q: bool,
+                  has_target: bool) -> bool:
+    """Measures, kinds and the token-data columns given agree (the API and jobs alike);
+    returns whether the rows are sparse (a side has token ids)."""
+    check_kind_for(measures, options)
+    q_ids = q_ids and has_q
+    sparse = p_ids or q_ids
+    if sparse and options.p_kind == "sampled":
+        raise OptionError("kind='sampled' holds one log-prob per token: it has no token ids "
+                          "(p_ids / q_ids, --p-ids / --q-ids)")
+    if sparse:
+        options.check_sparse(dense_side=not p_ids or (has_q and not q_ids))
+    check_target(measures, options, has_target, sparse)
+    return sparse

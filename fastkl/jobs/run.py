@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 
 from .. import _config
 from .._config import DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER
-from .._options import Options, check_kind_for, check_measures, check_target, needs_q
+from .._options import Options, check_measures, check_request, needs_q
 from ..io.output import (
     MANIFEST,
     DestLock,
@@ -1093,15 +1093,11 @@ def run(
         raise OptionError("give mask or lengths, not both")
     if q is None:
         q_ids = None
-    sparse = p_ids is not None or q_ids is not None
-    if sparse:
-        options.check_sparse(dense_side=p_ids is None or (q is not None and q_ids is None))
+    sparse = False
     if measures != ("gaussian_kl",):
-        check_kind_for(measures, options)
-        check_target(measures, options, target is not None, sparse)
+        sparse = check_request(measures, options, p_ids=p_ids is not None, q_ids=q_ids is not None,
+                               has_q=q is not None, has_target=target is not None)
     sampled = options.p_kind == "sampled"
-    if sampled and sparse:
-        raise OptionError("kind='sampled' holds one log-prob per token: it has no token ids (--p-ids / --q-ids)")
     plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
                        sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
                        target=target,
