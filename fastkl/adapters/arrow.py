@@ -274,7 +274,7 @@ def _from_python(x: list | tuple, name: str) -> pa.Array:
 
 def _from_torch(x: Any, name: str) -> np.ndarray:
     """A CPU torch tensor as a NumPy view, no copy; bfloat16 (which NumPy lacks)
-    as uint16 bits, declared bfloat16 by `aligned_sides`."""
+    as uint16 bits, declared bfloat16 by `torch_declared`."""
     import torch  # already imported: x is a torch object
 
     if not isinstance(x, torch.Tensor):
@@ -290,7 +290,7 @@ def _from_torch(x: Any, name: str) -> np.ndarray:
         raise OptionError(f"{name}: torch tensor of {x.dtype}: {e}") from None
 
 
-def _torch_declared(x: Any, declared: str | None, name: str) -> str | None:
+def torch_declared(x: Any, declared: str | None, name: str) -> str | None:
     """The element type of a side, declared by a torch bfloat16 tensor itself (its
     NumPy view is uint16 bits)."""
     if not (type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16"):
@@ -369,20 +369,6 @@ def side_pair(p: Any, q: Any | None, p_dtype: str | None = None,
         ps, qs = ps.astype(np.float64), qs.astype(np.float64)
     return ps, qs
 
-
-def aligned_sides(p: Any, q: Any | None, p_dtype: str | None = None,
-                  q_dtype: str | None = None) -> tuple[int, list[tuple[int, Side, Side | None]]]:
-    """Convert p (and q) to Sides, split into pieces whose rows line up (see `aligned_columns`).
-
-    `p_dtype` / `q_dtype` declare the element type of a side (None: as
-    stored; see `element_type`); a torch bfloat16 tensor declares itself.
-    """
-    p_dtype = _torch_declared(p, p_dtype, "p")
-    q_dtype = _torch_declared(q, q_dtype, "q")
-    n, pieces = aligned_columns({"p": p, "q": q})
-    return n, [(lo, *side_pair(cols["p"], cols.get("q"), p_dtype, q_dtype)) for lo, cols in pieces]
-
-
 def scalar_side(x: pa.Array | np.ndarray, name: str) -> Side:
     """One float per row (a sampled token's log-prob) as a Side of rows of one value;
     a null value is a null row. float16 is widened to float32 (one value per token: small)."""
@@ -401,3 +387,14 @@ def scalar_side(x: pa.Array | np.ndarray, name: str) -> Side:
         values, mask, offset, _ = _child_buffers(x, name)
         null = x.is_null().to_numpy(zero_copy_only=False) if x.null_count else None
     return Side(np.arange(len(values) + 1, dtype=np.int64), values, mask, offset, null)
+
+
+def aligned_sides(p: Any, q: Any | None, p_dtype: str | None = None,
+                  q_dtype: str | None = None) -> tuple[int, list[tuple[int, Side, Side | None]]]:
+    """Convert p (and q) to Sides, split into pieces whose rows line up (see `aligned_columns`),
+    as the engine reads token rows. `p_dtype` / `q_dtype` declare the element type of a side
+    (None: as stored; see `element_type`); a torch bfloat16 tensor declares itself."""
+    p_dtype = torch_declared(p, p_dtype, "p")
+    q_dtype = torch_declared(q, q_dtype, "q")
+    n, pieces = aligned_columns({"p": p, "q": q})
+    return n, [(lo, *side_pair(cols["p"], cols.get("q"), p_dtype, q_dtype)) for lo, cols in pieces]
