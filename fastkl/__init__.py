@@ -15,14 +15,17 @@ from ._config import prefer_wide_vectors
 prefer_wide_vectors()  # before anything compiles: see its docstring
 
 from ._api import (  # noqa: E402
+    bhattacharyya,
     cross_entropy,
     divergences,
     entropy,
     gaussian_kl,
+    gjs,
     hellinger,
     jeffreys,
     js,
     kl,
+    renyi,
     reverse_kl,
     tv,
 )
@@ -32,7 +35,8 @@ from .errors import DataError, DestTakenError, FastKLError, FastKLWarning, Inval
 __version__ = "0.1.0"
 
 __all__ = [
-    "kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "tv", "hellinger", "gaussian_kl",
+    "kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "tv", "hellinger", "gjs", "renyi", "bhattacharyya",
+    "gaussian_kl",
     "divergences", "run", "Summary",
     "InvalidRowError", "OptionError", "DataError", "DestTakenError", "FastKLError", "FastKLWarning",
     "MEASURES", "KINDS", "STATUSES", "REASONS",

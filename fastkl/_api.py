@@ -39,6 +39,8 @@ _OPTIONS_DOC = """
         sum_tol: how far from 1 a row sum may be (default 1e-3).
         on_invalid: "raise" (default: fastkl.InvalidRowError) or "null" (NaN for that row).
         threads: threads to split the rows over (default: all cores).
+        beta: gjs's weight of P in the mixture, in [0, 1] (default 0.5).
+        alpha: renyi's order, > 0 and != 1 (no default).
 
     Sequence rows (one distribution per position: lists of lists, or 3-D arrays):
         Each measure is the sum over the counted positions (`divergences` adds
@@ -122,6 +124,23 @@ cross_entropy = _measure_function(
 tv = _measure_function("tv", "Total variation distance 1/2 sum |p_i - q_i|, per row; in [0, 1].")
 hellinger = _measure_function(
     "hellinger", "Hellinger distance sqrt(1/2 sum (sqrt p_i - sqrt q_i)^2), per row; in [0, 1]."
+)
+
+gjs = _measure_function(
+    "gjs",
+    "Generalised Jensen-Shannon divergence (GKD's generalised JSD) beta KL(P || M) + (1 - beta) KL(Q || M),"
+    " M = beta P + (1 - beta) Q, per row; `beta` in [0, 1] (default 0.5: js). 0 at beta = 0 and 1 (the"
+    " endpoint KLs are kl and reverse_kl), at most the binary entropy of beta.",
+)
+renyi = _measure_function(
+    "renyi",
+    "Renyi divergence of order `alpha` (required; > 0, != 1): log(sum p^alpha q^(1 - alpha) / sum p) / (alpha - 1),"
+    " per row; -> kl as alpha -> 1, 2 * bhattacharyya at alpha = 0.5; +inf for alpha > 1 where q_i = 0 < p_i.",
+)
+bhattacharyya = _measure_function(
+    "bhattacharyya",
+    "Bhattacharyya distance -log(1 - hellinger^2) (= -log sum sqrt(p_i q_i) on normalised rows), per row;"
+    " +inf for disjoint supports.",
 )
 
 

@@ -166,7 +166,7 @@ def _run_piece(p: Side, q: Side | None, pre: np.ndarray, slots: np.ndarray, opts
         1.0 / opts.p_temperature if opts.p_kind == "logits" else 1.0,
         1.0 / opts.q_temperature if opts.q_kind == "logits" else 1.0,
         bool(opts.normalize), float(opts.smoothing), float(opts.sum_tol),
-        1.0 / math.log(opts.base),
+        1.0 / math.log(opts.base), float(opts.gjs_beta), float(opts.alpha - 1.0) if opts.alpha else 0.0,
         slots, out, status,
     )
     _run_blocks(K.KERNELS[K.family(p_kind, q_kind, use_q, opts.smoothing)], args, p.offsets, threads)

@@ -8,10 +8,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from ._registry import COMPARISON_MEASURES, DTYPES, KINDS, MEASURES, ONE_SIDED, SAMPLED_MEASURES, TAILS, TARGET_MEASURES
+from ._registry import (COMPARISON_MEASURES, DEFAULT_BETA, DTYPES, KINDS, MEASURE_PARAMETER, MEASURES, ONE_SIDED,
+                        SAMPLED_MEASURES, TAILS, TARGET_MEASURES)
 from .errors import OptionError
 
 ON_INVALID = ("raise", "null")
+DENSE_ONLY = ("gjs", "renyi", "bhattacharyya")  # not on top-k rows yet
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class Options:
     # declared element types (None: as stored)
     p_dtype: str | None = None
     q_dtype: str | None = None
+    # parameters of gjs and renyi (None: not given)
+    beta: float | None = None
+    alpha: float | None = None
 
     @classmethod
     def from_kwargs(
@@ -58,6 +63,8 @@ class Options:
         dtype: str | None = None,
         p_dtype: str | None = None,
         q_dtype: str | None = None,
+        beta: float | None = None,
+        alpha: float | None = None,
     ) -> "Options":
         # named as the caller named them (`temperature`, not the `p_temperature` it sets)
         for arg, value in (("kind", kind), ("p_kind", p_kind), ("q_kind", q_kind)):
@@ -85,6 +92,8 @@ class Options:
             per_token=check_flag("per_token", per_token),
             p_dtype=p_dtype if p_dtype is not None else dtype,
             q_dtype=q_dtype if q_dtype is not None else dtype,
+            beta=None if beta is None else _number("beta", beta),
+            alpha=None if alpha is None else _number("alpha", alpha),
         )
         opts.check()
         return opts
@@ -109,6 +118,16 @@ class Options:
         _check_dtype("q_dtype", self.q_dtype)
         if self.tail not in TAILS:
             raise OptionError(f"unknown tail {self.tail!r}; expected one of {', '.join(TAILS)}")
+        if self.beta is not None and not 0.0 <= self.beta <= 1.0:
+            raise OptionError(f"beta must be a number in [0, 1] (gjs weights KL(P||M) by beta), got {self.beta!r}")
+        if self.alpha is not None and not (0.0 < self.alpha < math.inf and self.alpha != 1.0):
+            raise OptionError(f"alpha must be a finite number > 0 other than 1 (renyi at alpha = 1 is kl), "
+                              f"got {self.alpha!r}")
+
+    @property
+    def gjs_beta(self) -> float:
+        """The beta gjs uses: as given, else the default (gjs(0.5) = js)."""
+        return DEFAULT_BETA if self.beta is None else self.beta
 
     def check_sparse(self, dense_side: bool) -> None:
         """What sparse (top-k) rows cannot do: refused before any work, with the way out."""
@@ -226,11 +245,23 @@ def check_target(measures: tuple[str, ...], options: "Options", has_target: bool
                           "are not applied to them; leave them out")
 
 
+def check_parameters(measures: tuple[str, ...], options: "Options") -> None:
+    """renyi needs alpha; alpha and beta set for a measure that is not asked are refused
+    (beta=0.3 beside js alone would be silently ignored)."""
+    if "renyi" in measures and options.alpha is None:
+        raise OptionError("renyi needs its order: alpha=A (--alpha A), a number > 0 other than 1 "
+                          "(0.5: twice bhattacharyya; -> kl as alpha -> 1)")
+    for measure, name in MEASURE_PARAMETER.items():
+        if getattr(options, name) is not None and measure not in measures:
+            raise OptionError(f"{name} is the parameter of {measure}: ask for {measure} or leave {name} out")
+
+
 def check_request(measures: tuple[str, ...], options: "Options", *, p_ids: bool, q_ids: bool, has_q: bool,
                   has_target: bool) -> bool:
     """Measures, kinds and the token-data columns given agree (the API and jobs alike);
     returns whether the rows are sparse (a side has token ids)."""
     check_kind_for(measures, options)
+    check_parameters(measures, options)
     q_ids = q_ids and has_q
     sparse = p_ids or q_ids
     if sparse and options.p_kind == "sampled":
@@ -238,5 +269,9 @@ def check_request(measures: tuple[str, ...], options: "Options", *, p_ids: bool,
                           "(p_ids / q_ids, --p-ids / --q-ids)")
     if sparse:
         options.check_sparse(dense_side=not p_ids or (has_q and not q_ids))
+        later = [m for m in measures if m in DENSE_ONLY]
+        if later:
+            raise OptionError(f"{', '.join(later)} on top-k rows (p_ids / q_ids): not in this version yet "
+                              "(their bounds are not derived); dense rows of every encoding have them")
     check_target(measures, options, has_target, sparse)
     return sparse

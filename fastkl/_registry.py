@@ -18,11 +18,19 @@ MEASURES: tuple[str, ...] = (
     "cross_entropy",
     "tv",
     "hellinger",
+    "gjs",
+    "renyi",
+    "bhattacharyya",
 )
 MEASURE_INDEX = {name: i for i, name in enumerate(MEASURES)}
 
 # Measures whose value is a sum of logs: `base` rescales them.
-LOG_MEASURES = frozenset({"kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy"})
+LOG_MEASURES = frozenset({"kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "gjs", "renyi",
+                          "bhattacharyya"})
+
+# Measures with a parameter of their own (the option that sets it).
+MEASURE_PARAMETER = {"gjs": "beta", "renyi": "alpha"}
+DEFAULT_BETA = 0.5  # GKD's (TRL's GKDTrainer) default: gjs(0.5) is js
 
 # Measures that read only P (the `q` argument is not needed).
 ONE_SIDED = frozenset({"entropy"})
@@ -79,11 +87,19 @@ FIRST_INVALID = 3  # status >= FIRST_INVALID: an invalid row
 REASONS: tuple[str, ...] = STATUSES[FIRST_INVALID:]
 
 
-def measure_range(name: str, k: int | None = None, base: float = math.e) -> tuple[float, float]:
+def binary_entropy(beta: float) -> float:
+    """-b log b - (1-b) log(1-b): the largest gjs(beta), reached by disjoint P and Q."""
+    return -sum(x * math.log(x) for x in (beta, 1.0 - beta) if x > 0.0)
+
+
+def measure_range(name: str, k: int | None = None, base: float = math.e,
+                  beta: float = DEFAULT_BETA) -> tuple[float, float]:
     """Closed range of a measure on valid rows, in units of `base`."""
     scale = 1.0 / math.log(base)
-    if name in ("kl", "reverse_kl", "jeffreys", "cross_entropy"):
+    if name in ("kl", "reverse_kl", "jeffreys", "cross_entropy", "renyi", "bhattacharyya"):
         return 0.0, math.inf
+    if name == "gjs":
+        return 0.0, binary_entropy(beta) * scale
     if name == "js":
         return 0.0, math.log(2.0) * scale
     if name == "entropy":

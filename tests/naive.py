@@ -36,8 +36,10 @@ import numpy as np
 # Names (kept independent of fastkl._registry on purpose; a test checks that
 # both agree).
 
-MEASURES = ("kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "tv", "hellinger")
-LOG_MEASURES = frozenset({"kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy"})
+MEASURES = ("kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "tv", "hellinger", "gjs", "renyi",
+            "bhattacharyya")
+LOG_MEASURES = frozenset({"kl", "reverse_kl", "jeffreys", "js", "entropy", "cross_entropy", "gjs", "renyi",
+                          "bhattacharyya"})
 KINDS = ("probs", "logprobs", "logits")
 REASONS = (
     "length_mismatch",
@@ -56,6 +58,14 @@ REASONS = (
 ELEMENT_REASONS = ("null_element", "nan", "non_finite", "negative")
 
 EPS64 = float(np.finfo(np.float64).eps)  # 2.22e-16
+
+# renyi has no default order: the suite checks it at this one unless a test sets another.
+TEST_ALPHA = 0.7
+
+
+def params(measures: Iterable[str]) -> dict:
+    """The parameters fastkl needs for these measures: alpha when renyi is among them."""
+    return {"alpha": TEST_ALPHA} if "renyi" in tuple(measures) else {}
 
 # SPEC §2: |got - exact| <= REL * sum_i |t_i|, by input dtype. float16 inputs
 # are cast exactly to float32 and get the float32 bound.
@@ -120,6 +130,8 @@ class Opts:
     normalize: bool = False
     smoothing: float = 0.0
     sum_tol: float = 1e-3
+    beta: float = 0.5  # gjs
+    alpha: float = 0.7  # renyi: TEST_ALPHA unless a test sets another
 
     @classmethod
     def from_kwargs(
@@ -135,6 +147,8 @@ class Opts:
         smoothing: float = 0.0,
         sum_tol: float = 1e-3,
         on_invalid: str | None = None,  # accepted and ignored: not a decoding option
+        beta: float | None = None,
+        alpha: float | None = None,
     ) -> "Opts":
         return cls(
             p_kind=p_kind or kind,
@@ -145,6 +159,8 @@ class Opts:
             normalize=bool(normalize),
             smoothing=float(smoothing),
             sum_tol=float(sum_tol),
+            beta=0.5 if beta is None else float(beta),
+            alpha=TEST_ALPHA if alpha is None else float(alpha),
         )
 
     def side(self, side: str) -> tuple[str, float]:
@@ -333,9 +349,70 @@ def _term_lists(name: str, P: Side, Q: Side | None) -> list:
     raise KeyError(name)
 
 
-def _range(name: str, k: int, base: float):
+def _gjs_terms(P: Side, Q: Side, beta: float) -> list:
+    """beta p log(p/m) and (1-beta) q log(q/m), m = beta p + (1-beta) q; all 0 at beta = 0, 1."""
+    c = _ctx()
+    w = c.mpf(beta)
+    if not 0 < w < 1:
+        return [c.mpf(0)]
+    out = []
+    def log_over_m(x, a, y, b, u):  # log(x / m), m = u x + (1-u) y: 0 exactly when x = y
+        return -c.log(u) if y == 0 else -c.log1p((1 - u) * c.expm1(b - a))
+
+    for pi, ai, qi, bi in zip(P.probs, P.logs, Q.probs, Q.logs):
+        out.append(w * pi * log_over_m(pi, ai, qi, bi, w) if pi > 0 else 0)
+        out.append((1 - w) * qi * log_over_m(qi, bi, pi, ai, 1 - w) if qi > 0 else 0)
+    return out
+
+
+def _renyi(P: Side, Q: Side, alpha: float, base: float) -> "Ref":
+    """Renyi's divergence of order alpha for rows that may sum to 1 only within sum_tol
+    (Renyi 1961, incomplete distributions): log(sum p^a q^(1-a) / sum p) / (a - 1).
+    The bound's terms: |p (e^((a-1) log(p/q)) - 1)| / (|a - 1| sum p), over the sum's ratio S / sum p
+    (the log's condition number)."""
+    c = _ctx()
+    a = c.mpf(alpha)
+    scale = 1 / c.log(c.mpf(base))
+    p_sum = c.fsum(P.probs)
+    both = [(pi, ai, bi) for pi, ai, qi, bi in zip(P.probs, P.logs, Q.probs, Q.logs) if pi > 0 and qi > 0]
+    p_alone = [pi for pi, qi in zip(P.probs, Q.probs) if pi > 0 and qi == 0]
+    if a > 1 and p_alone:
+        return Ref(c.inf, c.inf, c.mpf(0), raw=c.inf)
+    s = c.fsum(c.exp(a * ai + (1 - a) * bi) for _, ai, bi in both) / p_sum
+    if s == 0:
+        return Ref(c.inf, c.inf, c.mpf(0), raw=c.inf)
+    # S / sum p - 1 term by term (expm1), so that S ~ sum p does not cancel at 50 digits
+    excess = c.fsum([pi * c.expm1((a - 1) * (ai - bi)) for pi, ai, bi in both] + [-x for x in p_alone]) / p_sum
+    raw = (c.log1p(excess) if abs(excess) < 0.5 else c.log(s)) / (a - 1)
+    terms = c.fsum([abs(pi * c.expm1((a - 1) * (ai - bi))) for pi, ai, bi in both] + p_alone)
+    terms = terms / (abs(a - 1) * p_sum) / s
+    return Ref(max(raw, 0) * scale, terms * scale, _slack(P, Q) * scale / s, raw=raw * scale)
+
+
+def _bhattacharyya(P: Side, Q: Side, base: float) -> "Ref":
+    """-log BC of the normalised rows, BC = sum sqrt(p q) / sqrt(sum p sum q): -log sum sqrt(p q)
+    for rows that sum to 1, and -log(1 - h^2) there (h the Hellinger distance). The bound's
+    terms: hellinger's over BC (the log's condition number)."""
     c = _ctx()
     scale = 1 / c.log(c.mpf(base))
+    t = _term_lists("hellinger", P, Q)
+    bc = c.fsum(c.sqrt(pi * qi) for pi, qi in zip(P.probs, Q.probs)) / c.sqrt(c.fsum(P.probs) * c.fsum(Q.probs))
+    if bc == 0:
+        return Ref(c.inf, c.inf, c.mpf(0), raw=c.inf)
+    raw = -c.log(bc)
+    # plus K |sqrt sum p - sqrt sum q|: rows not exactly normalised carry (sqrt sum p -
+    # sqrt sum q)^2 / 2 in hellinger's sum, which the kernel takes out with rounded float64 sums
+    gap = abs(c.sqrt(c.fsum(P.probs)) - c.sqrt(c.fsum(Q.probs)))
+    terms = (c.fsum(t) + len(P.probs) * gap) / bc
+    return Ref(max(raw, 0) * scale, terms * scale, _slack(P, Q) * scale / bc, raw=raw * scale)
+
+
+def _range(name: str, k: int, base: float, beta: float = 0.5):
+    c = _ctx()
+    scale = 1 / c.log(c.mpf(base))
+    if name == "gjs":
+        w = c.mpf(beta)
+        return c.mpf(0), (-w * c.log(w) - (1 - w) * c.log(1 - w)) * scale if 0 < w < 1 else c.mpf(0)
     if name == "js":
         return c.mpf(0), c.log(2) * scale
     if name == "entropy":
@@ -364,10 +441,16 @@ def _slack(P: Side, Q: Side | None):
     return DECODE_SLACK_ULPS * c.mpf(EPS64) * total
 
 
-def measure_from_decoded(name: str, P: Side, Q: Side | None, base: float = math.e) -> Ref:
-    """Exact measure `name` of a decoded row (clamped into range, in base units)."""
+def measure_from_decoded(name: str, P: Side, Q: Side | None, base: float = math.e, opts: "Opts | None" = None) -> Ref:
+    """Exact measure `name` of a decoded row (clamped into range, in base units);
+    `opts` gives gjs's beta and renyi's alpha."""
     c = _ctx()
-    terms = _term_lists(name, P, Q)
+    o = opts or Opts()
+    if name == "renyi":
+        return _renyi(P, Q, o.alpha, base)
+    if name == "bhattacharyya":
+        return _bhattacharyya(P, Q, base)
+    terms = _gjs_terms(P, Q, o.beta) if name == "gjs" else _term_lists(name, P, Q)
     if any(c.isinf(t) for t in terms):
         value = abs_sum = c.inf
     else:
@@ -377,7 +460,7 @@ def measure_from_decoded(name: str, P: Side, Q: Side | None, base: float = math.
     if name in LOG_MEASURES:
         scale = 1 / c.log(c.mpf(base))
         value, abs_sum, slack = value * scale, abs_sum * scale, slack * scale
-    lo, hi = _range(name, len(P.probs), base)
+    lo, hi = _range(name, len(P.probs), base, o.beta)
     raw = value
     if name == "hellinger":
         raw = c.sqrt(value)
@@ -392,7 +475,7 @@ def reference(name: str, p_row, q_row=None, *, opts: Opts | None = None, **kwarg
     o = _opts(opts, kwargs)
     P = _decode_side(p_row, "p", o)
     Q = None if name == "entropy" else _decode_side(q_row, "q", o)
-    return measure_from_decoded(name, P, Q, o.base)
+    return measure_from_decoded(name, P, Q, o.base, o)
 
 
 # One registry, name -> reference function(p_row, q_row, **opts) -> Ref.
@@ -423,7 +506,7 @@ def reference_rows(
         P = _decode_side(pr, "p", o)
         Q = None if one_sided else _decode_side(qr, "q", o)
         for m in measures:
-            out[m].append(measure_from_decoded(m, P, Q if m != "entropy" else None, o.base))
+            out[m].append(measure_from_decoded(m, P, Q if m != "entropy" else None, o.base, o))
     return out
 
 
@@ -458,7 +541,7 @@ def _fsum_rows(t):
     return np.array([math.fsum(r) for r in t], dtype=np.float64)
 
 
-def _scipy_measure(name, P, Q=None):
+def _scipy_measure(name, P, Q=None, beta=None, alpha=None):
     """(values, sum|t_i|) per row from float64 probabilities, natural log, fsum."""
     from scipy import special
 
@@ -477,14 +560,31 @@ def _scipy_measure(name, P, Q=None):
         t = -special.xlogy(P, Q)
     elif name == "tv":
         t = np.abs(P - Q) / 2
-    elif name == "hellinger":
+    elif name in ("hellinger", "bhattacharyya"):
         t = (np.sqrt(P) - np.sqrt(Q)) ** 2 / 2
+    elif name == "gjs":
+        w = 0.5 if beta is None else beta
+        M = w * P + (1 - w) * Q
+        t = np.concatenate([w * special.rel_entr(P, M), (1 - w) * special.rel_entr(Q, M)], axis=1)
+    elif name == "renyi":
+        a = TEST_ALPHA if alpha is None else alpha
+        with np.errstate(divide="ignore", invalid="ignore"):
+            both = (P > 0) & (Q > 0)
+            x = np.where(both, (a - 1) * (np.log(np.where(both, P, 1)) - np.log(np.where(both, Q, 1))), 0.0)
+            t = np.where(both, P * np.expm1(x), np.where(P > 0, -P, 0.0)) / ((a - 1) * P.sum(axis=1, keepdims=True))
+        vals = np.log1p(np.maximum((a - 1) * _fsum_rows(t), -1.0)) / (a - 1)
+        vals = np.where(((P > 0) & (Q == 0)).any(axis=1) & (a > 1), np.inf, np.maximum(vals, 0))
+        return vals, _fsum_rows(np.abs(t)) / np.exp((a - 1) * vals)
     else:
         raise KeyError(name)
     vals = _fsum_rows(t)
     terms = _fsum_rows(np.abs(t))
     if name == "hellinger":
         vals = np.sqrt(np.clip(vals, 0, 1))
+    if name == "bhattacharyya":
+        bc = _fsum_rows(np.sqrt(P * Q)) / np.sqrt(P.sum(axis=1) * Q.sum(axis=1))
+        with np.errstate(divide="ignore"):
+            vals, terms = np.maximum(-np.log(bc), 0), terms / bc
     return vals, terms
 
 
@@ -500,7 +600,7 @@ def scipy_reference(name, p, q=None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     Q = None
     if name != "entropy":
         Q, _ = decode_numpy(q, o.q_kind, o.q_temperature, o.normalize, o.smoothing)
-    vals, terms = SCIPY_REFERENCES[name](P, Q)
+    vals, terms = SCIPY_REFERENCES[name](P, Q, beta=o.beta, alpha=o.alpha)
     if name in LOG_MEASURES:
         vals, terms = vals / math.log(o.base), terms / math.log(o.base)
     return vals, terms
@@ -783,7 +883,7 @@ def sequence_reference(measures, p_seq, q_seq=None, *, mask=ABSENT, length=ABSEN
         P = _decode_side(pr, "p", o)
         Q = None if one_sided else _decode_side(qr, "q", o)
         for m in measures:
-            refs[m].append(measure_from_decoded(m, P, Q if m != "entropy" else None, o.base))
+            refs[m].append(measure_from_decoded(m, P, Q if m != "entropy" else None, o.base, o))
     status = frozenset({"ok"}) if any(r is not None for r in next(iter(refs.values()))) else frozenset({"no_tokens"})
     return SequenceRef(status, None, refs)
 

@@ -122,9 +122,9 @@ def test_single_problem_row(case, pos, rng):
     opts = dict(kind=kind, **extra)
     good = [i for i in range(n) if i != pos]
     # the valid rows alone, for comparison
-    clean = fastkl.divergences([P[i] for i in good], [Q[i] for i in good], measures=MEASURES, **opts)
+    clean = fastkl.divergences([P[i] for i in good], [Q[i] for i in good], measures=MEASURES, **naive.params(MEASURES), **opts)
     for name, (ip, iq) in _containers(P, Q).items():
-        t = fastkl.divergences(ip, iq, measures=MEASURES, status=True, on_invalid="null", **opts)
+        t = fastkl.divergences(ip, iq, measures=MEASURES, **naive.params(MEASURES), status=True, on_invalid="null", **opts)
         expected_status = ["ok"] * n
         expected_status[pos] = reason
         assert col(t, "status") == expected_status, name
@@ -151,7 +151,7 @@ def test_valid_edge_rows(case):
     kind, p, q, extra = case
     q = q or VALID[kind][1]
     assert naive.row_status(p, q, kind=kind, **extra) == {"ok"}
-    t = fastkl.divergences([p], [q], measures=MEASURES, status=True, kind=kind, **extra)
+    t = fastkl.divergences([p], [q], measures=MEASURES, **naive.params(MEASURES), status=True, kind=kind, **extra)
     assert col(t, "status") == ["ok"]
     refs = naive.reference_rows([p], [q], MEASURES, kind=kind, **extra)
     for m in MEASURES:
@@ -206,14 +206,14 @@ def test_null_rows_are_not_errors(rng):
     Q[3] = None
     P[3] = [0.9, 0.9, 0.9]
     for ip, iq in [(P, Q), (list_array(P, "float64", "fixed_size_list"), list_array(Q, "float32", "list"))]:
-        t = fastkl.divergences(ip, iq, measures=MEASURES, status=True)  # on_invalid="raise": no error
+        t = fastkl.divergences(ip, iq, measures=MEASURES, **naive.params(MEASURES), status=True)  # on_invalid="raise": no error
         assert col(t, "status") == ["null", "ok", "null", "null", "null"]
         for m in MEASURES:
             vals = col(t, m)
             assert [v is None for v in vals] == [True, False, True, True, True], m
         for m in MEASURES:
             fn = getattr(fastkl, m)
-            out = fn(ip, on_invalid="null") if m == "entropy" else fn(ip, iq)
+            out = fn(ip, on_invalid="null") if m == "entropy" else fn(ip, iq, **naive.params((m,)))
             assert np.isnan(out[0]) and np.isfinite(out[1]), m
         with pytest.raises(fastkl.InvalidRowError) as info:  # entropy reads only P: row 3 is invalid
             fastkl.entropy(ip)
@@ -222,7 +222,7 @@ def test_null_rows_are_not_errors(rng):
 
 def test_all_rows_invalid(rng):
     P = np.full((4, 3), 0.5)
-    t = fastkl.divergences(P, P, measures=MEASURES, status=True, on_invalid="null")
+    t = fastkl.divergences(P, P, measures=MEASURES, **naive.params(MEASURES), status=True, on_invalid="null")
     assert col(t, "status") == ["not_normalized"] * 4
     assert all(v is None for m in MEASURES for v in col(t, m))
     with pytest.raises(fastkl.InvalidRowError) as info:
@@ -342,7 +342,7 @@ def test_random_bad_rows_against_oracle(batch):
             iq = chunked(iq, cuts)
         Q = iq.to_pylist()  # the float32 side holds rounded values
     allowed = naive.row_statuses(P, Q, **opts)
-    t = fastkl.divergences(ip, iq, measures=MEASURES, status=True, on_invalid="null", **opts)
+    t = fastkl.divergences(ip, iq, measures=MEASURES, **naive.params(MEASURES), status=True, on_invalid="null", **opts)
     status = col(t, "status")
     for i, (s, a) in enumerate(zip(status, allowed)):
         assert s in a, (i, s, a, P[i], Q[i])

@@ -23,7 +23,7 @@ def table_values(table, measures=MEASURES):
 
 def assert_reference(P, Q, opts, measures=MEASURES, rel=None):
     rel = rel if rel is not None else naive.rel_bound(np.asarray(P).dtype, np.asarray(Q).dtype)
-    table = fastkl.divergences(P, Q, measures=measures, status=True, **opts)
+    table = fastkl.divergences(P, Q, measures=measures, **naive.params(measures), status=True, **opts)
     assert set(table.column("status").to_pylist()) == {"ok"}
     refs = naive.reference_rows(P, Q, measures, **opts)
     failures = []
@@ -44,8 +44,8 @@ def test_logprobs_agree_with_probs(dtype, rng):
     Q = naive.make_probs(rng, 8, 30, spread=3.0)
     with np.errstate(divide="ignore"):
         LP, LQ = np.log(P), np.log(Q)
-    a = table_values(fastkl.divergences(P.astype(dtype), Q.astype(dtype), measures=MEASURES))
-    b = table_values(fastkl.divergences(LP.astype(dtype), LQ.astype(dtype), measures=MEASURES, kind="logprobs"))
+    a = table_values(fastkl.divergences(P.astype(dtype), Q.astype(dtype), measures=MEASURES, **naive.params(MEASURES)))
+    b = table_values(fastkl.divergences(LP.astype(dtype), LQ.astype(dtype), measures=MEASURES, **naive.params(MEASURES), kind="logprobs"))
     refs = naive.reference_rows(P, Q, MEASURES)
     for m in MEASURES:
         for i, r in enumerate(refs[m]):
@@ -84,8 +84,8 @@ def test_temperature_equals_prescaled_logits(t, rng):
     temperature T give the same numbers as logits x/T at temperature 1."""
     X = naive.make_logits(rng, 5, 17, zero_frac=0.1)
     Y = naive.make_logits(rng, 5, 17)
-    a = table_values(fastkl.divergences(X, Y, measures=MEASURES, kind="logits", temperature=t))
-    b = table_values(fastkl.divergences(X / t, Y / t, measures=MEASURES, kind="logits"))
+    a = table_values(fastkl.divergences(X, Y, measures=MEASURES, **naive.params(MEASURES), kind="logits", temperature=t))
+    b = table_values(fastkl.divergences(X / t, Y / t, measures=MEASURES, **naive.params(MEASURES), kind="logits"))
     for m in MEASURES:
         np.testing.assert_allclose(a[m], b[m], rtol=1e-13, atol=1e-15, err_msg=m)
     assert_reference(X, Y, dict(kind="logits", temperature=t))
@@ -111,7 +111,7 @@ def test_per_side_temperature_overrides(dtype, rng):
     opts = dict(kind="logits", temperature=2.0, q_temperature=0.5)
     t = assert_reference(X, Y, opts)
     # the same as spelling both sides out
-    same = fastkl.divergences(X, Y, measures=MEASURES, kind="logits", p_temperature=2.0, q_temperature=0.5)
+    same = fastkl.divergences(X, Y, measures=MEASURES, **naive.params(MEASURES), kind="logits", p_temperature=2.0, q_temperature=0.5)
     for m in MEASURES:
         np.testing.assert_array_equal(table_values(t)[m], table_values(same)[m])
     # and different from using 2.0 on both sides
@@ -141,8 +141,8 @@ def test_logits_shift_invariance(rng):
     """log_softmax ignores a constant added to a row."""
     X = naive.make_logits(rng, 6, 20, zero_frac=0.2)
     Y = naive.make_logits(rng, 6, 20)
-    a = table_values(fastkl.divergences(X, Y, measures=MEASURES, kind="logits"))
-    b = table_values(fastkl.divergences(X + 100.0, Y - 37.0, measures=MEASURES, kind="logits"))
+    a = table_values(fastkl.divergences(X, Y, measures=MEASURES, **naive.params(MEASURES), kind="logits"))
+    b = table_values(fastkl.divergences(X + 100.0, Y - 37.0, measures=MEASURES, **naive.params(MEASURES), kind="logits"))
     for m in MEASURES:
         np.testing.assert_allclose(a[m], b[m], rtol=1e-11, atol=1e-12, err_msg=m)
 
@@ -179,7 +179,7 @@ def test_normalize_probs(dtype, rng):
     Q = naive.make_probs(rng, 6, 15, dtype, scale=True)
     t = assert_reference(P, Q, dict(normalize=True))
     # scaling a row by a power of two changes nothing at all (the division is exact)
-    t2 = fastkl.divergences(P * 8, Q / 4, measures=MEASURES, normalize=True)
+    t2 = fastkl.divergences(P * 8, Q / 4, measures=MEASURES, **naive.params(MEASURES), normalize=True)
     for m in MEASURES:
         np.testing.assert_array_equal(table_values(t)[m], table_values(t2)[m], err_msg=m)
     # without normalize the same rows are invalid
@@ -212,9 +212,9 @@ def test_smoothing(eps, kind, rng):
     v = table_values(t)
     for m in MEASURES:
         assert np.isfinite(v[m]).all(), m
-    plain = table_values(fastkl.divergences(P, Q, measures=MEASURES, kind=kind))
+    plain = table_values(fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), kind=kind))
     assert np.isinf(plain["kl"]).any() or np.isinf(plain["reverse_kl"]).any()  # the data has zeros
-    zero = table_values(fastkl.divergences(P, Q, measures=MEASURES, kind=kind, smoothing=0.0))
+    zero = table_values(fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), kind=kind, smoothing=0.0))
     for m in MEASURES:
         np.testing.assert_array_equal(plain[m], zero[m])
 
@@ -231,7 +231,7 @@ def test_base(base, kind, rng):
     P = naive.make_rows(rng, kind, 5, 13, np.float32, zero_frac=0.2)
     Q = naive.make_rows(rng, kind, 5, 13, np.float32)
     t = assert_reference(P, Q, dict(kind=kind, base=base))
-    nat = table_values(fastkl.divergences(P, Q, measures=MEASURES, kind=kind))
+    nat = table_values(fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), kind=kind))
     v = table_values(t)
     for m in MEASURES:
         if m in naive.LOG_MEASURES:
@@ -359,11 +359,11 @@ def test_normalize_logprobs_far_below_zero():
     LQ = np.array([[-1.0, -2.0, -3.0], [-3.0, -1.0, -2.0]])
     opts = dict(kind="logprobs", normalize=True)
     assert naive.row_statuses(LP, LQ, **opts) == [{"ok"}, {"ok"}]
-    t = fastkl.divergences(LP, LQ, measures=MEASURES, status=True, on_invalid="null", **opts)
+    t = fastkl.divergences(LP, LQ, measures=MEASURES, **naive.params(MEASURES), status=True, on_invalid="null", **opts)
     assert t.column("status").to_pylist() == ["ok", "ok"]
     assert_reference(LP, LQ, opts)
     # the same numbers as logits, up to the decode rounding
-    as_logits = table_values(fastkl.divergences(LP, LQ, measures=MEASURES, kind="logits"))
+    as_logits = table_values(fastkl.divergences(LP, LQ, measures=MEASURES, **naive.params(MEASURES), kind="logits"))
     for m in MEASURES:
         np.testing.assert_allclose(table_values(t)[m], as_logits[m], rtol=1e-9, atol=1e-12, err_msg=m)
 
@@ -374,7 +374,7 @@ def test_normalize_huge_probabilities():
     value marked ok. Here P and Q are the same distribution [1/2, 1/2]."""
     P = np.array([[1.7e308, 1.7e308], [0.5, 0.5]])
     Q = np.array([[1.0, 1.0], [1.0, 1.0]])
-    t = fastkl.divergences(P, Q, measures=MEASURES, status=True, on_invalid="null", normalize=True)
+    t = fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), status=True, on_invalid="null", normalize=True)
     st = t.column("status").to_pylist()
     assert st[1] == "ok"
     if st[0] == "ok":

@@ -154,8 +154,8 @@ def test_arrow_half_equals_float32_decoded(rng, code, kind):
     q_dtype = "float16" if code == FLOAT16 else "bfloat16"
     p_dtype = None if code == FLOAT16 else "bfloat16"
     for measures in (("kl",), fastkl.MEASURES):
-        got = fastkl.divergences(p, q, measures=measures, p_dtype=p_dtype, q_dtype=q_dtype, **opts)
-        ref = fastkl.divergences(p_ref, q_ref, measures=measures, **opts)
+        got = fastkl.divergences(p, q, measures=measures, **naive.params(measures), p_dtype=p_dtype, q_dtype=q_dtype, **opts)
+        ref = fastkl.divergences(p_ref, q_ref, measures=measures, **naive.params(measures), **opts)
         same_results(got, ref)
     status = got.column("status").to_pylist()
     assert status[2] == status[7] == "null" and status[5] == "null_element"
@@ -168,7 +168,7 @@ def test_arrow_half_equals_float32_decoded(rng, code, kind):
 def test_half_against_exact_reference(rng, code):
     p_bits, q_bits = rows_bits(rng, code, n=10), rows_bits(rng, code, n=10)
     dtype = "float16" if code == FLOAT16 else "bfloat16"
-    got = fastkl.divergences(p_bits, q_bits, measures=fastkl.MEASURES, dtype=dtype, sum_tol=2e-2, on_invalid="null")
+    got = fastkl.divergences(p_bits, q_bits, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), dtype=dtype, sum_tol=2e-2, on_invalid="null")
     p32, q32 = decoded(p_bits, code), decoded(q_bits, code)
     refs = naive.reference_rows(p32.tolist(), q32.tolist(), fastkl.MEASURES, sum_tol=2e-2)
     failures = []
@@ -189,9 +189,9 @@ def test_numpy_float16_is_viewed_and_matches(rng):
     wide = ps.astype(np.float64)
     assert wide.decode == 0 and np.array_equal(wide.row(3), p[3].astype(np.float64))
     for measures in (("kl",), fastkl.MEASURES):
-        same_results(fastkl.divergences(p, q, measures=measures, sum_tol=2e-2, status=True, on_invalid="null"),
+        same_results(fastkl.divergences(p, q, measures=measures, **naive.params(measures), sum_tol=2e-2, status=True, on_invalid="null"),
                      fastkl.divergences(p.astype(np.float32), q.astype(np.float32), measures=measures, sum_tol=2e-2,
-                                        status=True, on_invalid="null"))
+                                        status=True, on_invalid="null", **naive.params(measures)))
 
 
 def test_masked_and_chunked_float16(rng):
@@ -206,8 +206,8 @@ def test_masked_and_chunked_float16(rng):
     p_arr, p_ref = arrow_half(p.view(np.uint16), FLOAT16)
     q_arr, q_ref = arrow_half(q.view(np.uint16), FLOAT16, pad=0)
     p_chunks, q_chunks = naive.chunked(p_arr, [5, 11]), naive.chunked(q_arr, [8])
-    same_results(fastkl.divergences(p_chunks, q_chunks, measures=fastkl.MEASURES, sum_tol=2e-2),
-                 fastkl.divergences(p_ref, q_ref, measures=fastkl.MEASURES, sum_tol=2e-2))
+    same_results(fastkl.divergences(p_chunks, q_chunks, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), sum_tol=2e-2),
+                 fastkl.divergences(p_ref, q_ref, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), sum_tol=2e-2))
 
 
 def test_arrow_float16_child_is_not_copied(rng):
@@ -221,8 +221,8 @@ def test_long_rows_over_threads(rng):
     """Rows longer than a block, several blocks: a scratch row per kernel call."""
     p = naive.make_probs(rng, 40, 5000, np.float32).astype(np.float16)
     q = naive.make_probs(rng, 40, 5000, np.float32).astype(np.float16)
-    got = fastkl.divergences(p, q, measures=fastkl.MEASURES, threads=2, sum_tol=1e-2)
-    ref = fastkl.divergences(p.astype(np.float32), q.astype(np.float32), measures=fastkl.MEASURES, threads=1,
+    got = fastkl.divergences(p, q, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), threads=2, sum_tol=1e-2)
+    ref = fastkl.divergences(p.astype(np.float32), q.astype(np.float32), measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), threads=1,
                              sum_tol=1e-2)
     same_results(got, ref)
 
@@ -230,19 +230,19 @@ def test_long_rows_over_threads(rng):
 def test_mixed_precision_pairs(rng):
     p16 = decoded(rows_bits(rng, FLOAT16), FLOAT16).astype(np.float16)
     q32 = naive.make_probs(rng, ROWS, K, np.float32)
-    same_results(fastkl.divergences(p16, q32, measures=fastkl.MEASURES, sum_tol=2e-2),
-                 fastkl.divergences(p16.astype(np.float32), q32, measures=fastkl.MEASURES, sum_tol=2e-2))
+    same_results(fastkl.divergences(p16, q32, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), sum_tol=2e-2),
+                 fastkl.divergences(p16.astype(np.float32), q32, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), sum_tol=2e-2))
     pb = rows_bits(rng, BFLOAT16)
     q64 = naive.make_probs(rng, ROWS, K, np.float64)
     _, [(_, ps, qs)] = aligned_sides(pb, q64, "bfloat16")
     assert ps.values.dtype == np.float64 and ps.decode == 0  # a float64 side widens the other
-    same_results(fastkl.divergences(pb, q64, measures=fastkl.MEASURES, p_dtype="bfloat16", sum_tol=2e-2),
-                 fastkl.divergences(decoded(pb, BFLOAT16).astype(np.float64), q64, measures=fastkl.MEASURES,
+    same_results(fastkl.divergences(pb, q64, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), p_dtype="bfloat16", sum_tol=2e-2),
+                 fastkl.divergences(decoded(pb, BFLOAT16).astype(np.float64), q64, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES),
                                     sum_tol=2e-2))
     # float16 p against bfloat16 q: both stay 16-bit
     qb = rows_bits(rng, BFLOAT16)
-    same_results(fastkl.divergences(p16, qb, measures=fastkl.MEASURES, q_dtype="bfloat16", sum_tol=2e-2),
-                 fastkl.divergences(p16.astype(np.float32), decoded(qb, BFLOAT16), measures=fastkl.MEASURES,
+    same_results(fastkl.divergences(p16, qb, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), q_dtype="bfloat16", sum_tol=2e-2),
+                 fastkl.divergences(p16.astype(np.float32), decoded(qb, BFLOAT16), measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES),
                                     sum_tol=2e-2))
 
 
@@ -264,7 +264,7 @@ def test_special_bit_patterns_are_bad_rows(code):
     p[3, 2] = half([0.5])[0]
     p[4, 2] = 0x8000  # -0: a zero probability, not negative (sum 0.75: not normalised)
     dtype = "float16" if code == FLOAT16 else "bfloat16"
-    t = fastkl.divergences(p, np.stack([good] * 5), measures=fastkl.MEASURES, dtype=dtype, on_invalid="null",
+    t = fastkl.divergences(p, np.stack([good] * 5), measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), dtype=dtype, on_invalid="null",
                            status=True)
     assert t.column("status").to_pylist() == ["nan", "non_finite", "non_finite", "negative", "not_normalized"]
     with pytest.raises(fastkl.InvalidRowError, match=r"p\[1\] = -0\.25 is a negative probability"):
@@ -319,8 +319,8 @@ def test_ml_dtypes_bfloat16(rng):
     p, q = p_bits.view(ml_dtypes.bfloat16), q_bits.view(ml_dtypes.bfloat16)
     _, [(_, ps, _)] = aligned_sides(p, q)
     assert ps.decode == BFLOAT16 and np.shares_memory(ps.values, p)
-    same_results(fastkl.divergences(p, q, measures=fastkl.MEASURES, sum_tol=2e-2, status=True, on_invalid="null"),
-                 fastkl.divergences(p.astype(np.float32), q.astype(np.float32), measures=fastkl.MEASURES,
+    same_results(fastkl.divergences(p, q, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), sum_tol=2e-2, status=True, on_invalid="null"),
+                 fastkl.divergences(p.astype(np.float32), q.astype(np.float32), measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES),
                                     sum_tol=2e-2, status=True, on_invalid="null"))
     with pytest.raises(OptionError, match=r"declared p_dtype='float16' but got dtype bfloat16"):
         fastkl.kl(p, q, dtype="float16")
@@ -334,13 +334,13 @@ def test_torch_tensors(rng):
     torch = pytest.importorskip("torch")
     p32 = decoded(rows_bits(rng, BFLOAT16), BFLOAT16)
     q32 = decoded(rows_bits(rng, BFLOAT16), BFLOAT16)
-    ref = fastkl.divergences(p32, q32, measures=fastkl.MEASURES, sum_tol=2e-2)
+    ref = fastkl.divergences(p32, q32, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), sum_tol=2e-2)
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         p, q = torch.from_numpy(p32).to(dtype), torch.from_numpy(q32).to(dtype)
-        got = fastkl.divergences(p, q, measures=fastkl.MEASURES, sum_tol=2e-2)
-        exp = fastkl.divergences(p.float().numpy(), q.float().numpy(), measures=fastkl.MEASURES, sum_tol=2e-2)
+        got = fastkl.divergences(p, q, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), sum_tol=2e-2)
+        exp = fastkl.divergences(p.float().numpy(), q.float().numpy(), measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), sum_tol=2e-2)
         same_results(got, exp if dtype != torch.float64 else fastkl.divergences(
-            p.numpy(), q.numpy(), measures=fastkl.MEASURES, sum_tol=2e-2))
+            p.numpy(), q.numpy(), measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES), sum_tol=2e-2))
         if dtype == torch.bfloat16:
             same_results(got, ref)  # bfloat16 of bfloat16-exact values: no rounding
     tb = torch.from_numpy(p32).bfloat16()

@@ -28,7 +28,7 @@ BASES = (math.e, 2.0, 10.0)
 
 def run_and_check(P, Q, measures, opts, rel, *, expect_status="ok"):
     """divergences(P, Q) against the exact reference for every row and measure."""
-    table = fastkl.divergences(P, Q, measures=measures, status=True, **opts)
+    table = fastkl.divergences(P, Q, measures=measures, **naive.params(measures), status=True, **opts)
     assert table.column_names == list(measures) + ["status"]
     for name in measures:
         assert table.schema.field(name).type == "double"
@@ -234,7 +234,7 @@ def test_very_long_rows(dtype, kind, rng):
     P = naive.make_rows(rng, kind, n, k, dtype, zero_frac=0.1, spread=2.0)
     Q = naive.make_rows(rng, kind, n, k, dtype, spread=2.0)
     opts = dict(kind=kind)
-    table = fastkl.divergences(P, Q, measures=MEASURES, status=True, **opts)
+    table = fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), status=True, **opts)
     assert table.column("status").to_pylist() == ["ok"] * n
     # scipy reference: float64 decode, fsum; its own error is a few ulps per term
     rel = naive.rel_bound(dtype) + (1e-10 if kind == "logits" else 1e-13)
@@ -260,7 +260,8 @@ def test_each_measure_alone_on_rows_of_several_sum_chunks(name, kind, rng):
     n, k = 3, 2500  # two full chunks and a partial one
     P = naive.make_rows(rng, kind, n, k, np.float32, zero_frac=0.05, spread=2.0)
     Q = naive.make_rows(rng, kind, n, k, np.float32, spread=2.0)
-    got = getattr(fastkl, name)(P, kind=kind) if name == "entropy" else getattr(fastkl, name)(P, Q, kind=kind)
+    fn = getattr(fastkl, name)
+    got = fn(P, kind=kind) if name == "entropy" else fn(P, Q, kind=kind, **naive.params((name,)))
     vals, terms = naive.scipy_reference(name, P, Q, kind=kind)
     if name == "hellinger":
         got, vals = got**2, vals**2
@@ -277,7 +278,7 @@ def test_each_measure_alone_on_rows_of_several_sum_chunks(name, kind, rng):
 def test_identities(case):
     """cross_entropy = entropy + kl; jeffreys = kl + reverse_kl (within the summed bounds)."""
     P, Q, _, opts = case
-    table = fastkl.divergences(P, Q, measures=MEASURES, **opts)
+    table = fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), **opts)
     c = {m: np.array(table.column(m).to_pylist(), dtype=float) for m in MEASURES}
     rel = naive.rel_bound(P.dtype, Q.dtype)
     refs = naive.reference_rows(P, Q, ("kl", "reverse_kl", "entropy", "cross_entropy"), **opts)
@@ -337,7 +338,7 @@ def test_measures_of_a_distribution_with_itself(case):
 @given(cases(max_k=64, max_n=6))
 def test_ranges(case):
     P, Q, _, opts = case
-    table = fastkl.divergences(P, Q, measures=MEASURES, **opts)
+    table = fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), **opts)
     scale = 1 / math.log(opts.get("base", math.e))
     k = P.shape[1]
     hi = {
@@ -381,7 +382,7 @@ def test_results_are_clamped_into_range(dtype):
     # the oracle agrees these rows exceed the range before clamping
     raw_tv = 0.5 * math.fsum(abs(float(a) - float(b)) for a, b in zip(P[0], Q[0]))
     assert raw_tv > 1
-    table = fastkl.divergences(P, Q, measures=MEASURES, status=True)
+    table = fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), status=True)
     assert table.column("status").to_pylist() == ["ok"] * 4
     c = {m: table.column(m).to_pylist() for m in MEASURES}
     assert c["tv"][0] == 1.0
@@ -409,8 +410,8 @@ def test_results_are_clamped_into_range(dtype):
 def test_base_rescales_log_measures_only(base, rng):
     P = naive.make_probs(rng, 5, 12, zero_frac=0.2)
     Q = naive.make_probs(rng, 5, 12)
-    nat = fastkl.divergences(P, Q, measures=MEASURES)
-    other = fastkl.divergences(P, Q, measures=MEASURES, base=base)
+    nat = fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES))
+    other = fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), base=base)
     for m in MEASURES:
         a = np.array(nat.column(m).to_pylist())
         b = np.array(other.column(m).to_pylist())
@@ -426,10 +427,11 @@ def test_per_measure_functions_match_divergences(rng):
     P = naive.make_probs(rng, 7, 9, zero_frac=0.3)
     Q = naive.make_probs(rng, 7, 9, zero_frac=0.3)
     P[2, :] = [0.5] * 9  # not normalised: invalid, NaN under on_invalid="null"
-    table = fastkl.divergences(P, Q, measures=MEASURES, on_invalid="null", base=2)
+    table = fastkl.divergences(P, Q, measures=MEASURES, **naive.params(MEASURES), on_invalid="null", base=2)
     for m in MEASURES:
         fn = getattr(fastkl, m)
-        got = fn(P, base=2, on_invalid="null") if m == "entropy" else fn(P, Q, base=2, on_invalid="null")
+        got = fn(P, base=2, on_invalid="null") if m == "entropy" else fn(P, Q, base=2, on_invalid="null",
+                                                                          **naive.params((m,)))
         assert isinstance(got, np.ndarray) and got.dtype == np.float64 and got.shape == (7,)
         expected = np.array([np.nan if v is None else v for v in table.column(m).to_pylist()])
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)  # NaN where NaN
@@ -441,11 +443,11 @@ def test_measures_in_one_call_equal_separate_calls(rng):
     P = naive.make_logits(rng, 6, 20, zero_frac=0.1)
     Q = naive.make_probs(rng, 6, 20, zero_frac=0.1)
     opts = dict(p_kind="logits", q_kind="probs", p_temperature=1.5, smoothing=1e-6)
-    together = fastkl.divergences(P, Q, measures=MEASURES[::-1], **opts)
+    together = fastkl.divergences(P, Q, measures=MEASURES[::-1], **naive.params(MEASURES), **opts)
     assert together.column_names == list(MEASURES[::-1])
     refs = naive.reference_rows(P, Q, MEASURES, **opts)
     for m in MEASURES:
-        alone = fastkl.divergences(P, Q, measures=(m,), **opts)
+        alone = fastkl.divergences(P, Q, measures=(m,), **naive.params((m,)), **opts)
         assert alone.column_names == [m]
         a, b = alone.column(m).to_pylist(), together.column(m).to_pylist()
         for i, r in enumerate(refs[m]):
@@ -461,7 +463,7 @@ def test_rows_after_an_infinite_or_invalid_row_are_their_own(dtype, measures):
     nothing of one row (an infinity flag, a status) may leak into the next."""
     p = np.array([[0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5], [0.5, 0.5]], dtype)
     q = np.array([[1.0, 0.0], [0.4, 0.6], [0.0, 1.0], [-0.5, 1.5], [0.4, 0.6]], dtype)
-    t = fastkl.divergences(p, q, measures=measures, status=True, on_invalid="null", threads=1)
+    t = fastkl.divergences(p, q, measures=measures, **naive.params(measures), status=True, on_invalid="null", threads=1)
     kl = t["kl"].to_pylist()
     assert kl[0] == math.inf and kl[2] == math.inf and kl[3] is None
     assert kl[1] == kl[4] and 0 < kl[1] < 1

@@ -97,7 +97,7 @@ def test_sequences_match_the_reference(c):
         extra["mask"] = _mask_column(c)
     elif c["masking"] == "lengths":
         extra["lengths"] = np.array(c["lengths"], dtype=np.int64)
-    table = fastkl.divergences(p, q, MEASURES, kind=c["kind"], status=True, on_invalid="null",
+    table = fastkl.divergences(p, q, MEASURES, **naive.params(MEASURES), kind=c["kind"], status=True, on_invalid="null",
                                per_token=True, **extra)
     rel = naive.rel_bound(np.dtype(c["dtype"]))
     statuses = table.column("status").to_pylist()
@@ -137,8 +137,8 @@ def test_sequence_sums_equal_token_rows(rng):
     """A 3-D array of sequences gives the sums of the same positions as token rows."""
     P = naive.make_probs(rng, 12, 7).reshape(3, 4, 7)
     Q = naive.make_probs(rng, 12, 7).reshape(3, 4, 7)
-    table = fastkl.divergences(P, Q, MEASURES)
-    flat = fastkl.divergences(P.reshape(12, 7), Q.reshape(12, 7), MEASURES)
+    table = fastkl.divergences(P, Q, MEASURES, **naive.params(MEASURES))
+    flat = fastkl.divergences(P.reshape(12, 7), Q.reshape(12, 7), MEASURES, **naive.params(MEASURES))
     for m in MEASURES:
         per_position = np.array(flat.column(m).to_pylist()).reshape(3, 4)
         np.testing.assert_allclose(table.column(m).to_numpy(), per_position.sum(axis=1), rtol=1e-14)

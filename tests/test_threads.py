@@ -47,7 +47,7 @@ def _job(i: int):
 
 def _run(i: int) -> pa.Table:
     p, q, opts = _job(i)
-    return fastkl.divergences(p, q, measures=MEASURES, status=True, **opts)
+    return fastkl.divergences(p, q, measures=MEASURES, **naive.params(MEASURES), status=True, **opts)
 
 
 def _same(a: pa.Table, b: pa.Table) -> bool:
@@ -142,7 +142,7 @@ def test_first_calls_from_threads_in_a_fresh_process(tmp_path):
             dtype = (np.float32, np.float64)[i % 2]
             P = naive.make_probs(rng, 64, 5 + i, dtype)
             Q = naive.make_probs(rng, 64, 5 + i, dtype)
-            return fastkl.divergences(P, Q, measures=fastkl.MEASURES).to_pylist()
+            return fastkl.divergences(P, Q, measures=fastkl.MEASURES, **naive.params(fastkl.MEASURES)).to_pylist()
 
         with ThreadPoolExecutor(8) as pool:
             concurrent = list(pool.map(run, range(8)))

@@ -63,7 +63,8 @@ from numba import njit, types
 from numba.extending import overload
 
 from .half import as_float32, decode_row
-from .fastmath import exp32, exp_neg, exp_nonpositive, from_order_key, inf_keys, log_pos, log_ratio, log_ratio32, not_normal32, order_key
+from .fastmath import (exp32, exp_neg, exp_nonpositive, expm1_series32, from_order_key, inf_keys, log_pos, log_ratio,
+                       log_ratio32, not_normal32, order_key)
 
 FASTMATH = {"nsz", "contract", "reassoc"}
 
@@ -74,8 +75,8 @@ PROBS, LOGPROBS, LOGITS = 0, 1, 2
 OK, NULL, NO_TOKENS, LENGTH_MISMATCH, EMPTY, NULL_ELEMENT, NAN, NON_FINITE, NEGATIVE, NOT_NORMALIZED = range(10)
 
 # Measure slots (fastkl._registry.MEASURES order).
-KL, REVERSE_KL, JEFFREYS, JS, ENTROPY, CROSS_ENTROPY, TV, HELLINGER = range(8)
-N_MEASURES = 8
+KL, REVERSE_KL, JEFFREYS, JS, ENTROPY, CROSS_ENTROPY, TV, HELLINGER, GJS, RENYI, BHATTACHARYYA = range(11)
+N_MEASURES = 11
 
 LN2 = math.log(2.0)
 INF = math.inf
@@ -89,7 +90,7 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # kernels inline fastmath's helpers: after an edit there, cached kernels would
 # keep the old code. tests/test_fastmath.py checks that this digest of
 # fastmath.py is current, so any change there changes this file too.
-FASTMATH_DIGEST = "81ac095f9833b24f"
+FASTMATH_DIGEST = "823e45171f35172a"
 # The same for half.py, whose decoders the kernels inline (tests/test_half_precision.py).
 HALF_DIGEST = "b613eb7967c47450"
 
@@ -392,18 +393,116 @@ def _js_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add):
 
 
 @_jit
+def _gjs_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add, beta):
+    """sum b p log(p/m) + (1-b) q log(q/m), m = b p + (1-b) q (0 < b < 1), and a count of
+    ratios p/m, q/m below the normal range. As in JS, p - m = (1-b)(p - q) gives
+    the logs their mantissa where p ~ m, so nothing cancels when P ~ Q."""
+    c = 1.0 - beta
+    gjs = 0.0
+    odd = 0.0
+    for j in range(prow.size):
+        p = np.float64(prow[j]) * p_mul + p_add
+        q = np.float64(qrow[j]) * q_mul + q_add
+        m = beta * p + c * q
+        inv_m = 1.0 / m
+        d = p - q
+        lp = log_ratio(p, inv_m, c * d)
+        lq = log_ratio(q, inv_m, -beta * d)
+        gjs += (beta * p * lp if p > 0.0 else 0.0) + (c * q * lq if q > 0.0 else 0.0)
+        small = min(p, q)
+        odd += 1.0 if ((small > 0.0) & (small * inv_m < MIN_NORMAL)) else 0.0
+    return gjs, odd
+
+
+@_jit
+def _renyi_log_probs(prow, qrow, p_mul, p_add, q_mul, q_add, am1):
+    """log(sum p^alpha q^(1-alpha) / sum p) by a log-sum-exp, for rows whose sum
+    overflows (q far below p with alpha > 1); entries with q = 0 add nothing."""
+    top = -INF
+    p_sum = 0.0
+    for j in range(prow.size):
+        p = np.float64(prow[j]) * p_mul + p_add
+        q = np.float64(qrow[j]) * q_mul + q_add
+        p_sum += p
+        if p > 0.0 and q > 0.0:
+            top = max(top, math.log(p) + am1 * _log_ratio_exact(p, q))
+    total = 0.0
+    for j in range(prow.size):
+        p = np.float64(prow[j]) * p_mul + p_add
+        q = np.float64(qrow[j]) * q_mul + q_add
+        if p > 0.0 and q > 0.0:
+            total += math.exp(math.log(p) + am1 * _log_ratio_exact(p, q) - top)
+    return top + math.log(total) - math.log(p_sum)
+
+
+@_jit
+def _renyi_log(ren, direct, p_sum, p_only, am1):
+    """log(S / sum p), S = sum p^alpha q^(1-alpha), from ren = S - sum p (exact near S = sum p)
+    or from direct = S (exact where S is far below sum p, as for mass mostly where q = 0):
+    +inf where some q = 0 < p and alpha > 1, -inf where S = 0 (disjoint, alpha < 1), NaN
+    where the sums overflowed (the caller then takes a log-sum-exp)."""
+    if p_only > 0.0 and am1 > 0.0:
+        return INF
+    if not ren < INF:  # inf, or 0 * inf where p underflowed
+        return NAN_
+    r = ren / p_sum
+    if r < -0.5:
+        return math.log(direct / p_sum) if direct > 0.0 else -INF
+    return math.log1p(r)
+
+
+@_jit
+def _renyi_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add, am1):
+    """(sum p expm1(x), sum p e^x, sum p, count of q = 0 < p), x = (alpha-1) log(p/q), with
+    libm: Renyi's sum of p^alpha q^(1-alpha) less sum p (no cancelling near alpha = 1) and itself."""
+    ren = direct = p_sum = p_only = 0.0
+    for j in range(prow.size):
+        p = np.float64(prow[j]) * p_mul + p_add
+        q = np.float64(qrow[j]) * q_mul + q_add
+        p_sum += p
+        if p > 0.0 and q > 0.0:
+            x = am1 * _log_ratio_exact(p, q)
+            ren += p * math.expm1(x)
+            direct += p * math.exp(x)
+        elif p > 0.0:
+            p_only += 1.0
+            ren -= p
+    return ren, direct, p_sum, p_only
+
+
+@_jit
 def _tv_hellinger_terms_probs(prow, qrow, p_mul, p_add, q_mul, q_add):
-    tv = 0.0
-    hel = 0.0
+    """(sum |p - q|, sum (sqrt p - sqrt q)^2, sum sqrt(p q), sum p, sum q)."""
+    tv = hel = bc = p_sum = q_sum = 0.0
     for j in range(prow.size):
         p = np.float64(prow[j]) * p_mul + p_add
         q = np.float64(qrow[j]) * q_mul + q_add
         d = p - q
         tv += abs(d)
-        root_sum = math.sqrt(p) + math.sqrt(q)
+        sp = math.sqrt(p)
+        sq = math.sqrt(q)
+        root_sum = sp + sq
         h = d / root_sum  # = sqrt p - sqrt q, without cancelling
         hel += h * h if root_sum > 0.0 else 0.0
-    return tv, hel
+        bc += sp * sq
+        p_sum += p
+        q_sum += q
+    return tv, hel, bc, p_sum, q_sum
+
+
+@_jit
+def _bhattacharyya(hel, bc, p_sum, q_sum):
+    """-log of the Bhattacharyya coefficient of P / sum p and Q / sum q, from
+    hel = sum (sqrt p - sqrt q)^2 and bc = sum sqrt(p q): through hellinger's
+    stable sum while the distributions are close (1 - BC = (hel/2 - (sqrt sum p -
+    sqrt sum q)^2 / 2) / sqrt(sum p sum q), nothing cancels), from bc itself once
+    BC < 1/2 (where 1 - hel/2 would lose the digits of a small BC)."""
+    norm = math.sqrt(p_sum * q_sum)
+    gap = math.sqrt(p_sum) - math.sqrt(q_sum)
+    h2 = (0.5 * hel - 0.5 * gap * gap) / norm
+    if h2 <= 0.5:
+        return -math.log1p(-max(h2, 0.0))
+    return -math.log(bc / norm) if bc > 0.0 else INF
 
 
 # ------------------------------ float32 probabilities used as they are
@@ -530,6 +629,57 @@ def _js32(prow, qrow, terms):
 
 
 @_jit
+def _gjs32(prow, qrow, terms, beta):
+    """(sum b p log(p/m) + (1-b) q log(q/m), flag), m = b p + (1-b) q, 0 < b < 1: `_js32`
+    with the mixture's weights (p - m = (1-b)(p - q) carries the mantissa near p ~ q)."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    b = np.float32(beta)
+    c = np.float32(1.0 - beta)
+    flag = zero
+    for j in range(prow.size):
+        p = prow[j]
+        q = qrow[j]
+        d = p - q
+        inv_m = one / (b * p + c * q)
+        terms[0, j] = b * p * log_ratio32(p, inv_m, c * d) + c * q * log_ratio32(q, inv_m, -b * d)
+        flag += abs(p if not_normal32(p * inv_m) else zero) + abs(q if not_normal32(q * inv_m) else zero)
+    return _sum64(terms[0], prow.size), flag
+
+
+# Renyi's float32 loop is exact to 1e-6 only while x = (alpha-1) log(p/q) stays moderate:
+# the log's ~1e-7 relative error moves e^x - 1 by ~1e-7 x e^x. The loop sums each
+# term's |t| x (x > 0) and the row is redone in float64 when that could matter.
+RENYI_X_MAX32 = np.float32(80.0)  # e^80 is far inside the float32 range
+
+
+@_jit
+def _renyi32(prow, qrow, terms, am1):
+    """(sum p expm1(x), sum p e^x, flag, sum |t|, sum |t| max(x, 0)), x = (alpha-1) log(p/q),
+    with float32 arithmetic; q = 0 < p, ratios out of range and x > 80 are flagged."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    a = np.float32(am1)
+    flag = size = growth = zero
+    for j in range(prow.size):
+        p = prow[j]
+        q = qrow[j]
+        inv_q = one / q
+        x = a * log_ratio32(p, inv_q, p - q)
+        e = exp32(x)
+        em1 = expm1_series32(x) if abs(x) < half else e - one
+        pos = p > zero
+        t = p * em1 if pos else zero
+        terms[0, j] = t
+        terms[1, j] = p * e if pos else zero
+        size += abs(t)
+        growth += abs(t) * max(x, zero)
+        flag += abs(p if (not_normal32(p * inv_q) | (x > RENYI_X_MAX32)) else zero)
+    return _sum64(terms[0], prow.size), _sum64(terms[1], prow.size), flag, size, growth
+
+
+@_jit
 def _tv_hellinger32(prow, qrow, terms):
     tv = 0.0
     hel = 0.0
@@ -542,9 +692,10 @@ def _tv_hellinger32(prow, qrow, terms):
         h = d / root_sum  # = sqrt p - sqrt q, without cancelling
         terms[0, j] = abs(d)
         terms[1, j] = h * h if root_sum > zero else zero
+        terms[2, j] = np.sqrt(p * q)
     tv = _sum64(terms[0], prow.size)
     hel = _sum64(terms[1], prow.size)
-    return tv, hel
+    return tv, hel, _sum64(terms[2], prow.size)
 
 
 @_jit
@@ -593,10 +744,12 @@ _kl32_blocked = _in_chunks(_kl32)
 
 
 @_jit
-def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, terms):
+def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_gjs, want_renyi, beta,
+                   am1, terms):
     """The requested sums over one chunk of a float32 probs row:
-    (flag, p_sum, q_sum, kl, rkl, ent, ce, js)."""
-    kl = rkl = ent = ce = js = 0.0
+    (flag, p_sum, q_sum, kl, rkl, ent, ce, js, gjs, ren, ren_direct); a Renyi sum that float32 cannot
+    give within the error bound sets the flag."""
+    kl = rkl = ent = ce = js = gjs = ren = direct = 0.0
     flag = np.float32(0.0)
     p_sum = q_sum = np.float32(0.0)
     if not use_q:
@@ -617,20 +770,28 @@ def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         if want_js:
             js, f = _js32(prow, qrow, terms)
             flag += f
-    return flag, p_sum, q_sum, kl, rkl, ent, ce, js
+        if want_gjs and 0.0 < beta < 1.0:  # gjs is 0 at beta = 0 and 1
+            gjs, f = _gjs32(prow, qrow, terms, beta)
+            flag += f
+        if want_renyi:
+            ren, direct, f, size, growth = _renyi32(prow, qrow, terms, am1)
+            flag += f + (np.float32(1.0) if growth > np.float32(2.0) * size else np.float32(0.0))
+    return flag, p_sum, q_sum, kl, rkl, ent, ce, js, gjs, ren, direct
 
 
 @_jit
-def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, sum_tol, terms):
-    """All requested sums for a float32 probs row, or ok = False when the row
-    needs the scan and the general loops (a flag, or a row sum not clearly
+def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_gjs, want_renyi,
+                   want_tvh, want_bha, beta, am1, sum_tol, terms):
+    """All requested sums for a float32 probs row (renyi as log(S / sum p)), or ok = False
+    when the row needs the scan and the general loops (a flag, or a row sum not clearly
     within `sum_tol`)."""
-    kl = rkl = ent = ce = js = tv = hel = 0.0
+    kl = rkl = ent = ce = js = gjs = ren = direct = tv = hel = 0.0
     flag = p_sum = q_sum = 0.0
     for b0 in range(0, prow.size, SUM_BLOCK):
         b1 = min(b0 + SUM_BLOCK, prow.size)
-        f, ps, qs, a, b, c, d, e = _probs32_chunk(prow[b0:b1], qrow[b0:b1], use_q, want_kl, want_rkl,
-                                                  want_ent, want_ce, want_js, terms)
+        f, ps, qs, a, b, c, d, e, g, r, rd = _probs32_chunk(prow[b0:b1], qrow[b0:b1], use_q, want_kl, want_rkl,
+                                                        want_ent, want_ce, want_js, want_gjs, want_renyi, beta,
+                                                        am1, terms)
         flag += np.float64(f)
         p_sum += np.float64(ps)
         q_sum += np.float64(qs)
@@ -639,16 +800,26 @@ def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         ent += c
         ce += d
         js += e
+        gjs += g
+        ren += r
+        direct += rd
     if not use_q:
         q_sum = 1.0
+    if want_renyi:  # divided by the float64 sum of p: the chunked float32 one is too coarse here
+        ren = _renyi_log(ren, direct, _sum64(prow, prow.size), 0.0, am1)
     ok = flag == 0.0 and _sums_within32(p_sum, q_sum, min(prow.size, SUM_BLOCK), sum_tol)
+    bha = 0.0
     if ok and want_tvh:
+        bc = 0.0
         for b0 in range(0, prow.size, SUM_BLOCK):
             b1 = min(b0 + SUM_BLOCK, prow.size)
-            a, b = _tv_hellinger32(prow[b0:b1], qrow[b0:b1], terms)
+            a, b, c = _tv_hellinger32(prow[b0:b1], qrow[b0:b1], terms)
             tv += a
             hel += b
-    return ok, kl, rkl, ent, ce, js, tv, hel
+            bc += c
+        if want_bha:  # with float64 row sums: the chunked float32 ones are too coarse here
+            bha = _bhattacharyya(hel, bc, _sum64(prow, prow.size), _sum64(qrow, qrow.size))
+    return ok, kl, rkl, ent, ce, js, gjs, ren, tv, hel, bha
 
 
 # ------------------------------ float32 log-probabilities used as they are
@@ -951,15 +1122,34 @@ def _js_logs(d):
 
 
 @_jit
+def _log_over_mixture(d, w):
+    """log(p / m) for m = w p + (1-w) q, 0 < w < 1, from d = log(p/q) (finite): log1p of
+    (1-w) expm1(-d) where that is accurate, the plain log of a sum of positives elsewhere."""
+    a = (1.0 - w) * math.expm1(-d)
+    if a < -0.5:  # far below: 1 + a = w + (1-w) e^-d, in (0, 1/2)
+        return -math.log(w + (1.0 - w) * math.exp(-d))
+    if a < 1e300:
+        return -math.log1p(a)
+    return d - math.log((1.0 - w) + w * math.exp(d))  # e^-d overflows: q far above p
+
+
+@_jit
 def _general_terms(prow, qrow, use_q, p_kind, q_kind,
-                   p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln, smoothing):
-    """All sums for one row, element by element with libm: any kinds, any measures."""
+                   p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln, smoothing, beta, am1, want_gjs, want_renyi):
+    """All sums for one row, element by element with libm: any kinds, any measures
+    (gjs and renyi only when asked: they cost a few libm calls per element)."""
     p_logdom = p_kind != PROBS and smoothing == 0.0
     q_logdom = q_kind != PROBS and smoothing == 0.0
     both_log = p_logdom and q_logdom
     smooth_norm = 1.0 / (1.0 + prow.size * smoothing)
     kl = rkl = js = ent = ce = tv = hel = 0.0
     kl_inf = rkl_inf = 0.0
+    gjs = ren = p_sum = q_sum = bc = 0.0
+    ren_top = -INF  # renyi's sum in log space as well (a running log-sum-exp), for rows where it overflows
+    ren_scaled = 0.0
+    mixed = want_gjs and 0.0 < beta < 1.0
+    gjs_p_alone = -beta * math.log(beta) if mixed else 0.0  # b p log(p/m) with q = 0, per unit of p
+    gjs_q_alone = -(1.0 - beta) * math.log1p(-beta) if mixed else 0.0
     for j in range(prow.size):
         x = np.float64(prow[j])
         if p_kind == PROBS:
@@ -985,6 +1175,8 @@ def _general_terms(prow, qrow, use_q, p_kind, q_kind,
         else:
             q, b, q_pos = p, a, p_pos
 
+        p_sum += p
+        q_sum += q
         if p_pos:
             ent -= p * (a if p_logdom else math.log(p))
         if p_pos and q_pos:
@@ -1005,17 +1197,37 @@ def _general_terms(prow, qrow, use_q, p_kind, q_kind,
             if root_sum > 0.0:  # both may underflow to 0 in log space
                 h = diff / root_sum
                 hel += h * h
+            bc += math.exp(0.5 * (a + b)) if both_log else math.sqrt(p) * math.sqrt(q)
+            if mixed:
+                gjs += beta * p * _log_over_mixture(d, beta) + (1.0 - beta) * q * _log_over_mixture(-d, 1.0 - beta)
+            if want_renyi:
+                x = am1 * d
+                ren += p * math.expm1(x)
+                y = (a if p_logdom else math.log(p)) + x
+                if y > ren_top:
+                    ren_scaled = ren_scaled * math.exp(ren_top - y) + 1.0
+                    ren_top = y
+                else:
+                    ren_scaled += math.exp(y - ren_top)
         elif p_pos:  # q_i = 0
             kl_inf += 1.0
             js += p * LN2
             tv += p
             hel += p
+            gjs += p * gjs_p_alone
+            ren -= p
         elif q_pos:  # p_i = 0
             rkl_inf += 1.0
             js += q * LN2
             tv += q
             hel += q
-    return kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+            gjs += q * gjs_q_alone
+    if want_renyi:
+        ren = _renyi_log(ren, math.exp(ren_top) * ren_scaled, p_sum, kl_inf, am1)
+        if ren != ren:  # the sum overflowed: its log-sum-exp instead
+            ren = ren_top + math.log(ren_scaled) - math.log(p_sum)
+    bha = _bhattacharyya(hel, bc, p_sum, q_sum)
+    return kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha
 
 
 # ---------------------------------------------------------------- the kernel
@@ -1023,12 +1235,14 @@ def _general_terms(prow, qrow, use_q, p_kind, q_kind,
 
 @_jit
 def _probs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
-               use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh):
+               use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh,
+               want_gjs, want_renyi, beta, am1):
     """Status and sums of one row whose sides are probabilities (rows the
     kernel's float32 loops did not settle)."""
     k = prow.size
     kl = rkl = js = ent = ce = tv = hel = 0.0
     kl_inf = rkl_inf = 0.0  # > 0: some p_i > 0 = q_i (resp. q_i > 0 = p_i)
+    gjs = ren = bha = 0.0
     code, p_scale = _scan_probs_side(p_values, ps, k, p_mask, p_mask_offset, normalize, sum_tol)
     q_scale = 1.0
     if use_q:
@@ -1036,7 +1250,7 @@ def _probs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_
         if q_code and (code == OK or q_code < code):
             code = q_code
     if code != OK:
-        return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+        return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha
     smooth_norm = 1.0 / (1.0 + k * smoothing)
     p_mul, q_mul, add = p_scale * smooth_norm, q_scale * smooth_norm, smoothing * smooth_norm
     general = False
@@ -1051,23 +1265,32 @@ def _probs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_
         js, odd = _js_terms_probs(prow, qrow, p_mul, add, q_mul, add)
         general = general or odd > 0
     if want_tvh:
-        tv, hel = _tv_hellinger_terms_probs(prow, qrow, p_mul, add, q_mul, add)
+        tv, hel, bc, p_sum, q_sum = _tv_hellinger_terms_probs(prow, qrow, p_mul, add, q_mul, add)
+        bha = _bhattacharyya(hel, bc, p_sum, q_sum)
+    if want_gjs and 0.0 < beta < 1.0:
+        gjs, odd = _gjs_terms_probs(prow, qrow, p_mul, add, q_mul, add, beta)
+        general = general or odd > 0
+    if want_renyi:
+        ren, direct, p_sum, p_only = _renyi_terms_probs(prow, qrow, p_mul, add, q_mul, add, am1)
+        ren = _renyi_log(ren, direct, p_sum, p_only, am1)
+        if ren != ren:
+            ren = _renyi_log_probs(prow, qrow, p_mul, add, q_mul, add, am1)
     if general:
         return _general_row(prow, qrow, use_q, PROBS, PROBS, p_scale, 0.0, 1.0, 0.0, q_scale, 0.0, 1.0, 0.0,
-                            smoothing)
-    return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+                            smoothing, beta, am1, want_gjs, want_renyi)
+    return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha
 
 
 @_jit
 def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
               use_q, p_kind, q_kind, p_it, q_it, normalize, sum_tol,
-              want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh):
+              want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh, want_gjs, want_renyi, beta, am1):
     """Status and sums of one row whose sides are both in log space (no smoothing;
     rows the kernel's float32 loops did not settle)."""
     k = prow.size
-    kl = rkl = js = ent = ce = tv = hel = 0.0
+    kl = rkl = js = ent = ce = tv = hel = gjs = ren = bha = 0.0
     kl_inf = rkl_inf = 0.0
-    log_fast = not (want_js or want_tvh)
+    log_fast = not (want_js or want_tvh or want_gjs or want_renyi)
     # logits on both sides: one fused pass (_logits_terms) after the row maxima
     logits_fused = log_fast and p_kind == LOGITS and (q_kind == LOGITS or not use_q)
     # logprobs rows check their exp-sum inside the term loop
@@ -1082,12 +1305,13 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
         if q_code and (code == OK or q_code < code):
             code = q_code
     if code != OK:
-        return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+        return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha
     if not log_fast:
-        return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln, 0.0)
+        return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln, 0.0,
+                            beta, am1, want_gjs, want_renyi)
     if logits_fused and use_q and not (want_rkl or want_ent or want_ce):
         kl, p_only = _logits_kl(prow, qrow, p_c, p_it, q_c, q_it)
-        return OK, kl, rkl, js, ent, ce, tv, hel, p_only, 0.0
+        return OK, kl, rkl, js, ent, ce, tv, hel, p_only, 0.0, gjs, ren, bha
     if logits_fused:
         p_sum, q_sum, pu, pv, qv, p_only, q_only = _logits_terms(prow, qrow, p_c, p_it, q_c, q_it)
         p_ln = math.log(p_sum)
@@ -1097,7 +1321,7 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
         rkl = qv / q_sum + shift
         ent = p_ln - pu / p_sum
         ce = q_ln - (pu - pv) / p_sum
-        return OK, kl, rkl, js, ent, ce, tv, hel, p_only, q_only
+        return OK, kl, rkl, js, ent, ce, tv, hel, p_only, q_only, gjs, ren, bha
     p_sum = q_sum = 1.0
     if use_q:
         kl, rkl, kl_inf, rkl_inf, p_sum, q_sum = _ratio_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
@@ -1107,12 +1331,12 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
         ce = _cross_entropy_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
     if (p_defer and abs(p_sum - 1.0) > sum_tol) or (q_defer and abs(q_sum - 1.0) > sum_tol):
         code = NOT_NORMALIZED
-    return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+    return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha
 
 
 @_jit
 def _mixed_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_mask, q_mask_offset,
-               use_q, p_kind, q_kind, p_it, q_it, normalize, smoothing, sum_tol):
+               use_q, p_kind, q_kind, p_it, q_it, normalize, smoothing, sum_tol, beta, am1, want_gjs, want_renyi):
     """Status and sums of any other row (probs against log space, or smoothing of
     log-space input): element by element in the general loop."""
     k = prow.size
@@ -1132,17 +1356,18 @@ def _mixed_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_
         if q_code and (code == OK or q_code < code):
             code = q_code
     if code != OK:
-        return code, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+        return code, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     return _general_row(prow, qrow, use_q, p_kind, q_kind, p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln,
-                        smoothing)
+                        smoothing, beta, am1, want_gjs, want_renyi)
 
 
 @_jit
 def _general_row(prow, qrow, use_q, p_kind, q_kind, p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln,
-                 smoothing):
-    kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _general_terms(
-        prow, qrow, use_q, p_kind, q_kind, p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln, smoothing)
-    return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf
+                 smoothing, beta, am1, want_gjs, want_renyi):
+    kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha = _general_terms(
+        prow, qrow, use_q, p_kind, q_kind, p_scale, p_c, p_it, p_ln, q_scale, q_c, q_it, q_ln, smoothing,
+        beta, am1, want_gjs, want_renyi)
+    return OK, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha
 
 
 FAMILIES = ("probs", "logs", "mixed")
@@ -1173,7 +1398,7 @@ def _make_kernel(name):
         q_offsets, q_values, q_mask, q_mask_offset, q_decode,
         pre_status, use_q,
         p_kind, q_kind, p_inv_t, q_inv_t,
-        normalize, smoothing, sum_tol, inv_log_base,
+        normalize, smoothing, sum_tol, inv_log_base, beta, am1,
         slots, out, status, start, stop,
     ):
         """Compute the requested measures for rows start..stop.
@@ -1182,26 +1407,31 @@ def _make_kernel(name):
         or -1 when m is not requested. Rows that are null or invalid get NaN.
         `p_decode` / `q_decode` (fastkl.kernels.half codes): 0 for float32/float64
         values, FLOAT16 or BFLOAT16 for uint16 values holding those bits.
+        `beta` is gjs's weight, `am1` renyi's alpha - 1 (unused unless asked).
         """
         want_kl = slots[KL] >= 0 or slots[JEFFREYS] >= 0
         want_rkl = slots[REVERSE_KL] >= 0 or slots[JEFFREYS] >= 0
         want_js = slots[JS] >= 0
         want_ent = slots[ENTROPY] >= 0
         want_ce = slots[CROSS_ENTROPY] >= 0
-        want_tvh = slots[TV] >= 0 or slots[HELLINGER] >= 0
+        want_tvh = slots[TV] >= 0 or slots[HELLINGER] >= 0 or slots[BHATTACHARYYA] >= 0
+        want_gjs = slots[GJS] >= 0
+        want_renyi = slots[RENYI] >= 0
+        want_bha = slots[BHATTACHARYYA] >= 0
         # Common calls go straight to their loops (LLVM inlines them here):
         # float32 probs or logprobs used as they are, rows without null
         # elements (the loops validate as they go), and kl alone on logits.
         # Other calls, and rows those loops flag, take the family's row function.
         no_nulls = p_mask.size == 0 and (q_mask.size == 0 or not use_q)
-        kl_only = use_q and want_kl and not (want_rkl or want_js or want_ent or want_ce or want_tvh)
+        kl_only = use_q and want_kl and not (want_rkl or want_js or want_ent or want_ce or want_tvh or want_gjs
+                                             or want_renyi)
         as_is32 = _is_float32(p_values) and not normalize and smoothing == 0.0
         probs32 = probs and as_is32
         logprobs32 = (logs and as_is32 and p_kind == LOGPROBS and (q_kind == LOGPROBS or not use_q)
-                      and not (want_js or want_tvh))
+                      and not (want_js or want_tvh or want_gjs or want_renyi))
         logits_kl = logs and kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
-        kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = 0.0
-        terms = np.empty((2, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
+        kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = gjs = ren = bha = 0.0
+        terms = np.empty((3, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
         p_scratch = _scratch(p_values, p_offsets, start, stop)  # empty unless a 16-bit side
         q_scratch = _scratch(q_values, q_offsets, start, stop) if use_q else p_scratch
         for i in range(start, stop):
@@ -1237,14 +1467,14 @@ def _make_kernel(name):
                     qv, qvs, qmo = _side_at(q_values, qs, q_mask_offset, q_scratch)
                     if probs:
                         if fast and not kl_only:
-                            done, kl, rkl, ent, ce, js, tv, hel = _probs32_terms(
-                                prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh,
-                                sum_tol, terms)
+                            done, kl, rkl, ent, ce, js, gjs, ren, tv, hel, bha = _probs32_terms(
+                                prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_gjs,
+                                want_renyi, want_tvh, want_bha, beta, am1, sum_tol, terms)
                         if not done:
-                            code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _probs_row(
+                            code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha = _probs_row(
                                 prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
                                 use_q, normalize, smoothing, sum_tol, want_kl, want_rkl, want_js, want_ent, want_ce,
-                                want_tvh)
+                                want_tvh, want_gjs, want_renyi, beta, am1)
                     elif logs:
                         if fast and not kl_only:
                             done, kl, rkl, ent, ce = _logprobs32_terms(
@@ -1256,21 +1486,24 @@ def _make_kernel(name):
                                 kl, kl_inf = _logits_kl(prow, qrow, p_top, p_inv_t, q_top, q_inv_t)
                                 done = True
                         if not done:
-                            code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _logs_row(
+                            code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha = _logs_row(
                                 prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
                                 use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, sum_tol,
-                                want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh)
+                                want_kl, want_rkl, want_js, want_ent, want_ce, want_tvh, want_gjs, want_renyi,
+                                beta, am1)
                     else:
-                        code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf = _mixed_row(
+                        code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha = _mixed_row(
                             prow, qrow, pv, pvs, p_mask, pmo, qv, qvs, q_mask, qmo,
-                            use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, smoothing, sum_tol)
+                            use_q, p_kind, q_kind, p_inv_t, q_inv_t, normalize, smoothing, sum_tol,
+                            beta, am1, want_gjs, want_renyi)
             status[i] = code
             if code != OK:
                 for m in range(N_MEASURES):
                     if slots[m] >= 0:
                         out[slots[m], i] = NAN_
                 continue
-            _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf)
+            _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren,
+                       bha, beta, am1)
 
     divergence_rows.__qualname__ = divergence_rows.__name__ = f"divergence_rows_{name}"
     return _jit(divergence_rows)
@@ -1280,9 +1513,11 @@ KERNELS = {name: _make_kernel(name) for name in FAMILIES}
 
 
 @_jit
-def _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf):
+def _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha, beta,
+               am1):
     """Clamp each requested measure into its range (rounding never
-    leaves it) and store it. kl_inf > 0: some p_i > 0 = q_i (reverse: q_i > 0 = p_i)."""
+    leaves it) and store it. kl_inf > 0: some p_i > 0 = q_i (reverse: q_i > 0 = p_i);
+    ren = log(S / sum p), S renyi's sum."""
     if slots[KL] >= 0:
         out[slots[KL], i] = INF if kl_inf else max(kl, 0.0) * inv_log_base
     if slots[REVERSE_KL] >= 0:
@@ -1301,3 +1536,10 @@ def _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl
         out[slots[TV], i] = min(0.5 * tv, 1.0)
     if slots[HELLINGER] >= 0:
         out[slots[HELLINGER], i] = math.sqrt(min(0.5 * hel, 1.0))
+    if slots[GJS] >= 0:  # at most the binary entropy of beta (disjoint P and Q); 0 at beta = 0 and 1
+        top = 0.0 if not 0.0 < beta < 1.0 else -beta * math.log(beta) - (1.0 - beta) * math.log1p(-beta)
+        out[slots[GJS], i] = min(max(gjs, 0.0), top) * inv_log_base
+    if slots[RENYI] >= 0:
+        out[slots[RENYI], i] = max(ren / am1, 0.0) * inv_log_base
+    if slots[BHATTACHARYYA] >= 0:
+        out[slots[BHATTACHARYYA], i] = max(bha, 0.0) * inv_log_base
