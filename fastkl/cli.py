@@ -199,6 +199,8 @@ more fails with one line naming the file and row group.
 @click.option("--p-temperature", type=float, default=None)
 @click.option("--q-temperature", type=float, default=None)
 @click.option("--base", default="e", show_default=True, help="Log base: e, 2, 10 or any positive number != 1.")
+@click.option("--beta", type=float, default=None, help="gjs: the weight of P in the mixture, in [0, 1] (default 0.5).")
+@click.option("--alpha", type=float, default=None, help="renyi: its order, > 0 and != 1 (required by renyi).")
 @click.option("--normalize", is_flag=True, help="Renormalise each row instead of checking its sum.")
 @click.option("--smoothing", type=float, default=0.0, show_default=True, help="Additive smoothing epsilon.")
 @click.option("--sum-tol", type=float, default=1e-3, show_default=True, help="Tolerance on row sums.")
@@ -227,7 +229,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             p_logvar, q_mean, q_logvar, target, mask,
             lengths, per_token, kind, p_kind, q_kind,
             dtype, p_dtype, q_dtype, temperature,
-            p_temperature, q_temperature, base, normalize, smoothing, sum_tol, on_invalid, status,
+            p_temperature, q_temperature, base, beta, alpha, normalize, smoothing, sum_tol, on_invalid, status,
             scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
@@ -252,7 +254,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             task_bytes=int(task_mb * (1 << 20)) if task_mb else DEFAULT_TASK_BYTES,
             kind=kind, p_kind=p_kind, q_kind=q_kind, dtype=dtype, p_dtype=p_dtype, q_dtype=q_dtype,
             temperature=temperature,
-            p_temperature=p_temperature, q_temperature=q_temperature, base=base_v,
+            p_temperature=p_temperature, q_temperature=q_temperature, base=base_v, beta=beta, alpha=alpha,
             normalize=normalize, smoothing=smoothing, sum_tol=sum_tol, on_invalid=on_invalid,
             mask=mask, lengths=lengths, per_token=per_token, p_ids=p_ids, q_ids=q_ids, vocab=vocab,
             tail=tail, bounds=not no_bounds, p_mean=p_mean, p_logvar=p_logvar, q_mean=q_mean, q_logvar=q_logvar,

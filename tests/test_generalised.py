@@ -1,0 +1,199 @@
+"""gjs (beta), renyi (alpha) and bhattacharyya (SPEC §11): exact references over
+their parameters and every encoding, the identities, the endpoints, extreme
+log-ratios, the option checks, and a job."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, note, settings, strategies as st
+
+import fastkl
+import naive
+from test_measures import cases
+
+NEW = ("gjs", "renyi", "bhattacharyya")
+ALPHAS = (0.01, 0.3, 0.5, 0.9, 0.999, 1.001, 1.5, 2.0, 5.0, 30.0)
+BETAS = (0.0, 1e-12, 0.01, 0.1, 0.5, 0.9, 0.999999, 1.0)
+
+
+def check(P, Q, measures, opts, rel):
+    """divergences against the exact references (naive.py), every row and measure."""
+    table = fastkl.divergences(P, Q, measures=measures, status=True, **opts)
+    assert set(table.column("status").to_pylist()) <= {"ok"}
+    refs = naive.reference_rows(P, Q, measures, **opts)
+    failures = []
+    for m in measures:
+        failures += naive.check_against_reference(table.column(m).to_pylist(), refs[m], rel, what=m)
+    assert not failures, "\n".join(failures[:10])
+    return table
+
+
+@settings(max_examples=120, deadline=None)
+@given(cases(max_k=40, max_n=4), st.sampled_from(ALPHAS), st.sampled_from(BETAS))
+def test_new_measures_match_the_exact_reference(case, alpha, beta):
+    """Every encoding, dtype, zeros, one-hot and uniform rows, normalize / smoothing /
+    temperature, beside any other measures: within SPEC §2's bound of the exact value."""
+    P, Q, measures, opts = case
+    measures = tuple(dict.fromkeys(measures + NEW))
+    opts = dict(opts, alpha=alpha, beta=beta)
+    note(f"opts={opts}\nP={P!r}\nQ={Q!r}")
+    table = fastkl.divergences(P, Q, measures=measures, status=True, on_invalid="null", **opts)
+    refs = naive.reference_rows(P, Q, measures, **opts)
+    rel = naive.rel_bound(P.dtype, Q.dtype)
+    failures = []
+    for m in NEW:
+        failures += naive.check_against_reference(table.column(m).to_pylist(), refs[m], rel, what=m)
+    assert not failures, "\n".join(failures[:10])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["probs", "logprobs", "logits"])
+@pytest.mark.parametrize("alpha", [0.2, 0.999999, 1.000001, 3.0])
+def test_long_rows_of_several_sum_chunks(dtype, kind, alpha, rng):
+    """K = 2,500 (the float32 loops' sums run in chunks) against the exact reference."""
+    P = naive.make_rows(rng, kind, 2, 2500, dtype, zero_frac=0.05, spread=2.0)
+    Q = naive.make_rows(rng, kind, 2, 2500, dtype, spread=2.0)
+    check(P, Q, NEW, dict(kind=kind, alpha=alpha, beta=0.3), naive.rel_bound(dtype))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gjs_at_one_half_is_js(dtype, rng):
+    P = naive.make_probs(rng, 20, 30, dtype, zero_frac=0.3, spread=3.0)
+    Q = naive.make_probs(rng, 20, 30, dtype, zero_frac=0.3, spread=3.0)
+    t = fastkl.divergences(P, Q, measures=("js", "gjs"), beta=0.5)
+    refs = naive.reference_rows(P, Q, ("js",))["js"]
+    tol = np.array([2 * naive.rel_bound(dtype) * float(r.terms) for r in refs]) + 1e-300
+    assert np.all(np.abs(t["gjs"].to_numpy() - t["js"].to_numpy()) <= tol)
+    assert not np.array_equal(t["gjs"].to_numpy(), fastkl.gjs(P, Q, beta=0.3))
+
+
+@pytest.mark.parametrize("kind", ["probs", "logprobs", "logits"])
+def test_gjs_is_continuous_at_its_endpoints(kind, rng):
+    """beta -> 0 and 1: gjs -> 0 (TRL, ms-swift and verl-recipe each returned a KL
+    or NaN there); exactly 0 at the endpoints, even with zeros on either side."""
+    P = naive.make_rows(rng, kind, 10, 16, zero_frac=0.3, spread=3.0)
+    Q = naive.make_rows(rng, kind, 10, 16, zero_frac=0.3, spread=3.0)
+    at = {b: fastkl.gjs(P, Q, beta=b, kind=kind) for b in (0.0, 1e-12, 1e-6, 0.5, 1 - 1e-6, 1 - 1e-12, 1.0)}
+    assert np.all(at[0.0] == 0.0) and np.all(at[1.0] == 0.0)
+    assert np.all(np.isfinite(at[0.5])) and np.all(at[0.5] > 0)
+    for b in (1e-12, 1 - 1e-12):
+        assert np.all(at[b] <= 1e-10), (b, at[b])
+    for b in (1e-6, 1 - 1e-6):
+        assert np.all(at[b] <= 2e-5) and np.all(at[b] >= 0), (b, at[b])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_renyi_tends_to_kl_and_halves_to_bhattacharyya(dtype, rng):
+    P = naive.make_probs(rng, 20, 50, dtype, spread=2.0)
+    Q = naive.make_probs(rng, 20, 50, dtype, spread=2.0)
+    kl = fastkl.kl(P, Q)
+    for alpha in (1 - 1e-7, 1 + 1e-7):
+        assert np.allclose(fastkl.renyi(P, Q, alpha=alpha), kl, rtol=1e-5, atol=0)
+    low, high = fastkl.renyi(P, Q, alpha=0.9), fastkl.renyi(P, Q, alpha=1.1)
+    assert np.all(low < kl) and np.all(kl < high)  # increasing in alpha
+    half = fastkl.renyi(P, Q, alpha=0.5)
+    bha = fastkl.bhattacharyya(P, Q)
+    assert np.allclose(half, 2 * bha, rtol=4 * naive.rel_bound(dtype), atol=0)
+
+
+@pytest.mark.parametrize("kind", ["probs", "logprobs"])
+def test_bhattacharyya_is_minus_log_one_minus_hellinger_squared(kind, rng):
+    P = naive.make_rows(rng, kind, 30, 20, zero_frac=0.2, spread=3.0)
+    Q = naive.make_rows(rng, kind, 30, 20, zero_frac=0.2, spread=3.0)
+    t = fastkl.divergences(P, Q, measures=("hellinger", "bhattacharyya"), kind=kind)
+    h = t["hellinger"].to_numpy()
+    assert np.allclose(t["bhattacharyya"].to_numpy(), -np.log1p(-(h * h)), rtol=1e-12, atol=1e-300)
+
+
+def test_disjoint_and_one_sided_supports():
+    P = np.array([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    Q = np.array([[0.0, 0.0, 0.5, 0.5], [0.5, 0.0, 0.5, 0.0]])
+    t = fastkl.divergences(P, Q, measures=("gjs", "bhattacharyya"), beta=0.25)
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert t["gjs"][0].as_py() == pytest.approx(h, rel=1e-15)  # the largest gjs: the binary entropy of beta
+    assert t["bhattacharyya"][0].as_py() == math.inf
+    assert fastkl.renyi(P, Q, alpha=0.5)[0] == math.inf  # alpha < 1: S = 0
+    assert fastkl.renyi(P, Q, alpha=2.0)[1] == math.inf  # alpha > 1: some q = 0 < p
+    # alpha < 1 with q = 0 < p: finite, = log(sum over the common support) / (alpha - 1)
+    assert fastkl.renyi(P, Q, alpha=0.5)[1] == pytest.approx(-math.log(0.5 * math.sqrt(0.5 / 0.5)) / 0.5)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0, 10.0])
+def test_extreme_log_ratios_are_defined(alpha):
+    """Log-ratios up to |700| and -inf on the reference side: defined results
+    (finite or +inf), never NaN, and exact (the sums overflow where alpha > 1)."""
+    rows_a, rows_b = [], []
+    for r in (1.0, 50.0, 300.0, 700.0):
+        a = np.log(np.array([0.5, 0.5, 0.0]) + 0.0)
+        b = np.array([math.log(0.5), math.log(0.5) - r, -math.inf])
+        b = b - np.log(np.exp(b).sum())
+        rows_a.append(np.array([math.log(0.5), math.log(0.5), -math.inf]))
+        rows_b.append(b)
+        rows_a.append(b)
+        rows_b.append(np.array([math.log(0.5), math.log(0.5), -math.inf]))
+    A, B = np.array(rows_a), np.array(rows_b)
+    opts = dict(kind="logprobs", alpha=alpha, beta=0.2)
+    t = check(A, B, NEW + ("kl", "reverse_kl"), opts, 1e-12)
+    for m in NEW:
+        assert not any(v is None or math.isnan(v) for v in t[m].to_pylist()), m
+    lp = np.log(np.array([[1.0 - 1e-300, 1e-300], [1e-300, 1.0 - 1e-300]]))
+    check(lp, lp[::-1].copy(), NEW, opts, 1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_sides(dtype, rng):
+    """16-bit rows give what their float32 decode gives."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    np_dtype = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
+    P = naive.make_probs(rng, 12, 64, spread=1.0).astype(np_dtype)
+    Q = naive.make_probs(rng, 12, 64, spread=1.0).astype(np_dtype)
+    opts = dict(alpha=0.5, beta=0.3, sum_tol=2e-2)
+    got = fastkl.divergences(P, Q, measures=NEW, **opts)
+    ref = fastkl.divergences(P.astype(np.float32), Q.astype(np.float32), measures=NEW, **opts)
+    for m in NEW:
+        np.testing.assert_array_equal(got[m].to_numpy(), ref[m].to_numpy())
+
+
+def test_sequence_rows(rng):
+    """Sequence rows: per-position values summed over the counted positions."""
+    P = naive.make_probs(rng, 12, 9).reshape(3, 4, 9)
+    Q = naive.make_probs(rng, 12, 9).reshape(3, 4, 9)
+    seq = fastkl.divergences(P, Q, measures=NEW, alpha=2.0, beta=0.1)
+    flat = fastkl.divergences(P.reshape(12, 9), Q.reshape(12, 9), measures=NEW, alpha=2.0, beta=0.1)
+    for m in NEW:
+        np.testing.assert_allclose(seq[m].to_numpy(), flat[m].to_numpy().reshape(3, 4).sum(axis=1), rtol=1e-13)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(measures=("renyi",)), "renyi needs its order"),
+    (dict(measures=("renyi",), alpha=1.0), "alpha must be"),
+    (dict(measures=("renyi",), alpha=0.0), "alpha must be"),
+    (dict(measures=("renyi",), alpha=math.inf), "alpha must be"),
+    (dict(measures=("renyi",), alpha=math.nan), "alpha must be"),
+    (dict(measures=("renyi",), alpha=True), "alpha must be a number"),
+    (dict(measures=("gjs",), beta=1.5), "beta must be"),
+    (dict(measures=("gjs",), beta=-0.1), "beta must be"),
+    (dict(measures=("js",), beta=0.3), "beta is the parameter of gjs"),
+    (dict(measures=("kl",), alpha=2.0), "alpha is the parameter of renyi"),
+    (dict(measures=("gjs",), p_ids=[[0, 1]], q_ids=[[0, 1]]), "not in this version yet"),
+])
+def test_parameters_are_checked(kwargs, message):
+    with pytest.raises(fastkl.OptionError, match=message):
+        fastkl.divergences([[0.5, 0.5]], [[0.5, 0.5]], **kwargs)
+
+
+def test_a_job_gives_what_memory_gives(tmp_path, rng):
+    P = naive.make_probs(rng, 60, 12, np.float32, zero_frac=0.2)
+    Q = naive.make_probs(rng, 60, 12, np.float32, zero_frac=0.2)
+    pq.write_table(pa.table({"p": list(P), "q": list(Q)}), tmp_path / "in.parquet")
+    fastkl.run(str(tmp_path / "in.parquet"), str(tmp_path / "out"), measures=NEW, alpha=3.0, beta=0.7,
+               quiet=True, task_rows=17)
+    out = pq.read_table(tmp_path / "out")
+    mem = fastkl.divergences(P, Q, measures=NEW, alpha=3.0, beta=0.7)
+    for m in NEW:
+        np.testing.assert_array_equal(out[m].to_numpy(), mem[m].to_numpy())
