@@ -23,7 +23,7 @@ import pyarrow as pa
 from . import _config
 from ._config import MIN_ELEMENTS_PER_BLOCK
 from ._options import Options, check_measures, check_request, check_threads, needs_q
-from ._registry import KIND_CODE, MEASURE_INDEX, NULL, OK, SAMPLED_INDEX, TAILS, TARGET_MEASURES
+from ._registry import KIND_CODE, MEASURE_INDEX, NULL, OK, SAMPLED_INDEX, TAILS, TARGET_MEASURES, valid_rows
 from ._result import Layout, PerToken, Result, concat, empty, layout_for
 from .adapters.arrow import Side, aligned_columns, scalar_side, side_pair, torch_declared
 from .adapters.tokens import (describe_sequence, describe_sparse, empty_ids, flatten, ids_side, is_sequence,
@@ -290,11 +290,50 @@ def _run_sparse(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, op
     sides = {"p": (ps, p_ids, options.p_kind), "q": (qs, q_ids, options.q_kind)}
 
     def describe(i: int, reason: str) -> str:
-        return describe_sparse(sides, options, i, reason) or _describe_dense(ps, qs, options, i, reason)
+        return (describe_sparse(sides, options, i, reason) or _describe_target(cols, i, reason, options.vocab)
+                or _describe_dense(ps, qs, options, i, reason))
 
     rows = _Rows(values, status, describe, lower if layout.bounds else None,
                  upper if layout.bounds else None, listed)
-    return _fill_top1(rows, layout, ps, qs, p_ids, q_ids, threads)
+    rows = _fill_top1(rows, layout, ps, qs, p_ids, q_ids, threads)
+    return _fill_target_sparse(rows, layout, ps, qs, p_ids, q_ids, cols.get("target"), options, threads)
+
+
+def _fill_target_sparse(rows: "_Rows", layout: Layout, ps: Side, qs: Side, p_ids, q_ids, target: Any,
+                        options: Options, threads: int = 1) -> "_Rows":
+    """nll_p, nll_q, delta_p of top-k rows: exact where the target is listed, else null (status
+    target_unlisted) with bounds from what an unlisted token can hold."""
+    wanted = [m for m in layout.measures if m in TARGET_MEASURES]
+    if not wanted:
+        return rows
+    from .kernels.compare import target_rows_sparse
+
+    ids, null = target_ids(target)
+    status = rows.status
+    if null is not None:
+        status[null & (status == OK)] = NULL
+    n = len(status)
+    outs = {m: np.empty(n) for m in ("nll_p", "nll_q", "delta_p")}
+    lower, upper = np.empty((3, n)), np.empty((3, n))
+    none = empty_ids()
+    sides = [a for side, sid, kind in ((ps, p_ids, options.p_kind), (qs, q_ids, options.q_kind)) for a in (
+        side.offsets, side.values, int(side.decode), KIND_CODE[kind], (sid or none).offsets, (sid or none).ids,
+        sid is not None)]
+    need_p = "nll_p" in wanted or "delta_p" in wanted
+    need_q = "nll_q" in wanted or "delta_p" in wanted
+    args = (*sides, np.ascontiguousarray(ids), -1 if options.vocab is None else int(options.vocab), need_p, need_q,
+            status, outs["nll_p"], outs["nll_q"], outs["delta_p"], lower, upper)
+    _run_blocks(target_rows_sparse, args, ps.offsets, threads)
+    for m in wanted:
+        i, r = layout.measures.index(m), ("nll_p", "nll_q", "delta_p").index(m)
+        rows.values[i] = outs[m]
+        if rows.lower is not None:
+            rows.lower[i], rows.upper[i] = lower[r], upper[r]
+    bad = ~valid_rows(status)
+    rows.values[:, bad] = np.nan  # a target outside its row: the row is invalid for every measure
+    if rows.lower is not None:
+        rows.lower[:, bad] = rows.upper[:, bad] = np.nan
+    return rows
 
 
 def _run_sampled(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
@@ -328,11 +367,15 @@ def _run_sampled(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, o
     return _Rows(values, status, describe)
 
 
-def _describe_target(cols: dict[str, Any], i: int, reason: str) -> str:
+def _describe_target(cols: dict[str, Any], i: int, reason: str, vocab: int | None = None) -> str:
     if reason != "id_out_of_range" or cols.get("target") is None:
         return ""
     ids, _ = target_ids(cols["target"])
-    return f"target = {int(ids[i])} is not a position of the row"
+    t = int(ids[i])
+    if "p_ids" in cols or "q_ids" in cols:  # top-k rows: ids of a vocabulary
+        within = f"[0, {vocab})" if vocab is not None else "the ids (>= 0) and of the dense side's row"
+        return f"target = {t} is outside {within}"
+    return f"target = {t} is not a position of the row"
 
 
 def _token_result(cols: dict[str, Any], layout: Layout, options: Options, use_q: bool, threads: int) -> Result:

@@ -238,8 +238,6 @@ def check_target(measures: tuple[str, ...], options: "Options", has_target: bool
                           "(--target COL), an integer per row or a list per sequence")
     if has_target and not wanted:
         raise OptionError("target is read by nll_p, nll_q and delta_p only: ask for one of them")
-    if wanted and sparse:
-        raise OptionError(f"{', '.join(wanted)} on top-k rows (p_ids / q_ids): not in this version yet")
     if wanted and (options.normalize or options.smoothing):
         raise OptionError(f"{', '.join(wanted)} read the stored distributions: normalize and smoothing "
                           "are not applied to them; leave them out")

@@ -61,13 +61,16 @@ KIND_CODE = {name: i for i, name in enumerate(KINDS)}
 
 # Row statuses. Code 0 is a valid row; 1 a null row (null list on either
 # side: not an error); 2 a sequence row whose mask counts no position (null
-# measures, not an error either); the rest are the invalid-row reasons, in
-# the order the kernels check them (the dense ones, then those of sparse and
-# sequence rows).
+# measures, not an error either); 3 a valid top-k row whose target (the token
+# that came next) is not listed: its nll_p / nll_q / delta_p are null, their
+# bounds say what is known, every other measure is computed; the rest are the
+# invalid-row reasons, in the order the kernels check them (the dense ones,
+# then those of sparse and sequence rows).
 STATUSES: tuple[str, ...] = (
     "ok",
     "null",
     "no_tokens",
+    "target_unlisted",
     "length_mismatch",
     "empty",
     "null_element",
@@ -82,9 +85,15 @@ STATUSES: tuple[str, ...] = (
     "mask_length_mismatch",
 )
 STATUS_CODE = {name: i for i, name in enumerate(STATUSES)}
-OK, NULL, NO_TOKENS = 0, 1, 2
-FIRST_INVALID = 3  # status >= FIRST_INVALID: an invalid row
+OK, NULL, NO_TOKENS, TARGET_UNLISTED = 0, 1, 2, 3
+FIRST_INVALID = 4  # status >= FIRST_INVALID: an invalid row
+VALID = (OK, TARGET_UNLISTED)  # rows whose measures hold values (target ones aside)
 REASONS: tuple[str, ...] = STATUSES[FIRST_INVALID:]
+
+
+def valid_rows(status):
+    """Which rows hold values (a NumPy bool array from their status codes)."""
+    return (status == OK) | (status == TARGET_UNLISTED)
 
 
 def binary_entropy(beta: float) -> float:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._options import Options
-from ._registry import FIRST_INVALID, NO_TOKENS, OK, STATUSES
+from ._registry import FIRST_INVALID, NO_TOKENS, OK, STATUSES, TARGET_UNLISTED, valid_rows
 from .errors import InvalidRowError, OptionError
 
 # describe(row, reason) -> (position or None, a short human explanation)
@@ -122,15 +122,20 @@ class Result:
             return self.values / np.where(self.tokens > 0, self.tokens, np.nan)
 
     def to_table(self, status: bool = False) -> pa.Table:
-        """The columns of `output_fields`, null where the row is not ok."""
-        not_ok = self.status != OK
+        """The columns of `output_fields`, null where the row is not ok (and a target measure
+        where the target is not listed)."""
+        not_ok = ~valid_rows(self.status)
         mask = not_ok if not_ok.any() else None
+        unlisted = self.status == TARGET_UNLISTED
         means = self.means() if self.layout.sequence else None
         arrays = []
         for i, _ in enumerate(self.measures):
-            arrays.append(pa.array(self.values[i], mask=mask))
+            vmask = mask
+            if unlisted.any():
+                vmask = not_ok | (unlisted & np.isnan(self.values[i]))
+            arrays.append(pa.array(self.values[i], mask=vmask))
             if means is not None:
-                arrays.append(pa.array(means[i], mask=mask))
+                arrays.append(pa.array(means[i], mask=vmask))
             if self.layout.bounds:
                 arrays += [pa.array(self.lower[i], mask=mask), pa.array(self.upper[i], mask=mask)]
             if self.layout.per_token:
@@ -147,12 +152,12 @@ class Result:
     def _no_sequence(self) -> np.ndarray | None:
         """Rows with no usable positions: null or invalid (a sequence whose mask counts
         nothing still has its positions, none counted)."""
-        bad = (self.status != OK) & (self.status != NO_TOKENS)
+        bad = ~valid_rows(self.status) & (self.status != NO_TOKENS)
         return bad if bad.any() else None
 
     def _token_lists(self, i: int, null: np.ndarray | None) -> pa.Array:
         t = self.per_token
-        values = pa.array(t.values[i], mask=t.status != OK)
+        values = pa.array(t.values[i], mask=~valid_rows(t.status) | np.isnan(t.values[i]))
         offsets = pa.array(t.offsets.astype(np.int32 if t.offsets[-1] < 2**31 else np.int64))
         cls = pa.ListArray if offsets.type == pa.int32() else pa.LargeListArray
         lists = cls.from_arrays(offsets, values, mask=None if null is None else pa.array(null))

@@ -111,8 +111,10 @@ def test_target_errors():
         fastkl.divergences(p, p, ["nll_p"])
     with pytest.raises(fastkl.OptionError, match="target is read by"):
         fastkl.divergences(p, p, ["kl"], target=np.array([0]))
-    with pytest.raises(fastkl.OptionError, match="not in this version yet"):
-        fastkl.divergences(p, p, ["nll_p"], target=np.array([0]), p_ids=[[0, 1]], q_ids=[[0, 1]])
+    with pytest.raises(fastkl.InvalidRowError, match=r"target = 7 is outside \[0, 5\)"):
+        fastkl.divergences(p, p, ["nll_p"], target=np.array([7]), p_ids=[[0, 1]], q_ids=[[0, 1]], vocab=5)
+    with pytest.raises(fastkl.InvalidRowError, match="target = -1 is outside"):
+        fastkl.divergences(p, p, ["nll_p"], target=np.array([-1]), p_ids=[[0, 1]], q_ids=[[0, 1]])
     with pytest.raises(fastkl.InvalidRowError, match="p has 2 positions, target has 1"):
         fastkl.divergences(p[None].repeat(2, 1), p[None].repeat(2, 1), ["nll_p"], target=[[0]])
 
@@ -122,6 +124,46 @@ def test_status_code_of_the_kernel_agrees():
     from fastkl.kernels import compare
 
     assert compare.ID_OUT_OF_RANGE == STATUS_CODE["id_out_of_range"]
+    assert compare.TARGET_UNLISTED == STATUS_CODE["target_unlisted"]
+
+
+def _cut(rng, full, k):
+    """The top-k ids (shuffled, as stored) and values of each row of `full`."""
+    ids = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    ids = np.array([rng.permutation(r) for r in ids])
+    return ids, np.take_along_axis(full, ids, axis=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 5, 16]), st.sampled_from([16, 40]),
+       st.sampled_from(["probs", "logprobs"]), st.booleans())
+def test_top_k_rows_nll_exact_where_listed_bounded_where_not(seed, k, V, kind, dense_q):
+    """Against the full distributions the rows were cut from: the listed target's nll and
+    delta_p are exact; an unlisted one is null (status target_unlisted) and the full value
+    lies within the bounds."""
+    rng = np.random.default_rng(seed)
+    P = naive.make_probs(rng, 30, V, spread=2.0)
+    Q = naive.make_probs(rng, 30, V, spread=2.0)
+    target = rng.integers(0, V, 30)
+    p_ids, p_top = _cut(rng, P, k)
+    q_ids, q_top = (None, Q) if dense_q else _cut(rng, Q, k)
+    enc = (lambda x: x) if kind == "probs" else np.log
+    t = fastkl.divergences(enc(p_top), enc(q_top), ["kl", "nll_p", "nll_q", "delta_p"], kind=kind, p_ids=p_ids,
+                           q_ids=q_ids, vocab=V, target=target, status=True)
+    rows = np.arange(30)
+    p_t, q_t = P[rows, target], Q[rows, target]
+    p_listed = (p_ids == target[:, None]).any(axis=1)
+    q_listed = np.ones(30, bool) if dense_q else (q_ids == target[:, None]).any(axis=1)
+    assert t["status"].to_pylist() == ["ok" if ok else "target_unlisted" for ok in p_listed & q_listed]
+    col = {c: np.array([np.nan if v is None else v for v in t[c].to_pylist()]) for c in t.column_names}
+    for m, exact, listed in (("nll_p", -np.log(p_t), p_listed), ("nll_q", -np.log(q_t), q_listed),
+                             ("delta_p", q_t - p_t, p_listed & q_listed)):
+        np.testing.assert_allclose(col[m][listed], exact[listed], rtol=1e-12, atol=1e-15)
+        assert np.isnan(col[m][~listed]).all(), m
+        slack = 1e-12 * (1 + np.abs(exact))
+        assert np.all(col[f"{m}_lower"] <= exact + slack) and np.all(exact <= col[f"{m}_upper"] + slack), m
+    assert np.isfinite(col["kl"]).all() or np.isinf(col["kl"]).any()  # the other measures are computed
+    assert not np.isnan(col["kl"]).any()
 
 
 def test_a_quantised_vs_base_job_reports_perplexities(tmp_path):

@@ -64,9 +64,8 @@ def batches(draw, max_rows=120):
     m = len(MEASURES)
     flat = draw(st.lists(value_strategy(), min_size=n * m, max_size=n * m))
     values = np.array(flat, dtype=np.float64).reshape(m, n)
-    status = np.array(draw(st.lists(
-        st.sampled_from([0] * 6 + list(range(1, len(STATUSES)))), min_size=n, max_size=n)),
-        dtype=np.uint8)
+    codes = [0] * 6 + [c for c in range(1, len(STATUSES)) if STATUSES[c] != "target_unlisted"]
+    status = np.array(draw(st.lists(st.sampled_from(codes), min_size=n, max_size=n)), dtype=np.uint8)
     values[:, status != 0] = np.nan
     return values, status
 
@@ -175,8 +174,8 @@ def test_split_invariance_larger_batch_and_flush_path(monkeypatch):
     values[0, rng.random(n) < 0.01] = np.inf
     values[1, :len(SPECIAL)] = [x for x in SPECIAL]
     values[2] *= np.where(rng.random(n) < 0.3, -1.0, 1.0)
-    status = rng.choice(len(STATUSES), n, p=[0.9] + [0.1 / (len(STATUSES) - 1)] * (len(STATUSES) - 1))
-    status = status.astype(np.uint8)
+    others = [c for c in range(1, len(STATUSES)) if STATUSES[c] != "target_unlisted"]
+    status = rng.choice([0] + others, n, p=[0.9] + [0.1 / len(others)] * len(others)).astype(np.uint8)
     values[:, status != 0] = np.nan
     whole = PartStats.from_batch(MEASURES, values, status)
     s_whole = Summary.from_stats(whole)
@@ -369,3 +368,14 @@ def test_format_table():
         assert f"not_normalized {s.status_counts['not_normalized']}" in text
         assert str(s.rows) in lines[0]
     assert str(s) == s.format_table()
+
+
+def test_target_unlisted_rows_count_as_valid_except_for_their_target_measures():
+    """A top-k row whose target is not listed: its kl counts, its nll (NaN there) does not."""
+    measures = ("kl", "nll_p")
+    values = np.array([[0.5, 1.5, 2.5], [1.0, np.nan, 3.0]])
+    status = np.array([0, STATUSES.index("target_unlisted"), 0], dtype=np.uint8)
+    s = Summary.from_stats(PartStats.from_batch(measures, values, status))
+    assert s.measures["kl"].valid == 3 and s.measures["kl"].mean == 1.5
+    assert s.measures["nll_p"].valid == 2 and s.measures["nll_p"].mean == 2.0 and s.measures["nll_p"].nan == 0
+    assert "1 whose target is not listed" in s.format_table(unicode=False)

@@ -65,8 +65,8 @@ PROBS, LOGPROBS, LOGITS = 0, 1, 2
 
 # Status codes (fastkl._registry.STATUSES order; tests check they agree).
 OK = 0
-LENGTH_MISMATCH, EMPTY, NULL_ELEMENT, NAN, NON_FINITE, NEGATIVE, NOT_NORMALIZED = 3, 4, 5, 6, 7, 8, 9
-IDS_LENGTH_MISMATCH, ID_NOT_INTEGER, ID_OUT_OF_RANGE, DUPLICATE_ID = 10, 11, 12, 13
+LENGTH_MISMATCH, EMPTY, NULL_ELEMENT, NAN, NON_FINITE, NEGATIVE, NOT_NORMALIZED = 4, 5, 6, 7, 8, 9, 10
+IDS_LENGTH_MISMATCH, ID_NOT_INTEGER, ID_OUT_OF_RANGE, DUPLICATE_ID = 11, 12, 13, 14
 
 # Measure slots (fastkl._registry.MEASURES order). The accumulators keep
 # hellinger squared; jeffreys is kl + reverse_kl at the end.

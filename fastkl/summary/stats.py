@@ -53,7 +53,7 @@ from typing import Any, Iterable
 import numpy as np
 from ddsketch.mapping import LinearlyInterpolatedMapping
 
-from .._registry import OK, REASONS, STATUSES
+from .._registry import OK, REASONS, STATUSES, TARGET_MEASURES, TARGET_UNLISTED, valid_rows
 
 __all__ = ["PartStats", "Summary", "MeasureSummary", "ALPHA", "QUANTILES", "HIST_BINS"]
 
@@ -507,12 +507,13 @@ class PartStats:
             raise ValueError(f"status codes must be in 0..{len(STATUSES) - 1}, got {lo}..{hi}")
         counts = np.bincount(status.astype(np.intp, copy=False), minlength=len(STATUSES))
         out.status_counts = counts.tolist()
-        n_ok = out.status_counts[OK]
+        n_ok = out.status_counts[OK] + out.status_counts[TARGET_UNLISTED]
         if n_ok == 0:
             return out
-        ok = None if n_ok == n else (status == OK)
-        for st, v in zip(out._stats, values):
-            st.add_values(v, ok)
+        ok = None if n_ok == n else valid_rows(status)
+        strict = None if out.status_counts[OK] == n else status == OK
+        for name, st, v in zip(out.measures, out._stats, values):
+            st.add_values(v, strict if _needs_target(name) else ok)
         return out
 
     @staticmethod
@@ -547,8 +548,8 @@ class PartStats:
         out = cls.from_batch(cls._columns(layout), np.stack(rows), res.status)
         if layout.sequence:
             t = res.per_token
-            in_ok = np.repeat(res.status == OK, np.diff(t.offsets))
-            counted = in_ok & (t.status == OK)
+            in_ok = np.repeat(valid_rows(res.status), np.diff(t.offsets))
+            counted = in_ok & valid_rows(t.status)
             out.tokens = cls.from_batch(res.measures, t.values[:, counted], t.status[counted])
         return out
 
@@ -694,7 +695,12 @@ class MeasureSummary:
         return cls(**kw)
 
 
-_NOT_INVALID = ("ok", "null", "no_tokens")  # statuses that are not a bad row
+_NOT_INVALID = ("ok", "null", "no_tokens", "target_unlisted")  # statuses that are not a bad row
+
+
+def _needs_target(column: str) -> bool:
+    """A value column of nll_p / nll_q / delta_p (or its mean): null where the target is not listed."""
+    return column.removesuffix("_mean") in TARGET_MEASURES
 
 
 @dataclass
@@ -717,10 +723,11 @@ class Summary:
     @classmethod
     def from_stats(cls, stats: PartStats, **extra: Any) -> "Summary":
         sc = dict(zip(STATUSES, stats.status_counts))
-        valid, null = sc["ok"], sc["null"]
+        null = sc["null"]
         invalid = {r: sc[r] for r in REASONS}
         measures = {}
         for name, st in zip(stats.measures, stats._stats):
+            valid = sc["ok"] if _needs_target(name) else sc["ok"] + sc["target_unlisted"]
             measures[name] = MeasureSummary(
                 rows=stats.rows, valid=valid, null=null, invalid=dict(invalid),
                 finite=st.finite, inf=st.inf, neg_inf=st.neg_inf, nan=st.nan,
@@ -769,9 +776,12 @@ class Summary:
                 unicode = False
         sc = self.status_counts
         n_invalid = sum(v for k, v in sc.items() if k not in _NOT_INVALID)
-        head = f"{self.rows} rows: {sc.get('ok', 0)} valid, {sc.get('null', 0)} null, {n_invalid} invalid"
+        n_valid = sc.get("ok", 0) + sc.get("target_unlisted", 0)
+        head = f"{self.rows} rows: {n_valid} valid, {sc.get('null', 0)} null, {n_invalid} invalid"
         if sc.get("no_tokens"):
             head += f", {sc['no_tokens']} with no counted position"
+        if sc.get("target_unlisted"):
+            head += f", {sc['target_unlisted']} whose target is not listed (nll and delta_p null there)"
         if self.files is not None:
             head += f", {self.files} files"
         if self.dest:
