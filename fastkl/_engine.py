@@ -284,6 +284,7 @@ def _run_sparse(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, op
         pre, bool(use_q), KIND_CODE[options.p_kind], KIND_CODE[options.q_kind],
         -1 if options.vocab is None else int(options.vocab), TAILS.index(options.tail), bool(layout.bounds),
         float(options.sum_tol), 1.0 / math.log(options.base),
+        float(options.gjs_beta), float(options.alpha - 1.0) if options.alpha else 0.0,
         _slots(layout.measures), values, lower, upper, listed, status,
     )
     _run_blocks(sparse_rows, args, ps.offsets, threads)

@@ -13,7 +13,6 @@ from ._registry import (COMPARISON_MEASURES, DEFAULT_BETA, DTYPES, KINDS, MEASUR
 from .errors import OptionError
 
 ON_INVALID = ("raise", "null")
-DENSE_ONLY = ("gjs", "renyi", "bhattacharyya")  # not on top-k rows yet
 
 
 @dataclass(frozen=True)
@@ -267,9 +266,5 @@ def check_request(measures: tuple[str, ...], options: "Options", *, p_ids: bool,
                           "(p_ids / q_ids, --p-ids / --q-ids)")
     if sparse:
         options.check_sparse(dense_side=not p_ids or (has_q and not q_ids))
-        later = [m for m in measures if m in DENSE_ONLY]
-        if later:
-            raise OptionError(f"{', '.join(later)} on top-k rows (p_ids / q_ids): not in this version yet "
-                              "(their bounds are not derived); dense rows of every encoding have them")
     check_target(measures, options, has_target, sparse)
     return sparse

@@ -15,6 +15,7 @@ from hypothesis import given, note, settings, strategies as st
 import fastkl
 import naive
 from test_measures import cases
+from test_naive_sparse import position
 
 NEW = ("gjs", "renyi", "bhattacharyya")
 ALPHAS = (0.01, 0.3, 0.5, 0.9, 0.999, 1.001, 1.5, 2.0, 5.0, 30.0)
@@ -180,7 +181,6 @@ def test_sequence_rows(rng):
     (dict(measures=("gjs",), beta=-0.1), "beta must be"),
     (dict(measures=("js",), beta=0.3), "beta is the parameter of gjs"),
     (dict(measures=("kl",), alpha=2.0), "alpha is the parameter of renyi"),
-    (dict(measures=("gjs",), p_ids=[[0, 1]], q_ids=[[0, 1]]), "not in this version yet"),
 ])
 def test_parameters_are_checked(kwargs, message):
     with pytest.raises(fastkl.OptionError, match=message):
@@ -197,3 +197,59 @@ def test_a_job_gives_what_memory_gives(tmp_path, rng):
     mem = fastkl.divergences(P, Q, measures=NEW, alpha=3.0, beta=0.7)
     for m in NEW:
         np.testing.assert_array_equal(out[m].to_numpy(), mem[m].to_numpy())
+
+
+# ---------------------------------------------------------------- top-k rows
+
+
+def _bucket_pair(p, q, p_ids, q_ids):
+    """The pair the bucket estimate measures: the ids both list, then one bucket holding
+    the rest of each side (a tiny floor keeps the dense reference's rows valid)."""
+    common = [i for i in p_ids if i in set(q_ids)]
+    bp, bq = 1.0 - p[common].sum(), 1.0 - q[common].sum()
+    return np.append(p[common], max(bp, 0.0)), np.append(q[common], max(bq, 0.0))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(position(7), min_size=1, max_size=4), st.sampled_from(ALPHAS), st.sampled_from(BETAS[1:-1]),
+       st.booleans())
+def test_top_k_rows_bounds_contain_the_truth_and_bucket_is_the_bucketed_pair(rows, alpha, beta, with_vocab):
+    """gjs, renyi and bhattacharyya of top-k rows: the bounds hold the value of the full
+    distributions the rows were cut from, and the bucket estimate is the measure of the
+    pair the bucket map makes (ids both list, one bucket for the rest)."""
+    V = len(rows[0][0])
+    rows = [r for r in rows if len(r[0]) == V]
+    vocab = V if with_vocab else None
+    p = [r[0][r[2]] for r in rows]
+    q = [r[1][r[3]] for r in rows]
+    opts = dict(alpha=alpha, beta=beta)
+    t = fastkl.divergences(p, q, NEW, p_ids=[r[2] for r in rows], q_ids=[r[3] for r in rows], vocab=vocab,
+                           status=True, **opts)
+    assert t["status"].to_pylist() == ["ok"] * len(rows)
+    full = fastkl.divergences([r[0] for r in rows], [r[1] for r in rows], NEW, **opts)
+    for i, (pf, qf, pi, qi) in enumerate(rows):
+        bp, bq = _bucket_pair(pf, qf, pi, qi)
+        bucketed = fastkl.divergences([bp], [bq], NEW, sum_tol=1e-6, **opts)
+        for m in NEW:
+            truth, got = full[m][i].as_py(), t[m][i].as_py()
+            lo, hi = t[f"{m}_lower"][i].as_py(), t[f"{m}_upper"][i].as_py()
+            note(f"row {i} {m}: {got} in [{lo}, {hi}], truth {truth}, bucketed {bucketed[m][0].as_py()}")
+            slack = 1e-9 * (1 + abs(truth)) if math.isfinite(truth) else 0.0
+            assert lo <= truth + slack and (truth <= hi + slack or hi == math.inf), (i, m)
+            want = bucketed[m][0].as_py()
+            assert got == want or abs(got - want) <= 1e-9 * (1 + abs(want)), (i, m, got, want)
+
+
+@pytest.mark.parametrize("kind", ["probs", "logprobs"])
+def test_fully_listed_top_k_rows_are_exact(kind, rng):
+    """Every id listed on both sides: estimate = lower = upper = the dense value."""
+    P = naive.make_probs(rng, 6, 9, spread=2.0)
+    Q = naive.make_probs(rng, 6, 9, spread=2.0)
+    ids = np.array([rng.permutation(9) for _ in range(6)])
+    enc = np.log if kind == "logprobs" else (lambda x: x)
+    opts = dict(alpha=1.7, beta=0.2, kind=kind)
+    t = fastkl.divergences(enc(np.take_along_axis(P, ids, 1)), enc(Q), NEW, p_ids=ids, vocab=9, **opts)
+    dense = fastkl.divergences(enc(P), enc(Q), NEW, **opts)
+    for m in NEW:
+        for col in (m, f"{m}_lower", f"{m}_upper"):
+            np.testing.assert_allclose(t[col].to_numpy(), dense[m].to_numpy(), rtol=1e-9, err_msg=col)

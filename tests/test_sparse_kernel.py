@@ -96,7 +96,7 @@ class Side:
 def run(P: Side, Q: Side, vocab=None, tail="bucket", want_bounds=True, measures=MEASURES, pre_status=None,
         use_q=True, base=math.e, kernel=sk.sparse_rows):
     n = len(P.offsets) - 1
-    slots = np.full(8, -1, np.int64)
+    slots = np.full(sk.N_MEASURES, -1, np.int64)
     for j, m in enumerate(measures):
         slots[_registry.MEASURE_INDEX[m]] = j
     shape = (len(measures), n)
@@ -109,7 +109,7 @@ def run(P: Side, Q: Side, vocab=None, tail="bucket", want_bounds=True, measures=
     kernel(P.offsets, P.id_offsets, P.ids, P.values, P.mask, 0, P.dense, 0,
                    Q.offsets, Q.id_offsets, Q.ids, Q.values, Q.mask, 0, Q.dense, 0,
                    pre, use_q, P.kind, Q.kind, -1 if vocab is None else vocab,
-                   _registry.TAILS.index(tail), want_bounds, SUM_TOL, 1.0 / math.log(base),
+                   _registry.TAILS.index(tail), want_bounds, SUM_TOL, 1.0 / math.log(base), 0.5, 0.0,
                    slots, out, lower, upper, listed, status, 0, n)
     res = {m: (out[j], lower[j], upper[j]) for j, m in enumerate(measures)}
     return res, listed, status
@@ -495,7 +495,7 @@ def test_status_codes_match_the_registry():
     for name in ("length_mismatch", "empty", "null_element", "nan", "non_finite", "negative", "not_normalized",
                  "ids_length_mismatch", "id_not_integer", "id_out_of_range", "duplicate_id"):
         assert getattr(sk, name.upper()) == SC[name]
-    assert [getattr(sk, m.upper()) for m in MEASURES] == list(range(8))
+    assert [getattr(sk, m.upper()) for m in _registry.MEASURES] == list(range(sk.N_MEASURES))
     assert (sk.BUCKET, sk.RENORMALIZE, sk.UNIFORM) == tuple(range(3))
     assert _registry.TAILS == ("bucket", "renormalize", "uniform")
 

@@ -70,8 +70,11 @@ IDS_LENGTH_MISMATCH, ID_NOT_INTEGER, ID_OUT_OF_RANGE, DUPLICATE_ID = 11, 12, 13,
 
 # Measure slots (fastkl._registry.MEASURES order). The accumulators keep
 # hellinger squared; jeffreys is kl + reverse_kl at the end.
-KL, REVERSE_KL, JEFFREYS, JS, ENTROPY, CROSS_ENTROPY, TV, HELLINGER = range(8)
-N_MEASURES = 8
+KL, REVERSE_KL, JEFFREYS, JS, ENTROPY, CROSS_ENTROPY, TV, HELLINGER, GJS, RENYI, BHATTACHARYYA = range(11)
+N_MEASURES = 11
+# `par`, the parameters of gjs and renyi every accumulation takes: whether each is asked,
+# gjs's beta, renyi's alpha - 1 (fastkl.kernels.dense's names).
+WANT_GJS, WANT_RENYI, BETA, ALPHA_M1 = range(4)
 
 # Tails (fastkl._registry.TAILS order).
 BUCKET, RENORMALIZE, UNIFORM = 0, 1, 2
@@ -96,9 +99,13 @@ def _log_ratio(a, b):
 
 
 @_jit
-def _add_phi(acc, p, q, want_kl, want_js, want_tvh):
+def _add_phi(acc, p, q, want_kl, want_js, want_tvh, par):
     """acc[m] += φ_m(p, q) for the f-divergences (p, q >= 0; hellinger squared; kl and
-    reverse_kl only, jeffreys is their sum). +inf where mass sits alone."""
+    reverse_kl only, jeffreys is their sum; renyi's φ below). +inf where mass sits alone."""
+    if par[WANT_GJS]:
+        _add_gjs(acc, p, q, par[BETA])
+    if par[WANT_RENYI]:
+        _add_renyi(acc, p, q, par[ALPHA_M1])
     if want_kl:
         if p > 0.0 and q > 0.0:
             lr = _log_ratio(p, q)
@@ -123,6 +130,32 @@ def _add_phi(acc, p, q, want_kl, want_js, want_tvh):
         if rs > 0.0:
             h = d / rs  # = sqrt p - sqrt q without cancelling
             acc[HELLINGER] += 0.5 * h * h
+
+
+@_jit
+def _add_gjs(acc, p, q, beta):
+    """b p log(p/m) + (1-b) q log(q/m), m = b p + (1-b) q, 0 < b < 1: finite everywhere."""
+    m = beta * p + (1.0 - beta) * q
+    if p > 0.0:
+        acc[GJS] += beta * p * _log_ratio(p, m)
+    if q > 0.0:
+        acc[GJS] += (1.0 - beta) * q * _log_ratio(q, m)
+
+
+@_jit
+def _add_renyi(acc, p, q, am1):
+    """The convex φ of renyi: sign(a-1) (p^a q^(1-a) - p) = sign(a-1) p expm1((a-1) log(p/q))
+    (convex and homogeneous for either side of a = 1, so every f-divergence bound applies;
+    `_finish` turns the sum back into log1p(sign(a-1) sum) / (a - 1)). p alone: +inf for
+    a > 1, p for a < 1; q alone: 0."""
+    if p > 0.0 and q > 0.0:
+        t = p * math.expm1(am1 * _log_ratio(p, q))
+        acc[RENYI] += t if am1 > 0.0 else -t
+    elif p > 0.0:
+        if am1 > 0.0:
+            acc[RENYI] = INF
+        else:
+            acc[RENYI] += p
 
 
 @_jit
@@ -471,24 +504,24 @@ def _sweep_root(bP, nB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, rho_min):
 
 
 @_jit
-def _add_tail(acc, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P, s_Q, fk, fj, ft):
+def _add_tail(acc, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P, s_Q, fk, fj, ft, par):
     """acc += Σ_B φ + Σ_C φ + φ(pool) for the completion (t_P, t_Q): B water-filled with
     t_Q ∝ p_b, C with t_P ∝ q_c. Entries sharing a ratio count as one (φ is homogeneous)."""
     jB, freeB, WB = _fill(bP, nB, m_Q, t_Q)
     for i in range(jB):
-        _add_phi(acc, bP[i], m_Q, fk, fj, ft)
+        _add_phi(acc, bP[i], m_Q, fk, fj, ft, par)
     if WB > 0.0 or freeB > 0.0:
-        _add_phi(acc, WB, freeB, fk, fj, ft)
+        _add_phi(acc, WB, freeB, fk, fj, ft, par)
     jC, freeC, WC = _fill(cQ, nC, m_P, t_P)
     for i in range(jC):
-        _add_phi(acc, m_P, cQ[i], fk, fj, ft)
+        _add_phi(acc, m_P, cQ[i], fk, fj, ft, par)
     if WC > 0.0 or freeC > 0.0:
-        _add_phi(acc, freeC, WC, fk, fj, ft)
-    _add_phi(acc, s_P, s_Q, fk, fj, ft)
+        _add_phi(acc, freeC, WC, fk, fj, ft, par)
+    _add_phi(acc, s_P, s_Q, fk, fj, ft, par)
 
 
 @_jit
-def _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, th_P, th_Q, fk, fj, ft):
+def _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, th_P, th_Q, fk, fj, ft, par):
     """lo[f] = the f-divergences at the aligned completion (the minimiser for every f)."""
     M_P = n_U * m_P if n_U > 0.0 else 0.0
     M_Q = n_U * m_Q if n_U > 0.0 else 0.0
@@ -509,7 +542,7 @@ def _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, t
         s_P = r_P - t_P
         s_Q = r_Q - t_Q
         _add_tail(lo, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P if s_P > th_P else 0.0,
-                  s_Q if s_Q > th_Q else 0.0, fk, fj, ft)
+                  s_Q if s_Q > th_Q else 0.0, fk, fj, ft, par)
         return
     # ρ_min: below it Q's pool would be negative (B takes more than r_Q)
     rho_min = 0.0
@@ -520,7 +553,7 @@ def _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, t
     for j in range(nC):
         s_P_min -= min(m_P, rho_min * cQ[j])
     if s_P_min <= 0.0:  # B and C hold both sides' unlisted mass: empty pool (ρ_C <= ρ_B)
-        _add_tail(lo, bP, nB, r_Q, cQ, nC, r_P, m_P, m_Q, 0.0, 0.0, fk, fj, ft)
+        _add_tail(lo, bP, nB, r_Q, cQ, nC, r_P, m_P, m_Q, 0.0, 0.0, fk, fj, ft, par)
         return
     rho = _sweep_root(bP, nB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, rho_min)
     if rho < INF and rho > 0.0:
@@ -535,15 +568,15 @@ def _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, t
         slack = 1e-12
         if s_P <= M_P * (1.0 + slack) + th_P and s_Q <= M_Q * (1.0 + slack) + th_Q:
             _add_tail(lo, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P if s_P > th_P else 0.0,
-                      s_Q if s_Q > th_Q else 0.0, fk, fj, ft)
+                      s_Q if s_Q > th_Q else 0.0, fk, fj, ft, par)
             return
     _f_lower_bisect(lo, tmp, accA, bP, nB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, th_P, th_Q,
-                    tp_lo, tp_hi, tq_lo, tq_hi, fk, fj, ft)
+                    tp_lo, tp_hi, tq_lo, tq_hi, fk, fj, ft, par)
 
 
 @_jit
 def _f_lower_bisect(lo, tmp, accA, bP, nB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, th_P, th_Q,
-                    tp_lo, tp_hi, tq_lo, tq_hi, fk, fj, ft):
+                    tp_lo, tp_hi, tq_lo, tq_hi, fk, fj, ft, par):
     """A pool side at its cap (small V): bisection on t_Q by the sign of ρ_U − ρ_B, with
     the exact inner t_P; then the ends within 1e-9 are tried too (as the reference does)."""
     a = tq_lo
@@ -584,7 +617,7 @@ def _f_lower_bisect(lo, tmp, accA, bP, nB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, th_P
             s_P = r_P - t_P
             s_Q = r_Q - t_Q
             _add_tail(tmp, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P if s_P > th_P else 0.0,
-                      s_Q if s_Q > th_Q else 0.0, fk, fj, ft)
+                      s_Q if s_Q > th_Q else 0.0, fk, fj, ft, par)
             for m in range(N_MEASURES):
                 lo[m] = min(lo[m], tmp[m])
 
@@ -724,13 +757,13 @@ def _ce_fill(gw, gn, ng, cap, total, count):
 
 @_jit
 def _estimate(est, accA, tail, aP, aQ, nA, bP, nB, SpB, cQ, nC, SqC, S_P, S_Q, r_P, r_Q, n_U,
-              slots_P, slots_Q, fk, fj, ft, fe, fc):
+              slots_P, slots_Q, fk, fj, ft, par, fe, fc):
     for m in range(N_MEASURES):
         est[m] = accA[m]
     if tail == BUCKET:
         bp = SpB + r_P
         bq = SqC + r_Q
-        _add_phi(est, bp, bq, fk, fj, ft)
+        _add_phi(est, bp, bq, fk, fj, ft, par)
         est[ENTROPY] -= _xlogx(bp)
         est[CROSS_ENTROPY] += _neg_xlogy(bp, bq)
     elif tail == RENORMALIZE:
@@ -741,11 +774,11 @@ def _estimate(est, accA, tail, aP, aQ, nA, bP, nB, SpB, cQ, nC, SqC, S_P, S_Q, r
         for a in range(nA):
             p = aP[a] * ip
             q = aQ[a] * iq
-            _add_phi(est, p, q, fk, fj, ft)
+            _add_phi(est, p, q, fk, fj, ft, par)
             est[ENTROPY] -= _xlogx(p)
             est[CROSS_ENTROPY] += _neg_xlogy(p, q)
-        _add_phi(est, SpB * ip, 0.0, fk, fj, ft)
-        _add_phi(est, 0.0, SqC * iq, fk, fj, ft)
+        _add_phi(est, SpB * ip, 0.0, fk, fj, ft, par)
+        _add_phi(est, 0.0, SqC * iq, fk, fj, ft, par)
         if fe:
             for b in range(nB):
                 est[ENTROPY] -= _xlogx(bP[b] * ip)
@@ -754,21 +787,21 @@ def _estimate(est, accA, tail, aP, aQ, nA, bP, nB, SpB, cQ, nC, SqC, S_P, S_Q, r
         u_P = r_P / slots_P if slots_P > 0.0 and slots_P < INF else 0.0
         u_Q = r_Q / slots_Q if slots_Q > 0.0 and slots_Q < INF else 0.0
         for b in range(nB):
-            _add_phi(est, bP[b], u_Q, fk, fj, ft)
+            _add_phi(est, bP[b], u_Q, fk, fj, ft, par)
             est[ENTROPY] -= _xlogx(bP[b])
             est[CROSS_ENTROPY] += _neg_xlogy(bP[b], u_Q)
         for c in range(nC):
-            _add_phi(est, u_P, cQ[c], fk, fj, ft)
+            _add_phi(est, u_P, cQ[c], fk, fj, ft, par)
             est[ENTROPY] += _neg_xlogy(u_P, u_P)
             est[CROSS_ENTROPY] += _neg_xlogy(u_P, cQ[c])
         if n_U == 0.0:
             pass
         elif n_U < INF:
-            _add_phi(est, n_U * u_P, n_U * u_Q, fk, fj, ft)
+            _add_phi(est, n_U * u_P, n_U * u_Q, fk, fj, ft, par)
             est[ENTROPY] += n_U * _neg_xlogy(u_P, u_P)
             est[CROSS_ENTROPY] += n_U * _neg_xlogy(u_P, u_Q)
         else:
-            _add_phi(est, r_P, r_Q, fk, fj, ft)
+            _add_phi(est, r_P, r_Q, fk, fj, ft, par)
             est[ENTROPY] += INF if r_P > 0.0 else 0.0
             est[CROSS_ENTROPY] += INF if r_P > 0.0 else 0.0
 
@@ -777,10 +810,20 @@ def _estimate(est, accA, tail, aP, aQ, nA, bP, nB, SpB, cQ, nC, SqC, S_P, S_Q, r
 
 
 @_jit
-def _finish(m, x, inv_log_base, acc):
+def _finish(m, x, inv_log_base, acc, par):
     """The measure m from its accumulator, clamped into its range."""
     if m == JEFFREYS:
         x = acc[KL] + acc[REVERSE_KL]
+    if m == GJS:
+        beta = par[BETA]
+        top = -beta * math.log(beta) - (1.0 - beta) * math.log1p(-beta) if 0.0 < beta < 1.0 else 0.0
+        return min(max(x, 0.0), top) * inv_log_base
+    if m == RENYI:
+        am1 = par[ALPHA_M1]
+        s1 = x if am1 > 0.0 else -x  # sum p^a q^(1-a) - 1
+        return max(math.log1p(max(s1, -1.0)) / am1, 0.0) * inv_log_base
+    if m == BHATTACHARYYA:
+        return -math.log1p(-min(max(acc[HELLINGER], 0.0), 1.0)) * inv_log_base
     if m == TV:
         return min(max(x, 0.0), 1.0)
     if m == HELLINGER:
@@ -791,10 +834,10 @@ def _finish(m, x, inv_log_base, acc):
 
 
 @_jit
-def _write(dst, slots, i, acc, inv_log_base):
+def _write(dst, slots, i, acc, inv_log_base, par):
     for m in range(N_MEASURES):
         if slots[m] >= 0:
-            dst[slots[m], i] = _finish(m, acc[m], inv_log_base, acc)
+            dst[slots[m], i] = _finish(m, acc[m], inv_log_base, acc, par)
 
 
 @_jit
@@ -821,7 +864,7 @@ def _make_kernel(hash_merge):
     def sparse_rows(p_offsets, p_id_offsets, p_ids, p_values, p_mask, p_mask_offset, p_dense, p_decode,
                     q_offsets, q_id_offsets, q_ids, q_values, q_mask, q_mask_offset, q_dense, q_decode,
                     pre_status, use_q, p_kind, q_kind, vocab, tail, want_bounds, sum_tol, inv_log_base,
-                    slots, out, lower, upper, listed, status, start, stop):
+                    beta, am1, slots, out, lower, upper, listed, status, start, stop):
         """Estimates (and bounds) of the requested measures for sparse rows start..stop.
 
         `slots[m]`: the row of out/lower/upper receiving measure m, or -1. Rows not OK get
@@ -830,8 +873,10 @@ def _make_kernel(hash_merge):
         fk = slots[KL] >= 0 or slots[REVERSE_KL] >= 0 or slots[JEFFREYS] >= 0 or (
             want_bounds and slots[CROSS_ENTROPY] >= 0)
         fj = slots[JS] >= 0
-        ft = slots[TV] >= 0 or slots[HELLINGER] >= 0
+        ft = slots[TV] >= 0 or slots[HELLINGER] >= 0 or slots[BHATTACHARYYA] >= 0
         fe = slots[ENTROPY] >= 0 or slots[CROSS_ENTROPY] >= 0
+        par = np.array([1.0 if (slots[GJS] >= 0 and 0.0 < beta < 1.0) else 0.0,
+                        1.0 if slots[RENYI] >= 0 else 0.0, beta, am1])
         fc = slots[CROSS_ENTROPY] >= 0
         kmax = max(_max_len(p_offsets, start, stop), 1)
         if use_q:
@@ -913,11 +958,11 @@ def _make_kernel(hash_merge):
                 listed[1, i] = NAN_
                 continue
             _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, want_bounds,
-                 fk, fj, ft, fe, fc, accA, est, lo, hi, tmp, gw, gn)
-            _write(out, slots, i, est, inv_log_base)
+                 fk, fj, ft, par, fe, fc, accA, est, lo, hi, tmp, gw, gn)
+            _write(out, slots, i, est, inv_log_base, par)
             if want_bounds:
-                _write(lower, slots, i, lo, inv_log_base)
-                _write(upper, slots, i, hi, inv_log_base)
+                _write(lower, slots, i, lo, inv_log_base, par)
+                _write(upper, slots, i, hi, inv_log_base, par)
             listed[0, i] = 1.0 if p_dense else min(S_P, 1.0)
             listed[1, i] = (1.0 if q_dense else min(S_Q, 1.0)) if use_q else NAN_
 
@@ -930,7 +975,7 @@ sparse_rows_sortmerge = _make_kernel(False)
 
 
 @_jit
-def _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, want_bounds, fk, fj, ft, fe, fc,
+def _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, want_bounds, fk, fj, ft, par, fe, fc,
          accA, est, lo, hi, tmp, gw, gn):
     """Estimate and bounds of one merged position (docs §1-§7)."""
     SpB = 0.0
@@ -970,23 +1015,23 @@ def _row(aP, aQ, nA, bP, nB, cQ, nC, S_P, S_Q, th_P, th_Q, cm_P, cm_Q, V, tail, 
     for m in range(N_MEASURES):
         accA[m] = 0.0
     for a in range(nA):
-        _add_phi(accA, aP[a], aQ[a], fk, fj, ft)
+        _add_phi(accA, aP[a], aQ[a], fk, fj, ft, par)
         if fe:
             accA[ENTROPY] -= _xlogx(aP[a])
         if fc:
             accA[CROSS_ENTROPY] += _neg_xlogy(aP[a], aQ[a])
     _estimate(est, accA, tail, aP, aQ, nA, bP, nB, SpB, cQ, nC, SqC, S_P, S_Q, r_P, r_Q, n_U,
-              slots_P, slots_Q, fk, fj, ft, fe, fc)
+              slots_P, slots_Q, fk, fj, ft, par, fe, fc)
     if not want_bounds:
         return
     _sort_desc(bP, nB)
     _sort_desc(cQ, nC)
-    if fk or fj or ft:
-        _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, th_P, th_Q, fk, fj, ft)
+    if fk or fj or ft or par[WANT_GJS] or par[WANT_RENYI]:
+        _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, th_P, th_Q, fk, fj, ft, par)
     for m in range(N_MEASURES):
         hi[m] = accA[m]
-    _add_phi(hi, SpB + r_P, 0.0, fk, fj, ft)
-    _add_phi(hi, 0.0, SqC + r_Q, fk, fj, ft)
+    _add_phi(hi, SpB + r_P, 0.0, fk, fj, ft, par)
+    _add_phi(hi, 0.0, SqC + r_Q, fk, fj, ft, par)
     if fk and n_U < INF:
         hi[KL] = min(hi[KL], _kl_upper_small_vocab(accA[KL], bP, nB, cQ, nC, r_P, r_Q, m_P, m_Q, n_U, hi[KL]))
         hi[REVERSE_KL] = min(hi[REVERSE_KL], _kl_upper_small_vocab(accA[REVERSE_KL], cQ, nC, bP, nB, r_Q, r_P,
