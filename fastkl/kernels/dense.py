@@ -680,6 +680,38 @@ def _renyi32(prow, qrow, terms, am1):
 
 
 @_jit
+def _kl_renyi32(prow, qrow, terms, am1):
+    """`_kl32` and `_renyi32` in one loop, sharing the log: (kl, p_sum, q_sum, flag, ren,
+    ren_direct, size, growth); the terms go to rows 0-2 of `terms`."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    a = np.float32(am1)
+    p_sum = q_sum = flag = size = growth = zero
+    for j in range(prow.size):
+        p = prow[j]
+        q = qrow[j]
+        p_sum += p
+        q_sum += q
+        inv_q = one / q
+        lr = log_ratio32(p, inv_q, p - q)
+        terms[0, j] = p * lr
+        x = a * lr
+        e = exp32(x)
+        em1 = expm1_series32(x) if abs(x) < half else e - one
+        pos = p > zero
+        t = p * em1 if pos else zero
+        terms[1, j] = t
+        terms[2, j] = p * e if pos else zero
+        size += abs(t)
+        growth += abs(t) * max(x, zero)
+        flag += abs(p if (not_normal32(p * inv_q) | (x > RENYI_X_MAX32)) else zero) - min(q, zero)
+    n = prow.size
+    return (_sum64(terms[0], n), p_sum, q_sum, flag, _sum64(terms[1], n), _sum64(terms[2], n), size,
+            growth)
+
+
+@_jit
 def _tv_hellinger32(prow, qrow, terms):
     tv = 0.0
     hel = 0.0
@@ -755,8 +787,12 @@ def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
     if not use_q:
         ent, p_sum, flag = _entropy32(prow, terms)
     else:
+        fused = want_renyi and not want_rkl  # renyi shares kl's log (the sums' loop when kl is not asked)
         if want_rkl:
             kl, rkl, p_sum, q_sum, flag = _kl_reverse32(prow, qrow, terms)
+        elif fused:
+            kl, p_sum, q_sum, flag, ren, direct, size, growth = _kl_renyi32(prow, qrow, terms, am1)
+            flag += np.float32(1.0) if growth > np.float32(2.0) * size else np.float32(0.0)
         elif want_kl:
             kl, p_sum, q_sum, flag = _kl32(prow, qrow, terms, 0, 0)
         else:
@@ -773,7 +809,7 @@ def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         if want_gjs and 0.0 < beta < 1.0:  # gjs is 0 at beta = 0 and 1
             gjs, f = _gjs32(prow, qrow, terms, beta)
             flag += f
-        if want_renyi:
+        if want_renyi and not fused:
             ren, direct, f, size, growth = _renyi32(prow, qrow, terms, am1)
             flag += f + (np.float32(1.0) if growth > np.float32(2.0) * size else np.float32(0.0))
     return flag, p_sum, q_sum, kl, rkl, ent, ce, js, gjs, ren, direct
