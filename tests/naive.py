@@ -396,10 +396,12 @@ def _bhattacharyya(P: Side, Q: Side, base: float) -> "Ref":
     c = _ctx()
     scale = 1 / c.log(c.mpf(base))
     t = _term_lists("hellinger", P, Q)
-    bc = c.fsum(c.sqrt(pi * qi) for pi, qi in zip(P.probs, Q.probs)) / c.sqrt(c.fsum(P.probs) * c.fsum(Q.probs))
+    with c.workdps(200):  # sums of 1 and 1e-42 lose a tiny -log BC at 50 digits
+        bc = c.fsum(c.sqrt(pi * qi) for pi, qi in zip(P.probs, Q.probs)) / c.sqrt(c.fsum(P.probs) * c.fsum(Q.probs))
+        raw = -c.log(bc) if bc > 0 else c.inf
     if bc == 0:
         return Ref(c.inf, c.inf, c.mpf(0), raw=c.inf)
-    raw = -c.log(bc)
+    raw = +raw  # back to the working precision
     # plus K |sqrt sum p - sqrt sum q|: rows not exactly normalised carry (sqrt sum p -
     # sqrt sum q)^2 / 2 in hellinger's sum, which the kernel takes out with rounded float64 sums
     gap = abs(c.sqrt(c.fsum(P.probs)) - c.sqrt(c.fsum(Q.probs)))

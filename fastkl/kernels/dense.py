@@ -63,7 +63,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .half import as_float32, decode_row
-from .fastmath import (exp32, exp_neg, exp_nonpositive, expm1_series32, from_order_key, inf_keys, log_pos, log_ratio,
+from .fastmath import (exp32, exp_neg, exp_nonpositive, expm1_f64, expm1_series32, from_order_key, inf_keys, log_pos, log_ratio,
                        log_ratio32, not_normal32, order_key)
 
 FASTMATH = {"nsz", "contract", "reassoc"}
@@ -90,7 +90,7 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # kernels inline fastmath's helpers: after an edit there, cached kernels would
 # keep the old code. tests/test_fastmath.py checks that this digest of
 # fastmath.py is current, so any change there changes this file too.
-FASTMATH_DIGEST = "823e45171f35172a"
+FASTMATH_DIGEST = "85ca9ca0e5658476"
 # The same for half.py, whose decoders the kernels inline (tests/test_half_precision.py).
 HALF_DIGEST = "b613eb7967c47450"
 
@@ -1063,6 +1063,120 @@ def _cross_entropy_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
 
 
 @_jit
+def _log_over_mix(d, ex, em, w):
+    """log(p / m), m = w p + (1-w) q, 0 < w < 1, from d = log(p/q) (finite), ex = e^-|d| and
+    em = expm1(-|d|), with one log: -log1p((1-w) expm1(-d)) (its mantissa from the
+    argument near 0), or the log of a sum of positives where that form would lose
+    digits (far below 1: -log(w + (1-w) e^-d)) or overflow (q far above p:
+    d - log((1-w) + w e^d))."""
+    pos = d >= 0.0
+    a = (1.0 - w) * (em if pos else -em / ex)  # (1-w) expm1(-d)
+    below = pos & (a < -0.5)
+    above = (~pos) & (a >= 1e300)
+    num = w + (1.0 - w) * ex if below else ((1.0 - w) + w * ex if above else 1.0 + a)
+    diff = num - 1.0 if below else (w * em if above else a)
+    shift = d if above else 0.0
+    return shift - log_ratio(num, 1.0, diff)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _pair_logs(x, y, p_c, p_it, p_ln, q_c, q_it, q_ln):
+    """One element of two log-space rows: (a, b, p, q, both, only_p, only_q, d, |d|, e^-|d|,
+    expm1(-|d|)), d = a - b where both are > -inf, else 0. Inlined: what a loop does not use
+    is not computed."""
+    a = (np.float64(x) - p_c) * p_it - p_ln
+    b = (np.float64(y) - q_c) * q_it - q_ln
+    p_pos = a > -INF
+    q_pos = b > -INF
+    both = p_pos & q_pos
+    d = a - b if both else 0.0
+    ad = abs(d)
+    only_p = p_pos & (b == -INF)
+    only_q = q_pos & (a == -INF)
+    return a, b, exp_neg(a), exp_neg(b), both, only_p, only_q, d, ad, exp_neg(-ad), expm1_f64(-ad)
+
+
+# One loop per group of measures, like the float32 loops: a loop with several groups
+# behind run-time flags computes all of them (the vectoriser if-converts the branches).
+
+
+@_jit
+def _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
+    """sum p log(2p/(p+q)) + q log(2q/(p+q)) = sum -(p + q) log1p(em/2) - min(p, q) |d|."""
+    js = 0.0
+    for j in range(prow.size):
+        a, b, p, q, both, only_p, only_q, d, ad, ex, em = _pair_logs(prow[j], qrow[j], p_c, p_it, p_ln,
+                                                                     q_c, q_it, q_ln)
+        half = 0.5 * em
+        t = -(p + q) * log_ratio(1.0 + half, 1.0, half) - (q if d >= 0.0 else p) * ad
+        js += t if both else (p * LN2 if only_p else (q * LN2 if only_q else 0.0))
+    return js
+
+
+@_jit
+def _tv_hellinger_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
+    """(sum |p - q|, sum (sqrt p - sqrt q)^2, sum sqrt(p q)), p - q from expm1 (no cancelling)."""
+    tv = hel = bc = 0.0
+    for j in range(prow.size):
+        a, b, p, q, both, only_p, only_q, d, ad, ex, em = _pair_logs(prow[j], qrow[j], p_c, p_it, p_ln,
+                                                                     q_c, q_it, q_ln)
+        diff = -p * em if d >= 0.0 else q * em
+        diff = diff if both else p - q
+        tv += abs(diff)
+        root_sum = np.sqrt(p) + np.sqrt(q)
+        h = diff / root_sum
+        hel += h * h if root_sum > 0.0 else 0.0
+        bc += exp_neg(0.5 * (a + b)) if both else 0.0
+    return tv, hel, bc
+
+
+@_jit
+def _gjs_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, w):
+    """sum w p log(p/m) + (1-w) q log(q/m), m = w p + (1-w) q, 0 < w < 1 (`_log_over_mix`)."""
+    gjs = 0.0
+    p_alone = -w * math.log(w)
+    q_alone = -(1.0 - w) * math.log1p(-w)
+    for j in range(prow.size):
+        a, b, p, q, both, only_p, only_q, d, ad, ex, em = _pair_logs(prow[j], qrow[j], p_c, p_it, p_ln,
+                                                                     q_c, q_it, q_ln)
+        t = w * p * _log_over_mix(d, ex, em, w) + (1.0 - w) * q * _log_over_mix(-d, ex, em, 1.0 - w)
+        gjs += t if both else (p * p_alone if only_p else (q * q_alone if only_q else 0.0))
+    return gjs
+
+
+@_jit
+def _renyi_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, am1):
+    """(sum p expm1(x), sum p e^x, sum p, count of q = 0 < p, odd), x = (alpha-1)(a - b);
+    odd > 0: a sum this loop cannot hold (e^x overflows, or p underflowed under a large e^x)."""
+    ren = direct = p_sum = p_only = odd = 0.0
+    for j in range(prow.size):
+        a, b, p, q, both, only_p, only_q, d, ad, ex, em = _pair_logs(prow[j], qrow[j], p_c, p_it, p_ln,
+                                                                     q_c, q_it, q_ln)
+        x = am1 * d
+        odd += 1.0 if (both & ((x > 700.0) | ((p == 0.0) & (x > 0.0)))) else 0.0
+        x = min(x, 700.0)
+        p_sum += p
+        p_only += 1.0 if only_p else 0.0
+        ren += p * expm1_f64(x) if both else (-p if only_p else 0.0)
+        direct += exp_neg(min(a + x, 700.0)) if both else 0.0
+    return ren, direct, p_sum, p_only, odd
+
+
+@_jit
+def _sums_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
+    """(sum p, sum q, count of q = 0 < p, count of p = 0 < q)."""
+    p_sum = q_sum = p_only = q_only = 0.0
+    for j in range(prow.size):
+        a, b, p, q, both, only_p, only_q, d, ad, ex, em = _pair_logs(prow[j], qrow[j], p_c, p_it, p_ln,
+                                                                     q_c, q_it, q_ln)
+        p_sum += p
+        q_sum += q
+        p_only += 1.0 if only_p else 0.0
+        q_only += 1.0 if only_q else 0.0
+    return p_sum, q_sum, p_only, q_only
+
+
+@_jit
 def _logits_terms(prow, qrow, p_top, p_it, q_top, q_it):
     """Logits on both sides in one pass, 2 exponentials per element.
 
@@ -1326,12 +1440,12 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
     k = prow.size
     kl = rkl = js = ent = ce = tv = hel = gjs = ren = bha = 0.0
     kl_inf = rkl_inf = 0.0
-    log_fast = not (want_js or want_tvh or want_gjs or want_renyi)
+    more = use_q and (want_js or want_tvh or want_gjs or want_renyi)  # their loops read normalised sides
     # logits on both sides: one fused pass (_logits_terms) after the row maxima
-    logits_fused = log_fast and p_kind == LOGITS and (q_kind == LOGITS or not use_q)
+    logits_fused = not more and p_kind == LOGITS and (q_kind == LOGITS or not use_q)
     # logprobs rows check their exp-sum inside the term loop
-    p_defer = logits_fused or (log_fast and p_kind == LOGPROBS and not normalize)
-    q_defer = logits_fused or (log_fast and use_q and q_kind == LOGPROBS and not normalize)
+    p_defer = logits_fused or (p_kind == LOGPROBS and not normalize)
+    q_defer = logits_fused or (use_q and q_kind == LOGPROBS and not normalize)
     code, p_c, p_ln = _scan_log_side(p_values, ps, k, p_mask, p_mask_offset, p_kind, p_it, normalize, sum_tol,
                                      p_defer)
     q_c = q_ln = 0.0
@@ -1342,9 +1456,6 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
             code = q_code
     if code != OK:
         return code, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha
-    if not log_fast:
-        return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln, 0.0,
-                            beta, am1, want_gjs, want_renyi)
     if logits_fused and use_q and not (want_rkl or want_ent or want_ce):
         kl, p_only = _logits_kl(prow, qrow, p_c, p_it, q_c, q_it)
         return OK, kl, rkl, js, ent, ce, tv, hel, p_only, 0.0, gjs, ren, bha
@@ -1359,8 +1470,24 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
         ce = q_ln - (pu - pv) / p_sum
         return OK, kl, rkl, js, ent, ce, tv, hel, p_only, q_only, gjs, ren, bha
     p_sum = q_sum = 1.0
-    if use_q:
+    if use_q and (want_kl or want_rkl or want_ce or not more):
         kl, rkl, kl_inf, rkl_inf, p_sum, q_sum = _ratio_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+    if more:
+        if not (want_kl or want_rkl or want_ce):  # the sums and the +inf counts
+            p_sum, q_sum, kl_inf, rkl_inf = _sums_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+        if want_renyi:
+            ren, direct, p_sum1, _, odd = _renyi_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, am1)
+            if odd > 0.0:
+                return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln,
+                                    0.0, beta, am1, want_gjs, want_renyi)
+            ren = _renyi_log(ren, direct, p_sum1, kl_inf, am1)
+        if want_js:
+            js = _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+        if want_tvh:
+            tv, hel, bc = _tv_hellinger_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+            bha = _bhattacharyya(hel, bc, p_sum, q_sum)
+        if want_gjs and 0.0 < beta < 1.0:
+            gjs = _gjs_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, beta)
     if want_ent:
         ent, p_sum = _entropy_terms_logs(prow, p_c, p_it, p_ln)
     if want_ce:
