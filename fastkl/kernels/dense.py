@@ -1102,21 +1102,28 @@ def _pair_logs(x, y, p_c, p_it, p_ln, q_c, q_it, q_ln):
 
 @_jit
 def _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
-    """sum p log(2p/(p+q)) + q log(2q/(p+q)) = sum -(p + q) log1p(em/2) - min(p, q) |d|."""
-    js = 0.0
+    """(sum p log(2p/(p+q)) + q log(2q/(p+q)), *sums): the terms as sum -(p + q) log1p(em/2)
+    - min(p, q) |d|; sums = (sum p, sum q, count of q = 0 < p, of p = 0 < q), which every
+    loop of this group returns (whichever runs first gives them)."""
+    js = p_sum = q_sum = p_only = q_only = 0.0
     for j in range(prow.size):
         a, b, p, q, both, only_p, only_q, d, ad, ex, em = _pair_logs(prow[j], qrow[j], p_c, p_it, p_ln,
                                                                      q_c, q_it, q_ln)
         half = 0.5 * em
         t = -(p + q) * log_ratio(1.0 + half, 1.0, half) - (q if d >= 0.0 else p) * ad
         js += t if both else (p * LN2 if only_p else (q * LN2 if only_q else 0.0))
-    return js
+        p_sum += p
+        q_sum += q
+        p_only += 1.0 if only_p else 0.0
+        q_only += 1.0 if only_q else 0.0
+    return js, p_sum, q_sum, p_only, q_only
 
 
 @_jit
 def _tv_hellinger_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
-    """(sum |p - q|, sum (sqrt p - sqrt q)^2, sum sqrt(p q)), p - q from expm1 (no cancelling)."""
-    tv = hel = bc = 0.0
+    """(sum |p - q|, sum (sqrt p - sqrt q)^2, sum sqrt(p q), *sums), p - q from expm1 (no
+    cancelling); sums as `_js_terms_logs`."""
+    tv = hel = bc = p_sum = q_sum = p_only = q_only = 0.0
     for j in range(prow.size):
         a, b, p, q, both, only_p, only_q, d, ad, ex, em = _pair_logs(prow[j], qrow[j], p_c, p_it, p_ln,
                                                                      q_c, q_it, q_ln)
@@ -1127,13 +1134,18 @@ def _tv_hellinger_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
         h = diff / root_sum
         hel += h * h if root_sum > 0.0 else 0.0
         bc += exp_neg(0.5 * (a + b)) if both else 0.0
-    return tv, hel, bc
+        p_sum += p
+        q_sum += q
+        p_only += 1.0 if only_p else 0.0
+        q_only += 1.0 if only_q else 0.0
+    return tv, hel, bc, p_sum, q_sum, p_only, q_only
 
 
 @_jit
 def _gjs_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, w):
-    """sum w p log(p/m) + (1-w) q log(q/m), m = w p + (1-w) q, 0 < w < 1 (`_log_over_mix`)."""
-    gjs = 0.0
+    """(sum w p log(p/m) + (1-w) q log(q/m), *sums), m = w p + (1-w) q, 0 < w < 1
+    (`_log_over_mix`); sums as `_js_terms_logs`."""
+    gjs = p_sum = q_sum = p_only = q_only = 0.0
     p_alone = -w * math.log(w)
     q_alone = -(1.0 - w) * math.log1p(-w)
     for j in range(prow.size):
@@ -1141,39 +1153,31 @@ def _gjs_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, w):
                                                                      q_c, q_it, q_ln)
         t = w * p * _log_over_mix(d, ex, em, w) + (1.0 - w) * q * _log_over_mix(-d, ex, em, 1.0 - w)
         gjs += t if both else (p * p_alone if only_p else (q * q_alone if only_q else 0.0))
-    return gjs
+        p_sum += p
+        q_sum += q
+        p_only += 1.0 if only_p else 0.0
+        q_only += 1.0 if only_q else 0.0
+    return gjs, p_sum, q_sum, p_only, q_only
 
 
 @_jit
 def _renyi_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, am1):
-    """(sum p expm1(x), sum p e^x, sum p, count of q = 0 < p, odd), x = (alpha-1)(a - b);
-    odd > 0: a sum this loop cannot hold (e^x overflows, or p underflowed under a large e^x)."""
-    ren = direct = p_sum = p_only = odd = 0.0
+    """(sum p expm1(x), sum p e^x, odd, *sums), x = (alpha-1)(a - b); odd > 0: a sum this loop
+    cannot hold (e^x overflows, or p underflowed under a large e^x); sums as `_js_terms_logs`."""
+    ren = direct = p_sum = q_sum = p_only = q_only = odd = 0.0
     for j in range(prow.size):
         a, b, p, q, both, only_p, only_q, d, ad, ex, em = _pair_logs(prow[j], qrow[j], p_c, p_it, p_ln,
                                                                      q_c, q_it, q_ln)
         x = am1 * d
         odd += 1.0 if (both & ((x > 700.0) | ((p == 0.0) & (x > 0.0)))) else 0.0
         x = min(x, 700.0)
-        p_sum += p
-        p_only += 1.0 if only_p else 0.0
         ren += p * expm1_f64(x) if both else (-p if only_p else 0.0)
         direct += exp_neg(min(a + x, 700.0)) if both else 0.0
-    return ren, direct, p_sum, p_only, odd
-
-
-@_jit
-def _sums_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
-    """(sum p, sum q, count of q = 0 < p, count of p = 0 < q)."""
-    p_sum = q_sum = p_only = q_only = 0.0
-    for j in range(prow.size):
-        a, b, p, q, both, only_p, only_q, d, ad, ex, em = _pair_logs(prow[j], qrow[j], p_c, p_it, p_ln,
-                                                                     q_c, q_it, q_ln)
         p_sum += p
         q_sum += q
         p_only += 1.0 if only_p else 0.0
         q_only += 1.0 if only_q else 0.0
-    return p_sum, q_sum, p_only, q_only
+    return ren, direct, odd, p_sum, q_sum, p_only, q_only
 
 
 @_jit
@@ -1472,22 +1476,31 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
     p_sum = q_sum = 1.0
     if use_q and (want_kl or want_rkl or want_ce or not more):
         kl, rkl, kl_inf, rkl_inf, p_sum, q_sum = _ratio_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
-    if more:
-        if not (want_kl or want_rkl or want_ce):  # the sums and the +inf counts
-            p_sum, q_sum, kl_inf, rkl_inf = _sums_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+    if more:  # each loop also gives the sums and +inf counts (taken from the first that runs)
         if want_renyi:
-            ren, direct, p_sum1, _, odd = _renyi_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, am1)
+            ren, direct, odd, ps, qs, po, qo = _renyi_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, am1)
             if odd > 0.0:
                 return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln,
                                     0.0, beta, am1, want_gjs, want_renyi)
-            ren = _renyi_log(ren, direct, p_sum1, kl_inf, am1)
-        if want_js:
-            js = _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+            ren = _renyi_log(ren, direct, ps, po, am1)
+        elif want_js:
+            js, ps, qs, po, qo = _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+        elif want_tvh:
+            tv, hel, bc, ps, qs, po, qo = _tv_hellinger_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+        else:  # gjs alone (0 at beta = 0 and 1: the loop still gives the sums)
+            gjs, ps, qs, po, qo = _gjs_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln,
+                                                  beta if 0.0 < beta < 1.0 else 0.5)
+            gjs = gjs if 0.0 < beta < 1.0 else 0.0
+        if not (want_kl or want_rkl or want_ce):
+            p_sum, q_sum, kl_inf, rkl_inf = ps, qs, po, qo
+        if want_js and want_renyi:
+            js, _, _, _, _ = _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
+        if want_tvh and (want_renyi or want_js):
+            tv, hel, bc, _, _, _, _ = _tv_hellinger_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
         if want_tvh:
-            tv, hel, bc = _tv_hellinger_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
-            bha = _bhattacharyya(hel, bc, p_sum, q_sum)
-        if want_gjs and 0.0 < beta < 1.0:
-            gjs = _gjs_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, beta)
+            bha = _bhattacharyya(hel, bc, ps, qs)
+        if want_gjs and 0.0 < beta < 1.0 and (want_renyi or want_js or want_tvh):
+            gjs, _, _, _, _ = _gjs_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, beta)
     if want_ent:
         ent, p_sum = _entropy_terms_logs(prow, p_c, p_it, p_ln)
     if want_ce:
