@@ -194,18 +194,25 @@ def _slots(measures: tuple[str, ...]) -> np.ndarray:
     return slots
 
 
+def _target_request(rows: "_Rows", layout: Layout, target: Any) -> tuple[list[str], Any, np.ndarray]:
+    """(the target measures asked, the target ids, the rows' status with null targets made null rows)."""
+    wanted = [m for m in layout.measures if m in TARGET_MEASURES]
+    if not wanted:
+        return wanted, None, rows.status
+    ids, null = target_ids(target)
+    if null is not None:
+        rows.status[null & (rows.status == OK)] = NULL
+    return wanted, ids, rows.status
+
+
 def _fill_target(rows: "_Rows", layout: Layout, ps: Side, qs: Side | None, target: Any, options: Options,
                  threads: int = 1) -> "_Rows":
     """The nll_p, nll_q and delta_p rows of `rows`, at the token that came next (`target`)."""
-    wanted = [m for m in layout.measures if m in TARGET_MEASURES]
+    wanted, ids, status = _target_request(rows, layout, target)
     if not wanted:
         return rows
     from .kernels.compare import target_rows
 
-    ids, null = target_ids(target)
-    status = rows.status
-    if null is not None:
-        status[null & (status == OK)] = NULL
     inv_t = [1.0 / t if kind == "logits" else 1.0 for kind, t in
              ((options.p_kind, options.p_temperature), (options.q_kind, options.q_temperature))]
     outs = {m: np.empty(len(status)) for m in ("nll_p", "nll_q", "delta_p")}
@@ -304,15 +311,11 @@ def _fill_target_sparse(rows: "_Rows", layout: Layout, ps: Side, qs: Side, p_ids
                         options: Options, threads: int = 1) -> "_Rows":
     """nll_p, nll_q, delta_p of top-k rows: exact where the target is listed, else null (status
     target_unlisted) with bounds from what an unlisted token can hold."""
-    wanted = [m for m in layout.measures if m in TARGET_MEASURES]
+    wanted, ids, status = _target_request(rows, layout, target)
     if not wanted:
         return rows
     from .kernels.compare import target_rows_sparse
 
-    ids, null = target_ids(target)
-    status = rows.status
-    if null is not None:
-        status[null & (status == OK)] = NULL
     n = len(status)
     outs = {m: np.empty(n) for m in ("nll_p", "nll_q", "delta_p")}
     lower, upper = np.empty((3, n)), np.empty((3, n))

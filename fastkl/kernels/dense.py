@@ -440,14 +440,14 @@ def _renyi_log(ren, direct, p_sum, p_only, am1):
     """log(S / sum p), S = sum p^alpha q^(1-alpha), from ren = S - sum p (exact near S = sum p)
     or from direct = S (exact where S is far below sum p, as for mass mostly where q = 0):
     +inf where some q = 0 < p and alpha > 1, -inf where S = 0 (disjoint, alpha < 1), NaN
-    where the sums overflowed (the caller then takes a log-sum-exp)."""
+    where the sums overflowed or S underflowed (the caller then takes a log-sum-exp)."""
     if p_only > 0.0 and am1 > 0.0:
         return INF
     if not ren < INF:  # inf, or 0 * inf where p underflowed
         return NAN_
     r = ren / p_sum
-    if r < -0.5:
-        return math.log(direct / p_sum) if direct > 0.0 else -INF
+    if r < -0.5:  # S far below sum p: from S itself, in log space where it underflowed (or is 0)
+        return math.log(direct / p_sum) if direct > 0.0 else NAN_
     return math.log1p(r)
 
 
@@ -843,6 +843,7 @@ def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         q_sum = 1.0
     if want_renyi:  # divided by the float64 sum of p: the chunked float32 one is too coarse here
         ren = _renyi_log(ren, direct, _sum64(prow, prow.size), 0.0, am1)
+        flag += 0.0 if ren == ren else 1.0  # S underflowed: the general loop's log-sum-exp
     ok = flag == 0.0 and _sums_within32(p_sum, q_sum, min(prow.size, SUM_BLOCK), sum_tol)
     bha = 0.0
     if ok and want_tvh:
@@ -1096,6 +1097,12 @@ def _pair_logs(x, y, p_c, p_it, p_ln, q_c, q_it, q_ln):
     return a, b, exp_neg(a), exp_neg(b), both, only_p, only_q, d, ad, exp_neg(-ad), expm1_f64(-ad)
 
 
+@njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _add_sums(p_sum, q_sum, p_only, q_only, p, q, only_p, only_q):
+    """The row sums and +inf counts every log-space loop of js / tv / gjs / renyi carries."""
+    return p_sum + p, q_sum + q, p_only + (1.0 if only_p else 0.0), q_only + (1.0 if only_q else 0.0)
+
+
 # One loop per group of measures, like the float32 loops: a loop with several groups
 # behind run-time flags computes all of them (the vectoriser if-converts the branches).
 
@@ -1112,10 +1119,7 @@ def _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
         half = 0.5 * em
         t = -(p + q) * log_ratio(1.0 + half, 1.0, half) - (q if d >= 0.0 else p) * ad
         js += t if both else (p * LN2 if only_p else (q * LN2 if only_q else 0.0))
-        p_sum += p
-        q_sum += q
-        p_only += 1.0 if only_p else 0.0
-        q_only += 1.0 if only_q else 0.0
+        p_sum, q_sum, p_only, q_only = _add_sums(p_sum, q_sum, p_only, q_only, p, q, only_p, only_q)
     return js, p_sum, q_sum, p_only, q_only
 
 
@@ -1134,10 +1138,7 @@ def _tv_hellinger_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln):
         h = diff / root_sum
         hel += h * h if root_sum > 0.0 else 0.0
         bc += exp_neg(0.5 * (a + b)) if both else 0.0
-        p_sum += p
-        q_sum += q
-        p_only += 1.0 if only_p else 0.0
-        q_only += 1.0 if only_q else 0.0
+        p_sum, q_sum, p_only, q_only = _add_sums(p_sum, q_sum, p_only, q_only, p, q, only_p, only_q)
     return tv, hel, bc, p_sum, q_sum, p_only, q_only
 
 
@@ -1153,10 +1154,7 @@ def _gjs_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, w):
                                                                      q_c, q_it, q_ln)
         t = w * p * _log_over_mix(d, ex, em, w) + (1.0 - w) * q * _log_over_mix(-d, ex, em, 1.0 - w)
         gjs += t if both else (p * p_alone if only_p else (q * q_alone if only_q else 0.0))
-        p_sum += p
-        q_sum += q
-        p_only += 1.0 if only_p else 0.0
-        q_only += 1.0 if only_q else 0.0
+        p_sum, q_sum, p_only, q_only = _add_sums(p_sum, q_sum, p_only, q_only, p, q, only_p, only_q)
     return gjs, p_sum, q_sum, p_only, q_only
 
 
@@ -1173,10 +1171,7 @@ def _renyi_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, am1):
         x = min(x, 700.0)
         ren += p * expm1_f64(x) if both else (-p if only_p else 0.0)
         direct += exp_neg(min(a + x, 700.0)) if both else 0.0
-        p_sum += p
-        q_sum += q
-        p_only += 1.0 if only_p else 0.0
-        q_only += 1.0 if only_q else 0.0
+        p_sum, q_sum, p_only, q_only = _add_sums(p_sum, q_sum, p_only, q_only, p, q, only_p, only_q)
     return ren, direct, odd, p_sum, q_sum, p_only, q_only
 
 
@@ -1483,6 +1478,9 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
                 return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln,
                                     0.0, beta, am1, want_gjs, want_renyi)
             ren = _renyi_log(ren, direct, ps, po, am1)
+            if ren != ren:  # S underflowed: the general loop's log-sum-exp
+                return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln,
+                                    0.0, beta, am1, want_gjs, want_renyi)
         elif want_js:
             js, ps, qs, po, qo = _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
         elif want_tvh:
