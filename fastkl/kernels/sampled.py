@@ -34,6 +34,7 @@ from .fastmath import bits_float
 
 K1, K2, K3, ABS = 0, 1, 2, 3  # slots: fastkl._registry.SAMPLED_MEASURES order
 N_SAMPLED = 4
+CHUNK = 512  # positions per pass through L1-sized pieces (scratch of sequences: r and k3, 2 x 4 KiB)
 INF = math.inf
 FIRST_INVALID = 3  # status >= FIRST_INVALID: an invalid position (fastkl._registry)
 
@@ -156,21 +157,39 @@ def sampled_rows(p_values, p_mask, p_mask_offset, q_values, q_mask, q_mask_offse
                  slots, out, status, start, stop):
     """The requested estimators (slots[m]: row of `out`, or -1) for positions start..stop
     and their statuses: a pre-status other than OK or a null element (either validity
-    bitmap) first, then the stored values (`_bad`)."""
+    bitmap) first, then the stored values (`_position_code`). Chunk by chunk, so that
+    each estimator's loop reads p and q from L1."""
     has_mask = p_mask.size > 0 or q_mask.size > 0
-    for i in range(start, stop):
-        code = np.int64(pre_status[i])
-        if has_mask and code == OK and not (valid_bit(p_mask, p_mask_offset, i)
-                                           and valid_bit(q_mask, q_mask_offset, i)):
-            code = NULL_ELEMENT
-        status[i] = code
     nan = np.nan
-    for m in range(N_SAMPLED):
-        if slots[m] >= 0:
-            _terms(m, p_values, q_values, status, True, sum_tol, nan, out[slots[m]], start, stop, start)
-    for i in range(start, stop):
-        if status[i] == OK:
-            status[i] = _position_code(OK, np.float64(p_values[i]), np.float64(q_values[i]), sum_tol)
+    for lo in range(start, stop, CHUNK):
+        hi = min(lo + CHUNK, stop)
+        for m in range(N_SAMPLED):
+            if slots[m] >= 0:
+                _terms(m, p_values, q_values, pre_status, True, sum_tol, nan, out[slots[m]], lo, hi, lo)
+        _codes(p_values, q_values, pre_status, sum_tol, status, lo, hi)
+        if has_mask:
+            for i in range(lo, hi):
+                if pre_status[i] == OK and not (valid_bit(p_mask, p_mask_offset, i)
+                                                and valid_bit(q_mask, q_mask_offset, i)):
+                    status[i] = NULL_ELEMENT
+                    for m in range(N_SAMPLED):
+                        if slots[m] >= 0:
+                            out[slots[m], i] = nan
+
+
+@_kernel
+def _codes(p_values, q_values, pre, sum_tol, status, lo, hi):
+    """`_position_code` of positions lo..hi into status, without branches."""
+    pv, qv, pr, st = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], status[lo:hi]
+    for j in range(hi - lo):
+        p = np.float64(pv[j])
+        q = np.float64(qv[j])
+        c = np.uint8(pr[j])
+        pc = np.uint8(NAN) if p != p else (np.uint8(NON_FINITE) if abs(p) == INF else
+                                          (np.uint8(NEGATIVE) if p > sum_tol else np.uint8(OK)))
+        qc = np.uint8(NAN) if q != q else (np.uint8(NON_FINITE) if q == INF else
+                                          (np.uint8(NEGATIVE) if q > sum_tol else np.uint8(OK)))
+        st[j] = c if c != OK else (pc if pc != OK else qc)
 
 
 @_jit
@@ -236,9 +255,6 @@ def _abs_loop(p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_
 
 # ------------------------------------------------------------------ sequence rows
 
-CHUNK = 512  # positions per pass through the scratch buffer (4 x 512 float64: 16 KiB, in L1)
-
-
 @_kernel
 def _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, lo, hi):
     """r = q - p of positions lo..hi into rbuf (0.0 where a position does not count or
@@ -259,6 +275,7 @@ def _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, lo, hi):
 
 @_kernel
 def _chunk_k3(rbuf, k3buf, n):
+    """k3 of the chunk's n positions (from their r) into k3buf."""
     for j in range(n):
         k3buf[j] = k3_vec(rbuf[j])
 
@@ -336,7 +353,7 @@ def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum
                 bad += bad_n
                 if bad and not want_tokens:
                     break  # the sums are lost anyway: name the first bad position
-                if want_k3:
+                if want_k3:  # (a pass of its own: fused with the reads above it was slower)
                     _chunk_k3(rbuf, k3buf, b - a)
                 _chunk_sums(rbuf, k3buf, b - a, acc)
                 if want_tokens:
