@@ -540,7 +540,9 @@ def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64), options: Options 
             continue
         if opts.p_kind == "sampled":
             x = np.full(2, -0.5, dtype=dtype)
-            compute(x, x, measures, opts, threads=1)
+            compute(x, x, measures, opts, threads=1)  # token rows
+            x = pa.array([[-0.5, -0.25]], type=pa.list_(pa.from_numpy_dtype(dtype)))
+            compute(x, x, measures, opts, threads=1)  # sequence rows (the fused kernel)
             continue
         x = np.full((1, 2), 0.5, dtype=dtype)
         q = x if needs_q(check_measures(measures)) else None
