@@ -11,15 +11,16 @@ sampled that token) and is a bad position, as are NaN, +inf and
 log-probs > sum_tol.
 
 Two kernels, both branch-free in their position loops so LLVM emits SIMD
-code (`k3_vec` has no libm call: a select between a series and a
-Cody-Waite expm1, see there):
+code (`k3_vec` has no libm call: one Cody-Waite reduction, one polynomial
+and selects, see there):
 
 * `sampled_rows`: one value per measure and position (token rows);
 * `sampled_sequences`: sequence rows in one pass. Each sequence's positions
-  are validated and their estimators summed chunk by chunk through an L1
-  scratch buffer; no per-position array is written unless asked for
-  (`m_tokens`, the summary's token level). A sequence holding a bad
-  position is scanned again by the scalar rules to name the first one.
+  are validated and their estimators summed chunk by chunk through L1
+  scratch buffers (r, then k3 from it, then the sums); no per-position
+  array is written unless asked for (`m_tokens`, the summary's token level).
+  A sequence holding a bad position is scanned again by the scalar rules to
+  name the first one.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ FIRST_INVALID = 3  # status >= FIRST_INVALID: an invalid position (fastkl._regis
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")
 # Loops of terms: no `reassoc` (the operation order of k3_vec is the algorithm);
-# only `_sum` has it, so that LLVM vectorises the float sum. The helpers are
-# inlined into the loops by Numba (LLVM leaves a function as large as k3_vec
+# only `_chunk_sums` has it, so that LLVM vectorises its float sums. The helpers
+# are inlined into the loops by Numba (LLVM leaves a function as large as k3_vec
 # called, and a loop with a call is not vectorised); they take the flags of the
 # loop they are inlined into, which are these.
 _TERMS = {"nsz", "contract"}
@@ -165,7 +166,7 @@ def sampled_rows(p_values, p_mask, p_mask_offset, q_values, q_mask, q_mask_offse
         hi = min(lo + CHUNK, stop)
         for m in range(N_SAMPLED):
             if slots[m] >= 0:
-                _terms(m, p_values, q_values, pre_status, True, sum_tol, nan, out[slots[m]], lo, hi, lo)
+                _terms(m, p_values, q_values, pre_status, sum_tol, out[slots[m]], lo, hi)
         _codes(p_values, q_values, pre_status, sum_tol, status, lo, hi)
         if has_mask:
             for i in range(lo, hi):
@@ -193,17 +194,17 @@ def _codes(p_values, q_values, pre, sum_tol, status, lo, hi):
 
 
 @_jit
-def _terms(m, p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_lo):
-    """Estimator m of positions lo..hi into out[out_lo:]: `zero` where a position's
-    pre-status (if `has_pre`) is not OK or its log-probs are not usable."""
+def _terms(m, p_values, q_values, pre, sum_tol, out, lo, hi):
+    """Estimator m of positions lo..hi into out[lo:hi]: NaN where a position's pre-status
+    is not OK or its log-probs are not usable."""
     if m == K1:
-        _k1_loop(p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_lo)
+        _k1_loop(p_values, q_values, pre, sum_tol, out, lo, hi)
     elif m == K2:
-        _k2_loop(p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_lo)
+        _k2_loop(p_values, q_values, pre, sum_tol, out, lo, hi)
     elif m == K3:
-        _k3_loop(p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_lo)
+        _k3_loop(p_values, q_values, pre, sum_tol, out, lo, hi)
     else:
-        _abs_loop(p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_lo)
+        _abs_loop(p_values, q_values, pre, sum_tol, out, lo, hi)
 
 
 # One loop per estimator, each branch-free (written out: LLVM does not hoist a switch
@@ -212,45 +213,45 @@ def _terms(m, p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_
 # which would turn the loads into gathers).
 
 @_kernel
-def _k1_loop(p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_lo):
-    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[out_lo:out_lo + hi - lo]
+def _k1_loop(p_values, q_values, pre, sum_tol, out, lo, hi):
+    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[lo:hi]
     for j in range(hi - lo):
         p = np.float64(pv[j])
         q = np.float64(qv[j])
-        ok = ((pr[j] if has_pre else OK) == OK) & _usable(p, q, sum_tol)
-        o[j] = (p - q) if ok else zero  # -r, without a -0.0 where they agree
+        ok = (pr[j] == OK) & _usable(p, q, sum_tol)
+        o[j] = (p - q) if ok else np.nan  # -r, without a -0.0 where they agree
 
 
 @_kernel
-def _k2_loop(p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_lo):
-    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[out_lo:out_lo + hi - lo]
+def _k2_loop(p_values, q_values, pre, sum_tol, out, lo, hi):
+    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[lo:hi]
     for j in range(hi - lo):
         p = np.float64(pv[j])
         q = np.float64(qv[j])
-        ok = ((pr[j] if has_pre else OK) == OK) & _usable(p, q, sum_tol)
+        ok = (pr[j] == OK) & _usable(p, q, sum_tol)
         r = q - p
-        o[j] = 0.5 * r * r if ok else zero
+        o[j] = 0.5 * r * r if ok else np.nan
 
 
 @_kernel
-def _k3_loop(p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_lo):
-    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[out_lo:out_lo + hi - lo]
+def _k3_loop(p_values, q_values, pre, sum_tol, out, lo, hi):
+    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[lo:hi]
     for j in range(hi - lo):
         p = np.float64(pv[j])
         q = np.float64(qv[j])
-        ok = ((pr[j] if has_pre else OK) == OK) & _usable(p, q, sum_tol)
+        ok = (pr[j] == OK) & _usable(p, q, sum_tol)
         v = k3_vec(q - p)  # computed for every position: a branch around it would stop vectorisation
-        o[j] = v if ok else zero
+        o[j] = v if ok else np.nan
 
 
 @_kernel
-def _abs_loop(p_values, q_values, pre, has_pre, sum_tol, zero, out, lo, hi, out_lo):
-    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[out_lo:out_lo + hi - lo]
+def _abs_loop(p_values, q_values, pre, sum_tol, out, lo, hi):
+    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[lo:hi]
     for j in range(hi - lo):
         p = np.float64(pv[j])
         q = np.float64(qv[j])
-        ok = ((pr[j] if has_pre else OK) == OK) & _usable(p, q, sum_tol)
-        o[j] = abs(q - p) if ok else zero
+        ok = (pr[j] == OK) & _usable(p, q, sum_tol)
+        o[j] = abs(q - p) if ok else np.nan
 
 
 # ------------------------------------------------------------------ sequence rows
