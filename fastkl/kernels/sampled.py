@@ -71,9 +71,9 @@ def k3_term(r):
 #   e^r - 1 - r = 2^k s^2 g(s) + ((2^k - 1) s + c_k),   c_k = 2^k - 1 - k ln2 (k3 at k ln2),
 # an identity in which r itself no longer appears: c_k is exact but its last rounding
 # (for |k| <= 60), so where k3 is small (|r| near 1/2) nothing cancels beyond a factor
-# 1.5, and for k = 0 it is the series s^2 g(s). Beyond, 1 + r or e^r is negligible:
-# k3 = -1 - r for k < -60 (e^r < 2^-60 against k3 > 40; +inf for r = -inf) and
-# k3 = e^r - 1 - r for k > 60, e^r = 2^(k-1) (2 e^s) (+inf when it overflows).
+# 1.5, and for k = 0 it is the series s^2 g(s). For |r| > 41.5 (|k| >= 60), 1 + r or
+# e^r is negligible beside the other: k3 = (e^r - 1) - r, e^r = 2^(k-1) (2 e^s), from r
+# clamped to [-708, 710] (e^r is then a tiny normal number below, +inf above); -inf gives +inf.
 # g: the polynomial of degree 11 from mpmath.chebyfit(g, [-1/2, 1/2], 12) at 50 digits
 # (2.8e-18 relative before its coefficients are rounded to float64, 1.6e-17 after).
 _G0 = 0.5
@@ -91,8 +91,8 @@ _G11 = 1.6116496514371548e-10
 _INV_LN2 = 1.44269504088896338700e00
 _LN2_HI = 6.93147180369123816490e-01  # 32 significant bits: k * _LN2_HI is exact for |k| < 2^20
 _LN2_LO = 1.90821492927058770002e-10
-_R_MIN, _R_MAX = -1080.0, 710.0  # the reduction's range: e^r is 0 below and overflows above
-_K_NEAR = 60.0
+_R_MIN, _R_MAX = -708.0, 710.0  # the reduction's range: 2^(k-1) is a normal number, or overflows
+_R_NEAR = 41.5  # |r| <= _R_NEAR: |k| <= 60
 
 
 @_inline
@@ -122,16 +122,17 @@ def k3_vec(r):
     x = r if r > _R_MIN else _R_MIN
     x = x if x < _R_MAX else _R_MAX
     k = np.floor(x * _INV_LN2 + 0.5)
-    k = k if abs(r) >= 0.5 else 0.0  # (and 0 for a NaN: no undefined conversion below)
+    a = abs(r)
+    k = k if a >= 0.5 else 0.0  # (and 0 for a NaN: no undefined conversion below)
     s = (x - k * _LN2_HI) - k * _LN2_LO
     s2g = s * s * _g(s)
-    half = bits_float((np.int64(k) + 0x3FE) << 52)  # 2^(k-1), for k in [-1021, 1024] (the lanes using it)
+    half = bits_float((np.int64(k) + 0x3FE) << 52)  # 2^(k-1), k in [-1021, 1024]
     two_k = half + half
     c_k = ((two_k - 1.0) - k * _LN2_HI) - k * _LN2_LO
     near = two_k * s2g + ((two_k - 1.0) * s + c_k)
     e = (1.0 + s) + s2g
-    far = ((e + e) * half - 1.0) - r if k > 0.0 else -1.0 - r
-    out = near if abs(k) <= _K_NEAR else far
+    far = ((e + e) * half - 1.0) - r
+    out = near if a <= _R_NEAR else far
     return out if out > 0.0 else 0.0  # -0.0 and roundings below 0 (none known) become 0; NaN stays NaN
 
 
