@@ -119,8 +119,7 @@ def k3_vec(r):
     >= 0 for every r; +inf for r = -inf and where e^r overflows; the value
     for a NaN r is unspecified (callers select it away).
     """
-    x = r if r > _R_MIN else _R_MIN
-    x = x if x < _R_MAX else _R_MAX
+    x = min(max(r, _R_MIN), _R_MAX)  # (vmaxpd / vminpd; for a NaN r, k is 0 below whatever x is)
     k = np.floor(x * _INV_LN2 + 0.5)
     a = abs(r)
     k = k if a >= 0.5 else 0.0  # (and 0 for a NaN: no undefined conversion below)
