@@ -25,7 +25,7 @@ from ._config import MIN_ELEMENTS_PER_BLOCK
 from ._options import Options, check_measures, check_request, check_threads, needs_q
 from ._registry import KIND_CODE, MEASURE_INDEX, NULL, OK, SAMPLED_INDEX, TAILS, TARGET_MEASURES, valid_rows
 from ._result import Layout, PerToken, Result, concat, empty, layout_for
-from .adapters.arrow import Side, aligned_columns, scalar_side, side_pair, torch_declared
+from .adapters.arrow import Side, aligned_columns, scalar_values, side_pair, torch_declared
 from .adapters.tokens import (describe_sequence, describe_sparse, empty_ids, flatten, ids_side, is_sequence,
                               merge_pre_status, target_ids)
 from .errors import OptionError
@@ -145,13 +145,32 @@ def _pre_status(pre: np.ndarray | None, *sides: Side | None) -> np.ndarray:
 def _run_blocks(kernel, args: tuple, offsets: np.ndarray, threads: int) -> None:
     """kernel(*args, start, stop) over blocks of rows of about equal element counts, on the pool."""
     n = len(offsets) - 1
-    blocks = _blocks(offsets, threads * 4) if threads > 1 else [(0, n)]
+    _run_ranges(kernel, args, _blocks(offsets, threads * 4) if threads > 1 else [(0, n)])
+
+
+def _even_blocks(n: int, threads: int) -> list[tuple[int, int]]:
+    """`_blocks` for n rows of one element each (no offsets to build)."""
+    k = max(1, min(threads * 4 if threads > 1 else 1, n // MIN_ELEMENTS_PER_BLOCK))
+    cuts = [n * b // k for b in range(k + 1)]
+    return [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo] or [(0, n)]
+
+
+def _run_ranges(kernel, args: tuple, blocks: list[tuple[int, int]]) -> None:
+    """kernel(*args, start, stop) for each (start, stop) of `blocks`, on the pool if more than one."""
     if len(blocks) == 1:
-        kernel(*args, 0, n)
+        kernel(*args, *blocks[0])
         return
     futures = [_get_pool().submit(kernel, *args, lo, hi) for lo, hi in blocks]
     for f in futures:
         f.result()
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view (the kernels' inputs are all read-only: one specialisation)."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
 
 
 def _run_piece(p: Side, q: Side | None, pre: np.ndarray, slots: np.ndarray, opts: Options, use_q: bool,
@@ -343,24 +362,45 @@ def _fill_target_sparse(rows: "_Rows", layout: Layout, ps: Side, qs: Side, p_ids
 def _run_sampled(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, options: Options,
                  threads: int) -> _Rows:
     """The RLHF estimators over token rows of one sampled log-prob per side."""
-    from .kernels.sampled import N_SAMPLED, sampled_rows
+    from .kernels.sampled import sampled_rows
 
-    ps, qs = scalar_side(cols["p"], "p"), scalar_side(cols["q"], "q")
-    n = ps.n
+    p, q = scalar_values(cols["p"], "p"), scalar_values(cols["q"], "q")
+    n = len(p[0])
+    if pre is None:
+        pre = np.zeros(n, dtype=np.uint8)
+        for null in (p[3], q[3]):
+            if null is not None:
+                pre[null] = NULL
     values = np.empty((len(layout.measures), n), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
+    args = (*p[:3], *q[:3], _read_only(pre), float(options.sum_tol), _sampled_slots(layout), values, status)
+    _run_ranges(sampled_rows, args, _even_blocks(n, threads))
+    return _Rows(values, status, _sampled_describe(cols["p"], cols["q"], options))
+
+
+def _sampled_slots(layout: Layout) -> np.ndarray:
+    """Which row of the outputs receives each estimator (kernels.sampled slot order; -1: not asked)."""
+    from .kernels.sampled import N_SAMPLED
+
     slots = np.full(N_SAMPLED, -1, dtype=np.int64)
     for i, m in enumerate(layout.measures):
         slots[SAMPLED_INDEX[m]] = i
-    args = (ps.values, ps.mask, int(ps.mask_offset), qs.values, qs.mask, int(qs.mask_offset),
-            _pre_status(pre, ps, qs), float(options.sum_tol), slots, values, status)
-    _run_blocks(sampled_rows, args, ps.offsets, threads)
+    return slots
+
+
+def _sampled_describe(p: Any, q: Any, options: Options) -> Callable[[int, str], str]:
+    """Why position (token row) `i` of the sampled log-prob columns p, q is bad."""
+    def value(col: Any, i: int) -> float | None:
+        if isinstance(col, np.ndarray):
+            return float(col[i])
+        x = col[i]
+        return float(x.as_py()) if x.is_valid else None
 
     def describe(i: int, reason: str) -> str:
-        for name, side, what in (("p", ps, "the log-prob of a token the policy sampled"),
-                                 ("q", qs, "a log-prob under the reference")):
-            x = float(side.values[i])
-            if side.row_nulls(i).size:
+        for name, col, what in (("p", p, "the log-prob of a token the policy sampled"),
+                                ("q", q, "a log-prob under the reference")):
+            x = value(col, i)
+            if x is None:
                 return f"{name} is null"
             bad = {"nan": x != x, "negative": x > options.sum_tol,
                    "non_finite": x == math.inf or (name == "p" and x == -math.inf)}
@@ -368,7 +408,49 @@ def _run_sampled(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, o
                 return f"{name} = {x!r} cannot be {what}"
         return ""
 
-    return _Rows(values, status, describe)
+    return describe
+
+
+_NO_PRE = np.zeros(0, dtype=np.uint8)
+
+
+def _sampled_sequence_result(cols: dict[str, Any], layout: Layout, options: Options, threads: int) -> Result:
+    """Sequence rows of sampled log-probs in one fused pass (kernels.sampled.sampled_sequences):
+    sums, counts and statuses per sequence; the per-position values only for `m_tokens`,
+    else on first use (the summary's token level)."""
+    from .kernels.sampled import sampled_sequences
+
+    seqs = flatten({"p": cols["p"], "q": cols["q"]}, cols.get("mask"), cols.get("lengths"), sampled=True)
+    p = scalar_values(seqs.columns["p"], "p")[0]
+    q = scalar_values(seqs.columns["q"], "q")[0]
+    # nulls of either side are in it (NULL_ELEMENT where counted); None: every position counts
+    pre = _read_only(seqs.pre if seqs.pre is not None else _NO_PRE)
+    slots = _sampled_slots(layout)
+    n, m, positions = seqs.n, len(layout.measures), int(seqs.offsets[-1])
+
+    def run(want_tokens: bool) -> tuple[np.ndarray, ...]:
+        """(sums, tokens, status, first bad position, token values, token statuses) of every sequence."""
+        out = (np.empty((m, n)), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint8), np.empty(n, dtype=np.int64),
+               np.empty((m, positions if want_tokens else 0)), np.empty(positions if want_tokens else 0, np.uint8))
+        args = (seqs.offsets, _read_only(seqs.status), pre, seqs.pre is not None, p, q, float(options.sum_tol),
+                slots, out[0], out[1], out[2], out[3], want_tokens, out[4], out[5])
+        _run_blocks(sampled_sequences, args, seqs.offsets, threads)
+        return out
+
+    sums, tokens, status, first_bad, token_values, token_status = run(layout.per_token)
+    if layout.per_token:
+        per_token = PerToken(seqs.offsets, token_values, token_status)
+    else:  # the same run with them, if they are read (the summary's token level)
+        per_token = PerToken(seqs.offsets, fill=lambda: run(True)[4:])
+    at = _sampled_describe(seqs.columns["p"], seqs.columns["q"], options)
+
+    def describe(i: int, reason: str) -> tuple[int | None, str]:
+        j = int(first_bad[i])
+        if j < 0:
+            return None, describe_sequence(seqs, i, reason)
+        return j - int(seqs.offsets[i]), at(j, reason)
+
+    return Result(layout, sums, status, options, tokens=tokens, per_token=per_token, _describe=[(0, n, describe)])
 
 
 def _describe_target(cols: dict[str, Any], i: int, reason: str, vocab: int | None = None) -> str:
@@ -395,6 +477,8 @@ def _token_result(cols: dict[str, Any], layout: Layout, options: Options, use_q:
 def _sequence_result(cols: dict[str, Any], layout: Layout, options: Options, use_q: bool,
                      threads: int) -> Result:
     """Sequence rows: the kernel over their counted positions, then sums per sequence."""
+    if options.p_kind == "sampled":
+        return _sampled_sequence_result(cols, layout, options, threads)
     seqs = flatten({k: v for k, v in cols.items() if k not in ("mask", "lengths", "target")},
                    cols.get("mask"), cols.get("lengths"), sampled=options.p_kind == "sampled",
                    target=cols.get("target"))
@@ -503,7 +587,9 @@ def warmup(dtypes: tuple[Any, ...] = (np.float32, np.float64), options: Options 
             continue
         if opts.p_kind == "sampled":
             x = np.full(2, -0.5, dtype=dtype)
-            compute(x, x, measures, opts, threads=1)
+            compute(x, x, measures, opts, threads=1)  # token rows
+            x = pa.array([[-0.5, -0.25]], type=pa.list_(pa.from_numpy_dtype(dtype)))
+            compute(x, x, measures, opts, threads=1)  # sequence rows (the fused kernel)
             continue
         x = np.full((1, 2), 0.5, dtype=dtype)
         q = x if needs_q(check_measures(measures)) else None

@@ -63,13 +63,40 @@ def output_fields(layout: Layout, status: bool) -> list[pa.Field]:
     return fields
 
 
-@dataclass
 class PerToken:
-    """Per-position values of sequence rows, for `m_tokens` columns."""
+    """Per-position values of sequence rows, for `m_tokens` columns and the summary's token level.
 
-    offsets: np.ndarray  # int64, rows + 1, into values' columns
-    values: np.ndarray  # float64 (measures, positions)
-    status: np.ndarray  # uint8 per position: only ok positions have a value
+    A kernel that sums sequences without writing them (kernels.sampled) gives
+    `fill` instead: it computes (values, status) the first time they are read.
+    """
+
+    def __init__(self, offsets: np.ndarray, values: np.ndarray | None = None, status: np.ndarray | None = None,
+                 fill: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+        if (values is None or status is None) and fill is None:
+            raise ValueError("PerToken needs values and status, or fill")
+        self.offsets = offsets  # int64, rows + 1, into values' columns
+        self._values = values  # float64 (measures, positions)
+        self._status = status  # uint8 per position: only ok positions have a value
+        self._fill = fill
+
+    @property
+    def filled(self) -> bool:
+        return self._fill is None
+
+    @property
+    def values(self) -> np.ndarray:
+        self._compute()
+        return self._values
+
+    @property
+    def status(self) -> np.ndarray:
+        self._compute()
+        return self._status
+
+    def _compute(self) -> None:
+        if self._fill is not None:
+            self._values, self._status = self._fill()
+            self._fill = None
 
 
 @dataclass
@@ -178,8 +205,16 @@ def concat(layout: Layout, options: Options, parts: list[tuple[int, Result]]) ->
     if rs[0].per_token is not None:
         starts = np.cumsum([0] + [r.per_token.offsets[-1] for r in rs])
         offsets = np.concatenate([[0]] + [r.per_token.offsets[1:] + s for r, s in zip(rs, starts)])
-        per_token = PerToken(offsets.astype(np.int64), np.concatenate([r.per_token.values for r in rs], axis=1),
-                             np.concatenate([r.per_token.status for r in rs]))
+        tokens = [r.per_token for r in rs]
+
+        def fill() -> tuple[np.ndarray, np.ndarray]:
+            return (np.concatenate([t.values for t in tokens], axis=1),
+                    np.concatenate([t.status for t in tokens]))
+
+        if all(t.filled for t in tokens):
+            per_token = PerToken(offsets.astype(np.int64), *fill())
+        else:  # read only if used
+            per_token = PerToken(offsets.astype(np.int64), fill=fill)
     describe = [(first + f, n, fn) for first, r in parts for f, n, fn in r._describe]
     return Result(layout, cat("values"), cat("status"), options, cat("lower"), cat("upper"), cat("listed"),
                   cat("tokens"), per_token, describe)

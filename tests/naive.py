@@ -946,6 +946,43 @@ def sampled_reference(name: str, p: float, q: float):
     raise KeyError(name)
 
 
+def sampled_position_status(p, q) -> str:
+    """The status of one counted position (None: a null element), in the order the kernels
+    check: null, then the policy's log-prob, then the reference's (SPEC §11)."""
+    if p is None or q is None:
+        return "null_element"
+    for x, policy in ((p, True), (q, False)):
+        if math.isnan(x):
+            return "nan"
+        if x == math.inf or (policy and x == -math.inf):
+            return "non_finite"
+        if x > 1e-3:
+            return "negative"
+    return "ok"
+
+
+def sampled_sequence_reference(p_seq, q_seq, counted) -> tuple[str, int | None, dict]:
+    """(status, first bad position or None, {estimator: exact value per position, None where
+    not counted}) of one sequence of sampled log-probs; `counted[j]`: position j counts (a
+    sequence is invalid at its first bad counted position, `no_tokens` if none counts)."""
+    if p_seq is None or q_seq is None:
+        return "null", None, {m: [] for m in SAMPLED_MEASURES}
+    if len(p_seq) != len(q_seq):
+        return "length_mismatch", None, {m: [] for m in SAMPLED_MEASURES}
+    refs = {m: [] for m in SAMPLED_MEASURES}
+    for j, (a, b) in enumerate(zip(p_seq, q_seq)):
+        if not counted[j]:
+            for m in SAMPLED_MEASURES:
+                refs[m].append(None)
+            continue
+        st = sampled_position_status(a, b)
+        if st != "ok":
+            return st, j, refs
+        for m in SAMPLED_MEASURES:
+            refs[m].append(sampled_reference(m, a, b))
+    return ("ok" if any(counted) else "no_tokens"), None, refs
+
+
 def gaussian_kl_reference(p_mean, p_logvar, q_mean, q_logvar):
     """Exact KL between diagonal Gaussians (mpmath, 50 digits).
 

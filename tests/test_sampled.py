@@ -184,3 +184,244 @@ def test_a_rollout_table_through_a_job(tmp_path):
     # the token mean over the dataset (GRPO's number) and the sequence mean of sums (PPO's)
     assert s["tokens"]["measures"]["k3"]["mean"] == pytest.approx(np.nanmean(k3), rel=1e-9)
     assert s["measures"]["k3"]["mean"] == pytest.approx(np.nanmean(np.nansum(k3, axis=1)), rel=1e-9)
+
+
+# ---------------------------------------------------------------- the fused sequence kernel
+# kernels.sampled.sampled_sequences sums each sequence in one pass and writes per-position
+# values only for m_tokens (or when the summary reads them): compared with the exact
+# reference, for every shape the sampled kind accepts.
+
+from fastkl._engine import compute  # noqa: E402
+from fastkl._options import Options  # noqa: E402
+from fastkl.summary.stats import PartStats  # noqa: E402
+
+_SPECIAL = [math.nan, math.inf, -math.inf, 0.5, 1e-4, 0.0, -1e-300, -700.0, None]
+
+
+def _sum_check(got, refs, what):
+    """A sequence's sum against math.fsum of the exact terms: within 1e-13 of the sum of their
+    sizes (SPEC §2 allows 1e-12 for float64 input, 1e-6 for float32), +inf exactly."""
+    terms = [float(r) for r in refs if r is not None]
+    if any(math.isinf(t) for t in terms):
+        assert got == math.inf, (what, got)
+        return
+    want = math.fsum(terms)
+    assert abs(got - want) <= 1e-13 * math.fsum(abs(t) for t in terms) + 1e-300, (what, got, want)
+
+
+@st.composite
+def _sampled_sequences(draw):
+    """(p, q, counted, kwargs for the call, list-of-lists of stored p, of stored q)."""
+    layout = draw(st.sampled_from(["list", "large_list", "numpy"]))
+    dtype = draw(st.sampled_from(["float64", "float32", "float16"] + (["bfloat16"] if layout == "numpy" else [])))
+    n = draw(st.integers(1, 6))
+    t_fixed = draw(st.integers(0, 9))
+    seqs = []
+    for _ in range(n):
+        t = t_fixed if layout == "numpy" else draw(st.integers(0, 9))
+        good = st.tuples(st.floats(-20.0, 0.0), st.floats(-20.0, 0.0))
+        pos = draw(st.lists(good, min_size=t, max_size=t))
+        pos = [list(x) for x in pos]
+        if t and draw(st.booleans()):  # one special value somewhere (bad or extreme)
+            j, side = draw(st.integers(0, t - 1)), draw(st.integers(0, 1))
+            special = draw(st.sampled_from(_SPECIAL if layout != "numpy" else _SPECIAL[:-1]))
+            pos[j][side] = special
+        seqs.append(pos)
+    null_seq = layout != "numpy" and n > 1 and draw(st.booleans())
+    if null_seq:
+        seqs[draw(st.integers(0, n - 1))] = None
+    masking = draw(st.sampled_from(["none", "mask", "lengths"]))
+    counted = [[True] * (len(s) if s is not None else 0) for s in seqs]
+    kw = {}
+    if masking == "mask":
+        counted = [draw(st.lists(st.booleans(), min_size=len(c), max_size=len(c))) for c in counted]
+        kw["mask"] = (np.array(counted, dtype=np.int8).reshape(n, t_fixed) if layout == "numpy"
+                      else pa.array(counted, type=pa.list_(pa.bool_())).cast(
+                          pa.list_(draw(st.sampled_from([pa.bool_(), pa.int8()])))))
+    elif masking == "lengths":
+        lengths = [draw(st.integers(0, len(c))) for c in counted]
+        counted = [[j < k for j in range(len(c))] for c, k in zip(counted, lengths)]
+        kw["lengths"] = np.array(lengths)
+    pad = draw(st.integers(0, 2)) if layout != "numpy" else 0
+    sides = []
+    for side in (0, 1):
+        rows = [None if s is None else [x[side] for x in s] for s in seqs]
+        sides.append(_sampled_column(rows, layout, dtype, pad, t_fixed))
+    return sides[0], sides[1], counted, kw, *(_stored(x) for x in sides)
+
+
+def _sampled_column(rows, layout, dtype, pad, t):
+    """The rows as a sequence column: a 2-D array, or a (sliced, when pad) list array with
+    null elements and null sequences where rows say None."""
+    if layout == "numpy":
+        if dtype == "bfloat16":
+            import ml_dtypes
+            return np.array(rows, dtype=np.float64).reshape(len(rows), t).astype(ml_dtypes.bfloat16)
+        return np.array(rows, dtype=np.float64).reshape(len(rows), t).astype(dtype)
+    rows = [[-1.0, -2.0]] * pad + rows + [[-3.0]] * pad
+    flat = [x for r in rows if r is not None for x in r]
+    values = np.array([0.0 if x is None else x for x in flat], dtype=np.float64).astype(dtype)
+    child = pa.array(values, mask=np.array([x is None for x in flat], dtype=bool))
+    offsets = np.concatenate([[0], np.cumsum([len(r) if r is not None else 0 for r in rows])])
+    cls, off_type = (pa.LargeListArray, pa.int64()) if layout == "large_list" else (pa.ListArray, pa.int32())
+    arr = cls.from_arrays(pa.array(offsets, type=off_type), child,
+                          mask=pa.array([r is None for r in rows]))
+    return arr.slice(pad, len(rows) - 2 * pad) if pad else arr
+
+
+def _stored(x):
+    """The values as stored (what the kernel reads), as Python floats (None: null)."""
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64).tolist()
+    return [None if r is None else [None if v is None else float(v) for v in r] for r in x.to_pylist()]
+
+
+def _run(p, q, kw, per_token, threads=None):
+    options = Options.from_kwargs(kind="sampled", on_invalid="null", per_token=per_token)
+    return compute(p, q, MEASURES, options, threads=threads, **kw)
+
+
+@settings(max_examples=120, deadline=None)
+@given(_sampled_sequences())
+def test_fused_sequences_match_the_exact_reference(case):
+    p, q, counted, kw, p_rows, q_rows = case
+    res = _run(p, q, kw, per_token=False)
+    res_t = _run(p, q, kw, per_token=True)
+    # per_token changes what is written, never the sums
+    assert np.array_equal(res.values, res_t.values, equal_nan=True)
+    assert np.array_equal(res.status, res_t.status) and np.array_equal(res.tokens, res_t.tokens)
+    table = res_t.to_table(status=True)
+    for i, (ps, qs) in enumerate(zip(p_rows, q_rows)):
+        status, bad_at, refs = naive.sampled_sequence_reference(ps, qs, counted[i])
+        note(f"sequence {i}: p={ps} q={qs} counted={counted[i]} -> {status} at {bad_at}")
+        assert table["status"][i].as_py() == status, i
+        if status in ("ok", "no_tokens"):
+            assert table["tokens"][i].as_py() == sum(counted[i])
+        if bad_at is not None:  # named as the token path names it: the first bad counted position
+            position, detail = res.describe(i, status)
+            assert position == bad_at and detail, (i, position, detail)
+        if status != "ok":
+            assert all(table[m][i].as_py() is None for m in MEASURES)
+            continue
+        n = sum(counted[i])
+        for m in MEASURES:
+            _sum_check(table[m][i].as_py(), refs[m], (i, m))
+            assert table[f"{m}_mean"][i].as_py() == table[m][i].as_py() / n
+            for j, (g, r) in enumerate(zip(table[f"{m}_tokens"][i].as_py(), refs[m])):
+                _check(g, r, (i, j, m), m, (qs[j] - ps[j]) if r is not None else 0.0)
+
+
+def _long_sequences(rng, n, max_len, bad_rate=0.0):
+    """float32 rollout-like sequences of up to max_len positions (several kernel chunks),
+    with a few bad values placed anywhere when bad_rate > 0."""
+    lengths = rng.integers(0, max_len + 1, n)
+    lp = [-rng.exponential(1.0, k).astype(np.float32) for k in lengths]
+    lq = [np.minimum(a + rng.normal(0, 0.5, a.size).astype(np.float32), 0).astype(np.float32) for a in lp]
+    for a in lp:
+        if a.size and rng.random() < bad_rate:
+            a[rng.integers(a.size)] = rng.choice([np.nan, np.inf, 0.5])
+    col = lambda xs: pa.array([x.tolist() for x in xs], type=pa.list_(pa.float32()))  # noqa: E731
+    return col(lp), col(lq), lengths
+
+
+def test_long_sequences_over_several_chunks_and_threads():
+    """Sequences longer than the kernel's chunk, bad positions beyond the first chunk, a mask:
+    the exact reference, and the same bytes for any number of threads and pieces."""
+    rng = np.random.default_rng(7)
+    p, q, lengths = _long_sequences(rng, 300, 1400, bad_rate=0.3)
+    mask = pa.array([(rng.random(k) < 0.9).tolist() for k in lengths], type=pa.list_(pa.bool_()))
+    one = _run(p, q, {"mask": mask}, per_token=False, threads=1)
+    for threads in (2, 3):
+        other = _run(p, q, {"mask": mask}, per_token=False, threads=threads)
+        assert np.array_equal(one.values, other.values, equal_nan=True) and np.array_equal(one.status, other.status)
+    cut = [0, 7, 150, 300]
+    chunked = _run(pa.chunked_array([p.slice(a, b - a) for a, b in zip(cut[:-1], cut[1:])]), q, {"mask": mask},
+                   per_token=False, threads=2)
+    assert np.array_equal(one.values, chunked.values, equal_nan=True)
+    table = one.to_table(status=True)
+    statuses = table["status"].to_pylist()
+    assert {"ok", "nan", "non_finite", "negative"} <= set(statuses)  # the data exercises all of them
+    ps, qs, ms = p.to_pylist(), q.to_pylist(), mask.to_pylist()
+    checked = 0
+    for i in rng.permutation(len(ps))[:40]:
+        if lengths[i] <= 512:
+            continue  # the short ones are the hypothesis test's
+        status, bad_at, refs = naive.sampled_sequence_reference(ps[i], qs[i], ms[i])
+        assert statuses[i] == status, i
+        if bad_at is not None:
+            assert one.describe(i, status)[0] == bad_at
+        elif status == "ok":
+            for m in ("k1", "k3"):
+                _sum_check(table[m][i].as_py(), refs[m], (i, m))
+        checked += 1
+    assert checked >= 10
+
+
+def test_the_summary_token_level_is_the_one_per_token_values_give():
+    """The fused path writes no per-position values; the summary's token level computes them
+    when it reads them, and gets the statistics (token mean, quantiles...) of m_tokens."""
+    rng = np.random.default_rng(11)
+    p, q, lengths = _long_sequences(rng, 60, 700, bad_rate=0.1)
+    mask = pa.array([(rng.random(k) < 0.8).tolist() for k in lengths], type=pa.list_(pa.bool_()))
+    lazy = _run(p, q, {"mask": mask}, per_token=False)
+    eager = _run(p, q, {"mask": mask}, per_token=True)
+    assert not lazy.per_token.filled and eager.per_token.filled
+    s_lazy, s_eager = PartStats.from_result(lazy), PartStats.from_result(eager)
+    assert s_lazy.to_json() == s_eager.to_json()
+    assert np.array_equal(lazy.values, eager.values, equal_nan=True)  # reading them changed nothing
+    # the token mean over the dataset: every counted position of every valid sequence
+    ps, qs, ms = p.to_pylist(), q.to_pylist(), mask.to_pylist()
+    status = lazy.to_table(status=True)["status"].to_pylist()
+    terms = [naive.sampled_reference("k3", a, b) for i in range(len(ps)) if status[i] == "ok"
+             for a, b, c in zip(ps[i], qs[i], ms[i]) if c]
+    want = math.fsum(float(t) for t in terms) / len(terms)
+    from fastkl.summary.stats import Summary
+    got = Summary.from_stats(s_lazy).tokens.measures["k3"].mean
+    assert got == pytest.approx(want, rel=1e-14)
+
+
+@pytest.mark.parametrize("r", [0.0, 1e-300, -1e-300, 2.0 ** -30, 0.3465, 0.3466, 0.49999999999999994, 0.5,
+                               -0.49999999999999994, -0.5, 0.5198603854199589, 1.0397, 1.0398, -1.0397, -1.0398,
+                               1.25, -1.25, 41.49, 41.5, 41.51, 41.59, 42.0, -41.5, -41.51, -41.59, -42.0, 100.0,
+                               -100.0, 700.0, 709.0, 709.09, 709.1, 709.78, 709.7827, 709.79, 710.0, 1000.0, 1e300,
+                               -700.0, -707.9, -708.0, -708.1, -709.0, -745.0, -1080.0, -1e300, -math.inf])
+def test_k3_at_the_seams_of_its_branch_free_form(r):
+    """k3 where the vectorised form switches (|r| = 1/2, the rounding points of r / ln2,
+    |r| = 41.5, the overflow of e^r, the clamps of the reduction) against the exact value."""
+    p, q = (0.0, r) if r <= 0 else (-r, 0.0)
+    assert q - p == r
+    for shape in ("token", "sequence"):
+        if shape == "token":
+            got = fastkl.divergences(np.array([p]), np.array([q]), ["k3"], kind="sampled")["k3"][0].as_py()
+        else:
+            got = fastkl.divergences(pa.array([[p]]), pa.array([[q]]), ["k3"], kind="sampled")["k3"][0].as_py()
+        want = naive.sampled_reference("k3", p, q)
+        if want > 1.7976931348623157e308:
+            assert got == math.inf, (shape, got)
+        else:
+            _check(got, want, (shape, r), "k3", r)
+        assert got >= 0.0
+
+
+def test_half_precision_sampled_columns_read_as_their_float32_values():
+    """float16 (Arrow and NumPy) and bfloat16 (NumPy ml_dtypes) log-probs give what their
+    float32 values give, for token and sequence rows (Arrow float16 once raised NameError)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(5)
+    lp = -rng.exponential(1.0, (4, 6))
+    lq = np.minimum(lp + rng.normal(0, 0.3, (4, 6)), 0)
+
+    def run(p, q):
+        return fastkl.divergences(p, q, MEASURES, kind="sampled")
+
+    for half in (np.float16, ml_dtypes.bfloat16):
+        hp, hq = lp.astype(half), lq.astype(half)
+        wp, wq = hp.astype(np.float32), hq.astype(np.float32)
+        assert run(hp, hq).equals(run(wp, wq))  # sequence rows (2-D)
+        assert run(hp.reshape(-1), hq.reshape(-1)).equals(run(wp.reshape(-1), wq.reshape(-1)))  # token rows
+    hp, hq = lp.astype(np.float16), lq.astype(np.float16)
+    wp, wq = hp.astype(np.float32), hq.astype(np.float32)
+    lists = lambda x: pa.array(x.tolist(), type=pa.list_(pa.float16()))  # noqa: E731
+    assert run(lists(hp), lists(hq)).equals(run(wp, wq))
+    assert run(pa.array(hp.reshape(-1)), pa.array(hq.reshape(-1))).equals(run(wp.reshape(-1), wq.reshape(-1)))

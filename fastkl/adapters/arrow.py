@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .._registry import DECODE_CODE, DTYPES
 from ..errors import DataError, OptionError
@@ -369,14 +370,15 @@ def side_pair(p: Any, q: Any | None, p_dtype: str | None = None,
         ps, qs = ps.astype(np.float64), qs.astype(np.float64)
     return ps, qs
 
-def scalar_side(x: pa.Array | np.ndarray, name: str) -> Side:
-    """One float per row (a sampled token's log-prob) as a Side of rows of one value;
-    a null value is a null row. float16 is widened to float32 (one value per token: small)."""
+def scalar_values(x: pa.Array | np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, int, np.ndarray | None]:
+    """(values, validity bitmap, its bit offset, null rows or None) of one float per row
+    (a sampled token's log-prob), read-only. float16 and bfloat16 are widened to float32
+    (one value per token: small)."""
     if isinstance(x, np.ndarray):
         if x.ndim != 1:
             raise OptionError(f"{name}: expected one log-prob per row (a 1-D array), got {x.ndim}-D")
         dtype, decode = element_type(x.dtype, None, name)
-        if decode:  # float16 bits: one value per token, widened
+        if decode:  # half precision: one value per token, widened
             x, dtype = x.astype(np.float32), np.dtype(np.float32)
         values, mask, offset, null = np.ascontiguousarray(x, dtype=dtype), _EMPTY_MASK, 0, None
     else:
@@ -386,6 +388,16 @@ def scalar_side(x: pa.Array | np.ndarray, name: str) -> Side:
             x = pc.cast(x, pa.float32())
         values, mask, offset, _ = _child_buffers(x, name)
         null = x.is_null().to_numpy(zero_copy_only=False) if x.null_count else None
+    if values.flags.writeable:  # one array type for the kernels: one specialisation
+        values = values.view()
+        values.flags.writeable = False
+    return values, mask, offset, null
+
+
+def scalar_side(x: pa.Array | np.ndarray, name: str) -> Side:
+    """One float per row (a sampled token's log-prob) as a Side of rows of one value;
+    a null value is a null row (see `scalar_values`)."""
+    values, mask, offset, null = scalar_values(x, name)
     return Side(np.arange(len(values) + 1, dtype=np.int64), values, mask, offset, null)
 
 

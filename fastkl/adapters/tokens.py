@@ -108,13 +108,20 @@ class Sequences:
 
     offsets: np.ndarray  # int64, n + 1: sequence i is positions offsets[i]:offsets[i+1]
     status: np.ndarray  # uint8 per sequence: OK, NULL or a reason found before the kernel
-    pre_status: np.ndarray  # uint8 per position: OK (compute), NULL (not counted), NULL_ELEMENT
+    pre: np.ndarray | None  # uint8 per position: OK (compute), NULL (not counted), NULL_ELEMENT; None: all OK
     columns: dict[str, Any]  # the position-level columns (token rows), same keys as given
     counts: dict[str, np.ndarray]  # positions per sequence of each input column (error messages)
 
     @property
     def n(self) -> int:
         return len(self.status)
+
+    @property
+    def pre_status(self) -> np.ndarray:
+        """`pre` as an array also when every position counts (built then: 1 byte per position)."""
+        if self.pre is not None:
+            return self.pre
+        return np.full(int(self.offsets[-1]), OK, dtype=np.uint8)
 
 
 def flatten(columns: dict[str, Any], mask: Any | None = None, lengths: Any | None = None,
@@ -147,14 +154,17 @@ def flatten(columns: dict[str, Any], mask: Any | None = None, lengths: Any | Non
     offsets = None
     for name, col in nested.items():
         offsets, out[name] = _take(col, keep)
-    pre = np.full(int(offsets[-1]), OK, dtype=np.uint8)
     mask_pos = out.pop("mask", None)
     counted = _counted(mask_pos, offsets, lengths_np)
-    for name, pos in [("mask", mask_pos)] + list(out.items()):
-        if pos is not None and not isinstance(pos, np.ndarray) and pos.null_count:
-            pre[pos.is_null().to_numpy(zero_copy_only=False)] = NULL_ELEMENT  # a null position that counts
-    if counted is not None:
-        pre[~counted] = NULL
+    nulls = [pos.is_null().to_numpy(zero_copy_only=False) for pos in [mask_pos] + list(out.values())
+             if pos is not None and not isinstance(pos, np.ndarray) and pos.null_count]
+    pre = None
+    if counted is not None or nulls:
+        pre = np.full(int(offsets[-1]), OK, dtype=np.uint8)
+        for null in nulls:
+            pre[null] = NULL_ELEMENT  # a null position that counts
+        if counted is not None:
+            pre[~counted] = NULL
     if lengths_np is not None:
         counts["lengths"] = lengths_np
     return Sequences(offsets, status, pre, out, counts)

@@ -9,6 +9,18 @@ A reference log-prob of -inf (the reference gives the token probability 0)
 makes every estimator +inf; a policy log-prob of -inf cannot be (the policy
 sampled that token) and is a bad position, as are NaN, +inf and
 log-probs > sum_tol.
+
+Two kernels, both branch-free in their position loops so LLVM emits SIMD
+code (`k3_vec` has no libm call: one Cody-Waite reduction, one polynomial
+and selects, see there):
+
+* `sampled_rows`: one value per measure and position (token rows);
+* `sampled_sequences`: sequence rows in one pass. Each sequence's positions
+  are validated and their estimators summed chunk by chunk through L1
+  scratch buffers (r, then k3 from it, then the sums); no per-position
+  array is written unless asked for (`m_tokens`, the summary's token level).
+  A sequence holding a bad position is scanned again by the scalar rules to
+  name the first one.
 """
 
 from __future__ import annotations
@@ -18,13 +30,24 @@ import math
 import numpy as np
 from numba import njit
 
-from .dense import NAN, NEGATIVE, NON_FINITE, NULL_ELEMENT, OK, valid_bit
+from .dense import FASTMATH, NAN, NEGATIVE, NO_TOKENS, NON_FINITE, NULL, NULL_ELEMENT, OK, valid_bit
+from .fastmath import bits_float
 
 K1, K2, K3, ABS = 0, 1, 2, 3  # slots: fastkl._registry.SAMPLED_MEASURES order
 N_SAMPLED = 4
+CHUNK = 512  # positions per pass through L1-sized pieces (scratch of sequences: r and k3, 2 x 4 KiB)
 INF = math.inf
+FIRST_INVALID = 3  # status >= FIRST_INVALID: an invalid position (fastkl._registry)
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")
+# Loops of terms: no `reassoc` (the operation order of k3_vec is the algorithm);
+# only `_chunk_sums` has it, so that LLVM vectorises its float sums. The helpers
+# are inlined into the loops by Numba (LLVM leaves a function as large as k3_vec
+# called, and a loop with a call is not vectorised); they take the flags of the
+# loop they are inlined into, which are these.
+_TERMS = {"nsz", "contract"}
+_kernel = njit(nogil=True, cache=True, error_model="numpy", fastmath=_TERMS)
+_inline = njit(nogil=True, cache=True, error_model="numpy", fastmath=_TERMS, inline="always")
 
 # 1/n! for n = 2..18: the series of e^r - 1 - r, below an ulp for |r| < 0.5 (0.5^19/19! ~ 2e-23)
 _INV_FACT = np.array([1.0 / math.factorial(n) for n in range(2, 19)])
@@ -32,13 +55,84 @@ _INV_FACT = np.array([1.0 / math.factorial(n) for n in range(2, 19)])
 
 @_jit
 def k3_term(r):
-    """e^r - 1 - r for a float64 r (-inf gives +inf)."""
+    """e^r - 1 - r for a float64 r (-inf gives +inf). Scalar (a branch and libm's expm1);
+    kept for fastkl.kernels.gaussian, whose cached kernel inlines it."""
     if abs(r) < 0.5:
         acc = 0.0
         for n in range(_INV_FACT.size - 1, -1, -1):
             acc = acc * r + _INV_FACT[n]
         return acc * r * r
     return math.expm1(r) - r
+
+
+# ------------------------------------------------------------------ k3 without branches
+# r = k ln2 + s with k = 0 for |r| < 1/2 (then s = r) and k = round(r / ln2) elsewhere
+# (|s| <= ln2/2; Cody-Waite, ln2 in two parts). With g(s) = (e^s - 1 - s) / s^2,
+#   e^r - 1 - r = 2^k s^2 g(s) + ((2^k - 1) s + c_k),   c_k = 2^k - 1 - k ln2 (k3 at k ln2),
+# an identity in which r itself no longer appears: c_k is exact but its last rounding
+# (for |k| <= 60), so where k3 is small (|r| near 1/2) nothing cancels beyond a factor
+# 1.5, and for k = 0 it is the series s^2 g(s). For |r| > 41.5 (|k| >= 60), 1 + r or
+# e^r is negligible beside the other: k3 = (e^r - 1) - r, e^r = 2^(k-1) (2 e^s), from r
+# clamped to [-708, 710] (e^r is then a tiny normal number below, +inf above); -inf gives +inf.
+# g: the polynomial of degree 11 from mpmath.chebyfit(g, [-1/2, 1/2], 12) at 50 digits
+# (2.8e-18 relative before its coefficients are rounded to float64, 1.6e-17 after).
+_G0 = 0.5
+_G1 = 0.16666666666666666
+_G2 = 0.04166666666666706
+_G3 = 0.00833333333333336
+_G4 = 0.001388888888870455
+_G5 = 0.00019841269841146993
+_G6 = 2.4801587616145414e-05
+_G7 = 2.755731943362024e-06
+_G8 = 2.7557076636642725e-07
+_G9 = 2.505194670972162e-08
+_G10 = 2.0962955815976076e-09
+_G11 = 1.6116496514371548e-10
+_INV_LN2 = 1.44269504088896338700e00
+_LN2_HI = 6.93147180369123816490e-01  # 32 significant bits: k * _LN2_HI is exact for |k| < 2^20
+_LN2_LO = 1.90821492927058770002e-10
+_R_MIN, _R_MAX = -708.0, 710.0  # the reduction's range: 2^(k-1) is a normal number, or overflows
+_R_NEAR = 41.5  # |r| <= _R_NEAR: |k| <= 60
+
+
+@_inline
+def _g(s):
+    """(e^s - 1 - s) / s^2 for |s| <= 1/2, by Horner."""
+    c = _G11
+    c = c * s + _G10
+    c = c * s + _G9
+    c = c * s + _G8
+    c = c * s + _G7
+    c = c * s + _G6
+    c = c * s + _G5
+    c = c * s + _G4
+    c = c * s + _G3
+    c = c * s + _G2
+    c = c * s + _G1
+    return c * s + _G0
+
+
+@_inline
+def k3_vec(r):
+    """e^r - 1 - r for a float64 r, without branches or calls (vectorisable).
+
+    >= 0 for every r; +inf for r = -inf and where e^r overflows; the value
+    for a NaN r is unspecified (callers select it away).
+    """
+    x = min(max(r, _R_MIN), _R_MAX)  # (vmaxpd / vminpd; for a NaN r, k is 0 below whatever x is)
+    k = np.floor(x * _INV_LN2 + 0.5)
+    a = abs(r)
+    k = k if a >= 0.5 else 0.0  # (and 0 for a NaN: no undefined conversion below)
+    s = (x - k * _LN2_HI) - k * _LN2_LO
+    s2g = s * s * _g(s)
+    half = bits_float((np.int64(k) + 0x3FE) << 52)  # 2^(k-1), k in [-1021, 1024]
+    two_k = half + half
+    c_k = ((two_k - 1.0) - k * _LN2_HI) - k * _LN2_LO
+    near = two_k * s2g + ((two_k - 1.0) * s + c_k)
+    e = (1.0 + s) + s2g
+    far = ((e + e) * half - 1.0) - r
+    out = near if a <= _R_NEAR else far
+    return out if out > 0.0 else 0.0  # -0.0 and roundings below 0 (none known) become 0; NaN stays NaN
 
 
 @_jit
@@ -53,32 +147,253 @@ def _bad(x, sum_tol, is_policy):
     return OK
 
 
+@_inline
+def _usable(p, q, sum_tol):
+    """Both log-probs usable (the branch-free form of `_bad(p) == _bad(q) == OK`)."""
+    return (p <= sum_tol) & (p != -INF) & (q <= sum_tol)
+
+
 @_jit
 def sampled_rows(p_values, p_mask, p_mask_offset, q_values, q_mask, q_mask_offset, pre_status, sum_tol,
                  slots, out, status, start, stop):
-    """The requested estimators (slots[m]: row of `out`, or -1) for positions start..stop."""
+    """The requested estimators (slots[m]: row of `out`, or -1) for positions start..stop
+    and their statuses: a pre-status other than OK or a null element (either validity
+    bitmap) first, then the stored values (`_position_code`). Chunk by chunk, so that
+    each estimator's loop reads p and q from L1."""
+    has_mask = p_mask.size > 0 or q_mask.size > 0
+    nan = np.nan
+    for lo in range(start, stop, CHUNK):
+        hi = min(lo + CHUNK, stop)
+        for m in range(N_SAMPLED):
+            if slots[m] >= 0:
+                _terms(m, p_values, q_values, pre_status, sum_tol, out[slots[m]], lo, hi)
+        _codes(p_values, q_values, pre_status, sum_tol, status, lo, hi)
+        if has_mask:
+            for i in range(lo, hi):
+                if pre_status[i] == OK and not (valid_bit(p_mask, p_mask_offset, i)
+                                                and valid_bit(q_mask, q_mask_offset, i)):
+                    status[i] = NULL_ELEMENT
+                    for m in range(N_SAMPLED):
+                        if slots[m] >= 0:
+                            out[slots[m], i] = nan
+
+
+@_kernel
+def _codes(p_values, q_values, pre, sum_tol, status, lo, hi):
+    """`_position_code` of positions lo..hi into status, without branches."""
+    pv, qv, pr, st = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], status[lo:hi]
+    for j in range(hi - lo):
+        p = np.float64(pv[j])
+        q = np.float64(qv[j])
+        c = np.uint8(pr[j])
+        pc = np.uint8(NAN) if p != p else (np.uint8(NON_FINITE) if abs(p) == INF else
+                                          (np.uint8(NEGATIVE) if p > sum_tol else np.uint8(OK)))
+        qc = np.uint8(NAN) if q != q else (np.uint8(NON_FINITE) if q == INF else
+                                          (np.uint8(NEGATIVE) if q > sum_tol else np.uint8(OK)))
+        st[j] = c if c != OK else (pc if pc != OK else qc)
+
+
+@_jit
+def _terms(m, p_values, q_values, pre, sum_tol, out, lo, hi):
+    """Estimator m of positions lo..hi into out[lo:hi]: NaN where a position's pre-status
+    is not OK or its log-probs are not usable."""
+    if m == K1:
+        _k1_loop(p_values, q_values, pre, sum_tol, out, lo, hi)
+    elif m == K2:
+        _k2_loop(p_values, q_values, pre, sum_tol, out, lo, hi)
+    elif m == K3:
+        _k3_loop(p_values, q_values, pre, sum_tol, out, lo, hi)
+    else:
+        _abs_loop(p_values, q_values, pre, sum_tol, out, lo, hi)
+
+
+# One loop per estimator, each branch-free (written out: LLVM does not hoist a switch
+# on the estimator out of a loop, and a loop with one inside is not vectorised).
+# They index slices from 0 (an index known to be >= 0 needs no wraparound select,
+# which would turn the loads into gathers).
+
+@_kernel
+def _k1_loop(p_values, q_values, pre, sum_tol, out, lo, hi):
+    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[lo:hi]
+    for j in range(hi - lo):
+        p = np.float64(pv[j])
+        q = np.float64(qv[j])
+        ok = (pr[j] == OK) & _usable(p, q, sum_tol)
+        o[j] = (p - q) if ok else np.nan  # -r, without a -0.0 where they agree
+
+
+@_kernel
+def _k2_loop(p_values, q_values, pre, sum_tol, out, lo, hi):
+    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[lo:hi]
+    for j in range(hi - lo):
+        p = np.float64(pv[j])
+        q = np.float64(qv[j])
+        ok = (pr[j] == OK) & _usable(p, q, sum_tol)
+        r = q - p
+        o[j] = 0.5 * r * r if ok else np.nan
+
+
+@_kernel
+def _k3_loop(p_values, q_values, pre, sum_tol, out, lo, hi):
+    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[lo:hi]
+    for j in range(hi - lo):
+        p = np.float64(pv[j])
+        q = np.float64(qv[j])
+        ok = (pr[j] == OK) & _usable(p, q, sum_tol)
+        v = k3_vec(q - p)  # computed for every position: a branch around it would stop vectorisation
+        o[j] = v if ok else np.nan
+
+
+@_kernel
+def _abs_loop(p_values, q_values, pre, sum_tol, out, lo, hi):
+    pv, qv, pr, o = p_values[lo:hi], q_values[lo:hi], pre[lo:hi], out[lo:hi]
+    for j in range(hi - lo):
+        p = np.float64(pv[j])
+        q = np.float64(qv[j])
+        ok = (pr[j] == OK) & _usable(p, q, sum_tol)
+        o[j] = abs(q - p) if ok else np.nan
+
+
+# ------------------------------------------------------------------ sequence rows
+
+@_kernel
+def _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, lo, hi):
+    """r = q - p of positions lo..hi into rbuf (0.0 where a position does not count or
+    is bad: every estimator is 0 there); returns (counted ok positions, bad positions)."""
+    pv, qv, pr = p_values[lo:hi], q_values[lo:hi], pre[lo:hi]
+    ok_count = 0
+    bad_count = 0
+    for j in range(hi - lo):
+        c = pr[j] if has_pre else OK
+        p = np.float64(pv[j])
+        q = np.float64(qv[j])
+        ok = (c == OK) & _usable(p, q, sum_tol)
+        ok_count += ok
+        bad_count += (c != NULL) & (not ok)
+        rbuf[j] = q - p if ok else 0.0
+    return ok_count, bad_count
+
+
+@_kernel
+def _chunk_k3(rbuf, k3buf, n):
+    """k3 of the chunk's n positions (from their r) into k3buf."""
+    for j in range(n):
+        k3buf[j] = k3_vec(rbuf[j])
+
+
+@njit(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def _chunk_sums(rbuf, k3buf, n, acc):
+    """Add the chunk's sums of k1, k2, k3 and abs to acc (vectorised: one fixed order for a
+    given n; k1 as -sum(r), exactly the sum of the -r)."""
+    s_r = 0.0
+    s_k2 = 0.0
+    s_k3 = 0.0
+    s_abs = 0.0
+    for j in range(n):
+        r = rbuf[j]
+        s_r += r
+        s_k2 += 0.5 * r * r
+        s_k3 += k3buf[j]
+        s_abs += abs(r)
+    acc[K1] -= s_r
+    acc[K2] += s_k2
+    acc[K3] += s_k3
+    acc[ABS] += s_abs
+
+
+@_jit
+def _position_code(c, p, q, sum_tol):
+    """The status of one position: its pre-status, else the first bad side."""
+    if c != OK:
+        return c
+    code = _bad(p, sum_tol, True)
+    return code if code != OK else _bad(q, sum_tol, False)
+
+
+@_jit
+def _first_bad(p_values, q_values, pre, has_pre, sum_tol, lo, hi):
+    """(code, position) of the first bad position in lo..hi ((OK, -1) if none)."""
+    for j in range(lo, hi):
+        code = _position_code(pre[j] if has_pre else OK, np.float64(p_values[j]), np.float64(q_values[j]),
+                              sum_tol)
+        if code >= FIRST_INVALID:
+            return code, j
+    return OK, -1
+
+
+@_jit
+def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum_tol, slots,
+                      sums, tokens, status, first_bad, want_tokens, token_values, token_status, start, stop):
+    """Sequence i (positions offsets[i]:offsets[i+1], i in start..stop): per requested
+    estimator (slots[m]: row of `sums`, or -1) the sum over its counted positions
+    (NaN unless the sequence is ok), how many count (`tokens`), its status and
+    its first bad position (`first_bad`, -1 if none).
+
+    `seq_status`: codes settled before the kernel (OK to compute); `pre`, when
+    `has_pre`: per position OK (counted), NULL (not counted) or NULL_ELEMENT. A
+    sequence is invalid at its first bad position, `no_tokens` when none counts.
+    With `want_tokens`, also each position's value (`token_values`, rows as
+    `sums`, NaN where not ok) and status (`token_status`). The sums do not
+    depend on `want_tokens` nor on how the sequences are split into blocks.
+    """
+    rbuf = np.empty(CHUNK)
+    k3buf = np.zeros(CHUNK)  # (stays 0 when k3 is not asked: its sum is computed anyway)
+    acc = np.zeros(N_SAMPLED)
+    want_k3 = slots[K3] >= 0
     for i in range(start, stop):
-        code = np.int64(pre_status[i])
-        if code == OK and not (valid_bit(p_mask, p_mask_offset, i) and valid_bit(q_mask, q_mask_offset, i)):
-            code = NULL_ELEMENT
-        p = np.float64(p_values[i])
-        q = np.float64(q_values[i])
+        code = np.int64(seq_status[i])
+        lo, hi = offsets[i], offsets[i + 1]
+        acc[:] = 0.0
+        count = 0
+        bad = 0
         if code == OK:
-            code = _bad(p, sum_tol, True)
-        if code == OK:
-            code = _bad(q, sum_tol, False)
+            for a in range(lo, hi, CHUNK):
+                b = min(a + CHUNK, hi)
+                ok_n, bad_n = _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, a, b)
+                count += ok_n
+                bad += bad_n
+                if bad and not want_tokens:
+                    break  # the sums are lost anyway: name the first bad position
+                if want_k3:  # (a pass of its own: fused with the reads above it was slower)
+                    _chunk_k3(rbuf, k3buf, b - a)
+                _chunk_sums(rbuf, k3buf, b - a, acc)
+                if want_tokens:
+                    _chunk_tokens(p_values, q_values, pre, has_pre, sum_tol, slots, rbuf, k3buf, a, b,
+                                  token_values, token_status)
+        first_bad[i] = -1
+        if code == OK and bad:
+            code, first_bad[i] = _first_bad(p_values, q_values, pre, has_pre, sum_tol, lo, hi)
+        if code == OK and count == 0:
+            code = NO_TOKENS
         status[i] = code
-        if code != OK:
-            for m in range(N_SAMPLED):
-                if slots[m] >= 0:
-                    out[slots[m], i] = np.nan
+        tokens[i] = count if code == OK else 0
+        for m in range(N_SAMPLED):
+            if slots[m] >= 0:
+                sums[slots[m], i] = acc[m] if code == OK else np.nan
+
+
+@_kernel
+def _chunk_tokens(p_values, q_values, pre, has_pre, sum_tol, slots, rbuf, k3buf, lo, hi, token_values,
+                  token_status):
+    """Per-position statuses and values of positions lo..hi, from the chunk's r and k3
+    (k1 again from p and q, so that it has no -0.0, as in `_k1_loop`)."""
+    nan = np.nan
+    pv, qv, pr = p_values[lo:hi], q_values[lo:hi], pre[lo:hi]
+    ts = token_status[lo:hi]
+    for j in range(hi - lo):
+        ts[j] = _position_code(pr[j] if has_pre else OK, np.float64(pv[j]), np.float64(qv[j]), sum_tol)
+    for m in range(N_SAMPLED):
+        if slots[m] < 0:
             continue
-        r = q - p  # the log-probs as stored (up to sum_tol above 0 is accepted, as rounding)
-        if slots[K1] >= 0:
-            out[slots[K1], i] = p - q  # -r, without a -0.0 where they agree
-        if slots[K2] >= 0:
-            out[slots[K2], i] = 0.5 * r * r
-        if slots[K3] >= 0:
-            out[slots[K3], i] = k3_term(r)
-        if slots[ABS] >= 0:
-            out[slots[ABS], i] = abs(r)
+        o = token_values[slots[m], lo:hi]
+        for j in range(hi - lo):
+            r = rbuf[j]
+            if m == K1:
+                v = np.float64(pv[j]) - np.float64(qv[j])
+            elif m == K2:
+                v = 0.5 * r * r
+            elif m == K3:
+                v = k3buf[j]
+            else:
+                v = abs(r)
+            o[j] = v if ts[j] == OK else nan
