@@ -107,6 +107,8 @@ class Split:
     m_P: float  # cap on each unlisted entry of P (its smallest listed value)
     m_Q: float
     n_U: float  # ids neither side lists (math.inf without V)
+    res_P: float = 1e-14  # unlisted mass below it is rounding, not mass (P's, as the kernel's)
+    res_Q: float = 1e-14
 
     @property
     def slots_P(self) -> float:
@@ -144,7 +146,7 @@ def split(p_ids, p_vals, q_ids, q_vals, vocab: int | None = None, residue: float
         qA=np.array([q_map[i] for i in both]),
         pB=np.array([p_map[i] for i in only_p]),
         qC=np.array([q_map[i] for i in only_q]),
-        r_P=r_P, r_Q=r_Q, m_P=m_P, m_Q=m_Q, n_U=n_U,
+        r_P=r_P, r_Q=r_Q, m_P=m_P, m_Q=m_Q, n_U=n_U, res_P=res_P, res_Q=res_Q,
     )
     # Rounding of listed values can leave a little more unlisted mass than the
     # slots can hold at the cap (or mass with no slot at all): relax minimally.
@@ -315,7 +317,7 @@ def aligned_completion_by_signs(s: Split, iters: int = 64) -> tuple[float, float
         for _ in range(iters):
             t = 0.5 * (a + b)
             rho_C = _fill_ratio(s.qC, s.m_P, t)
-            rho_U = _ratio(_residue(s.r_P - t), _residue(s.r_Q - t_Q))
+            rho_U = _ratio(_residue(s.r_P - t, s.res_P), _residue(s.r_Q - t_Q, s.res_Q))
             if rho_C < rho_U:
                 a = t  # more P mass into C lowers F
             else:
@@ -328,7 +330,7 @@ def aligned_completion_by_signs(s: Split, iters: int = 64) -> tuple[float, float
         t_P = inner(t)
         c = _fill_ratio(s.pB, s.m_Q, t)
         rho_B = 1.0 / c if c > 0 else math.inf
-        rho_U = _ratio(_residue(s.r_P - t_P), _residue(s.r_Q - t))
+        rho_U = _ratio(_residue(s.r_P - t_P, s.res_P), _residue(s.r_Q - t, s.res_Q))
         if rho_U < rho_B:
             a = t  # more Q mass into B lowers F
         else:
@@ -341,17 +343,18 @@ def _tail_terms(measure: str, s: Split, t_P: float, t_Q: float) -> float:
     """Σ over B, C and the pooled U of phi, for the completion (t_P, t_Q)."""
     qB = water_fill(s.pB, s.m_Q, t_Q)
     pC = water_fill(s.qC, s.m_P, t_P)
-    # A pool left with a rounding residue (r − t ~ 1e-17 when the caps add up to r) is empty.
-    pool = phi(measure, _residue(s.r_P - t_P), _residue(s.r_Q - t_Q))
+    # A pool left with a rounding residue (r − t ~ 1e-17 when the caps add up to r, up to the
+    # side's residue when rounded listed values make r exceed the caps' sum) is empty, as in the kernel.
+    pool = phi(measure, _residue(s.r_P - t_P, s.res_P), _residue(s.r_Q - t_Q, s.res_Q))
     return float(phi(measure, s.pB, qB).sum() + phi(measure, pC, s.qC).sum() + pool)
 
 
 @lru_cache(maxsize=256)
 def _aligned_cached(key, method: str = "signs") -> tuple[float, float]:
-    pB, qC, r_P, r_Q, m_P, m_Q, n_U = key
+    pB, qC, r_P, r_Q, m_P, m_Q, n_U, res_P, res_Q = key
     solve = aligned_completion_by_signs if method == "signs" else aligned_completion
     return solve(Split(np.zeros(0), np.zeros(0), np.array(pB), np.array(qC),
-                                    r_P, r_Q, m_P, m_Q, n_U))
+                                    r_P, r_Q, m_P, m_Q, n_U, res_P, res_Q))
 
 
 def _residue(x: float, tol: float = 1e-14) -> float:
@@ -366,13 +369,15 @@ def _f_lower(measure: str, s: Split, method: str = "signs") -> float:
     kl), the ends within 1e-9 are tried too. Every candidate is feasible, so the minimum
     over them is still a value of the measure on the feasible set.
     """
-    key = (tuple(s.pB), tuple(s.qC), s.r_P, s.r_Q, s.m_P, s.m_Q, s.n_U)
+    key = (tuple(s.pB), tuple(s.qC), s.r_P, s.r_Q, s.m_P, s.m_Q, s.n_U, s.res_P, s.res_Q)
     t_P, t_Q = _aligned_cached(key, method)
     (tp_lo, tp_hi), (tq_lo, tq_hi) = _t_ranges(s)
     known = phi(measure, s.pA, s.qA).sum()
     best = math.inf
-    for tp in _near_ends(t_P, tp_lo, tp_hi):
-        for tq in _near_ends(t_Q, tq_lo, tq_hi):
+    # (within a side's residue of an end too: the bisection stops that far short of an end where
+    # the pool left there is rounding, which the kernel drops)
+    for tp in _near_ends(t_P, tp_lo, tp_hi, max(1e-9, 2.0 * s.res_P)):
+        for tq in _near_ends(t_Q, tq_lo, tq_hi, max(1e-9, 2.0 * s.res_Q)):
             best = min(best, known + _tail_terms(measure, s, tp, tq))
     return _finish(measure, best)
 
@@ -407,7 +412,7 @@ def _phi_q_alone(measure: str) -> float:
 
 def _swap(s: Split) -> Split:
     """The same position with P and Q exchanged (reverse_kl from kl)."""
-    return Split(s.qA, s.pA, s.qC, s.pB, s.r_Q, s.r_P, s.m_Q, s.m_P, s.n_U)
+    return Split(s.qA, s.pA, s.qC, s.pB, s.r_Q, s.r_P, s.m_Q, s.m_P, s.n_U, s.res_Q, s.res_P)
 
 
 def _kl_upper_small_vocab(s: Split) -> float:
