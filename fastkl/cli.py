@@ -221,6 +221,10 @@ more fails with one line naming the file and row group.
 @click.option("--task-rows", type=click.IntRange(min=1), default=None, help="At most this many rows per task.")
 @click.option("--task-mb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="At most this many MB of decoded input per task (default 128 MiB).")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the object store's filesystem (repeatable), e.g. endpoint_url=http://host:9000.")
+@click.option("--last-writer-wins", is_flag=True,
+              help="Accept a store without conditional writes: two jobs at once could both write DEST.")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
 def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids, vocab, tail, no_bounds, p_mean,
@@ -228,7 +232,8 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             lengths, per_token, kind, p_kind, q_kind,
             dtype, p_dtype, q_dtype, temperature,
             p_temperature, q_temperature, base, normalize, smoothing, sum_tol, on_invalid, status,
-            scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, debug_here):
+            scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, storage_option,
+            last_writer_wins, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
     if dest is None:
@@ -243,6 +248,9 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
     def go():
         from .jobs.run import run
         from ._config import DEFAULT_TASK_BYTES
+        from .io.stores import parse_storage_options
+
+        storage_options = parse_storage_options(storage_option) or None
 
         summary = run(
             list(source), dest, p=p, q=q, keep=keep,
@@ -256,7 +264,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             normalize=normalize, smoothing=smoothing, sum_tol=sum_tol, on_invalid=on_invalid,
             mask=mask, lengths=lengths, per_token=per_token, p_ids=p_ids, q_ids=q_ids, vocab=vocab,
             tail=tail, bounds=not no_bounds, p_mean=p_mean, p_logvar=p_logvar, q_mean=q_mean, q_logvar=q_logvar,
-            target=target,
+            target=target, storage_options=storage_options, last_writer_wins=last_writer_wins,
         )
         return summary
 
@@ -289,6 +297,25 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
         if t.get("total_s"):
             rate = summary.rows / t["total_s"]
             click.echo(f"done in {t['total_s']:.2f} s ({rate:,.0f} rows/s); output: {summary.dest}")
+
+
+@main.command("clean")
+@click.argument("dest")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the object store's filesystem (repeatable).")
+@click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def clean_cmd(ctx: click.Context, dest, storage_option, debug_here):
+    """Remove what a dead job left for DEST (staged parts, pending uploads), or finish its commit."""
+    debug = debug_here or (ctx.obj or {}).get("debug", False)
+
+    def go():
+        from .io.cleanup import clean
+        from .io.stores import parse_storage_options
+
+        return clean(dest, parse_storage_options(storage_option) or None)
+
+    click.echo(f"fastkl: {run_guarded(go, debug)}")
 
 
 @main.command("demo")
