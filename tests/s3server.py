@@ -43,8 +43,11 @@ def _patch_complete_multipart() -> None:
 
 def start():
     """Start moto's S3 server on a free port of 127.0.0.1; returns (server, endpoint URL)."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     _patch_complete_multipart()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -61,3 +64,104 @@ def make_bucket(name: str) -> None:
     import boto3
 
     boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"]).create_bucket(Bucket=name)
+
+
+class FaultProxy:
+    """A tiny HTTP proxy on 127.0.0.1 in front of the server that injects store weather.
+
+    `fail(predicate, n)`: the next n requests for which predicate(method, path)
+    holds get a 503 SlowDown (what S3 answers when it throttles) without
+    reaching the server. `strip_conditions`: drop If-None-Match / If-Match,
+    as an S3-compatible server without conditional writes ignores them.
+    `seen` counts the requests forwarded, `failed` the ones refused.
+    """
+
+    def __init__(self, upstream: str):
+        import http.client
+        import http.server
+        import threading
+        from urllib.parse import urlsplit
+
+        self.upstream = urlsplit(upstream)
+        self.rules: list = []
+        self.strip_conditions = False
+        self.seen = 0
+        self.failed = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                        if size == 0:
+                            while self.rfile.readline().strip():  # trailers
+                                pass
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else b""
+
+            def _any(self):
+                body = self._body()
+                if proxy._should_fail(self.command, self.path):
+                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.send_header("Content-Type", "application/xml")
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "transfer-encoding")}
+                if proxy.strip_conditions:
+                    headers = {k: v for k, v in headers.items() if k.lower() not in ("if-none-match", "if-match")}
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                conn.request(self.command, self.path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                head = self.command == "HEAD"  # no body: the upstream length is the object's
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection") and (head or k.lower() != "content-length"):
+                        self.send_header(k, v)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def fail(self, predicate, n: int) -> None:
+        with self._lock:
+            self.rules.append([predicate, n])
+
+    def _should_fail(self, method: str, path: str) -> bool:
+        with self._lock:
+            self.seen += 1
+            for rule in self.rules:
+                if rule[1] > 0 and rule[0](method, path):
+                    rule[1] -= 1
+                    self.failed += 1
+                    return True
+        return False
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -479,7 +479,7 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
     raise AssertionError("unreachable")
 
 
-_TRANSIENT = ("503", "500", "502", "504", "429", "slowdown", "slow down", "throttl", "reset", "timed out",
+_TRANSIENT = ("503", "500", "502", "504", "429", "slowdown", "slow down", "slow_down", "throttl", "unavailable", "reset", "timed out",
               "timeout", "connection", "network", "internalerror", "serviceunavailable", "broken pipe",
               "curl", "requesttimeout")
 

@@ -1,0 +1,393 @@
+"""Jobs on object stores (SPEC §12): a real S3 API server on 127.0.0.1 (moto's server, tests/s3server.py).
+
+Every request goes over HTTP through the clients fastkl uses against AWS
+(pyarrow's S3 filesystem, boto3 for conditional writes), pointed at the
+server by AWS_ENDPOINT_URL; nothing is mocked. Also memory:// (fsspec).
+Covered: the happy path S3 -> S3 against the same job local -> local, an
+existing DEST and --overwrite, two jobs racing (several trials), SIGKILL at
+random moments then --resume or `fastkl clean`, PUTs failing transiently
+(a proxy answering 503), a store ignoring conditional writes (refused at
+start), and a LocalCluster whose workers share no directory with the client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+import fastkl
+import s3server
+from fastkl.io.store_output import CLAIM, MANIFEST, STAGING
+from fastkl.io.stores import resolve
+from test_faults import invoke
+from test_jobs import summary_stats, write_dataset
+
+JOB = ("--keep", "id", "--measure", "kl", "--measure", "js", "-q")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server for the whole session, and the environment pointing at it."""
+    server, endpoint = s3server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3server.environment(endpoint).items():
+            mp.setenv(k, v)
+        yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3):
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3server.make_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """A small hive-partitioned dataset on the local disk (3 files x 60 rows, row groups of 20)."""
+    root = tmp_path_factory.mktemp("shards")
+    _, table = write_dataset(str(root / "src"), "hive", np.random.default_rng(12), files=3, rows=60, group=20)
+    return root / "src", table
+
+
+def s3fs():
+    return resolve("s3://x/y")[0].fs
+
+
+def upload(local, bucket, prefix="shards"):
+    pafs.copy_files(str(local), f"{bucket}/{prefix}", destination_filesystem=s3fs())
+    return f"s3://{bucket}/{prefix}/"
+
+
+def keys(bucket, prefix=""):
+    sel = pafs.FileSelector(f"{bucket}/{prefix}".rstrip("/"), recursive=True, allow_not_found=True)
+    return sorted(i.path[len(bucket) + 1:] for i in s3fs().get_file_info(sel) if i.type == pafs.FileType.File)
+
+
+def visible(bucket, prefix):
+    """What a dataset reader lists at DEST (names starting with _ or . skipped)."""
+    return [k for k in keys(bucket, prefix) if not any(c.startswith(("_", ".")) for c in k.split("/")[1:])]
+
+
+def read_store(bucket, prefix):
+    names = sorted(k for k in visible(bucket, prefix) if k.endswith(".parquet"))
+    return pa.concat_tables([pq.read_table(f"{bucket}/{n}", filesystem=s3fs()) for n in names])
+
+
+def pending_uploads(bucket):
+    import boto3
+
+    return boto3.client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def local_reference(tmp_path, source, *args):
+    dest = tmp_path / "local-out"
+    code, err = invoke("run", source, dest, *JOB, *args)
+    assert code == 0, err
+    names = sorted(n for n in os.listdir(dest) if n.endswith(".parquet"))
+    table = pa.concat_tables([pq.read_table(dest / n) for n in names])
+    return table, json.loads((dest / "_fastkl.json").read_text()), names
+
+
+def assert_clean(bucket, prefix):
+    """Nothing left besides the output: no staging, no claim, no probe, no pending upload."""
+    left = [k for k in keys(bucket, prefix) if STAGING in k or CLAIM in k or "probe" in k]
+    assert not left, left
+    assert not pending_uploads(bucket)
+
+
+# --------------------------------------------------------------------------
+# happy path
+
+
+def test_s3_to_s3_equals_local_to_local(tmp_path, shards, bucket):
+    local, table = shards
+    src = upload(local, bucket)
+    ref, ref_manifest, ref_names = local_reference(tmp_path, local, "--task-rows", "25")
+    code, err = invoke("run", src, f"s3://{bucket}/out", *JOB, "--task-rows", "25")
+    assert code == 0, err
+    assert visible(bucket, "out") == [f"out/{n}" for n in ref_names]
+    assert read_store(bucket, "out").equals(ref)
+    m = json.loads(s3fs().open_input_stream(f"{bucket}/out/{MANIFEST}").read())
+    assert m["summary"]["rows"] == table.num_rows == ref_manifest["summary"]["rows"]
+    for k in ("kl", "js"):
+        assert m["summary"]["measures"][k] == ref_manifest["summary"]["measures"][k]
+    assert m["inputs"][0]["path"].startswith(f"s3://{bucket}/shards/")
+    assert [p["rows"] for p in m["parts"]] == [p["rows"] for p in ref_manifest["parts"]]
+    assert_clean(bucket, "out")
+    # a reader of the store sees the dataset (pyarrow.dataset skips the manifest)
+    assert pads.dataset(f"{bucket}/out", filesystem=s3fs(), format="parquet").count_rows() == table.num_rows
+
+
+def test_globs_and_single_objects_read_the_same_files(tmp_path, shards, bucket):
+    local, _ = shards
+    src = upload(local, bucket)
+    s1 = fastkl.run(src, f"s3://{bucket}/a", keep=("id",), quiet=True)
+    s2 = fastkl.run(f"s3://{bucket}/shards/**/*.parquet", f"s3://{bucket}/b", keep=("id",), quiet=True)
+    assert summary_stats(s1) == summary_stats(s2)
+    one = [k for k in keys(bucket, "shards") if k.endswith(".parquet")][0]
+    s3_ = fastkl.run(f"s3://{bucket}/{one}", f"s3://{bucket}/c", keep=("id",), quiet=True)
+    assert s3_.rows == pq.read_metadata(f"{bucket}/{one}", filesystem=s3fs()).num_rows
+    # an output is never read as input, a missing prefix is a usage error
+    with pytest.raises(fastkl.OptionError, match="does not exist"):
+        fastkl.run(f"s3://{bucket}/nothing/", f"s3://{bucket}/d", quiet=True)
+    with pytest.raises(fastkl.OptionError, match="overlaps SOURCE"):
+        fastkl.run(src, f"s3://{bucket}/shards/out", quiet=True)
+
+
+def test_memory_store(tmp_path, shards):
+    local, table = shards
+    fs = resolve("memory://x")[0].fs
+    pafs.copy_files(str(local), "/mem-src", destination_filesystem=fs)
+    ref, _, names = local_reference(tmp_path, local)
+    code, err = invoke("run", "memory://mem-src/", "memory://mem-out", *JOB)
+    assert code == 0, err
+    got = pa.concat_tables([pq.read_table(f"/mem-out/{n}", filesystem=fs) for n in names])
+    assert got.equals(ref)
+    code, err = invoke("run", "memory://mem-src/", "memory://mem-out", *JOB)
+    assert code == 2 and "already exists" in err
+    left = [i.path for i in fs.get_file_info(pafs.FileSelector("/mem-out", recursive=True))]
+    assert not [p for p in left if STAGING in p or CLAIM in p], left
+
+
+# --------------------------------------------------------------------------
+# existing DEST, --overwrite
+
+
+def test_existing_dest_needs_overwrite_and_overwrite_replaces_it(tmp_path, shards, bucket):
+    local, _ = shards
+    src = upload(local, bucket)
+    dest = f"s3://{bucket}/out"
+    assert invoke("run", src, dest, *JOB, "--task-rows", "10")[0] == 0
+    before = visible(bucket, "out")
+    code, err = invoke("run", src, dest, *JOB)
+    assert code == 2 and "already exists" in err and "--overwrite" in err, err
+    assert visible(bucket, "out") == before
+    code, err = invoke("run", src, dest, *JOB, "--overwrite", "--base", "2")  # fewer, larger parts
+    assert code == 0, err
+    ref, _, names = local_reference(tmp_path, local, "--base", "2")
+    assert visible(bucket, "out") == [f"out/{n}" for n in names] and len(names) < len(before)
+    assert read_store(bucket, "out").equals(ref)
+    assert_clean(bucket, "out")
+    # a prefix holding other objects is never a fastkl output
+    s3fs().open_output_stream(f"{bucket}/foreign/data.csv").close()
+    code, err = invoke("run", src, f"s3://{bucket}/foreign", *JOB, "--overwrite")
+    assert code == 2 and "not a fastkl output" in err, err
+
+
+# --------------------------------------------------------------------------
+# two jobs for one DEST
+
+
+def test_two_racing_jobs_exactly_one_commits(shards, bucket):
+    local, table = shards
+    src = upload(local, bucket)
+    outcomes = []
+    for trial in range(6):
+        dest = f"s3://{bucket}/race{trial}"
+        results: dict[int, object] = {}
+        gate = threading.Barrier(2)
+
+        def job(i):
+            gate.wait()
+            try:
+                results[i] = fastkl.run(src, dest, keep=("id",), quiet=True, task_rows=30)
+            except fastkl.FastKLError as e:
+                results[i] = e
+
+        threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        won = [r for r in results.values() if isinstance(r, fastkl.Summary)]
+        lost = [r for r in results.values() if not isinstance(r, fastkl.Summary)]
+        assert len(won) == 1 and len(lost) == 1, results
+        assert isinstance(lost[0], fastkl.DestTakenError) or "already exists" in str(lost[0]), lost[0]
+        if isinstance(lost[0], fastkl.DestTakenError):
+            assert f"pid {os.getpid()}" in str(lost[0])  # names the winner
+        outcomes.append(type(lost[0]).__name__)
+        assert read_store(bucket, f"race{trial}").num_rows == table.num_rows
+        assert_clean(bucket, f"race{trial}")
+    print("race outcomes of the losers:", outcomes)
+
+
+def test_the_loser_of_a_race_exits_1_naming_the_winner(shards, bucket):
+    local, _ = shards
+    src = upload(local, bucket)
+    dest = f"s3://{bucket}/out"
+    procs = [subprocess.Popen([sys.executable, "-m", "fastkl.cli", "run", src, dest, *JOB, "--task-rows", "5"],
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    res = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in res)
+    assert codes == [0, 1], res
+    err = next(e for c, e in res if c == 1)
+    winner = next(p for p, (c, _) in zip(procs, res) if c == 0)
+    assert ("taken by another fastkl job" in err and f"pid {winner.pid}" in err) or "already exists" in err, err
+
+
+def test_a_store_without_conditional_writes_is_refused(shards, bucket, s3):
+    local, _ = shards
+    src = upload(local, bucket)
+    proxy = s3server.FaultProxy(s3)
+    proxy.strip_conditions = True
+    try:
+        opt = ("--storage-option", f"endpoint_url={proxy.url}")
+        code, err = invoke("run", src, f"s3://{bucket}/out", *JOB, *opt)
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert code == 2 and len(lines) == 1 and "does not support conditional writes" in err, err
+        assert "--last-writer-wins" in err and not visible(bucket, "out")
+        code, err = invoke("run", src, f"s3://{bucket}/out", *JOB, *opt, "--last-writer-wins")
+        assert code == 0 and "last writer wins" in err, err
+        assert read_store(bucket, "out").num_rows == shards[1].num_rows
+    finally:
+        proxy.close()
+
+
+# --------------------------------------------------------------------------
+# kills and resume
+
+
+def _start(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "fastkl.cli", "run", *args], stderr=subprocess.PIPE,
+                            text=True, env=env)
+
+
+def test_sigkill_at_random_moments_then_resume(tmp_path, shards, bucket):
+    """A job killed at a random moment leaves nothing visible at DEST unless its commit had
+    started; --resume (or `fastkl clean` then a run) gives the clean run's output, and nothing
+    staged is left after."""
+    local, _ = shards
+    src = upload(local, bucket)
+    ref, _, names = local_reference(tmp_path, local, "--task-rows", "5", "--workers", "1")
+    args = ("--task-rows", "5", "--workers", "1", *JOB)
+    t0 = time.perf_counter()
+    assert _start([src, f"s3://{bucket}/timing", *args]).wait(timeout=120) == 0
+    full = time.perf_counter() - t0
+    rnd = random.Random(1234)
+    env = dict(os.environ, FASTKL_CLAIM_STALE_S="2")
+    seen = []
+    for trial in range(4):
+        prefix = f"kill{trial}"
+        dest = f"s3://{bucket}/{prefix}"
+        p = _start([src, dest, *args], env)
+        time.sleep(rnd.uniform(0.3, full))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        staged = [k for k in keys(bucket, prefix) if STAGING in k]
+        shown = visible(bucket, prefix)
+        committing = any(k.endswith("_commit.json") for k in staged)
+        done = f"{prefix}/{MANIFEST}" in keys(bucket, prefix)
+        assert not shown or committing or done, (shown, staged)
+        seen.append("committed" if done else "committing" if committing else f"{len(staged)} staged")
+        if trial == 3 and not done:
+            code, err = invoke("clean", dest)
+            assert code == 0, err
+            assert not [k for k in keys(bucket, prefix) if STAGING in k or CLAIM in k]
+            assert not pending_uploads(bucket)
+            code, err = invoke("run", src, dest, *args)
+        else:
+            code, err = invoke("run", src, dest, *args, "--resume")
+        assert code == 0, err
+        assert visible(bucket, prefix) == [f"{prefix}/{n}" for n in names]
+        assert read_store(bucket, prefix).equals(ref)
+        assert_clean(bucket, prefix)
+    print("state at the kills:", seen)
+
+
+def test_resume_reuses_the_staged_parts(shards, bucket):
+    local, _ = shards
+    src = upload(local, bucket)
+    dest = f"s3://{bucket}/out"
+    env = dict(os.environ, FASTKL_CLAIM_STALE_S="2")
+    p = _start([src, dest, "--task-rows", "5", "--workers", "1", *JOB], env)
+    deadline = time.time() + 60
+    while time.time() < deadline and sum(k.endswith(".json") and "part-" in k for k in keys(bucket, "out")) < 4:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    staged = sum(k.endswith(".json") and "part-" in k for k in keys(bucket, "out"))
+    assert staged >= 4
+    s = fastkl.run(src, dest, keep=("id",), measures=("kl", "js"), task_rows=5, workers=1, resume=True,
+                   quiet=True)
+    m = json.loads(s3fs().open_input_stream(f"{bucket}/out/{MANIFEST}").read())
+    assert sum(p["resumed"] for p in m["parts"]) >= staged - 1  # (one may be mid-commit of its state)
+    assert s.rows == shards[1].num_rows
+
+
+# --------------------------------------------------------------------------
+# transient failures
+
+
+def test_transient_put_failures_are_retried(tmp_path, shards, bucket, s3):
+    local, _ = shards
+    src = upload(local, bucket)
+    ref, _, names = local_reference(tmp_path, local, "--task-rows", "30")
+    proxy = s3server.FaultProxy(s3)
+    # part uploads fail: the first more often than the S3 client retries one request (the task runs again)
+    tries = 2  # attempts of one request by the S3 client (fastkl's default: S3_RETRIES)
+    n = tries * 2 + 1
+    proxy.fail(lambda method, path: method == "PUT" and STAGING in path and ".parquet" in path, n)
+    try:
+        s = fastkl.run(f"s3://{bucket}/shards/", f"s3://{bucket}/out", keep=("id",), measures=("kl", "js"),
+                       task_rows=30, quiet=True, storage_options={
+                           "endpoint_url": proxy.url,
+                           "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=tries)})
+    finally:
+        proxy.close()
+    assert proxy.failed == n
+    assert s.rows == shards[1].num_rows
+    assert visible(bucket, "out") == [f"out/{n}" for n in names]
+    assert read_store(bucket, "out").equals(ref)
+    assert_clean(bucket, "out")
+
+
+# --------------------------------------------------------------------------
+# a cluster that shares nothing
+
+
+def _chdir_to_own_tmp(dask_worker=None):
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="fastkl-worker-")
+    os.chdir(d)
+    return d
+
+
+def test_local_cluster_workers_share_no_directory(tmp_path, shards, bucket, monkeypatch):
+    from distributed import Client, LocalCluster
+
+    local, _ = shards
+    src = upload(local, bucket)
+    ref, _, names = local_reference(tmp_path, local, "--task-rows", "20")
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    monkeypatch.chdir(client_dir)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster, set_as_default=False) as client:
+        dirs = client.run(_chdir_to_own_tmp)
+        assert len(set(dirs.values())) == 2 and str(client_dir) not in dirs.values()
+        s = fastkl.run(src, f"s3://{bucket}/out", keep=("id",), measures=("kl", "js"), task_rows=20,
+                       scheduler=client, quiet=True)
+        worker_files = client.run(lambda: sorted(os.listdir(".")))
+    assert s.rows == shards[1].num_rows
+    assert read_store(bucket, "out").equals(ref)
+    assert visible(bucket, "out") == [f"out/{n}" for n in names]
+    assert all(files == [] for files in worker_files.values()), worker_files  # nothing written locally
+    assert os.listdir(client_dir) == []
+    assert_clean(bucket, "out")
