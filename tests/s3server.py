@@ -87,6 +87,7 @@ class FaultProxy:
         self.strip_conditions = False
         self.seen = 0
         self.failed = 0
+        self.by_method: dict[str, int] = {}
         self._lock = threading.Lock()
         proxy = self
 
@@ -155,6 +156,7 @@ class FaultProxy:
     def _should_fail(self, method: str, path: str) -> bool:
         with self._lock:
             self.seen += 1
+            self.by_method[method] = self.by_method.get(method, 0) + 1
             for rule in self.rules:
                 if rule[1] > 0 and rule[0](method, path):
                     rule[1] -= 1
@@ -165,3 +167,39 @@ class FaultProxy:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def start_process(port: int = 0):
+    """moto's server in a process of its own (benchmarks: not sharing the GIL with the job).
+    Returns (Popen, endpoint URL)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    if not port:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, __file__, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+if __name__ == "__main__":  # python tests/s3server.py PORT: serve until killed
+    import sys
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    _patch_complete_multipart()
+    ThreadedMotoServer(ip_address="127.0.0.1", port=int(sys.argv[1]), verbose=False).start()
+    import threading
+
+    threading.Event().wait()

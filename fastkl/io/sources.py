@@ -802,12 +802,15 @@ def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[
         src = pa.OSFile(path)
         return src, lambda: Identity.of(src.fileno())
     fs = store.fs
-    ident = lambda: Identity.of_object(fs.get_file_info(path))  # noqa: E731
-    first = ident()  # before opening: the handle's size must be the planned one
+    first = [Identity.of_object(fs.get_file_info(path))]  # before opening: the handle's size must be it
     src = fs.open_input_file(path)
-    if src.size() != first.size:
+    if src.size() != first[0].size:
         src.close()
-        raise OSError(f"size {first.size} -> {src.size()} bytes while opening it")
+        raise OSError(f"size {first[0].size} -> {src.size()} bytes while opening it")
+
+    def ident() -> Identity:  # the first answer is the one just read (one request fewer per file)
+        return first.pop() if first else Identity.of_object(fs.get_file_info(path))
+
     return src, ident
 
 

@@ -476,6 +476,17 @@ class StoreStaging:
         _delete_prefix(fs, self.root)
         self._cond().abort_uploads(self.root)
         _delete_if_empty(fs, self.top)
+        drop_stale_probes(self.dest)
+
+
+def drop_stale_probes(dest: StoreDest, age_s: float = 60.0) -> None:
+    """Probe objects of jobs killed while probing. A probe lives milliseconds: one older than
+    `age_s` is a dead job's (a younger one may be another job's probe in progress: kept)."""
+    now = time.time()
+    for e in _entries(dest.fs, dest.path):
+        name = posixpath.basename(e.path)
+        if name.startswith(PROBE) and e.type == pafs.FileType.File and now - (e.mtime_ns or 0) / 1e9 > age_s:
+            _delete(dest.fs, e)
 
 
 def _delete(fs: pafs.FileSystem, e: pafs.FileInfo) -> None:
@@ -512,6 +523,7 @@ def remove_leftovers(dest: StoreDest) -> None:
     fs = dest.fs
     _delete_prefix(fs, dest.key(STAGING))
     conditional(dest.store).abort_uploads(dest.key(STAGING))
+    drop_stale_probes(dest)
 
 
 def clean(dest: StoreDest, display: str) -> str:
@@ -531,6 +543,7 @@ def clean(dest: StoreDest, display: str) -> str:
                       if e.type == pafs.FileType.Directory]
             aborted = conditional(dest.store).abort_uploads(dest.key(STAGING))
             _delete_prefix(dest.fs, dest.key(STAGING))
+            drop_stale_probes(dest, age_s=0.0)  # clean is explicit: the user says no job is starting
             what = (f"removed the staged parts of {len(staged)} job(s)" if staged else "nothing staged")
             if aborted:
                 what += f", aborted {aborted} pending upload(s)"

@@ -104,7 +104,8 @@ def _version() -> str:
     return __version__
 
 
-STORE_READ_BUFFER = 8 << 20  # bytes per range GET of a column chunk in an object store
+STORE_READ_BUFFER = 8 << 20  # bytes per range GET of a column chunk in an object store (large tasks)
+STORE_PREBUFFER_MAX = 256 << 20  # decoded bytes of a task up to which its chunks are pre-buffered
 
 # --------------------------------------------------------------------------
 # One task (runs on a Dask worker thread or process)
@@ -274,10 +275,15 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src:
         # page_checksum_verification: pages written with a CRC (parquet-mr
         # writes them by default) are checked, so a flipped bit is an error,
         # not a silently different number (cost not measurable).
-        # On a store, each column chunk is read through a larger buffer: a few range
-        # GETs per chunk, still bounded memory (no pre-buffering of whole row groups).
-        buf = READ_BUFFER if task.file.store is None else STORE_READ_BUFFER
-        pf = pq.ParquetFile(src, buffer_size=buf, pre_buffer=False, page_checksum_verification=True)
+        # On a store, pre-buffering pays: it fetches the task's column chunks with
+        # few coalesced, concurrent range GETs (measured 2x faster than buffered
+        # streams on moto, where each request costs ~5 ms). It holds the task's
+        # compressed chunks in memory, so only up to STORE_PREBUFFER_MAX; a larger
+        # task streams each chunk through a buffer of STORE_READ_BUFFER.
+        buf, pre = READ_BUFFER, False
+        if task.file.store is not None:
+            buf, pre = STORE_READ_BUFFER, task.nbytes <= STORE_PREBUFFER_MAX
+        pf = pq.ParquetFile(src, buffer_size=0 if pre else buf, pre_buffer=pre, page_checksum_verification=True)
         yield from pf.iter_batches(
             batch_size=_aligned_batch_rows(batch_rows, task.units),
             row_groups=[u.index for u in task.units],
