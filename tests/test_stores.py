@@ -120,8 +120,23 @@ def test_s3_to_s3_equals_local_to_local(tmp_path, shards, bucket):
     local, table = shards
     src = upload(local, bucket)
     ref, ref_manifest, ref_names = local_reference(tmp_path, local, "--task-rows", "25")
-    code, err = invoke("run", src, f"s3://{bucket}/out", *JOB, "--task-rows", "25")
+    seen = []  # what a reader lists at DEST while the job runs, and whether the commit had started
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            now = keys(bucket, "out")
+            seen.append((visible(bucket, "out"), any(k.endswith(("_commit.json", MANIFEST)) for k in now)))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        code, err = invoke("run", src, f"s3://{bucket}/out", *JOB, "--task-rows", "25")
+    finally:
+        stop.set()
+        watcher.join()
     assert code == 0, err
+    assert len(seen) > 3 and not [v for v, committing in seen if v and not committing], seen
     assert visible(bucket, "out") == [f"out/{n}" for n in ref_names]
     assert read_store(bucket, "out").equals(ref)
     m = json.loads(s3fs().open_input_stream(f"{bucket}/out/{MANIFEST}").read())
@@ -370,6 +385,41 @@ def _chdir_to_own_tmp(dask_worker=None):
     return d
 
 
+def _job_with_a_worker_killed(client, src, bucket, ref, names) -> bool:
+    """A worker SIGKILLed while parts are being uploaded: its tasks are redone elsewhere, and
+    DEST gets exactly one copy of each part (the attempt named by its state)."""
+    pids = client.run(os.getpid)
+    victim = sorted(pids.values())[0]
+    killed = []
+
+    def kill_when_parts_start():
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if sum(k.endswith(".json") and "part-" in k for k in keys(bucket, "killed")) >= 2:
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+                return
+            time.sleep(0.02)
+
+    t = threading.Thread(target=kill_when_parts_start)
+    t.start()
+    s = fastkl.run(src, f"s3://{bucket}/killed", keep=("id",), measures=("kl", "js"), task_rows=5,
+                   scheduler=client, quiet=True)
+    t.join()
+    ref5 = read_store(bucket, "killed")
+    assert s.rows == ref.num_rows and ref5.num_rows == ref.num_rows
+    assert ref5.select(["id", "kl", "js"]).equals(ref.select(["id", "kl", "js"]))
+    assert len(visible(bucket, "killed")) == len(plan_parts(src, 5))
+    assert_clean(bucket, "killed")
+    return bool(killed)
+
+
+def plan_parts(src, task_rows):
+    from fastkl.io.sources import scan
+
+    return scan(src, p="p", q="q", keep=("id",), task_rows=task_rows)[0].tasks
+
+
 def test_local_cluster_workers_share_no_directory(tmp_path, shards, bucket, monkeypatch):
     from distributed import Client, LocalCluster
 
@@ -386,9 +436,38 @@ def test_local_cluster_workers_share_no_directory(tmp_path, shards, bucket, monk
         s = fastkl.run(src, f"s3://{bucket}/out", keep=("id",), measures=("kl", "js"), task_rows=20,
                        scheduler=client, quiet=True)
         worker_files = client.run(lambda: sorted(os.listdir(".")))
+        killed = _job_with_a_worker_killed(client, src, bucket, ref, names)
+    assert killed
     assert s.rows == shards[1].num_rows
     assert read_store(bucket, "out").equals(ref)
     assert visible(bucket, "out") == [f"out/{n}" for n in names]
     assert all(files == [] for files in worker_files.values()), worker_files  # nothing written locally
     assert os.listdir(client_dir) == []
     assert_clean(bucket, "out")
+
+
+# --------------------------------------------------------------------------
+# changing input
+
+
+def test_an_object_rewritten_after_planning_is_refused(shards, bucket):
+    """A task checks on its own handle that the object is the one planned (size, mtime, footer)."""
+    from fastkl.io.sources import scan
+    from fastkl.jobs.run import _open_planned
+
+    local, table = shards
+    src = upload(local, bucket)
+    plan, _ = scan(src, p="p", q="q", keep=("id",))
+    f = plan.tasks[0].file
+    assert f.store is not None and f.display.startswith("s3://")
+    _open_planned(f).close()  # unchanged: fine
+    original = s3fs().open_input_stream(f.path).read()
+    first = pq.read_table(f.path, filesystem=s3fs())
+    pq.write_table(first.slice(0, first.num_rows - 1), f.path, filesystem=s3fs())  # rewritten, smaller
+    with pytest.raises(fastkl.DataError, match="changed since the job started"):
+        _open_planned(f)
+    time.sleep(1.1)  # the store's clock is to the second: the same bytes again, a later mtime
+    with s3fs().open_output_stream(f.path) as out:
+        out.write(original)
+    with pytest.raises(fastkl.DataError, match=r"changed since the job started \(modified\)"):
+        _open_planned(f)

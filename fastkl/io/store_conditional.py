@@ -117,11 +117,13 @@ class S3Conditional(Conditional):
         return _s3_client(self.store.options)
 
     def _put(self, path: str, data: bytes, **cond) -> str | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = _split(path)
         try:
             return self._client().put_object(Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+        except BotoCoreError as e:  # no credentials, endpoint unreachable: one line naming the store
+            raise OSError(f"{self.store.url(path)}: {e}") from None
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -137,11 +139,13 @@ class S3Conditional(Conditional):
         return self._put(path, data, IfMatch=etag)
 
     def read(self, path: str) -> Version | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         bucket, key = _split(path)
         try:
             r = self._client().get_object(Bucket=bucket, Key=key)
+        except BotoCoreError as e:
+            raise OSError(f"{self.store.url(path)}: {e}") from None
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
