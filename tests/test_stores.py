@@ -471,3 +471,23 @@ def test_an_object_rewritten_after_planning_is_refused(shards, bucket):
         out.write(original)
     with pytest.raises(fastkl.DataError, match=r"changed since the job started \(modified\)"):
         _open_planned(f)
+
+
+def test_clean_a_local_dest_left_by_a_killed_job(tmp_path, shards):
+    local, _ = shards
+    dest = tmp_path / "out"
+    p = _start([str(local), str(dest), "--task-rows", "3", "--workers", "1", *JOB])
+    staging = tmp_path / "out.fastkl-staging"
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(staging.glob("part-*.parquet")):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    if dest.exists():
+        pytest.skip("the job finished before the kill")
+    assert staging.exists()
+    code, err = invoke("clean", dest)
+    assert code == 0, err
+    assert not staging.exists() and not dest.exists()
+    code, err = invoke("clean", dest)
+    assert code == 0

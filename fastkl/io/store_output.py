@@ -295,10 +295,9 @@ class StoreClaim:
 
 def _dead(held: Any, mtime: float) -> bool:
     """A claim whose process is gone (same host), or that nobody refreshed for a while."""
-    alive = _alive_here(held) if isinstance(held, dict) else None
-    if alive is not None:
-        return not alive
-    return time.time() - mtime > claim_stale_s()
+    if time.time() - mtime > claim_stale_s():  # a live job refreshes it 4 times as often (pid reuse too)
+        return True
+    return isinstance(held, dict) and _alive_here(held) is False
 
 
 # --------------------------------------------------------------------------
