@@ -326,6 +326,29 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, shards, bucket):
     print("state at the kills:", seen)
 
 
+def test_sigkill_during_the_commit_then_resume(tmp_path, shards, bucket):
+    """Killed once the commit record exists (the copies under way): --resume finishes the commit
+    from the record, recomputing nothing."""
+    local, _ = shards
+    src = upload(local, bucket)
+    ref, _, names = local_reference(tmp_path, local, "--task-rows", "5")
+    dest = f"s3://{bucket}/out"
+    p = _start([src, dest, "--task-rows", "5", "--workers", "1", *JOB])
+    while p.poll() is None and not any(k.endswith("_commit.json") for k in keys(bucket, "out")):
+        time.sleep(0.003)
+    p.send_signal(signal.SIGKILL)
+    assert p.wait() == -signal.SIGKILL
+    assert MANIFEST not in [k.rsplit("/", 1)[1] for k in keys(bucket, "out")]
+    s = fastkl.run(src, dest, keep=("id",), measures=("kl", "js"), task_rows=5, workers=1, resume=True,
+                   quiet=True)
+    m = json.loads(s3fs().open_input_stream(f"{bucket}/out/{MANIFEST}").read())
+    assert all(part["resumed"] for part in m["parts"])  # nothing recomputed
+    assert s.rows == shards[1].num_rows
+    assert visible(bucket, "out") == [f"out/{n}" for n in names]
+    assert read_store(bucket, "out").equals(ref)
+    assert_clean(bucket, "out")
+
+
 def test_resume_reuses_the_staged_parts(shards, bucket):
     local, _ = shards
     src = upload(local, bucket)
