@@ -70,8 +70,8 @@ class FaultProxy:
     """A tiny HTTP proxy on 127.0.0.1 in front of the server that injects store weather.
 
     `fail(predicate, n)`: the next n requests for which predicate(method, path)
-    holds get a 503 SlowDown (what S3 answers when it throttles) without
-    reaching the server. `strip_conditions`: drop If-None-Match / If-Match,
+    holds get a 503 SlowDown (what S3 answers when it throttles), every
+    other one a 500 InternalError, without reaching the server. `strip_conditions`: drop If-None-Match / If-Match,
     as an S3-compatible server without conditional writes ignores them.
     `seen` counts the requests forwarded, `failed` the ones refused.
     """
@@ -113,9 +113,11 @@ class FaultProxy:
 
             def _any(self):
                 body = self._body()
-                if proxy._should_fail(self.command, self.path):
-                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
+                fail = proxy._should_fail(self.command, self.path)
+                if fail:
+                    msg = (b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                           if fail % 2 else b"<Error><Code>InternalError</Code><Message>Try again.</Message></Error>")
+                    self.send_response(503 if fail % 2 else 500)
                     self.send_header("Content-Length", str(len(msg)))
                     self.send_header("Content-Type", "application/xml")
                     self.end_headers()
@@ -153,7 +155,8 @@ class FaultProxy:
         with self._lock:
             self.rules.append([predicate, n])
 
-    def _should_fail(self, method: str, path: str) -> bool:
+    def _should_fail(self, method: str, path: str) -> int:
+        """0 to forward the request, else the number of this failure (1, 2, ...)."""
         with self._lock:
             self.seen += 1
             self.by_method[method] = self.by_method.get(method, 0) + 1
@@ -161,8 +164,8 @@ class FaultProxy:
                 if rule[1] > 0 and rule[0](method, path):
                     rule[1] -= 1
                     self.failed += 1
-                    return True
-        return False
+                    return self.failed
+        return 0
 
     def close(self) -> None:
         self.server.shutdown()

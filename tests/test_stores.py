@@ -181,6 +181,8 @@ def test_memory_store(tmp_path, shards):
     assert code == 2 and "already exists" in err
     left = [i.path for i in fs.get_file_info(pafs.FileSelector("/mem-out", recursive=True))]
     assert not [p for p in left if STAGING in p or CLAIM in p], left
+    code, err = invoke("run", "memory://mem-src/", "memory://mem-2", *JOB, "--scheduler", "processes")
+    assert code == 2 and "memory:// lives in this process only" in err, err
 
 
 # --------------------------------------------------------------------------

@@ -80,7 +80,7 @@ from ..io.output import (
 )
 from ..errors import DataError, FastKLError, InvalidRowError, OptionError
 from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
-from ..io.stores import is_store_url
+from ..io.stores import is_store_url, scheme_of
 from ..io.store_conditional import conditional
 from ..io.store_output import (
     StoreClaim,
@@ -1150,6 +1150,7 @@ def run(
         )
 
     source = _local_sources(source)
+    _refuse_memory_across_processes(source, dest, scheduler)
     if summary_json is not None:
         summary_json = local_path(summary_json, "--summary-json")
     checked = []
@@ -1202,6 +1203,16 @@ def run(
             task_rows=task_rows, task_bytes=task_bytes, scheduler=scheduler, client=client, workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
         )
+
+
+def _refuse_memory_across_processes(source, dest, scheduler) -> None:
+    """memory:// lives in one process: worker processes would each see an empty store."""
+    args = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if scheduler in (None, "threads", "sync", "synchronous"):
+        return
+    if any(scheme_of(a) == "memory" for a in [*args, dest]):
+        raise OptionError("memory:// lives in this process only: use the threads scheduler (the default), "
+                          "or a store the workers can reach (s3://, gs://, ...)")
 
 
 def _local_sources(source):
