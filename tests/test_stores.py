@@ -168,6 +168,22 @@ def test_globs_and_single_objects_read_the_same_files(tmp_path, shards, bucket):
         fastkl.run(src, f"s3://{bucket}/shards/out", quiet=True)
 
 
+def test_arrow_ipc_files_and_streams_on_a_store(tmp_path, bucket):
+    """IPC files (footer, record batches split into tasks) and streams are read with range reads."""
+    src_dir, table = write_dataset(str(tmp_path / "mixed"), "mixed", np.random.default_rng(5), files=4, rows=30)
+    with pa.OSFile(str(tmp_path / "mixed" / "stream.arrow"), "wb") as sink:  # an IPC stream (no footer)
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            for b in table.slice(0, 25).to_batches(max_chunksize=10):
+                w.write_batch(b)
+    src = upload(src_dir, bucket, "mixed")
+    ref, _, _ = local_reference(tmp_path, src_dir, "--task-rows", "7")
+    code, err = invoke("run", src, f"s3://{bucket}/out", *JOB, "--task-rows", "7")
+    assert code == 0, err
+    assert read_store(bucket, "out").equals(ref)
+    m = json.loads(s3fs().open_input_stream(f"{bucket}/out/{MANIFEST}").read())
+    assert {f["format"] for f in m["inputs"]} == {"parquet", "ipc", "ipc_stream"}
+
+
 def test_memory_store(tmp_path, shards):
     local, table = shards
     fs = resolve("memory://x")[0].fs

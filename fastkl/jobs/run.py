@@ -68,7 +68,6 @@ from ..io.output import (
     DestLock,
     Staging,
     _read_json,
-    _write_json,
     check_dest,
     check_side_file,
     dest_kind,
