@@ -542,3 +542,34 @@ def test_clean_a_local_dest_left_by_a_killed_job(tmp_path, shards):
     assert not staging.exists() and not dest.exists()
     code, err = invoke("clean", dest)
     assert code == 0
+
+
+# --------------------------------------------------------------------------
+# resolving URLs and options (no server)
+
+
+def test_storage_options_and_environment(monkeypatch):
+    import pickle
+
+    from fastkl.io.stores import is_store_url, parse_storage_options, s3_arguments
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    args = s3_arguments({})
+    assert (args["endpoint_override"], args["scheme"], args["region"]) == ("127.0.0.1:9", "http", "eu-west-3")
+    args = s3_arguments({"client_kwargs": {"endpoint_url": "https://minio:9000/"}, "key": "k", "secret": "s",
+                         "region": "us-east-2"})
+    assert (args["endpoint_override"], args["scheme"], args["access_key"], args["secret_key"], args["region"]) == (
+        "minio:9000", "https", "k", "s", "us-east-2")
+    store, path = resolve("s3://bucket/a/b/", {"client_kwargs": {"endpoint_url": "http://h:1"}})
+    assert path == "bucket/a/b" and pickle.loads(pickle.dumps(store)) == store
+    assert store.option_dict() == {"client_kwargs": {"endpoint_url": "http://h:1"}}
+    assert parse_storage_options(["endpoint_url=http://h:1", "anonymous=true", "retries=3"]) == {
+        "endpoint_url": "http://h:1", "anonymous": True, "retries": 3}
+    with pytest.raises(fastkl.OptionError, match="KEY=VALUE"):
+        parse_storage_options(["novalue"])
+    assert [is_store_url(u) for u in ("s3://b/k", "file:///x", "/x", "memory://m")] == [True, False, False, True]
+    from fastkl.io.store_output import store_dest
+
+    with pytest.raises(fastkl.OptionError, match="whole bucket"):
+        store_dest("s3://bucket/", None)

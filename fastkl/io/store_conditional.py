@@ -44,7 +44,7 @@ def _s3_client(options: tuple):
     import boto3
     from botocore.config import Config
 
-    o = dict(options)
+    o = Store("s3", options).option_dict()
     kw: dict[str, Any] = {}
     for ours, theirs in (("access_key", "aws_access_key_id"), ("key", "aws_access_key_id"),
                          ("secret_key", "aws_secret_access_key"), ("secret", "aws_secret_access_key"),

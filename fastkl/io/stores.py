@@ -48,8 +48,20 @@ def is_store_url(arg: Any) -> bool:
     return s is not None and s != "file"
 
 
+class _Frozen(tuple):
+    """A dict value inside storage_options (client_kwargs=...), hashable for the filesystem cache."""
+
+
 def _frozen(options: Mapping[str, Any] | None) -> tuple:
-    return tuple(sorted((options or {}).items(), key=lambda kv: kv[0]))
+    """storage_options as a hashable, picklable tuple (nested dicts too)."""
+    def freeze(v):
+        return _Frozen(_frozen(v)) if isinstance(v, Mapping) else v
+
+    return tuple(sorted(((k, freeze(v)) for k, v in (options or {}).items()), key=lambda kv: kv[0]))
+
+
+def _thawed(options: tuple) -> dict:
+    return {k: _thawed(v) if isinstance(v, _Frozen) else v for k, v in options}
 
 
 @dataclass(frozen=True)
@@ -72,7 +84,7 @@ class Store:
         return f"{self.protocol}://{path.lstrip('/')}"
 
     def option_dict(self) -> dict:
-        return dict(self.options)
+        return _thawed(self.options)
 
 
 def resolve(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Store, str]:
@@ -104,7 +116,7 @@ def _first_line(e: BaseException) -> str:
 @functools.lru_cache(maxsize=32)
 def _filesystem(protocol: str, options: tuple) -> pafs.FileSystem:
     """One filesystem per protocol and options in a process (clients are costly to build)."""
-    opts = dict(options)
+    opts = _thawed(options)
     if protocol in ("s3", "s3a"):
         return pafs.S3FileSystem(**s3_arguments(opts))
     if protocol in ("gs", "gcs"):
