@@ -573,3 +573,23 @@ def test_storage_options_and_environment(monkeypatch):
 
     with pytest.raises(fastkl.OptionError, match="whole bucket"):
         store_dest("s3://bucket/", None)
+
+
+def test_clean_aborts_pending_uploads_and_refuses_a_live_job(shards, bucket):
+    import boto3
+
+    from click.testing import CliRunner
+    from fastkl.cli import main
+
+    c = boto3.client("s3")
+    c.create_multipart_upload(Bucket=bucket, Key=f"out/{STAGING}/deadjob/part-000000.abc.parquet")
+    s3fs().open_output_stream(f"{bucket}/out/{STAGING}/deadjob/part-000001.abc.parquet").close()
+    r = CliRunner().invoke(main, ["clean", f"s3://{bucket}/out"], catch_exceptions=False)
+    assert r.exit_code == 0 and "removed the staged parts of 1 job(s), aborted 1 pending upload(s)" in r.stdout, r.stdout
+    assert not pending_uploads(bucket) and not keys(bucket, "out")
+    # a live job's claim: clean refuses (exit 1) naming it
+    from fastkl.io.store_output import StoreClaim, store_dest
+
+    with StoreClaim.acquire(store_dest(f"s3://{bucket}/out", None), "x"):
+        r = CliRunner().invoke(main, ["clean", f"s3://{bucket}/out"], catch_exceptions=False)
+        assert r.exit_code == 1 and f"pid {os.getpid()}" in r.stderr, r.stderr

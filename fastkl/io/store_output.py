@@ -473,7 +473,7 @@ class StoreStaging:
         """Drop this job's staged objects and pending uploads, and the staging prefix if empty."""
         fs = self.dest.fs
         _delete_prefix(fs, self.root)
-        self._cond().abort_uploads(self.root)
+        self._cond().abort_uploads(self.top)  # this job holds DEST: any upload under staging is dead
         _delete_if_empty(fs, self.top)
         drop_stale_probes(self.dest)
 
