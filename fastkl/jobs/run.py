@@ -1155,8 +1155,6 @@ def run(
     checked = []
 
     store_dest = is_store_url(dest)
-    if not store_dest:
-        dest = local_path(dest, "DEST")
 
     def check(roots) -> None:  # before any file is opened
         local_roots = [r for r in roots if not is_store_url(r)]
