@@ -485,8 +485,9 @@ def run_task(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, report=
 
 
 _TRANSIENT = ("503", "500", "502", "504", "429", "slowdown", "slow down", "slow_down", "throttl", "unavailable", "reset", "timed out",
-              "timeout", "connection", "network", "internalerror", "serviceunavailable", "broken pipe",
-              "curl", "requesttimeout")
+              "timeout", "connection", "network", "internalerror", "internal_failure", "internal error",
+              "serviceunavailable", "service_unavailable", "broken pipe", "curl", "requesttimeout",
+              "request_timeout", "try again")
 
 
 def _transient(e: OSError) -> bool:
