@@ -590,6 +590,35 @@ def test_clean_aborts_pending_uploads_and_refuses_a_live_job(shards, bucket):
     # a live job's claim: clean refuses (exit 1) naming it
     from fastkl.io.store_output import StoreClaim, store_dest
 
+    src = upload(shards[0], bucket)
     with StoreClaim.acquire(store_dest(f"s3://{bucket}/out", None), "x"):
         r = CliRunner().invoke(main, ["clean", f"s3://{bucket}/out"], catch_exceptions=False)
         assert r.exit_code == 1 and f"pid {os.getpid()}" in r.stderr, r.stderr
+        for flags in ({"resume": True}, {"overwrite": True}):  # --resume and --overwrite obey the claim too
+            with pytest.raises(fastkl.DestTakenError, match="taken by another fastkl job"):
+                fastkl.run(src, f"s3://{bucket}/out", quiet=True, **flags)
+
+
+def test_a_job_whose_claim_was_taken_does_not_commit(shards, bucket):
+    """Someone replaced the claim while the job ran (an operator, a job that judged it stale):
+    the job finds out at its commit (If-Match on its ETag fails) and commits nothing."""
+    src = upload(shards[0], bucket)
+    failed = []
+
+    def job():
+        try:
+            fastkl.run(src, f"s3://{bucket}/out", quiet=True, task_rows=3, workers=1)
+        except fastkl.FastKLError as e:
+            failed.append(e)
+
+    t = threading.Thread(target=job)
+    t.start()
+    deadline = time.time() + 60
+    while time.time() < deadline and not any("part-" in k and k.endswith(".json") for k in keys(bucket, "out")):
+        time.sleep(0.01)
+    with s3fs().open_output_stream(f"{bucket}/out/{CLAIM}") as f:
+        f.write(json.dumps({"pid": 1, "host": "elsewhere", "job_id": "intruder", "token": "x"}).encode())
+    t.join()
+    assert len(failed) == 1 and isinstance(failed[0], fastkl.DestTakenError), failed
+    assert "intruder" in str(failed[0]) and "not committing" in str(failed[0])
+    assert MANIFEST not in [k.rsplit("/", 1)[1] for k in keys(bucket, "out")] and not visible(bucket, "out")
