@@ -69,8 +69,26 @@ def _fail(ctx_debug: bool, code: int, message: str) -> None:
 
 
 def _kept(staging: str | None) -> str:
+    if staging and "://" in staging:
+        return _kept_in_store(staging)
     if staging and os.path.isdir(staging) and any(n.endswith(".parquet") for n in os.listdir(staging)):
         return f"; finished parts kept in {staging} for --resume"
+    return ""
+
+
+def _kept_in_store(staging: str) -> str:
+    """The same hint for a store DEST: finished parts are the state objects under its staging prefix."""
+    try:
+        import pyarrow.fs as pafs
+
+        from .io.stores import resolve
+
+        store, path = resolve(staging)
+        found = store.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        if any(f.path.rsplit("/", 1)[-1].startswith("part-") and f.path.endswith(".json") for f in found):
+            return f"; finished parts kept in {staging}/ for --resume"
+    except Exception:  # noqa: BLE001 - a hint, never a second error
+        pass
     return ""
 
 
@@ -270,8 +288,11 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
 
     from .io.output import resolve_dest, staging_path
 
+    from .io.stores import is_store_url
+
     try:
-        hint = str(staging_path(resolve_dest(dest)))
+        hint = (dest.rstrip("/") + "/_fastkl-staging" if is_store_url(dest)
+                else str(staging_path(resolve_dest(dest))))
     except FastKLError:
         hint = None  # run() says what is wrong with DEST
     from .jobs.limits import capped

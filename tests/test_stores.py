@@ -622,3 +622,16 @@ def test_a_job_whose_claim_was_taken_does_not_commit(shards, bucket):
     assert len(failed) == 1 and isinstance(failed[0], fastkl.DestTakenError), failed
     assert "intruder" in str(failed[0]) and "not committing" in str(failed[0])
     assert MANIFEST not in [k.rsplit("/", 1)[1] for k in keys(bucket, "out")] and not visible(bucket, "out")
+
+
+def test_a_failed_store_job_says_where_its_parts_are_kept(tmp_path, bucket):
+    from test_jobs import _with_bad_row
+
+    src_dir, _ = write_dataset(str(tmp_path / "bad"), "parquet", np.random.default_rng(3), files=3, rows=30)
+    p = pq.read_table(os.path.join(src_dir, "shard-01.parquet")).column("p").to_pylist()
+    _with_bad_row(src_dir, row=max(i for i, r in enumerate(p) if r))  # late in shard-01: shard-00 finishes first
+    src = upload(src_dir, bucket, "bad")
+    code, err = invoke("run", src, f"s3://{bucket}/out", *JOB, "--task-rows", "9", "--workers", "1")
+    assert code == 1 and "invalid row" in err, err
+    assert f"finished parts kept in s3://{bucket}/out/_fastkl-staging/ for --resume" in err, err
+    assert not visible(bucket, "out") and CLAIM not in " ".join(keys(bucket, "out"))
