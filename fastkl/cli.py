@@ -1,4 +1,4 @@
-"""The `fastkl` command: run, demo, bench (README: Jobs).
+"""The `fastkl` command: run, clean, demo, bench (README: Jobs, Object stores).
 
 Exit status: 0 done; 1 the data was refused (invalid rows, corrupt or
 mismatched files); 2 usage errors (unknown column, bad option, DEST refused);
@@ -69,8 +69,26 @@ def _fail(ctx_debug: bool, code: int, message: str) -> None:
 
 
 def _kept(staging: str | None) -> str:
+    if staging and "://" in staging:
+        return _kept_in_store(staging)
     if staging and os.path.isdir(staging) and any(n.endswith(".parquet") for n in os.listdir(staging)):
         return f"; finished parts kept in {staging} for --resume"
+    return ""
+
+
+def _kept_in_store(staging: str) -> str:
+    """The same hint for a store DEST: finished parts are the state objects under its staging prefix."""
+    try:
+        import pyarrow.fs as pafs
+
+        from .io.stores import resolve
+
+        store, path = resolve(staging)
+        found = store.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+        if any(f.path.rsplit("/", 1)[-1].startswith("part-") and f.path.endswith(".json") for f in found):
+            return f"; finished parts kept in {staging}/ for --resume"
+    except Exception:  # noqa: BLE001 - a hint, never a second error
+        pass
     return ""
 
 
@@ -223,6 +241,10 @@ more fails with one line naming the file and row group.
 @click.option("--task-rows", type=click.IntRange(min=1), default=None, help="At most this many rows per task.")
 @click.option("--task-mb", type=click.FloatRange(min=0, min_open=True), default=None,
               help="At most this many MB of decoded input per task (default 128 MiB).")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the object store's filesystem (repeatable), e.g. endpoint_url=http://host:9000.")
+@click.option("--last-writer-wins", is_flag=True,
+              help="Accept a store without conditional writes: two jobs at once could both write DEST.")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
 def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids, vocab, tail, no_bounds, p_mean,
@@ -230,7 +252,8 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             lengths, per_token, kind, p_kind, q_kind,
             dtype, p_dtype, q_dtype, temperature,
             p_temperature, q_temperature, base, beta, alpha, normalize, smoothing, sum_tol, on_invalid, status,
-            scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, debug_here):
+            scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, storage_option,
+            last_writer_wins, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
     if dest is None:
@@ -245,6 +268,9 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
     def go():
         from .jobs.run import run
         from ._config import DEFAULT_TASK_BYTES
+        from .io.stores import parse_storage_options
+
+        storage_options = parse_storage_options(storage_option) or None
 
         summary = run(
             list(source), dest, p=p, q=q, keep=keep,
@@ -258,14 +284,17 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             normalize=normalize, smoothing=smoothing, sum_tol=sum_tol, on_invalid=on_invalid,
             mask=mask, lengths=lengths, per_token=per_token, p_ids=p_ids, q_ids=q_ids, vocab=vocab,
             tail=tail, bounds=not no_bounds, p_mean=p_mean, p_logvar=p_logvar, q_mean=q_mean, q_logvar=q_logvar,
-            target=target,
+            target=target, storage_options=storage_options, last_writer_wins=last_writer_wins,
         )
         return summary
 
     from .io.output import resolve_dest, staging_path
 
+    from .io.stores import is_store_url
+
     try:
-        hint = str(staging_path(resolve_dest(dest)))
+        hint = (dest.rstrip("/") + "/_fastkl-staging" if is_store_url(dest)
+                else str(staging_path(resolve_dest(dest))))
     except FastKLError:
         hint = None  # run() says what is wrong with DEST
     from .jobs.limits import capped
@@ -291,6 +320,25 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
         if t.get("total_s"):
             rate = summary.rows / t["total_s"]
             click.echo(f"done in {t['total_s']:.2f} s ({rate:,.0f} rows/s); output: {summary.dest}")
+
+
+@main.command("clean")
+@click.argument("dest")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the object store's filesystem (repeatable).")
+@click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def clean_cmd(ctx: click.Context, dest, storage_option, debug_here):
+    """Remove what a dead job left for DEST (staged parts, pending uploads), or finish its commit."""
+    debug = debug_here or (ctx.obj or {}).get("debug", False)
+
+    def go():
+        from .io.cleanup import clean
+        from .io.stores import parse_storage_options
+
+        return clean(dest, parse_storage_options(storage_option) or None)
+
+    click.echo(f"fastkl: {run_guarded(go, debug)}")
 
 
 @main.command("demo")

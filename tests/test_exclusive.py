@@ -9,7 +9,7 @@
    directory is never committed.
 2. --overwrite replaces only a fastkl output; a forgotten DEST is named.
 3. --summary-json never lands on an input, in DEST or beside it.
-4. URLs: object stores are refused, file:// names a local path.
+4. URLs: never local paths (stores: tests/test_stores.py), file:// names a local path.
 5. --overwrite whose old output cannot be removed: committed, one warning line.
 """
 
@@ -346,17 +346,20 @@ def test_summary_json_never_lands_on_input_or_dest(tmp_path, data):
 # 4. URLs
 
 
-def test_object_store_urls_are_refused(tmp_path, data, monkeypatch):
+def test_urls_never_become_local_paths(tmp_path, data, monkeypatch):
+    """Store URLs go to the store layer (tests/test_stores.py); an unknown protocol is a usage
+    error, and nothing is ever written locally as ./s3:/bucket/out."""
     source, _ = data
     monkeypatch.chdir(tmp_path)  # where `s3://bucket/out` used to be written, as ./s3:/bucket/out
     before = sorted(os.listdir(tmp_path))
-    for url in ("s3://bucket/out", "memory://x", "gs://b/out", "abfs://c/out"):
-        code, err = invoke("run", source, url)
-        assert code == 2 and f"DEST {url!r}" in one_line(err) and "not supported yet" in err, err
-        code, err = invoke("run", url, "out")
-        assert code == 2 and f"SOURCE {url!r}" in one_line(err) and "not supported yet" in err, err
+    url = "nosuchproto://bucket/out"
+    code, err = invoke("run", source, url)
+    assert code == 2 and "unknown storage protocol nosuchproto://" in one_line(err), err
+    code, err = invoke("run", url, "out")
+    assert code == 2 and "unknown storage protocol nosuchproto://" in one_line(err), err
+    for side in ("s3://bucket/summary.json", "memory://x/summary.json"):
         with pytest.raises(fastkl.OptionError, match="not supported yet"):
-            fastkl.run(source, "out", summary_json=url + "/summary.json")
+            fastkl.run(source, "out", summary_json=side)
     assert sorted(os.listdir(tmp_path)) == before
 
 

@@ -48,6 +48,15 @@ class Identity:
         st = os.fstat(fd)
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    @classmethod
+    def of_object(cls, info) -> "Identity":
+        """An object in a store (a pyarrow FileInfo): size and modification time are all it has
+        (no inode, no ctime); the footer digest, checked beside it, catches a rewrite within
+        the same second (stores keep mtimes to the second)."""
+        if info.size is None:
+            raise FileNotFoundError(info.path)
+        return cls(0, 0, info.size, info.mtime_ns or 0, 0)
+
     def differences(self, other: "Identity") -> str:
         """'' if equal, else what changed, for the one-line message."""
         if (self.dev, self.ino) != (other.dev, other.ino):

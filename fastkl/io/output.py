@@ -226,7 +226,7 @@ def check_dest(dest: str | os.PathLike, roots: Iterable[str], *, overwrite: bool
     return dest_p
 
 
-def check_side_file(path: str | os.PathLike, option: str, dest_p: Path, roots: Iterable[str],
+def check_side_file(path: str | os.PathLike, option: str, dest_p: Path | None, roots: Iterable[str],
                     inputs: Sequence[str] = ()) -> None:
     """A file the job writes besides DEST (--summary-json): never an input, never inside DEST
     or what lies beside it. Checked before any work: after the commit it would be too late."""
@@ -243,7 +243,7 @@ def check_side_file(path: str | os.PathLike, option: str, dest_p: Path, roots: I
     for f in inputs:
         if real == _real(f):
             raise OptionError(f"{option} {raw!r} is the input file {f!r}: fastkl never writes into its input")
-    for d in (dest_p, _real(dest_p), *beside(dest_p)):
+    for d in ((dest_p, _real(dest_p), *beside(dest_p)) if dest_p is not None else ()):  # None: DEST in a store
         if real == d or d in real.parents:
             raise OptionError(
                 f"{option} {raw!r} is inside DEST {str(dest_p)!r} or its staging place; "
@@ -535,9 +535,27 @@ class Staging:
                     "wrote into the staging directory); not committing: run the job again with --resume"
                 )
 
-    # The two functions below run inside Dask tasks, possibly on other machines.
+    def rewrite_pending(self, manifest: dict) -> None:
+        """Write back the manifest of an interrupted commit (its parts now marked resumed)."""
+        _write_json(self.root / MANIFEST, manifest)
+
+    def write_empty_part(self, schema) -> None:
+        """Empty input: one empty part keeps DEST a readable dataset."""
+        import pyarrow.parquet as pq
+
+        pq.write_table(schema.empty_table(), self.root / self.part_name(0))
+
+    # The functions below run inside Dask tasks, possibly on other machines.
     def tmp_part(self, index: int) -> Path:
         return self.root / f".{self.part_name(index)}.{uuid.uuid4().hex}.tmp"
+
+    def part_writer(self, tmp: Path, schema):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetWriter(tmp, schema)
+
+    def discard_tmp(self, tmp: Path) -> None:
+        tmp.unlink(missing_ok=True)
 
     def finish_part(self, index: int, tmp: Path, state: dict) -> None:
         part = self.root / self.part_name(index)

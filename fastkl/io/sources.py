@@ -34,13 +34,14 @@ import fnmatch
 import glob
 import hashlib
 import os
+import posixpath
 import struct
 import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
 import pyarrow as pa
@@ -60,6 +61,7 @@ from .filemeta import (
     stream_messages,
 )
 from .footer_checks import check_footer
+from .stores import Store, is_store_url, resolve
 from ..errors import DataError, OptionError
 
 PARQUET_EXT = (".parquet", ".parq", ".pq")
@@ -96,6 +98,7 @@ class FileRef:
     ino: int = 0
     ctime_ns: int = 0
     footer: str = ""  # digest of the footer planned from (IPC stream: of all its message headers)
+    store: Store | None = None  # an object in a store (path is then the store's path, display its URL)
 
     def identity(self) -> Identity:
         return Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
@@ -111,7 +114,7 @@ class InputFile(FileRef):
 
     def to_dict(self) -> dict:
         return {
-            "path": self.path,
+            "path": self.display if self.store is not None else self.path,
             "format": self.fmt,
             "size": self.size,
             "mtime_ns": self.mtime_ns,
@@ -451,6 +454,7 @@ class _Found:
     display: str
     fmt: str
     partition: tuple[tuple[str, str | None], ...]
+    store: Store | None = None
 
 
 def _stat_source(s: str) -> os.stat_result | None:
@@ -465,7 +469,8 @@ def _stat_source(s: str) -> os.stat_result | None:
         raise DataError(f"SOURCE {s!r}: cannot read it ({_why(e)})") from None
 
 
-def discover(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[_Found], list[str]]:
+def discover(sources: str | os.PathLike | Sequence[str | os.PathLike],
+             storage_options: dict | None = None) -> tuple[list[_Found], list[str]]:
     """Expand SOURCE arguments into data files (sorted within each argument).
 
     Returns the files and the "roots" (directories or files) the job reads,
@@ -507,6 +512,9 @@ def discover(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[
         return data
 
     for s in sources:
+        if is_store_url(s):
+            _discover_store(s, storage_options, found, roots, seen)
+            continue
         st = _stat_source(s)
         if st is None and not _has_magic(s):
             raise OptionError(f"SOURCE {s!r} does not exist")
@@ -534,6 +542,55 @@ def discover(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[
                 )
             add(s, st.st_mode, explicit=True)
     return found, roots
+
+
+def _discover_store(url: str, storage_options: dict | None, found: list, roots: list, seen: set) -> None:
+    """One SOURCE URL: a file, a prefix (walked) or a glob, under the rules of the local walk."""
+    from . import store_discovery as sd
+
+    store, path = resolve(url, storage_options)
+
+    def add(p: str, partition=(), explicit=False) -> bool:
+        key = store.url(p)
+        if key in seen:
+            return True
+        fmt = sd.sniff(store, p, PARQUET_EXT, IPC_EXT, sniff_ipc)
+        if fmt is None:
+            if explicit:
+                raise DataError(f"{key}: not a Parquet or Arrow IPC file")
+            return False
+        seen.add(key)
+        found.append(_Found(p, key, fmt, partition, store))
+        return True
+
+    def add_dir(d: str) -> bool:
+        data = False
+        for p in sd.walk(store, d):
+            data |= add(p, _hive(posixpath.relpath(posixpath.dirname(p), d)))
+        return data
+
+    kind = sd.source_kind(store, path, url)
+    if kind == "file":
+        roots.append(store.url(path))
+        if posixpath.basename(path) in _SUMMARY_FILES:
+            raise OptionError(f"{url} is a Parquet summary file (the footers of a dataset's files), not data: "
+                              "give the dataset's prefix as SOURCE")
+        add(path, explicit=True)
+    elif kind == "dir":
+        roots.append(store.url(path))
+        if not add_dir(path):
+            raise OptionError(f"SOURCE {url!r} holds no Parquet or Arrow IPC file")
+    else:
+        matches = sd.expand_glob(store, path)
+        if not matches:
+            raise OptionError(f"SOURCE {url!r} matches no file")
+        data = False
+        for m in matches:
+            roots.append(store.url(m))
+            is_dir = sd.info(store, m).type == sd.pafs.FileType.Directory
+            data |= add_dir(m) if is_dir else add(m)
+        if not data:
+            raise OptionError(f"SOURCE {url!r} matches no Parquet or Arrow IPC file")
 
 
 # --------------------------------------------------------------------------
@@ -734,14 +791,38 @@ class _Footer:
     digest: str
 
 
+def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[[], Identity]]:
+    """A read handle on a file or object, and how to get its identity now.
+
+    Local: a regular file handle (never a memory map: see filemeta), fstat of
+    its descriptor. Store: a random-access object (range GETs of only what is
+    read), its size and mtime from the store (a store has no descriptor to ask).
+    """
+    if store is None:
+        src = pa.OSFile(path)
+        return src, lambda: Identity.of(src.fileno())
+    fs = store.fs
+    first = [Identity.of_object(fs.get_file_info(path))]  # before opening: the handle's size must be it
+    src = fs.open_input_file(path)
+    if src.size() != first[0].size:
+        src.close()
+        raise OSError(f"size {first[0].size} -> {src.size()} bytes while opening it")
+
+    def ident() -> Identity:  # the first answer is the one just read (one request fewer per file)
+        return first.pop() if first else Identity.of_object(fs.get_file_info(path))
+
+    return src, ident
+
+
 def _read_footer(f: _Found, names: list[str]) -> _Footer:
     what = {"parquet": "Parquet file", "ipc": "Arrow IPC file", "ipc_stream": "Arrow IPC stream"}[f.fmt]
     try:
-        with pa.OSFile(f.path) as src:  # never a memory map: see filemeta
-            ident = Identity.of(src.fileno())
+        src, identity = open_input(f.path, f.store)
+        with src:
+            ident = identity()
             read = {"parquet": _plan_parquet, "ipc": _plan_ipc_file, "ipc_stream": _plan_ipc_stream}[f.fmt]
             schema, units, footer = read(f, src, ident.size, names)
-            changed = ident.differences(Identity.of(src.fileno()))
+            changed = ident.differences(identity())
     except DataError:
         raise
     except (pa.ArrowException, OSError, ValueError, struct.error) as e:
@@ -965,13 +1046,14 @@ def scan(
     task_bytes: int | None = DEFAULT_TASK_BYTES,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     check=None,
+    storage_options: dict | None = None,
 ) -> tuple[Plan, list[str]]:
     """Discover, read footers, check columns and cut the input into tasks."""
     if task_rows is not None and task_rows < 1:
         raise OptionError(f"task_rows must be >= 1, got {task_rows}")
     if task_bytes is not None and task_bytes < 1:
         raise OptionError(f"task_bytes must be >= 1, got {task_bytes}")
-    found, roots = discover(sources)
+    found, roots = discover(sources, storage_options)
     if check is not None:
         check(roots)  # e.g. DEST against SOURCE: before any file is opened
     cols = Columns(p=p, q=q, keep=tuple(keep), p_ids=p_ids, q_ids=q_ids, mask=mask, lengths=lengths,
@@ -992,7 +1074,7 @@ def scan(
         files.append(
             InputFile(
                 i, f.path, f.display, f.fmt, ident.size, ident.mtime_ns, f.partition,
-                ident.dev, ident.ino, ident.ctime_ns, ft.digest, sum(u.rows for u in us), us,
+                ident.dev, ident.ino, ident.ctime_ns, ft.digest, f.store, sum(u.rows for u in us), us,
             )
         )
 

@@ -1,0 +1,549 @@
+"""Output side of a job whose DEST is in an object store: claim, staging, rename-free commit (README).
+
+Object stores have no rename and no lock, so the local design of
+`fastkl.io.output` (flock, rename of the staging directory) is kept another
+way, with conditional writes (`store_conditional`)::
+
+    DEST/_fastkl-claim.json                  1. created If-None-Match: * (exactly one job gets it);
+                                                refreshed If-Match: <etag> every few seconds
+    DEST/_fastkl-staging/<job id>/job.json   2. the job's fingerprint (what --resume may adopt)
+        part-000003.<attempt>.parquet           tasks upload parts here (an upload is invisible until
+        part-000003.json                        complete); the state names the attempt that counts
+        _commit.json                         3. the manifest to be, written when every part is staged
+    DEST/part-000003.parquet                 4. server-side copies of the staged parts (no data
+                                                through the client)
+    DEST/_fastkl.json                        5. the manifest, created If-None-Match: * -- the commit
+                                             6. staging removed, pending uploads aborted, claim deleted
+
+Readers (pyarrow.dataset, Polars, DuckDB, Spark) skip `_` names, so before
+step 4 a reader lists nothing at DEST. DEST exists when its manifest does.
+A kill at any step leaves what --resume needs: before 3 the staged parts
+(reused), after 3 the commit record (4-6 are redone from it, nothing is
+recomputed). A dead job's claim is taken over (If-Match on its ETag, so
+of two jobs taking it over one wins) when its process is gone (same host)
+or when it has not been refreshed for `FASTKL_CLAIM_STALE_S` seconds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from ..errors import DataError, DestTakenError, FastKLWarning, OptionError
+from .store_conditional import Conditional, conditional
+from .stores import Store, resolve
+
+MANIFEST = "_fastkl.json"
+CLAIM = "_fastkl-claim.json"
+STAGING = "_fastkl-staging"
+COMMIT = "_commit.json"
+JOB = "job.json"
+PROBE = "_fastkl-probe"
+
+
+def claim_stale_s() -> float:
+    """Seconds without a refresh after which a claim counts as its job's death."""
+    return float(os.environ.get("FASTKL_CLAIM_STALE_S", "60"))
+
+
+@dataclass(frozen=True)
+class StoreDest:
+    """DEST in a store: picklable, so staging and tasks can carry it."""
+
+    store: Store
+    path: str
+
+    def __str__(self) -> str:
+        return self.store.url(self.path)
+
+    def key(self, *names: str) -> str:
+        return posixpath.join(self.path, *names)
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return self.store.fs
+
+
+def _why(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0] if s else type(e).__name__
+
+
+def read_json(cond: Conditional, path: str) -> Any | None:
+    v = cond.read(path)
+    if v is None:
+        return None
+    try:
+        return json.loads(v.data)
+    except ValueError:
+        return None
+
+
+def put_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
+    """An unconditional small object (state files; an upload is atomic: whole or absent)."""
+    with fs.open_output_stream(path) as f:
+        f.write((json.dumps(obj, indent=1, allow_nan=True) + "\n").encode())
+
+
+def _entries(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
+    try:
+        return fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+
+
+def visible(dest: StoreDest) -> list[str]:
+    """What a dataset reader lists at DEST: objects and prefixes not starting with `_` or `.`."""
+    return sorted(e.path for e in _entries(dest.fs, dest.path)
+                  if not posixpath.basename(e.path).startswith(("_", ".")))
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def store_dest(dest: str, storage_options: dict | None) -> StoreDest:
+    store, path = resolve(dest, storage_options)
+    if "/" not in path.strip("/") and store.is_s3:
+        raise OptionError(f"DEST {dest!r} is a whole bucket: give a prefix inside it (s3://bucket/out)")
+    return StoreDest(store, path)
+
+
+def dest_kind(dest: StoreDest) -> str | None:
+    """None (nothing), "output" (a manifest), "interrupted" (a commit killed while publishing:
+    --resume or --overwrite finish it), "empty", or what else it is, for the refusal."""
+    cond = conditional(dest.store)
+    if cond.read(dest.key(MANIFEST)) is not None:
+        return "output"
+    shown = visible(dest)
+    if not shown:
+        return None if not _entries(dest.fs, dest.path) else "empty"
+    if pending_commits(dest):
+        return "interrupted"
+    return f"a prefix holding {len(shown)} other object(s), e.g. {dest.store.url(shown[0])}"
+
+
+def check_store_dest(dest: str, roots: Iterable[str], *, overwrite: bool, exists_ok: bool,
+                     storage_options: dict | None) -> StoreDest:
+    """Refuse DEST overlapping SOURCE, a foreign DEST, or an existing one without overwrite."""
+    d = store_dest(dest, storage_options)
+    for root in roots:
+        if isinstance(root, str) and root.startswith(d.store.protocol + "://"):
+            if _overlaps(str(d), root):
+                raise OptionError(f"DEST {dest!r} overlaps SOURCE {root!r}: "
+                                  "DEST must be outside the input and must not contain it")
+    kind = dest_kind(d)
+    if kind not in (None, "output", "empty", "interrupted"):
+        raise OptionError(f"DEST {dest!r} exists and is not a fastkl output ({kind}): refusing to replace it; "
+                          "choose another DEST")
+    if kind == "output" and not overwrite and not exists_ok:
+        raise OptionError(f"DEST {dest!r} already exists (pass --overwrite to replace it)")
+    return d
+
+
+def pending_commits(dest: StoreDest) -> list[str]:
+    """Staged jobs whose commit had started (their commit record exists)."""
+    out = []
+    for e in _entries(dest.fs, dest.key(STAGING)):
+        if e.type == pafs.FileType.Directory and dest.fs.get_file_info(posixpath.join(e.path, COMMIT)).size:
+            out.append(e.path)
+    return out
+
+
+# --------------------------------------------------------------------------
+# The claim: one job per DEST
+
+
+def _alive_here(info: dict) -> bool | None:
+    """Whether the claim's process runs (None: it is on another host, so we cannot tell)."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return None
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def holder(info: Any) -> str:
+    if not isinstance(info, dict):
+        return "which has not said who it is"
+    job = f", job {info['job_id']}" if info.get("job_id") else ""
+    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started', '?')}{job}"
+
+
+class StoreClaim:
+    """One job's hold on a store DEST: `DEST/_fastkl-claim.json`, created conditionally and
+    refreshed by a thread. The store's counterpart of `DestLock` (same methods)."""
+
+    def __init__(self, dest: StoreDest, display: str, cond: Conditional, etag: str, info: dict):
+        self.dest, self.display, self.cond = dest, display, cond
+        self.path = dest.key(CLAIM)
+        self._etag, self.info = etag, info
+        self._mutex = threading.Lock()
+        self._lost: str | None = None
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, name="fastkl-claim", daemon=True)
+        self._beat.start()
+
+    @classmethod
+    def acquire(cls, dest: StoreDest, display: str, *, last_writer_wins: bool = False) -> "StoreClaim":
+        """Take DEST or raise DestTakenError naming the live job that holds it.
+
+        The first creation doubles as the probe: a second conditional create
+        of the same key must be refused, else the store ignores conditions.
+        """
+        cond = conditional(dest.store)
+        # the probe's key is its own (not under the staging prefix, which the winner of a race clears)
+        if not cond.supported or not cond.probe(dest.key(f"{PROBE}-{uuid.uuid4().hex[:12]}")):
+            if not last_writer_wins:
+                raise OptionError(
+                    f"DEST {display!r}: this store does not support conditional writes (If-None-Match), so two "
+                    "jobs could both write DEST; pass --last-writer-wins (last_writer_wins=True) to accept that")
+            warnings.warn(FastKLWarning(f"DEST {display!r}: no conditional writes on this store: "
+                                        "last writer wins if two jobs run at once"), stacklevel=2)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "job_id": None, "token": uuid.uuid4().hex}
+        data = json.dumps(info).encode()
+        path = dest.key(CLAIM)
+        for _ in range(5):
+            etag = cond.create(path, data)
+            if etag is not None:
+                return cls(dest, display, cond, etag, info)
+            old = cond.read(path)
+            if old is None:
+                continue  # released meanwhile: try again
+            try:
+                held = json.loads(old.data)
+            except ValueError:
+                held = None
+            if not _dead(held, old.mtime):
+                raise DestTakenError(f"DEST {display!r} is taken by another fastkl job ({holder(held)}); "
+                                     "wait for it to end or stop it")
+            etag = cond.replace(path, data, old.etag)  # of two jobs taking over a dead claim, one wins
+            if etag is not None:
+                return cls(dest, display, cond, etag, info)
+        raise DestTakenError(f"DEST {display!r} is taken by other fastkl jobs starting and ending in turn")
+
+    def _refresh(self) -> None:
+        with self._mutex:
+            if self._lost:
+                return
+            etag = self.cond.replace(self.path, json.dumps(self.info).encode(), self._etag)
+            if etag is None:
+                now = read_json(self.cond, self.path)
+                self._lost = f"(it now names {holder(now)})" if now else "(it was removed)"
+            else:
+                self._etag = etag
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(max(0.2, claim_stale_s() / 4)):
+            try:
+                self._refresh()
+            except OSError:
+                pass  # a transient failure: the next beat tries again
+
+    def announce(self, job_id: str | None) -> None:
+        """Name the job id in the claim, for a job that finds DEST taken."""
+        self.info["job_id"] = job_id
+        self._refresh()
+
+    def check(self, staging: Any = None) -> None:
+        """Before the commit: the claim is still this job's (refreshed now)."""
+        self._refresh()
+        if self._lost:
+            raise DestTakenError(f"the claim {self.dest.store.url(self.path)} of DEST {self.display!r} was taken "
+                                 f"while this job ran {self._lost}; not committing")
+
+    def release(self) -> None:
+        """Stop refreshing and delete the claim if it is still ours."""
+        self._stop.set()
+        with self._mutex:
+            if self._lost:
+                return
+            self._lost = "(released)"
+            try:
+                now = self.cond.read(self.path)
+                if now is not None and json.loads(now.data).get("token") == self.info["token"]:
+                    self.cond.delete(self.path)
+            except (OSError, ValueError):
+                pass  # a claim left behind is taken over by the next job
+
+    def __enter__(self) -> "StoreClaim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _dead(held: Any, mtime: float) -> bool:
+    """A claim whose process is gone (same host), or that nobody refreshed for a while."""
+    if time.time() - mtime > claim_stale_s():  # a live job refreshes it 4 times as often (pid reuse too)
+        return True
+    return isinstance(held, dict) and _alive_here(held) is False
+
+
+# --------------------------------------------------------------------------
+# Staging and commit
+
+
+class StoreStaging:
+    """The staging prefix of one store DEST; the methods of `fastkl.io.output.Staging`."""
+
+    def __init__(self, dest: StoreDest, n_parts: int):
+        self.dest = dest
+        self.width = max(6, len(str(max(n_parts - 1, 0))))
+        self.job_id: str | None = None
+        self.retries = 4  # a task whose upload fails transiently runs again (backoff)
+
+    @property
+    def top(self) -> str:
+        return self.dest.key(STAGING)
+
+    @property
+    def root(self) -> str:
+        return posixpath.join(self.top, self.job_id or "_none")
+
+    def __str__(self) -> str:
+        return self.dest.store.url(self.root)
+
+    def part_name(self, index: int) -> str:
+        return f"part-{index:0{self.width}d}.parquet"
+
+    def _state_path(self, index: int) -> str:
+        return posixpath.join(self.root, self.part_name(index)[: -len(".parquet")] + ".json")
+
+    def _cond(self) -> Conditional:
+        return conditional(self.dest.store)
+
+    def pending_manifest(self) -> dict | None:
+        """The manifest of an attempt killed during its commit (its commit record), if any."""
+        for root in pending_commits(self.dest):
+            rec = read_json(self._cond(), posixpath.join(root, COMMIT))
+            if isinstance(rec, dict) and isinstance(rec.get("manifest"), dict):
+                m = dict(rec["manifest"])
+                m["_staged_root"] = root
+                return m
+        return None
+
+    def rewrite_pending(self, manifest: dict) -> None:
+        """Adopt the interrupted commit of `manifest` (its record stays as it was written)."""
+        root = manifest.pop("_staged_root")
+        self.job_id = posixpath.basename(root)
+        rec = read_json(self._cond(), posixpath.join(root, COMMIT))
+        put_json(self.dest.fs, posixpath.join(root, COMMIT), {"manifest": manifest, "objects": rec["objects"]})
+
+    def staged_job_id(self, job: dict) -> str | None:
+        """The id of a staged attempt of this very job (its fingerprint is `job`)."""
+        for e in _entries(self.dest.fs, self.top):
+            if e.type == pafs.FileType.Directory:
+                mark = read_json(self._cond(), posixpath.join(e.path, JOB))
+                if isinstance(mark, dict) and mark.get("job") == job and isinstance(mark.get("job_id"), str):
+                    return mark["job_id"]
+        return None
+
+    def prepare(self, job: dict, job_id: str, *, resume: bool) -> dict[int, dict]:
+        """Start staging job `job_id` (every other staged attempt is dead: this job holds the claim
+        and removes them); with resume, return the reusable part states."""
+        self.job_id = job_id
+        fs = self.dest.fs
+        for e in _entries(fs, self.top):
+            if e.path != self.root and posixpath.basename(e.path) != CLAIM:
+                _delete(fs, e)
+        mark = {"job_id": job_id, "job": job}
+        if read_json(self._cond(), posixpath.join(self.root, JOB)) != mark:
+            _delete_prefix(fs, self.root)
+            put_json(fs, posixpath.join(self.root, JOB), mark)
+        if not resume:
+            return {}
+        done = {}
+        for e in _entries(fs, self.root):
+            name = posixpath.basename(e.path)
+            if name.startswith("part-") and name.endswith(".json"):
+                st = read_json(self._cond(), e.path)
+                if isinstance(st, dict) and isinstance(st.get("index"), int) and self._vouched(st):
+                    done[st["index"]] = st
+        return done
+
+    def _vouched(self, st: Any) -> bool:
+        """The staged object this state names exists with its size, written by this job."""
+        if not isinstance(st, dict) or st.get("job_id") != self.job_id or not isinstance(st.get("object"), str):
+            return False
+        info = self.dest.fs.get_file_info(posixpath.join(self.root, st["object"]))
+        return info.type == pafs.FileType.File and info.size == st.get("part_size")
+
+    def check_parts(self, n_parts: int) -> list[str]:
+        """Before the commit: every part is staged and vouched; the staged object of each."""
+        out = []
+        for i in range(n_parts):
+            st = read_json(self._cond(), self._state_path(i))
+            if not self._vouched(st):
+                raise DataError(f"{self.part_name(i)} in {self} is not the part this job wrote; "
+                                "not committing: run the job again with --resume")
+            out.append(st["object"])
+        return out
+
+    # The methods below run inside Dask tasks, possibly on other machines: only the store is shared.
+    def tmp_part(self, index: int) -> str:
+        return posixpath.join(self.root, f"{self.part_name(index)[:-8]}.{uuid.uuid4().hex[:12]}.parquet")
+
+    def part_writer(self, tmp: str, schema: pa.Schema) -> pq.ParquetWriter:
+        return pq.ParquetWriter(tmp, schema, filesystem=self.dest.fs)
+
+    def discard_tmp(self, tmp: str) -> None:
+        try:
+            self.dest.fs.delete_file(tmp)
+        except OSError:
+            pass
+
+    def finish_part(self, index: int, tmp: str, state: dict) -> None:
+        """Name the uploaded attempt in the part's state: the last finished attempt counts."""
+        info = self.dest.fs.get_file_info(tmp)
+        state = dict(state, index=index, part=self.part_name(index), job_id=self.job_id,
+                     object=posixpath.basename(tmp), part_size=info.size)
+        put_json(self.dest.fs, self._state_path(index), state)
+
+    def write_empty_part(self, schema: pa.Schema) -> None:
+        """Empty input: one empty part keeps DEST a readable dataset."""
+        tmp = self.tmp_part(0)
+        pq.write_table(schema.empty_table(), tmp, filesystem=self.dest.fs)
+        self.finish_part(0, tmp, {"rows": 0})
+
+    def discard_if_nothing_finished(self) -> None:
+        try:
+            if not any(posixpath.basename(e.path).endswith(".json") and posixpath.basename(e.path) != JOB
+                       for e in _entries(self.dest.fs, self.root)):
+                _delete_prefix(self.dest.fs, self.root)
+                _delete_if_empty(self.dest.fs, self.top)
+        except OSError:
+            pass
+
+    def drop_extra_parts(self, n_parts: int) -> None:
+        """Nothing to do before the commit: only the attempts the states name are published."""
+
+    def commit(self, manifest: dict, *, overwrite: bool, lock: StoreClaim, n_parts: int) -> None:
+        objects = self.check_parts(max(1, n_parts))
+        put_json(self.dest.fs, posixpath.join(self.root, COMMIT), {"manifest": manifest, "objects": objects})
+        self.commit_written(overwrite=overwrite, lock=lock)
+
+    def commit_written(self, *, overwrite: bool, lock: StoreClaim) -> None:
+        """Steps 4-6 from the commit record: also after a kill, and by `fastkl clean`."""
+        lock.check()
+        cond, fs, dest = self._cond(), self.dest.fs, self.dest
+        rec = read_json(cond, posixpath.join(self.root, COMMIT))
+        manifest, objects = rec["manifest"], rec["objects"]
+        old = read_json(cond, dest.key(MANIFEST))
+        if old is not None:
+            if not overwrite:
+                raise OptionError(f"DEST {dest} appeared while the job ran; output left in {self}")
+            cond.delete(dest.key(MANIFEST))  # DEST stops existing (for fastkl) while it is replaced
+        names = [p["file"] for p in manifest["parts"]]
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(names)))) as ex:
+            list(ex.map(lambda no: fs.copy_file(posixpath.join(self.root, no[1]), dest.key(no[0])),
+                        zip(names, objects)))
+        keep = set(names)
+        for path in visible(dest):  # parts of an older, longer output
+            if posixpath.basename(path) not in keep:
+                _delete(fs, fs.get_file_info(path))
+        data = json.dumps(manifest, indent=1, allow_nan=True).encode() + b"\n"
+        if cond.create(dest.key(MANIFEST), data) is None:
+            other = read_json(cond, dest.key(MANIFEST))
+            job = other.get("job_id") if isinstance(other, dict) else "?"
+            raise DestTakenError(f"DEST {dest} was committed by another fastkl job (job {job}) meanwhile")
+        self.remove()
+
+    def remove(self) -> None:
+        """Drop this job's staged objects and pending uploads, and the staging prefix if empty."""
+        fs = self.dest.fs
+        _delete_prefix(fs, self.root)
+        self._cond().abort_uploads(self.top)  # this job holds DEST: any upload under staging is dead
+        _delete_if_empty(fs, self.top)
+        drop_stale_probes(self.dest)
+
+
+def drop_stale_probes(dest: StoreDest, age_s: float = 60.0) -> None:
+    """Probe objects of jobs killed while probing. A probe lives milliseconds: one older than
+    `age_s` is a dead job's (a younger one may be another job's probe in progress: kept)."""
+    now = time.time()
+    for e in _entries(dest.fs, dest.path):
+        name = posixpath.basename(e.path)
+        if name.startswith(PROBE) and e.type == pafs.FileType.File and now - (e.mtime_ns or 0) / 1e9 > age_s:
+            _delete(dest.fs, e)
+
+
+def _delete(fs: pafs.FileSystem, e: pafs.FileInfo) -> None:
+    if e.type == pafs.FileType.Directory:
+        _delete_prefix(fs, e.path)
+    elif e.type == pafs.FileType.File:
+        try:
+            fs.delete_file(e.path)
+        except FileNotFoundError:
+            pass
+
+
+def _delete_prefix(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        for e in _entries(fs, path, recursive=True):
+            if e.type == pafs.FileType.File:
+                fs.delete_file(e.path)
+
+
+def _delete_if_empty(fs: pafs.FileSystem, path: str) -> None:
+    try:
+        if not _entries(fs, path):
+            fs.delete_dir(path)
+    except OSError:
+        pass
+
+
+def remove_leftovers(dest: StoreDest) -> None:
+    """After a job found DEST already complete: what a kill after its commit left."""
+    fs = dest.fs
+    _delete_prefix(fs, dest.key(STAGING))
+    conditional(dest.store).abort_uploads(dest.key(STAGING))
+    drop_stale_probes(dest)
+
+
+def clean(dest: StoreDest, display: str) -> str:
+    """`fastkl clean DEST`: finish a commit a dead job had started, else drop what it staged.
+
+    Refused (DestTakenError) while a live job holds DEST. Returns what was done.
+    """
+    with StoreClaim.acquire(dest, display, last_writer_wins=True) as claim:
+        staging = StoreStaging(dest, 1)
+        pending = staging.pending_manifest()
+        if pending is not None:
+            staging.rewrite_pending(pending)
+            staging.commit_written(overwrite=True, lock=claim)
+            what = f"finished the commit of job {staging.job_id}"
+        else:
+            staged = [posixpath.basename(e.path) for e in _entries(dest.fs, dest.key(STAGING))
+                      if e.type == pafs.FileType.Directory]
+            aborted = conditional(dest.store).abort_uploads(dest.key(STAGING))
+            _delete_prefix(dest.fs, dest.key(STAGING))
+            drop_stale_probes(dest, age_s=0.0)  # clean is explicit: the user says no job is starting
+            what = (f"removed the staged parts of {len(staged)} job(s)" if staged else "nothing staged")
+            if aborted:
+                what += f", aborted {aborted} pending upload(s)"
+        return what
