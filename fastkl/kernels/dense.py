@@ -1472,15 +1472,9 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
     if use_q and (want_kl or want_rkl or want_ce or not more):
         kl, rkl, kl_inf, rkl_inf, p_sum, q_sum = _ratio_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
     if more:  # each loop also gives the sums and +inf counts (taken from the first that runs)
+        odd = 0.0
         if want_renyi:
             ren, direct, odd, ps, qs, po, qo = _renyi_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln, am1)
-            if odd > 0.0:
-                return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln,
-                                    0.0, beta, am1, want_gjs, want_renyi)
-            ren = _renyi_log(ren, direct, ps, po, am1)
-            if ren != ren:  # S underflowed: the general loop's log-sum-exp
-                return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln,
-                                    0.0, beta, am1, want_gjs, want_renyi)
         elif want_js:
             js, ps, qs, po, qo = _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
         elif want_tvh:
@@ -1491,6 +1485,13 @@ def _logs_row(prow, qrow, p_values, ps, p_mask, p_mask_offset, q_values, qs, q_m
             gjs = gjs if 0.0 < beta < 1.0 else 0.0
         if not (want_kl or want_rkl or want_ce):
             p_sum, q_sum, kl_inf, rkl_inf = ps, qs, po, qo
+        if (p_defer and abs(ps - 1.0) > sum_tol) or (q_defer and abs(qs - 1.0) > sum_tol):
+            return NOT_NORMALIZED, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren, bha
+        if want_renyi:
+            ren = NAN_ if odd > 0.0 else _renyi_log(ren, direct, ps, po, am1)
+            if ren != ren:  # a sum this loop cannot hold, or S underflowed: the general loop's log-sum-exp
+                return _general_row(prow, qrow, use_q, p_kind, q_kind, 1.0, p_c, p_it, p_ln, 1.0, q_c, q_it, q_ln,
+                                    0.0, beta, am1, want_gjs, want_renyi)
         if want_js and want_renyi:
             js, _, _, _, _ = _js_terms_logs(prow, qrow, p_c, p_it, p_ln, q_c, q_it, q_ln)
         if want_tvh and (want_renyi or want_js):
