@@ -138,7 +138,12 @@ def test_bounds_without_vocab_equal_brute_force_with_enough_room(pos):
     the aligned completion's pool spread evenly, and disjoint tails.
     """
     p, q, p_ids, q_ids = pos
-    data = row(p, q, p_ids, q_ids)
+    # the listed ids renamed 0..listed-1, so that the brute force's vocabulary V' (which may be
+    # smaller than the position's own V) holds them
+    new_id = {int(i): j for j, i in enumerate(sorted(set(map(int, p_ids)) | set(map(int, q_ids))))}
+    p_ids2 = np.array([new_id[int(i)] for i in p_ids])
+    q_ids2 = np.array([new_id[int(i)] for i in q_ids])
+    data = (p_ids2, p[p_ids], q_ids2, q[q_ids])
     s = ns.split(*data, vocab=None)
     t_P, t_Q = ns.aligned_completion_by_signs(s)
     listed = len(s.pA) + len(s.pB) + len(s.qC)
