@@ -655,8 +655,8 @@ RENYI_X_MAX32 = np.float32(80.0)  # e^80 is far inside the float32 range
 
 @_jit
 def _renyi32(prow, qrow, terms, am1):
-    """(sum p expm1(x), sum p e^x, flag, sum |t|, sum |t| max(x, 0)), x = (alpha-1) log(p/q),
-    with float32 arithmetic; q = 0 < p, ratios out of range and x > 80 are flagged."""
+    """(sum p expm1(x), flag, sum |t|, sum |t| max(x, 0)), x = (alpha-1) log(p/q), with float32
+    arithmetic; q = 0 < p, ratios out of range and x > 80 are flagged."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     half = np.float32(0.5)
@@ -669,20 +669,37 @@ def _renyi32(prow, qrow, terms, am1):
         x = a * log_ratio32(p, inv_q, p - q)
         e = exp32(x)
         em1 = expm1_series32(x) if abs(x) < half else e - one
-        pos = p > zero
-        t = p * em1 if pos else zero
+        t = p * em1 if p > zero else zero
         terms[0, j] = t
-        terms[1, j] = p * e if pos else zero
         size += abs(t)
         growth += abs(t) * max(x, zero)
         flag += abs(p if (not_normal32(p * inv_q) | (x > RENYI_X_MAX32)) else zero)
-    return _sum64(terms[0], prow.size), _sum64(terms[1], prow.size), flag, size, growth
+    return _sum64(terms[0], prow.size), flag, size, growth
+
+
+@_jit
+def _renyi_direct32(prow, qrow, am1, terms):
+    """sum p^alpha q^(1-alpha) of a float32 probs row (chunked float64 sum), for rows whose S is
+    far below sum p (where S - sum p would lose S's digits)."""
+    one = np.float32(1.0)
+    a = np.float32(am1)
+    total = 0.0
+    for b0 in range(0, prow.size, SUM_BLOCK):
+        b1 = min(b0 + SUM_BLOCK, prow.size)
+        for j in range(b1 - b0):
+            p = prow[b0 + j]
+            q = qrow[b0 + j]
+            inv_q = one / q
+            e = exp32(a * log_ratio32(p, inv_q, p - q))
+            terms[0, j] = p * e if p > np.float32(0.0) else np.float32(0.0)
+        total += _sum64(terms[0], b1 - b0)
+    return total
 
 
 @_jit
 def _kl_renyi32(prow, qrow, terms, am1):
-    """`_kl32` and `_renyi32` in one loop, sharing the log: (kl, p_sum, q_sum, flag, ren,
-    ren_direct, size, growth); the terms go to rows 0-2 of `terms`."""
+    """`_kl32` and `_renyi32` in one loop, sharing the log: (kl, p_sum, q_sum, flag, ren, size,
+    growth); the terms go to rows 0-1 of `terms` (S itself, rarely needed, is `_renyi_direct32`'s)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     half = np.float32(0.5)
@@ -699,16 +716,13 @@ def _kl_renyi32(prow, qrow, terms, am1):
         x = a * lr
         e = exp32(x)
         em1 = expm1_series32(x) if abs(x) < half else e - one
-        pos = p > zero
-        t = p * em1 if pos else zero
+        t = p * em1 if p > zero else zero
         terms[1, j] = t
-        terms[2, j] = p * e if pos else zero
         size += abs(t)
         growth += abs(t) * max(x, zero)
         flag += abs(p if (not_normal32(p * inv_q) | (x > RENYI_X_MAX32)) else zero) - min(q, zero)
     n = prow.size
-    return (_sum64(terms[0], n), p_sum, q_sum, flag, _sum64(terms[1], n), _sum64(terms[2], n), size,
-            growth)
+    return _sum64(terms[0], n), p_sum, q_sum, flag, _sum64(terms[1], n), size, growth
 
 
 @_jit
@@ -779,9 +793,9 @@ _kl32_blocked = _in_chunks(_kl32)
 def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_gjs, want_renyi, beta,
                    am1, terms):
     """The requested sums over one chunk of a float32 probs row:
-    (flag, p_sum, q_sum, kl, rkl, ent, ce, js, gjs, ren, ren_direct); a Renyi sum that float32 cannot
+    (flag, p_sum, q_sum, kl, rkl, ent, ce, js, gjs, ren); a Renyi sum that float32 cannot
     give within the error bound sets the flag."""
-    kl = rkl = ent = ce = js = gjs = ren = direct = 0.0
+    kl = rkl = ent = ce = js = gjs = ren = 0.0
     flag = np.float32(0.0)
     p_sum = q_sum = np.float32(0.0)
     if not use_q:
@@ -791,7 +805,7 @@ def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         if want_rkl:
             kl, rkl, p_sum, q_sum, flag = _kl_reverse32(prow, qrow, terms)
         elif fused:
-            kl, p_sum, q_sum, flag, ren, direct, size, growth = _kl_renyi32(prow, qrow, terms, am1)
+            kl, p_sum, q_sum, flag, ren, size, growth = _kl_renyi32(prow, qrow, terms, am1)
             flag += np.float32(1.0) if growth > np.float32(2.0) * size else np.float32(0.0)
         elif want_kl:
             kl, p_sum, q_sum, flag = _kl32(prow, qrow, terms, 0, 0)
@@ -810,9 +824,9 @@ def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
             gjs, f = _gjs32(prow, qrow, terms, beta)
             flag += f
         if want_renyi and not fused:
-            ren, direct, f, size, growth = _renyi32(prow, qrow, terms, am1)
+            ren, f, size, growth = _renyi32(prow, qrow, terms, am1)
             flag += f + (np.float32(1.0) if growth > np.float32(2.0) * size else np.float32(0.0))
-    return flag, p_sum, q_sum, kl, rkl, ent, ce, js, gjs, ren, direct
+    return flag, p_sum, q_sum, kl, rkl, ent, ce, js, gjs, ren
 
 
 @_jit
@@ -821,11 +835,11 @@ def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
     """All requested sums for a float32 probs row (renyi as log(S / sum p)), or ok = False
     when the row needs the scan and the general loops (a flag, or a row sum not clearly
     within `sum_tol`)."""
-    kl = rkl = ent = ce = js = gjs = ren = direct = tv = hel = 0.0
+    kl = rkl = ent = ce = js = gjs = ren = tv = hel = 0.0
     flag = p_sum = q_sum = 0.0
     for b0 in range(0, prow.size, SUM_BLOCK):
         b1 = min(b0 + SUM_BLOCK, prow.size)
-        f, ps, qs, a, b, c, d, e, g, r, rd = _probs32_chunk(prow[b0:b1], qrow[b0:b1], use_q, want_kl, want_rkl,
+        f, ps, qs, a, b, c, d, e, g, r = _probs32_chunk(prow[b0:b1], qrow[b0:b1], use_q, want_kl, want_rkl,
                                                         want_ent, want_ce, want_js, want_gjs, want_renyi, beta,
                                                         am1, terms)
         flag += np.float64(f)
@@ -838,11 +852,12 @@ def _probs32_terms(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         js += e
         gjs += g
         ren += r
-        direct += rd
     if not use_q:
         q_sum = 1.0
     if want_renyi:  # divided by the float64 sum of p: the chunked float32 one is too coarse here
-        ren = _renyi_log(ren, direct, _sum64(prow, prow.size), 0.0, am1)
+        p64 = _sum64(prow, prow.size)
+        direct = _renyi_direct32(prow, qrow, am1, terms) if ren < -0.5 * p64 else 0.0
+        ren = _renyi_log(ren, direct, p64, 0.0, am1)
         flag += 0.0 if ren == ren else 1.0  # S underflowed: the general loop's log-sum-exp
     ok = flag == 0.0 and _sums_within32(p_sum, q_sum, min(prow.size, SUM_BLOCK), sum_tol)
     bha = 0.0
