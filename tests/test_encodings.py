@@ -23,7 +23,7 @@ def table_values(table, measures=MEASURES):
 
 def assert_reference(P, Q, opts, measures=MEASURES, rel=None):
     rel = rel if rel is not None else naive.rel_bound(np.asarray(P).dtype, np.asarray(Q).dtype)
-    table = fastkl.divergences(P, Q, measures=measures, **naive.params(measures), status=True, **opts)
+    table = fastkl.divergences(P, Q, measures=measures, status=True, **{**naive.params(measures), **opts})
     assert set(table.column("status").to_pylist()) == {"ok"}
     refs = naive.reference_rows(P, Q, measures, **opts)
     failures = []

@@ -14,24 +14,13 @@ from hypothesis import given, note, settings, strategies as st
 
 import fastkl
 import naive
+from test_encodings import assert_reference
 from test_measures import cases
 from test_naive_sparse import position
 
 NEW = ("gjs", "renyi", "bhattacharyya")
 ALPHAS = (0.01, 0.3, 0.5, 0.9, 0.999, 1.001, 1.5, 2.0, 5.0, 30.0)
 BETAS = (0.0, 1e-12, 0.01, 0.1, 0.5, 0.9, 0.999999, 1.0)
-
-
-def check(P, Q, measures, opts, rel):
-    """divergences against the exact references (naive.py), every row and measure."""
-    table = fastkl.divergences(P, Q, measures=measures, status=True, **opts)
-    assert set(table.column("status").to_pylist()) <= {"ok"}
-    refs = naive.reference_rows(P, Q, measures, **opts)
-    failures = []
-    for m in measures:
-        failures += naive.check_against_reference(table.column(m).to_pylist(), refs[m], rel, what=m)
-    assert not failures, "\n".join(failures[:10])
-    return table
 
 
 @settings(max_examples=120, deadline=None)
@@ -59,7 +48,7 @@ def test_long_rows_of_several_sum_chunks(dtype, kind, alpha, rng):
     """K = 2,500 (the float32 loops' sums run in chunks) against the exact reference."""
     P = naive.make_rows(rng, kind, 2, 2500, dtype, zero_frac=0.05, spread=2.0)
     Q = naive.make_rows(rng, kind, 2, 2500, dtype, spread=2.0)
-    check(P, Q, NEW, dict(kind=kind, alpha=alpha, beta=0.3), naive.rel_bound(dtype))
+    assert_reference(P, Q, dict(kind=kind, alpha=alpha, beta=0.3), NEW, naive.rel_bound(dtype))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -139,11 +128,11 @@ def test_extreme_log_ratios_are_defined(alpha):
         rows_b.append(np.array([math.log(0.5), math.log(0.5), -math.inf]))
     A, B = np.array(rows_a), np.array(rows_b)
     opts = dict(kind="logprobs", alpha=alpha, beta=0.2)
-    t = check(A, B, NEW + ("kl", "reverse_kl"), opts, 1e-12)
+    t = assert_reference(A, B, opts, NEW + ("kl", "reverse_kl"), 1e-12)
     for m in NEW:
         assert not any(v is None or math.isnan(v) for v in t[m].to_pylist()), m
     lp = np.log(np.array([[1.0 - 1e-300, 1e-300], [1e-300, 1.0 - 1e-300]]))
-    check(lp, lp[::-1].copy(), NEW, opts, 1e-12)
+    assert_reference(lp, lp[::-1].copy(), opts, NEW, 1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
