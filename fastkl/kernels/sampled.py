@@ -30,14 +30,14 @@ import math
 import numpy as np
 from numba import njit
 
-from .dense import FASTMATH, NAN, NEGATIVE, NO_TOKENS, NON_FINITE, NULL, NULL_ELEMENT, OK, valid_bit
+from .dense import (FASTMATH, LENGTH_MISMATCH as FIRST_INVALID, NAN, NEGATIVE, NO_TOKENS, NON_FINITE, NULL,
+                    NULL_ELEMENT, OK, valid_bit)  # FIRST_INVALID: the first invalid-position code
 from .fastmath import bits_float
 
 K1, K2, K3, ABS = 0, 1, 2, 3  # slots: fastkl._registry.SAMPLED_MEASURES order
 N_SAMPLED = 4
 CHUNK = 512  # positions per pass through L1-sized pieces (scratch of sequences: r and k3, 2 x 4 KiB)
 INF = math.inf
-FIRST_INVALID = 3  # status >= FIRST_INVALID: an invalid position (fastkl._registry)
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")
 # Loops of terms: no `reassoc` (the operation order of k3_vec is the algorithm);
