@@ -654,30 +654,6 @@ RENYI_X_MAX32 = np.float32(80.0)  # e^80 is far inside the float32 range
 
 
 @_jit
-def _renyi32(prow, qrow, terms, am1):
-    """(sum p expm1(x), flag, sum |t|, sum |t| max(x, 0)), x = (alpha-1) log(p/q), with float32
-    arithmetic; q = 0 < p, ratios out of range and x > 80 are flagged."""
-    zero = np.float32(0.0)
-    one = np.float32(1.0)
-    half = np.float32(0.5)
-    a = np.float32(am1)
-    flag = size = growth = zero
-    for j in range(prow.size):
-        p = prow[j]
-        q = qrow[j]
-        inv_q = one / q
-        x = a * log_ratio32(p, inv_q, p - q)
-        e = exp32(x)
-        em1 = expm1_series32(x) if abs(x) < half else e - one
-        t = p * em1 if p > zero else zero
-        terms[0, j] = t
-        size += abs(t)
-        growth += abs(t) * max(x, zero)
-        flag += abs(p if (not_normal32(p * inv_q) | (x > RENYI_X_MAX32)) else zero)
-    return _sum64(terms[0], prow.size), flag, size, growth
-
-
-@_jit
 def _renyi_direct32(prow, qrow, am1, terms):
     """sum p^alpha q^(1-alpha) of a float32 probs row (chunked float64 sum), for rows whose S is
     far below sum p (where S - sum p would lose S's digits)."""
@@ -698,8 +674,10 @@ def _renyi_direct32(prow, qrow, am1, terms):
 
 @_jit
 def _kl_renyi32(prow, qrow, terms, am1):
-    """`_kl32` and `_renyi32` in one loop, sharing the log: (kl, p_sum, q_sum, flag, ren, size,
-    growth); the terms go to rows 0-1 of `terms` (S itself, rarely needed, is `_renyi_direct32`'s)."""
+    """`_kl32` and renyi's sum of p expm1(x), x = (alpha-1) log(p/q), in one loop sharing the log:
+    (kl, p_sum, q_sum, flag, ren, sum |t|, sum |t| max(x, 0)); q = 0 < p, ratios out of range
+    and x > 80 are flagged. The terms go to rows 0-1 of `terms` (S itself, rarely needed, is
+    `_renyi_direct32`'s)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     half = np.float32(0.5)
@@ -801,15 +779,15 @@ def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
     if not use_q:
         ent, p_sum, flag = _entropy32(prow, terms)
     else:
-        fused = want_renyi and not want_rkl  # renyi shares kl's log (the sums' loop when kl is not asked)
+        if want_renyi:  # renyi shares kl's log in one loop (which also gives kl and the sums)
+            kl, p_sum, q_sum, f, ren, size, growth = _kl_renyi32(prow, qrow, terms, am1)
+            flag += f + (np.float32(1.0) if growth > np.float32(2.0) * size else np.float32(0.0))
         if want_rkl:
-            kl, rkl, p_sum, q_sum, flag = _kl_reverse32(prow, qrow, terms)
-        elif fused:
-            kl, p_sum, q_sum, flag, ren, size, growth = _kl_renyi32(prow, qrow, terms, am1)
-            flag += np.float32(1.0) if growth > np.float32(2.0) * size else np.float32(0.0)
-        elif want_kl:
+            kl, rkl, p_sum, q_sum, f = _kl_reverse32(prow, qrow, terms)
+            flag += f
+        elif want_kl and not want_renyi:
             kl, p_sum, q_sum, flag = _kl32(prow, qrow, terms, 0, 0)
-        else:
+        elif not want_renyi:
             p_sum, q_sum, flag = _sums32(prow, qrow)
         if want_ent:
             ent, _, f = _entropy32(prow, terms)
@@ -823,9 +801,6 @@ def _probs32_chunk(prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want
         if want_gjs and 0.0 < beta < 1.0:  # gjs is 0 at beta = 0 and 1
             gjs, f = _gjs32(prow, qrow, terms, beta)
             flag += f
-        if want_renyi and not fused:
-            ren, f, size, growth = _renyi32(prow, qrow, terms, am1)
-            flag += f + (np.float32(1.0) if growth > np.float32(2.0) * size else np.float32(0.0))
     return flag, p_sum, q_sum, kl, rkl, ent, ce, js, gjs, ren
 
 
