@@ -17,7 +17,9 @@ and selects, see there):
 * `sampled_rows`: one value per measure and position (token rows);
 * `sampled_sequences`: sequence rows in one pass. Each sequence's positions
   are validated and their estimators summed chunk by chunk through L1
-  scratch buffers (r, then k3 from it, then the sums); no per-position
+  scratch buffers (r with the sums of k1, k2 and abs, then k3 from r, then
+  its sum; k3 in float32 for 32- and 16-bit input, whose error bound allows
+  it, see `k3_32`); no per-position
   array is written unless asked for (`m_tokens`, the summary's token level).
   A sequence holding a bad position is scanned again by the scalar rules to
   name the first one.
@@ -30,9 +32,9 @@ import math
 import numpy as np
 from numba import njit
 
-from .dense import (FASTMATH, LENGTH_MISMATCH as FIRST_INVALID, NAN, NEGATIVE, NO_TOKENS, NON_FINITE, NULL,
+from .dense import (FASTMATH, _is_float32, LENGTH_MISMATCH as FIRST_INVALID, NAN, NEGATIVE, NO_TOKENS, NON_FINITE, NULL,
                     NULL_ELEMENT, OK, valid_bit)  # FIRST_INVALID: the first invalid-position code
-from .fastmath import bits_float
+from .fastmath import bits_float, bits_float32
 
 K1, K2, K3, ABS = 0, 1, 2, 3  # slots: fastkl._registry.SAMPLED_MEASURES order
 N_SAMPLED = 4
@@ -41,7 +43,8 @@ INF = math.inf
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")
 # Loops of terms: no `reassoc` (the operation order of k3_vec is the algorithm);
-# only `_chunk_sums` has it, so that LLVM vectorises its float sums. The helpers
+# only the loops that sum (`_chunk_r`, `_chunk_k3_sum`) have it, so that LLVM
+# vectorises their float sums. The helpers
 # are inlined into the loops by Numba (LLVM leaves a function as large as k3_vec
 # called, and a loop with a call is not vectorised); they take the flags of the
 # loop they are inlined into, which are these.
@@ -256,13 +259,18 @@ def _abs_loop(p_values, q_values, pre, sum_tol, out, lo, hi):
 
 # ------------------------------------------------------------------ sequence rows
 
-@_kernel
-def _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, lo, hi):
+@njit(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, lo, hi, acc):
     """r = q - p of positions lo..hi into rbuf (0.0 where a position does not count or
-    is bad: every estimator is 0 there); returns (counted ok positions, bad positions)."""
+    is bad: every estimator is 0 there), with the sums of k1, k2 and abs added to acc
+    (vectorised: one fixed order for a given chunk; k1 as -sum(r), exactly the sum of
+    the -r); returns (counted ok positions, bad positions)."""
     pv, qv, pr = p_values[lo:hi], q_values[lo:hi], pre[lo:hi]
     ok_count = 0
     bad_count = 0
+    s_r = 0.0
+    s_k2 = 0.0
+    s_abs = 0.0
     for j in range(hi - lo):
         c = pr[j] if has_pre else OK
         p = np.float64(pv[j])
@@ -270,7 +278,14 @@ def _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, lo, hi):
         ok = (c == OK) & _usable(p, q, sum_tol)
         ok_count += ok
         bad_count += (c != NULL) & (not ok)
-        rbuf[j] = q - p if ok else 0.0
+        r = q - p if ok else 0.0
+        rbuf[j] = r
+        s_r += r
+        s_k2 += 0.5 * r * r
+        s_abs += abs(r)
+    acc[K1] -= s_r
+    acc[K2] += s_k2
+    acc[ABS] += s_abs
     return ok_count, bad_count
 
 
@@ -281,24 +296,68 @@ def _chunk_k3(rbuf, k3buf, n):
         k3buf[j] = k3_vec(rbuf[j])
 
 
-@njit(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
-def _chunk_sums(rbuf, k3buf, n, acc):
-    """Add the chunk's sums of k1, k2, k3 and abs to acc (vectorised: one fixed order for a
-    given n; k1 as -sum(r), exactly the sum of the -r)."""
-    s_r = 0.0
-    s_k2 = 0.0
-    s_k3 = 0.0
-    s_abs = 0.0
+# ------------------------------------------------------------------ k3 in float32
+# For float32 inputs the error bound is 1e-6 of the terms (float64: 1e-12), so
+# k3 may be evaluated in float32: twice the lanes per vector and a shorter
+# polynomial. The same reduction as `k3_vec` with k in [-6, 6], valid for
+# 2^-60 <= |r| <= 4 (and r = 0): there the rounding of r to float32 moves k3 by
+# at most 4 * 2^-24 of it, and the evaluation (measured against mpmath over that
+# range: 1.5e-7) adds a few float32 roundings, which the near form does not
+# amplify beyond 1.5x. A chunk holding any other r (|r| > 4, where the rounding
+# of r alone would cost |r| 2^-24; tiny r, whose square is subnormal in float32)
+# is computed again by `_chunk_k3` in float64.
+# g: mpmath.chebyfit(g, [-1/2, 1/2], 7) (7e-10 relative before float32 rounding).
+_G32 = tuple(np.float32(c) for c in (0.5, 0.16666667139493802, 0.04166666713918055, 0.008333182071584195,
+                                     0.001388873772021196, 0.000199621762266955, 2.492243642934227e-05))
+_INV_LN2_F = np.float32(_INV_LN2)
+_LN2_HI_F = np.float32(0.693145751953125)  # 16 significant bits: k * _LN2_HI_F is exact
+_LN2_LO_F = np.float32(0.6931471805599453 - 0.693145751953125)
+_HALF_F, _ONE_F, _ZERO_F = np.float32(0.5), np.float32(1.0), np.float32(0.0)
+_R32_MAX = 4.0
+_R32_MIN = 2.0 ** -60
+
+
+@_inline
+def k3_32(x):
+    """e^x - 1 - x for a float32 x with 2^-60 <= |x| <= 4 or x = 0 (see above); >= 0."""
+    k = np.floor(x * _INV_LN2_F + _HALF_F)
+    k = k if abs(x) >= _HALF_F else _ZERO_F
+    s = (x - k * _LN2_HI_F) - k * _LN2_LO_F  # exact but for the last term (Sterbenz)
+    g = _G32[6]
+    g = g * s + _G32[5]
+    g = g * s + _G32[4]
+    g = g * s + _G32[3]
+    g = g * s + _G32[2]
+    g = g * s + _G32[1]
+    g = g * s + _G32[0]
+    s2g = s * s * g
+    two_k = bits_float32(np.int32(np.int32(np.int32(k) + np.int32(127)) << np.int32(23)))
+    tkm1 = two_k - _ONE_F  # exact, as is tkm1 - k * _LN2_HI_F for |k| <= 6
+    c_k = (tkm1 - k * _LN2_HI_F) - k * _LN2_LO_F
+    out = two_k * s2g + (tkm1 * s + c_k)
+    return out if out > _ZERO_F else _ZERO_F
+
+
+@_kernel
+def _chunk_k3_32(rbuf, k3buf, n):
+    """k3 of the chunk's n positions in float32 into k3buf; returns how many r are outside
+    `k3_32`'s range (then the caller takes `_chunk_k3`)."""
+    outside = 0
     for j in range(n):
         r = rbuf[j]
-        s_r += r
-        s_k2 += 0.5 * r * r
+        a = abs(r)
+        outside += (a > _R32_MAX) | ((a < _R32_MIN) & (a != 0.0))
+        k3buf[j] = np.float64(k3_32(np.float32(r)))
+    return outside
+
+
+@njit(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def _chunk_k3_sum(k3buf, n, acc):
+    """Add the chunk's sum of k3 to acc (vectorised: one fixed order for a given n)."""
+    s_k3 = 0.0
+    for j in range(n):
         s_k3 += k3buf[j]
-        s_abs += abs(r)
-    acc[K1] -= s_r
-    acc[K2] += s_k2
     acc[K3] += s_k3
-    acc[ABS] += s_abs
 
 
 @_jit
@@ -337,9 +396,10 @@ def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum
     depend on `want_tokens` nor on how the sequences are split into blocks.
     """
     rbuf = np.empty(CHUNK)
-    k3buf = np.zeros(CHUNK)  # (stays 0 when k3 is not asked: its sum is computed anyway)
+    k3buf = np.zeros(CHUNK)
     acc = np.zeros(N_SAMPLED)
     want_k3 = slots[K3] >= 0
+    k3_in_float32 = _is_float32(p_values) and _is_float32(q_values)  # (compile-time constants)
     for i in range(start, stop):
         code = np.int64(seq_status[i])
         lo, hi = offsets[i], offsets[i + 1]
@@ -349,14 +409,15 @@ def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum
         if code == OK:
             for a in range(lo, hi, CHUNK):
                 b = min(a + CHUNK, hi)
-                ok_n, bad_n = _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, a, b)
+                ok_n, bad_n = _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, a, b, acc)
                 count += ok_n
                 bad += bad_n
                 if bad and not want_tokens:
                     break  # the sums are lost anyway: name the first bad position
                 if want_k3:  # (a pass of its own: fused with the reads above it was slower)
-                    _chunk_k3(rbuf, k3buf, b - a)
-                _chunk_sums(rbuf, k3buf, b - a, acc)
+                    if not (k3_in_float32 and _chunk_k3_32(rbuf, k3buf, b - a) == 0):
+                        _chunk_k3(rbuf, k3buf, b - a)
+                    _chunk_k3_sum(k3buf, b - a, acc)
                 if want_tokens:
                     _chunk_tokens(p_values, q_values, pre, has_pre, sum_tol, slots, rbuf, k3buf, a, b,
                                   token_values, token_status)
