@@ -267,7 +267,7 @@ def _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, lo, hi, acc):
     the -r); returns (counted ok positions, bad positions)."""
     pv, qv, pr = p_values[lo:hi], q_values[lo:hi], pre[lo:hi]
     ok_count = 0
-    bad_count = 0
+    nulls = 0  # (not counted, so neither ok nor bad)
     s_r = 0.0
     s_k2 = 0.0
     s_abs = 0.0
@@ -277,7 +277,7 @@ def _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, lo, hi, acc):
         q = np.float64(qv[j])
         ok = (c == OK) & _usable(p, q, sum_tol)
         ok_count += ok
-        bad_count += (c != NULL) & (not ok)
+        nulls += c == NULL
         r = q - p if ok else 0.0
         rbuf[j] = r
         s_r += r
@@ -286,7 +286,7 @@ def _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, lo, hi, acc):
     acc[K1] -= s_r
     acc[K2] += s_k2
     acc[ABS] += s_abs
-    return ok_count, bad_count
+    return ok_count, (hi - lo) - ok_count - nulls
 
 
 @_kernel
