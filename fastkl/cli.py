@@ -373,7 +373,7 @@ def demo_cmd(ctx, directory, rows, shards, vocab, sequences, quiet, debug_here):
 @click.option("--quick", is_flag=True, help="A small run in a few seconds (20,000 rows x 64, 2 rounds).")
 @click.option("--kernel/--no-kernel", default=True, show_default=True, help="Kernel throughput vs the streaming limit.")
 @click.option("--job/--no-job", default=True, show_default=True, help="Job wall time vs the I/O floor.")
-@click.option("--peers", is_flag=True, help="Also time scipy, NumPy, Polars and DuckDB (pip install 'fastkl[bench]').")
+@click.option("--peers", is_flag=True, help="Also time scipy, NumPy, Polars and DuckDB (pip install 'fastkl[bench]'), and PyTorch on logits at K = 32,000 where it is installed.")
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
               help="Where to write the job's input file (default: a temporary directory, removed after).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+import naive
 from fastkl.cli import main
 from test_jobs import _rows, _with_bad_row, check_rows, expected, read_dest, write_dataset
 
@@ -199,3 +200,22 @@ def test_progress_bar_on_a_terminal(tmp_path, source, monkeypatch):
     err.seek(0), err.truncate()
     fastkl.run(src, tmp_path / "b", quiet=True)
     assert err.getvalue() == ""
+
+
+def test_logits_peer_reference_is_exact_and_torch_is_timed_against_it():
+    """`fastkl bench --peers`' logits report: its extended-precision reference equals the exact
+    (mpmath) KL of the logits; with PyTorch installed, the report times both float types."""
+    from fastkl.bench import throughput as B
+
+    rng = np.random.default_rng(5)
+    xp = rng.standard_normal((3, 50)).astype(np.float32)
+    xq = (xp + rng.standard_normal((3, 50)).astype(np.float32) * np.float32(0.01)).astype(np.float32)
+    got = B.exact_kl_logits(xp, xq)
+    for i in range(3):
+        want = float(naive.reference("kl", xp[i].tolist(), xq[i].tolist(), kind="logits").value)
+        assert got[i] == pytest.approx(want, rel=1e-15)
+    pytest.importorskip("torch", reason="PyTorch is a peer in benchmarks, not a dependency")
+    lines, info = B.logits_report(rows=20, k=1_000, threads=1, rounds=1)
+    assert {k.split(": ", 1)[1] for k in info} == {"fastkl kl, kind='logits'", "torch float32 kl_div(log_softmax)",
+                                                    "torch float64 kl_div(log_softmax)"}
+    assert all(v["median_s"] > 0 and v["rel_err_max"] < 1.0 for v in info.values())

@@ -17,7 +17,10 @@ scripts/bench_jobs.py, so the three measure the same things the same way:
 * peers (imported lazily, the `bench` extra): scipy.special.rel_entr, a
   NumPy expression, a Polars list expression and DuckDB SQL computing
   sum(p * log(p / q)) per row; for jobs, DuckDB `COPY (SELECT ...) TO` and
-  Polars `scan_parquet(...).select(...).sink_parquet(...)`;
+  Polars `scan_parquet(...).select(...).sink_parquet(...)`; for logits at an
+  LLM vocabulary size, PyTorch on the CPU (`kl_div` of `log_softmax`, float32
+  and float64) where it is installed, timed and checked against an
+  extended-precision reference;
 * the streamed read: the row groups split over the cores, each read the way
   a fastkl task reads them (buffered, no pre-buffering, batches inside row
   groups) and dropped; what separates a job from it is the kernel and the
@@ -284,6 +287,81 @@ def duckdb_kl(con, table: pa.Table) -> np.ndarray:
         con.unregister("fastkl_bench_t")
 
 
+# Logits at LLM vocabulary sizes: PyTorch on the CPU, what an LLM user would pick
+
+
+def torch_kl_logits(p_logits, q_logits):
+    """KL(softmax(p) || softmax(q)) per row the PyTorch way (tensors of either float type):
+    `kl_div(log_softmax(q), log_softmax(p), log_target=True)` summed over the vocabulary."""
+    import torch
+
+    lp, lq = torch.log_softmax(p_logits, -1), torch.log_softmax(q_logits, -1)
+    return torch.nn.functional.kl_div(lq, lp, reduction="none", log_target=True).sum(-1)
+
+
+def exact_kl_logits(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
+    """The reference: KL per row from the stored logits in NumPy's longdouble (64-bit mantissa
+    on x86, 113 on AArch64; NumPy's pairwise sums)."""
+    a, b = p_logits.astype(np.longdouble), q_logits.astype(np.longdouble)
+    a = a - a.max(axis=1, keepdims=True)
+    b = b - b.max(axis=1, keepdims=True)
+    la = a - np.log(np.exp(a).sum(axis=1, keepdims=True))
+    lb = b - np.log(np.exp(b).sum(axis=1, keepdims=True))
+    return (np.exp(la) * (la - lb)).sum(axis=1).astype(np.float64)
+
+
+def relative_errors(got, exact: np.ndarray) -> tuple[float, float]:
+    """(median, max) over rows of |got - exact| / exact."""
+    err = np.abs(np.asarray(got, dtype=np.float64) - exact) / exact
+    return float(np.median(err)), float(err.max())
+
+
+def logits_report(rows: int = 1_000, k: int = 32_000, threads: int | None = None, rounds: int = 5, log=None,
+                  max_load: float | None = None) -> tuple[list[str], dict]:
+    """fastkl kl on float32 logits against PyTorch (float32 and float64, the same threads) at an
+    LLM vocabulary size, for a teacher/student gap (noise 0.5) and a quantisation-sized one (0.01):
+    time and relative error against `exact_kl_logits`."""
+    import torch
+
+    from .. import _api
+
+    threads = threads or default_threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    lines = [f"logits: {rows:,} rows x {k:,} float32 (p and q: {2 * rows * k * 4 / 1e6:,.0f} MB), {threads} "
+             f"thread{'s' if threads > 1 else ''}, torch {torch.__version__}, median of {rounds}"]
+    info: dict = {}
+    try:
+        for gap in (0.5, 0.01):
+            rng = np.random.default_rng(3)
+            xp = rng.standard_normal((rows, k), dtype=np.float32) * np.float32(2.0)
+            xq = xp + rng.standard_normal((rows, k), dtype=np.float32) * np.float32(gap)
+            exact = exact_kl_logits(xp, xq)
+            tp, tq = torch.from_numpy(xp), torch.from_numpy(xq)
+            tp64, tq64 = tp.double(), tq.double()
+            cases = {
+                "fastkl kl, kind='logits'": lambda: _api.kl(xp, xq, kind="logits", threads=threads),
+                "torch float32 kl_div(log_softmax)": lambda: torch_kl_logits(tp, tq),
+                "torch float64 kl_div(log_softmax)": lambda: torch_kl_logits(tp64, tq64),
+            }
+            results = {n: fn() for n, fn in cases.items()}
+            t = alternate(cases, rounds=rounds, log=log, max_load=max_load)
+            base = "fastkl kl, kind='logits'"
+            lines.append(f"  gap {gap} (KL median {np.median(exact):.3g}):")
+            lines.append(f"    {'case':<36} {'median':>9} {'x fastkl':>9} {'rel. err. median':>17} {'max':>9}")
+            for n in cases:
+                med, worst = relative_errors(results[n], exact)
+                x = ratio(t[n], t[base])
+                lines.append(f"    {n:<36} {t[n].median:8.3f}s {x:9.2f} {med:17.1e} {worst:9.1e}")
+                info[f"gap {gap}: {n}"] = {"median_s": t[n].median, "vs_fastkl": x, "rel_err_median": med,
+                                           "rel_err_max": worst}
+    finally:
+        torch.set_num_threads(before)
+    lines.append("  (x fastkl: time over fastkl's, median over rounds of the ratio within a round; errors against "
+                 "the logits' KL in extended precision)")
+    return lines, info
+
+
 # --------------------------------------------------------------------------
 # Jobs: the I/O floor, fastkl.run and the peers on one Parquet file
 
@@ -530,14 +608,10 @@ def versions() -> str:
 
 
 def peers_available() -> dict[str, bool]:
-    out = {}
-    for mod in ("scipy", "polars", "duckdb"):
-        try:
-            __import__(mod)
-            out[mod] = True
-        except ImportError:
-            out[mod] = False
-    return out
+    """Which peers are installed (found, not imported: importing torch takes seconds)."""
+    from importlib.util import find_spec
+
+    return {mod: find_spec(mod) is not None for mod in ("scipy", "polars", "duckdb", "torch")}
 
 
 # --------------------------------------------------------------------------
@@ -695,8 +769,10 @@ def bench(rows: int = 200_000, k: int = 256, dtype=np.float32, threads: int | No
     if peers:
         avail = peers_available()
         missing = [n for n, ok in avail.items() if not ok]
+        hint = "; ".join(x for x in ("pip install 'fastkl[bench]'" if set(missing) - {"torch"} else "",
+                                       "PyTorch: a CPU build" if "torch" in missing else "") if x)
         echo("peers: " + ", ".join(["numpy"] + [n for n, ok in avail.items() if ok])
-             + (f" (not installed: {', '.join(missing)}; pip install 'fastkl[bench]')" if missing else ""))
+             + (f" (not installed: {', '.join(missing)}; {hint})" if missing else ""))
     out: dict = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M")}
     if kernel:
         echo("")
@@ -710,6 +786,12 @@ def bench(rows: int = 200_000, k: int = 256, dtype=np.float32, threads: int | No
         echo(f"=> fastkl kl: {gb / kl:.2f} GB/s, {info['_meta']['kl_vs_limit']:.0%} of the streaming limit "
              f"({gb / lim:.2f} GB/s) on this machine")
         out["kernel"] = info
+    if peers and kernel and peers_available()["torch"]:
+        echo("")
+        lines, info = logits_report(threads=threads, rounds=rounds, log=log, max_load=max_load)
+        for line in lines:
+            echo(line)
+        out["logits"] = info
     if job:
         echo("")
         lines, info = job_report(rows, k, rounds=rounds, workdir=workdir, peers=peers, log=log, max_load=max_load)
