@@ -242,3 +242,19 @@ def test_fully_listed_top_k_rows_are_exact(kind, rng):
     for m in NEW:
         for col in (m, f"{m}_lower", f"{m}_upper"):
             np.testing.assert_allclose(t[col].to_numpy(), dense[m].to_numpy(), rtol=1e-9, err_msg=col)
+
+
+@settings(max_examples=120, deadline=None)
+@given(cases(max_k=40, max_n=4), st.sampled_from(BETAS))
+def test_gjs_without_renyi_matches_the_exact_reference(case, beta):
+    """gjs beside the measures of SPEC §2 only: float32 log-probabilities take their float32
+    loops then (renyi and bhattacharyya send a row to the float64 ones), weights by side."""
+    P, Q, measures, opts = case
+    measures = tuple(m for m in dict.fromkeys(measures + ("gjs",)) if m not in ("renyi", "bhattacharyya"))
+    opts = dict(opts, beta=beta)
+    note(f"opts={opts}\nP={P!r}\nQ={Q!r}")
+    table = fastkl.divergences(P, Q, measures=measures, status=True, on_invalid="null", **opts)
+    refs = naive.reference_rows(P, Q, ("gjs",), **opts)
+    failures = naive.check_against_reference(table.column("gjs").to_pylist(), refs["gjs"],
+                                             naive.rel_bound(P.dtype, Q.dtype), what="gjs")
+    assert not failures, "\n".join(failures[:10])

@@ -946,37 +946,154 @@ def _cross_entropy_logs32(arow, brow, terms):
 
 _kl_logs32_blocked = _in_chunks(_kl_logs32)
 
+# JS, TV and Hellinger of float32 log-probabilities: per element one exponential of the
+# larger side (big) and one of the difference of the logs, e^-|a-b| = small / big, with
+# em = expm1(-|a - b|) (its series near 0, so p - q = big em keeps its digits however
+# close p and q are), and what each
+# measure needs of em. Both sides -inf: big = 0 and every term 0; one side -inf: em = -1.
+# A side in (-inf, -87) (a subnormal exponential) or a NaN is flagged (the scan names it).
+INF32 = np.float32(np.inf)
+
+
+@njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _pair_logs32(a, b):
+    """(big, small, e^-|a-b|, em, |a - b|, both > -inf, p, q, flag) of one element of two float32
+    log-probability rows. Inlined: what a loop does not use is not computed."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    p_pos = a > NEG_INF32
+    q_pos = b > NEG_INF32
+    both = p_pos & q_pos
+    big = exp32(a if a >= b else b)
+    ad = abs(a - b) if both else (INF32 if (p_pos | q_pos) else zero)
+    ex = exp32(-ad)  # small / big, exact to ~1e-7 of itself however small
+    em = expm1_series32(-ad) if ad < np.float32(0.5) else ex - one  # (expm1_32, with ex kept)
+    small = big * ex
+    p_big = a >= b
+    bad = (a != a) | (b != b) | (p_pos & (a < LOG_MIN32)) | (q_pos & (b < LOG_MIN32))
+    return big, small, ex, em, ad, both, big if p_big else small, small if p_big else big, one if bad else zero
+
 
 @_jit
-def _logprobs32_chunk(arow, brow, use_q, want_rkl, want_ent, want_ce, terms):
-    """The requested sums over one chunk of a float32 logprobs row: (flag, p_sum, q_sum, kl, rkl, ent, ce)."""
-    kl = rkl = ent = ce = 0.0
+def _js_logs32(arow, brow, terms):
+    """(sum p log(2p/(p+q)) + q log(2q/(p+q)), sum p, sum q, flag) for float32 log-probabilities:
+    with L = log1p(em/2) (one log, its mantissa from em/2), the larger side's half is
+    -big L and the smaller's small (-|d| - L), the halves of `_js_terms_logs`."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    p_sum = q_sum = flag = zero
+    for j in range(arow.size):
+        big, small, ex, em, ad, both, p, q, bad = _pair_logs32(arow[j], brow[j])
+        h = half * em
+        lg = log_ratio32(one + h, one, h)
+        terms[0, j] = -big * lg + (small * (-ad - lg) if both else zero)
+        p_sum += p
+        q_sum += q
+        flag += bad
+    return _sum64(terms[0], arow.size), p_sum, q_sum, flag
+
+
+@_jit
+def _gjs_logs32(arow, brow, terms, beta):
+    """(sum b p log(p/m) + (1-b) q log(q/m), sum p, sum q, flag), m = b p + (1-b) q, 0 < b < 1,
+    for float32 log-probabilities, with w_big, w_small the weights of the larger and the
+    smaller side. log(m / big) = log1p(w_small em), or the log of the sum of positives
+    w_big + w_small e^-|d| where that argument is below -1/2 (it would cancel); log(m / small)
+    = log1p(w_big expm1(|d|)) on its own (from log(m / big) - |d| it would cancel near the
+    ends of beta, where float32 rounds 1 - b to 1)."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    b = np.float32(beta)
+    c = np.float32(1.0 - beta)
+    p_sum = q_sum = flag = zero
+    for j in range(arow.size):
+        x = arow[j]
+        y = brow[j]
+        big, small, ex, em, ad, both, p, q, bad = _pair_logs32(x, y)
+        w_big = b if x >= y else c
+        w_small = c if x >= y else b
+        arg = w_small * em
+        below = arg < np.float32(-0.5)
+        num = w_big + w_small * ex if below else one + arg
+        to_big = log_ratio32(num, one, num - one if below else arg)
+        up = w_big * (-em / ex)  # w_big expm1(|d|) >= 0
+        to_small = log_ratio32(one + up, one, up)
+        terms[0, j] = -w_big * big * to_big - (w_small * small * to_small if both else zero)
+        p_sum += p
+        q_sum += q
+        flag += bad
+    return _sum64(terms[0], arow.size), p_sum, q_sum, flag
+
+
+@_jit
+def _tv_hellinger_logs32(arow, brow, terms):
+    """(sum |p - q|, sum (sqrt p - sqrt q)^2, sum p, sum q, flag) for float32 log-probabilities:
+    |p - q| = -big em and sqrt p - sqrt q = sqrt(big) em / (1 + sqrt(e^-|d|)) (no cancelling)."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    p_sum = q_sum = flag = zero
+    for j in range(arow.size):
+        big, small, ex, em, ad, both, p, q, bad = _pair_logs32(arow[j], brow[j])
+        r = em / (one + np.sqrt(ex))
+        terms[0, j] = -big * em
+        terms[1, j] = big * r * r
+        p_sum += p
+        q_sum += q
+        flag += bad
+    return _sum64(terms[0], arow.size), _sum64(terms[1], arow.size), p_sum, q_sum, flag
+
+
+@_jit
+def _logprobs32_chunk(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
+                      terms):
+    """The requested sums over one chunk of a float32 logprobs row:
+    (flag, p_sum, q_sum, kl, rkl, ent, ce, js, tv, hel, gjs); the first loop that runs gives the row sums."""
+    kl = rkl = ent = ce = js = tv = hel = gjs = 0.0
+    want_gjs = want_gjs and 0.0 < beta < 1.0  # gjs is 0 at beta = 0 and 1
     flag = np.float32(0.0)
     p_sum = q_sum = np.float32(0.0)
+    sums = False  # the row sums are there
     if use_q:
         if want_rkl:
             kl, rkl, p_sum, q_sum, flag = _kl_reverse_logs32(arow, brow, terms)
-        else:  # also the loop that checks the sums when only entropy / cross-entropy is asked
+            sums = True
+        elif want_kl or not (want_js or want_tvh or want_gjs):  # also the loop that checks the sums for ent / ce
             kl, p_sum, q_sum, flag = _kl_logs32(arow, brow, terms, 0, 0)
+            sums = True
+        if want_js:
+            js, ps, qs, f = _js_logs32(arow, brow, terms)
+            p_sum, q_sum, sums = (p_sum, q_sum, sums) if sums else (ps, qs, True)
+            flag += f
+        if want_gjs:
+            gjs, ps, qs, f = _gjs_logs32(arow, brow, terms, beta)
+            p_sum, q_sum, sums = (p_sum, q_sum, sums) if sums else (ps, qs, True)
+            flag += f
+        if want_tvh:
+            tv, hel, ps, qs, f = _tv_hellinger_logs32(arow, brow, terms)
+            p_sum, q_sum = (p_sum, q_sum) if sums else (ps, qs)
+            flag += f
     if want_ent or not use_q:
         ent, p_sum, f = _entropy_logs32(arow, terms)
         flag += f
     if use_q and want_ce:
         ce, f = _cross_entropy_logs32(arow, brow, terms)
         flag += f
-    return flag, p_sum, q_sum, kl, rkl, ent, ce
+    return flag, p_sum, q_sum, kl, rkl, ent, ce, js, tv, hel, gjs
 
 
 @_jit
-def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol, terms):
-    """All requested sums for a float32 logprobs row (no JS/TV/Hellinger), or
+def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
+                      sum_tol, terms):
+    """All requested sums for a float32 logprobs row (no renyi / bhattacharyya), or
     ok = False when the row needs the scan and the float64 loops."""
-    kl = rkl = ent = ce = 0.0
+    kl = rkl = ent = ce = js = tv = hel = gjs = 0.0
     flag = p_sum = q_sum = 0.0
     for b0 in range(0, arow.size, SUM_BLOCK):
         b1 = min(b0 + SUM_BLOCK, arow.size)
-        f, ps, qs, a, b, c, d = _logprobs32_chunk(arow[b0:b1], brow[b0:b1], use_q, want_rkl, want_ent,
-                                                  want_ce, terms)
+        f, ps, qs, a, b, c, d, e, g, h, m = _logprobs32_chunk(arow[b0:b1], brow[b0:b1], use_q, want_kl, want_rkl,
+                                                              want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
+                                                              terms)
         flag += np.float64(f)
         p_sum += np.float64(ps)
         q_sum += np.float64(qs)
@@ -984,9 +1101,14 @@ def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, s
         rkl += b
         ent += c
         ce += d
+        js += e
+        tv += g
+        hel += h
+        gjs += m
     if not use_q:
         q_sum = 1.0
-    return flag == 0.0 and _sums_within32(p_sum, q_sum, min(arow.size, SUM_BLOCK), sum_tol), kl, rkl, ent, ce
+    ok = flag == 0.0 and _sums_within32(p_sum, q_sum, min(arow.size, SUM_BLOCK), sum_tol)
+    return ok, kl, rkl, ent, ce, js, tv, hel, gjs
 
 
 @_jit
@@ -1593,7 +1715,7 @@ def _make_kernel(name):
         as_is32 = _is_float32(p_values) and not normalize and smoothing == 0.0
         probs32 = probs and as_is32
         logprobs32 = (logs and as_is32 and p_kind == LOGPROBS and (q_kind == LOGPROBS or not use_q)
-                      and not (want_js or want_tvh or want_gjs or want_renyi))
+                      and not (want_renyi or want_bha))
         logits_kl = logs and kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = gjs = ren = bha = 0.0
         terms = np.empty((3, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
@@ -1642,8 +1764,9 @@ def _make_kernel(name):
                                 want_tvh, want_gjs, want_renyi, beta, am1)
                     elif logs:
                         if fast and not kl_only:
-                            done, kl, rkl, ent, ce = _logprobs32_terms(
-                                prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, sum_tol, terms)
+                            done, kl, rkl, ent, ce, js, tv, hel, gjs = _logprobs32_terms(
+                                prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs,
+                                beta, sum_tol, terms)
                         elif logits_kl:  # the common logits call, straight to its loops
                             p_top, p_bad = _scan_logits(prow)
                             q_top, q_bad = _scan_logits(qrow)
