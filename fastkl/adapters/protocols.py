@@ -132,6 +132,8 @@ def arrow_import(x: Any) -> pa.Array | pa.ChunkedArray | None:
         return _one_column(pa.chunked_array(x))
     if hasattr(x, "__arrow_c_array__") or hasattr(x, "__arrow_array__"):
         return _one_column(pa.array(x))
+    if hasattr(getattr(x, "array", None), "__arrow_array__"):  # a pandas < 3 Series of an Arrow dtype
+        return pa.array(x.array)
     return None
 
 
