@@ -112,16 +112,16 @@ def from_dlpack(x: Any, name: str) -> tuple[np.ndarray, bool]:
     if getattr(x, "requires_grad", False) and callable(getattr(x, "detach", None)):
         x = x.detach()  # torch exports no tensor that requires grad; the values are the same
     try:
-        capsule = x.__dlpack__(max_version=(1, 0))
-    except TypeError:  # a producer from before DLPack 1.0
-        capsule = x.__dlpack__()
-    dtype = _dl_tensor(capsule).dtype
-    bfloat16 = dtype.code == _DL_BFLOAT and dtype.bits == 16 and dtype.lanes == 1
-    if bfloat16:  # NumPy has no bfloat16: the same 16 bits, as uint16 (decoded by the kernel)
-        dtype.code = _DL_UINT
-    try:
+        try:
+            capsule = x.__dlpack__(max_version=(1, 0))
+        except TypeError:  # a producer from before DLPack 1.0
+            capsule = x.__dlpack__()
+        dtype = _dl_tensor(capsule).dtype
+        bfloat16 = dtype.code == _DL_BFLOAT and dtype.bits == 16 and dtype.lanes == 1
+        if bfloat16:  # NumPy has no bfloat16: the same 16 bits, as uint16 (decoded by the kernel)
+            dtype.code = _DL_UINT
         return np.from_dlpack(_Capsule(capsule, device)), bfloat16
-    except (RuntimeError, BufferError, TypeError, ValueError) as e:  # e.g. complex or lane types
+    except (RuntimeError, BufferError, TypeError, ValueError) as e:  # e.g. sparse tensors, complex or lane types
         raise OptionError(f"{name}: cannot read this {type(x).__name__} through DLPack: {e}") from None
 
 
