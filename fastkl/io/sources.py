@@ -475,7 +475,8 @@ def dataset_sources(source, storage_options: dict | None = None) -> tuple[object
     S3 endpoint and keys included, become storage_options). Anything else is returned unchanged.
 
     The files are read by fastkl's rules, as if listed one by one: a hive partition key of the
-    dataset is not a column (give the dataset's directory as SOURCE to keep one).
+    dataset is not a column (give the dataset's directory as SOURCE to keep one). Local files
+    inside an earlier fastkl output, which pyarrow lists, are left out.
     """
     import pyarrow.dataset as pads
     import pyarrow.fs as pafs
@@ -492,7 +493,12 @@ def dataset_sources(source, storage_options: dict | None = None) -> tuple[object
     if isinstance(fs, pafs.SubTreeFileSystem):
         fs, base = fs.base_fs, fs.base_path
     if isinstance(fs, pafs.LocalFileSystem):
-        return [os.path.join(base, f) if base else f for f in files], storage_options
+        files = [os.path.join(base, f) if base else f for f in files]
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        files = [f for f in files if not _in_fastkl_output(os.path.abspath(f), root)]  # pyarrow lists them
+        if not files:
+            raise OptionError("SOURCE: the dataset holds no file besides earlier fastkl outputs")
+        return files, storage_options
     if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, pafs.FSSpecHandler):
         protocol, options = fs.handler.fs.protocol, dict(fs.handler.fs.storage_options)
         protocol = protocol if isinstance(protocol, str) else protocol[0]
@@ -507,6 +513,17 @@ def dataset_sources(source, storage_options: dict | None = None) -> tuple[object
         raise OptionError("storage_options: a dataset given as SOURCE brings its filesystem's options; "
                           "give one or the other")
     return [f"{protocol}://{posixpath.join(base, f).lstrip('/')}" for f in files], options
+
+
+def _in_fastkl_output(path: str, root: str) -> bool:
+    """A file inside a fastkl output (or staging) directory at or below `root`."""
+    d = os.path.dirname(path)
+    while True:
+        if _is_fastkl_output(d):
+            return True
+        if d == root or os.path.dirname(d) == d:
+            return False
+        d = os.path.dirname(d)
 
 
 def discover(sources: str | os.PathLike | Sequence[str | os.PathLike],
