@@ -386,7 +386,7 @@ def aligned_sides(p: Any, q: Any | None, p_dtype: str | None = None,
                   q_dtype: str | None = None) -> tuple[int, list[tuple[int, Side, Side | None]]]:
     """Convert p (and q) to Sides, split into pieces whose rows line up (see `aligned_columns`),
     as the engine reads token rows. `p_dtype` / `q_dtype` declare the element type of a side
-    (None: as stored; see `element_type`); a torch bfloat16 tensor declares itself."""
+    (None: as stored; see `element_type`); a bfloat16 DLPack tensor declares itself."""
     p, p_dtype = protocols.imported(p, p_dtype, "p")
     q, q_dtype = protocols.imported(q, q_dtype, "q")
     n, pieces = aligned_columns({"p": p, "q": q})
