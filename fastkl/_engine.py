@@ -25,7 +25,8 @@ from ._config import MIN_ELEMENTS_PER_BLOCK
 from ._options import Options, check_measures, check_request, check_threads, needs_q
 from ._registry import KIND_CODE, MEASURE_INDEX, NULL, OK, SAMPLED_INDEX, TAILS, TARGET_MEASURES, valid_rows
 from ._result import Layout, PerToken, Result, concat, empty, layout_for
-from .adapters.arrow import Side, aligned_columns, scalar_values, side_pair, torch_declared
+from .adapters.arrow import Side, aligned_columns, scalar_values, side_pair
+from .adapters.protocols import imported
 from .adapters.tokens import (describe_sequence, describe_sparse, empty_ids, flatten, ids_side, is_sequence,
                               merge_pre_status, target_ids)
 from .errors import OptionError
@@ -529,9 +530,10 @@ def compute(
     sequence count.
     """
     measures = check_measures(measures)
-    # a torch bfloat16 tensor declares itself (its NumPy view is uint16 bits)
-    options = dataclasses.replace(options, p_dtype=torch_declared(p, options.p_dtype, "p"),
-                                  q_dtype=torch_declared(q, options.q_dtype, "q"))
+    # a DLPack tensor (torch, JAX, ...) is read as NumPy; a bfloat16 one declares itself (uint16 bits)
+    p, p_dtype = imported(p, options.p_dtype, "p")
+    q, q_dtype = imported(q, options.q_dtype, "q")
+    options = dataclasses.replace(options, p_dtype=p_dtype, q_dtype=q_dtype)
     use_q = needs_q(measures)
     if use_q and q is None:
         raise OptionError(f"q is required for {', '.join(m for m in measures if m != 'entropy')}")

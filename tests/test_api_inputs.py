@@ -94,11 +94,18 @@ def test_masked_array_without_masked_values_is_used_as_is():
 
 @pytest.mark.parametrize("table", [
     pa.table({"a": [0.5, 0.5], "b": [0.5, 0.5]}),
-    pa.record_batch({"p": pa.array([[0.5, 0.5]] * 2)}),
+    pa.record_batch({"p": pa.array([[0.5, 0.5]] * 2), "x": [1, 2]}),
 ])
 def test_a_table_asks_for_one_of_its_columns(table):
     with pytest.raises(OptionError, match=r"got a table \(columns .*\); pass the one column"):
         fastkl.kl(table, table)
+
+
+@pytest.mark.parametrize("wrap", [pa.table, pa.record_batch, lambda d: pa.table(d).to_reader()])
+def test_a_table_of_one_column_is_that_column(wrap):
+    """Issue 14: a one-column table (a DuckDB relation, a one-column DataFrame) is unambiguous."""
+    p, q = pa.array(P.tolist()), pa.array(Q.tolist())
+    assert np.array_equal(fastkl.kl(wrap({"p": p}), wrap({"q": q})), fastkl.kl(P, Q))
 
 
 def _top_k_logprobs():

@@ -13,7 +13,7 @@ as uint16 and the Side says how to decode it (`Side.decode`); the kernel
 decodes row by row (fastkl.kernels.half). Arrow has no bfloat16, so a
 `list<uint16>` (or a NumPy uint16 array) is bfloat16 or float16 only when
 declared so (`p_dtype` / `q_dtype`); NumPy arrays of `ml_dtypes.bfloat16`
-and CPU torch tensors carry their type.
+and DLPack tensors (torch, JAX) carry their type (`fastkl.adapters.protocols`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 
 from .._registry import DECODE_CODE, DTYPES
 from ..errors import DataError, OptionError
+from . import protocols
 
 AS_IS, FLOAT16, BFLOAT16 = DECODE_CODE["as_is"], DECODE_CODE["float16"], DECODE_CODE["bfloat16"]
 
@@ -248,15 +249,23 @@ def _as_arrow_or_numpy(x: Any, name: str) -> pa.Array | pa.ChunkedArray | np.nda
         return _masked_to_arrow(x, name) if np.ma.is_masked(x) else np.ma.getdata(x)
     if isinstance(x, (pa.Array, pa.ChunkedArray, np.ndarray)):
         return x
-    if type(x).__module__.startswith("torch"):
-        return _from_torch(x, name)
     if isinstance(x, (list, tuple)):
         return _from_python(x, name)
-    if hasattr(x, "__arrow_c_array__") or hasattr(x, "__arrow_c_stream__"):
-        return pa.array(x) if hasattr(x, "__arrow_c_array__") else pa.chunked_array(x)
+    arrow = protocols.arrow_import(x)  # Polars, DuckDB, pandas, nanoarrow, ...: zero-copy
+    if arrow is not None:
+        return arrow
+    if protocols.is_dlpack(x):  # torch, JAX, CuPy, ...: zero-copy, CPU memory only
+        values, bfloat16 = protocols.from_dlpack(x, name)
+        if bfloat16:  # p and q come here as NumPy, declared by `protocols.imported`
+            raise OptionError(f"{name}: a bfloat16 tensor; convert it to float32 first")
+        return values
+    hf = protocols.hf_column(x, name)
+    if hf is not None:
+        return hf
     if hasattr(x, "__array__"):
         return np.asarray(x)
-    raise OptionError(f"{name}: unsupported input type {type(x).__name__}")
+    raise OptionError(f"{name}: unsupported input type {type(x).__name__}; expected a 2-D array, lists, or an "
+                      "object exporting the Arrow PyCapsule interface or DLPack")
 
 
 def _from_python(x: list | tuple, name: str) -> pa.Array:
@@ -271,34 +280,6 @@ def _from_python(x: list | tuple, name: str) -> pa.Array:
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError) as e:
             error = e
     raise OptionError(f"{name}: could not read a list of lists of numbers: {error}") from None
-
-
-def _from_torch(x: Any, name: str) -> np.ndarray:
-    """A CPU torch tensor as a NumPy view, no copy; bfloat16 (which NumPy lacks)
-    as uint16 bits, declared bfloat16 by `torch_declared`."""
-    import torch  # already imported: x is a torch object
-
-    if not isinstance(x, torch.Tensor):
-        raise OptionError(f"{name}: unsupported input type {type(x).__name__}")
-    if x.device.type != "cpu":
-        raise OptionError(f"{name}: a torch tensor on {x.device}; fastkl reads CPU memory: pass {name}.cpu()")
-    x = x.detach()
-    if x.dtype == torch.bfloat16:
-        return x.view(torch.int16).numpy().view(np.uint16)
-    try:
-        return x.numpy()
-    except TypeError as e:  # a dtype NumPy has no equivalent of
-        raise OptionError(f"{name}: torch tensor of {x.dtype}: {e}") from None
-
-
-def torch_declared(x: Any, declared: str | None, name: str) -> str | None:
-    """The element type of a side, declared by a torch bfloat16 tensor itself (its
-    NumPy view is uint16 bits)."""
-    if not (type(x).__module__.startswith("torch") and str(getattr(x, "dtype", "")) == "torch.bfloat16"):
-        return declared
-    if declared not in (None, "bfloat16"):
-        raise OptionError(f"{name}: declared {name}_dtype={declared!r} but got a torch.bfloat16 tensor")
-    return "bfloat16"
 
 
 def _side(x: pa.Array | np.ndarray, name: str, declared: str | None = None) -> Side:
@@ -405,8 +386,8 @@ def aligned_sides(p: Any, q: Any | None, p_dtype: str | None = None,
                   q_dtype: str | None = None) -> tuple[int, list[tuple[int, Side, Side | None]]]:
     """Convert p (and q) to Sides, split into pieces whose rows line up (see `aligned_columns`),
     as the engine reads token rows. `p_dtype` / `q_dtype` declare the element type of a side
-    (None: as stored; see `element_type`); a torch bfloat16 tensor declares itself."""
-    p_dtype = torch_declared(p, p_dtype, "p")
-    q_dtype = torch_declared(q, q_dtype, "q")
+    (None: as stored; see `element_type`); a bfloat16 DLPack tensor declares itself."""
+    p, p_dtype = protocols.imported(p, p_dtype, "p")
+    q, q_dtype = protocols.imported(q, q_dtype, "q")
     n, pieces = aligned_columns({"p": p, "q": q})
     return n, [(lo, *side_pair(cols["p"], cols.get("q"), p_dtype, q_dtype)) for lo, cols in pieces]

@@ -469,6 +469,63 @@ def _stat_source(s: str) -> os.stat_result | None:
         raise DataError(f"SOURCE {s!r}: cannot read it ({_why(e)})") from None
 
 
+def dataset_sources(source, storage_options: dict | None = None) -> tuple[object, dict | None]:
+    """(SOURCE, storage_options) of a `pyarrow.dataset.Dataset` given as SOURCE: its files, in
+    its order, as local paths or store URLs of its filesystem (the filesystem's own options, an
+    S3 endpoint and keys included, become storage_options). Anything else is returned unchanged.
+
+    The files are read by fastkl's rules, as if listed one by one: a hive partition key of the
+    dataset is not a column (give the dataset's directory as SOURCE to keep one). Local files
+    inside an earlier fastkl output, which pyarrow lists, are left out.
+    """
+    import pyarrow.dataset as pads
+    import pyarrow.fs as pafs
+
+    if not isinstance(source, pads.Dataset):
+        return source, storage_options
+    if not isinstance(source, pads.FileSystemDataset):
+        raise OptionError(f"SOURCE: a pyarrow {type(source).__name__} has no files; write it to Parquet first "
+                          "(pyarrow.dataset.write_dataset) or pass its data to fastkl.divergences")
+    fs, files = source.filesystem, list(source.files)
+    if not files:
+        raise OptionError("SOURCE: the dataset holds no file")
+    base = ""
+    if isinstance(fs, pafs.SubTreeFileSystem):
+        fs, base = fs.base_fs, fs.base_path
+    if isinstance(fs, pafs.LocalFileSystem):
+        files = [os.path.join(base, f) if base else f for f in files]
+        root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        files = [f for f in files if not _in_fastkl_output(os.path.abspath(f), root)]  # pyarrow lists them
+        if not files:
+            raise OptionError("SOURCE: the dataset holds no file besides earlier fastkl outputs")
+        return files, storage_options
+    if isinstance(fs, pafs.PyFileSystem) and isinstance(fs.handler, pafs.FSSpecHandler):
+        protocol, options = fs.handler.fs.protocol, dict(fs.handler.fs.storage_options)
+        protocol = protocol if isinstance(protocol, str) else protocol[0]
+    elif fs.type_name in ("s3", "gcs"):
+        protocol = "s3" if fs.type_name == "s3" else "gs"
+        options = {k: v for k, v in fs.__reduce__()[1][0].items()  # the constructor's arguments
+                   if v not in ("", None, -1) and not (isinstance(v, dict) and not any(x not in ("", -1)
+                                                                                       for x in v.values()))}
+    else:
+        raise OptionError(f"SOURCE: a dataset on a {fs.type_name} filesystem; give its files' URL instead")
+    if storage_options:
+        raise OptionError("storage_options: a dataset given as SOURCE brings its filesystem's options; "
+                          "give one or the other")
+    return [f"{protocol}://{posixpath.join(base, f).lstrip('/')}" for f in files], options
+
+
+def _in_fastkl_output(path: str, root: str) -> bool:
+    """A file inside a fastkl output (or staging) directory at or below `root`."""
+    d = os.path.dirname(path)
+    while True:
+        if _is_fastkl_output(d):
+            return True
+        if d == root or os.path.dirname(d) == d:
+            return False
+        d = os.path.dirname(d)
+
+
 def discover(sources: str | os.PathLike | Sequence[str | os.PathLike],
              storage_options: dict | None = None) -> tuple[list[_Found], list[str]]:
     """Expand SOURCE arguments into data files (sorted within each argument).

@@ -90,7 +90,7 @@ from ..io.store_output import (
 )
 from ..io.store_output import dest_kind as store_dest_kind
 from ..io.store_output import remove_leftovers as store_remove_leftovers
-from ..io.sources import Columns, FileRef, Plan, Task, open_input, scan
+from ..io.sources import Columns, FileRef, Plan, Task, dataset_sources, open_input, scan
 from .._result import Layout, layout_for, output_fields
 from .progress import Progress
 
@@ -1089,9 +1089,10 @@ def run(
     """Compute `measures` for every row of SOURCE and write them to the Parquet dataset DEST.
 
     SOURCE: a Parquet or Arrow IPC file, a directory of them (hive partitions
-    included), a glob, or a list of these. DEST: a directory that must not
-    exist (unless `overwrite=True`, which replaces only an earlier fastkl
-    output) and must not overlap SOURCE. Local paths, `file://` URLs, or
+    included), a glob, a list of these, or a `pyarrow.dataset.Dataset` (its
+    files and filesystem). DEST: a directory that must not exist (unless
+    `overwrite=True`, which replaces only an earlier fastkl output) and must
+    not overlap SOURCE. Local paths, `file://` URLs, or
     object-store URLs (`s3://bucket/prefix`, `gs://`, `memory://`, any fsspec
     protocol; README: Object stores): storage_options (a dict: endpoint_url,
     key, secret, region, ...) go to the store's filesystem, the environment
@@ -1114,6 +1115,7 @@ def run(
     from ..summary.stats import PartStats, Summary
 
     t_start = time.perf_counter()
+    source, storage_options = dataset_sources(source, storage_options)  # a pyarrow Dataset: its files
     gaussian = (p_mean, p_logvar, q_mean, q_logvar)
     if any(c is not None for c in gaussian):
         if any(c is None for c in gaussian):
