@@ -1,4 +1,4 @@
-"""The `fastkl` command: run, clean, demo, bench (README: Jobs, Object stores).
+"""The `fastkl` command: run, clean, demo, bench (docs/guide/jobs.md, docs/guide/storage.md).
 
 Exit status: 0 done; 1 the data was refused (invalid rows, corrupt or
 mismatched files); 2 usage errors (unknown column, bad option, DEST refused);

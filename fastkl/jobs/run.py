@@ -1,4 +1,4 @@
-"""`fastkl.run`: a Dask job from a sharded Parquet/Arrow dataset to a Parquet dataset (README: Jobs).
+"""`fastkl.run`: a Dask job from a sharded Parquet/Arrow dataset to a Parquet dataset (docs/guide/jobs.md).
 
 The job is: scan (footers only) -> tasks defined by the input -> every task
 reads its slice, runs the same `_engine.compute` as the in-memory API, writes
