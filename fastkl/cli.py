@@ -151,7 +151,12 @@ def run_guarded(fn, debug: bool, staging_hint: str | None = None):
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """fastkl: row-wise KL / JS / entropy divergences over big Parquet/Arrow datasets."""
+    """fastkl: row-wise KL / JS / entropy divergences over big Parquet/Arrow datasets.
+
+    The user guide, recipes and references are in the docs/ folder of the
+    fastkl repository (start at docs/index.md; `mkdocs serve` shows them as a
+    site). `fastkl COMMAND --help` lists a command's options.
+    """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
@@ -172,6 +177,10 @@ least 2G. It is a total, whatever the scheduler: with --scheduler processes
 the client keeps 2 GiB and the worker processes share the rest equally (at
 least 2 GiB each: fewer workers when more would not fit). Input that needs
 more fails with one line naming the file and row group.
+
+What a job guarantees (all-or-nothing commit, --resume, one job per DEST,
+changing input, object stores): docs/guide/jobs.md and docs/guide/storage.md;
+every option: docs/reference/cli.md.
 """
 
 

@@ -28,12 +28,19 @@ from fastkl.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
-_BLOCK = re.compile(r"(?P<before>[^\n]*)\n```python\n(?P<code>.*?)\n```", re.S)
+_BLOCK = re.compile(r"(?P<before>[^\n]*)\n```(?P<lang>python|bash)\n(?P<code>.*?)\n```", re.S)
+# A recipe's shell commands run too, with `fastkl` the package of this tree.
+_SHELL = 'set -euo pipefail\nfastkl() { "$PYTHON" -m fastkl.cli "$@"; }\n'
+
+
+def code_blocks(text: str, langs: tuple[str, ...] = ("python",)) -> list[tuple[str, str]]:
+    """The (language, code) blocks of a page that are meant to run."""
+    return [(m["lang"], m["code"]) for m in _BLOCK.finditer("\n" + text)
+            if m["lang"] in langs and not m["before"].startswith("<!-- not run")]
 
 
 def python_blocks(text: str) -> list[str]:
-    """The ```python blocks of a page that are meant to run."""
-    return [m["code"] for m in _BLOCK.finditer("\n" + text) if not m["before"].startswith("<!-- not run")]
+    return [code for _, code in code_blocks(text)]
 
 
 def test_the_docs_build_with_warnings_as_errors(tmp_path):
@@ -56,21 +63,30 @@ def test_mkdocs_is_installed_by_the_test_extra():
 
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(DOCS)) for p in PAGES])
 def test_the_code_of_each_page_runs(page, tmp_path, monkeypatch):
-    blocks = python_blocks(page.read_text())
-    if not blocks:
-        return
+    """Python blocks of every page; in recipes, their shell blocks too, in page order."""
+    langs = ("python", "bash") if page.parent.name == "recipes" else ("python",)
+    blocks = code_blocks(page.read_text(), langs)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
-    for i, code in enumerate(blocks):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable}
+    for i, (lang, code) in enumerate(blocks):
+        where = f"{page.relative_to(DOCS)}: {lang} block {i + 1}"
+        if lang == "bash":
+            out = subprocess.run(["bash", "-c", _SHELL + code], cwd=tmp_path, env=env, capture_output=True,
+                                 text=True, timeout=600)
+            assert out.returncode == 0, f"{where} fails:\n{code}\n{out.stdout}{out.stderr}"
+            continue
         try:
-            exec(compile(code, f"{page.name}, python block {i + 1}", "exec"), namespace)
+            exec(compile(code, where, "exec"), namespace)
         except Exception as e:
-            raise AssertionError(f"{page.relative_to(DOCS)}: python block {i + 1} fails:\n{code}") from e
+            raise AssertionError(f"{where} fails:\n{code}") from e
 
 
 def test_the_block_finder_skips_only_marked_blocks():
-    text = "intro\n```python\na = 1\n```\n<!-- not run: needs a cluster -->\n```python\nb = 2\n```\n"
+    text = ("intro\n```python\na = 1\n```\n<!-- not run: needs a cluster -->\n```python\nb = 2\n```\n"
+            "```bash\nfastkl demo\n```\n```text\nout\n```\n")
     assert python_blocks(text) == ["a = 1"]
+    assert code_blocks(text, ("python", "bash")) == [("python", "a = 1"), ("bash", "fastkl demo")]
 
 
 def test_every_row_status_is_explained():
