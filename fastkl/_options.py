@@ -203,14 +203,15 @@ def documented(fn: _F) -> _F:
     """Append "name: meaning" for each parameter of `fn` its docstring leaves out.
 
     The docstring ends with its `Args:` section (or gets one), so help() and the
-    API reference show every option with a line of its own; a parameter with
-    no line here and none in the docstring is a KeyError at import.
+    API reference show every option with a line of its own. A parameter with a
+    line neither here nor in the docstring gets none (tests/test_signatures.py
+    names it), so adding a parameter never breaks the import.
     """
     head, _, args = inspect.cleandoc(fn.__doc__ or "").partition("\nArgs:\n")
     described = {line.split(":")[0].strip() for line in args.splitlines()
                  if line.startswith("    ") and not line.startswith("     ")}
     lines = [f"    {name}: {PARAMETER_HELP[name]}" for name in inspect.signature(fn).parameters
-             if name not in described]
+             if name not in described and name in PARAMETER_HELP]
     doc = head + "\n\nArgs:\n" + (args.rstrip() + "\n" if args.strip() else "")
     fn.__doc__ = doc + "\n".join(lines) + "\n"
     return fn
