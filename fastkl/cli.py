@@ -395,7 +395,10 @@ def demo_cmd(ctx, directory, rows, shards, vocab, sequences, quiet, debug_here):
 def bench_cmd(ctx, rows, vocab, dtype, threads, rounds, quick, kernel, job, peers, workdir, json_path, max_load,
               debug_here):
     """Throughput on this machine: kernel GB/s against a streaming read of the
-    same buffers, and a job's wall time against just reading its input and writing its output."""
+    same buffers, and a job's wall time against just reading its input and writing its output.
+
+    The method and reference numbers: docs/performance.md.
+    """
     debug = debug_here or (ctx.obj or {}).get("debug", False)
     if quick:
         rows, vocab, rounds = min(rows, 20_000), min(vocab, 64), min(rounds, 2)

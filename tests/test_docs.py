@@ -129,3 +129,12 @@ def test_readme_code_runs(tmp_path, monkeypatch):
     namespace: dict = {"__name__": "__readme__"}
     for code in python_blocks((ROOT / "README.md").read_text()):
         exec(compile(code, "README.md", "exec"), namespace)
+
+
+def test_the_command_line_help_points_to_the_docs():
+    runner = CliRunner()
+    for args, page in ((["--help"], "docs/index.md"), (["run", "--help"], "docs/guide/jobs.md"),
+                       (["bench", "--help"], "docs/performance.md")):
+        text = runner.invoke(main, args, terminal_width=200).output
+        assert page in text, args
+        assert (ROOT / page).exists(), page
