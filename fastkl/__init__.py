@@ -1,11 +1,11 @@
 """fastkl: row-wise divergences between probability distributions, fast.
 
-    >>> import fastkl
-    >>> fastkl.kl(p, q)                       # KL(P || Q) per row, numpy float64
-    >>> fastkl.divergences(p, q, measures=("kl", "js"))   # pyarrow.Table
-    >>> fastkl.run("shards/", "scores/", measures=("kl",))  # a whole dataset
+    import fastkl
+    fastkl.kl(p, q)                                     # KL(P || Q) per row, numpy float64
+    fastkl.divergences(p, q, measures=("kl", "js"))     # pyarrow.Table
+    fastkl.run("shards/", "scores/", measures=("kl",))  # a whole dataset
 
-See README.md for the user's guide.
+The user guide and the API reference are in docs/ (mkdocs serve).
 """
 
 from __future__ import annotations

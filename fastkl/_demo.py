@@ -217,5 +217,5 @@ def _per_token_line(out: str, measures: tuple[str, ...]) -> str:
         lines.append(f"  {m:<11} estimate {est:.4f}   truth in [{lo:.4f}, {hi:.4f}]")
     mass = np.nanmean(t["listed_mass_p"].to_numpy(zero_copy_only=False))
     lines.append(f"  (the teacher's top-k holds {mass:.1%} of its mass per position on average; the upper "
-                 "bound is inf where the student's unlisted entries may be 0: README, 'Token data')")
+                 "bound is inf where the student's unlisted entries may be 0: docs/guide/shapes.md, 'Top-k rows')")
     return "\n".join(lines)

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Literal, Mapping, TypeVar, get_args
 
 import numpy as np
 
 from ._registry import (COMPARISON_MEASURES, DEFAULT_BETA, DTYPES, KINDS, MEASURE_PARAMETER, MEASURES, ONE_SIDED,
-                        SAMPLED_MEASURES, TAILS, TARGET_MEASURES)
+                        SAMPLED_MEASURES, TAILS, TARGET_MEASURES, Dtype, Kind, Tail)
 from .errors import OptionError
 
-ON_INVALID = ("raise", "null")
+OnInvalid = Literal["raise", "null"]
+ON_INVALID: tuple[str, ...] = get_args(OnInvalid)
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,9 @@ class Options:
     def from_kwargs(
         cls,
         *,
-        kind: str = "probs",
-        p_kind: str | None = None,
-        q_kind: str | None = None,
+        kind: Kind = "probs",
+        p_kind: Kind | None = None,
+        q_kind: Kind | None = None,
         temperature: float = 1.0,
         p_temperature: float | None = None,
         q_temperature: float | None = None,
@@ -54,17 +56,19 @@ class Options:
         normalize: bool = False,
         smoothing: float = 0.0,
         sum_tol: float = 1e-3,
-        on_invalid: str = "raise",
+        on_invalid: OnInvalid = "raise",
         vocab: int | None = None,
-        tail: str = "bucket",
+        tail: Tail = "bucket",
         bounds: bool = True,
         per_token: bool = False,
-        dtype: str | None = None,
-        p_dtype: str | None = None,
-        q_dtype: str | None = None,
+        dtype: Dtype | None = None,
+        p_dtype: Dtype | None = None,
+        q_dtype: Dtype | None = None,
         beta: float | None = None,
         alpha: float | None = None,
     ) -> "Options":
+        """The options as the public functions take them (their one source: the
+        signatures of `kl`, `divergences`, `run`, ... are checked against this one)."""
         # named as the caller named them (`temperature`, not the `p_temperature` it sets)
         for arg, value in (("kind", kind), ("p_kind", p_kind), ("q_kind", q_kind)):
             if value is not None and value not in KINDS:
@@ -96,6 +100,11 @@ class Options:
         )
         opts.check()
         return opts
+
+    @classmethod
+    def from_call(cls, arguments: Mapping[str, Any]) -> "Options":
+        """The options among a public function's arguments (its `locals()`), checked."""
+        return cls.from_kwargs(**{name: arguments[name] for name in OPTION_NAMES if name in arguments})
 
     def check(self) -> None:
         for side in ("p", "q"):
@@ -144,6 +153,68 @@ class Options:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(inspect.signature(Options.from_kwargs).parameters)
+
+# One line per parameter of the public functions, shown by help() and the API
+# reference (`documented` writes them into each docstring): the options of
+# Options.from_kwargs, and the arguments several functions share.
+PARAMETER_HELP: dict[str, str] = {
+    "p": "P, the distribution the expectation is taken under (teacher, reference, data): "
+         "one row per distribution, as a 2-D array, an Arrow list array or a list of lists.",
+    "q": "Q, the approximating distribution (student, policy, model), rows like `p`.",
+    "kind": 'encoding of both sides: "probs", "logprobs" (natural log), "logits" (decoded by '
+            'log-softmax) or "sampled" (one log-prob per sampled token, for k1..k3, abs).',
+    "p_kind": "encoding of P only (overrides `kind`).",
+    "q_kind": "encoding of Q only (overrides `kind`).",
+    "temperature": "logits are decoded as log_softmax(x / temperature).",
+    "p_temperature": "temperature of P only (overrides `temperature`).",
+    "q_temperature": "temperature of Q only (overrides `temperature`).",
+    "base": "base of the logarithm of the log measures (e: nats, 2: bits); tv and hellinger do not change.",
+    "normalize": "divide each row by its sum instead of requiring it to sum to 1.",
+    "smoothing": "eps: after decoding each side becomes (p + eps) / (1 + K eps), so every measure is finite.",
+    "sum_tol": "how far from 1 a row's sum may be before the row is invalid (not_normalized).",
+    "on_invalid": '"raise": an invalid row raises fastkl.InvalidRowError; "null": its values are NaN/null.',
+    "vocab": "top-k rows: the vocabulary size V (ids must lie in [0, V)); tightens the bounds.",
+    "tail": 'top-k rows: what the point estimate takes the unlisted mass to be: "bucket" (pooled, never '
+            'above the truth for f-divergences), "renormalize" or "uniform" (needs vocab).',
+    "bounds": "top-k rows: add the m_lower / m_upper columns that contain the true value.",
+    "per_token": "sequence rows: add m_tokens, each counted position's value (null where not counted).",
+    "dtype": 'element type of both sides: "float16", "bfloat16", "float32", "float64" (None: as stored; '
+             '"bfloat16" reads uint16 bits).',
+    "p_dtype": "element type of P only (overrides `dtype`).",
+    "q_dtype": "element type of Q only (overrides `dtype`).",
+    "beta": "gjs: the weight of P in the mixture M = beta P + (1 - beta) Q, in [0, 1] (None: 0.5, which is js).",
+    "alpha": "renyi: its order, > 0 and != 1 (required by renyi).",
+    "p_ids": "top-k rows: P's token ids, the same shape as `p` (P lists only these entries).",
+    "q_ids": "top-k rows: Q's token ids, the same shape as `q`.",
+    "mask": "sequence rows: per sequence, which positions count (booleans or 0/1).",
+    "lengths": "sequence rows: per sequence, how many leading positions count.",
+    "target": "the token that came next (an id per row, or a list per sequence): for nll_p, nll_q, delta_p.",
+    "threads": "threads to split the rows over (None: all cores).",
+    "status": 'add a string column "status": "ok", "null" or the reason the row is invalid.',
+}
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def documented(fn: _F) -> _F:
+    """Append "name: meaning" for each parameter of `fn` its docstring leaves out.
+
+    The docstring ends with its `Args:` section (or gets one), so help() and the
+    API reference show every option with a line of its own. A parameter with a
+    line neither here nor in the docstring gets none (tests/test_signatures.py
+    names it), so adding a parameter never breaks the import.
+    """
+    head, _, args = inspect.cleandoc(fn.__doc__ or "").partition("\nArgs:\n")
+    described = {line.split(":")[0].strip() for line in args.splitlines()
+                 if line.startswith("    ") and not line.startswith("     ")}
+    lines = [f"    {name}: {PARAMETER_HELP[name]}" for name in inspect.signature(fn).parameters
+             if name not in described and name in PARAMETER_HELP]
+    doc = head + "\n\nArgs:\n" + (args.rstrip() + "\n" if args.strip() else "")
+    fn.__doc__ = doc + "\n".join(lines) + "\n"
+    return fn
 
 
 def check_flag(name: str, value: Any) -> bool:

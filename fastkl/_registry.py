@@ -7,6 +7,7 @@ the tests and the benchmarks all agree on the same codes.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 # Measures, in the order the kernel computes them and the output lists them.
 MEASURES: tuple[str, ...] = (
@@ -35,7 +36,10 @@ DEFAULT_BETA = 0.5  # GKD's (TRL's GKDTrainer) default: gjs(0.5) is js
 # Measures that read only P (the `q` argument is not needed).
 ONE_SIDED = frozenset({"entropy"})
 
-KINDS: tuple[str, ...] = ("probs", "logprobs", "logits", "sampled")
+# The option values below are Literal types first, so that signatures and IDEs
+# offer them, and tuples second (for checks and codes), from the same names.
+Kind = Literal["probs", "logprobs", "logits", "sampled"]
+KINDS: tuple[str, ...] = get_args(Kind)
 
 # RLHF estimators of KL(policy || reference) from the log-probabilities of the
 # sampled tokens alone (kind="sampled": p the policy's, q the reference's).
@@ -49,14 +53,16 @@ TARGET_MEASURES = frozenset({"nll_p", "nll_q", "delta_p"})  # need the token tha
 
 # Element types a side may be declared as (`p_dtype`; None: as stored). Arrow
 # has no bfloat16: a list<uint16> holding bfloat16 bits must be declared so.
-DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32", "float64")
+Dtype = Literal["float16", "bfloat16", "float32", "float64"]
+DTYPES: tuple[str, ...] = get_args(Dtype)
 # How the kernel reads a side's values (`Side.decode`, the kernel's p_decode):
 # as they are (float32/float64), or uint16 holding float16 / bfloat16 bits.
 DECODES: tuple[str, ...] = ("as_is", "float16", "bfloat16")
 DECODE_CODE = {name: i for i, name in enumerate(DECODES)}
 
 # How a sparse (top-k) row's unlisted mass is treated by the point estimate.
-TAILS: tuple[str, ...] = ("bucket", "renormalize", "uniform")
+Tail = Literal["bucket", "renormalize", "uniform"]
+TAILS: tuple[str, ...] = get_args(Tail)
 KIND_CODE = {name: i for i, name in enumerate(KINDS)}
 
 # Row statuses. Code 0 is a valid row; 1 a null row (null list on either

@@ -1,4 +1,4 @@
-"""The `fastkl` command: run, clean, demo, bench (README: Jobs, Object stores).
+"""The `fastkl` command: run, clean, demo, bench (docs/guide/jobs.md, docs/guide/storage.md).
 
 Exit status: 0 done; 1 the data was refused (invalid rows, corrupt or
 mismatched files); 2 usage errors (unknown column, bad option, DEST refused);
@@ -151,7 +151,12 @@ def run_guarded(fn, debug: bool, staging_hint: str | None = None):
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """fastkl: row-wise KL / JS / entropy divergences over big Parquet/Arrow datasets."""
+    """fastkl: row-wise KL / JS / entropy divergences over big Parquet/Arrow datasets.
+
+    The user guide, recipes and references are in the docs/ folder of the
+    fastkl repository (start at docs/index.md; `mkdocs serve` shows them as a
+    site). `fastkl COMMAND --help` lists a command's options.
+    """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
 
@@ -172,6 +177,10 @@ least 2G. It is a total, whatever the scheduler: with --scheduler processes
 the client keeps 2 GiB and the worker processes share the rest equally (at
 least 2 GiB each: fewer workers when more would not fit). Input that needs
 more fails with one line naming the file and row group.
+
+What a job guarantees (all-or-nothing commit, --resume, one job per DEST,
+changing input, object stores): docs/guide/jobs.md and docs/guide/storage.md;
+every option: docs/reference/cli.md.
 """
 
 
@@ -386,7 +395,10 @@ def demo_cmd(ctx, directory, rows, shards, vocab, sequences, quiet, debug_here):
 def bench_cmd(ctx, rows, vocab, dtype, threads, rounds, quick, kernel, job, peers, workdir, json_path, max_load,
               debug_here):
     """Throughput on this machine: kernel GB/s against a streaming read of the
-    same buffers, and a job's wall time against just reading its input and writing its output."""
+    same buffers, and a job's wall time against just reading its input and writing its output.
+
+    The method and reference numbers: docs/performance.md.
+    """
     debug = debug_here or (ctx.obj or {}).get("debug", False)
     if quick:
         rows, vocab, rounds = min(rows, 20_000), min(vocab, 64), min(rounds, 2)

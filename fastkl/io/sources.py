@@ -557,7 +557,7 @@ def discover(sources: str | os.PathLike | Sequence[str | os.PathLike],
         if fmt is None:
             if explicit:
                 raise DataError(f"{display}: not a Parquet or Arrow IPC file")
-            return False  # stray file in a dataset directory (README, ...)
+            return False  # stray file in a dataset directory (docs/guide/inputs.md)
         seen.add(real)
         found.append(_Found(os.path.abspath(path), display, fmt, partition))
         return True

@@ -1,4 +1,4 @@
-"""Output side of a job whose DEST is in an object store: claim, staging, rename-free commit (README).
+"""Output side of a job whose DEST is in an object store: claim, staging, rename-free commit (docs/guide/storage.md).
 
 Object stores have no rename and no lock, so the local design of
 `fastkl.io.output` (flock, rename of the staging directory) is kept another

@@ -1,4 +1,4 @@
-"""Object stores: a SOURCE or DEST URL -> a pyarrow filesystem and a path in it (README: Object stores).
+"""Object stores: a SOURCE or DEST URL -> a pyarrow filesystem and a path in it (docs/guide/storage.md).
 
 `s3://` and `gs://` go to pyarrow's native filesystems (C++ clients, range
 reads, no Python in the data path); any other protocol (`memory://`,

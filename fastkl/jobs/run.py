@@ -1,4 +1,4 @@
-"""`fastkl.run`: a Dask job from a sharded Parquet/Arrow dataset to a Parquet dataset (README: Jobs).
+"""`fastkl.run`: a Dask job from a sharded Parquet/Arrow dataset to a Parquet dataset (docs/guide/jobs.md).
 
 The job is: scan (footers only) -> tasks defined by the input -> every task
 reads its slice, runs the same `_engine.compute` as the in-memory API, writes
@@ -46,6 +46,7 @@ import dataclasses
 import datetime as _dt
 import functools
 import json
+import math
 import os
 import queue
 import threading
@@ -62,7 +63,7 @@ import pyarrow.parquet as pq
 
 from .. import _config
 from .._config import DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER
-from .._options import Options, check_measures, check_request, needs_q
+from .._options import OnInvalid, Options, check_measures, check_request, documented, needs_q
 from ..io.output import (
     MANIFEST,
     DestLock,
@@ -91,6 +92,7 @@ from ..io.store_output import (
 from ..io.store_output import dest_kind as store_dest_kind
 from ..io.store_output import remove_leftovers as store_remove_leftovers
 from ..io.sources import Columns, FileRef, Plan, Task, dataset_sources, open_input, scan
+from .._registry import Dtype, Kind, Tail
 from .._result import Layout, layout_for, output_fields
 from .progress import Progress
 
@@ -1056,15 +1058,16 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
         to_close.append(client)
     return _run_distributed(todo, plan, spec, progress, client)
 
+@documented
 def run(
-    source,
-    dest,
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    dest: str | os.PathLike,
     *,
     p: str = "p",
     q: str | None = "q",
     measures: Sequence[str] | str = ("kl",),
     keep: Sequence[str] | str = (),
-    scheduler=None,
+    scheduler: Any = None,
     workers: int | None = None,
     overwrite: bool = False,
     resume: bool = False,
@@ -1084,33 +1087,75 @@ def run(
     target: str | None = None,
     storage_options: dict | None = None,
     last_writer_wins: bool = False,
-    **opts: Any,
+    kind: Kind = "probs",
+    p_kind: Kind | None = None,
+    q_kind: Kind | None = None,
+    dtype: Dtype | None = None,
+    p_dtype: Dtype | None = None,
+    q_dtype: Dtype | None = None,
+    temperature: float = 1.0,
+    p_temperature: float | None = None,
+    q_temperature: float | None = None,
+    base: float = math.e,
+    normalize: bool = False,
+    smoothing: float = 0.0,
+    sum_tol: float = 1e-3,
+    on_invalid: OnInvalid = "raise",
+    beta: float | None = None,
+    alpha: float | None = None,
+    vocab: int | None = None,
+    tail: Tail = "bucket",
+    bounds: bool = True,
+    per_token: bool = False,
 ):
     """Compute `measures` for every row of SOURCE and write them to the Parquet dataset DEST.
 
-    SOURCE: a Parquet or Arrow IPC file, a directory of them (hive partitions
-    included), a glob, a list of these, or a `pyarrow.dataset.Dataset` (its
-    files and filesystem). DEST: a directory that must not exist (unless
-    `overwrite=True`, which replaces only an earlier fastkl output) and must
-    not overlap SOURCE. Local paths, `file://` URLs, or
-    object-store URLs (`s3://bucket/prefix`, `gs://`, `memory://`, any fsspec
-    protocol; README: Object stores): storage_options (a dict: endpoint_url,
-    key, secret, region, ...) go to the store's filesystem, the environment
-    (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...) gives the rest. A store without
-    conditional writes is refused unless last_writer_wins=True. DEST is
-    exclusive: while this job runs, another job for the same DEST fails with
-    `DestTakenError`.
+    DEST appears only when the job is complete (all or nothing), one job at a
+    time per DEST; the output and summary are the same whatever the scheduler,
+    the number of workers, retries or resuming (user guide: Jobs; Storage).
     Returns the job's `fastkl.Summary`, also stored in DEST/_fastkl.json.
 
-    scheduler: None or "threads" (default, this machine), "processes" (a local
-    cluster of worker processes), "sync", a scheduler address, or a
-    `distributed.Client`. workers: how many threads/processes locally.
-    task_rows / task_bytes bound the size of a task (rows; decoded bytes of
-    the columns read). p_ids / q_ids: the columns of token ids of a side
-    holding top-k rows (sparse); mask / lengths: for sequence rows (p and q
-    lists of lists), the column saying which positions count. Other keyword arguments
-    are the options of the in-memory API (kind, p_kind, dtype, p_dtype,
-    temperature, base, normalize, smoothing, sum_tol, on_invalid, per_token).
+    Examples:
+        >>> import os, tempfile, pyarrow as pa, pyarrow.parquet as pq
+        >>> d = tempfile.mkdtemp()
+        >>> os.mkdir(os.path.join(d, "shards"))
+        >>> pq.write_table(pa.table({"id": [1, 2], "p": [[0.7, 0.3], [0.5, 0.5]], "q": [[0.6, 0.4], [0.5, 0.5]]}),
+        ...                os.path.join(d, "shards", "shard-0.parquet"))
+        >>> summary = fastkl.run(os.path.join(d, "shards"), os.path.join(d, "scores"), measures=("kl", "js"),
+        ...                      keep="id", quiet=True)
+        >>> pq.read_table(os.path.join(d, "scores")).column_names
+        ['id', 'kl', 'js']
+
+    Args:
+        source: a Parquet or Arrow IPC file, a directory of them (hive partitions included), a glob,
+            a list of these, URLs (s3://, gs://, memory://, any fsspec protocol), or a
+            pyarrow.dataset.Dataset (its files and filesystem).
+        dest: the output directory or URL; it must not exist (see overwrite) nor overlap SOURCE.
+        p: the column holding P.
+        q: the column holding Q (None for entropy alone).
+        measures: names of the measures, as for fastkl.divergences.
+        keep: input columns copied to the output beside the measures.
+        scheduler: None or "threads" (this machine), "processes" (a local cluster of worker
+            processes), "sync", a Dask scheduler address, or a distributed.Client.
+        workers: how many threads / processes run tasks locally (None: the cores).
+        overwrite: replace an earlier fastkl output at DEST, once the new one is complete.
+        resume: reuse the finished parts of an interrupted run of the same job.
+        status: add a string column "status": "ok", "null" or the reason the row is invalid.
+        quiet: no progress bar and no summary table.
+        summary_json: also write the summary as JSON to this path.
+        task_rows: at most this many rows per task.
+        task_bytes: at most this many bytes of decoded input per task (memory is about workers x this).
+        mask: sequence rows: the column saying which positions count (list<bool> or list<int8>).
+        lengths: sequence rows: the integer column of how many leading positions count.
+        p_ids: top-k rows: the column of P's token ids.
+        q_ids: top-k rows: the column of Q's token ids.
+        p_mean: diagonal Gaussians (gaussian_kl): the column of P's means (with the next three).
+        p_logvar: diagonal Gaussians: the column of P's log-variances.
+        q_mean: diagonal Gaussians: the column of Q's means.
+        q_logvar: diagonal Gaussians: the column of Q's log-variances.
+        target: the column of the tokens that came next (nll_p, nll_q, delta_p).
+        storage_options: options of the object store's filesystem (endpoint_url, key, secret, region, ...).
+        last_writer_wins: accept a store without conditional writes (two jobs at once could both write DEST).
     """
     from ..summary.stats import PartStats, Summary
 
@@ -1124,7 +1169,7 @@ def run(
         p, q, measures = p_mean, q_mean, ("gaussian_kl",)
     else:
         measures = check_measures(measures)
-    options = Options.from_kwargs(**opts) if opts else Options()
+    options = Options.from_call(locals())
     if isinstance(keep, str):
         keep = (keep,)
     keep = tuple(dict.fromkeys(keep))

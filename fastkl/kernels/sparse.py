@@ -1,4 +1,4 @@
-"""The Numba kernel of sparse top-k rows (README "Token data"; the bounds: docs/sparse-bounds.md).
+"""The Numba kernel of sparse top-k rows (docs/guide/shapes.md; the bounds: docs/sparse-bounds.md).
 
 One row is one token position: each side lists top-k token ids and values
 (probs or log-probs), or is dense (ids implicitly 0..k-1, exact). Per row the
