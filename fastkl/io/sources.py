@@ -30,6 +30,7 @@ the planned one.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob
 import hashlib
@@ -47,7 +48,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .._config import DEFAULT_BATCH_BYTES, DEFAULT_TASK_BYTES
+from .._config import DEFAULT_BATCH_BYTES, DEFAULT_TASK_BYTES, GROUP_FILES, GROUP_MIN_TASKS
 from .filemeta import (
     Identity,
     RECORD_BATCH,
@@ -134,14 +135,23 @@ class Task:
     row_start: int  # row number of the task's first row inside the file
     rows: int
     nbytes: int
+    # small files grouped into one task (one part): its one-file slices in input order, each a Task
+    # of its own; then file, units and row_start are the first slice's, rows and nbytes the totals
+    group: tuple["Task", ...] = ()
+
+    def pieces(self) -> tuple["Task", ...]:
+        """The one-file slices this task reads, in order (itself, unless it groups small files)."""
+        return self.group or (self,)
 
     def fingerprint(self) -> dict:
         """What must be unchanged for a finished part to be reused by --resume.
 
         Size and mtime alone are not enough: `touch -r` / `os.utime` restore
         an mtime, but not the ctime (set by the kernel on every write), the
-        inode of a replaced file, or its footer.
+        inode of a replaced file, or its footer. A grouped task: every file's.
         """
+        if self.group:
+            return {"group": [t.fingerprint() for t in self.group]}
         return {
             "path": self.file.path,
             "size": self.file.size,
@@ -1029,6 +1039,41 @@ def _check_columns(
                 )
 
 
+def _grouped(tasks: list[Task], batch_rows: list[int], most: int, max_rows: int, max_bytes: int,
+             batch_bytes: int) -> tuple[list[Task], list[int]]:
+    """Consecutive tasks of different files joined into tasks of at most `most` files, `max_rows`
+    rows and `max_bytes` bytes (a file's last slice may join the files after it; a file cut into
+    several tasks keeps its full ones). Linear in the tasks; input order is kept."""
+    out: list[Task] = []
+    out_rows: list[int] = []
+    cur: list[Task] = []
+    c_rows = c_bytes = 0
+
+    def flush() -> None:
+        if len(cur) == 1:
+            t = cur[0]
+            out.append(dataclasses.replace(t, index=len(out)))
+            out_rows.append(batch_rows[t.index])
+        elif cur:
+            i = len(out)
+            pieces = tuple(dataclasses.replace(t, index=i) for t in cur)
+            out.append(Task(i, cur[0].file, cur[0].units, cur[0].row_start, c_rows, c_bytes, pieces))
+            per_row = c_bytes / c_rows if c_rows else 1.0
+            out_rows.append(int(max(1, min(max_rows, batch_bytes // max(per_row, 1.0)))))
+        cur.clear()
+
+    for t in tasks:
+        if cur and (len(cur) >= most or c_rows + t.rows > max_rows or c_bytes + t.nbytes > max_bytes
+                    or t.file.index == cur[-1].file.index):
+            flush()
+            c_rows = c_bytes = 0
+        cur.append(t)
+        c_rows += t.rows
+        c_bytes += t.nbytes
+    flush()
+    return out, out_rows
+
+
 def scan(
     sources,
     *,
@@ -1047,12 +1092,19 @@ def scan(
     batch_bytes: int = DEFAULT_BATCH_BYTES,
     check=None,
     storage_options: dict | None = None,
+    group_files: int | None = None,
 ) -> tuple[Plan, list[str]]:
-    """Discover, read footers, check columns and cut the input into tasks."""
+    """Discover, read footers, check columns and cut the input into tasks.
+
+    group_files: at most this many small files share a task (1: a task per
+    file); None: GROUP_FILES once there are GROUP_MIN_TASKS tasks, else 1.
+    """
     if task_rows is not None and task_rows < 1:
         raise OptionError(f"task_rows must be >= 1, got {task_rows}")
     if task_bytes is not None and task_bytes < 1:
         raise OptionError(f"task_bytes must be >= 1, got {task_bytes}")
+    if group_files is not None and group_files < 1:
+        raise OptionError(f"group_files must be >= 1, got {group_files}")
     found, roots = discover(sources, storage_options)
     if check is not None:
         check(roots)  # e.g. DEST against SOURCE: before any file is opened
@@ -1121,6 +1173,10 @@ def scan(
                 row += piece.rows
         if cur:
             emit(file, cur, cur_start)
+    if group_files is None:
+        group_files = GROUP_FILES if len(tasks) >= GROUP_MIN_TASKS else 1
+    if group_files > 1:
+        tasks, batch_rows = _grouped(tasks, batch_rows, group_files, max_rows, max_bytes, batch_bytes)
     # the kernel dtypes the job will meet (warm-up), from files with rows: an empty shard may be typed null
     value_types = frozenset(tuple(_element_type(ft.schema.field(c).type) for c in names)
                             for ft, n in zip(footers, rows) if n > 0)

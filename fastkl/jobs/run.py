@@ -42,6 +42,7 @@ computed) of at most DEFAULT_BATCH_BYTES each.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -61,7 +62,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import _config
-from .._config import DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER
+from .._config import (DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER,
+                       WINDOW_PER_THREAD)
 from .._options import Options, check_measures, check_request, needs_q
 from ..io.output import (
     MANIFEST,
@@ -369,6 +371,14 @@ def _units(task: Task) -> str:
     return f"{task.units[0].index}" + (f"-{task.units[-1].index}" if len(task.units) > 1 else "")
 
 
+def _where(task: Task) -> str:
+    """The data a task reads, for messages: a file's units, or the first and last of grouped files."""
+    if task.group:
+        a, b = task.group[0], task.group[-1]
+        return f"{a.file.display} ... {b.file.display} ({len(task.group)} files grouped in one task)"
+    return f"{task.file.display} {task.unit_name()} {_units(task)}"
+
+
 def _read_error(task: Task, e: BaseException, unit: int | None = None) -> DataError:
     where = _units(task) if unit is None else str(unit)
     what = f"{task.file.display}: {{}} {task.unit_name()} {where}"
@@ -441,8 +451,24 @@ def _read_ahead(task: Task, spec: JobSpec, batch_rows: int, threads: int):
     one-core tasks: no gain.)
     """
     if threads <= 1:
-        return _read(task, spec, batch_rows, use_threads=False)
-    return _prefetched(_read(task, spec, batch_rows, use_threads=True), PREFETCH, f"fastkl-read-{task.index}")
+        return _read_pieces(task, spec, batch_rows, use_threads=False)
+    return _prefetched(_read_pieces(task, spec, batch_rows, use_threads=True), PREFETCH, f"fastkl-read-{task.index}")
+
+
+def _read_pieces(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
+    """(piece, batch) for every batch of every one-file slice of the task, in order; a slice
+    that gives other than its planned rows fails the task (its file changed or is corrupt)."""
+    for piece in task.pieces():
+        done = 0
+        with contextlib.closing(_read(piece, spec, batch_rows, use_threads)) as batches:  # closed with us
+            for batch in batches:
+                done += batch.num_rows
+                yield piece, batch
+        if done != piece.rows:
+            raise DataError(
+                f"{piece.file.display}: read {done} rows from {piece.unit_name()}s of {piece.rows} rows; "
+                "the file changed or is corrupt"
+            )
 
 
 def _const_column(value: str | None, type_: pa.DataType, n: int) -> pa.Array:
@@ -458,6 +484,10 @@ def _unit_of(task: Task, row_in_file: int) -> int:
             return u.index
         r -= u.rows
     return task.units[-1].index
+
+
+class _Regroup(Exception):
+    """A batch of several grouped files holds an invalid row: computed again file by file."""
 
 
 class Cancelled(Exception):
@@ -510,22 +540,24 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
     t0 = time.perf_counter()
     threads = _kernel_threads(kernel_threads)
     progress = _reporter(report, task)
-    cols, f = spec.columns, task.file
+    cols = spec.columns
     staging = spec.staging
     tmp = staging.tmp_part(task.index)
     stats: list = []
     first_error: InvalidRowError | None = None
+    error_piece: Task | None = None
     invalid = 0
     done = 0
     writer = staging.part_writer(tmp, spec.out_schema)
-    batches = None
+    # grouped small files: their batches are written together, in row groups of up to batch_rows
+    # rows, not one tiny row group per file
+    held: list[pa.RecordBatch] = []
+    held_rows = 0
+    batches = piece = None
     try:
-        # A task that owns one core reads and computes in turn (the other
-        # cores run other tasks); a task that owns several reads ahead.
-        batches = _read_ahead(task, spec, batch_rows, threads)
-        for batch in batches:
-            if cancelled is not None and cancelled.is_set():
-                raise Cancelled(f"{f.display}: interrupted")
+        def one(piece: Task, p_done: int, batch: pa.RecordBatch, keep: list) -> None:
+            """Compute one batch (of one file, or of several grouped ones when `piece` is None)."""
+            nonlocal first_error, error_piece, invalid, stats, held, held_rows
             n = batch.num_rows
             data = {role: batch.column(name) for role, name in cols.roles()}
             if spec.measures == ("gaussian_kl",):
@@ -535,34 +567,86 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
                 res = compute(data.pop("p"), data.pop("q", None), spec.measures, spec.options, threads=threads,
                               **data)
             bad = res.invalid_count() if spec.options.on_invalid == "raise" else 0
+            if bad and piece is None:
+                raise _Regroup  # several files: the caller computes them one by one to name the row
             if bad:
                 if first_error is None:
-                    first_error = res.error(file=f.display, row_offset=task.row_start + done)
+                    first_error = res.error(file=piece.file.display, row_offset=piece.row_start + p_done)
+                    error_piece = piece
                 invalid += bad
             if first_error is None:
-                arrays = []
-                for name in cols.keep:
-                    if name in cols.partition_keep:
-                        arrays.append(_const_column(dict(f.partition).get(name), cols.partition_keep[name], n))
-                    else:
-                        arrays.append(batch.column(name))
                 mt = res.to_table(status=spec.status)
-                arrays.extend(c.combine_chunks() for c in mt.columns)
-                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=spec.out_schema))
+                arrays = keep + [c.combine_chunks() for c in mt.columns]
+                out = pa.RecordBatch.from_arrays(arrays, schema=spec.out_schema)
+                if task.group:
+                    held.append(out)
+                    held_rows += n
+                    if held_rows >= batch_rows:
+                        writer.write_table(pa.Table.from_batches(held), row_group_size=held_rows)
+                        held, held_rows = [], 0
+                else:
+                    writer.write_batch(out)
                 stats.append(PartStats.from_result(res))
+                if len(stats) >= 32:  # many small batches: bounded state
+                    stats = [PartStats.merge_all(stats)]
+
+        def keep_of(piece: Task, batch: pa.RecordBatch) -> list:
+            f = piece.file
+            return [_const_column(dict(f.partition).get(name), cols.partition_keep[name], batch.num_rows)
+                    if name in cols.partition_keep else batch.column(name) for name in cols.keep]
+
+        # Small files grouped into this task: their batches are computed together, up to
+        # batch_rows rows at a time (the kernel call and the summary's update cost ~0.5 ms each
+        # however few the rows), as long as they have the same columns.
+        waiting: list[tuple[Task, int, pa.RecordBatch]] = []
+        w_rows = 0
+
+        def flush() -> None:
+            nonlocal w_rows
+            if len(waiting) == 1 or first_error is not None:
+                for args in waiting:
+                    one(*args, keep_of(args[0], args[2]))
+            elif waiting:
+                batch = pa.concat_batches([b for _, _, b in waiting])
+                keep = [pa.concat_arrays(k) for k in zip(*(keep_of(pc_, b) for pc_, _, b in waiting))]
+                try:
+                    one(None, 0, batch, keep)
+                except _Regroup:
+                    for args in waiting:
+                        one(*args, keep_of(args[0], args[2]))
+            waiting.clear()
+            w_rows = 0
+
+        # A task that owns one core reads and computes in turn (the other
+        # cores run other tasks); a task that owns several reads ahead.
+        batches = _read_ahead(task, spec, batch_rows, threads)
+        p_done = 0
+        for at, batch in batches:
+            if at is not piece:
+                piece, p_done = at, 0
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled(f"{piece.file.display}: interrupted")
+            n = batch.num_rows
+            if task.group:
+                if waiting and (w_rows + n > batch_rows or not waiting[-1][2].schema.equals(batch.schema)):
+                    flush()
+                waiting.append((piece, p_done, batch))
+                w_rows += n
+            else:
+                one(piece, p_done, batch, keep_of(piece, batch))
+            p_done += n
             done += n
             progress(n)
+        flush()
+        if held and first_error is None:
+            writer.write_table(pa.Table.from_batches(held), row_group_size=held_rows)
+            held = []
         writer.close()
         if first_error is not None:
             e = first_error
-            where = f"{task.unit_name()} {_unit_of(task, e.row)}"
+            where = f"{error_piece.unit_name()} {_unit_of(error_piece, e.row)}"
             raise InvalidRowError(
                 e.reason, e.row, invalid, file=e.file, detail=e.detail, position=e.position, unit=where,
-            )
-        if done != task.rows:
-            raise DataError(
-                f"{f.display}: read {done} rows from {task.unit_name()}s of {task.rows} rows; "
-                "the file changed or is corrupt"
             )
     except BaseException as e:
         if batches is not None:
@@ -573,7 +657,7 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
             pass
         staging.discard_tmp(tmp)
         if isinstance(e, MemoryError) and not isinstance(e, FastKLError):
-            raise _read_error(task, e) from e  # the kernel's outputs: still name the data
+            raise _read_error(piece or task, e) from e  # the kernel's outputs: still name the data
         if isinstance(e, OSError):  # reading errors are DataErrors by now: this is the output side
             raise OSError(e.errno, f"cannot write {staging.part_name(task.index)} into {staging.root}: "
                           f"{e.strerror or _short(e)}") from e
@@ -597,12 +681,36 @@ def _short(e: BaseException) -> str:
 # Schedulers
 
 
-def _run_sync(todo, plan, spec, progress):
+def _run_sync(todo, plan, spec, progress, on_result):
     progress.start()
-    out = []
     for t in todo:
-        out.append(run_task(t, plan.batch_rows[t.index], spec, _config.cores(), progress.add))
-    return out
+        on_result(run_task(t, plan.batch_rows[t.index], spec, _config.cores(), progress.add))
+
+
+class _Window:
+    """Which of `todo` may be submitted now: none more than `size` places past the oldest
+    unfinished one. So at most `size` tasks are in flight, and at most `size` results wait for
+    an earlier one to be merged in task order, whatever the number of tasks (the client's
+    memory and the scheduler's bookkeeping stay O(size), not O(tasks))."""
+
+    def __init__(self, todo: list, size: int):
+        self.todo = todo
+        self.size = max(1, size)
+        self.next = 0
+        self.running: dict[int, Any] = {}  # place in todo -> the handle of its submitted task
+
+    def fill(self, submit) -> list:
+        """Submit (submit(task) -> handle) what the window allows; the new handles."""
+        oldest = min(self.running) if self.running else self.next
+        new = []
+        while self.next < len(self.todo) and self.next < oldest + self.size:
+            h = self.running[self.next] = submit(self.todo[self.next])
+            new.append(h)
+            self.next += 1
+        return new
+
+    def finished(self, place: int) -> None:
+        del self.running[place]
 
 
 _task_pools: dict[int, Any] = {}
@@ -639,51 +747,65 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 class _JobPool:
-    """One job's view of a shared task pool: what dask's threaded scheduler uses
-    (`submit`, `_max_workers`), and a `shutdown` that cancels this job's queued
-    tasks and waits for its running ones, so that no task of a failed or
+    """One job's view of a shared task pool: `submit`, and a `shutdown` that cancels this
+    job's queued tasks and waits for its running ones, so that no task of a failed or
     interrupted job still writes once `run` has returned."""
 
     def __init__(self, pool, n: int):
         self._pool = pool
         self._max_workers = n
-        self._futures: list = []
+        self._futures: set = set()  # not yet finished (a finished one drops itself)
 
     def submit(self, fn, /, *args, **kwargs):
         f = self._pool.submit(fn, *args, **kwargs)
-        self._futures.append(f)
+        self._futures.add(f)
+        f.add_done_callback(self._futures.discard)
         return f
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         from concurrent.futures import wait as wait_all
 
+        pending = list(self._futures)
         if cancel_futures:
-            for f in self._futures:
+            for f in pending:
                 f.cancel()
         if wait:
-            wait_all(self._futures)
+            wait_all(pending)
 
 
-def _run_threads(todo, plan, spec, progress, workers):
-    import dask
+def _run_threads(todo, plan, spec, progress, workers, on_result):
+    """The tasks on this process's pool of n threads, submitted through a window of
+    WINDOW_PER_THREAD tasks per thread, results handed to `on_result` as they finish.
+
+    (Through `dask.compute` of one delayed object per task, the graph's
+    culling and the packing of results grew quadratically: 68 s for 30,000
+    no-op tasks. A task here costs a pool submit and a wait.)
+    """
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     cores = _config.cores()
     n = max(1, min(workers or cores, len(todo)))
     k = max(1, cores // n)
     cancelled = threading.Event()  # set on the way out: running tasks stop at their next batch
-    # partial + traverse=False: dask must not walk the Task/JobSpec dataclasses as collections
-    tasks = [
-        dask.delayed(
-            functools.partial(run_task, t, plan.batch_rows[t.index], spec, k, progress.add, cancelled),
-            pure=False,
-            traverse=False,
-        )(dask_key_name=f"fastkl-part-{t.index}")
-        for t in todo
-    ]
     pool = _JobPool(_task_pool(n), n)
+    window = _Window(todo, n * WINDOW_PER_THREAD)
+    place: dict = {}
+
+    def submit(t):
+        fut = pool.submit(run_task, t, plan.batch_rows[t.index], spec, k, progress.add, cancelled)
+        place[fut] = window.next
+        return fut
+
     progress.start()
     try:
-        return list(dask.compute(*tasks, scheduler="threads", pool=pool, num_workers=n))
+        window.fill(submit)
+        while window.running:
+            done, _ = wait(list(window.running.values()), return_when=FIRST_COMPLETED)
+            for fut in sorted(done, key=place.__getitem__):
+                r = fut.result()  # raises the task's exception
+                window.finished(place.pop(fut))
+                on_result(r)
+            window.fill(submit)
     finally:
         cancelled.set()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -746,7 +868,7 @@ def _cluster_threads(client) -> dict[str, int]:
     }
 
 
-def _run_distributed(todo, plan, spec, progress, client):
+def _run_distributed(todo, plan, spec, progress, client, on_result):
     info = client.scheduler_info(n_workers=-1)["workers"]
     if not info:
         client.wait_for_workers(1, timeout=FIRST_WORKER_TIMEOUT)
@@ -772,23 +894,31 @@ def _run_distributed(todo, plan, spec, progress, client):
     if reported:
         client.subscribe_topic(topic, on_event)
     progress.start()
-    futures = [
-        client.submit(
+    # A window of tasks in flight (in task order, by priority), refilled as results come back:
+    # the client holds O(window) futures and results, the scheduler O(window) tasks.
+    total_threads = sum(int(w.get("nthreads", 1)) for w in info.values())
+    window = _Window(todo, max(256, total_threads * WINDOW_PER_THREAD))
+    by_key: dict[str, Task] = {}  # tasks in flight
+    place: dict[str, int] = {}
+
+    def submit(t):
+        fut = client.submit(
             run_task, t, plan.batch_rows[t.index], spec, threads, topic if reported else None,
             key=f"fastkl-part-{t.index}-{topic[-8:]}", pure=False, priority=-t.index,
         )
-        for t in todo
-    ]
-    by_key = {fut.key: t for fut, t in zip(futures, todo)}
-    results = []
+        by_key[fut.key] = t
+        place[fut.key] = window.next
+        return fut
+
     try:
-        for fut, r in _completed(client, futures, by_key):
-            t = by_key[fut.key]
+        for fut, r in _completed(client, window, submit, by_key):
+            t = by_key.pop(fut.key)
+            window.finished(place.pop(fut.key))
             progress.done(t.index, t.rows, t.nbytes)
-            results.append(r)
             fut.release()
+            on_result(r)
     except BaseException as e:
-        client.cancel(futures)
+        client.cancel(list(window.running.values()))
         lost = _killed_worker_error(e, by_key, client)
         if lost is not None:
             raise lost from e
@@ -799,11 +929,11 @@ def _run_distributed(todo, plan, spec, progress, client):
                 client.unsubscribe_topic(topic)
             except Exception:
                 pass
-    return results
 
 
-def _completed(client, futures, by_key):
-    """Yield (future, result) as tasks finish, like `as_completed`, but never wait forever
+def _completed(client, window: _Window, submit, by_key):
+    """Submit the window's tasks and yield (future, result) as they finish, like `as_completed`
+    refilled from the window after every batch of results, but never wait forever
     on a cluster without workers: neither for a task to run nor for a result held by a
     worker that died after finishing it (Dask recomputes it, once a worker exists)."""
     from distributed import as_completed
@@ -825,7 +955,7 @@ def _completed(client, futures, by_key):
                 + _suspects_note(client, by_key)
             )
 
-    ready = as_completed(futures, loop=client.loop)
+    ready = as_completed(window.fill(submit), loop=client.loop)
     while not ready.is_empty():
         if not ready.has_ready():
             time.sleep(0.02)
@@ -839,7 +969,8 @@ def _completed(client, futures, by_key):
                 except TimeoutError:
                     check_workers(force=True)
             alone["since"] = None
-            yield fut, result
+            yield fut, result  # the caller marks it finished in the window
+        ready.update(window.fill(submit))
 
 
 def _suspects(client, by_key) -> list[tuple[Task, int]]:
@@ -861,7 +992,7 @@ def _suspects_note(client, by_key, skip=None) -> str:
     if not sus:
         return ""
     return "; workers died while holding " + ", ".join(
-        f"{t.file.display} {t.unit_name()} {_units(t)} ({n}x)" for t, n in sus
+        f"{_where(t)} ({n}x)" for t, n in sus
     )
 
 
@@ -886,10 +1017,11 @@ def _killed_worker_error(e: BaseException, by_key: dict, client=None) -> DataErr
     if client is not None and isinstance(tries, int):
         same = [u for u, n in _suspects(client, by_key) if u is not t and n >= tries + 1]
         if same:
-            others = " (or " + ", ".join(f"{u.file.display} {u.unit_name()} {_units(u)}" for u in same[:3]) + \
+            others = " (or " + ", ".join(_where(u) for u in same[:3]) + \
                 ", held by the same workers)"
     return DataError(
-        f"{t.file.display}: {t.unit_name()} {_units(t)}: the worker process running it died {times}{others} "
+        f"{_where(t) if t.group else f'{t.file.display}: {t.unit_name()} {_units(t)}'}: "
+        f"the worker process running it died {times}{others} "
         "(killed, out of memory or crashed on this data); giving up"
     )
 
@@ -1023,12 +1155,13 @@ def _json_default(o):
 
 
 
-def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close) -> list:
-    """Run the tasks on the chosen scheduler; clusters and clients it opens go to `to_close`."""
+def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close, on_result) -> None:
+    """Run the tasks on the chosen scheduler, each result handed to `on_result` as it arrives;
+    clusters and clients it opens go to `to_close`."""
     if kind in ("sync", "synchronous"):
-        return _run_sync(todo, plan, spec, progress)
+        return _run_sync(todo, plan, spec, progress, on_result)
     if kind == "threads":
-        return _run_threads(todo, plan, spec, progress, workers)
+        return _run_threads(todo, plan, spec, progress, workers, on_result)
     if kind == "processes":
         from .limits import ClientShare, local_workers
 
@@ -1040,7 +1173,7 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
             to_close += [ClientShare(), cluster, client]
             try:
                 _release_interrupts(held)  # a Ctrl-C during the start is raised here
-                return _run_distributed(todo, plan, spec, progress, client)
+                return _run_distributed(todo, plan, spec, progress, client, on_result)
             except KeyboardInterrupt:
                 _kill_local_workers(cluster)  # then closed with the cluster, quickly
                 raise
@@ -1054,7 +1187,8 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
         except OSError as e:
             raise OptionError(f"cannot reach Dask scheduler {scheduler!r}: {_short(e)}") from e
         to_close.append(client)
-    return _run_distributed(todo, plan, spec, progress, client)
+    return _run_distributed(todo, plan, spec, progress, client, on_result)
+
 
 def run(
     source,
@@ -1073,6 +1207,7 @@ def run(
     summary_json: str | os.PathLike | None = None,
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
+    group_files: int | None = None,
     mask: str | None = None,
     lengths: str | None = None,
     p_ids: str | None = None,
@@ -1105,7 +1240,9 @@ def run(
     cluster of worker processes), "sync", a scheduler address, or a
     `distributed.Client`. workers: how many threads/processes locally.
     task_rows / task_bytes bound the size of a task (rows; decoded bytes of
-    the columns read). p_ids / q_ids: the columns of token ids of a side
+    the columns read); group_files: at most this many small files share a
+    task and a part (1: one per file; None: 256 once there are 256 tasks or
+    more, else 1). p_ids / q_ids: the columns of token ids of a side
     holding top-k rows (sparse); mask / lengths: for sequence rows (p and q
     lists of lists), the column saying which positions count. Other keyword arguments
     are the options of the in-memory API (kind, p_kind, dtype, p_dtype,
@@ -1179,7 +1316,8 @@ def run(
     plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
                        sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
                        target=target,
-                       task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options)
+                       task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options,
+                       group_files=group_files)
     layout = (Layout(measures) if measures == ("gaussian_kl",)
               else layout_for(measures, options, sequence=plan.sequence, sparse=sparse))
     for k in keep:
@@ -1198,7 +1336,8 @@ def run(
     with hold as lock:
         return _run_locked(
             source, dest, dest_p, plan, lock, layout=layout, options=options, status=status,
-            task_rows=task_rows, task_bytes=task_bytes, scheduler=scheduler, client=client, workers=workers,
+            task_rows=task_rows, task_bytes=task_bytes, group_files=group_files, scheduler=scheduler, client=client,
+            workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
         )
 
@@ -1224,7 +1363,7 @@ def _local_sources(source):
 
 
 def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layout, options, status, task_rows,
-                task_bytes, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
+                task_bytes, group_files, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
     """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
     from ..summary.stats import PartStats, Summary
 
@@ -1243,6 +1382,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         "status": status,
         "task_rows": task_rows,
         "task_bytes": task_bytes,
+        **({"group_files": group_files} if group_files is not None else {}),
     }
     job_fp = json.dumps(job, sort_keys=True, default=_json_default)
     files = [f.to_dict() for f in plan.files]
@@ -1273,7 +1413,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout)
 
     # Parts finished by an earlier attempt whose input is unchanged.
-    results: dict[int, dict] = {}
+    reused: dict[int, dict] = {}
     for t in plan.tasks:
         st = done_states.get(t.index)
         if (
@@ -1283,18 +1423,22 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
             and st.get("batch_rows") == plan.batch_rows[t.index]
             and st.get("rows") == t.rows
         ):
-            results[t.index] = {"index": t.index, "rows": st["rows"], "stats": st["stats"], "seconds": 0.0}
-    todo = [t for t in plan.tasks if t.index not in results]
+            reused[t.index] = st["stats"]
+    del done_states
+    resumed = bytearray(len(plan.tasks))
+    for i in reused:
+        resumed[i] = 1
+    todo = [t for t in plan.tasks if not resumed[t.index]]
     staging.drop_extra_parts(len(plan.tasks))
 
     t_plan = time.perf_counter()
-    resumed_rows = sum(t.rows for t in plan.tasks if t.index in results)
     progress = Progress(plan.rows, plan.nbytes, enabled=Progress.wanted(quiet))
     for t in plan.tasks:
-        if t.index in results:
+        if resumed[t.index]:
             progress.done(t.index, t.rows, t.nbytes)
     kind = "threads" if scheduler is None else scheduler if isinstance(scheduler, str) else "client"
     to_close: list = []  # a cluster / connection this call opened, closed in reverse
+    merge = _OrderedMerge(reused)
     failed = True
     try:
         from .._engine import warmup
@@ -1303,8 +1447,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         # (numba issue 4807), for every dtype the files of the plan need
         warmup(_kernel_dtypes(plan), _warm_options(options), measures, spec.layout.sparse)
         if todo:
-            for r in _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close):
-                results[r["index"]] = r
+            _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close, merge.add)
+        merge.drain(len(plan.tasks))
         failed = False
     finally:
         progress.close()
@@ -1317,22 +1461,19 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
             staging.discard_if_nothing_finished()
     t_compute = time.perf_counter()
 
-    # Merge in task order: identical whatever ran where and when.
     if plan.tasks:
-        stats = [PartStats.from_json(results[t.index]["stats"]) for t in plan.tasks]
+        merged = merge.merged
     else:  # empty input: one empty part keeps DEST a readable dataset
-        stats = [PartStats.for_layout(layout)]
+        merged = PartStats.for_layout(layout)
         staging.write_empty_part(schema)
-    merged = PartStats.merge_all(stats)
-    task_seconds = sum(r["seconds"] for r in results.values())
     timings = {
         "plan_s": t_plan - t_start,
         "compute_s": t_compute - t_plan,
-        "task_s": task_seconds,
+        "task_s": merge.seconds,
     }
     parts = _parts(plan, staging)
     for t in plan.tasks:
-        parts[t.index]["resumed"] = t.index in done_states and results[t.index]["seconds"] == 0.0
+        parts[t.index]["resumed"] = bool(resumed[t.index])
     timings["total_s"] = time.perf_counter() - t_start
     summary = Summary.from_stats(
         merged, dest=str(dest_p), options=options.to_dict(), timings=timings, files=len(plan.files)
@@ -1361,6 +1502,50 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     return _finished(summary, summary_json)
 
 
+class _OrderedMerge:
+    """Task results merged into one summary state as they arrive, in task order.
+
+    A result that arrives before an earlier task's waits (the scheduler's
+    window bounds how many), then everything up to the first missing task is
+    merged and dropped: the client holds one merged state, not one per task.
+    The merge is `PartStats.merge` in task order, the same fold as merging the
+    list of every task's state, so the summary does not depend on the order
+    of arrival (nor, its sums being exact, on how the job was split).
+    `reused`: the states of parts an earlier attempt finished (--resume),
+    merged when their turn comes.
+    """
+
+    def __init__(self, reused: dict[int, dict]):
+        self.reused = reused
+        self.waiting: dict[int, dict] = {}
+        self.next = 0
+        self.merged = None
+        self.seconds = 0.0
+
+    def add(self, result: dict) -> None:
+        self.seconds += result["seconds"]
+        self.waiting[result["index"]] = result["stats"]
+        self._advance()
+
+    def _advance(self) -> None:
+        from ..summary.stats import PartStats
+
+        while True:
+            st = self.waiting.pop(self.next, None)
+            if st is None:
+                st = self.reused.pop(self.next, None)
+            if st is None:
+                return
+            one = PartStats.from_json(st)
+            self.merged = one if self.merged is None else self.merged.merge(one)
+            self.next += 1
+
+    def drain(self, n_tasks: int) -> None:
+        self._advance()
+        if self.next != n_tasks:  # a scheduler lost a result: never commit a summary without it
+            raise AssertionError(f"merged {self.next} of {n_tasks} task results")
+
+
 def _finished(summary, summary_json):
     if summary_json is not None:
         with open(summary_json, "w") as fh:
@@ -1373,16 +1558,19 @@ def _parts(plan: Plan, staging: Staging) -> list[dict]:
     """The manifest's list of parts (without the `resumed` flags)."""
     if not plan.tasks:  # empty input: one empty part keeps DEST a readable dataset
         return [{"file": staging.part_name(0), "input": None, "row_start": 0, "rows": 0}]
-    return [
-        {
-            "file": staging.part_name(t.index),
-            "input": t.file.index,
-            "row_start": t.row_start,
-            "rows": t.rows,
-            t.unit_name().replace(" ", "_") + "s": [u.index for u in t.units],
-        }
-        for t in plan.tasks
-    ]
+    return [_part(t, staging) for t in plan.tasks]
+
+
+def _part(t: Task, staging) -> dict:
+    """One part in the manifest: its input file (the first one and `inputs`, the range of the
+    files it groups, if it groups small files), its first row in that file, its rows, and
+    (one file) the row groups or record batches it holds."""
+    out = {"file": staging.part_name(t.index), "input": t.file.index, "row_start": t.row_start, "rows": t.rows}
+    if t.group:
+        out["inputs"] = [t.group[0].file.index, t.group[-1].file.index]
+    else:
+        out[t.unit_name().replace(" ", "_") + "s"] = [u.index for u in t.units]
+    return out
 
 
 _IDENTITY = ("fastkl_version", "columns", "measures", "options", "status", "task_rows", "task_bytes", "rows",

@@ -1,0 +1,120 @@
+"""Jobs over many small files: grouped tasks (one part for several files), the same output and
+summary as one task per file, resume and change detection per file inside a group (issue 15)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import fastkl
+from fastkl.io.output import MANIFEST, staging_path
+
+
+def _tiny_files(root, n, rows=5, k=4, seed=0):
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        p = rng.random((rows, k)); p /= p.sum(1, keepdims=True)
+        q = rng.random((rows, k)); q /= q.sum(1, keepdims=True)
+        t = pa.table({"id": np.arange(i * rows, (i + 1) * rows),
+                      "p": pa.array(list(p), pa.list_(pa.float64())), "q": pa.array(list(q), pa.list_(pa.float64()))})
+        pq.write_table(t, os.path.join(root, f"f{i:04d}.parquet"))
+    return str(root)
+
+
+def _summary(s):
+    d = s.to_dict()
+    d.pop("timings", None)
+    d.pop("dest", None)
+    return d
+
+
+def _table(dest):
+    files = sorted(f for f in os.listdir(dest) if f.endswith(".parquet"))
+    return pa.concat_tables(pq.read_table(os.path.join(dest, f)) for f in files)
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads"])
+def test_grouped_tasks_give_the_same_output_and_summary(tmp_path, scheduler):
+    src = _tiny_files(tmp_path / "src", 23)
+    one = fastkl.run(src, tmp_path / "one", measures=("kl", "js"), keep="id", group_files=1, quiet=True)
+    grouped = fastkl.run(src, tmp_path / "grp", measures=("kl", "js"), keep="id", group_files=8,
+                         scheduler=scheduler, quiet=True)
+    assert _table(tmp_path / "grp").equals(_table(tmp_path / "one"))
+    assert _summary(grouped) == _summary(one)
+    m = json.loads((tmp_path / "grp" / MANIFEST).read_text())
+    assert [p["inputs"] for p in m["parts"]] == [[0, 7], [8, 15], [16, 22]]
+    assert [p["rows"] for p in m["parts"]] == [40, 40, 35]
+    assert len(json.loads((tmp_path / "one" / MANIFEST).read_text())["parts"]) == 23
+    # a grouped part holds its files' rows in few row groups, not one per file
+    assert pq.ParquetFile(tmp_path / "grp" / m["parts"][0]["file"]).metadata.num_row_groups == 1
+
+
+def test_many_files_are_grouped_by_default(tmp_path):
+    from fastkl._config import GROUP_MIN_TASKS
+
+    src = _tiny_files(tmp_path / "src", GROUP_MIN_TASKS + 1, rows=2)
+    fastkl.run(src, tmp_path / "out", keep="id", quiet=True)
+    m = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert len(m["parts"]) < GROUP_MIN_TASKS
+    assert sum(p["rows"] for p in m["parts"]) == 2 * (GROUP_MIN_TASKS + 1)
+
+
+def test_a_big_file_keeps_its_tasks_and_its_tail_groups_with_small_files(tmp_path):
+    src = _tiny_files(tmp_path / "src", 6, rows=4)
+    t = pq.read_table(os.path.join(src, "f0001.parquet"))
+    pq.write_table(pa.concat_tables([t] * 5), os.path.join(src, "f0001.parquet"), row_group_size=4)  # 20 rows
+    fastkl.run(src, tmp_path / "out", keep="id", task_rows=8, group_files=4, quiet=True)
+    m = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    # f0 (4) | f1 rows 0-7 | f1 rows 8-15 | f1 rows 16-19 + f2 (4) | f3 + f4 | f5
+    assert [(p["input"], p["row_start"], p["rows"]) for p in m["parts"]] == [
+        (0, 0, 4), (1, 0, 8), (1, 8, 8), (1, 16, 8), (3, 0, 8), (5, 0, 4)]
+    assert _table(tmp_path / "out").column("id").to_pylist() == \
+        pa.concat_tables(pq.read_table(os.path.join(src, f)) for f in sorted(os.listdir(src))).column("id").to_pylist()
+
+
+def test_invalid_row_in_a_group_names_its_file_and_row(tmp_path):
+    src = _tiny_files(tmp_path / "src", 10)
+    path = os.path.join(src, "f0006.parquet")
+    t = pq.read_table(path)
+    p = t.column("p").to_pylist()
+    p[3] = [0.5, 0.5, 0.5, 0.5]  # does not sum to 1
+    pq.write_table(t.set_column(1, "p", pa.array(p, pa.list_(pa.float64()))), path)
+    with pytest.raises(fastkl.InvalidRowError) as e:
+        fastkl.run(src, tmp_path / "out", group_files=4, scheduler="sync", quiet=True)
+    assert "f0006.parquet" in str(e.value) and "row 3" in str(e.value)
+
+
+def test_resume_with_grouped_tasks_redoes_only_the_group_of_a_changed_file(tmp_path, monkeypatch):
+    import fastkl.jobs.run as job
+
+    src = _tiny_files(tmp_path / "src", 20)
+    clean = fastkl.run(src, tmp_path / "clean", keep="id", group_files=4, quiet=True)
+    real = job.run_task
+    calls = []
+
+    def flaky(task, *a, **k):
+        calls.append(task.index)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(task, *a, **k)
+
+    monkeypatch.setattr(job, "run_task", flaky)
+    dest = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        fastkl.run(src, dest, keep="id", group_files=4, scheduler="sync", quiet=True)
+    assert staging_path(dest).is_dir() and not dest.exists()
+    monkeypatch.setattr(job, "run_task", real)
+    # a file of the second group is rewritten (same rows): that group is redone, the others reused
+    path = os.path.join(src, "f0005.parquet")
+    pq.write_table(pq.read_table(path), path, compression="gzip")
+    s = fastkl.run(src, dest, keep="id", group_files=4, scheduler="sync", resume=True, quiet=True)
+    m = json.loads((dest / MANIFEST).read_text())
+    assert [p["resumed"] for p in m["parts"]] == [True, False, True, False, False]
+    assert _table(dest).equals(_table(tmp_path / "clean"))
+    assert _summary(s) == _summary(clean)
