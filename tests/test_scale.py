@@ -118,3 +118,31 @@ def test_resume_with_grouped_tasks_redoes_only_the_group_of_a_changed_file(tmp_p
     assert [p["resumed"] for p in m["parts"]] == [True, False, True, False, False]
     assert _table(dest).equals(_table(tmp_path / "clean"))
     assert _summary(s) == _summary(clean)
+
+
+def test_a_task_reads_only_its_row_groups_footer_entries(tmp_path):
+    import dataclasses
+
+    from fastkl.errors import DataError
+    from fastkl.io.sources import scan
+    from fastkl.jobs.run import _open_task
+
+    src = _tiny_files(tmp_path / "src", 1, rows=40)
+    path = os.path.join(src, "f0000.parquet")
+    pq.write_table(pq.read_table(path), path, row_group_size=4)  # 10 row groups
+    plan, _ = scan(path, p="p", q="q", keep=["id"], task_rows=12)
+    assert [[u.index for u in t.units] for t in plan.tasks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    t = plan.tasks[1]
+    handle, md = _open_task(t.file, t.units)
+    handle.close()
+    assert md.num_row_groups == 3
+    whole = pq.ParquetFile(path).metadata
+    assert [md.row_group(k).column(1).data_page_offset for k in range(3)] == \
+        [whole.row_group(g).column(1).data_page_offset for g in (3, 4, 5)]
+    # the task's entries must be the ones planned from: a different crc is a changed footer
+    u = t.units[1]
+    wrong = dataclasses.replace(u, meta=(u.meta[0], u.meta[1], u.meta[2] ^ 1))
+    with pytest.raises(DataError, match="changed since the job started .footer differs"):
+        _open_task(t.file, (t.units[0], wrong, t.units[2]))
+    fastkl.run(path, tmp_path / "out", keep="id", task_rows=12, quiet=True)
+    assert _table(tmp_path / "out").column("id").to_pylist() == list(range(40))

@@ -37,6 +37,7 @@ import hashlib
 import os
 import posixpath
 import struct
+import zlib
 import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -61,7 +62,7 @@ from .filemeta import (
     sniff_ipc,
     stream_messages,
 )
-from .footer_checks import check_footer
+from .footer_checks import check_footer, row_group_spans
 from .stores import Store, is_store_url, resolve
 from ..errors import DataError, OptionError
 
@@ -82,6 +83,7 @@ class Unit:
     rows: int
     nbytes: int  # estimated decoded bytes of the columns read
     pos: int = 0  # IPC stream: byte offset of the record batch's message
+    meta: tuple[int, int, int] = ()  # Parquet: its RowGroup entry in the footer (start, end, crc32)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class FileRef:
     ctime_ns: int = 0
     footer: str = ""  # digest of the footer planned from (IPC stream: of all its message headers)
     store: Store | None = None  # an object in a store (path is then the store's path, display its URL)
+    # Parquet: (footer offset in the file, footer length, end of its head, start of its tail, crc32 of
+    # head and tail): a task reads the head, its row groups' entries and the tail, not the whole footer
+    meta: tuple[int, int, int, int, int] = ()
 
     def identity(self) -> Identity:
         return Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
@@ -722,30 +727,15 @@ def _leaf_columns(md: pq.FileMetaData, names: list[str]) -> list[int]:
     return out
 
 
-def _leaf_bytes(md: pq.FileMetaData, names: list[str]) -> list[int]:
-    """Decoded bytes of the named top-level columns, per row group.
+def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int) -> list[int]:
+    """Refuse a footer that contradicts itself or the file, before any page is read; the decoded
+    bytes of the named columns per row group, from the same one pass.
 
-    Not just `total_uncompressed_size`: that is the size of the *encoded*
-    pages, and a dictionary- or RLE-encoded column chunk of a few hundred
-    bytes can decode to gigabytes (one row of 10^8 equal floats). The number
-    of values declared in the footer times the value width bounds what the
-    reader materialises, so tasks and read batches are sized on that.
-    """
-    idx = _leaf_columns(md, names)
-    out = []
-    for g in range(md.num_row_groups):
-        rg = md.row_group(g)
-        total = 0
-        for j in idx:
-            c = rg.column(j)
-            width = _WIDTH.get(c.physical_type, 0)
-            total += max(c.total_uncompressed_size, c.num_values * width)
-        out.append(total)
-    return out
-
-
-def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int) -> None:
-    """Refuse a footer that contradicts itself or the file, before any page is read.
+    Decoded bytes: not just `total_uncompressed_size`, which is the size of
+    the *encoded* pages; a dictionary- or RLE-encoded column chunk of a few
+    hundred bytes can decode to gigabytes (one row of 10^8 equal floats). The
+    number of values declared in the footer times the value width bounds what
+    the reader materialises, so tasks and read batches are sized on that.
 
     A footer is what the reader trusts to allocate and to count rows: a row
     group declaring a negative row count made pyarrow silently drop rows, one
@@ -758,19 +748,22 @@ def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int)
         raise ValueError(f"the footer declares {md.num_rows} rows")
     total = 0
     idx = _leaf_columns(md, names)
+    sizes = []
     for g in range(md.num_row_groups):
         rg = md.row_group(g)
         n = rg.num_rows
         if n < 0:
             raise ValueError(f"row group {g} declares {n} rows")
         total += n
+        nbytes = 0
         for j in idx:
             c = rg.column(j)
-            where = f"row group {g}, column {c.path_in_schema}"
+            nbytes += max(c.total_uncompressed_size, c.num_values * _WIDTH.get(c.physical_type, 0))
             if c.num_values < n:
+                where = f"row group {g}, column {c.path_in_schema}"
                 raise ValueError(f"{where} declares {c.num_values} values for {n} rows")
             if c.total_compressed_size < 0 or c.total_uncompressed_size < 0:
-                raise ValueError(f"{where} declares a negative size")
+                raise ValueError(f"row group {g}, column {c.path_in_schema} declares a negative size")
             if c.num_values == 0:
                 continue  # an empty chunk may have no page at all
             starts = [c.data_page_offset]
@@ -779,11 +772,14 @@ def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int)
             start = min(starts)
             if start < 4 or start + c.total_compressed_size > data_end:
                 raise ValueError(
-                    f"{where} declares bytes {start}..{start + c.total_compressed_size} "
+                    f"row group {g}, column {c.path_in_schema} declares bytes "
+                    f"{start}..{start + c.total_compressed_size} "
                     f"outside the data of the file (4..{data_end})"
                 )
+        sizes.append(nbytes)
     if total != md.num_rows:
         raise ValueError(f"the row groups hold {total} rows but the footer declares {md.num_rows}")
+    return sizes
 
 
 def _present(schema: pa.Schema, names: list[str]) -> list[str]:
@@ -799,6 +795,8 @@ class _Footer:
     units: list[tuple[int, int, int]]  # (rows, decoded bytes of the columns read, message offset)
     identity: Identity
     digest: str
+    meta: tuple = ()  # Parquet: see FileRef.meta
+    spans: list[tuple[int, int, int]] | None = None  # Parquet: see Unit.meta, per row group
 
 
 def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[[], Identity]]:
@@ -831,7 +829,7 @@ def _read_footer(f: _Found, names: list[str]) -> _Footer:
         with src:
             ident = identity()
             read = {"parquet": _plan_parquet, "ipc": _plan_ipc_file, "ipc_stream": _plan_ipc_stream}[f.fmt]
-            schema, units, footer = read(f, src, ident.size, names)
+            schema, units, footer, *where = read(f, src, ident.size, names)
             changed = ident.differences(identity())
     except DataError:
         raise
@@ -839,7 +837,7 @@ def _read_footer(f: _Found, names: list[str]) -> _Footer:
         raise DataError(f"{f.display}: not a readable {what} ({_short(e)})") from e
     if changed:
         raise DataError(f"{f.display}: changed while the job read its footer ({changed})")
-    return _Footer(schema, units, ident, footer)
+    return _Footer(schema, units, ident, footer, *where)
 
 
 def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
@@ -849,11 +847,27 @@ def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
     present = _present(schema, names)
     try:
         check_footer(f.path, md, size, footer)  # before pyarrow builds any column chunk's metadata
-        _check_parquet_footer(md, present, size)
+        sizes = _check_parquet_footer(md, present, size)
     except ValueError as e:
         raise DataError(f"{f.display}: corrupt Parquet footer: {e}") from None
-    sizes = _leaf_bytes(md, present)
-    return schema, [(md.row_group(g).num_rows, sizes[g], 0) for g in range(md.num_row_groups)], digest(footer)
+    units = [(md.row_group(g).num_rows, sizes[g], 0) for g in range(md.num_row_groups)]
+    meta, spans = _footer_spans(footer, md.num_row_groups, size)
+    return schema, units, digest(footer), meta, spans
+
+
+def _footer_spans(footer: bytes, n_row_groups: int, size: int):
+    """Where the footer's head, each row group's entry and its tail lie (FileRef.meta, Unit.meta),
+    with their crc32: what lets a task check and parse only its own part of the footer. Only
+    for footers of more than one row group (else the whole footer is that part)."""
+    found = row_group_spans(footer, n_row_groups) if n_row_groups > 1 else None
+    if found is None:
+        return (), None
+    head, first, ends, tail = found
+    n = len(footer) - 8
+    starts = [first, *ends[:-1].tolist()]
+    spans = [(a, b, zlib.crc32(footer[a:b])) for a, b in zip(starts, ends.tolist())]
+    meta = (size - 8 - n, n, head, tail, zlib.crc32(footer[tail:n], zlib.crc32(footer[:head])))
+    return meta, spans
 
 
 def _plan_ipc_file(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
@@ -1121,12 +1135,13 @@ def scan(
     files: list[InputFile] = []
     for i, (f, ft) in enumerate(zip(found, footers)):
         scale = kernel_bytes_scale(ft.schema, names)
-        us = tuple(Unit(g, 0, r, int(b * scale), pos) for g, (r, b, pos) in enumerate(ft.units))
+        spans = ft.spans or [()] * len(ft.units)
+        us = tuple(Unit(g, 0, r, int(b * scale), pos, sp) for g, ((r, b, pos), sp) in enumerate(zip(ft.units, spans)))
         ident = ft.identity
         files.append(
             InputFile(
                 i, f.path, f.display, f.fmt, ident.size, ident.mtime_ns, f.partition,
-                ident.dev, ident.ino, ident.ctime_ns, ft.digest, f.store, sum(u.rows for u in us), us,
+                ident.dev, ident.ino, ident.ctime_ns, ft.digest, f.store, ft.meta, sum(u.rows for u in us), us,
             )
         )
 

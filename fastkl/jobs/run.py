@@ -80,7 +80,7 @@ from ..io.output import (
     refuse_foreign_dest,
 )
 from ..errors import DataError, FastKLError, InvalidRowError, OptionError
-from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
+from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_at, read_rows
 from ..io.stores import is_store_url, scheme_of
 from ..io.store_conditional import conditional
 from ..io.store_output import (
@@ -179,6 +179,14 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
     Checked on `fstat` of the descriptor, so nothing can replace the file
     between this check and the reads, which all go through this handle.
     """
+    return _open_task(f)[0]
+
+
+def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq.FileMetaData | None]:
+    """`_open_planned`, and for a Parquet slice whose footer entries scan located, the
+    metadata of just its row groups (row group k of it is units[k]), read from the file and
+    checked against the planned bytes: a task reads and parses the footer's head and tail and
+    its own row groups' entries, not the whole footer (which is O(row groups of the file))."""
     try:
         # never a memory map: a truncated mapped file is a SIGBUS, not an error; a store: range reads
         src = pa.OSFile(f.path) if f.store is None else open_input(f.path, f.store)[0]
@@ -186,9 +194,13 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
         raise _changed_error(f, "removed") from None
     except OSError as e:
         raise DataError(f"{f.display}: cannot open it ({_short(e)})") from None
+    md = None
     try:
         changed = f.identity().differences(_now(src, f))
-        if not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see fastkl.io.sources
+        own = f.fmt == "parquet" and f.meta and units and all(u.meta for u in units)
+        if not changed and own:
+            md, changed = _own_footer(src, f, units)
+        elif not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see fastkl.io.sources
             footer = parquet_footer(src, f.size) if f.fmt == "parquet" else ipc_file_footer(src, f.size)
             changed = "" if digest(footer) == f.footer else "footer differs"
     except (OSError, ValueError, pa.ArrowException) as e:
@@ -199,7 +211,34 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
     if changed:
         src.close()
         raise _changed_error(f, changed)
-    return src
+    return src, md
+
+
+def _own_footer(src: pa.NativeFile, f: FileRef, units: Sequence[Any]) -> tuple[pq.FileMetaData | None, str]:
+    """The FileMetaData of only `units` (consecutive row groups), built from the footer's head, their
+    entries and the tail, each checked (crc32) against what planning read; or why it differs."""
+    import struct
+    import zlib
+
+    from ..io.footer_checks import list_header
+
+    at, n, head, tail, crc = f.meta
+    if read_at(src, f.size - 8, 8) != struct.pack("<I", n) + b"PAR1":
+        return None, "footer differs"
+    a, b = units[0].meta[0], units[-1].meta[1]
+    if a < head or b > tail or a > b:
+        return None, "footer differs"
+    h, body, t = read_at(src, at, head), read_at(src, at + a, b - a), read_at(src, at + tail, n - tail)
+    if zlib.crc32(t, zlib.crc32(h)) != crc:
+        return None, "footer differs"
+    entries = []
+    for u in units:
+        e = body[u.meta[0] - a:u.meta[1] - a]
+        if zlib.crc32(e) != u.meta[2]:
+            return None, "footer differs"
+        entries.append(e)
+    thrift = b"".join([h, list_header(len(units)), *entries, t])
+    return pq.read_metadata(pa.BufferReader(thrift + struct.pack("<I", len(thrift)) + b"PAR1")), ""
 
 
 def _changed_error(f: FileRef, what: str) -> DataError:
@@ -265,7 +304,8 @@ def _stream_from_start(src: pa.NativeFile, cols: list[str], units) -> Iterator[p
             return
 
 
-def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src: pa.NativeFile):
+def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src: pa.NativeFile,
+             md: pq.FileMetaData | None = None):
     cols = spec.columns.read()
     if task.file.fmt == "parquet":
         # Read through a small buffered stream, without pre-buffering. Pre-
@@ -284,10 +324,12 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src:
         buf, pre = READ_BUFFER, False
         if task.file.store is not None:
             buf, pre = STORE_READ_BUFFER, task.nbytes <= STORE_PREBUFFER_MAX
-        pf = pq.ParquetFile(src, buffer_size=0 if pre else buf, pre_buffer=pre, page_checksum_verification=True)
+        # md: the metadata of only this task's row groups (see _open_task), numbered from 0
+        pf = pq.ParquetFile(src, metadata=md, buffer_size=0 if pre else buf, pre_buffer=pre,
+                            page_checksum_verification=True)
         yield from pf.iter_batches(
             batch_size=_aligned_batch_rows(batch_rows, task.units),
-            row_groups=[u.index for u in task.units],
+            row_groups=list(range(len(task.units))) if md is not None else [u.index for u in task.units],
             columns=cols,
             use_threads=use_threads,
         )
@@ -308,9 +350,9 @@ def _read(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
     A file found changed (replaced, rewritten, truncated) before, during or
     at the end of the read fails the task: its part would mix two versions.
     """
-    src = _open_planned(task.file)
+    src, md = _open_task(task.file, task.units)
     try:
-        it = _batches(task, spec, batch_rows, use_threads, src)
+        it = _batches(task, spec, batch_rows, use_threads, src, md)
         done = 0
         while True:
             try:
