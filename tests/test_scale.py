@@ -146,3 +146,20 @@ def test_a_task_reads_only_its_row_groups_footer_entries(tmp_path):
         _open_task(t.file, (t.units[0], wrong, t.units[2]))
     fastkl.run(path, tmp_path / "out", keep="id", task_rows=12, quiet=True)
     assert _table(tmp_path / "out").column("id").to_pylist() == list(range(40))
+
+
+def test_dry_run_plans_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    src = _tiny_files(tmp_path / "src", 12)
+    plan = fastkl.run(src, tmp_path / "out", group_files=5, dry_run=True)
+    assert (plan.files, plan.rows, plan.tasks, plan.parts, plan.grouped_tasks) == (12, 60, 3, 3, 3)
+    assert plan.file_bytes == sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src))
+    assert plan.estimated_s >= plan.plan_s > 0
+    assert not (tmp_path / "out").exists() and sorted(os.listdir(tmp_path)) == ["src"]
+    r = subprocess.run([sys.executable, "-m", "fastkl.cli", "run", src, str(tmp_path / "out"), "--dry-run"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "files          12" in r.stdout and "estimated" in r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["src"]

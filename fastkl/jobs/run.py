@@ -1250,6 +1250,7 @@ def run(
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
     group_files: int | None = None,
+    dry_run: bool = False,
     mask: str | None = None,
     lengths: str | None = None,
     p_ids: str | None = None,
@@ -1284,7 +1285,9 @@ def run(
     task_rows / task_bytes bound the size of a task (rows; decoded bytes of
     the columns read); group_files: at most this many small files share a
     task and a part (1: one per file; None: 256 once there are 256 tasks or
-    more, else 1). p_ids / q_ids: the columns of token ids of a side
+    more, else 1). dry_run: plan only (files, rows, bytes, tasks, parts, an
+    estimated time) and return that `DryRun`; nothing is read beyond footers,
+    nothing is written. p_ids / q_ids: the columns of token ids of a side
     holding top-k rows (sparse); mask / lengths: for sequence rows (p and q
     lists of lists), the column saying which positions count. Other keyword arguments
     are the options of the in-memory API (kind, p_kind, dtype, p_dtype,
@@ -1367,6 +1370,8 @@ def run(
             raise OptionError(f"keep column {k!r} has the name of an output column")
     _check_element_types(plan, options)
     dest_p = checked[0]
+    if dry_run:
+        return DryRun.of(plan, time.perf_counter() - t_start, scheduler, workers)
     if summary_json is not None:
         check_side_file(summary_json, "--summary-json", None if store_dest else dest_p,
                         [r for r in roots if not is_store_url(r)], [f.path for f in plan.files if f.store is None])
@@ -1382,6 +1387,65 @@ def run(
             workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
         )
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What `fastkl run --dry-run` finds: the job's size and an estimate of its wall time.
+
+    The estimate is a model, not a measurement: planning as measured, then
+    per task TASK_OVERHEAD_S (scheduling, opening, the part's write), per
+    file FILE_OVERHEAD_S (open, footer check), per row group or record batch
+    UNIT_OVERHEAD_S (its read set-up), plus the decoded bytes at
+    BYTES_PER_CORE_S per core, over the cores or workers used (README: Scale).
+    """
+
+    files: int
+    rows: int
+    file_bytes: int  # bytes of the input files
+    decoded_bytes: int  # bytes of the columns read, decoded
+    tasks: int
+    parts: int
+    grouped_tasks: int  # tasks that hold several small files
+    plan_s: float
+    workers: int
+    estimated_s: float
+
+    TASK_OVERHEAD_S = 2e-3
+    FILE_OVERHEAD_S = 0.5e-3
+    UNIT_OVERHEAD_S = 0.1e-3
+    BYTES_PER_CORE_S = 250e6
+
+    @classmethod
+    def of(cls, plan: Plan, plan_s: float, scheduler, workers: int | None) -> "DryRun":
+        local = scheduler is None or scheduler in LOCAL_SCHEDULERS
+        n = (workers or _config.cores()) if local and scheduler not in ("sync", "synchronous") else (workers or 1)
+        n = max(1, n)
+        work = (len(plan.tasks) * cls.TASK_OVERHEAD_S + len(plan.files) * cls.FILE_OVERHEAD_S
+                + sum(len(f.units) for f in plan.files) * cls.UNIT_OVERHEAD_S + plan.nbytes / cls.BYTES_PER_CORE_S)
+        return cls(
+            files=len(plan.files), rows=plan.rows, file_bytes=sum(f.size for f in plan.files),
+            decoded_bytes=plan.nbytes, tasks=len(plan.tasks), parts=max(1, len(plan.tasks)),
+            grouped_tasks=sum(1 for t in plan.tasks if t.group), plan_s=plan_s, workers=n,
+            estimated_s=plan_s + work / min(n, max(1, len(plan.tasks))),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def format_table(self) -> str:
+        mb = 1 << 20
+        lines = [
+            f"files          {self.files:,}",
+            f"rows           {self.rows:,}",
+            f"input          {self.file_bytes / mb:,.1f} MiB in files, {self.decoded_bytes / mb:,.1f} MiB decoded",
+            f"tasks          {self.tasks:,}" + (f" ({self.grouped_tasks:,} of grouped small files)"
+                                               if self.grouped_tasks else ""),
+            f"parts          {self.parts:,}",
+            f"planning       {self.plan_s:.2f} s",
+            f"estimated      {self.estimated_s:,.1f} s on {self.workers} worker(s) (a model: README, Scale)",
+        ]
+        return "\n".join(lines)
 
 
 def _refuse_memory_across_processes(source, dest, scheduler) -> None:
