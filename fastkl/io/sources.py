@@ -1088,6 +1088,63 @@ def _grouped(tasks: list[Task], batch_rows: list[int], most: int, max_rows: int,
     return out, out_rows
 
 
+def cut_tasks(files: Sequence[InputFile], task_rows: int | None, task_bytes: int | None,
+              batch_bytes: int = DEFAULT_BATCH_BYTES, group_files: int | None = None) -> tuple[list[Task], list[int]]:
+    """The input cut into tasks (and each task's rows per read batch): a file's units in runs of at
+    most task_rows rows and task_bytes bytes, then small files grouped (`_grouped`). Linear in the
+    units; only what planning learnt from the footers, no I/O (scripts/bench_scale.py times it alone).
+    """
+    tasks: list[Task] = []
+    batch_rows: list[int] = []
+    max_rows = task_rows or (1 << 62)
+    max_bytes = task_bytes or (1 << 62)
+    batch_bytes = min(batch_bytes, max_bytes)
+
+    def emit(file: InputFile, units: list[Unit], row_start: int) -> None:
+        rows = sum(u.rows for u in units)
+        nbytes = sum(u.nbytes for u in units)
+        tasks.append(Task(len(tasks), ref, tuple(units), row_start, rows, nbytes))
+        per_row = nbytes / rows if rows else 1.0
+        batch_rows.append(int(max(1, min(max_rows, batch_bytes // max(per_row, 1.0)))))
+
+    for file in files:
+        ref = file.ref()  # one per file, shared by its tasks
+        row = 0
+        cur: list[Unit] = []
+        cur_start = 0
+        c_rows = c_bytes = 0  # running totals of `cur` (summing it per unit was quadratic in the row groups)
+        for u in file.units:
+            if u.rows == 0:
+                continue
+            pieces = [u]
+            if file.fmt != "parquet" and (u.rows > max_rows or u.nbytes > max_bytes):
+                # split a big record batch into zero-copy row slices
+                per_row = u.nbytes / u.rows
+                step = int(max(1, min(max_rows, max_bytes // max(per_row, 1.0))))
+                pieces = [
+                    Unit(u.index, o, min(step, u.rows - o), int(per_row * min(step, u.rows - o)), u.pos)
+                    for o in range(0, u.rows, step)
+                ]
+            for piece in pieces:
+                if cur and (c_rows + piece.rows > max_rows or c_bytes + piece.nbytes > max_bytes):
+                    emit(file, cur, cur_start)
+                    cur = []
+                    c_rows = c_bytes = 0
+                if not cur:
+                    cur_start = row
+                cur.append(piece)
+                c_rows += piece.rows
+                c_bytes += piece.nbytes
+                row += piece.rows
+        if cur:
+            emit(file, cur, cur_start)
+    if group_files is None:
+        group_files = GROUP_FILES if len(tasks) >= GROUP_MIN_TASKS else 1
+    if group_files > 1:
+        tasks, batch_rows = _grouped(tasks, batch_rows, group_files, max_rows, max_bytes, batch_bytes)
+    return tasks, batch_rows
+
+
 def scan(
     sources,
     *,
@@ -1145,53 +1202,7 @@ def scan(
             )
         )
 
-    tasks: list[Task] = []
-    batch_rows: list[int] = []
-    max_rows = task_rows or (1 << 62)
-    max_bytes = task_bytes or (1 << 62)
-    batch_bytes = min(batch_bytes, max_bytes)
-
-    def emit(file: InputFile, units: list[Unit], row_start: int) -> None:
-        rows = sum(u.rows for u in units)
-        nbytes = sum(u.nbytes for u in units)
-        tasks.append(Task(len(tasks), file.ref(), tuple(units), row_start, rows, nbytes))
-        per_row = nbytes / rows if rows else 1.0
-        batch_rows.append(int(max(1, min(max_rows, batch_bytes // max(per_row, 1.0)))))
-
-    for file in files:
-        row = 0
-        cur: list[Unit] = []
-        cur_start = 0
-        c_rows = c_bytes = 0  # running totals of `cur` (summing it per unit was quadratic in the row groups)
-        for u in file.units:
-            if u.rows == 0:
-                continue
-            pieces = [u]
-            if file.fmt != "parquet" and (u.rows > max_rows or u.nbytes > max_bytes):
-                # split a big record batch into zero-copy row slices
-                per_row = u.nbytes / u.rows
-                step = int(max(1, min(max_rows, max_bytes // max(per_row, 1.0))))
-                pieces = [
-                    Unit(u.index, o, min(step, u.rows - o), int(per_row * min(step, u.rows - o)), u.pos)
-                    for o in range(0, u.rows, step)
-                ]
-            for piece in pieces:
-                if cur and (c_rows + piece.rows > max_rows or c_bytes + piece.nbytes > max_bytes):
-                    emit(file, cur, cur_start)
-                    cur = []
-                    c_rows = c_bytes = 0
-                if not cur:
-                    cur_start = row
-                cur.append(piece)
-                c_rows += piece.rows
-                c_bytes += piece.nbytes
-                row += piece.rows
-        if cur:
-            emit(file, cur, cur_start)
-    if group_files is None:
-        group_files = GROUP_FILES if len(tasks) >= GROUP_MIN_TASKS else 1
-    if group_files > 1:
-        tasks, batch_rows = _grouped(tasks, batch_rows, group_files, max_rows, max_bytes, batch_bytes)
+    tasks, batch_rows = cut_tasks(files, task_rows, task_bytes, batch_bytes, group_files)
     # the kernel dtypes the job will meet (warm-up), from files with rows: an empty shard may be typed null
     value_types = frozenset(tuple(_element_type(ft.schema.field(c).type) for c in names)
                             for ft, n in zip(footers, rows) if n > 0)
