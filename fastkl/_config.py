@@ -38,6 +38,10 @@ DEFAULT_BATCH_BYTES = 32 << 20
 GROUP_MIN_TASKS = 256
 GROUP_FILES = 256
 
+# Up to this many inputs and parts the manifest lists them inline (one JSON
+# object each); beyond, in Parquet tables beside it (fastkl.io.manifest_tables).
+MANIFEST_INLINE = 10_000
+
 # The threads scheduler keeps at most this many tasks per worker thread
 # submitted at once (and so at most as many results waiting to be merged in
 # task order): planning, scheduling and merging stay linear in the tasks.

@@ -163,3 +163,35 @@ def test_dry_run_plans_and_writes_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "files          12" in r.stdout and "estimated" in r.stdout
     assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_a_large_manifest_keeps_inputs_and_parts_in_parquet_tables(tmp_path, monkeypatch):
+    import fastkl.jobs.run as job
+    from fastkl.io import manifest_tables as mt
+
+    monkeypatch.setattr(job, "MANIFEST_INLINE", 5)
+    src = _tiny_files(tmp_path / "src", 12)
+    dest = tmp_path / "out"
+    s = fastkl.run(src, dest, keep="id", group_files=1, quiet=True)
+    m = json.loads((dest / MANIFEST).read_text())
+    assert m["parts"] == {"table": mt.PARTS_TABLE, "count": 12} and m["inputs"]["count"] == 12
+    parts = mt.read_parts(dest, m)
+    assert parts.column("file").to_pylist() == sorted(f for f in os.listdir(dest) if f.startswith("part-"))
+    assert parts.column("rows").to_pylist() == [5] * 12 and not any(parts.column("resumed").to_pylist())
+    assert mt.read_inputs(dest, m).column("path").to_pylist() == sorted(
+        os.path.join(src, f) for f in os.listdir(src))
+    assert pq.read_table(dest).num_rows == 60  # a dataset reader skips the tables
+    # the same job again with --resume: already done (its identity holds through plan_digest)
+    again = fastkl.run(src, dest, keep="id", group_files=1, quiet=True, resume=True)
+    assert _summary(again) == _summary(s)
+    # an input changed: not the same job any more
+    path = os.path.join(src, "f0003.parquet")
+    pq.write_table(pq.read_table(path), path, compression="gzip")
+    with pytest.raises(fastkl.FastKLError, match="already exists"):
+        fastkl.run(src, dest, keep="id", group_files=1, quiet=True, resume=True)
+    # and inline below the bound, read the same way
+    monkeypatch.setattr(job, "MANIFEST_INLINE", 10_000)
+    fastkl.run(src, tmp_path / "small", keep="id", group_files=1, quiet=True)
+    small = json.loads((tmp_path / "small" / MANIFEST).read_text())
+    assert isinstance(small["parts"], list)
+    assert mt.read_parts(tmp_path / "small", small, ["file", "rows"]).equals(parts.select(["file", "rows"]))

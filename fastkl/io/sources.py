@@ -74,7 +74,7 @@ _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 # Default task and batch bounds: fastkl._config.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
 class Unit:
     """A row group (Parquet) or record batch (IPC) slice that a task reads."""
 
@@ -86,7 +86,7 @@ class Unit:
     meta: tuple[int, int, int] = ()  # Parquet: its RowGroup entry in the footer (start, end, crc32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
 class FileRef:
     """What a task needs to know about its file (small: shipped with every task)."""
 
@@ -110,7 +110,7 @@ class FileRef:
         return Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
 class InputFile(FileRef):
     rows: int = 0
     units: tuple[Unit, ...] = ()  # one per row group / record batch, full
@@ -132,7 +132,7 @@ class InputFile(FileRef):
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
 class Task:
     index: int
     file: FileRef

@@ -62,8 +62,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import _config
-from .._config import (DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER,
-                       WINDOW_PER_THREAD)
+from .._config import (DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, MANIFEST_INLINE, NO_WORKER_TIMEOUT, PREFETCH,
+                       READ_BUFFER, WINDOW_PER_THREAD)
 from .._options import Options, check_measures, check_request, needs_q
 from ..io.output import (
     MANIFEST,
@@ -1491,8 +1491,17 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         **({"group_files": group_files} if group_files is not None else {}),
     }
     job_fp = json.dumps(job, sort_keys=True, default=_json_default)
-    files = [f.to_dict() for f in plan.files]
-    planned = _identity({**job, "rows": plan.rows, "inputs": files, "parts": _parts(plan, staging)})
+    # a large job's inputs and parts go to Parquet tables beside the manifest (fastkl.io.manifest_tables)
+    tables = None
+    if not in_store and max(len(plan.tasks), len(plan.files)) > MANIFEST_INLINE:
+        from ..io import manifest_tables as mt
+
+        tables = (mt.inputs_table(plan.files), mt.parts_table(plan.tasks, staging.part_name))
+        files = {"table": mt.INPUTS_TABLE, "count": len(plan.files)}
+        planned = _identity({**job, "rows": plan.rows, "inputs": files, "plan_digest": mt.digest(*tables)})
+    else:
+        files = [f.to_dict() for f in plan.files]
+        planned = _identity({**job, "rows": plan.rows, "inputs": files, "parts": _parts(plan, staging)})
     kind, old = _existing(dest, dest_p)  # again, now that DEST is ours: another job may have committed meanwhile
     if kind == "output" or (kind is not None and not in_store and not overwrite):
         # with resume: done already if it is this job's output
@@ -1504,7 +1513,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     if resume:
         pending = staging.pending_manifest()  # a commit killed after every part was finished
         if pending is not None and _identity(pending) == planned:
-            for part in pending["parts"]:
+            for part in pending["parts"] if isinstance(pending["parts"], list) else ():
                 if "resumed" in part:
                     part["resumed"] = True  # nothing is recomputed
             lock.announce(pending.get("job_id") if isinstance(pending.get("job_id"), str) else None)
@@ -1577,9 +1586,12 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         "compute_s": t_compute - t_plan,
         "task_s": merge.seconds,
     }
-    parts = _parts(plan, staging)
-    for t in plan.tasks:
-        parts[t.index]["resumed"] = bool(resumed[t.index])
+    if tables is None:
+        parts = _parts(plan, staging)
+        for t in plan.tasks:
+            parts[t.index]["resumed"] = bool(resumed[t.index])
+    else:
+        parts = {"table": mt.PARTS_TABLE, "count": len(plan.tasks)}
     timings["total_s"] = time.perf_counter() - t_start
     summary = Summary.from_stats(
         merged, dest=str(dest_p), options=options.to_dict(), timings=timings, files=len(plan.files)
@@ -1599,11 +1611,14 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         "rows": plan.rows,
         "inputs": files,
         "parts": parts,
+        **({"plan_digest": planned["plan_digest"]} if tables is not None else {}),
         "summary": summary.to_dict(),
         "timings": timings,
     }
     manifest = json.loads(json.dumps(manifest, default=_json_default))
     staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
+    if tables is not None:
+        mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(np.frombuffer(resumed, np.uint8) > 0)))
     staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks))
     return _finished(summary, summary_json)
 
@@ -1621,12 +1636,27 @@ class _OrderedMerge:
     merged when their turn comes.
     """
 
+    BATCH = 64  # states merged at once by `PartStats.merge_all` (which copies its first: once per batch)
+
     def __init__(self, reused: dict[int, dict]):
         self.reused = reused
         self.waiting: dict[int, dict] = {}
         self.next = 0
-        self.merged = None
+        self._merged = None
+        self._ready: list = []  # in task order, not yet folded into _merged
         self.seconds = 0.0
+
+    @property
+    def merged(self):
+        self._fold()
+        return self._merged
+
+    def _fold(self) -> None:
+        from ..summary.stats import PartStats
+
+        if self._ready:
+            self._merged = PartStats.merge_all(([self._merged] if self._merged is not None else []) + self._ready)
+            self._ready = []
 
     def add(self, result: dict) -> None:
         self.seconds += result["seconds"]
@@ -1642,8 +1672,9 @@ class _OrderedMerge:
                 st = self.reused.pop(self.next, None)
             if st is None:
                 return
-            one = PartStats.from_json(st)
-            self.merged = one if self.merged is None else self.merged.merge(one)
+            self._ready.append(PartStats.from_json(st))
+            if len(self._ready) >= self.BATCH:
+                self._fold()
             self.next += 1
 
     def drain(self, n_tasks: int) -> None:
@@ -1680,7 +1711,7 @@ def _part(t: Task, staging) -> dict:
 
 
 _IDENTITY = ("fastkl_version", "columns", "measures", "options", "status", "task_rows", "task_bytes", "rows",
-             "inputs", "parts")
+             "inputs", "parts", "plan_digest")
 
 
 def _identity(m: dict) -> dict:
