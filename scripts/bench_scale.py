@@ -110,6 +110,11 @@ def row_group_file(root: str, n: int, rows: int = 4, k: int = 32) -> str:
 
 
 def _peak_mb() -> float:
+    """This process's peak RSS (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -132,9 +137,12 @@ def case_job(kind: str, n: int, data: str) -> dict:
         wall = time.perf_counter() - t0
         with open(os.path.join(dest, "_fastkl.json")) as fh:
             m = json.load(fh)
+        parts = m["parts"]
         return {"wall_s": wall, "plan_s": s.timings["plan_s"], "compute_s": s.timings["compute_s"],
-                "tasks": len(m["parts"]), "rss_mb": _peak_mb(), "rss_before_mb": base,
-                "manifest_bytes": os.path.getsize(os.path.join(dest, "_fastkl.json"))}
+                "tasks": len(parts) if isinstance(parts, list) else parts["count"], "rss_mb": _peak_mb(),
+                "rss_before_mb": base,
+                "manifest_bytes": sum(os.path.getsize(os.path.join(dest, f)) for f in os.listdir(dest)
+                                      if f.startswith("_fastkl"))}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -213,6 +221,12 @@ def case_merge(n: int) -> dict:
 
 
 def child(section: str, n: int, data: str) -> None:
+    if section == "make-tiny":
+        tiny_files(data, n)
+        return
+    if section == "make-rowgroups":
+        row_group_file(data, n)
+        return
     r = case_merge(n) if section == "merge" else case_job(section, n, data)
     print(json.dumps(r))
 
@@ -258,13 +272,13 @@ def machine() -> str:
 def run_section(section: str, sizes: list[int], rounds: int, data: str) -> list[dict]:
     rows = []
     for n in sizes:
-        if section in ("files", "tasks"):
-            tiny_files(data, n)
-        elif section == "rowgroups":
-            row_group_file(data, n)
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        make = {"files": "make-tiny", "tasks": "make-tiny", "rowgroups": "make-rowgroups"}.get(section)
+        if make:  # in a child: this process stays small (its peak would be inherited by the next)
+            subprocess.run([sys.executable, __file__, "--child", make, "--n", str(n), "--data", data],
+                           check=True, env=env)
         runs = []
         for _ in range(rounds):
-            env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
             r = subprocess.run([sys.executable, __file__, "--child", section, "--n", str(n), "--data", data],
                                capture_output=True, text=True, env=env)
             if r.returncode != 0:
