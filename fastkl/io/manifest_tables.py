@@ -31,7 +31,7 @@ def inputs_table(files: Sequence) -> pa.Table:
     """The `inputs` of the manifest (InputFile.to_dict, one row per file) as columns."""
     return pa.table({
         "path": pa.array([f.display if f.store is not None else f.path for f in files], pa.string()),
-        "format": pa.array([f.fmt for f in files], pa.string()).dictionary_encode(),
+        "format": pa.array([f.fmt for f in files], pa.string()),
         "size": pa.array([f.size for f in files], pa.int64()),
         "mtime_ns": pa.array([f.mtime_ns for f in files], pa.int64()),
         "inode": pa.array([f.ino for f in files], pa.int64()),
@@ -60,11 +60,14 @@ def parts_table(tasks: Sequence, part_name: Callable[[int], str]) -> pa.Table:
 def digest(*tables: pa.Table) -> str:
     """A digest of the tables' content (the job's identity stands on it)."""
     h = hashlib.blake2b(digest_size=16)
-    for t in tables:
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, t.schema) as w:
-            w.write_table(t.combine_chunks())
-        h.update(sink.getvalue())
+    for t in tables:  # the columns' own buffers, hashed in place (no serialised copy of the tables)
+        h.update(str(t.schema).encode())
+        for column in t.columns:
+            for chunk in column.chunks:
+                h.update(str(len(chunk)).encode())
+                for buf in chunk.buffers():
+                    if buf is not None:
+                        h.update(buf)
     return h.hexdigest()
 
 
