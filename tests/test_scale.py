@@ -195,3 +195,15 @@ def test_a_large_manifest_keeps_inputs_and_parts_in_parquet_tables(tmp_path, mon
     small = json.loads((tmp_path / "small" / MANIFEST).read_text())
     assert isinstance(small["parts"], list)
     assert mt.read_parts(tmp_path / "small", small, ["file", "rows"]).equals(parts.select(["file", "rows"]))
+
+
+def test_grouped_tasks_on_worker_processes(tmp_path):
+    """The distributed path (a window of futures, results merged in task order) with grouped tasks."""
+    src = _tiny_files(tmp_path / "src", 18)
+    one = fastkl.run(src, tmp_path / "one", measures=("kl", "js"), keep="id", group_files=1, scheduler="sync",
+                     quiet=True)
+    grouped = fastkl.run(src, tmp_path / "grp", measures=("kl", "js"), keep="id", group_files=3,
+                         scheduler="processes", workers=2, quiet=True)
+    assert _table(tmp_path / "grp").equals(_table(tmp_path / "one"))
+    assert _summary(grouped) == _summary(one)
+    assert len(json.loads((tmp_path / "grp" / MANIFEST).read_text())["parts"]) == 6
