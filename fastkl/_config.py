@@ -29,6 +29,24 @@ import os
 DEFAULT_TASK_BYTES = 128 << 20
 DEFAULT_BATCH_BYTES = 32 << 20
 
+# Small files are grouped: consecutive files (or a file's last slice and the
+# files after it) whose tasks are smaller than DEFAULT_TASK_BYTES share one
+# task and one part, of at most GROUP_FILES files, once a job has at least
+# GROUP_MIN_TASKS tasks (below that a task per file costs milliseconds and
+# keeps one part per input file). GROUP_FILES bounds a task's retry cost and
+# keeps a few tasks per core at 10^4 files; both are part of a job's identity.
+GROUP_MIN_TASKS = 256
+GROUP_FILES = 256
+
+# Up to this many inputs and parts the manifest lists them inline (one JSON
+# object each); beyond, in Parquet tables beside it (fastkl.io.manifest_tables).
+MANIFEST_INLINE = 10_000
+
+# The threads scheduler keeps at most this many tasks per worker thread
+# submitted at once (and so at most as many results waiting to be merged in
+# task order): planning, scheduling and merging stay linear in the tasks.
+WINDOW_PER_THREAD = 8
+
 # Parquet is read through a buffered stream of this many bytes.
 READ_BUFFER = 1 << 20
 

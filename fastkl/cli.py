@@ -254,6 +254,8 @@ every option: docs/reference/cli.md.
               help="An option of the object store's filesystem (repeatable), e.g. endpoint_url=http://host:9000.")
 @click.option("--last-writer-wins", is_flag=True,
               help="Accept a store without conditional writes: two jobs at once could both write DEST.")
+@click.option("--dry-run", is_flag=True,
+              help="Plan only: files, rows, bytes, tasks, parts and an estimated time; compute nothing.")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
 def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids, vocab, tail, no_bounds, p_mean,
@@ -262,7 +264,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             dtype, p_dtype, q_dtype, temperature,
             p_temperature, q_temperature, base, beta, alpha, normalize, smoothing, sum_tol, on_invalid, status,
             scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, storage_option,
-            last_writer_wins, debug_here):
+            last_writer_wins, dry_run, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
     if dest is None:
@@ -294,6 +296,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             mask=mask, lengths=lengths, per_token=per_token, p_ids=p_ids, q_ids=q_ids, vocab=vocab,
             tail=tail, bounds=not no_bounds, p_mean=p_mean, p_logvar=p_logvar, q_mean=q_mean, q_logvar=q_logvar,
             target=target, storage_options=storage_options, last_writer_wins=last_writer_wins,
+            dry_run=dry_run,
         )
         return summary
 
@@ -323,6 +326,9 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
                         warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
     summary = run_guarded(capped_go, debug, hint)
+    if dry_run:
+        click.echo(summary.format_table())
+        return
     if not quiet:
         click.echo(summary.format_table())
         t = summary.timings or {}

@@ -354,3 +354,69 @@ def check_footer(path: str, md, file_size: int | None = None, raw: bytes | None 
     if (out[:, :, _F_CRYPT] == 1).any():
         g, j = map(int, np.argwhere(out[:, :, _F_CRYPT] == 1)[0])
         raise ValueError(f"row group {g}, column {schema.column(j).path}: encrypted column metadata")
+
+
+# --------------------------------------------------------------------------
+# Where each row group's metadata lies in the footer (issue 15): a task reads
+# and parses only the footer's head (schema, ...), its own row groups'
+# entries and the tail, not the whole footer once per task.
+
+
+@njit(cache=True, nogil=True)
+def _row_group_spans(buf, ends):
+    """Fill ends[g] with the end of row group g's RowGroup struct in the FileMetaData `buf`.
+
+    Returns (list header start, first row group start, end of the list), or
+    list header start -1 if it cannot parse or the count is not ends.size."""
+    pos = 0
+    last = 0
+    while True:
+        fid, t, pos = _field(buf, pos, last)
+        if pos < 0 or t == 0:
+            return -1, 0, 0
+        last = fid
+        if fid != 4 or t != 9:
+            pos = _skip_field(buf, pos, t)
+            if pos < 0:
+                return -1, 0, 0
+            continue
+        head = pos
+        n, et, pos = _list_header(buf, pos)
+        if pos < 0 or et != 12 or n != ends.size:
+            return -1, 0, 0
+        first = pos
+        for g in range(n):
+            pos = _skip(buf, pos, 12)
+            if pos < 0:
+                return -1, 0, 0
+            ends[g] = pos
+        return head, first, pos
+
+
+def row_group_spans(raw: bytes, n_row_groups: int):
+    """(head, ends, tail) of a Parquet footer `raw` (Thrift bytes, length, PAR1): head is where the
+    row group list's header starts, ends[g] where row group g's entry ends (row group g starts at
+    ends[g - 1], row group 0 right after the list header), tail where the bytes after the list
+    start. None if it cannot parse."""
+    n = len(raw) - 8
+    buf = np.frombuffer(raw, dtype=np.uint8, count=n)
+    ends = np.zeros(n_row_groups, dtype=np.int64)
+    head, first, tail = _row_group_spans(buf, ends)
+    if head < 0:
+        return None
+    return head, first, ends, tail
+
+
+def list_header(n: int, elem_type: int = 12) -> bytes:
+    """The compact-protocol header of a list of n elements (a list of structs by default)."""
+    if n < 15:
+        return bytes([(n << 4) | elem_type])
+    out = bytearray([0xF0 | elem_type])
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)

@@ -253,11 +253,16 @@ def check_side_file(path: str | os.PathLike, option: str, dest_p: Path | None, r
         raise OptionError(f"{option} {raw!r}: the directory {str(real.parent)!r} does not exist")
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_json(path: Path, obj: Any, *, compact: bool = False) -> None:
+    """`obj` as JSON at `path`, atomically. compact: one line (json's C encoder, ~10x faster than
+    the indented form, which is Python code: what a task's state with its summary sketch needs)."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "x") as f:  # a fresh file: never through a planted link
-            json.dump(obj, f, indent=1, allow_nan=True)
+            if compact:
+                f.write(json.dumps(obj, separators=(",", ":"), allow_nan=True))
+            else:
+                json.dump(obj, f, indent=1, allow_nan=True)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:  # a full disk: leave no temporary behind
@@ -567,7 +572,7 @@ class Staging:
             raise
         state = dict(state, index=index, part=part.name, job_id=self.job_id, part_size=written.st_size,
                      part_inode=written.st_ino, part_mtime_ns=written.st_mtime_ns)
-        _write_json(self.state / f"{part.stem}.json", state)
+        _write_json(self.state / f"{part.stem}.json", state, compact=True)
 
     def discard_if_nothing_finished(self) -> None:
         """After a failed job: drop the staging directory when no part is

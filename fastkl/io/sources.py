@@ -30,12 +30,14 @@ the planned one.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import glob
 import hashlib
 import os
 import posixpath
 import struct
+import zlib
 import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +49,7 @@ from urllib.parse import unquote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .._config import DEFAULT_BATCH_BYTES, DEFAULT_TASK_BYTES
+from .._config import DEFAULT_BATCH_BYTES, DEFAULT_TASK_BYTES, GROUP_FILES, GROUP_MIN_TASKS
 from .filemeta import (
     Identity,
     RECORD_BATCH,
@@ -60,7 +62,7 @@ from .filemeta import (
     sniff_ipc,
     stream_messages,
 )
-from .footer_checks import check_footer
+from .footer_checks import check_footer, row_group_spans
 from .stores import Store, is_store_url, resolve
 from ..errors import DataError, OptionError
 
@@ -72,7 +74,7 @@ _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 # Default task and batch bounds: fastkl._config.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
 class Unit:
     """A row group (Parquet) or record batch (IPC) slice that a task reads."""
 
@@ -81,9 +83,10 @@ class Unit:
     rows: int
     nbytes: int  # estimated decoded bytes of the columns read
     pos: int = 0  # IPC stream: byte offset of the record batch's message
+    meta: tuple[int, int, int] = ()  # Parquet: its RowGroup entry in the footer (start, end, crc32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
 class FileRef:
     """What a task needs to know about its file (small: shipped with every task)."""
 
@@ -99,12 +102,15 @@ class FileRef:
     ctime_ns: int = 0
     footer: str = ""  # digest of the footer planned from (IPC stream: of all its message headers)
     store: Store | None = None  # an object in a store (path is then the store's path, display its URL)
+    # Parquet: (footer offset in the file, footer length, end of its head, start of its tail, crc32 of
+    # head and tail): a task reads the head, its row groups' entries and the tail, not the whole footer
+    meta: tuple[int, int, int, int, int] = ()
 
     def identity(self) -> Identity:
         return Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
 class InputFile(FileRef):
     rows: int = 0
     units: tuple[Unit, ...] = ()  # one per row group / record batch, full
@@ -126,7 +132,7 @@ class InputFile(FileRef):
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
 class Task:
     index: int
     file: FileRef
@@ -134,14 +140,23 @@ class Task:
     row_start: int  # row number of the task's first row inside the file
     rows: int
     nbytes: int
+    # small files grouped into one task (one part): its one-file slices in input order, each a Task
+    # of its own; then file, units and row_start are the first slice's, rows and nbytes the totals
+    group: tuple["Task", ...] = ()
+
+    def pieces(self) -> tuple["Task", ...]:
+        """The one-file slices this task reads, in order (itself, unless it groups small files)."""
+        return self.group or (self,)
 
     def fingerprint(self) -> dict:
         """What must be unchanged for a finished part to be reused by --resume.
 
         Size and mtime alone are not enough: `touch -r` / `os.utime` restore
         an mtime, but not the ctime (set by the kernel on every write), the
-        inode of a replaced file, or its footer.
+        inode of a replaced file, or its footer. A grouped task: every file's.
         """
+        if self.group:
+            return {"group": [t.fingerprint() for t in self.group]}
         return {
             "path": self.file.path,
             "size": self.file.size,
@@ -769,30 +784,15 @@ def _leaf_columns(md: pq.FileMetaData, names: list[str]) -> list[int]:
     return out
 
 
-def _leaf_bytes(md: pq.FileMetaData, names: list[str]) -> list[int]:
-    """Decoded bytes of the named top-level columns, per row group.
+def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int) -> list[int]:
+    """Refuse a footer that contradicts itself or the file, before any page is read; the decoded
+    bytes of the named columns per row group, from the same one pass.
 
-    Not just `total_uncompressed_size`: that is the size of the *encoded*
-    pages, and a dictionary- or RLE-encoded column chunk of a few hundred
-    bytes can decode to gigabytes (one row of 10^8 equal floats). The number
-    of values declared in the footer times the value width bounds what the
-    reader materialises, so tasks and read batches are sized on that.
-    """
-    idx = _leaf_columns(md, names)
-    out = []
-    for g in range(md.num_row_groups):
-        rg = md.row_group(g)
-        total = 0
-        for j in idx:
-            c = rg.column(j)
-            width = _WIDTH.get(c.physical_type, 0)
-            total += max(c.total_uncompressed_size, c.num_values * width)
-        out.append(total)
-    return out
-
-
-def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int) -> None:
-    """Refuse a footer that contradicts itself or the file, before any page is read.
+    Decoded bytes: not just `total_uncompressed_size`, which is the size of
+    the *encoded* pages; a dictionary- or RLE-encoded column chunk of a few
+    hundred bytes can decode to gigabytes (one row of 10^8 equal floats). The
+    number of values declared in the footer times the value width bounds what
+    the reader materialises, so tasks and read batches are sized on that.
 
     A footer is what the reader trusts to allocate and to count rows: a row
     group declaring a negative row count made pyarrow silently drop rows, one
@@ -805,19 +805,22 @@ def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int)
         raise ValueError(f"the footer declares {md.num_rows} rows")
     total = 0
     idx = _leaf_columns(md, names)
+    sizes = []
     for g in range(md.num_row_groups):
         rg = md.row_group(g)
         n = rg.num_rows
         if n < 0:
             raise ValueError(f"row group {g} declares {n} rows")
         total += n
+        nbytes = 0
         for j in idx:
             c = rg.column(j)
-            where = f"row group {g}, column {c.path_in_schema}"
+            nbytes += max(c.total_uncompressed_size, c.num_values * _WIDTH.get(c.physical_type, 0))
             if c.num_values < n:
+                where = f"row group {g}, column {c.path_in_schema}"
                 raise ValueError(f"{where} declares {c.num_values} values for {n} rows")
             if c.total_compressed_size < 0 or c.total_uncompressed_size < 0:
-                raise ValueError(f"{where} declares a negative size")
+                raise ValueError(f"row group {g}, column {c.path_in_schema} declares a negative size")
             if c.num_values == 0:
                 continue  # an empty chunk may have no page at all
             starts = [c.data_page_offset]
@@ -826,11 +829,14 @@ def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int)
             start = min(starts)
             if start < 4 or start + c.total_compressed_size > data_end:
                 raise ValueError(
-                    f"{where} declares bytes {start}..{start + c.total_compressed_size} "
+                    f"row group {g}, column {c.path_in_schema} declares bytes "
+                    f"{start}..{start + c.total_compressed_size} "
                     f"outside the data of the file (4..{data_end})"
                 )
+        sizes.append(nbytes)
     if total != md.num_rows:
         raise ValueError(f"the row groups hold {total} rows but the footer declares {md.num_rows}")
+    return sizes
 
 
 def _present(schema: pa.Schema, names: list[str]) -> list[str]:
@@ -846,6 +852,8 @@ class _Footer:
     units: list[tuple[int, int, int]]  # (rows, decoded bytes of the columns read, message offset)
     identity: Identity
     digest: str
+    meta: tuple = ()  # Parquet: see FileRef.meta
+    spans: list[tuple[int, int, int]] | None = None  # Parquet: see Unit.meta, per row group
 
 
 def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[[], Identity]]:
@@ -878,7 +886,7 @@ def _read_footer(f: _Found, names: list[str]) -> _Footer:
         with src:
             ident = identity()
             read = {"parquet": _plan_parquet, "ipc": _plan_ipc_file, "ipc_stream": _plan_ipc_stream}[f.fmt]
-            schema, units, footer = read(f, src, ident.size, names)
+            schema, units, footer, *where = read(f, src, ident.size, names)
             changed = ident.differences(identity())
     except DataError:
         raise
@@ -886,7 +894,7 @@ def _read_footer(f: _Found, names: list[str]) -> _Footer:
         raise DataError(f"{f.display}: not a readable {what} ({_short(e)})") from e
     if changed:
         raise DataError(f"{f.display}: changed while the job read its footer ({changed})")
-    return _Footer(schema, units, ident, footer)
+    return _Footer(schema, units, ident, footer, *where)
 
 
 def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
@@ -896,11 +904,27 @@ def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
     present = _present(schema, names)
     try:
         check_footer(f.path, md, size, footer)  # before pyarrow builds any column chunk's metadata
-        _check_parquet_footer(md, present, size)
+        sizes = _check_parquet_footer(md, present, size)
     except ValueError as e:
         raise DataError(f"{f.display}: corrupt Parquet footer: {e}") from None
-    sizes = _leaf_bytes(md, present)
-    return schema, [(md.row_group(g).num_rows, sizes[g], 0) for g in range(md.num_row_groups)], digest(footer)
+    units = [(md.row_group(g).num_rows, sizes[g], 0) for g in range(md.num_row_groups)]
+    meta, spans = _footer_spans(footer, md.num_row_groups, size)
+    return schema, units, digest(footer), meta, spans
+
+
+def _footer_spans(footer: bytes, n_row_groups: int, size: int):
+    """Where the footer's head, each row group's entry and its tail lie (FileRef.meta, Unit.meta),
+    with their crc32: what lets a task check and parse only its own part of the footer. Only
+    for footers of more than one row group (else the whole footer is that part)."""
+    found = row_group_spans(footer, n_row_groups) if n_row_groups > 1 else None
+    if found is None:
+        return (), None
+    head, first, ends, tail = found
+    n = len(footer) - 8
+    starts = [first, *ends[:-1].tolist()]
+    spans = [(a, b, zlib.crc32(footer[a:b])) for a, b in zip(starts, ends.tolist())]
+    meta = (size - 8 - n, n, head, tail, zlib.crc32(footer[tail:n], zlib.crc32(footer[:head])))
+    return meta, spans
 
 
 def _plan_ipc_file(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
@@ -1086,55 +1110,47 @@ def _check_columns(
                 )
 
 
-def scan(
-    sources,
-    *,
-    p: str,
-    q: str | None,
-    keep: Sequence[str],
-    mask: str | None = None,
-    lengths: str | None = None,
-    p_ids: str | None = None,
-    q_ids: str | None = None,
-    sampled: bool = False,
-    logvars: tuple[str, str] | None = None,
-    target: str | None = None,
-    task_rows: int | None = None,
-    task_bytes: int | None = DEFAULT_TASK_BYTES,
-    batch_bytes: int = DEFAULT_BATCH_BYTES,
-    check=None,
-    storage_options: dict | None = None,
-) -> tuple[Plan, list[str]]:
-    """Discover, read footers, check columns and cut the input into tasks."""
-    if task_rows is not None and task_rows < 1:
-        raise OptionError(f"task_rows must be >= 1, got {task_rows}")
-    if task_bytes is not None and task_bytes < 1:
-        raise OptionError(f"task_bytes must be >= 1, got {task_bytes}")
-    found, roots = discover(sources, storage_options)
-    if check is not None:
-        check(roots)  # e.g. DEST against SOURCE: before any file is opened
-    cols = Columns(p=p, q=q, keep=tuple(keep), p_ids=p_ids, q_ids=q_ids, mask=mask, lengths=lengths,
-                   p_logvar=logvars[0] if logvars else None, q_logvar=logvars[1] if logvars else None,
-                   target=target)
-    names = [c for c in (p, q) if c is not None]
-    read = [c for _, c in cols.roles()]  # sized on all the columns a task reads (ids, masks too)
-    with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
-        footers = list(ex.map(lambda f: _read_footer(f, read), found))
-    rows = [sum(u[0] for u in ft.units) for ft in footers]
-    _check_columns(found, [ft.schema for ft in footers], cols, rows, sampled)
+def _grouped(tasks: list[Task], batch_rows: list[int], most: int, max_rows: int, max_bytes: int,
+             batch_bytes: int) -> tuple[list[Task], list[int]]:
+    """Consecutive tasks of different files joined into tasks of at most `most` files, `max_rows`
+    rows and `max_bytes` bytes (a file's last slice may join the files after it; a file cut into
+    several tasks keeps its full ones). Linear in the tasks; input order is kept."""
+    out: list[Task] = []
+    out_rows: list[int] = []
+    cur: list[Task] = []
+    c_rows = c_bytes = 0
 
-    files: list[InputFile] = []
-    for i, (f, ft) in enumerate(zip(found, footers)):
-        scale = kernel_bytes_scale(ft.schema, names)
-        us = tuple(Unit(g, 0, r, int(b * scale), pos) for g, (r, b, pos) in enumerate(ft.units))
-        ident = ft.identity
-        files.append(
-            InputFile(
-                i, f.path, f.display, f.fmt, ident.size, ident.mtime_ns, f.partition,
-                ident.dev, ident.ino, ident.ctime_ns, ft.digest, f.store, sum(u.rows for u in us), us,
-            )
-        )
+    def flush() -> None:
+        if len(cur) == 1:
+            t = cur[0]
+            out.append(dataclasses.replace(t, index=len(out)))
+            out_rows.append(batch_rows[t.index])
+        elif cur:
+            i = len(out)
+            pieces = tuple(dataclasses.replace(t, index=i) for t in cur)
+            out.append(Task(i, cur[0].file, cur[0].units, cur[0].row_start, c_rows, c_bytes, pieces))
+            per_row = c_bytes / c_rows if c_rows else 1.0
+            out_rows.append(int(max(1, min(max_rows, batch_bytes // max(per_row, 1.0)))))
+        cur.clear()
 
+    for t in tasks:
+        if cur and (len(cur) >= most or c_rows + t.rows > max_rows or c_bytes + t.nbytes > max_bytes
+                    or t.file.index == cur[-1].file.index):
+            flush()
+            c_rows = c_bytes = 0
+        cur.append(t)
+        c_rows += t.rows
+        c_bytes += t.nbytes
+    flush()
+    return out, out_rows
+
+
+def cut_tasks(files: Sequence[InputFile], task_rows: int | None, task_bytes: int | None,
+              batch_bytes: int = DEFAULT_BATCH_BYTES, group_files: int | None = None) -> tuple[list[Task], list[int]]:
+    """The input cut into tasks (and each task's rows per read batch): a file's units in runs of at
+    most task_rows rows and task_bytes bytes, then small files grouped (`_grouped`). Linear in the
+    units; only what planning learnt from the footers, no I/O (scripts/bench_scale.py times it alone).
+    """
     tasks: list[Task] = []
     batch_rows: list[int] = []
     max_rows = task_rows or (1 << 62)
@@ -1144,11 +1160,15 @@ def scan(
     def emit(file: InputFile, units: list[Unit], row_start: int) -> None:
         rows = sum(u.rows for u in units)
         nbytes = sum(u.nbytes for u in units)
-        tasks.append(Task(len(tasks), file.ref(), tuple(units), row_start, rows, nbytes))
+        tasks.append(Task(len(tasks), ref, tuple(units), row_start, rows, nbytes))
         per_row = nbytes / rows if rows else 1.0
         batch_rows.append(int(max(1, min(max_rows, batch_bytes // max(per_row, 1.0)))))
 
     for file in files:
+        # one per file, shared by its tasks: a copy without the units only for a file of many (a task
+        # ships its file with it); a file of a few units is its own reference (no copy: at 10^6
+        # files, 136 bytes each)
+        ref = file.ref() if len(file.units) > 8 else file
         row = 0
         cur: list[Unit] = []
         cur_start = 0
@@ -1178,6 +1198,72 @@ def scan(
                 row += piece.rows
         if cur:
             emit(file, cur, cur_start)
+    if group_files is None:
+        group_files = GROUP_FILES if len(tasks) >= GROUP_MIN_TASKS else 1
+    if group_files > 1:
+        tasks, batch_rows = _grouped(tasks, batch_rows, group_files, max_rows, max_bytes, batch_bytes)
+    return tasks, batch_rows
+
+
+def scan(
+    sources,
+    *,
+    p: str,
+    q: str | None,
+    keep: Sequence[str],
+    mask: str | None = None,
+    lengths: str | None = None,
+    p_ids: str | None = None,
+    q_ids: str | None = None,
+    sampled: bool = False,
+    logvars: tuple[str, str] | None = None,
+    target: str | None = None,
+    task_rows: int | None = None,
+    task_bytes: int | None = DEFAULT_TASK_BYTES,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    check=None,
+    storage_options: dict | None = None,
+    group_files: int | None = None,
+) -> tuple[Plan, list[str]]:
+    """Discover, read footers, check columns and cut the input into tasks.
+
+    group_files: at most this many small files share a task (1: a task per
+    file); None: GROUP_FILES once there are GROUP_MIN_TASKS tasks, else 1.
+    """
+    if task_rows is not None and task_rows < 1:
+        raise OptionError(f"task_rows must be >= 1, got {task_rows}")
+    if task_bytes is not None and task_bytes < 1:
+        raise OptionError(f"task_bytes must be >= 1, got {task_bytes}")
+    if group_files is not None and group_files < 1:
+        raise OptionError(f"group_files must be >= 1, got {group_files}")
+    found, roots = discover(sources, storage_options)
+    if check is not None:
+        check(roots)  # e.g. DEST against SOURCE: before any file is opened
+    cols = Columns(p=p, q=q, keep=tuple(keep), p_ids=p_ids, q_ids=q_ids, mask=mask, lengths=lengths,
+                   p_logvar=logvars[0] if logvars else None, q_logvar=logvars[1] if logvars else None,
+                   target=target)
+    names = [c for c in (p, q) if c is not None]
+    read = [c for _, c in cols.roles()]  # sized on all the columns a task reads (ids, masks too)
+    with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
+        footers = list(ex.map(lambda f: _read_footer(f, read), found))
+    rows = [sum(u[0] for u in ft.units) for ft in footers]
+    _check_columns(found, [ft.schema for ft in footers], cols, rows, sampled)
+
+    files: list[InputFile] = []
+    for i, (f, ft) in enumerate(zip(found, footers)):
+        scale = kernel_bytes_scale(ft.schema, names)
+        spans = ft.spans or [()] * len(ft.units)
+        us = tuple(Unit(g, 0, r, int(b * scale), pos, sp) for g, ((r, b, pos), sp) in enumerate(zip(ft.units, spans)))
+        ident = ft.identity
+        files.append(
+            InputFile(
+                # display: the path's own string when they are equal (one string per file, not two)
+                i, f.path, f.path if f.display == f.path else f.display, f.fmt, ident.size, ident.mtime_ns, f.partition,
+                ident.dev, ident.ino, ident.ctime_ns, ft.digest, f.store, ft.meta, sum(u.rows for u in us), us,
+            )
+        )
+
+    tasks, batch_rows = cut_tasks(files, task_rows, task_bytes, batch_bytes, group_files)
     # the kernel dtypes the job will meet (warm-up), from files with rows: an empty shard may be typed null
     value_types = frozenset(tuple(_element_type(ft.schema.field(c).type) for c in names)
                             for ft, n in zip(footers, rows) if n > 0)

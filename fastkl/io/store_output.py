@@ -96,7 +96,7 @@ def read_json(cond: Conditional, path: str) -> Any | None:
 def put_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
     """An unconditional small object (state files; an upload is atomic: whole or absent)."""
     with fs.open_output_stream(path) as f:
-        f.write((json.dumps(obj, indent=1, allow_nan=True) + "\n").encode())
+        f.write((json.dumps(obj, separators=(",", ":"), allow_nan=True) + "\n").encode())  # C encoder: fast
 
 
 def _entries(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:

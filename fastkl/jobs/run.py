@@ -42,6 +42,7 @@ computed) of at most DEFAULT_BATCH_BYTES each.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -62,7 +63,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import _config
-from .._config import DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER
+from .._config import (DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, MANIFEST_INLINE, NO_WORKER_TIMEOUT, PREFETCH,
+                       READ_BUFFER, WINDOW_PER_THREAD)
 from .._options import OnInvalid, Options, check_measures, check_request, documented, needs_q
 from ..io.output import (
     MANIFEST,
@@ -79,7 +81,7 @@ from ..io.output import (
     refuse_foreign_dest,
 )
 from ..errors import DataError, FastKLError, InvalidRowError, OptionError
-from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_rows
+from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_at, read_rows
 from ..io.stores import is_store_url, scheme_of
 from ..io.store_conditional import conditional
 from ..io.store_output import (
@@ -179,6 +181,14 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
     Checked on `fstat` of the descriptor, so nothing can replace the file
     between this check and the reads, which all go through this handle.
     """
+    return _open_task(f)[0]
+
+
+def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq.FileMetaData | None]:
+    """`_open_planned`, and for a Parquet slice whose footer entries scan located, the
+    metadata of just its row groups (row group k of it is units[k]), read from the file and
+    checked against the planned bytes: a task reads and parses the footer's head and tail and
+    its own row groups' entries, not the whole footer (which is O(row groups of the file))."""
     try:
         # never a memory map: a truncated mapped file is a SIGBUS, not an error; a store: range reads
         src = pa.OSFile(f.path) if f.store is None else open_input(f.path, f.store)[0]
@@ -186,9 +196,13 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
         raise _changed_error(f, "removed") from None
     except OSError as e:
         raise DataError(f"{f.display}: cannot open it ({_short(e)})") from None
+    md = None
     try:
         changed = f.identity().differences(_now(src, f))
-        if not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see fastkl.io.sources
+        own = f.fmt == "parquet" and f.meta and units and all(u.meta for u in units)
+        if not changed and own:
+            md, changed = _own_footer(src, f, units)
+        elif not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see fastkl.io.sources
             footer = parquet_footer(src, f.size) if f.fmt == "parquet" else ipc_file_footer(src, f.size)
             changed = "" if digest(footer) == f.footer else "footer differs"
     except (OSError, ValueError, pa.ArrowException) as e:
@@ -199,7 +213,34 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
     if changed:
         src.close()
         raise _changed_error(f, changed)
-    return src
+    return src, md
+
+
+def _own_footer(src: pa.NativeFile, f: FileRef, units: Sequence[Any]) -> tuple[pq.FileMetaData | None, str]:
+    """The FileMetaData of only `units` (consecutive row groups), built from the footer's head, their
+    entries and the tail, each checked (crc32) against what planning read; or why it differs."""
+    import struct
+    import zlib
+
+    from ..io.footer_checks import list_header
+
+    at, n, head, tail, crc = f.meta
+    if read_at(src, f.size - 8, 8) != struct.pack("<I", n) + b"PAR1":
+        return None, "footer differs"
+    a, b = units[0].meta[0], units[-1].meta[1]
+    if a < head or b > tail or a > b:
+        return None, "footer differs"
+    h, body, t = read_at(src, at, head), read_at(src, at + a, b - a), read_at(src, at + tail, n - tail)
+    if zlib.crc32(t, zlib.crc32(h)) != crc:
+        return None, "footer differs"
+    entries = []
+    for u in units:
+        e = body[u.meta[0] - a:u.meta[1] - a]
+        if zlib.crc32(e) != u.meta[2]:
+            return None, "footer differs"
+        entries.append(e)
+    thrift = b"".join([h, list_header(len(units)), *entries, t])
+    return pq.read_metadata(pa.BufferReader(thrift + struct.pack("<I", len(thrift)) + b"PAR1")), ""
 
 
 def _changed_error(f: FileRef, what: str) -> DataError:
@@ -265,7 +306,8 @@ def _stream_from_start(src: pa.NativeFile, cols: list[str], units) -> Iterator[p
             return
 
 
-def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src: pa.NativeFile):
+def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src: pa.NativeFile,
+             md: pq.FileMetaData | None = None):
     cols = spec.columns.read()
     if task.file.fmt == "parquet":
         # Read through a small buffered stream, without pre-buffering. Pre-
@@ -284,10 +326,12 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src:
         buf, pre = READ_BUFFER, False
         if task.file.store is not None:
             buf, pre = STORE_READ_BUFFER, task.nbytes <= STORE_PREBUFFER_MAX
-        pf = pq.ParquetFile(src, buffer_size=0 if pre else buf, pre_buffer=pre, page_checksum_verification=True)
+        # md: the metadata of only this task's row groups (see _open_task), numbered from 0
+        pf = pq.ParquetFile(src, metadata=md, buffer_size=0 if pre else buf, pre_buffer=pre,
+                            page_checksum_verification=True)
         yield from pf.iter_batches(
             batch_size=_aligned_batch_rows(batch_rows, task.units),
-            row_groups=[u.index for u in task.units],
+            row_groups=list(range(len(task.units))) if md is not None else [u.index for u in task.units],
             columns=cols,
             use_threads=use_threads,
         )
@@ -308,9 +352,9 @@ def _read(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
     A file found changed (replaced, rewritten, truncated) before, during or
     at the end of the read fails the task: its part would mix two versions.
     """
-    src = _open_planned(task.file)
+    src, md = _open_task(task.file, task.units)
     try:
-        it = _batches(task, spec, batch_rows, use_threads, src)
+        it = _batches(task, spec, batch_rows, use_threads, src, md)
         done = 0
         while True:
             try:
@@ -369,6 +413,14 @@ def _locate(task: Task, spec: JobSpec, batch_rows: int, done: int, e: BaseExcept
 
 def _units(task: Task) -> str:
     return f"{task.units[0].index}" + (f"-{task.units[-1].index}" if len(task.units) > 1 else "")
+
+
+def _where(task: Task) -> str:
+    """The data a task reads, for messages: a file's units, or the first and last of grouped files."""
+    if task.group:
+        a, b = task.group[0], task.group[-1]
+        return f"{a.file.display} ... {b.file.display} ({len(task.group)} files grouped in one task)"
+    return f"{task.file.display} {task.unit_name()} {_units(task)}"
 
 
 def _read_error(task: Task, e: BaseException, unit: int | None = None) -> DataError:
@@ -443,8 +495,24 @@ def _read_ahead(task: Task, spec: JobSpec, batch_rows: int, threads: int):
     one-core tasks: no gain.)
     """
     if threads <= 1:
-        return _read(task, spec, batch_rows, use_threads=False)
-    return _prefetched(_read(task, spec, batch_rows, use_threads=True), PREFETCH, f"fastkl-read-{task.index}")
+        return _read_pieces(task, spec, batch_rows, use_threads=False)
+    return _prefetched(_read_pieces(task, spec, batch_rows, use_threads=True), PREFETCH, f"fastkl-read-{task.index}")
+
+
+def _read_pieces(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
+    """(piece, batch) for every batch of every one-file slice of the task, in order; a slice
+    that gives other than its planned rows fails the task (its file changed or is corrupt)."""
+    for piece in task.pieces():
+        done = 0
+        with contextlib.closing(_read(piece, spec, batch_rows, use_threads)) as batches:  # closed with us
+            for batch in batches:
+                done += batch.num_rows
+                yield piece, batch
+        if done != piece.rows:
+            raise DataError(
+                f"{piece.file.display}: read {done} rows from {piece.unit_name()}s of {piece.rows} rows; "
+                "the file changed or is corrupt"
+            )
 
 
 def _const_column(value: str | None, type_: pa.DataType, n: int) -> pa.Array:
@@ -460,6 +528,10 @@ def _unit_of(task: Task, row_in_file: int) -> int:
             return u.index
         r -= u.rows
     return task.units[-1].index
+
+
+class _Regroup(Exception):
+    """A batch of several grouped files holds an invalid row: computed again file by file."""
 
 
 class Cancelled(Exception):
@@ -512,22 +584,24 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
     t0 = time.perf_counter()
     threads = _kernel_threads(kernel_threads)
     progress = _reporter(report, task)
-    cols, f = spec.columns, task.file
+    cols = spec.columns
     staging = spec.staging
     tmp = staging.tmp_part(task.index)
     stats: list = []
     first_error: InvalidRowError | None = None
+    error_piece: Task | None = None
     invalid = 0
     done = 0
     writer = staging.part_writer(tmp, spec.out_schema)
-    batches = None
+    # grouped small files: their batches are written together, in row groups of up to batch_rows
+    # rows, not one tiny row group per file
+    held: list[pa.RecordBatch] = []
+    held_rows = 0
+    batches = piece = None
     try:
-        # A task that owns one core reads and computes in turn (the other
-        # cores run other tasks); a task that owns several reads ahead.
-        batches = _read_ahead(task, spec, batch_rows, threads)
-        for batch in batches:
-            if cancelled is not None and cancelled.is_set():
-                raise Cancelled(f"{f.display}: interrupted")
+        def one(piece: Task, p_done: int, batch: pa.RecordBatch, keep: list) -> None:
+            """Compute one batch (of one file, or of several grouped ones when `piece` is None)."""
+            nonlocal first_error, error_piece, invalid, stats, held, held_rows
             n = batch.num_rows
             data = {role: batch.column(name) for role, name in cols.roles()}
             if spec.measures == ("gaussian_kl",):
@@ -537,34 +611,86 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
                 res = compute(data.pop("p"), data.pop("q", None), spec.measures, spec.options, threads=threads,
                               **data)
             bad = res.invalid_count() if spec.options.on_invalid == "raise" else 0
+            if bad and piece is None:
+                raise _Regroup  # several files: the caller computes them one by one to name the row
             if bad:
                 if first_error is None:
-                    first_error = res.error(file=f.display, row_offset=task.row_start + done)
+                    first_error = res.error(file=piece.file.display, row_offset=piece.row_start + p_done)
+                    error_piece = piece
                 invalid += bad
             if first_error is None:
-                arrays = []
-                for name in cols.keep:
-                    if name in cols.partition_keep:
-                        arrays.append(_const_column(dict(f.partition).get(name), cols.partition_keep[name], n))
-                    else:
-                        arrays.append(batch.column(name))
                 mt = res.to_table(status=spec.status)
-                arrays.extend(c.combine_chunks() for c in mt.columns)
-                writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=spec.out_schema))
+                arrays = keep + [c.combine_chunks() for c in mt.columns]
+                out = pa.RecordBatch.from_arrays(arrays, schema=spec.out_schema)
+                if task.group:
+                    held.append(out)
+                    held_rows += n
+                    if held_rows >= batch_rows:
+                        writer.write_table(pa.Table.from_batches(held), row_group_size=held_rows)
+                        held, held_rows = [], 0
+                else:
+                    writer.write_batch(out)
                 stats.append(PartStats.from_result(res))
+                if len(stats) >= 32:  # many small batches: bounded state
+                    stats = [PartStats.merge_all(stats)]
+
+        def keep_of(piece: Task, batch: pa.RecordBatch) -> list:
+            f = piece.file
+            return [_const_column(dict(f.partition).get(name), cols.partition_keep[name], batch.num_rows)
+                    if name in cols.partition_keep else batch.column(name) for name in cols.keep]
+
+        # Small files grouped into this task: their batches are computed together, up to
+        # batch_rows rows at a time (the kernel call and the summary's update cost ~0.5 ms each
+        # however few the rows), as long as they have the same columns.
+        waiting: list[tuple[Task, int, pa.RecordBatch]] = []
+        w_rows = 0
+
+        def flush() -> None:
+            nonlocal w_rows
+            if len(waiting) == 1 or first_error is not None:
+                for args in waiting:
+                    one(*args, keep_of(args[0], args[2]))
+            elif waiting:
+                batch = pa.concat_batches([b for _, _, b in waiting])
+                keep = [pa.concat_arrays(k) for k in zip(*(keep_of(pc_, b) for pc_, _, b in waiting))]
+                try:
+                    one(None, 0, batch, keep)
+                except _Regroup:
+                    for args in waiting:
+                        one(*args, keep_of(args[0], args[2]))
+            waiting.clear()
+            w_rows = 0
+
+        # A task that owns one core reads and computes in turn (the other
+        # cores run other tasks); a task that owns several reads ahead.
+        batches = _read_ahead(task, spec, batch_rows, threads)
+        p_done = 0
+        for at, batch in batches:
+            if at is not piece:
+                piece, p_done = at, 0
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled(f"{piece.file.display}: interrupted")
+            n = batch.num_rows
+            if task.group:
+                if waiting and (w_rows + n > batch_rows or not waiting[-1][2].schema.equals(batch.schema)):
+                    flush()
+                waiting.append((piece, p_done, batch))
+                w_rows += n
+            else:
+                one(piece, p_done, batch, keep_of(piece, batch))
+            p_done += n
             done += n
             progress(n)
+        flush()
+        if held and first_error is None:
+            writer.write_table(pa.Table.from_batches(held), row_group_size=held_rows)
+            held = []
         writer.close()
         if first_error is not None:
             e = first_error
-            where = f"{task.unit_name()} {_unit_of(task, e.row)}"
+            where = f"{error_piece.unit_name()} {_unit_of(error_piece, e.row)}"
             raise InvalidRowError(
                 e.reason, e.row, invalid, file=e.file, detail=e.detail, position=e.position, unit=where,
-            )
-        if done != task.rows:
-            raise DataError(
-                f"{f.display}: read {done} rows from {task.unit_name()}s of {task.rows} rows; "
-                "the file changed or is corrupt"
             )
     except BaseException as e:
         if batches is not None:
@@ -575,7 +701,7 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
             pass
         staging.discard_tmp(tmp)
         if isinstance(e, MemoryError) and not isinstance(e, FastKLError):
-            raise _read_error(task, e) from e  # the kernel's outputs: still name the data
+            raise _read_error(piece or task, e) from e  # the kernel's outputs: still name the data
         if isinstance(e, OSError):  # reading errors are DataErrors by now: this is the output side
             raise OSError(e.errno, f"cannot write {staging.part_name(task.index)} into {staging.root}: "
                           f"{e.strerror or _short(e)}") from e
@@ -599,12 +725,36 @@ def _short(e: BaseException) -> str:
 # Schedulers
 
 
-def _run_sync(todo, plan, spec, progress):
+def _run_sync(todo, plan, spec, progress, on_result):
     progress.start()
-    out = []
     for t in todo:
-        out.append(run_task(t, plan.batch_rows[t.index], spec, _config.cores(), progress.add))
-    return out
+        on_result(run_task(t, plan.batch_rows[t.index], spec, _config.cores(), progress.add))
+
+
+class _Window:
+    """Which of `todo` may be submitted now: none more than `size` places past the oldest
+    unfinished one. So at most `size` tasks are in flight, and at most `size` results wait for
+    an earlier one to be merged in task order, whatever the number of tasks (the client's
+    memory and the scheduler's bookkeeping stay O(size), not O(tasks))."""
+
+    def __init__(self, todo: list, size: int):
+        self.todo = todo
+        self.size = max(1, size)
+        self.next = 0
+        self.running: dict[int, Any] = {}  # place in todo -> the handle of its submitted task
+
+    def fill(self, submit) -> list:
+        """Submit (submit(task) -> handle) what the window allows; the new handles."""
+        oldest = min(self.running) if self.running else self.next
+        new = []
+        while self.next < len(self.todo) and self.next < oldest + self.size:
+            h = self.running[self.next] = submit(self.todo[self.next])
+            new.append(h)
+            self.next += 1
+        return new
+
+    def finished(self, place: int) -> None:
+        del self.running[place]
 
 
 _task_pools: dict[int, Any] = {}
@@ -641,51 +791,65 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 class _JobPool:
-    """One job's view of a shared task pool: what dask's threaded scheduler uses
-    (`submit`, `_max_workers`), and a `shutdown` that cancels this job's queued
-    tasks and waits for its running ones, so that no task of a failed or
+    """One job's view of a shared task pool: `submit`, and a `shutdown` that cancels this
+    job's queued tasks and waits for its running ones, so that no task of a failed or
     interrupted job still writes once `run` has returned."""
 
     def __init__(self, pool, n: int):
         self._pool = pool
         self._max_workers = n
-        self._futures: list = []
+        self._futures: set = set()  # not yet finished (a finished one drops itself)
 
     def submit(self, fn, /, *args, **kwargs):
         f = self._pool.submit(fn, *args, **kwargs)
-        self._futures.append(f)
+        self._futures.add(f)
+        f.add_done_callback(self._futures.discard)
         return f
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         from concurrent.futures import wait as wait_all
 
+        pending = list(self._futures)
         if cancel_futures:
-            for f in self._futures:
+            for f in pending:
                 f.cancel()
         if wait:
-            wait_all(self._futures)
+            wait_all(pending)
 
 
-def _run_threads(todo, plan, spec, progress, workers):
-    import dask
+def _run_threads(todo, plan, spec, progress, workers, on_result):
+    """The tasks on this process's pool of n threads, submitted through a window of
+    WINDOW_PER_THREAD tasks per thread, results handed to `on_result` as they finish.
+
+    (Through `dask.compute` of one delayed object per task, the graph's
+    culling and the packing of results grew quadratically: 68 s for 30,000
+    no-op tasks. A task here costs a pool submit and a wait.)
+    """
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     cores = _config.cores()
     n = max(1, min(workers or cores, len(todo)))
     k = max(1, cores // n)
     cancelled = threading.Event()  # set on the way out: running tasks stop at their next batch
-    # partial + traverse=False: dask must not walk the Task/JobSpec dataclasses as collections
-    tasks = [
-        dask.delayed(
-            functools.partial(run_task, t, plan.batch_rows[t.index], spec, k, progress.add, cancelled),
-            pure=False,
-            traverse=False,
-        )(dask_key_name=f"fastkl-part-{t.index}")
-        for t in todo
-    ]
     pool = _JobPool(_task_pool(n), n)
+    window = _Window(todo, n * WINDOW_PER_THREAD)
+    place: dict = {}
+
+    def submit(t):
+        fut = pool.submit(run_task, t, plan.batch_rows[t.index], spec, k, progress.add, cancelled)
+        place[fut] = window.next
+        return fut
+
     progress.start()
     try:
-        return list(dask.compute(*tasks, scheduler="threads", pool=pool, num_workers=n))
+        window.fill(submit)
+        while window.running:
+            done, _ = wait(list(window.running.values()), return_when=FIRST_COMPLETED)
+            for fut in sorted(done, key=place.__getitem__):
+                r = fut.result()  # raises the task's exception
+                window.finished(place.pop(fut))
+                on_result(r)
+            window.fill(submit)
     finally:
         cancelled.set()
         pool.shutdown(wait=True, cancel_futures=True)
@@ -748,7 +912,7 @@ def _cluster_threads(client) -> dict[str, int]:
     }
 
 
-def _run_distributed(todo, plan, spec, progress, client):
+def _run_distributed(todo, plan, spec, progress, client, on_result):
     info = client.scheduler_info(n_workers=-1)["workers"]
     if not info:
         client.wait_for_workers(1, timeout=FIRST_WORKER_TIMEOUT)
@@ -774,23 +938,31 @@ def _run_distributed(todo, plan, spec, progress, client):
     if reported:
         client.subscribe_topic(topic, on_event)
     progress.start()
-    futures = [
-        client.submit(
+    # A window of tasks in flight (in task order, by priority), refilled as results come back:
+    # the client holds O(window) futures and results, the scheduler O(window) tasks.
+    total_threads = sum(int(w.get("nthreads", 1)) for w in info.values())
+    window = _Window(todo, max(256, total_threads * WINDOW_PER_THREAD))
+    by_key: dict[str, Task] = {}  # tasks in flight
+    place: dict[str, int] = {}
+
+    def submit(t):
+        fut = client.submit(
             run_task, t, plan.batch_rows[t.index], spec, threads, topic if reported else None,
             key=f"fastkl-part-{t.index}-{topic[-8:]}", pure=False, priority=-t.index,
         )
-        for t in todo
-    ]
-    by_key = {fut.key: t for fut, t in zip(futures, todo)}
-    results = []
+        by_key[fut.key] = t
+        place[fut.key] = window.next
+        return fut
+
     try:
-        for fut, r in _completed(client, futures, by_key):
-            t = by_key[fut.key]
+        for fut, r in _completed(client, window, submit, by_key):
+            t = by_key.pop(fut.key)
+            window.finished(place.pop(fut.key))
             progress.done(t.index, t.rows, t.nbytes)
-            results.append(r)
             fut.release()
+            on_result(r)
     except BaseException as e:
-        client.cancel(futures)
+        client.cancel(list(window.running.values()))
         lost = _killed_worker_error(e, by_key, client)
         if lost is not None:
             raise lost from e
@@ -801,11 +973,11 @@ def _run_distributed(todo, plan, spec, progress, client):
                 client.unsubscribe_topic(topic)
             except Exception:
                 pass
-    return results
 
 
-def _completed(client, futures, by_key):
-    """Yield (future, result) as tasks finish, like `as_completed`, but never wait forever
+def _completed(client, window: _Window, submit, by_key):
+    """Submit the window's tasks and yield (future, result) as they finish, like `as_completed`
+    refilled from the window after every batch of results, but never wait forever
     on a cluster without workers: neither for a task to run nor for a result held by a
     worker that died after finishing it (Dask recomputes it, once a worker exists)."""
     from distributed import as_completed
@@ -827,7 +999,7 @@ def _completed(client, futures, by_key):
                 + _suspects_note(client, by_key)
             )
 
-    ready = as_completed(futures, loop=client.loop)
+    ready = as_completed(window.fill(submit), loop=client.loop)
     while not ready.is_empty():
         if not ready.has_ready():
             time.sleep(0.02)
@@ -841,7 +1013,8 @@ def _completed(client, futures, by_key):
                 except TimeoutError:
                     check_workers(force=True)
             alone["since"] = None
-            yield fut, result
+            yield fut, result  # the caller marks it finished in the window
+        ready.update(window.fill(submit))
 
 
 def _suspects(client, by_key) -> list[tuple[Task, int]]:
@@ -863,7 +1036,7 @@ def _suspects_note(client, by_key, skip=None) -> str:
     if not sus:
         return ""
     return "; workers died while holding " + ", ".join(
-        f"{t.file.display} {t.unit_name()} {_units(t)} ({n}x)" for t, n in sus
+        f"{_where(t)} ({n}x)" for t, n in sus
     )
 
 
@@ -888,10 +1061,11 @@ def _killed_worker_error(e: BaseException, by_key: dict, client=None) -> DataErr
     if client is not None and isinstance(tries, int):
         same = [u for u, n in _suspects(client, by_key) if u is not t and n >= tries + 1]
         if same:
-            others = " (or " + ", ".join(f"{u.file.display} {u.unit_name()} {_units(u)}" for u in same[:3]) + \
+            others = " (or " + ", ".join(_where(u) for u in same[:3]) + \
                 ", held by the same workers)"
     return DataError(
-        f"{t.file.display}: {t.unit_name()} {_units(t)}: the worker process running it died {times}{others} "
+        f"{_where(t) if t.group else f'{t.file.display}: {t.unit_name()} {_units(t)}'}: "
+        f"the worker process running it died {times}{others} "
         "(killed, out of memory or crashed on this data); giving up"
     )
 
@@ -1025,12 +1199,13 @@ def _json_default(o):
 
 
 
-def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close) -> list:
-    """Run the tasks on the chosen scheduler; clusters and clients it opens go to `to_close`."""
+def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close, on_result) -> None:
+    """Run the tasks on the chosen scheduler, each result handed to `on_result` as it arrives;
+    clusters and clients it opens go to `to_close`."""
     if kind in ("sync", "synchronous"):
-        return _run_sync(todo, plan, spec, progress)
+        return _run_sync(todo, plan, spec, progress, on_result)
     if kind == "threads":
-        return _run_threads(todo, plan, spec, progress, workers)
+        return _run_threads(todo, plan, spec, progress, workers, on_result)
     if kind == "processes":
         from .limits import ClientShare, local_workers
 
@@ -1042,7 +1217,7 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
             to_close += [ClientShare(), cluster, client]
             try:
                 _release_interrupts(held)  # a Ctrl-C during the start is raised here
-                return _run_distributed(todo, plan, spec, progress, client)
+                return _run_distributed(todo, plan, spec, progress, client, on_result)
             except KeyboardInterrupt:
                 _kill_local_workers(cluster)  # then closed with the cluster, quickly
                 raise
@@ -1056,7 +1231,8 @@ def _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_
         except OSError as e:
             raise OptionError(f"cannot reach Dask scheduler {scheduler!r}: {_short(e)}") from e
         to_close.append(client)
-    return _run_distributed(todo, plan, spec, progress, client)
+    return _run_distributed(todo, plan, spec, progress, client, on_result)
+
 
 @documented
 def run(
@@ -1076,6 +1252,8 @@ def run(
     summary_json: str | os.PathLike | None = None,
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
+    group_files: int | None = None,
+    dry_run: bool = False,
     mask: str | None = None,
     lengths: str | None = None,
     p_ids: str | None = None,
@@ -1145,6 +1323,10 @@ def run(
         summary_json: also write the summary as JSON to this path.
         task_rows: at most this many rows per task.
         task_bytes: at most this many bytes of decoded input per task (memory is about workers x this).
+        group_files: at most this many small files share a task and a part (1: one per file; None:
+            256 once the job has 256 tasks or more, else 1).
+        dry_run: plan only and return that DryRun (files, rows, bytes, tasks, parts, an estimated
+            time); nothing is read beyond footers, nothing is written.
         mask: sequence rows: the column saying which positions count (list<bool> or list<int8>).
         lengths: sequence rows: the integer column of how many leading positions count.
         p_ids: top-k rows: the column of P's token ids.
@@ -1226,7 +1408,8 @@ def run(
     plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
                        sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
                        target=target,
-                       task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options)
+                       task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options,
+                       group_files=group_files)
     layout = (Layout(measures) if measures == ("gaussian_kl",)
               else layout_for(measures, options, sequence=plan.sequence, sparse=sparse))
     for k in keep:
@@ -1234,6 +1417,8 @@ def run(
             raise OptionError(f"keep column {k!r} has the name of an output column")
     _check_element_types(plan, options)
     dest_p = checked[0]
+    if dry_run:
+        return DryRun.of(plan, time.perf_counter() - t_start, scheduler, workers)
     if summary_json is not None:
         check_side_file(summary_json, "--summary-json", None if store_dest else dest_p,
                         [r for r in roots if not is_store_url(r)], [f.path for f in plan.files if f.store is None])
@@ -1245,9 +1430,69 @@ def run(
     with hold as lock:
         return _run_locked(
             source, dest, dest_p, plan, lock, layout=layout, options=options, status=status,
-            task_rows=task_rows, task_bytes=task_bytes, scheduler=scheduler, client=client, workers=workers,
+            task_rows=task_rows, task_bytes=task_bytes, group_files=group_files, scheduler=scheduler, client=client,
+            workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
         )
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What `fastkl run --dry-run` finds: the job's size and an estimate of its wall time.
+
+    The estimate is a model, not a measurement: planning as measured, then
+    per task TASK_OVERHEAD_S (scheduling, opening, the part's write), per
+    file FILE_OVERHEAD_S (open, footer check), per row group or record batch
+    UNIT_OVERHEAD_S (its read set-up), plus the decoded bytes at
+    BYTES_PER_CORE_S per core, over the cores or workers used (README: Scale).
+    """
+
+    files: int
+    rows: int
+    file_bytes: int  # bytes of the input files
+    decoded_bytes: int  # bytes of the columns read, decoded
+    tasks: int
+    parts: int
+    grouped_tasks: int  # tasks that hold several small files
+    plan_s: float
+    workers: int
+    estimated_s: float
+
+    TASK_OVERHEAD_S = 2e-3
+    FILE_OVERHEAD_S = 0.5e-3
+    UNIT_OVERHEAD_S = 0.1e-3
+    BYTES_PER_CORE_S = 250e6
+
+    @classmethod
+    def of(cls, plan: Plan, plan_s: float, scheduler, workers: int | None) -> "DryRun":
+        local = scheduler is None or scheduler in LOCAL_SCHEDULERS
+        n = (workers or _config.cores()) if local and scheduler not in ("sync", "synchronous") else (workers or 1)
+        n = max(1, n)
+        work = (len(plan.tasks) * cls.TASK_OVERHEAD_S + len(plan.files) * cls.FILE_OVERHEAD_S
+                + sum(len(f.units) for f in plan.files) * cls.UNIT_OVERHEAD_S + plan.nbytes / cls.BYTES_PER_CORE_S)
+        return cls(
+            files=len(plan.files), rows=plan.rows, file_bytes=sum(f.size for f in plan.files),
+            decoded_bytes=plan.nbytes, tasks=len(plan.tasks), parts=max(1, len(plan.tasks)),
+            grouped_tasks=sum(1 for t in plan.tasks if t.group), plan_s=plan_s, workers=n,
+            estimated_s=plan_s + work / min(n, max(1, len(plan.tasks))),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def format_table(self) -> str:
+        mb = 1 << 20
+        lines = [
+            f"files          {self.files:,}",
+            f"rows           {self.rows:,}",
+            f"input          {self.file_bytes / mb:,.1f} MiB in files, {self.decoded_bytes / mb:,.1f} MiB decoded",
+            f"tasks          {self.tasks:,}" + (f" ({self.grouped_tasks:,} of grouped small files)"
+                                               if self.grouped_tasks else ""),
+            f"parts          {self.parts:,}",
+            f"planning       {self.plan_s:.2f} s",
+            f"estimated      {self.estimated_s:,.1f} s on {self.workers} worker(s) (a model: README, Scale)",
+        ]
+        return "\n".join(lines)
 
 
 def _refuse_memory_across_processes(source, dest, scheduler) -> None:
@@ -1271,7 +1516,7 @@ def _local_sources(source):
 
 
 def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layout, options, status, task_rows,
-                task_bytes, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
+                task_bytes, group_files, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
     """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
     from ..summary.stats import PartStats, Summary
 
@@ -1290,10 +1535,20 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         "status": status,
         "task_rows": task_rows,
         "task_bytes": task_bytes,
+        **({"group_files": group_files} if group_files is not None else {}),
     }
     job_fp = json.dumps(job, sort_keys=True, default=_json_default)
-    files = [f.to_dict() for f in plan.files]
-    planned = _identity({**job, "rows": plan.rows, "inputs": files, "parts": _parts(plan, staging)})
+    # a large job's inputs and parts go to Parquet tables beside the manifest (fastkl.io.manifest_tables)
+    tables = None
+    if not in_store and max(len(plan.tasks), len(plan.files)) > MANIFEST_INLINE:
+        from ..io import manifest_tables as mt
+
+        tables = (mt.inputs_table(plan.files), mt.parts_table(plan.tasks, staging.part_name))
+        files = {"table": mt.INPUTS_TABLE, "count": len(plan.files)}
+        planned = _identity({**job, "rows": plan.rows, "inputs": files, "plan_digest": mt.digest(*tables)})
+    else:
+        files = [f.to_dict() for f in plan.files]
+        planned = _identity({**job, "rows": plan.rows, "inputs": files, "parts": _parts(plan, staging)})
     kind, old = _existing(dest, dest_p)  # again, now that DEST is ours: another job may have committed meanwhile
     if kind == "output" or (kind is not None and not in_store and not overwrite):
         # with resume: done already if it is this job's output
@@ -1305,7 +1560,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     if resume:
         pending = staging.pending_manifest()  # a commit killed after every part was finished
         if pending is not None and _identity(pending) == planned:
-            for part in pending["parts"]:
+            for part in pending["parts"] if isinstance(pending["parts"], list) else ():
                 if "resumed" in part:
                     part["resumed"] = True  # nothing is recomputed
             lock.announce(pending.get("job_id") if isinstance(pending.get("job_id"), str) else None)
@@ -1320,7 +1575,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout)
 
     # Parts finished by an earlier attempt whose input is unchanged.
-    results: dict[int, dict] = {}
+    reused: dict[int, dict] = {}
     for t in plan.tasks:
         st = done_states.get(t.index)
         if (
@@ -1330,18 +1585,22 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
             and st.get("batch_rows") == plan.batch_rows[t.index]
             and st.get("rows") == t.rows
         ):
-            results[t.index] = {"index": t.index, "rows": st["rows"], "stats": st["stats"], "seconds": 0.0}
-    todo = [t for t in plan.tasks if t.index not in results]
+            reused[t.index] = st["stats"]
+    del done_states
+    resumed = bytearray(len(plan.tasks))
+    for i in reused:
+        resumed[i] = 1
+    todo = [t for t in plan.tasks if not resumed[t.index]]
     staging.drop_extra_parts(len(plan.tasks))
 
     t_plan = time.perf_counter()
-    resumed_rows = sum(t.rows for t in plan.tasks if t.index in results)
     progress = Progress(plan.rows, plan.nbytes, enabled=Progress.wanted(quiet))
     for t in plan.tasks:
-        if t.index in results:
+        if resumed[t.index]:
             progress.done(t.index, t.rows, t.nbytes)
     kind = "threads" if scheduler is None else scheduler if isinstance(scheduler, str) else "client"
     to_close: list = []  # a cluster / connection this call opened, closed in reverse
+    merge = _OrderedMerge(reused)
     failed = True
     try:
         from .._engine import warmup
@@ -1350,8 +1609,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         # (numba issue 4807), for every dtype the files of the plan need
         warmup(_kernel_dtypes(plan), _warm_options(options), measures, spec.layout.sparse)
         if todo:
-            for r in _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close):
-                results[r["index"]] = r
+            _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close, merge.add)
+        merge.drain(len(plan.tasks))
         failed = False
     finally:
         progress.close()
@@ -1364,22 +1623,22 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
             staging.discard_if_nothing_finished()
     t_compute = time.perf_counter()
 
-    # Merge in task order: identical whatever ran where and when.
     if plan.tasks:
-        stats = [PartStats.from_json(results[t.index]["stats"]) for t in plan.tasks]
+        merged = merge.merged
     else:  # empty input: one empty part keeps DEST a readable dataset
-        stats = [PartStats.for_layout(layout)]
+        merged = PartStats.for_layout(layout)
         staging.write_empty_part(schema)
-    merged = PartStats.merge_all(stats)
-    task_seconds = sum(r["seconds"] for r in results.values())
     timings = {
         "plan_s": t_plan - t_start,
         "compute_s": t_compute - t_plan,
-        "task_s": task_seconds,
+        "task_s": merge.seconds,
     }
-    parts = _parts(plan, staging)
-    for t in plan.tasks:
-        parts[t.index]["resumed"] = t.index in done_states and results[t.index]["seconds"] == 0.0
+    if tables is None:
+        parts = _parts(plan, staging)
+        for t in plan.tasks:
+            parts[t.index]["resumed"] = bool(resumed[t.index])
+    else:
+        parts = {"table": mt.PARTS_TABLE, "count": len(plan.tasks)}
     timings["total_s"] = time.perf_counter() - t_start
     summary = Summary.from_stats(
         merged, dest=str(dest_p), options=options.to_dict(), timings=timings, files=len(plan.files)
@@ -1399,13 +1658,76 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         "rows": plan.rows,
         "inputs": files,
         "parts": parts,
+        **({"plan_digest": planned["plan_digest"]} if tables is not None else {}),
         "summary": summary.to_dict(),
         "timings": timings,
     }
     manifest = json.loads(json.dumps(manifest, default=_json_default))
     staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
+    if tables is not None:
+        mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(np.frombuffer(resumed, np.uint8) > 0)))
     staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks))
     return _finished(summary, summary_json)
+
+
+class _OrderedMerge:
+    """Task results merged into one summary state as they arrive, in task order.
+
+    A result that arrives before an earlier task's waits (the scheduler's
+    window bounds how many), then everything up to the first missing task is
+    merged and dropped: the client holds one merged state, not one per task.
+    The merge is `PartStats.merge` in task order, the same fold as merging the
+    list of every task's state, so the summary does not depend on the order
+    of arrival (nor, its sums being exact, on how the job was split).
+    `reused`: the states of parts an earlier attempt finished (--resume),
+    merged when their turn comes.
+    """
+
+    BATCH = 64  # states merged at once by `PartStats.merge_all` (which copies its first: once per batch)
+
+    def __init__(self, reused: dict[int, dict]):
+        self.reused = reused
+        self.waiting: dict[int, dict] = {}
+        self.next = 0
+        self._merged = None
+        self._ready: list = []  # in task order, not yet folded into _merged
+        self.seconds = 0.0
+
+    @property
+    def merged(self):
+        self._fold()
+        return self._merged
+
+    def _fold(self) -> None:
+        from ..summary.stats import PartStats
+
+        if self._ready:
+            self._merged = PartStats.merge_all(([self._merged] if self._merged is not None else []) + self._ready)
+            self._ready = []
+
+    def add(self, result: dict) -> None:
+        self.seconds += result["seconds"]
+        self.waiting[result["index"]] = result["stats"]
+        self._advance()
+
+    def _advance(self) -> None:
+        from ..summary.stats import PartStats
+
+        while True:
+            st = self.waiting.pop(self.next, None)
+            if st is None:
+                st = self.reused.pop(self.next, None)
+            if st is None:
+                return
+            self._ready.append(PartStats.from_json(st))
+            if len(self._ready) >= self.BATCH:
+                self._fold()
+            self.next += 1
+
+    def drain(self, n_tasks: int) -> None:
+        self._advance()
+        if self.next != n_tasks:  # a scheduler lost a result: never commit a summary without it
+            raise AssertionError(f"merged {self.next} of {n_tasks} task results")
 
 
 def _finished(summary, summary_json):
@@ -1420,20 +1742,23 @@ def _parts(plan: Plan, staging: Staging) -> list[dict]:
     """The manifest's list of parts (without the `resumed` flags)."""
     if not plan.tasks:  # empty input: one empty part keeps DEST a readable dataset
         return [{"file": staging.part_name(0), "input": None, "row_start": 0, "rows": 0}]
-    return [
-        {
-            "file": staging.part_name(t.index),
-            "input": t.file.index,
-            "row_start": t.row_start,
-            "rows": t.rows,
-            t.unit_name().replace(" ", "_") + "s": [u.index for u in t.units],
-        }
-        for t in plan.tasks
-    ]
+    return [_part(t, staging) for t in plan.tasks]
+
+
+def _part(t: Task, staging) -> dict:
+    """One part in the manifest: its input file (the first one and `inputs`, the range of the
+    files it groups, if it groups small files), its first row in that file, its rows, and
+    (one file) the row groups or record batches it holds."""
+    out = {"file": staging.part_name(t.index), "input": t.file.index, "row_start": t.row_start, "rows": t.rows}
+    if t.group:
+        out["inputs"] = [t.group[0].file.index, t.group[-1].file.index]
+    else:
+        out[t.unit_name().replace(" ", "_") + "s"] = [u.index for u in t.units]
+    return out
 
 
 _IDENTITY = ("fastkl_version", "columns", "measures", "options", "status", "task_rows", "task_bytes", "rows",
-             "inputs", "parts")
+             "inputs", "parts", "plan_digest")
 
 
 def _identity(m: dict) -> dict:
