@@ -258,3 +258,16 @@ def test_gjs_without_renyi_matches_the_exact_reference(case, beta):
     failures = naive.check_against_reference(table.column("gjs").to_pylist(), refs["gjs"],
                                              naive.rel_bound(P.dtype, Q.dtype), what="gjs")
     assert not failures, "\n".join(failures[:10])
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("zeros", [0.0, 0.3])
+def test_gjs_of_float32_log_probabilities(beta, zeros, rng):
+    """The float32 log-space gjs loop (gjs without renyi / bhattacharyya), with close and far
+    rows, zeros on either side and each side the larger, against the exact reference."""
+    P = naive.make_logprobs(rng, 12, 40, np.float32, zero_frac=zeros, spread=3.0)
+    Q = naive.make_logprobs(rng, 12, 40, np.float32, zero_frac=zeros, spread=3.0)
+    Q[:4] = P[:4] + rng.normal(0, 1e-3, P[:4].shape).astype(np.float32) * (P[:4] > -np.inf)
+    Q[:4] -= np.log(np.exp(Q[:4].astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
+    for measures in (("gjs",), ("kl", "js", "gjs")):
+        assert_reference(P, Q, dict(kind="logprobs", beta=beta), measures, naive.rel_bound(np.float32))
