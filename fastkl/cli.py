@@ -36,7 +36,7 @@ _FLAGS = ("normalize", "overwrite", "resume", "status", "quiet")
 _NAMES = _FLAGS + ("p_temperature", "q_temperature", "temperature", "p_kind", "q_kind", "kind", "sum_tol",
                    "p_dtype", "q_dtype", "dtype",
                    "on_invalid", "smoothing", "base", "workers", "task_rows", "task_bytes", "summary_json",
-                   "scheduler")
+                   "scheduler", "max_groups", "group_by")
 _ALONE = "|".join(n for n in _NAMES if "_" in n)
 _PY_ARG = re.compile(
     rf"(?<![\w./'\"-])(?:(?P<name>{'|'.join(_NAMES)})=(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;)]+)"
@@ -245,6 +245,11 @@ more fails with one line naming the file and row group.
               help="An option of the object store's filesystem (repeatable), e.g. endpoint_url=http://host:9000.")
 @click.option("--last-writer-wins", is_flag=True,
               help="Accept a store without conditional writes: two jobs at once could both write DEST.")
+@click.option("--group-by", "group_by", default=None, metavar="COL",
+              help="Also summarise per value of this low-cardinality column (string, integer, bool or "
+                   "dictionary; null is its own group).")
+@click.option("--max-groups", type=click.IntRange(min=1), default=None,
+              help="With --group-by: fail past this many distinct values (default 10,000).")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
 def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids, vocab, tail, no_bounds, p_mean,
@@ -253,7 +258,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             dtype, p_dtype, q_dtype, temperature,
             p_temperature, q_temperature, base, beta, alpha, normalize, smoothing, sum_tol, on_invalid, status,
             scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, storage_option,
-            last_writer_wins, debug_here):
+            last_writer_wins, group_by, max_groups, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
     if dest is None:
@@ -285,6 +290,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             mask=mask, lengths=lengths, per_token=per_token, p_ids=p_ids, q_ids=q_ids, vocab=vocab,
             tail=tail, bounds=not no_bounds, p_mean=p_mean, p_logvar=p_logvar, q_mean=q_mean, q_logvar=q_logvar,
             target=target, storage_options=storage_options, last_writer_wins=last_writer_wins,
+            group_by=group_by, max_groups=max_groups,
         )
         return summary
 

@@ -92,6 +92,7 @@ from ..io.store_output import dest_kind as store_dest_kind
 from ..io.store_output import remove_leftovers as store_remove_leftovers
 from ..io.sources import Columns, FileRef, Plan, Task, open_input, scan
 from .._result import Layout, layout_for, output_fields
+from .groups import batch_groups
 from .progress import Progress
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
@@ -122,6 +123,7 @@ class JobSpec:
     staging: Staging
     job_fp: str
     layout: Layout | None = None  # which columns compute gives (sequence rows: m_mean, tokens, ...)
+    group_by: Any = None  # fastkl.summary.stats.GroupBy: per-group stats by the column columns.group_by
 
 
 def _kernel_threads(setting: int | dict | None) -> int:
@@ -549,7 +551,11 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
                 mt = res.to_table(status=spec.status)
                 arrays.extend(c.combine_chunks() for c in mt.columns)
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=spec.out_schema))
-                stats.append(PartStats.from_result(res))
+                if spec.group_by is None:
+                    stats.append(PartStats.from_result(res))
+                else:
+                    keys, codes = batch_groups(batch, cols, f.partition)
+                    stats.append(PartStats.from_result(res, spec.group_by, keys, codes))
             done += n
             progress(n)
         writer.close()
@@ -578,7 +584,7 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
             raise OSError(e.errno, f"cannot write {staging.part_name(task.index)} into {staging.root}: "
                           f"{e.strerror or _short(e)}") from e
         raise
-    stats_json = PartStats.merge_all([PartStats.for_layout(spec.layout), *stats]).to_json()
+    stats_json = PartStats.merge_all([PartStats.for_layout(spec.layout, spec.group_by), *stats]).to_json()
     staging.finish_part(
         task.index,
         tmp,
@@ -1084,6 +1090,8 @@ def run(
     target: str | None = None,
     storage_options: dict | None = None,
     last_writer_wins: bool = False,
+    group_by: str | None = None,
+    max_groups: int | None = None,
     **opts: Any,
 ):
     """Compute `measures` for every row of SOURCE and write them to the Parquet dataset DEST.
@@ -1107,7 +1115,12 @@ def run(
     task_rows / task_bytes bound the size of a task (rows; decoded bytes of
     the columns read). p_ids / q_ids: the columns of token ids of a side
     holding top-k rows (sparse); mask / lengths: for sequence rows (p and q
-    lists of lists), the column saying which positions count. Other keyword arguments
+    lists of lists), the column saying which positions count. group_by: a
+    low-cardinality column (string, integer, bool or dictionary; or a hive
+    partition key) whose every value, null included, gets its own summary
+    (`Summary.groups`), merged exactly like the whole; more than max_groups
+    (default 10,000) distinct values fail the job with `TooManyGroupsError`.
+    Other keyword arguments
     are the options of the in-memory API (kind, p_kind, dtype, p_dtype,
     temperature, base, normalize, smoothing, sum_tol, on_invalid, per_token).
     """
@@ -1135,6 +1148,7 @@ def run(
             raise OptionError(f"keep column {k!r} has the name of an output column")
     if workers is not None and int(workers) < 1:
         raise OptionError(f"workers must be >= 1, got {workers}")
+    grouping = _grouping(group_by, max_groups)
     client = None
     if scheduler is not None and not isinstance(scheduler, str):
         try:
@@ -1178,7 +1192,7 @@ def run(
     sampled = options.p_kind == "sampled"
     plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
                        sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
-                       target=target,
+                       target=target, group_by=group_by,
                        task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options)
     layout = (Layout(measures) if measures == ("gaussian_kl",)
               else layout_for(measures, options, sequence=plan.sequence, sparse=sparse))
@@ -1200,7 +1214,22 @@ def run(
             source, dest, dest_p, plan, lock, layout=layout, options=options, status=status,
             task_rows=task_rows, task_bytes=task_bytes, scheduler=scheduler, client=client, workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
+            grouping=grouping,
         )
+
+
+def _grouping(group_by, max_groups):
+    """group_by / max_groups checked into a `GroupBy` (None without group_by)."""
+    from ..summary.stats import DEFAULT_MAX_GROUPS, GroupBy
+
+    if max_groups is not None and (isinstance(max_groups, bool) or not isinstance(max_groups, int)
+                                   or max_groups < 1):
+        raise OptionError(f"max_groups must be an integer >= 1, got {max_groups!r}")
+    if group_by is None:
+        return None
+    if not isinstance(group_by, str) or not group_by:
+        raise OptionError(f"group_by must be a column name, got {group_by!r}")
+    return GroupBy(group_by, DEFAULT_MAX_GROUPS if max_groups is None else max_groups)
 
 
 def _refuse_memory_across_processes(source, dest, scheduler) -> None:
@@ -1224,7 +1253,8 @@ def _local_sources(source):
 
 
 def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layout, options, status, task_rows,
-                task_bytes, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
+                task_bytes, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start,
+                grouping=None):
     """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
     from ..summary.stats import PartStats, Summary
 
@@ -1236,7 +1266,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     job = {
         "fastkl_version": _version(),
         "columns": {"p": cols.p, "q": cols.q, "keep": list(cols.keep),
-                    **{role: name for role, name in cols.roles() if role not in ("p", "q")}},
+                    **{role: name for role, name in cols.roles() if role not in ("p", "q")},
+                    **({"group_by": cols.group_by} if cols.group_by is not None else {})},
         "schema": str(schema),
         "measures": list(measures),
         "options": options.to_dict(),
@@ -1270,7 +1301,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     job_id = (staging.staged_job_id(job) if resume else None) or new_job_id()
     lock.announce(job_id)
     done_states = staging.prepare(job, job_id, resume=resume)
-    spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout)
+    spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout, grouping)
 
     # Parts finished by an earlier attempt whose input is unchanged.
     results: dict[int, dict] = {}
@@ -1317,13 +1348,13 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
             staging.discard_if_nothing_finished()
     t_compute = time.perf_counter()
 
-    # Merge in task order: identical whatever ran where and when.
+    # Merge in task order: identical whatever ran where and when (this job's cap on groups applies).
     if plan.tasks:
         stats = [PartStats.from_json(results[t.index]["stats"]) for t in plan.tasks]
     else:  # empty input: one empty part keeps DEST a readable dataset
-        stats = [PartStats.for_layout(layout)]
+        stats = []
         staging.write_empty_part(schema)
-    merged = PartStats.merge_all(stats)
+    merged = PartStats.merge_all([PartStats.for_layout(layout, grouping), *stats])
     task_seconds = sum(r["seconds"] for r in results.values())
     timings = {
         "plan_s": t_plan - t_start,
