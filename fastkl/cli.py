@@ -1,4 +1,4 @@
-"""The `fastkl` command: run, clean, demo, bench (README: Jobs, Object stores).
+"""The `fastkl` command: run, report, clean, demo, bench (README: Jobs, Object stores, Report).
 
 Exit status: 0 done; 1 the data was refused (invalid rows, corrupt or
 mismatched files); 2 usage errors (unknown column, bad option, DEST refused);
@@ -345,6 +345,30 @@ def clean_cmd(ctx: click.Context, dest, storage_option, debug_here):
         return clean(dest, parse_storage_options(storage_option) or None)
 
     click.echo(f"fastkl: {run_guarded(go, debug)}")
+
+
+@main.command("report")
+@click.argument("dest")
+@click.option("--out", "-o", "out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="The HTML file to write (default: DEST-report.html beside a local DEST, "
+                   "NAME-report.html here for a URL).")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the object store's filesystem (repeatable).")
+@click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def report_cmd(ctx, dest, out, storage_option, debug_here):
+    """Write one self-contained HTML page about the job at DEST: histograms, quantiles, invalid rows
+    by reason, per-group comparisons, options and timings (opens offline; reads only DEST's manifest)."""
+    debug = debug_here or (ctx.obj or {}).get("debug", False)
+
+    def go():
+        from .io.stores import parse_storage_options
+        from .summary.html import write_report
+
+        return write_report(dest, out, parse_storage_options(storage_option) or None)
+
+    path = run_guarded(go, debug)
+    click.echo(f"report: {os.path.abspath(path)}")
 
 
 @main.command("demo")
