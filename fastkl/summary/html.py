@@ -15,7 +15,7 @@ plot is a few tens of KB), and the page opens offline. Plots:
 * per measure, a histogram: linear (20 equal bins from min to max, the
   summary's own) for measures whose values stay within a few factors of
   their median; on a log x axis (log bins) for heavy-tailed ones (median in
-  the first twentieth of the range, as KL usually has), with zeros, +inf
+  the first tenth of the range, or p99 > 10 x p50, as KL usually has), with zeros, +inf
   and the smallest 1% of the values (which may reach 1e-300) counted
   beside it rather than drawn;
 * per measure and job with group_by, a box per group: p25-p75 (from the log
@@ -159,13 +159,13 @@ def quantile(m: MeasureSummary, q: float) -> float | None:
 
 
 def heavy_tailed(m: MeasureSummary) -> bool:
-    """Draw on a log x axis: non-negative values whose median sits in the first twentieth of their
-    range (a linear histogram would be one bar), or whose p99 is far above the median."""
+    """Draw on a log x axis: non-negative values whose median sits in the first tenth of their
+    range (most of a linear histogram would be one or two bars), or whose p99 is over 10 x the median."""
     if m.min is None or m.max is None or m.min < 0 or m.max <= 0:
         return False
     if not m.p50:  # more than half the values are 0: the positive ones on a log axis
         return True
-    return m.p50 < m.max / 20 or (m.p99 or 0) > 20 * m.p50
+    return m.p50 < m.max / 10 or (m.p99 or 0) > 10 * m.p50
 
 
 # --------------------------------------------------------------------------
