@@ -187,7 +187,7 @@ def demo(directory: str = "fastkl-demo", *, rows: int = 100_000, shards: int = 4
     click.echo(f"read it back: python -c \"import pyarrow.dataset as ds; "
                f"print(ds.dataset('{out}').to_table().slice(0, 5))\"")
     distill_demo(directory, sequences=sequences, quiet=quiet)
-    from .summary.html import write_report
+    from .jobs.report import write_report
 
     click.echo("\nreports (fastkl report DEST; one HTML file each, open it in a browser, offline):")
     for dest in (os.path.join(directory, "distill-scores"), out):

@@ -363,7 +363,7 @@ def report_cmd(ctx, dest, out, storage_option, debug_here):
 
     def go():
         from .io.stores import parse_storage_options
-        from .summary.html import write_report
+        from .jobs.report import write_report
 
         return write_report(dest, out, parse_storage_options(storage_option) or None)
 

@@ -26,7 +26,8 @@ import pytest
 
 import fastkl
 from fastkl._demo import make_shard
-from fastkl.summary.html import heavy_tailed, load_manifest, quantile, write_report
+from fastkl.jobs.report import load_manifest, write_report
+from fastkl.summary.html import heavy_tailed, quantile
 
 MEASURES = ("kl", "reverse_kl", "js", "entropy")
 

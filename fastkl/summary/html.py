@@ -1,4 +1,7 @@
-"""`fastkl report DEST`: one self-contained HTML page about a finished job (README: Report).
+"""`fastkl report DEST`: the HTML page about a finished job, from its manifest (docs/report.md).
+
+`render(manifest)` makes the page; `fastkl.jobs.report` reads DEST's manifest
+(through the storage layer) and writes the file.
 
 Why it needs nothing but the manifest. A job's summary (`_fastkl.json`)
 already holds, per measure and per group, exact counts, moments, quantiles
@@ -30,14 +33,10 @@ import html
 import io
 import json
 import math
-import os
-import posixpath
-import re
 from typing import Any
 
 import numpy as np
 
-from ..errors import DataError, OptionError
 from .stats import MeasureSummary, Summary, _fmt, group_label, log_bin_edges
 
 MANIFEST = "_fastkl.json"
@@ -45,76 +44,6 @@ PLOTTED_GROUPS = 30      # boxes per group plot (the groups with the most rows)
 TABLED_GROUPS = 200      # rows of a group table
 MAX_LOG_BARS = 64        # bars of a log-x histogram at most (log bins are merged to stay below)
 _ACCENT = "#3b6ea8"
-
-
-# --------------------------------------------------------------------------
-# reading the job
-
-
-def load_manifest(dest: str | os.PathLike, storage_options: dict | None = None) -> dict:
-    """DEST's manifest, read through fastkl's storage layer (a local path or a URL)."""
-    from ..io.stores import is_store_url, resolve
-
-    shown = os.fspath(dest)
-    try:
-        if is_store_url(dest):
-            store, path = resolve(str(dest), storage_options)
-            with store.fs.open_input_stream(posixpath.join(path.rstrip("/"), MANIFEST)) as f:
-                data = f.read()
-        else:
-            from ..io.output import local_path
-
-            with open(os.path.join(os.fspath(local_path(dest, "DEST")), MANIFEST), "rb") as f:
-                data = f.read()
-    except FileNotFoundError:
-        raise OptionError(f"DEST {shown!r} is not a finished fastkl output (no {MANIFEST} in it)") from None
-    except IsADirectoryError:
-        raise OptionError(f"DEST {shown!r}: {MANIFEST} is not a file") from None
-    except OSError as e:
-        raise DataError(f"DEST {shown!r}: cannot read {MANIFEST} ({e.strerror or e})") from None
-    try:
-        manifest = json.loads(data)
-        Summary.from_dict(manifest["summary"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"DEST {shown!r}: {MANIFEST} is not a fastkl manifest ({type(e).__name__}: {e})") from None
-    return manifest
-
-
-def default_out(dest: str | os.PathLike) -> str:
-    """Where the report goes without --out: beside a local DEST, in the current directory for a URL."""
-    from ..io.stores import is_store_url
-
-    text = os.fspath(dest).rstrip("/")
-    if is_store_url(text):
-        name = re.sub(r"[^\w.-]+", "_", text.rsplit("/", 1)[-1]) or "fastkl"
-        return f"{name}-report.html"
-    if text.startswith("file://"):
-        from ..io.output import local_path
-
-        text = os.fspath(local_path(text, "DEST")).rstrip("/")
-    return text + "-report.html"
-
-
-def write_report(dest: str | os.PathLike, out: str | os.PathLike | None = None,
-                 storage_options: dict | None = None) -> str:
-    """Write the HTML report of the job at DEST to `out` (default: `default_out(dest)`); returns its path."""
-    manifest = load_manifest(dest, storage_options)
-    out = os.fspath(out) if out is not None else default_out(dest)
-    from ..io.stores import is_store_url
-
-    if not is_store_url(dest):
-        from ..io.output import local_path
-
-        d = os.path.realpath(os.fspath(local_path(dest, "DEST")))
-        o = os.path.realpath(out)
-        if o == d or o.startswith(d.rstrip(os.sep) + os.sep):
-            raise OptionError(f"--out {out!r} is inside DEST: the report would change the output; write it elsewhere")
-    page = render(manifest, os.fspath(dest))
-    tmp = out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page)
-    os.replace(tmp, out)
-    return out
 
 
 # --------------------------------------------------------------------------
