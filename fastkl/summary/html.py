@@ -194,7 +194,9 @@ def groups_svg(name: str, groups: list[tuple[str, MeasureSummary]], log_x: bool)
     for label, m in groups:
         if not m.finite:
             continue
-        q = {k: quantile(m, v) for k, v in (("p10", 0.1), ("p25", 0.25), ("p75", 0.75))}
+        # summaries written before log bins existed: a box from p50 to p90
+        q = {k: quantile(m, v) if m.log_bins else (m.p50 if v < 0.5 else m.p90)
+             for k, v in (("p10", 0.1), ("p25", 0.25), ("p75", 0.75))}
         stats.append({"label": label, "med": m.p50, "q1": q["p25"], "q3": q["p75"],
                       "whislo": q["p10"], "whishi": m.p90, "fliers": [m.p99]})
         means.append(m.mean)
@@ -277,7 +279,7 @@ def _level(summary: Summary, title: str, anchor: str) -> str:
                          f'<p class="empty">no finite value to plot ({_int(m.inf)} +inf, {_int(m.null)} null, '
                          f'{_int(sum(m.invalid.values()))} invalid)</p></figure>')
             continue
-        log_x = heavy_tailed(m)
+        log_x = heavy_tailed(m) and m.log_bins is not None  # older summaries: the linear histogram
         kind = "log x: heavy-tailed" if log_x else "linear x"
         svg, notes = histogram_svg(name, m, log_x)
         note = f'<p class="note">not drawn: {_e(", ".join(notes))}</p>' if notes else ""
