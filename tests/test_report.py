@@ -189,3 +189,22 @@ def test_report_renders_in_headless_chromium(job, tmp_path):
     finally:
         browser.quit()
     assert json.loads((dest / "_fastkl.json").read_text())["summary"]["group_by"] == "domain"
+
+
+def test_log_bins_hold_each_value_between_their_edges():
+    from fastkl.summary.stats import LOG_BIN_KEYS, PartStats, _keys, log_bin_edges
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.exp(rng.uniform(-700, 700, 200_000)), 2.0 ** np.arange(-1000, 1000),
+                        np.nextafter(2.0 ** np.arange(-1000, 1000), 0)])
+    lo, hi = log_bin_edges(np.floor_divide(_keys(x), LOG_BIN_KEYS))
+    assert np.all((lo < x) & (x <= hi))
+    # the summary's bins count every finite value once, and merge exactly
+    v = np.concatenate([x[:1000], -x[1000:1500], np.zeros(7)])
+    st = PartStats.from_batch(("m",), v, np.zeros(v.size, np.uint8))
+    halves = PartStats.from_batch(("m",), v[:700], np.zeros(700, np.uint8)).merge(
+        PartStats.from_batch(("m",), v[700:], np.zeros(v.size - 700, np.uint8)))
+    bins = fastkl.Summary.from_stats(st).measures["m"].log_bins
+    assert bins == fastkl.Summary.from_stats(halves).measures["m"].log_bins
+    total = bins["zero"] + sum(sum(c) for name in ("pos", "neg") for _, c in bins[name])
+    assert bins["zero"] == 7 and total == v.size
