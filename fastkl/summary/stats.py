@@ -653,6 +653,10 @@ class PartStats:
         if codes.shape != status.shape:
             raise ValueError(f"codes must have one entry per row ({status.shape[0]}), got shape {codes.shape}")
         n_keys = len(keys or ())
+        if n_keys == 1 and status.size:  # one value in the whole batch (a hive partition key, a file of one split)
+            out = cls.for_layout(layout, group_by)
+            out._merge_in_place(part(None, counted), key=keys[0])
+            return out
         order = np.argsort(codes, kind="stable")
         starts = np.searchsorted(codes[order], np.arange(n_keys + 1), side="left")
         if layout.sequence:
