@@ -26,6 +26,7 @@ import pytest
 
 import fastkl
 from fastkl._demo import make_shard
+from test_stores import bucket, s3  # noqa: F401 (fixtures: moto's S3 server on 127.0.0.1, a fresh bucket)
 from fastkl.jobs.report import load_manifest, write_report
 from fastkl.summary.html import heavy_tailed, quantile
 
@@ -112,6 +113,28 @@ def test_report_of_a_dest_in_an_object_store(tmp_path, rng):
     out = write_report(url, tmp_path / "store.html")
     text = open(out, encoding="utf-8").read()
     assert url in text and text.count('<svg role="img"') == 1
+
+
+def test_cli_report_of_a_dest_on_s3(tmp_path, rng, s3, bucket):
+    """A job to an S3 bucket (a real S3 API server on 127.0.0.1), reported by the command line in
+    another process: the manifest is read with pyarrow's S3 client, endpoint from --storage-option."""
+    src = _source(tmp_path / "src", rng, files=2, rows=200)
+    url = f"s3://{bucket}/scores"
+    s = fastkl.run(src, url, p="teacher", q="student", measures=("kl", "js"), group_by="domain",
+                   on_invalid="null", quiet=True)
+    env = {k: v for k, v in os.environ.items() if k != "AWS_ENDPOINT_URL"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         os.environ.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-m", "fastkl.cli", "report", url, "--storage-option",
+                        f"endpoint_url={s3}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "scores-report.html"  # a URL's report goes to the current directory
+    assert r.stdout.strip() == f"report: {out}"
+    text = out.read_text(encoding="utf-8")
+    assert url in text and f"By domain ({len(s.groups)} groups)" in text
+    r = subprocess.run([sys.executable, "-m", "fastkl.cli", "report", f"s3://{bucket}/nothing", "--storage-option",
+                        f"endpoint_url={s3}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 2 and "is not a finished fastkl output" in r.stderr
 
 
 # --------------------------------------------------------------------------
