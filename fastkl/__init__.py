@@ -30,7 +30,9 @@ from ._api import (  # noqa: E402
     tv,
 )
 from ._registry import KINDS, MEASURES, REASONS, STATUSES  # noqa: E402
-from .errors import DataError, DestTakenError, FastKLError, FastKLWarning, InvalidRowError, OptionError  # noqa: E402
+from .errors import (  # noqa: E402
+    DataError, DestTakenError, FastKLError, FastKLWarning, InvalidRowError, OptionError, TooManyGroupsError,
+)
 
 __version__ = "0.1.0"
 
@@ -39,6 +41,7 @@ __all__ = [
     "gaussian_kl",
     "divergences", "run", "Summary",
     "InvalidRowError", "OptionError", "DataError", "DestTakenError", "FastKLError", "FastKLWarning",
+    "TooManyGroupsError",
     "MEASURES", "KINDS", "STATUSES", "REASONS",
 ]
 

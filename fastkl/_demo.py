@@ -5,6 +5,9 @@ distribution, Q a student's. Teachers are sharp softmaxes of heavy-tailed
 logits; a third of the teacher rows are top-k truncated (zeros in P: sparse
 teacher targets), and about 1% of the student rows are truncated too (zeros
 in Q where P > 0: their KL(P||Q) is +inf, counted apart in the summary).
+Each row has a `domain` (chat, code, math, web) on which the student is more
+or less noisy: the job groups its summary by it (--group-by domain), and the
+demo ends by writing the HTML report of each job (fastkl report).
 """
 
 from __future__ import annotations
@@ -36,10 +39,15 @@ def _truncate(p: np.ndarray, rows: np.ndarray, k: int) -> None:
     p[rows] = sub / sub.sum(axis=1, keepdims=True)
 
 
+DOMAINS = ("chat", "code", "math", "web")
+_DOMAIN_NOISE = np.array([0.45, 0.6, 0.9, 0.5])  # how far the student is from the teacher, per domain
+
+
 def make_shard(rng: np.random.Generator, first_id: int, n: int, *, vocab: int) -> pa.Table:
     logits = rng.standard_t(df=3, size=(n, vocab)) * rng.uniform(1.0, 3.0, size=(n, 1))
+    domain = rng.choice(len(DOMAINS), n, p=[0.4, 0.25, 0.15, 0.2])
     teacher = _softmax(logits / 0.7)
-    student = _softmax(logits + rng.normal(0.0, 0.6, size=(n, vocab)))
+    student = _softmax(logits + rng.normal(0.0, 1.0, size=(n, vocab)) * _DOMAIN_NOISE[domain][:, None])
     _truncate(teacher, rng.random(n) < 0.33, max(2, vocab // 8))
     _truncate(student, rng.random(n) < 0.01, max(2, vocab // 16))
 
@@ -52,6 +60,7 @@ def make_shard(rng: np.random.Generator, first_id: int, n: int, *, vocab: int) -
         "position": pa.array(rng.integers(0, 2048, n, dtype=np.int32)),
         "teacher": col(teacher),
         "student": col(student),
+        "domain": pa.DictionaryArray.from_arrays(pa.array(domain.astype(np.int8)), pa.array(DOMAINS)),
     })
 
 
@@ -128,7 +137,7 @@ def make_distill_shard(rng: np.random.Generator, first_id: int, n: int, *, vocab
 def make_sample(data_dir: str, rows: int, shards: int, vocab: int, seed: int = 0, *,
                 make=make_shard, **shape) -> list[str]:
     """Write the sample shards (skipped when the same sample is already there)."""
-    meta = {"rows": rows, "shards": shards, "vocab": vocab, "seed": seed, "format": 2,
+    meta = {"rows": rows, "shards": shards, "vocab": vocab, "seed": seed, "format": 3,
             "kind": make.__name__, **shape}
     marker = os.path.join(data_dir, "_sample.json")
     names = [os.path.join(data_dir, f"shard-{i:04d}.parquet") for i in range(shards)]
@@ -165,10 +174,11 @@ def demo(directory: str = "fastkl-demo", *, rows: int = 100_000, shards: int = 4
     size = sum(os.path.getsize(n) for n in names)
     measures = ("kl", "reverse_kl", "js", "entropy")
     cmd = (f"fastkl run {shlex.quote(data)} {shlex.quote(out)} --p teacher --q student "
-           + " ".join(f"--measure {m}" for m in measures) + " --keep id --keep position --overwrite")
+           + " ".join(f"--measure {m}" for m in measures) + " --keep id --keep position --group-by domain "
+           "--overwrite")
     click.echo(f"running: {cmd}   ({size / 1e6:.0f} MB)", err=True)
     summary = run(data, out, p="teacher", q="student", measures=measures, keep=("id", "position"),
-                  overwrite=True, quiet=quiet)
+                  group_by="domain", overwrite=True, quiet=quiet)
     click.echo(summary.format_table())
     t = summary.timings or {}
     if t.get("total_s"):
@@ -177,6 +187,11 @@ def demo(directory: str = "fastkl-demo", *, rows: int = 100_000, shards: int = 4
     click.echo(f"read it back: python -c \"import pyarrow.dataset as ds; "
                f"print(ds.dataset('{out}').to_table().slice(0, 5))\"")
     distill_demo(directory, sequences=sequences, quiet=quiet)
+    from .jobs.report import write_report
+
+    click.echo("\nreports (fastkl report DEST; one HTML file each, open it in a browser, offline):")
+    for dest in (os.path.join(directory, "distill-scores"), out):
+        click.echo(f"report: {os.path.abspath(write_report(dest))}")
     return summary
 
 

@@ -1,4 +1,5 @@
-"""The `fastkl` command: run, clean, demo, bench (docs/guide/jobs.md, docs/guide/storage.md).
+"""The `fastkl` command: run, report, clean, demo, bench (docs/guide/jobs.md, docs/guide/storage.md,
+docs/guide/report.md).
 
 Exit status: 0 done; 1 the data was refused (invalid rows, corrupt or
 mismatched files); 2 usage errors (unknown column, bad option, DEST refused);
@@ -36,7 +37,7 @@ _FLAGS = ("normalize", "overwrite", "resume", "status", "quiet")
 _NAMES = _FLAGS + ("p_temperature", "q_temperature", "temperature", "p_kind", "q_kind", "kind", "sum_tol",
                    "p_dtype", "q_dtype", "dtype",
                    "on_invalid", "smoothing", "base", "workers", "task_rows", "task_bytes", "summary_json",
-                   "scheduler")
+                   "scheduler", "max_groups", "group_by")
 _ALONE = "|".join(n for n in _NAMES if "_" in n)
 _PY_ARG = re.compile(
     rf"(?<![\w./'\"-])(?:(?P<name>{'|'.join(_NAMES)})=(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;)]+)"
@@ -256,6 +257,11 @@ every option: docs/reference/cli.md.
               help="Accept a store without conditional writes: two jobs at once could both write DEST.")
 @click.option("--dry-run", is_flag=True,
               help="Plan only: files, rows, bytes, tasks, parts and an estimated time; compute nothing.")
+@click.option("--group-by", "group_by", default=None, metavar="COL",
+              help="Also summarise per value of this low-cardinality column (string, integer, bool or "
+                   "dictionary; null is its own group).")
+@click.option("--max-groups", type=click.IntRange(min=1), default=None,
+              help="With --group-by: fail past this many distinct values (default 10,000).")
 @click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
 @click.pass_context
 def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids, vocab, tail, no_bounds, p_mean,
@@ -264,7 +270,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             dtype, p_dtype, q_dtype, temperature,
             p_temperature, q_temperature, base, beta, alpha, normalize, smoothing, sum_tol, on_invalid, status,
             scheduler, workers, overwrite, resume, quiet, summary_json, task_rows, task_mb, storage_option,
-            last_writer_wins, dry_run, debug_here):
+            last_writer_wins, dry_run, group_by, max_groups, debug_here):
     """Compute per-row measures of SOURCE (files, directories, globs) into the Parquet dataset DEST."""
     debug = debug_here or (ctx.obj or {}).get("debug", False)
     if dest is None:
@@ -296,7 +302,7 @@ def run_cmd(ctx: click.Context, source, dest, p, q, measures, keep, p_ids, q_ids
             mask=mask, lengths=lengths, per_token=per_token, p_ids=p_ids, q_ids=q_ids, vocab=vocab,
             tail=tail, bounds=not no_bounds, p_mean=p_mean, p_logvar=p_logvar, q_mean=q_mean, q_logvar=q_logvar,
             target=target, storage_options=storage_options, last_writer_wins=last_writer_wins,
-            dry_run=dry_run,
+            dry_run=dry_run, group_by=group_by, max_groups=max_groups,
         )
         return summary
 
@@ -354,6 +360,30 @@ def clean_cmd(ctx: click.Context, dest, storage_option, debug_here):
         return clean(dest, parse_storage_options(storage_option) or None)
 
     click.echo(f"fastkl: {run_guarded(go, debug)}")
+
+
+@main.command("report")
+@click.argument("dest")
+@click.option("--out", "-o", "out", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="The HTML file to write (default: DEST-report.html beside a local DEST, "
+                   "NAME-report.html here for a URL).")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="An option of the object store's filesystem (repeatable).")
+@click.option("--debug", "debug_here", is_flag=True, help="Show tracebacks on errors.")
+@click.pass_context
+def report_cmd(ctx, dest, out, storage_option, debug_here):
+    """Write one self-contained HTML page about the job at DEST: histograms, quantiles, invalid rows
+    by reason, per-group comparisons, options and timings (opens offline; reads only DEST's manifest)."""
+    debug = debug_here or (ctx.obj or {}).get("debug", False)
+
+    def go():
+        from .io.stores import parse_storage_options
+        from .jobs.report import write_report
+
+        return write_report(dest, out, parse_storage_options(storage_option) or None)
+
+    path = run_guarded(go, debug)
+    click.echo(f"report: {os.path.abspath(path)}")
 
 
 @main.command("demo")

@@ -73,3 +73,7 @@ class DestTakenError(FastKLError):
 
 class FastKLWarning(UserWarning):
     """Something the user should know although the job did its work (e.g. a leftover it could not remove)."""
+
+
+class TooManyGroupsError(OptionError):
+    """`group_by` met more distinct values than `max_groups`: not a low-cardinality column."""

@@ -188,6 +188,10 @@ class Columns:
     p_logvar: str | None = None
     q_logvar: str | None = None
     target: str | None = None  # the token id that came next (nll_p, nll_q, delta_p)
+    # --group-by: the column whose values split the summary (a file column, or a hive partition key)
+    group_by: str | None = None
+    group_type: pa.DataType | None = None
+    group_partition: bool = False
 
     def roles(self) -> list[tuple[str, str]]:
         """(role, column) of every column the kernels read: p, q, p_ids, q_ids, mask, lengths
@@ -203,6 +207,8 @@ class Columns:
         for c in (*(name for _, name in self.roles()), *self.keep):
             if c is not None and c not in self.partition_keep and c not in out:
                 out.append(c)
+        if self.group_by is not None and not self.group_partition and self.group_by not in out:
+            out.append(self.group_by)
         return out
 
 
@@ -1028,6 +1034,24 @@ def _check_duplicates(f: _Found, s: pa.Schema, names: Iterable[str | None]) -> N
             raise DataError(f"{f.display}: column {name!r} appears {n} times; column names must be unique")
 
 
+def _group_kind(t: pa.DataType) -> str | None:
+    """What values a group-by column holds: "str", "int" or "bool" (dictionaries: their values'), or None."""
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t):
+        return "str"
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_boolean(t):
+        return "bool"
+    return None
+
+
+def group_type_ok(t: pa.DataType, empty: bool = False) -> bool:
+    """A type --group-by accepts (an empty file's column may be typed null)."""
+    return _group_kind(t) is not None or (empty and pa.types.is_null(t))
+
+
 def _check_columns(
     found: list[_Found], schemas: list[pa.Schema], cols: Columns, rows: Sequence[int] | None = None,
     sampled: bool = False,
@@ -1081,6 +1105,18 @@ def _check_columns(
             cols.keep_types[name] = ptypes[name]
         else:
             raise unknown(name, "keep")
+    g = cols.group_by
+    if g is not None:
+        if g in s0.names:
+            _check_duplicates(first, s0, (g,))
+            cols.group_type = s0.field(g).type
+        elif g in ptypes and all(g in dict(f.partition) for f in found):
+            cols.group_type, cols.group_partition = ptypes[g], True
+        else:
+            raise unknown(g, "group-by")
+        if not group_type_ok(cols.group_type, rows[ref] == 0):
+            raise OptionError(f"group-by column {g!r} in {first.display} has type {cols.group_type}; expected "
+                              "a string, integer, boolean or dictionary column (a low-cardinality one)")
     for i, (f, s) in enumerate(zip(found, schemas)):
         if i == ref:
             continue
@@ -1097,6 +1133,14 @@ def _check_columns(
             if role in _SHAPED and not (empty and _null_typed(t)) and shape_of(t) != shapes[role]:
                 raise DataError(f"{f.display}: column {name!r} ({role}) has type {t}, but "
                                 f"{s0.field(name).type} in {first.display}")
+        if g is not None and not cols.group_partition:
+            if g not in s.names:
+                raise DataError(f"{f.display}: no column {g!r} (group-by), unlike {first.display}")
+            _check_duplicates(f, s, (g,))
+            t = s.field(g).type
+            if not (empty and pa.types.is_null(t)) and _group_kind(t) != _group_kind(cols.group_type):
+                raise DataError(f"{f.display}: group-by column {g!r} has type {t}, "
+                                f"but {cols.group_type} in {first.display}")
         for name in cols.keep:
             if name in cols.partition_keep:
                 continue
@@ -1218,6 +1262,7 @@ def scan(
     sampled: bool = False,
     logvars: tuple[str, str] | None = None,
     target: str | None = None,
+    group_by: str | None = None,
     task_rows: int | None = None,
     task_bytes: int | None = DEFAULT_TASK_BYTES,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
@@ -1241,7 +1286,7 @@ def scan(
         check(roots)  # e.g. DEST against SOURCE: before any file is opened
     cols = Columns(p=p, q=q, keep=tuple(keep), p_ids=p_ids, q_ids=q_ids, mask=mask, lengths=lengths,
                    p_logvar=logvars[0] if logvars else None, q_logvar=logvars[1] if logvars else None,
-                   target=target)
+                   target=target, group_by=group_by)
     names = [c for c in (p, q) if c is not None]
     read = [c for _, c in cols.roles()]  # sized on all the columns a task reads (ids, masks too)
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:

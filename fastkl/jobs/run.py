@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import functools
 import json
 import math
 import os
@@ -96,6 +95,7 @@ from ..io.store_output import remove_leftovers as store_remove_leftovers
 from ..io.sources import Columns, FileRef, Plan, Task, dataset_sources, open_input, scan
 from .._registry import Dtype, Kind, Tail
 from .._result import Layout, layout_for, output_fields
+from .groups import batch_groups
 from .progress import Progress
 
 LOCAL_SCHEDULERS = ("threads", "processes", "sync", "synchronous")
@@ -126,6 +126,7 @@ class JobSpec:
     staging: Staging
     job_fp: str
     layout: Layout | None = None  # which columns compute gives (sequence rows: m_mean, tokens, ...)
+    group_by: Any = None  # fastkl.summary.stats.GroupBy: per-group stats by the column columns.group_by
 
 
 def _kernel_threads(setting: int | dict | None) -> int:
@@ -630,7 +631,11 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
                         held, held_rows = [], 0
                 else:
                     writer.write_batch(out)
-                stats.append(PartStats.from_result(res))
+                if spec.group_by is None:
+                    stats.append(PartStats.from_result(res))
+                else:  # (grouped small files share no partition: they are computed one by one then)
+                    keys, codes = batch_groups(batch, cols, piece.file.partition if piece is not None else ())
+                    stats.append(PartStats.from_result(res, spec.group_by, keys, codes))
                 if len(stats) >= 32:  # many small batches: bounded state
                     stats = [PartStats.merge_all(stats)]
 
@@ -647,7 +652,7 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
 
         def flush() -> None:
             nonlocal w_rows
-            if len(waiting) == 1 or first_error is not None:
+            if len(waiting) == 1 or first_error is not None or (spec.group_by is not None and cols.group_partition):
                 for args in waiting:
                     one(*args, keep_of(args[0], args[2]))
             elif waiting:
@@ -706,7 +711,7 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
             raise OSError(e.errno, f"cannot write {staging.part_name(task.index)} into {staging.root}: "
                           f"{e.strerror or _short(e)}") from e
         raise
-    stats_json = PartStats.merge_all([PartStats.for_layout(spec.layout), *stats]).to_json()
+    stats_json = PartStats.merge_all([PartStats.for_layout(spec.layout, spec.group_by), *stats]).to_json()
     staging.finish_part(
         task.index,
         tmp,
@@ -1285,6 +1290,8 @@ def run(
     tail: Tail = "bucket",
     bounds: bool = True,
     per_token: bool = False,
+    group_by: str | None = None,
+    max_groups: int | None = None,
 ):
     """Compute `measures` for every row of SOURCE and write them to the Parquet dataset DEST.
 
@@ -1338,8 +1345,12 @@ def run(
         target: the column of the tokens that came next (nll_p, nll_q, delta_p).
         storage_options: options of the object store's filesystem (endpoint_url, key, secret, region, ...).
         last_writer_wins: accept a store without conditional writes (two jobs at once could both write DEST).
+        group_by: a low-cardinality column (string, integer, bool or dictionary; or a hive
+            partition key) whose every value, null included, gets its own summary (Summary.groups),
+            merged exactly like the whole.
+        max_groups: with group_by, fail (TooManyGroupsError) past this many distinct values
+            (default 10,000).
     """
-    from ..summary.stats import PartStats, Summary
 
     t_start = time.perf_counter()
     source, storage_options = dataset_sources(source, storage_options)  # a pyarrow Dataset: its files
@@ -1364,6 +1375,7 @@ def run(
             raise OptionError(f"keep column {k!r} has the name of an output column")
     if workers is not None and int(workers) < 1:
         raise OptionError(f"workers must be >= 1, got {workers}")
+    grouping = _grouping(group_by, max_groups)
     client = None
     if scheduler is not None and not isinstance(scheduler, str):
         try:
@@ -1407,7 +1419,7 @@ def run(
     sampled = options.p_kind == "sampled"
     plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
                        sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
-                       target=target,
+                       target=target, group_by=group_by,
                        task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options,
                        group_files=group_files)
     layout = (Layout(measures) if measures == ("gaussian_kl",)
@@ -1433,6 +1445,7 @@ def run(
             task_rows=task_rows, task_bytes=task_bytes, group_files=group_files, scheduler=scheduler, client=client,
             workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
+            grouping=grouping,
         )
 
 
@@ -1495,6 +1508,20 @@ class DryRun:
         return "\n".join(lines)
 
 
+def _grouping(group_by, max_groups):
+    """group_by / max_groups checked into a `GroupBy` (None without group_by)."""
+    from ..summary.stats import DEFAULT_MAX_GROUPS, GroupBy
+
+    if max_groups is not None and (isinstance(max_groups, bool) or not isinstance(max_groups, int)
+                                   or max_groups < 1):
+        raise OptionError(f"max_groups must be an integer >= 1, got {max_groups!r}")
+    if group_by is None:
+        return None
+    if not isinstance(group_by, str) or not group_by:
+        raise OptionError(f"group_by must be a column name, got {group_by!r}")
+    return GroupBy(group_by, DEFAULT_MAX_GROUPS if max_groups is None else max_groups)
+
+
 def _refuse_memory_across_processes(source, dest, scheduler) -> None:
     """memory:// lives in one process: worker processes would each see an empty store."""
     args = [source] if isinstance(source, (str, os.PathLike)) else list(source)
@@ -1516,7 +1543,8 @@ def _local_sources(source):
 
 
 def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layout, options, status, task_rows,
-                task_bytes, group_files, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start):
+                task_bytes, group_files, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start,
+                grouping=None):
     """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
     from ..summary.stats import PartStats, Summary
 
@@ -1528,7 +1556,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     job = {
         "fastkl_version": _version(),
         "columns": {"p": cols.p, "q": cols.q, "keep": list(cols.keep),
-                    **{role: name for role, name in cols.roles() if role not in ("p", "q")}},
+                    **{role: name for role, name in cols.roles() if role not in ("p", "q")},
+                    **({"group_by": cols.group_by} if cols.group_by is not None else {})},
         "schema": str(schema),
         "measures": list(measures),
         "options": options.to_dict(),
@@ -1572,7 +1601,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     job_id = (staging.staged_job_id(job) if resume else None) or new_job_id()
     lock.announce(job_id)
     done_states = staging.prepare(job, job_id, resume=resume)
-    spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout)
+    spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout, grouping)
 
     # Parts finished by an earlier attempt whose input is unchanged.
     reused: dict[int, dict] = {}
@@ -1600,7 +1629,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
             progress.done(t.index, t.rows, t.nbytes)
     kind = "threads" if scheduler is None else scheduler if isinstance(scheduler, str) else "client"
     to_close: list = []  # a cluster / connection this call opened, closed in reverse
-    merge = _OrderedMerge(reused)
+    merge = _OrderedMerge(reused, PartStats.for_layout(layout, grouping))
     failed = True
     try:
         from .._engine import warmup
@@ -1623,10 +1652,11 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
             staging.discard_if_nothing_finished()
     t_compute = time.perf_counter()
 
+    # Merge in task order: identical whatever ran where and when (this job's cap on groups applies).
     if plan.tasks:
         merged = merge.merged
     else:  # empty input: one empty part keeps DEST a readable dataset
-        merged = PartStats.for_layout(layout)
+        merged = PartStats.for_layout(layout, grouping)
         staging.write_empty_part(schema)
     timings = {
         "plan_s": t_plan - t_start,
@@ -1680,16 +1710,16 @@ class _OrderedMerge:
     list of every task's state, so the summary does not depend on the order
     of arrival (nor, its sums being exact, on how the job was split).
     `reused`: the states of parts an earlier attempt finished (--resume),
-    merged when their turn comes.
+    merged when their turn comes; `start`: the state merged into first.
     """
 
     BATCH = 64  # states merged at once by `PartStats.merge_all` (which copies its first: once per batch)
 
-    def __init__(self, reused: dict[int, dict]):
+    def __init__(self, reused: dict[int, dict], start=None):
         self.reused = reused
         self.waiting: dict[int, dict] = {}
         self.next = 0
-        self._merged = None
+        self._merged = start  # an empty state of the job's layout (and its cap on groups), or None
         self._ready: list = []  # in task order, not yet folded into _merged
         self.seconds = 0.0
 
