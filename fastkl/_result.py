@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from ._options import Options
-from ._registry import FIRST_INVALID, NO_TOKENS, OK, STATUSES, TARGET_UNLISTED, valid_rows
+from ._registry import FIRST_INVALID, NO_TOKENS, STATUSES, TARGET_UNLISTED, valid_rows
 from .errors import InvalidRowError, OptionError
 
 # describe(row, reason) -> (position or None, a short human explanation)
