@@ -262,12 +262,13 @@ def test_gjs_without_renyi_matches_the_exact_reference(case, beta):
 
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("zeros", [0.0, 0.3])
-def test_gjs_of_float32_log_probabilities(beta, zeros, rng):
-    """The float32 log-space gjs loop (gjs without renyi / bhattacharyya), with close and far
-    rows, zeros on either side and each side the larger, against the exact reference."""
+def test_gjs_and_bhattacharyya_of_float32_log_probabilities(beta, zeros, rng):
+    """The float32 log-space loops of gjs and bhattacharyya (taken without renyi), with close
+    and far rows, zeros on either side and each side the larger, against the exact reference."""
     P = naive.make_logprobs(rng, 12, 40, np.float32, zero_frac=zeros, spread=3.0)
     Q = naive.make_logprobs(rng, 12, 40, np.float32, zero_frac=zeros, spread=3.0)
     Q[:4] = P[:4] + rng.normal(0, 1e-3, P[:4].shape).astype(np.float32) * (P[:4] > -np.inf)
     Q[:4] -= np.log(np.exp(Q[:4].astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
-    for measures in (("gjs",), ("kl", "js", "gjs")):
-        assert_reference(P, Q, dict(kind="logprobs", beta=beta), measures, naive.rel_bound(np.float32))
+    for measures in (("gjs",), ("kl", "js", "gjs"), ("bhattacharyya",), ("tv", "hellinger", "bhattacharyya", "gjs")):
+        opts = dict(kind="logprobs", beta=beta) if "gjs" in measures else dict(kind="logprobs")
+        assert_reference(P, Q, opts, measures, naive.rel_bound(np.float32))

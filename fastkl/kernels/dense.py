@@ -1027,29 +1027,39 @@ def _gjs_logs32(arow, brow, terms, beta):
 
 
 @_jit
-def _tv_hellinger_logs32(arow, brow, terms):
-    """(sum |p - q|, sum (sqrt p - sqrt q)^2, sum p, sum q, flag) for float32 log-probabilities:
-    |p - q| = -big em and sqrt p - sqrt q = sqrt(big) em / (1 + sqrt(e^-|d|)) (no cancelling)."""
+def _tv_hellinger_logs32(arow, brow, terms, want_bha):
+    """(sum |p - q|, sum (sqrt p - sqrt q)^2, sum p, sum q, flag, and with `want_bha` the float64
+    sums of sqrt(p q), p and q) for float32 log-probabilities: |p - q| = -big em, sqrt p - sqrt q
+    = sqrt(big) em / (1 + sqrt(e^-|d|)) (no cancelling), sqrt(p q) = big sqrt(e^-|d|)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
     p_sum = q_sum = flag = zero
     for j in range(arow.size):
         big, small, ex, em, ad, both, p, q, bad = _pair_logs32(arow[j], brow[j])
-        r = em / (one + np.sqrt(ex))
+        root = np.sqrt(ex)
+        r = em / (one + root)
         terms[0, j] = -big * em
         terms[1, j] = big * r * r
+        terms[2, j] = big * root
+        terms[3, j] = p
+        terms[4, j] = q
         p_sum += p
         q_sum += q
         flag += bad
-    return _sum64(terms[0], arow.size), _sum64(terms[1], arow.size), p_sum, q_sum, flag
+    n = arow.size
+    bc = p64 = q64 = 0.0
+    if want_bha:
+        bc, p64, q64 = _sum64(terms[2], n), _sum64(terms[3], n), _sum64(terms[4], n)
+    return _sum64(terms[0], n), _sum64(terms[1], n), p_sum, q_sum, flag, bc, p64, q64
 
 
 @_jit
 def _logprobs32_chunk(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
-                      terms):
-    """The requested sums over one chunk of a float32 logprobs row:
-    (flag, p_sum, q_sum, kl, rkl, ent, ce, js, tv, hel, gjs); the first loop that runs gives the row sums."""
-    kl = rkl = ent = ce = js = tv = hel = gjs = 0.0
+                      want_bha, terms):
+    """The requested sums over one chunk of a float32 logprobs row: (flag, p_sum, q_sum, kl, rkl,
+    ent, ce, js, tv, hel, gjs, bc, p64, q64); the first loop that runs gives the row sums (bc,
+    p64, q64: bhattacharyya's sum of sqrt(p q) and float64 row sums, with want_bha)."""
+    kl = rkl = ent = ce = js = tv = hel = gjs = bc = p64 = q64 = 0.0
     want_gjs = want_gjs and 0.0 < beta < 1.0  # gjs is 0 at beta = 0 and 1
     flag = np.float32(0.0)
     p_sum = q_sum = np.float32(0.0)
@@ -1070,7 +1080,7 @@ def _logprobs32_chunk(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, w
             p_sum, q_sum, sums = (p_sum, q_sum, sums) if sums else (ps, qs, True)
             flag += f
         if want_tvh:
-            tv, hel, ps, qs, f = _tv_hellinger_logs32(arow, brow, terms)
+            tv, hel, ps, qs, f, bc, p64, q64 = _tv_hellinger_logs32(arow, brow, terms, want_bha)
             p_sum, q_sum = (p_sum, q_sum) if sums else (ps, qs)
             flag += f
     if want_ent or not use_q:
@@ -1079,21 +1089,21 @@ def _logprobs32_chunk(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, w
     if use_q and want_ce:
         ce, f = _cross_entropy_logs32(arow, brow, terms)
         flag += f
-    return flag, p_sum, q_sum, kl, rkl, ent, ce, js, tv, hel, gjs
+    return flag, p_sum, q_sum, kl, rkl, ent, ce, js, tv, hel, gjs, bc, p64, q64
 
 
 @_jit
 def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
-                      sum_tol, terms):
-    """All requested sums for a float32 logprobs row (no renyi / bhattacharyya), or
-    ok = False when the row needs the scan and the float64 loops."""
-    kl = rkl = ent = ce = js = tv = hel = gjs = 0.0
+                      want_bha, sum_tol, terms):
+    """All requested sums for a float32 logprobs row (no renyi), or ok = False when the row
+    needs the scan and the float64 loops."""
+    kl = rkl = ent = ce = js = tv = hel = gjs = bc = p64 = q64 = 0.0
     flag = p_sum = q_sum = 0.0
     for b0 in range(0, arow.size, SUM_BLOCK):
         b1 = min(b0 + SUM_BLOCK, arow.size)
-        f, ps, qs, a, b, c, d, e, g, h, m = _logprobs32_chunk(arow[b0:b1], brow[b0:b1], use_q, want_kl, want_rkl,
-                                                              want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
-                                                              terms)
+        f, ps, qs, a, b, c, d, e, g, h, m, bcc, pc, qc = _logprobs32_chunk(
+            arow[b0:b1], brow[b0:b1], use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
+            want_bha, terms)
         flag += np.float64(f)
         p_sum += np.float64(ps)
         q_sum += np.float64(qs)
@@ -1105,10 +1115,14 @@ def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, w
         tv += g
         hel += h
         gjs += m
+        bc += bcc
+        p64 += pc
+        q64 += qc
     if not use_q:
         q_sum = 1.0
     ok = flag == 0.0 and _sums_within32(p_sum, q_sum, min(arow.size, SUM_BLOCK), sum_tol)
-    return ok, kl, rkl, ent, ce, js, tv, hel, gjs
+    bha = _bhattacharyya(hel, bc, p64, q64) if (ok and want_bha) else 0.0
+    return ok, kl, rkl, ent, ce, js, tv, hel, gjs, bha
 
 
 @_jit
@@ -1715,10 +1729,10 @@ def _make_kernel(name):
         as_is32 = _is_float32(p_values) and not normalize and smoothing == 0.0
         probs32 = probs and as_is32
         logprobs32 = (logs and as_is32 and p_kind == LOGPROBS and (q_kind == LOGPROBS or not use_q)
-                      and not (want_renyi or want_bha))
+                      and not want_renyi)
         logits_kl = logs and kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = gjs = ren = bha = 0.0
-        terms = np.empty((3, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
+        terms = np.empty((5, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
         p_scratch = _scratch(p_values, p_offsets, start, stop)  # empty unless a 16-bit side
         q_scratch = _scratch(q_values, q_offsets, start, stop) if use_q else p_scratch
         for i in range(start, stop):
@@ -1764,9 +1778,9 @@ def _make_kernel(name):
                                 want_tvh, want_gjs, want_renyi, beta, am1)
                     elif logs:
                         if fast and not kl_only:
-                            done, kl, rkl, ent, ce, js, tv, hel, gjs = _logprobs32_terms(
+                            done, kl, rkl, ent, ce, js, tv, hel, gjs, bha = _logprobs32_terms(
                                 prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs,
-                                beta, sum_tol, terms)
+                                beta, want_bha, sum_tol, terms)
                         elif logits_kl:  # the common logits call, straight to its loops
                             p_top, p_bad = _scan_logits(prow)
                             q_top, q_bad = _scan_logits(qrow)
