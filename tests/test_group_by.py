@@ -21,6 +21,7 @@ import pytest
 
 import fastkl
 from fastkl.io.output import MANIFEST, staging_path
+from test_jobs import interrupt_at_task
 
 MEASURES = ("kl", "js", "entropy")
 LANGS = ["en", "de", "fr", None]
@@ -144,26 +145,15 @@ def test_groups_do_not_depend_on_the_split_or_scheduler(tmp_path, rng, cluster_c
 
 
 def test_resume_keeps_the_groups_exact(tmp_path, rng, monkeypatch):
-    import fastkl.jobs.run as job
-
     source, table = write_source(tmp_path / "src", rng)
     clean = fastkl.run(source, tmp_path / "clean", measures=MEASURES, on_invalid="null", group_by="lang",
                        task_rows=20, quiet=True)
-    real = job.run_task
-    calls = []
-
-    def flaky(task, *a, **k):
-        calls.append(task.index)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real(task, *a, **k)
-
-    monkeypatch.setattr(job, "run_task", flaky)
+    restore = interrupt_at_task(monkeypatch, 7)
     dest = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         fastkl.run(source, dest, measures=MEASURES, on_invalid="null", group_by="lang", task_rows=20,
                    scheduler="sync", quiet=True)
-    monkeypatch.setattr(job, "run_task", real)
+    restore()
     s = fastkl.run(source, dest, measures=MEASURES, on_invalid="null", group_by="lang", task_rows=20,
                    scheduler="sync", resume=True, quiet=True)
     manifest = json.loads((dest / MANIFEST).read_text())

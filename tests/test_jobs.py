@@ -412,28 +412,34 @@ def test_resume_after_failure_gives_clean_output(tmp_path, rng):
     assert not staging.exists()
 
 
-def test_resume_after_interrupt(tmp_path, rng, monkeypatch):
+def interrupt_at_task(monkeypatch, n: int):
+    """Make the n-th task of the next job raise KeyboardInterrupt (a Ctrl-C mid-job);
+    returns a function that puts the real task back (for the --resume that follows)."""
     import fastkl.jobs.run as job
 
-    source, table = write_dataset(str(tmp_path / "src"), "parquet", rng, files=3)
-    clean = tmp_path / "clean"
-    fastkl.run(source, clean, keep=("id",), task_rows=9)
     real = job.run_task
     calls = []
 
     def flaky(task, *a, **k):
         calls.append(task.index)
-        if len(calls) == 6:
+        if len(calls) == n:
             raise KeyboardInterrupt
         return real(task, *a, **k)
 
     monkeypatch.setattr(job, "run_task", flaky)
+    return lambda: monkeypatch.setattr(job, "run_task", real)
+
+
+def test_resume_after_interrupt(tmp_path, rng, monkeypatch):
+    source, table = write_dataset(str(tmp_path / "src"), "parquet", rng, files=3)
+    clean = tmp_path / "clean"
+    fastkl.run(source, clean, keep=("id",), task_rows=9)
+    restore = interrupt_at_task(monkeypatch, 6)
     dest = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         fastkl.run(source, dest, keep=("id",), task_rows=9, scheduler="sync")
     assert not dest.exists()
-    calls.clear()
-    monkeypatch.setattr(job, "run_task", real)
+    restore()
     fastkl.run(source, dest, keep=("id",), task_rows=9, scheduler="sync", resume=True)
     assert _bytes_of_parts(dest) == _bytes_of_parts(clean)
     manifest = json.loads((dest / MANIFEST).read_text())

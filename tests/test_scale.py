@@ -13,6 +13,7 @@ import pytest
 
 import fastkl
 from fastkl.io.output import MANIFEST, staging_path
+from test_jobs import interrupt_at_task
 
 
 def _tiny_files(root, n, rows=5, k=4, seed=0):
@@ -91,25 +92,14 @@ def test_invalid_row_in_a_group_names_its_file_and_row(tmp_path):
 
 
 def test_resume_with_grouped_tasks_redoes_only_the_group_of_a_changed_file(tmp_path, monkeypatch):
-    import fastkl.jobs.run as job
-
     src = _tiny_files(tmp_path / "src", 20)
     clean = fastkl.run(src, tmp_path / "clean", keep="id", group_files=4, quiet=True)
-    real = job.run_task
-    calls = []
-
-    def flaky(task, *a, **k):
-        calls.append(task.index)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real(task, *a, **k)
-
-    monkeypatch.setattr(job, "run_task", flaky)
+    restore = interrupt_at_task(monkeypatch, 4)
     dest = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         fastkl.run(src, dest, keep="id", group_files=4, scheduler="sync", quiet=True)
     assert staging_path(dest).is_dir() and not dest.exists()
-    monkeypatch.setattr(job, "run_task", real)
+    restore()
     # a file of the second group is rewritten (same rows): that group is redone, the others reused
     path = os.path.join(src, "f0005.parquet")
     pq.write_table(pq.read_table(path), path, compression="gzip")
