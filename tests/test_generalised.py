@@ -119,7 +119,6 @@ def test_extreme_log_ratios_are_defined(alpha):
     (finite or +inf), never NaN, and exact (the sums overflow where alpha > 1)."""
     rows_a, rows_b = [], []
     for r in (1.0, 50.0, 300.0, 700.0):
-        a = np.log(np.array([0.5, 0.5, 0.0]) + 0.0)
         b = np.array([math.log(0.5), math.log(0.5) - r, -math.inf])
         b = b - np.log(np.exp(b).sum())
         rows_a.append(np.array([math.log(0.5), math.log(0.5), -math.inf]))
