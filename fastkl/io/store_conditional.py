@@ -58,7 +58,8 @@ def _s3_client(options: tuple):
         endpoint = f"{o.get('scheme', 'https')}://{endpoint}"
     if endpoint:
         kw["endpoint_url"] = endpoint
-    cfg = Config(retries={"max_attempts": S3_RETRIES, "mode": "standard"}, connect_timeout=10, read_timeout=30)
+    cfg = Config(retries={"max_attempts": S3_RETRIES, "mode": "standard"}, connect_timeout=10, read_timeout=30,
+                 max_pool_connections=32)  # pinned reads (store_reads): tasks x concurrent GETs
     return boto3.client("s3", config=cfg, **kw)
 
 
