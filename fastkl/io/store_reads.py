@@ -33,7 +33,7 @@ from .stores import Store
 TAIL = 64 << 10  # bytes read from an object's end when it is opened: its footer, most often whole
 READ_AHEAD = 1 << 20  # smallest on-demand GET (IPC message headers are read a few hundred bytes at a time)
 GAP = 1 << 20  # prefetched ranges closer than this are fetched by one GET (one request costs ~1 MB of transfer)
-PIECE = 16 << 20  # largest single GET of a prefetch (larger runs are split and fetched concurrently)
+PIECE = 16 << 20  # ranges are joined into one GET up to this size (more GETs run concurrently)
 THREADS = 8  # concurrent GETs of one prefetch
 
 
@@ -129,15 +129,14 @@ class Pinned:
 
     def prefetch(self, ranges: Iterable[tuple[int, int]]) -> None:
         """Fetch byte ranges [a, b) now, coalesced and concurrently, and keep them until close."""
-        runs: list[list[int]] = []
+        pieces: list[list[int]] = []  # a range is never split: pyarrow reads a column chunk in one call
         for a, b in sorted((max(0, a), min(self.size, b)) for a, b in ranges):
             if b <= a or self._find(a, b - a) is not None:
                 continue
-            if runs and a - runs[-1][1] <= GAP:
-                runs[-1][1] = max(runs[-1][1], b)
+            if pieces and a - pieces[-1][1] <= GAP and b - pieces[-1][0] <= PIECE:
+                pieces[-1][1] = max(pieces[-1][1], b)
             else:
-                runs.append([a, b])
-        pieces = [(s, min(s + PIECE, b)) for a, b in runs for s in range(a, b, PIECE)]
+                pieces.append([a, b])
         if not pieces:
             return
         if len(pieces) == 1:
