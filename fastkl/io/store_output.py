@@ -126,15 +126,24 @@ def store_dest(dest: str, storage_options: dict | None) -> StoreDest:
 def dest_kind(dest: StoreDest) -> str | None:
     """None (nothing), "output" (a manifest), "interrupted" (a commit killed while publishing:
     --resume or --overwrite finish it), "empty", or what else it is, for the refusal."""
+    return dest_state(dest)[0]
+
+
+def dest_state(dest: StoreDest) -> tuple[str | None, Any]:
+    """`dest_kind` and the manifest it read (parsed; None if absent or not JSON): one GET."""
     cond = conditional(dest.store)
-    if cond.read(dest.key(MANIFEST)) is not None:
-        return "output"
+    found = cond.read(dest.key(MANIFEST))
+    if found is not None:
+        try:
+            return "output", json.loads(found.data)
+        except ValueError:
+            return "output", None
     shown = visible(dest)
     if not shown:
-        return None if not _entries(dest.fs, dest.path) else "empty"
+        return (None if not _entries(dest.fs, dest.path) else "empty"), None
     if pending_commits(dest):
-        return "interrupted"
-    return f"a prefix holding {len(shown)} other object(s), e.g. {dest.store.url(shown[0])}"
+        return "interrupted", None
+    return f"a prefix holding {len(shown)} other object(s), e.g. {dest.store.url(shown[0])}", None
 
 
 def check_store_dest(dest: str, roots: Iterable[str], *, overwrite: bool, exists_ok: bool,
@@ -313,9 +322,10 @@ class StoreStaging:
         self.job_id: str | None = None
         self.retries = 4  # a task whose upload fails transiently runs again (backoff)
         self._uploads: dict[str, Any] = {}  # tmp -> its upload, in the process writing it
+        self._known: dict[int, dict] = {}  # part -> its staged object and size, as the client heard it
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _uploads={})  # uploads stay in the process that writes them
+        return dict(self.__dict__, _uploads={}, _known={})  # each stays in the process that has it
 
     @property
     def top(self) -> str:
@@ -386,7 +396,14 @@ class StoreStaging:
                 st = read_json(self._cond(), e.path)
                 if isinstance(st, dict) and isinstance(st.get("index"), int) and self._vouched(st):
                     done[st["index"]] = st
+                    self.note(st["index"], st)
         return done
+
+    def note(self, index: int, staged: dict | None) -> None:
+        """A part finished (its task's result, or a state --resume vouched for): the commit
+        need not read its state back."""
+        if staged is not None:
+            self._known[index] = {"object": staged["object"], "part_size": staged["part_size"]}
 
     def _vouched(self, st: Any, sizes: dict[str, int] | None = None) -> bool:
         """The staged object this state names exists with its size, written by this job
@@ -400,15 +417,21 @@ class StoreStaging:
 
     def check_parts(self, n_parts: int) -> list[str]:
         """Before the commit: every part is staged and vouched; the staged object of each.
-        One listing for the objects' sizes, the states read concurrently."""
-        sizes = {posixpath.basename(e.path): e.size for e in _entries(self.dest.fs, self.root)
-                 if e.type == pafs.FileType.File}
-        cond = self._cond()
-        with ThreadPoolExecutor(max_workers=min(16, max(1, n_parts))) as ex:
-            states = list(ex.map(lambda i: read_json(cond, self._state_path(i)), range(n_parts)))
+        Parts the client heard of are known; any other is read back (its state, concurrently,
+        and one listing for the objects' sizes)."""
+        unknown = [i for i in range(n_parts) if i not in self._known]
+        states = {i: dict(self._known[i], job_id=self.job_id) for i in range(n_parts) if i in self._known}
+        sizes = None
+        if unknown:
+            sizes = {posixpath.basename(e.path): e.size for e in _entries(self.dest.fs, self.root)
+                     if e.type == pafs.FileType.File}
+            cond = self._cond()
+            with ThreadPoolExecutor(max_workers=min(16, len(unknown))) as ex:
+                states.update(zip(unknown, ex.map(lambda i: read_json(cond, self._state_path(i)), unknown)))
         out = []
-        for i, st in enumerate(states):
-            if not self._vouched(st, sizes):
+        for i in range(n_parts):
+            st = states[i]
+            if not self._vouched(st, sizes if i in unknown else {st["object"]: st["part_size"]}):
                 raise DataError(f"{self.part_name(i)} in {self} is not the part this job wrote; "
                                 "not committing: run the job again with --resume")
             out.append(st["object"])
@@ -433,8 +456,9 @@ class StoreStaging:
         except OSError:
             pass
 
-    def finish_part(self, index: int, tmp: str, state: dict) -> None:
-        """Name the uploaded attempt in the part's state: the last finished attempt counts."""
+    def finish_part(self, index: int, tmp: str, state: dict) -> dict:
+        """Name the uploaded attempt in the part's state: the last finished attempt counts.
+        Returns the state (the client notes it)."""
         upload = self._uploads.pop(tmp, None)
         if upload is not None:
             size = upload.tell()
@@ -444,13 +468,14 @@ class StoreStaging:
         state = dict(state, index=index, part=self.part_name(index), job_id=self.job_id,
                      object=posixpath.basename(tmp), part_size=size)
         put_json(self.dest.store, self._state_path(index), state)
+        return state
 
     def write_empty_part(self, schema: pa.Schema) -> None:
         """Empty input: one empty part keeps DEST a readable dataset."""
         tmp = self.tmp_part(0)
         with self.part_writer(tmp, schema) as w:
             w.write_table(schema.empty_table())
-        self.finish_part(0, tmp, {"rows": 0})
+        self.note(0, self.finish_part(0, tmp, {"rows": 0}))
 
     def discard_if_nothing_finished(self) -> None:
         try:
@@ -483,13 +508,14 @@ class StoreStaging:
                 raise OptionError(f"DEST {dest} appeared while the job ran; output left in {self}")
             cond.delete(dest.key(MANIFEST))  # DEST stops existing (for fastkl) while it is replaced
         names = [p["file"] for p in manifest["parts"]]
-        with ThreadPoolExecutor(max_workers=min(16, max(1, len(names)))) as ex:
+        with ThreadPoolExecutor(max_workers=min(16, len(names) + 1)) as ex:
+            listed = ex.submit(_entries, fs, dest.path)  # beside the copies: the new names are kept anyway
             list(ex.map(lambda no: fs.copy_file(posixpath.join(self.root, no[1]), dest.key(no[0])),
                         zip(names, objects)))
-        keep = set(names)
-        for e in _entries(fs, dest.path):  # parts of an older, longer output
-            if not posixpath.basename(e.path).startswith(("_", ".")) and posixpath.basename(e.path) not in keep:
-                _delete(cond, e)
+            keep = set(names)
+            for e in listed.result():  # parts of an older, longer output
+                if not posixpath.basename(e.path).startswith(("_", ".")) and posixpath.basename(e.path) not in keep:
+                    _delete(cond, e)
         data = json.dumps(manifest, indent=1, allow_nan=True).encode() + b"\n"
         if cond.create(dest.key(MANIFEST), data) is None:
             other = read_json(cond, dest.key(MANIFEST))
@@ -500,10 +526,13 @@ class StoreStaging:
     def remove(self) -> None:
         """Drop this job's staged objects and pending uploads, and the staging prefix if empty."""
         cond = self._cond()
-        cond.delete_prefix(self.root)
-        cond.abort_uploads(self.top)  # this job holds DEST: any upload under staging is dead
+        with ThreadPoolExecutor(max_workers=3) as ex:  # three independent round trips at once
+            done = [ex.submit(cond.delete_prefix, self.root),
+                    ex.submit(cond.abort_uploads, self.top),  # this job holds DEST: any upload under staging is dead
+                    ex.submit(drop_stale_probes, self.dest)]
+            for f in done:
+                f.result()
         cond.drop_if_empty(self.top)
-        drop_stale_probes(self.dest)
 
 
 def drop_stale_probes(dest: StoreDest, age_s: float = 60.0) -> None:

@@ -82,15 +82,13 @@ from ..io.output import (
 from ..errors import DataError, FastKLError, InvalidRowError, OptionError
 from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_at, read_rows
 from ..io.stores import is_store_url, scheme_of
-from ..io.store_conditional import conditional
 from ..io.store_output import (
     StoreClaim,
     StoreDest,
     StoreStaging,
     check_store_dest,
-    read_json,
 )
-from ..io.store_output import dest_kind as store_dest_kind
+from ..io.store_output import dest_state as store_dest_state
 from ..io.store_output import remove_leftovers as store_remove_leftovers
 from ..io.sources import Columns, FileRef, Plan, Task, dataset_sources, open_input, scan
 from ..io.store_reads import ObjectChanged, PinnedFile, open_pinned, pins
@@ -767,13 +765,14 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
                           f"{e.strerror or _short(e)}") from e
         raise
     stats_json = PartStats.merge_all([PartStats.for_layout(spec.layout, spec.group_by), *stats]).to_json()
-    staging.finish_part(
+    staged = staging.finish_part(
         task.index,
         tmp,
         {"job": spec.job_fp, "fingerprint": task.fingerprint(), "batch_rows": batch_rows,
          "rows": done, "stats": stats_json},
     )
-    return {"index": task.index, "rows": done, "stats": stats_json, "seconds": time.perf_counter() - t0}
+    return {"index": task.index, "rows": done, "stats": stats_json, "seconds": time.perf_counter() - t0,
+            **({"staged": {k: staged[k] for k in ("object", "part_size")}} if staged else {})}
 
 
 def _short(e: BaseException) -> str:
@@ -1693,7 +1692,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         # (numba issue 4807), for every dtype the files of the plan need
         warmup(_kernel_dtypes(plan), _warm_options(options), measures, spec.layout.sparse)
         if todo:
-            _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close, merge.add)
+            _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close,
+                       lambda r: (staging.note(r["index"], r.get("staged")), merge.add(r)))
         merge.drain(len(plan.tasks))
         failed = False
     finally:
@@ -1861,10 +1861,9 @@ def _identity(m: dict) -> dict:
 def _existing(dest, dest_p) -> tuple[str | None, dict | None]:
     """What is at DEST now (kind as `dest_kind` says) and its manifest; a foreign DEST is refused."""
     if isinstance(dest_p, StoreDest):
-        kind = store_dest_kind(dest_p)
+        kind, old = store_dest_state(dest_p)
         if kind not in (None, "output", "empty", "interrupted"):
             raise OptionError(f"DEST {os.fspath(dest)!r} exists and is not a fastkl output ({kind})")
-        old = read_json(conditional(dest_p.store), dest_p.key(MANIFEST)) if kind == "output" else None
         return (None if kind == "empty" else kind), old
     kind = dest_kind(dest_p)
     if kind not in (None, "output", "empty"):
