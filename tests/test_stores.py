@@ -607,6 +607,24 @@ def test_resume_redoes_the_parts_of_an_object_replaced_since(tmp_path, bucket, m
     assert_clean(bucket, "out")
 
 
+def test_a_server_ignoring_if_match_still_shows_the_replacement(bucket, s3):
+    """A server that drops If-Match (the proxy strips it) serves the new version: the ETag of its
+    answer differs from the pinned one, and the read fails the same way."""
+    from fastkl.io.store_reads import ObjectChanged, open_pinned
+
+    etags = plain_shards(bucket, files=1)
+    proxy = s3server.FaultProxy(s3)
+    proxy.strip_conditions = True
+    try:
+        store, path = resolve(f"s3://{bucket}/src/shard-0.parquet", {"endpoint_url": proxy.url})
+        f = open_pinned(store, path, etags[0])
+        new = put(bucket, "src/shard-0.parquet", _plain(np.random.default_rng(5), 40, 0))
+        with pytest.raises(ObjectChanged, match=f"ETag {etags[0]} -> {new}"):
+            f.read_at(1000, 0)
+    finally:
+        proxy.close()
+
+
 def test_an_object_rewritten_after_planning_is_refused(shards, bucket):
     """A task reads the planned version only: another version (even of the same size) is refused
     naming both ETags, a removed one too; the same bytes uploaded again the same way have the
