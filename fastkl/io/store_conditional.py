@@ -1,9 +1,11 @@
 """Conditional writes on object stores: the one primitive the rename-free commit is built on.
 
-pyarrow.fs has no conditional PUT, so S3 goes through boto3 here, and only
-here: `put_object(IfNoneMatch="*")` creates an object only if the key is
-free, `put_object(IfMatch=etag)` replaces it only if it is still the version
-read (S3 has both since late 2024; MinIO, R2 and moto too). fsspec stores use
+pyarrow.fs has no conditional PUT, so S3 goes through boto3 here (and in
+`store_reads`, for reads pinned by If-Match): `put_object(IfNoneMatch="*")`
+creates an object only if the key is free, `put_object(IfMatch=etag)`
+replaces it only if it is still the version read (S3 has both since late
+2024; MinIO, R2 and moto too). Plain writes and deletes of S3 objects go
+here too, one request each (`put`, `delete`, `S3Upload`). fsspec stores use
 an exclusive-create open mode (`"xb"`) where the filesystem honours it
 (memory://, local); a replace there compares the content first (not atomic:
 such stores serve one machine). Stores with neither (pyarrow's GCS here, S3

@@ -491,18 +491,26 @@ class StoreStaging:
 
     def commit(self, manifest: dict, *, overwrite: bool, lock: StoreClaim, n_parts: int) -> None:
         objects = self.check_parts(max(1, n_parts))
-        rec = {"manifest": manifest, "objects": objects}
-        put_json(self.dest.store, posixpath.join(self.root, COMMIT), rec)
-        self.commit_written(overwrite=overwrite, lock=lock, rec=json.loads(json.dumps(rec, allow_nan=True)))
+        rec = json.loads(json.dumps({"manifest": manifest, "objects": objects}, allow_nan=True))
+        self.commit_written(overwrite=overwrite, lock=lock, rec=rec)
 
     def commit_written(self, *, overwrite: bool, lock: StoreClaim, rec: dict | None = None) -> None:
-        """Steps 4-6 from the commit record (`rec`, as written; else read): also after a kill,
-        and by `fastkl clean`."""
-        lock.check()
+        """Steps 3-6: the commit record (`rec` is written; None: read, after a kill and by
+        `fastkl clean`), then the copies and the manifest. The claim's refresh, the record and
+        the read of the old manifest are independent round trips, made at once; no copy starts
+        before all three are done."""
         cond, fs, dest = self._cond(), self.dest.fs, self.dest
-        rec = rec or read_json(cond, posixpath.join(self.root, COMMIT))
+        record = posixpath.join(self.root, COMMIT)
+        with ThreadPoolExecutor(max_workers=3) as ex:
+            checked = ex.submit(lock.check)
+            got = (ex.submit(put_json, dest.store, record, rec) if rec is not None
+                   else ex.submit(read_json, cond, record))
+            previous = ex.submit(read_json, cond, dest.key(MANIFEST))
+            checked.result()
+            rec = rec if rec is not None else got.result()
+            got.result()
+            old = previous.result()
         manifest, objects = rec["manifest"], rec["objects"]
-        old = read_json(cond, dest.key(MANIFEST))
         if old is not None:
             if not overwrite:
                 raise OptionError(f"DEST {dest} appeared while the job ran; output left in {self}")
