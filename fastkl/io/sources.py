@@ -645,13 +645,16 @@ def _discover_store(url: str, storage_options: dict | None, found: list, roots: 
         found.append(_Found(p, key, fmt, partition, store))
         return True
 
-    def add_dir(d: str) -> bool:
+    def add_dir(d: str, first=None) -> bool:
         data = False
-        for p in sd.walk(store, d):
+        for p in sd.walk(store, d, first):
             data |= add(p, _hive(posixpath.relpath(posixpath.dirname(p), d)))
         return data
 
-    kind = sd.source_kind(store, path, url)
+    # most SOURCE URLs are prefixes: list first, unless the name says it is a file or a glob
+    named_file = path.lower().endswith(PARQUET_EXT + IPC_EXT) or _has_magic(path)
+    first = None if named_file else sd.prefix_listing(store, path)
+    kind = "dir" if first else sd.source_kind(store, path, url)
     if kind == "file":
         roots.append(store.url(path))
         if posixpath.basename(path) in _SUMMARY_FILES:
@@ -660,7 +663,7 @@ def _discover_store(url: str, storage_options: dict | None, found: list, roots: 
         add(path, explicit=True)
     elif kind == "dir":
         roots.append(store.url(path))
-        if not add_dir(path):
+        if not add_dir(path, first):
             raise OptionError(f"SOURCE {url!r} holds no Parquet or Arrow IPC file")
     else:
         matches = sd.expand_glob(store, path)
