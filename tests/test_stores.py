@@ -625,6 +625,35 @@ def test_a_server_ignoring_if_match_still_shows_the_replacement(bucket, s3):
         proxy.close()
 
 
+def test_large_tasks_stream_through_pinned_reads_and_large_parts_go_multipart(tmp_path, bucket, monkeypatch):
+    """Tasks above the pre-fetch bound read through on-demand pinned GETs; a part above S3Upload.PART
+    goes up as a multipart upload (S3's smallest part, 5 MiB, here): same output as local."""
+    import fastkl.jobs.run as job
+    from fastkl.io.store_conditional import S3Upload, conditional
+
+    plain_shards(bucket)  # > 64 KiB each: a task reads more than the tail its open fetched
+    local = tmp_path / "src"
+    local.mkdir()
+    for i in range(3):
+        (local / f"shard-{i}.parquet").write_bytes(s3fs().open_input_stream(f"{bucket}/src/shard-{i}.parquet").read())
+    fastkl.run(local, tmp_path / "ref", keep=("id",), task_rows=20, quiet=True)
+    monkeypatch.setattr(job, "STORE_PREBUFFER_MAX", 0)
+    fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), task_rows=20, quiet=True)
+    assert read_store(bucket, "out").equals(read_dest(tmp_path / "ref"))
+    monkeypatch.setattr(S3Upload, "PART", 5 << 20)
+    data = np.random.default_rng(1).bytes(12 << 20)
+    up = conditional(resolve(f"s3://{bucket}/x")[0]).open_upload(f"{bucket}/big/blob")
+    for i in range(0, len(data), 1 << 20):
+        up.write(data[i:i + (1 << 20)])
+    assert keys(bucket, "big") == [] and len(pending_uploads(bucket)) == 1  # invisible until closed
+    up.close()
+    assert s3fs().open_input_stream(f"{bucket}/big/blob").read() == data and not pending_uploads(bucket)
+    up = conditional(resolve(f"s3://{bucket}/x")[0]).open_upload(f"{bucket}/big/dropped")
+    up.write(data)
+    up.abort()
+    assert keys(bucket, "big") == ["big/blob"] and not pending_uploads(bucket)
+
+
 def test_an_object_rewritten_after_planning_is_refused(shards, bucket):
     """A task reads the planned version only: another version (even of the same size) is refused
     naming both ETags, a removed one too; the same bytes uploaded again the same way have the
