@@ -29,7 +29,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# the fastkl of this tree, here and in the processes started from here (not an installed one)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 import s3server  # noqa: E402
 
 
