@@ -77,7 +77,7 @@ class Pinned:
         kw = {"IfMatch": self.etag} if self.etag else {}
         try:
             r = _s3_client(self.store.options).get_object(Bucket=self.bucket, Key=self.key, Range=rng, **kw)
-            if self.etag and r.get("ETag") != self.etag:  # a server that ignores If-Match: its answer says so
+            if self.etag and _etag(r.get("ETag") or "") != _etag(self.etag):  # a server ignoring If-Match
                 self.changed = self.changed or f"ETag {_etag(self.etag)} -> {_etag(r.get('ETag') or '?')}"
                 raise ObjectChanged(self.changed)
             return r, r["Body"].read()
