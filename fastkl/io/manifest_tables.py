@@ -29,6 +29,7 @@ ROW_GROUP = 1 << 16  # rows per row group: a reader takes a slice without the re
 
 def inputs_table(files: Sequence) -> pa.Table:
     """The `inputs` of the manifest (InputFile.to_dict, one row per file) as columns."""
+    etags = {"etag": pa.array([f.etag for f in files], pa.string())} if any(f.etag for f in files) else {}
     return pa.table({
         "path": pa.array([f.display if f.store is not None else f.path for f in files], pa.string()),
         "format": pa.array([f.fmt for f in files], pa.string()),
@@ -37,6 +38,7 @@ def inputs_table(files: Sequence) -> pa.Table:
         "inode": pa.array([f.ino for f in files], pa.int64()),
         "ctime_ns": pa.array([f.ctime_ns for f in files], pa.int64()),
         "footer": pa.array([f.footer for f in files], pa.string()),
+        **etags,  # S3 objects (the version planned from)
         "rows": pa.array([f.rows for f in files], pa.int64()),
         "units": pa.array([len(f.units) for f in files], pa.int32()),
     })

@@ -574,6 +574,9 @@ class Staging:
                      part_inode=written.st_ino, part_mtime_ns=written.st_mtime_ns)
         _write_json(self.state / f"{part.stem}.json", state, compact=True)
 
+    def note(self, index: int, staged: dict | None) -> None:
+        """A part finished (the client hears it): nothing to remember here, the commit reads the disk."""
+
     def discard_if_nothing_finished(self) -> None:
         """After a failed job: drop the staging directory when no part is
         finished (nothing for --resume to reuse), so no empty directory stays

@@ -63,6 +63,7 @@ from .filemeta import (
     stream_messages,
 )
 from .footer_checks import check_footer, row_group_spans
+from .store_reads import open_pinned, pins
 from .stores import Store, is_store_url, resolve
 from ..errors import DataError, OptionError
 
@@ -105,9 +106,10 @@ class FileRef:
     # Parquet: (footer offset in the file, footer length, end of its head, start of its tail, crc32 of
     # head and tail): a task reads the head, its row groups' entries and the tail, not the whole footer
     meta: tuple[int, int, int, int, int] = ()
+    etag: str = ""  # an S3 object: the ETag planned from, which every read of a task is pinned to
 
     def identity(self) -> Identity:
-        return Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
+        return Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns, self.etag)
 
 
 @dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
@@ -127,6 +129,7 @@ class InputFile(FileRef):
             "inode": self.ino,
             "ctime_ns": self.ctime_ns,
             "footer": self.footer,
+            **({"etag": self.etag} if self.etag else {}),
             "rows": self.rows,
             "row_groups" if self.fmt == "parquet" else "record_batches": len(self.units),
         }
@@ -164,6 +167,7 @@ class Task:
             "inode": self.file.ino,
             "ctime_ns": self.file.ctime_ns,
             "footer": self.file.footer,
+            **({"etag": self.file.etag} if self.file.etag else {}),
             "units": [[u.index, u.offset, u.rows] for u in self.units],
             "row_start": self.row_start,
         }
@@ -641,13 +645,16 @@ def _discover_store(url: str, storage_options: dict | None, found: list, roots: 
         found.append(_Found(p, key, fmt, partition, store))
         return True
 
-    def add_dir(d: str) -> bool:
+    def add_dir(d: str, first=None) -> bool:
         data = False
-        for p in sd.walk(store, d):
+        for p in sd.walk(store, d, first):
             data |= add(p, _hive(posixpath.relpath(posixpath.dirname(p), d)))
         return data
 
-    kind = sd.source_kind(store, path, url)
+    # most SOURCE URLs are prefixes: list first, unless the name says it is a file or a glob
+    named_file = path.lower().endswith(PARQUET_EXT + IPC_EXT) or _has_magic(path)
+    first = None if named_file else sd.prefix_listing(store, path)
+    kind = "dir" if first else sd.source_kind(store, path, url)
     if kind == "file":
         roots.append(store.url(path))
         if posixpath.basename(path) in _SUMMARY_FILES:
@@ -656,7 +663,7 @@ def _discover_store(url: str, storage_options: dict | None, found: list, roots: 
         add(path, explicit=True)
     elif kind == "dir":
         roots.append(store.url(path))
-        if not add_dir(path):
+        if not add_dir(path, first):
             raise OptionError(f"SOURCE {url!r} holds no Parquet or Arrow IPC file")
     else:
         matches = sd.expand_glob(store, path)
@@ -867,11 +874,16 @@ def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[
 
     Local: a regular file handle (never a memory map: see filemeta), fstat of
     its descriptor. Store: a random-access object (range GETs of only what is
-    read), its size and mtime from the store (a store has no descriptor to ask).
+    read), its size and mtime from the store (a store has no descriptor to ask);
+    on S3 one version of it, that every read is pinned to (`store_reads`), found
+    by the GET of its tail that holds the footer (no HEAD).
     """
     if store is None:
         src = pa.OSFile(path)
         return src, lambda: Identity.of(src.fileno())
+    if pins(store):
+        pinned = open_pinned(store, path)
+        return pinned, pinned.identity
     fs = store.fs
     first = [Identity.of_object(fs.get_file_info(path))]  # before opening: the handle's size must be it
     src = fs.open_input_file(path)
@@ -1304,7 +1316,8 @@ def scan(
             InputFile(
                 # display: the path's own string when they are equal (one string per file, not two)
                 i, f.path, f.path if f.display == f.path else f.display, f.fmt, ident.size, ident.mtime_ns, f.partition,
-                ident.dev, ident.ino, ident.ctime_ns, ft.digest, f.store, ft.meta, sum(u.rows for u in us), us,
+                ident.dev, ident.ino, ident.ctime_ns, ft.digest, f.store, ft.meta, etag=ident.etag,
+                rows=sum(u.rows for u in us), units=us,
             )
         )
 
