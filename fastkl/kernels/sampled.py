@@ -301,19 +301,25 @@ def _chunk_k3(rbuf, k3buf, n):
 # ------------------------------------------------------------------ k3 in float32
 # For float32 inputs the error bound is 1e-6 of the terms (float64: 1e-12), so
 # k3 may be evaluated in float32: twice the lanes per vector and a shorter
-# polynomial. The same reduction as `k3_vec` with k in [-6, 6], valid for
+# polynomial. The near form of `k3_vec` with k in [-6, 6], valid for
 # 2^-60 <= |r| <= 4 (and r = 0): there the rounding of r to float32 moves k3 by
-# at most 4 * 2^-24 of it, and the evaluation (measured against mpmath over that
-# range: 1.5e-7) adds a few float32 roundings, which the near form does not
-# amplify beyond 1.5x. A chunk holding any other r (|r| > 4, where the rounding
-# of r alone would cost |r| 2^-24; tiny r, whose square is subnormal in float32)
-# is computed again in float64 (see `_chunk_32`).
-# g: mpmath.chebyfit(g, [-1/2, 1/2], 7) (7e-10 relative before float32 rounding).
-_G32 = tuple(np.float32(c) for c in (0.5, 0.16666667139493802, 0.04166666713918055, 0.008333182071584195,
-                                     0.001388873772021196, 0.000199621762266955, 2.492243642934227e-05))
+# at most 4 * 2^-24 of it, and the evaluation adds a few float32 roundings,
+# which the near form does not amplify beyond 1.5x. Each step is one operation
+# (16 lanes each): s = x - k L and c_k = (2^k - 1) - k L by one FMA each with
+# L = ln2 rounded to float32 (for the pair, that is the exact identity with L
+# for ln2: k3 moves by |k| |ln2 - L| e^x <= 2e-8 of it), g of degree 5, and no
+# clamp at 0 (for |x| < 1/2, k = 0 and the result is s^2 g(s) + (0 s + 0) >= 0;
+# for |x| >= 1/2, k3 >= 0.1 and the error is ~1e-7 of it). Measured against
+# `k3_vec` over 8.6M float32 r in that range (uniform, log-uniform down to
+# 2^-60, and around |r| = 1/2, (k + 1/2) ln2 and 4): 2.0e-7 relative at most.
+# A chunk holding any other r (|r| > 4, where the rounding of r alone would
+# cost |r| 2^-24; tiny r, whose square is subnormal in float32) is computed
+# again in float64 (see `_chunk_32`).
+# g: mpmath.chebyfit(g, [-1/2, 1/2], 6) (1.3e-8 absolute, g ~ 1/2, before float32 rounding).
+_G32 = tuple(np.float32(c) for c in (0.5000000121607167, 0.16666666801683436, 0.04166579123000645,
+                                     0.008333236133521863, 0.001398218604627775, 0.00019944874441589592))
 _INV_LN2_F = np.float32(_INV_LN2)
-_LN2_HI_F = np.float32(0.693145751953125)  # 16 significant bits: k * _LN2_HI_F is exact
-_LN2_LO_F = np.float32(0.6931471805599453 - 0.693145751953125)
+_LN2_F = np.float32(math.log(2.0))
 _HALF_F, _ONE_F, _ZERO_F = np.float32(0.5), np.float32(1.0), np.float32(0.0)
 _R32_MAX = 4.0
 _R32_MIN = 2.0 ** -60
@@ -324,9 +330,8 @@ def k3_32(x):
     """e^x - 1 - x for a float32 x with 2^-60 <= |x| <= 4 or x = 0 (see above); >= 0."""
     k = np.floor(x * _INV_LN2_F + _HALF_F)
     k = k if abs(x) >= _HALF_F else _ZERO_F
-    s = (x - k * _LN2_HI_F) - k * _LN2_LO_F  # exact but for the last term (Sterbenz)
-    g = _G32[6]
-    g = g * s + _G32[5]
+    s = x - k * _LN2_F
+    g = _G32[5]
     g = g * s + _G32[4]
     g = g * s + _G32[3]
     g = g * s + _G32[2]
@@ -334,10 +339,9 @@ def k3_32(x):
     g = g * s + _G32[0]
     s2g = s * s * g
     two_k = bits_float32(np.int32(np.int32(np.int32(k) + np.int32(127)) << np.int32(23)))
-    tkm1 = two_k - _ONE_F  # exact, as is tkm1 - k * _LN2_HI_F for |k| <= 6
-    c_k = (tkm1 - k * _LN2_HI_F) - k * _LN2_LO_F
-    out = two_k * s2g + (tkm1 * s + c_k)
-    return out if out > _ZERO_F else _ZERO_F
+    tkm1 = two_k - _ONE_F  # exact for |k| <= 6
+    c_k = tkm1 - k * _LN2_F
+    return two_k * s2g + (tkm1 * s + c_k)
 
 
 # ------------------------------------------------------------------ float32 sequences
@@ -356,7 +360,6 @@ def k3_32(x):
 # clean (an r outside `k3_32`'s range, q = -inf, or a bad position, which the
 # float64 pass counts and names) is taken again by the float64 passes; nothing
 # of it reached acc before.
-_NEG_INF_F = np.float32(-np.inf)
 _R32_MAX_F, _R32_MIN_F = np.float32(_R32_MAX), np.float32(_R32_MIN)
 
 
@@ -383,7 +386,7 @@ def _chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf, k3buf, lo, hi):
         code_ok = (pr[j] == np.uint8(OK)) if has_pre else True  # would take 64-bit lanes)
         p = pv[j]
         q = qv[j]
-        ok = code_ok & (p <= tol32) & (p != _NEG_INF_F) & (q <= tol32)
+        ok = code_ok & (p <= tol32) & (q <= tol32)  # p = -inf too: its r (+inf or NaN) is far
         r = q - p if ok else _ZERO_F
         a = abs(r)
         far = ~(a <= _R32_MAX_F) | ((a < _R32_MIN_F) & (a != _ZERO_F))  # (q = -inf: r = -inf is far)
