@@ -304,10 +304,11 @@ def _chunk_k3(rbuf, k3buf, n):
 # polynomial. The near form of `k3_vec` with k in [-6, 6], valid for
 # 2^-60 <= |r| <= 4 (and r = 0): there the rounding of r to float32 moves k3 by
 # at most 4 * 2^-24 of it, and the evaluation adds a few float32 roundings,
-# which the near form does not amplify beyond 1.5x. Each step is one operation
-# (16 lanes each): s = x - k L and c_k = (2^k - 1) - k L by one FMA each with
-# L = ln2 rounded to float32 (for the pair, that is the exact identity with L
-# for ln2: k3 moves by |k| |ln2 - L| e^x <= 2e-8 of it), g of degree 5, and no
+# which the near form does not amplify beyond 1.5x. Few operations (16 lanes
+# each): s = x - k L and c_k = (2^k - 1) - k L with L = ln2 rounded to float32,
+# whose 21 significant bits make k L exact for |k| <= 7 (LLVM computes it once
+# for both), so each is rounded once, and the pair is the exact identity with L
+# for ln2 (k3 moves by |k| |ln2 - L| e^x <= 2e-8 of it); g of degree 5; no
 # clamp at 0 (for |x| < 1/2, k = 0 and the result is s^2 g(s) + (0 s + 0) >= 0;
 # for |x| >= 1/2, k3 >= 0.1 and the error is ~1e-7 of it). Measured against
 # `k3_vec` over 8.6M float32 r in that range (uniform, log-uniform down to
