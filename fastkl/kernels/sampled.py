@@ -352,8 +352,9 @@ def k3_32(x):
 # float32 and k3_32(r) into float32 scratch, and notes in one boolean whether
 # the chunk is clean (no counters: an int64 one would halve the lanes of the
 # whole loop, and k-register pressure made even int32 ones cost); then one
-# reassociated pass (`_chunk_sum32`) sums r, r^2, k3 (and |r| when asked) from
-# that scratch in float64: each term converted, never accumulated in float32.
+# reassociated pass (`_chunk_sum32`) sums r, r^2 and k3 from that scratch in
+# float64: each term converted, never accumulated in float32. k3 is skipped in
+# both when not asked for (compiled apart: k3buf None), |r| summed apart when asked.
 # q - p of two float32 values in float32 is their exact difference rounded once,
 # so k1 = -r and abs are within 2^-24 of their terms and k2 within 2^-23, well
 # inside the float32 bound (1e-6 of the terms), and k3's error is the single
@@ -374,7 +375,7 @@ def _tol32(sum_tol):
 @_kernel
 def _chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf, k3buf, lo, hi):
     """Float32 sides: r = q - p of positions lo..hi in float32 into rbuf (0 where a position
-    does not count) and k3_32(r) into k3buf. Returns whether the chunk is clean: no bad
+    does not count) and k3_32(r) into k3buf (unless None). Returns whether the chunk is clean: no bad
     position and no r that `k3_32` does not take (see above); a chunk that is not is taken
     again by the float64 passes, which count and name what is bad. No `reassoc`: k3_32's
     order is its algorithm; one boolean for the whole chunk, not counters, so that the loop
@@ -393,7 +394,8 @@ def _chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf, k3buf, lo, hi):
         far = ~(a <= _R32_MAX_F) | ((a < _R32_MIN_F) & (a != _ZERO_F))  # (q = -inf: r = -inf is far)
         clean &= ~far & (ok | ~counted)
         rbuf[j] = r
-        k3buf[j] = k3_32(r)
+        if k3buf is not None:  # (None: k3 is not asked for; a compile-time branch)
+            k3buf[j] = k3_32(r)
     return clean
 
 
@@ -419,7 +421,8 @@ def _chunk_sum32(rbuf, k3buf, n, acc):
         r = np.float64(rbuf[j])
         s_r += r
         s_rr += r * r
-        s_k3 += np.float64(k3buf[j])
+        if k3buf is not None:  # (as in `_chunk_32`)
+            s_k3 += np.float64(k3buf[j])
     acc[K1] -= s_r
     acc[K2] += 0.5 * s_rr
     acc[K3] += s_k3
@@ -497,9 +500,14 @@ def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum
         if code == OK:
             for a in range(lo, hi, CHUNK):
                 b = min(a + CHUNK, hi)
-                if in_float32 and _chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf32, k3buf32, a, b):
+                if in_float32 and (_chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf32, k3buf32, a, b)
+                                   if want_k3 else
+                                   _chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf32, None, a, b)):
                     count += _counted_ok(pre, has_pre, a, b)  # (a clean chunk: every counted position is ok)
-                    _chunk_sum32(rbuf32, k3buf32, b - a, acc)
+                    if want_k3:
+                        _chunk_sum32(rbuf32, k3buf32, b - a, acc)
+                    else:
+                        _chunk_sum32(rbuf32, None, b - a, acc)
                     if want_abs:
                         _chunk_abs32(rbuf32, b - a, acc)
                     if want_tokens:
