@@ -46,8 +46,8 @@ Choices, made on purpose:
   loops mask) instead of a Python exception check that blocks vectorisation.
 * `cache=True`: the compiled kernels go to Numba's on-disk cache, so only the
   first call on a machine pays the compile: per family, float32 and float64
-  values (mixed inputs are cast to float64 first). FASTMATH_DIGEST ties the
-  cache to `fastmath.py`, whose helpers the kernels inline.
+  values (mixed inputs are cast to float64 first). INLINES_DIGEST ties the
+  cache to `fastmath.py`, `half.py` and `views.py`, whose helpers the kernels inline.
 * Accuracy: sums are in float64; log(p/q) takes its mantissa from
   (p-q)/q when p/q is near 1 (where log(p)-log(q) would cancel), and the
   Jensen-Shannon and Hellinger terms are written in forms that do not cancel
@@ -63,6 +63,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .half import as_float32, decode_row
+from .views import borrowed
 from .fastmath import (exp32, exp_neg, exp_nonpositive, expm1_f64, expm1_series32, from_order_key, inf_keys, log_pos, log_ratio,
                        log_ratio32, not_normal32, order_key)
 
@@ -87,12 +88,11 @@ MAX_FLOAT = 1.7976931348623157e308
 _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 
 # Numba's on-disk cache is checked against this file's timestamp only, but the
-# kernels inline fastmath's helpers: after an edit there, cached kernels would
-# keep the old code. tests/test_fastmath.py checks that this digest of
-# fastmath.py is current, so any change there changes this file too.
-FASTMATH_DIGEST = "85ca9ca0e5658476"
-# The same for half.py, whose decoders the kernels inline (tests/test_half_precision.py).
-HALF_DIGEST = "ba1159f1c2e56906"
+# kernels inline the helpers of the modules imported above: after an edit there,
+# cached kernels would keep the old code. tests/test_layout.py checks that this
+# digest of those modules is current, so any change there changes this file too
+# (each kernel module has one).
+INLINES_DIGEST = "80eada051e7351c5"
 
 
 def _is_float32(values):
@@ -1753,6 +1753,10 @@ def _make_kernel(name):
         values, FLOAT16 or BFLOAT16 for uint16 values holding those bits.
         `beta` is gjs's weight, `am1` renyi's alpha - 1 (unused unless asked).
         """
+        # views that Numba does not reference-count (kernels.views): of the arguments, and of
+        # the terms buffer, which `terms_owner` keeps alive to the end
+        p_offsets, p_values, p_mask = borrowed(p_offsets), borrowed(p_values), borrowed(p_mask)
+        q_offsets, q_values, q_mask = borrowed(q_offsets), borrowed(q_values), borrowed(q_mask)
         want_kl = slots[KL] >= 0 or slots[JEFFREYS] >= 0
         want_rkl = slots[REVERSE_KL] >= 0 or slots[JEFFREYS] >= 0
         want_js = slots[JS] >= 0
@@ -1774,7 +1778,8 @@ def _make_kernel(name):
         logprobs32 = logs and as_is32 and p_kind == LOGPROBS and (q_kind == LOGPROBS or not use_q)
         logits_kl = logs and kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = gjs = ren = bha = 0.0
-        terms = np.empty((5, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
+        terms_owner = np.empty((5, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
+        terms = borrowed(terms_owner)
         p_scratch = _scratch(p_values, p_offsets, start, stop)  # empty unless a 16-bit side
         q_scratch = _scratch(q_values, q_offsets, start, stop) if use_q else p_scratch
         for i in range(start, stop):
@@ -1848,6 +1853,7 @@ def _make_kernel(name):
                 continue
             _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren,
                        bha, beta, am1)
+        terms_owner[0, 0] = 0.0  # the buffer's last use: alive until here
 
     divergence_rows.__qualname__ = divergence_rows.__name__ = f"divergence_rows_{name}"
     return _jit(divergence_rows)

@@ -37,6 +37,11 @@ from numba import njit
 from .dense import (FASTMATH, _is_float32, LENGTH_MISMATCH as FIRST_INVALID, NAN, NEGATIVE, NO_TOKENS, NON_FINITE, NULL,
                     NULL_ELEMENT, OK, valid_bit)  # FIRST_INVALID: the first invalid-position code
 from .fastmath import bits_float, bits_float32, float32_bits
+from .views import borrowed
+
+# Numba checks its on-disk cache against this file only: this digest of the kernel
+# modules imported above ties the cache to them too (tests/test_layout.py).
+INLINES_DIGEST = "ab0206bf8b4c8c71"
 
 K1, K2, K3, ABS = 0, 1, 2, 3  # slots: fastkl._registry.SAMPLED_MEASURES order
 N_SAMPLED = 4
@@ -482,11 +487,13 @@ def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum
     `sums`, NaN where not ok) and status (`token_status`). The sums do not
     depend on `want_tokens` nor on how the sequences are split into blocks.
     """
-    rbuf = np.empty(CHUNK)
-    k3buf = np.zeros(CHUNK)
-    rbuf32 = np.empty(CHUNK, dtype=np.float32)
-    k3buf32 = np.empty(CHUNK, dtype=np.float32)
-    acc = np.zeros(N_SAMPLED)
+    # views that Numba does not reference-count (kernels.views): of the arguments, and of
+    # scratch that `owners` keeps alive to the end
+    offsets, pre, p_values, q_values = borrowed(offsets), borrowed(pre), borrowed(p_values), borrowed(q_values)
+    owners = (np.empty(CHUNK), np.zeros(CHUNK), np.empty(CHUNK, dtype=np.float32),
+              np.empty(CHUNK, dtype=np.float32), np.zeros(N_SAMPLED))
+    rbuf, k3buf, rbuf32, k3buf32, acc = (borrowed(owners[0]), borrowed(owners[1]), borrowed(owners[2]),
+                                         borrowed(owners[3]), borrowed(owners[4]))
     want_k3 = slots[K3] >= 0
     want_abs = slots[ABS] >= 0
     # (compile-time constants; the sides are float32 or float64 here: `scalar_values` widens 16-bit ones)
@@ -535,6 +542,7 @@ def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum
         for m in range(N_SAMPLED):
             if slots[m] >= 0:
                 sums[slots[m], i] = acc[m] if code == OK else np.nan
+    owners[4][0] = 0.0  # the scratch's last use: alive until here
 
 
 @_kernel
