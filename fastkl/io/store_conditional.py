@@ -19,7 +19,7 @@ import functools
 import hashlib
 import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
@@ -100,6 +100,15 @@ class Conditional:
         except FileNotFoundError:
             pass
 
+    def delete_if(self, path: str, etag: str) -> bool:
+        """Delete `path` only if it is still the version `etag`: whether it was deleted
+        (here a read and a compare before the delete; S3 does it in one conditional request)."""
+        now = self.read(path)
+        if now is None or now.etag != etag:
+            return False
+        self.delete(path)
+        return True
+
     def put(self, path: str, data: bytes) -> None:
         """A small object written unconditionally (whole or absent)."""
         with self.store.fs.open_output_stream(path) as f:
@@ -134,12 +143,15 @@ class Conditional:
         """Abort pending multipart uploads under a prefix (S3 only): how many."""
         return 0
 
-    def probe(self, path: str) -> bool:
-        """Whether the store honours conditional creates: create twice, the second must fail."""
+    def probe(self, path: str, answered: Callable[[bool], None] | None = None) -> bool:
+        """Whether the store honours conditional creates: create twice, the second must fail
+        (`answered` is told before the probe object is deleted). A first create refused means the
+        key was taken already: nothing to learn, the store is assumed to have refused it."""
         try:
-            if self.create(path, b"probe") is None:
-                return True  # taken already: nothing to learn, assume the store refused it
-            return self.create(path, b"probe") is None
+            ok = self.create(path, b"probe") is None or self.create(path, b"probe") is None
+            if answered is not None:
+                answered(ok)
+            return ok
         finally:
             self.delete(path)
 
@@ -204,6 +216,24 @@ class S3Conditional(Conditional):
     def delete(self, path: str) -> None:
         bucket, key = _split(path)
         self._call(path, "delete_object", Bucket=bucket, Key=key)
+
+    def delete_if(self, path: str, etag: str) -> bool:
+        """One DeleteObject with If-Match (S3 has conditional deletes, moto too): a claim taken over
+        by another job meanwhile is not deleted (412), and no read is needed before."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = _split(path)
+        try:
+            self._client().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        except BotoCoreError as e:
+            raise OSError(f"{self.store.url(path)}: {e}") from None
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict") or status in (404, 409, 412):
+                return False
+            raise OSError(f"{self.store.url(path)}: {code or status}: {e}") from None
+        return True
 
     def delete_prefix(self, path: str) -> None:
         """One listing page and one batch delete per 1,000 objects (an empty prefix is no object)."""
@@ -352,7 +382,9 @@ class UnconditionalWrites(Conditional):
             f.write(data)
         return hashlib.md5(data).hexdigest()
 
-    def probe(self, path: str) -> bool:
+    def probe(self, path: str, answered: Callable[[bool], None] | None = None) -> bool:
+        if answered is not None:
+            answered(False)
         return False
 
 
