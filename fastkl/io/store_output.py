@@ -146,16 +146,32 @@ def dest_state(dest: StoreDest) -> tuple[str | None, Any]:
     return f"a prefix holding {len(shown)} other object(s), e.g. {dest.store.url(shown[0])}", None
 
 
+def state_ahead(dest: str, storage_options: dict | None) -> Future:
+    """`dest_state` read in a thread, so that it overlaps SOURCE's listing; `check_store_dest` takes
+    it (a read only: DEST is not touched before its checks, and an error is raised where they run)."""
+    out: Future = Future()
+
+    def read() -> None:
+        try:
+            out.set_result(dest_state(store_dest(dest, storage_options)))
+        except BaseException as e:  # noqa: BLE001 - raised by check_store_dest
+            out.set_exception(e)
+
+    threading.Thread(target=read, name="fastkl-dest", daemon=True).start()
+    return out
+
+
 def check_store_dest(dest: str, roots: Iterable[str], *, overwrite: bool, exists_ok: bool,
-                     storage_options: dict | None) -> StoreDest:
-    """Refuse DEST overlapping SOURCE, a foreign DEST, or an existing one without overwrite."""
+                     storage_options: dict | None, ahead: Future | None = None) -> StoreDest:
+    """Refuse DEST overlapping SOURCE, a foreign DEST, or an existing one without overwrite
+    (`ahead`: `state_ahead`'s read of DEST, else DEST is read here)."""
     d = store_dest(dest, storage_options)
     for root in roots:
         if isinstance(root, str) and root.startswith(d.store.protocol + "://"):
             if _overlaps(str(d), root):
                 raise OptionError(f"DEST {dest!r} overlaps SOURCE {root!r}: "
                                   "DEST must be outside the input and must not contain it")
-    kind = dest_kind(d)
+    kind = ahead.result()[0] if ahead is not None else dest_kind(d)
     if kind not in (None, "output", "empty", "interrupted"):
         raise OptionError(f"DEST {dest!r} exists and is not a fastkl output ({kind}): refusing to replace it; "
                           "choose another DEST")
@@ -629,8 +645,12 @@ class StoreStaging:
                 raise OptionError(f"DEST {dest} appeared while the job ran; output left in {self}")
             cond.delete(dest.key(MANIFEST))  # DEST stops existing (for fastkl) while it is replaced
         names = [p["file"] for p in manifest["parts"]]
-        with ThreadPoolExecutor(max_workers=min(16, len(names) + 1)) as ex:
-            listed = ex.submit(_entries, fs, dest.path)  # beside the copies: the new names are kept anyway
+        with ThreadPoolExecutor(max_workers=min(16, len(names) + 3)) as ex:
+            # beside the copies: DEST's listing (the new names are kept anyway), and what step 6 removes (every
+            # object of this job is staged by now, its commit record included; nothing is deleted before step 5)
+            listed = ex.submit(_entries, fs, dest.path)
+            staged = ex.submit(cond.keys, self.root) if cond.flat else None
+            pending = ex.submit(cond.pending_uploads, self.top)
             list(ex.map(lambda no: fs.copy_file(posixpath.join(self.root, no[1]), dest.key(no[0])),
                         zip(names, objects)))
             keep = set(names)
@@ -643,15 +663,18 @@ class StoreStaging:
             other = read_json(cond, dest.key(MANIFEST))
             job = other.get("job_id") if isinstance(other, dict) else "?"
             raise DestTakenError(f"DEST {dest} was committed by another fastkl job (job {job}) meanwhile")
-        self.remove(entries)
+        self.remove(entries, staged.result() if staged is not None else None, pending.result())
 
-    def remove(self, listed: list[pafs.FileInfo] | None = None) -> None:
-        """Drop this job's staged objects and pending uploads, and the staging prefix if empty
-        (`listed`: DEST's listing, if the caller has one, for the stale probes)."""
+    def remove(self, listed: list[pafs.FileInfo] | None = None, staged: list[str] | None = None,
+               pending: list[tuple[str, str]] | None = None) -> None:
+        """Drop this job's staged objects and pending uploads, and the staging prefix if empty;
+        what the commit listed beside its copies is not listed again (`listed`: DEST, for the stale
+        probes; `staged`: this job's objects; `pending`: the uploads under staging)."""
         cond = self._cond()
-        with ThreadPoolExecutor(max_workers=3) as ex:  # three independent round trips at once
-            done = [ex.submit(cond.delete_prefix, self.root),
-                    ex.submit(cond.abort_uploads, self.top),  # this job holds DEST: any upload under staging is dead
+        with ThreadPoolExecutor(max_workers=3) as ex:  # independent round trips at once
+            done = [ex.submit(cond.delete_prefix, self.root) if staged is None else ex.submit(cond.delete_keys, staged),
+                    # this job holds DEST: any upload under staging is dead
+                    ex.submit(cond.abort_uploads, self.top, pending),
                     ex.submit(drop_stale_probes, self.dest, 60.0, listed)]
             for f in done:
                 f.result()

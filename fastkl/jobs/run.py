@@ -91,6 +91,7 @@ from ..io.store_output import (
 )
 from ..io.store_output import dest_state as store_dest_state
 from ..io.store_output import remove_leftovers as store_remove_leftovers
+from ..io.store_output import state_ahead as store_state_ahead
 from ..io.sources import Columns, FileRef, Plan, Task, dataset_sources, open_input, scan
 from ..io.store_reads import ObjectChanged, PinnedFile, open_pinned, pins
 from .._registry import Dtype, Kind, Tail
@@ -1453,12 +1454,13 @@ def run(
     probes: list[Probe] = []
 
     store_dest = is_store_url(dest)
+    ahead: list = []  # DEST's state, read beside SOURCE's listing
 
     def check(roots) -> None:  # before any file is opened
         local_roots = [r for r in roots if not is_store_url(r)]
         if store_dest:
             checked.append(check_store_dest(dest, roots, overwrite=overwrite, exists_ok=resume and not overwrite,
-                                            storage_options=storage_options))
+                                            storage_options=storage_options, ahead=ahead[0]))
             if not dry_run:  # DEST passed its checks: ask whether it honours conditions while footers are read
                 probes.append(Probe(checked[0]))
         else:
@@ -1475,6 +1477,8 @@ def run(
         sparse = check_request(measures, options, p_ids=p_ids is not None, q_ids=q_ids is not None,
                                has_q=q is not None, has_target=target is not None)
     sampled = options.p_kind == "sampled"
+    if store_dest:
+        ahead.append(store_state_ahead(dest, storage_options))
     try:
         plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
                            sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
