@@ -305,6 +305,23 @@ def test_listed_zeros_keep_bucket_le_lower_le_true_le_upper(V, data, kind, with_
             assert le(est, lo, 1e-9) and le(lo, truth, 1e-9) and le(truth, hi, 1e-9), m
 
 
+@pytest.mark.parametrize("with_vocab", [False, True])
+@pytest.mark.parametrize("kind", [PROBS, LOGPROBS])
+def test_unlisted_mass_that_exactly_fills_the_cap_beside_a_listed_zero(kind, with_vocab):
+    """P = Q = (0, 0, 1/6, 1/6, 1/3, 1/3), P lists its top 3, Q its top 5 (one listed 0): P's
+    unlisted 1/6 fits exactly on the other 1/6, so kl's lower bound is 0. The rounding of
+    P's listed sum (1 - 5/6 is 1/6 + 8e-17) once spilled onto the listed 0 and gave +inf."""
+    p = np.array([0.0, 0.0, 1 / 6, 1 / 6, 1 / 3, 1 / 3])
+    rows = [(p, p, np.array([4, 5, 2]), np.array([4, 5, 2, 3, 0]))]
+    P, Q = _sides(6, rows, np.float64, kind, kind, "none")
+    res, _, status = run(P, Q, vocab=6 if with_vocab else None)
+    assert (status == 0).all()
+    for m in MEASURES:
+        est, lo, hi = (float(a[0]) for a in res[m])
+        truth = ns.full_value(m, p, p)
+        assert le(est, lo, 1e-9) and le(lo, truth, 1e-9) and le(truth, hi, 1e-9), (m, est, lo, truth, hi)
+
+
 def test_entropy_alone_reads_only_p():
     """use_q=False: Q is P (all of P compared one by one), Q's buffers are not read."""
     p = np.array([0.5, 0.2, 0.1, 0.1, 0.1])

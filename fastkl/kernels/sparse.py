@@ -508,18 +508,21 @@ def _sweep_root(bP, nB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, rho_min):
 
 
 @_jit
-def _add_tail(acc, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P, s_Q, fk, fj, ft, par):
+def _add_tail(acc, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P, s_Q, th_P, th_Q, fk, fj, ft, par):
     """acc += Σ_B φ + Σ_C φ + φ(pool) for the completion (t_P, t_Q): B water-filled with
-    t_Q ∝ p_b, C with t_P ∝ q_c. Entries sharing a ratio count as one (φ is homogeneous)."""
+    t_Q ∝ p_b, C with t_P ∝ q_c. Entries sharing a ratio count as one (φ is homogeneous).
+    What is left over for entries of weight 0 (listed zeros) once the others are at the
+    cap is mass only above the rounding threshold (th_P, th_Q): below it, it is the
+    rounding of the listed sums (a row whose unlisted mass exactly fills the cap)."""
     jB, freeB, WB = _fill(bP, nB, m_Q, t_Q)
     for i in range(jB):
         _add_phi(acc, bP[i], m_Q, fk, fj, ft, par)
-    if WB > 0.0 or freeB > 0.0:
+    if WB > 0.0 or freeB > th_Q:
         _add_phi(acc, WB, freeB, fk, fj, ft, par)
     jC, freeC, WC = _fill(cQ, nC, m_P, t_P)
     for i in range(jC):
         _add_phi(acc, m_P, cQ[i], fk, fj, ft, par)
-    if WC > 0.0 or freeC > 0.0:
+    if WC > 0.0 or freeC > th_P:
         _add_phi(acc, freeC, WC, fk, fj, ft, par)
     _add_phi(acc, s_P, s_Q, fk, fj, ft, par)
 
@@ -546,7 +549,7 @@ def _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, t
         s_P = r_P - t_P
         s_Q = r_Q - t_Q
         _add_tail(lo, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P if s_P > th_P else 0.0,
-                  s_Q if s_Q > th_Q else 0.0, fk, fj, ft, par)
+                  s_Q if s_Q > th_Q else 0.0, th_P, th_Q, fk, fj, ft, par)
         return
     # ρ_min: below it Q's pool would be negative (B takes more than r_Q)
     rho_min = 0.0
@@ -557,7 +560,7 @@ def _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, t
     for j in range(nC):
         s_P_min -= min(m_P, rho_min * cQ[j])
     if s_P_min <= 0.0:  # B and C hold both sides' unlisted mass: empty pool (ρ_C <= ρ_B)
-        _add_tail(lo, bP, nB, r_Q, cQ, nC, r_P, m_P, m_Q, 0.0, 0.0, fk, fj, ft, par)
+        _add_tail(lo, bP, nB, r_Q, cQ, nC, r_P, m_P, m_Q, 0.0, 0.0, th_P, th_Q, fk, fj, ft, par)
         return
     rho = _sweep_root(bP, nB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, rho_min)
     if rho < INF and rho > 0.0:
@@ -572,7 +575,7 @@ def _f_lower(lo, tmp, accA, bP, nB, SpB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, n_U, t
         slack = 1e-12
         if s_P <= M_P * (1.0 + slack) + th_P and s_Q <= M_Q * (1.0 + slack) + th_Q:
             _add_tail(lo, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P if s_P > th_P else 0.0,
-                      s_Q if s_Q > th_Q else 0.0, fk, fj, ft, par)
+                      s_Q if s_Q > th_Q else 0.0, th_P, th_Q, fk, fj, ft, par)
             return
     _f_lower_bisect(lo, tmp, accA, bP, nB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, th_P, th_Q,
                     tp_lo, tp_hi, tq_lo, tq_hi, fk, fj, ft, par)
@@ -621,7 +624,7 @@ def _f_lower_bisect(lo, tmp, accA, bP, nB, cQ, nC, SqC, r_P, r_Q, m_P, m_Q, th_P
             s_P = r_P - t_P
             s_Q = r_Q - t_Q
             _add_tail(tmp, bP, nB, t_Q, cQ, nC, t_P, m_P, m_Q, s_P if s_P > th_P else 0.0,
-                      s_Q if s_Q > th_Q else 0.0, fk, fj, ft, par)
+                      s_Q if s_Q > th_Q else 0.0, th_P, th_Q, fk, fj, ft, par)
             for m in range(N_MEASURES):
                 lo[m] = min(lo[m], tmp[m])
 
