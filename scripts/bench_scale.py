@@ -153,8 +153,10 @@ def case_merge(n: int) -> dict:
 
     from fastkl._engine import compute
     from fastkl._options import Options
+    from fastkl.io.filemeta import Identity
     from fastkl.io.output import Staging
-    from fastkl.io.sources import InputFile, Unit, cut_tasks
+    from fastkl.io.plan_columns import Files
+    from fastkl.io.sources import cut_tasks
     from fastkl.jobs import run as job
     from fastkl.summary.stats import PartStats
 
@@ -168,11 +170,12 @@ def case_merge(n: int) -> dict:
                                           Options())).to_json()
     base = _peak_mb()
     t0 = time.perf_counter()
-    files = [InputFile(i, f"/data/shards/shard-{i:07d}.parquet", f"/data/shards/shard-{i:07d}.parquet",
-                       "parquet", 60_000, 1_700_000_000_000_000_000 + i, (), 2049, 10_000 + i,
-                       1_700_000_000_000_000_000 + i, f"{i:032x}", None, (), 1000,
-                       (Unit(0, 0, 1000, 1 << 17),)) for i in range(n)]
-    tasks, batch_rows = cut_tasks(files, None, 1 << 17, group_files=1)
+    files = Files()  # what `scan` builds from the footers, one file at a time
+    for i in range(n):
+        path = f"/data/shards/shard-{i:07d}.parquet"
+        ident = Identity(2049, 10_000 + i, 60_000, 1_700_000_000_000_000_000 + i, 1_700_000_000_000_000_000 + i)
+        files.append(path, path, "parquet", ident, (), None, f"{i:032x}", (), [(1000, 1 << 17, 0)], None)
+    tasks = cut_tasks(files.freeze(), None, 1 << 17, group_files=1)
     t_plan = time.perf_counter()
     merge = job._OrderedMerge({})
     window = 16
@@ -196,7 +199,7 @@ def case_merge(n: int) -> dict:
 
         head = {"summary": merge.merged.to_json()}
         if n > MANIFEST_INLINE:
-            inputs, parts = mt.inputs_table(files), mt.parts_table(tasks, staging.part_name)
+            inputs, parts = mt.inputs_table(files), mt.parts_table(tasks, staging.width)
             head["plan_digest"] = mt.digest(inputs, parts)
             mt.write(Path(out), inputs, parts.append_column("resumed", pa.array(np.zeros(n, bool))))
             head["parts"] = {"table": mt.PARTS_TABLE, "count": n}

@@ -17,43 +17,63 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from .plan_columns import Files, Tasks
 
 INPUTS_TABLE = "_fastkl_inputs.parquet"
 PARTS_TABLE = "_fastkl_parts.parquet"
 ROW_GROUP = 1 << 16  # rows per row group: a reader takes a slice without the rest
 
 
-def inputs_table(files: Sequence) -> pa.Table:
-    """The `inputs` of the manifest (InputFile.to_dict, one row per file) as columns."""
+def inputs_table(files: "Files") -> pa.Table:
+    """The `inputs` of the manifest (InputFile.to_dict, one row per file), from the plan's columns."""
     return pa.table({
-        "path": pa.array([f.display if f.store is not None else f.path for f in files], pa.string()),
-        "format": pa.array([f.fmt for f in files], pa.string()),
-        "size": pa.array([f.size for f in files], pa.int64()),
-        "mtime_ns": pa.array([f.mtime_ns for f in files], pa.int64()),
-        "inode": pa.array([f.ino for f in files], pa.int64()),
-        "ctime_ns": pa.array([f.ctime_ns for f in files], pa.int64()),
-        "footer": pa.array([f.footer for f in files], pa.string()),
-        "rows": pa.array([f.rows for f in files], pa.int64()),
-        "units": pa.array([len(f.units) for f in files], pa.int32()),
+        "path": files.arrow("path"),
+        "format": files.arrow("format"),
+        "size": files.arrow("size"),
+        "mtime_ns": files.arrow("mtime_ns"),
+        "inode": files.arrow("ino"),
+        "ctime_ns": files.arrow("ctime_ns"),
+        "footer": files.footer.arrow(),
+        "rows": files.arrow("rows"),
+        "units": pa.array(np.diff(files.unit_start).astype(np.int32)),
     })
 
 
-def parts_table(tasks: Sequence, part_name: Callable[[int], str]) -> pa.Table:
+def part_names(n: int, width: int) -> pa.Array:
+    """"part-000000.parquet" ... for n parts, built as one buffer (no Python string per part)."""
+    digits = max(width, len(str(max(n - 1, 0))))
+    size = 5 + digits + 8
+    chars = np.empty((n, size), np.uint8)
+    chars[:, :5] = np.frombuffer(b"part-", np.uint8)
+    chars[:, 5 + digits:] = np.frombuffer(b".parquet", np.uint8)
+    rest = np.arange(n, dtype=np.int64)
+    for k in range(5 + digits - 1, 4, -1):  # decimal digits, last first
+        chars[:, k] = ord("0") + rest % 10
+        rest //= 10
+    offsets = np.arange(0, (n + 1) * size, size, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(chars))
+
+
+def parts_table(tasks: "Tasks", width: int) -> pa.Table:
     """The `parts` of the manifest as columns: part file, first input file (and last, for a part of
     grouped files), first row in it, rows, first and last row group / record batch (one file)."""
+    first, last = tasks.first_piece[:-1], tasks.first_piece[1:] - 1
+    p = tasks.pieces
     return pa.table({
-        "file": pa.array([part_name(t.index) for t in tasks], pa.string()),
-        "input": pa.array([t.file.index for t in tasks], pa.int64()),
-        "input_last": pa.array([t.group[-1].file.index if t.group else t.file.index for t in tasks], pa.int64()),
-        "row_start": pa.array([t.row_start for t in tasks], pa.int64()),
-        "rows": pa.array([t.rows for t in tasks], pa.int64()),
-        "unit_first": pa.array([t.units[0].index for t in tasks], pa.int64()),
-        "unit_last": pa.array([t.group[-1].units[-1].index if t.group else t.units[-1].index for t in tasks],
-                              pa.int64()),
+        "file": part_names(len(tasks), width),
+        "input": pa.array(p["file"][first]),
+        "input_last": pa.array(p["file"][last]),
+        "row_start": pa.array(p["row_start"][first]),
+        "rows": pa.array(tasks.rows),
+        "unit_first": pa.array(p["unit_first"][first]),
+        "unit_last": pa.array(p["unit_last"][last]),
     })
 
 

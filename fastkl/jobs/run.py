@@ -733,7 +733,7 @@ def _short(e: BaseException) -> str:
 def _run_sync(todo, plan, spec, progress, on_result):
     progress.start()
     for t in todo:
-        on_result(run_task(t, plan.batch_rows[t.index], spec, _config.cores(), progress.add))
+        on_result(run_task(t, int(plan.batch_rows[t.index]), spec, _config.cores(), progress.add))
 
 
 class _Window:
@@ -841,7 +841,7 @@ def _run_threads(todo, plan, spec, progress, workers, on_result):
     place: dict = {}
 
     def submit(t):
-        fut = pool.submit(run_task, t, plan.batch_rows[t.index], spec, k, progress.add, cancelled)
+        fut = pool.submit(run_task, t, int(plan.batch_rows[t.index]), spec, k, progress.add, cancelled)
         place[fut] = window.next
         return fut
 
@@ -952,7 +952,7 @@ def _run_distributed(todo, plan, spec, progress, client, on_result):
 
     def submit(t):
         fut = client.submit(
-            run_task, t, plan.batch_rows[t.index], spec, threads, topic if reported else None,
+            run_task, t, int(plan.batch_rows[t.index]), spec, threads, topic if reported else None,
             key=f"fastkl-part-{t.index}-{topic[-8:]}", pure=False, priority=-t.index,
         )
         by_key[fut.key] = t
@@ -1433,7 +1433,7 @@ def run(
         return DryRun.of(plan, time.perf_counter() - t_start, scheduler, workers)
     if summary_json is not None:
         check_side_file(summary_json, "--summary-json", None if store_dest else dest_p,
-                        [r for r in roots if not is_store_url(r)], [f.path for f in plan.files if f.store is None])
+                        [r for r in roots if not is_store_url(r)], plan.files.local_paths())
     # DEST is this job's from here on (one job per DEST): nothing beside DEST was touched before
     if store_dest:
         hold = StoreClaim.acquire(dest_p, os.fspath(dest), last_writer_wins=last_writer_wins)
@@ -1482,11 +1482,11 @@ class DryRun:
         n = (workers or _config.cores()) if local and scheduler not in ("sync", "synchronous") else (workers or 1)
         n = max(1, n)
         work = (len(plan.tasks) * cls.TASK_OVERHEAD_S + len(plan.files) * cls.FILE_OVERHEAD_S
-                + sum(len(f.units) for f in plan.files) * cls.UNIT_OVERHEAD_S + plan.nbytes / cls.BYTES_PER_CORE_S)
+                + plan.files.n_units * cls.UNIT_OVERHEAD_S + plan.nbytes / cls.BYTES_PER_CORE_S)
         return cls(
-            files=len(plan.files), rows=plan.rows, file_bytes=sum(f.size for f in plan.files),
+            files=len(plan.files), rows=plan.rows, file_bytes=int(plan.files.size.sum()),
             decoded_bytes=plan.nbytes, tasks=len(plan.tasks), parts=max(1, len(plan.tasks)),
-            grouped_tasks=sum(1 for t in plan.tasks if t.group), plan_s=plan_s, workers=n,
+            grouped_tasks=plan.tasks.grouped, plan_s=plan_s, workers=n,
             estimated_s=plan_s + work / min(n, max(1, len(plan.tasks))),
         )
 
@@ -1572,7 +1572,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     if not in_store and max(len(plan.tasks), len(plan.files)) > MANIFEST_INLINE:
         from ..io import manifest_tables as mt
 
-        tables = (mt.inputs_table(plan.files), mt.parts_table(plan.tasks, staging.part_name))
+        tables = (mt.inputs_table(plan.files), mt.parts_table(plan.tasks, staging.width))
         files = {"table": mt.INPUTS_TABLE, "count": len(plan.files)}
         planned = _identity({**job, "rows": plan.rows, "inputs": files, "plan_digest": mt.digest(*tables)})
     else:
@@ -1605,28 +1605,27 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
 
     # Parts finished by an earlier attempt whose input is unchanged.
     reused: dict[int, dict] = {}
-    for t in plan.tasks:
-        st = done_states.get(t.index)
+    for i, st in done_states.items():
+        if i >= len(plan.tasks):
+            continue
+        t = plan.tasks[i]
         if (
-            st is not None
-            and st.get("job") == job_fp
+            st.get("job") == job_fp
             and st.get("fingerprint") == json.loads(json.dumps(t.fingerprint()))
-            and st.get("batch_rows") == plan.batch_rows[t.index]
+            and st.get("batch_rows") == int(plan.batch_rows[i])
             and st.get("rows") == t.rows
         ):
-            reused[t.index] = st["stats"]
+            reused[i] = st["stats"]
     del done_states
-    resumed = bytearray(len(plan.tasks))
-    for i in reused:
-        resumed[i] = 1
-    todo = [t for t in plan.tasks if not resumed[t.index]]
+    resumed = np.zeros(len(plan.tasks), bool)
+    resumed[list(reused)] = True
+    todo = plan.tasks.select(np.flatnonzero(~resumed))
     staging.drop_extra_parts(len(plan.tasks))
 
     t_plan = time.perf_counter()
     progress = Progress(plan.rows, plan.nbytes, enabled=Progress.wanted(quiet))
-    for t in plan.tasks:
-        if resumed[t.index]:
-            progress.done(t.index, t.rows, t.nbytes)
+    for i in np.flatnonzero(resumed).tolist():
+        progress.done(i, int(plan.tasks.rows[i]), int(plan.tasks.nbytes[i]))
     kind = "threads" if scheduler is None else scheduler if isinstance(scheduler, str) else "client"
     to_close: list = []  # a cluster / connection this call opened, closed in reverse
     merge = _OrderedMerge(reused, PartStats.for_layout(layout, grouping))
@@ -1665,8 +1664,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     }
     if tables is None:
         parts = _parts(plan, staging)
-        for t in plan.tasks:
-            parts[t.index]["resumed"] = bool(resumed[t.index])
+        for i, part in enumerate(parts[:len(plan.tasks)]):
+            part["resumed"] = bool(resumed[i])
     else:
         parts = {"table": mt.PARTS_TABLE, "count": len(plan.tasks)}
     timings["total_s"] = time.perf_counter() - t_start
@@ -1695,7 +1694,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     manifest = json.loads(json.dumps(manifest, default=_json_default))
     staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
     if tables is not None:
-        mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(np.frombuffer(resumed, np.uint8) > 0)))
+        mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(resumed)))
     staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks))
     return _finished(summary, summary_json)
 
