@@ -377,18 +377,32 @@ def test_sigkill_during_the_commit_then_resume_or_clean(tmp_path, shards, bucket
     assert_clean(bucket, "out")
 
 
+def logged_states(bucket, prefix) -> set[int]:
+    """The parts whose states a job logged under its staging prefix (batch objects states-*.log)."""
+    import io
+
+    from fastkl.io.state_log import decode
+
+    found = set()
+    for k in keys(bucket, prefix):
+        if k.rsplit("/", 1)[1].startswith("states-"):
+            data = s3fs().open_input_stream(f"{bucket}/{k}").read()
+            found |= {rec["index"] for _, _, rec in decode(io.BytesIO(data))}
+    return found
+
+
 def test_resume_reuses_the_staged_parts(shards, bucket):
     local, _ = shards
     src = upload(local, bucket)
     dest = f"s3://{bucket}/out"
-    env = dict(os.environ, FASTKL_CLAIM_STALE_S="2")
+    env = dict(os.environ, FASTKL_CLAIM_STALE_S="2", FASTKL_STATE_FLUSH_S="0")  # a batch object per state
     p = _start([src, dest, "--task-rows", "5", "--workers", "1", *JOB], env)
     deadline = time.time() + 60
-    while time.time() < deadline and sum(k.endswith(".json") and "part-" in k for k in keys(bucket, "out")) < 4:
+    while time.time() < deadline and len(logged_states(bucket, "out")) < 4:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    staged = sum(k.endswith(".json") and "part-" in k for k in keys(bucket, "out"))
+    staged = len(logged_states(bucket, "out"))
     assert staged >= 4
     s = fastkl.run(src, dest, keep=("id",), measures=("kl", "js"), task_rows=5, workers=1, resume=True,
                    quiet=True)
@@ -446,7 +460,7 @@ def _job_with_a_worker_killed(client, src, bucket, ref, names) -> bool:
     def kill_when_parts_start():
         deadline = time.time() + 60
         while time.time() < deadline:
-            if sum(k.endswith(".json") and "part-" in k for k in keys(bucket, "killed")) >= 2:
+            if sum(k.endswith(".parquet") and "part-" in k for k in keys(bucket, "killed")) >= 2:  # staged uploads
                 os.kill(victim, signal.SIGKILL)
                 killed.append(victim)
                 return
@@ -614,7 +628,7 @@ def test_a_job_whose_claim_was_taken_does_not_commit(shards, bucket):
     t = threading.Thread(target=job)
     t.start()
     deadline = time.time() + 60
-    while time.time() < deadline and not any("part-" in k and k.endswith(".json") for k in keys(bucket, "out")):
+    while time.time() < deadline and not any("part-" in k and k.endswith(".parquet") for k in keys(bucket, "out")):
         time.sleep(0.01)
     with s3fs().open_output_stream(f"{bucket}/out/{CLAIM}") as f:
         f.write(json.dumps({"pid": 1, "host": "elsewhere", "job_id": "intruder", "token": "x"}).encode())

@@ -8,7 +8,8 @@ way, with conditional writes (`store_conditional`)::
                                                 refreshed If-Match: <etag> every few seconds
     DEST/_fastkl-staging/<job id>/job.json   2. the job's fingerprint (what --resume may adopt)
         part-000003.<attempt>.parquet           tasks upload parts here (an upload is invisible until
-        part-000003.json                        complete); the state names the attempt that counts
+        states-000001-000001.log                complete); the client logs their states in batch objects
+                                                (fastkl.io.state_log): a state names the attempt that counts
         _commit.json                         3. the manifest to be, written when every part is staged
     DEST/part-000003.parquet                 4. server-side copies of the staged parts (no data
                                                 through the client)
@@ -45,6 +46,7 @@ import pyarrow.parquet as pq
 
 from ..errors import DataError, DestTakenError, FastKLWarning, OptionError
 from .store_conditional import Conditional, conditional
+from .state_log import FinishedParts, StoreLogs
 from .stores import Store, resolve
 
 MANIFEST = "_fastkl.json"
@@ -309,6 +311,7 @@ class StoreStaging:
 
     def __init__(self, dest: StoreDest, n_parts: int):
         self.dest = dest
+        self.n_parts = n_parts
         self.width = max(6, len(str(max(n_parts - 1, 0))))
         self.job_id: str | None = None
         self.retries = 4  # a task whose upload fails transiently runs again (backoff)
@@ -326,9 +329,6 @@ class StoreStaging:
 
     def part_name(self, index: int) -> str:
         return f"part-{index:0{self.width}d}.parquet"
-
-    def _state_path(self, index: int) -> str:
-        return posixpath.join(self.root, self.part_name(index)[: -len(".parquet")] + ".json")
 
     def _cond(self) -> Conditional:
         return conditional(self.dest.store)
@@ -359,7 +359,7 @@ class StoreStaging:
                     return mark["job_id"]
         return None
 
-    def prepare(self, job: dict, job_id: str, *, resume: bool) -> dict[int, dict]:
+    def prepare(self, job: dict, job_id: str, *, resume: bool) -> FinishedParts:
         """Start staging job `job_id` (every other staged attempt is dead: this job holds the claim
         and removes them); with resume, return the reusable part states."""
         self.job_id = job_id
@@ -371,16 +371,10 @@ class StoreStaging:
         if read_json(self._cond(), posixpath.join(self.root, JOB)) != mark:
             _delete_prefix(fs, self.root)
             put_json(fs, posixpath.join(self.root, JOB), mark)
-        if not resume:
-            return {}
-        done = {}
-        for e in _entries(fs, self.root):
-            name = posixpath.basename(e.path)
-            if name.startswith("part-") and name.endswith(".json"):
-                st = read_json(self._cond(), e.path)
-                if isinstance(st, dict) and isinstance(st.get("index"), int) and self._vouched(st):
-                    done[st["index"]] = st
-        return done
+        finished = FinishedParts(StoreLogs(fs, self.root), max(1, self.n_parts), job_id)
+        if resume:
+            finished.load(self._vouched)
+        return finished
 
     def _vouched(self, st: Any) -> bool:
         """The staged object this state names exists with its size, written by this job."""
@@ -389,11 +383,11 @@ class StoreStaging:
         info = self.dest.fs.get_file_info(posixpath.join(self.root, st["object"]))
         return info.type == pafs.FileType.File and info.size == st.get("part_size")
 
-    def check_parts(self, n_parts: int) -> list[str]:
+    def check_parts(self, n_parts: int, finished: FinishedParts) -> list[str]:
         """Before the commit: every part is staged and vouched; the staged object of each."""
         out = []
         for i in range(n_parts):
-            st = read_json(self._cond(), self._state_path(i))
+            st = finished.record(i)
             if not self._vouched(st):
                 raise DataError(f"{self.part_name(i)} in {self} is not the part this job wrote; "
                                 "not committing: run the job again with --resume")
@@ -413,23 +407,20 @@ class StoreStaging:
         except OSError:
             pass
 
-    def finish_part(self, index: int, tmp: str, state: dict) -> None:
-        """Name the uploaded attempt in the part's state: the last finished attempt counts."""
-        info = self.dest.fs.get_file_info(tmp)
-        state = dict(state, index=index, part=self.part_name(index), job_id=self.job_id,
-                     object=posixpath.basename(tmp), part_size=info.size)
-        put_json(self.dest.fs, self._state_path(index), state)
+    def publish_part(self, index: int, tmp: str) -> dict:
+        """What names the uploaded attempt in the part's state (logged by the client): the last
+        finished attempt counts."""
+        return {"object": posixpath.basename(tmp), "part_size": self.dest.fs.get_file_info(tmp).size}
 
-    def write_empty_part(self, schema: pa.Schema) -> None:
-        """Empty input: one empty part keeps DEST a readable dataset."""
+    def write_empty_part(self, schema: pa.Schema) -> dict:
+        """Empty input: one empty part keeps DEST a readable dataset; its state, to log."""
         tmp = self.tmp_part(0)
         pq.write_table(schema.empty_table(), tmp, filesystem=self.dest.fs)
-        self.finish_part(0, tmp, {"rows": 0})
+        return self.publish_part(0, tmp)
 
     def discard_if_nothing_finished(self) -> None:
         try:
-            if not any(posixpath.basename(e.path).endswith(".json") and posixpath.basename(e.path) != JOB
-                       for e in _entries(self.dest.fs, self.root)):
+            if not StoreLogs(self.dest.fs, self.root).any():
                 _delete_prefix(self.dest.fs, self.root)
                 _delete_if_empty(self.dest.fs, self.top)
         except OSError:
@@ -438,8 +429,9 @@ class StoreStaging:
     def drop_extra_parts(self, n_parts: int) -> None:
         """Nothing to do before the commit: only the attempts the states name are published."""
 
-    def commit(self, manifest: dict, *, overwrite: bool, lock: StoreClaim, n_parts: int) -> None:
-        objects = self.check_parts(max(1, n_parts))
+    def commit(self, manifest: dict, *, overwrite: bool, lock: StoreClaim, n_parts: int,
+               finished: FinishedParts) -> None:
+        objects = self.check_parts(max(1, n_parts), finished)
         put_json(self.dest.fs, posixpath.join(self.root, COMMIT), {"manifest": manifest, "objects": objects})
         self.commit_written(overwrite=overwrite, lock=lock)
 

@@ -712,13 +712,20 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
                           f"{e.strerror or _short(e)}") from e
         raise
     stats_json = PartStats.merge_all([PartStats.for_layout(spec.layout, spec.group_by), *stats]).to_json()
-    staging.finish_part(
-        task.index,
-        tmp,
-        {"job": spec.job_fp, "fingerprint": task.fingerprint(), "batch_rows": batch_rows,
-         "rows": done, "stats": stats_json},
-    )
-    return {"index": task.index, "rows": done, "stats": stats_json, "seconds": time.perf_counter() - t0}
+    state = {"fingerprint": _fingerprint(task), "batch_rows": batch_rows, "rows": done,
+             **staging.publish_part(task.index, tmp)}  # the part is in place before the client logs its state
+    # the stats also as the JSON the client logs: encoded here, in parallel, not by the client
+    stats_text = json.dumps(stats_json, separators=(",", ":"), allow_nan=True)
+    return {"index": task.index, "rows": done, "stats": stats_json, "stats_text": stats_text, "state": state,
+            "seconds": time.perf_counter() - t0}
+
+
+def _fingerprint(task: Task) -> str:
+    """A digest of `Task.fingerprint` (what --resume compares; a grouped task's lists 256 files)."""
+    import hashlib
+
+    text = json.dumps(task.fingerprint(), sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _short(e: BaseException) -> str:
@@ -1600,25 +1607,9 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     # --resume continues the staged attempt only if it was this very job; any other is a new job
     job_id = (staging.staged_job_id(job) if resume else None) or new_job_id()
     lock.announce(job_id)
-    done_states = staging.prepare(job, job_id, resume=resume)
+    finished = staging.prepare(job, job_id, resume=resume)
     spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout, grouping)
-
-    # Parts finished by an earlier attempt whose input is unchanged.
-    reused: dict[int, dict] = {}
-    for i, st in done_states.items():
-        if i >= len(plan.tasks):
-            continue
-        t = plan.tasks[i]
-        if (
-            st.get("job") == job_fp
-            and st.get("fingerprint") == json.loads(json.dumps(t.fingerprint()))
-            and st.get("batch_rows") == int(plan.batch_rows[i])
-            and st.get("rows") == t.rows
-        ):
-            reused[i] = st["stats"]
-    del done_states
-    resumed = np.zeros(len(plan.tasks), bool)
-    resumed[list(reused)] = True
+    resumed = _reusable(plan, finished)
     todo = plan.tasks.select(np.flatnonzero(~resumed))
     staging.drop_extra_parts(len(plan.tasks))
 
@@ -1628,7 +1619,12 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         progress.done(i, int(plan.tasks.rows[i]), int(plan.tasks.nbytes[i]))
     kind = "threads" if scheduler is None else scheduler if isinstance(scheduler, str) else "client"
     to_close: list = []  # a cluster / connection this call opened, closed in reverse
-    merge = _OrderedMerge(reused, PartStats.for_layout(layout, grouping))
+    merge = _OrderedMerge(resumed, finished.stats, PartStats.for_layout(layout, grouping))
+
+    def on_result(result: dict) -> None:
+        finished.add(result["index"], result["state"], result["stats_text"])
+        merge.add(result)
+
     failed = True
     try:
         from .._engine import warmup
@@ -1637,7 +1633,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         # (numba issue 4807), for every dtype the files of the plan need
         warmup(_kernel_dtypes(plan), _warm_options(options), measures, spec.layout.sparse)
         if todo:
-            _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close, merge.add)
+            _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close, on_result)
         merge.drain(len(plan.tasks))
         failed = False
     finally:
@@ -1647,6 +1643,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
                 obj.close()
             except Exception:
                 pass
+        _keep_states(finished, close=failed)  # logged now: the merge's end may fail too (too many groups)
         if failed:  # workers are stopped: keep the staging directory only if --resume has parts to reuse
             staging.discard_if_nothing_finished()
     t_compute = time.perf_counter()
@@ -1656,7 +1653,9 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         merged = merge.merged
     else:  # empty input: one empty part keeps DEST a readable dataset
         merged = PartStats.for_layout(layout, grouping)
-        staging.write_empty_part(schema)
+        empty = staging.write_empty_part(schema)
+        if empty is not None:
+            finished.add(0, {**empty, "rows": 0, "stats": merged.to_json()})
     timings = {
         "plan_s": t_plan - t_start,
         "compute_s": t_compute - t_plan,
@@ -1695,8 +1694,32 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
     if tables is not None:
         mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(resumed)))
-    staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks))
+    finished.flush()
+    staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks), finished=finished)
     return _finished(summary, summary_json)
+
+
+def _reusable(plan: Plan, finished) -> np.ndarray:
+    """Which parts an earlier attempt finished (logged, their files unchanged) on input that is
+    unchanged too (same fingerprint, read batch size and rows): --resume does not redo them."""
+    resumed = np.zeros(len(plan.tasks), bool)
+    for i in np.flatnonzero(finished.done[:len(plan.tasks)]).tolist():
+        st, t = finished.record(i), plan.tasks[i]
+        resumed[i] = (st.get("fingerprint") == _fingerprint(t) and st.get("batch_rows") == int(plan.batch_rows[i])
+                      and st.get("rows") == t.rows)
+    return resumed
+
+
+def _keep_states(finished, close: bool) -> None:
+    """Once the tasks have stopped: log the states still waiting, so that --resume reuses their
+    parts whatever fails next; a failing job's error is its own, not this one's."""
+    try:
+        finished.flush()
+    except OSError:
+        if not close:
+            raise
+    if close:
+        finished.close()
 
 
 class _OrderedMerge:
@@ -1708,14 +1731,14 @@ class _OrderedMerge:
     The merge is `PartStats.merge` in task order, the same fold as merging the
     list of every task's state, so the summary does not depend on the order
     of arrival (nor, its sums being exact, on how the job was split).
-    `reused`: the states of parts an earlier attempt finished (--resume),
-    merged when their turn comes; `start`: the state merged into first.
+    `reused[i]`: part i was finished by an earlier attempt (--resume), its state
+    read with `stats_of(i)` when its turn comes; `start`: the state merged into first.
     """
 
     BATCH = 64  # states merged at once by `PartStats.merge_all` (which copies its first: once per batch)
 
-    def __init__(self, reused: dict[int, dict], start=None):
-        self.reused = reused
+    def __init__(self, reused: np.ndarray, stats_of: Callable[[int], dict], start=None):
+        self.reused, self.stats_of = reused, stats_of
         self.waiting: dict[int, dict] = {}
         self.next = 0
         self._merged = start  # an empty state of the job's layout (and its cap on groups), or None
@@ -1744,8 +1767,8 @@ class _OrderedMerge:
 
         while True:
             st = self.waiting.pop(self.next, None)
-            if st is None:
-                st = self.reused.pop(self.next, None)
+            if st is None and self.next < len(self.reused) and self.reused[self.next]:
+                st = self.stats_of(self.next)
             if st is None:
                 return
             self._ready.append(PartStats.from_json(st))
