@@ -152,6 +152,38 @@ def test_s3_to_s3_equals_local_to_local(tmp_path, shards, bucket):
     assert pads.dataset(f"{bucket}/out", filesystem=s3fs(), format="parquet").count_rows() == table.num_rows
 
 
+def test_a_large_manifest_on_a_store_keeps_its_parts_in_tables(tmp_path, shards, bucket, monkeypatch):
+    """Above MANIFEST_INLINE parts a store DEST gets the Parquet tables too, copied beside its manifest;
+    an --overwrite with an inline manifest removes them."""
+    import fastkl.jobs.run as job
+    from fastkl.io import manifest_tables as mt
+
+    local, _ = shards
+    src = upload(local, bucket)
+    ref, ref_manifest, ref_names = local_reference(tmp_path, local, "--task-rows", "10")
+    monkeypatch.setattr(job, "MANIFEST_INLINE", 3)
+    dest = f"s3://{bucket}/out"
+    fastkl.run(src, dest, keep=("id",), measures=("kl", "js"), task_rows=10, quiet=True)
+    m = json.loads(s3fs().open_input_stream(f"{bucket}/out/{MANIFEST}").read())
+    assert m["parts"] == {"table": mt.PARTS_TABLE, "count": len(ref_names)}
+    parts = mt.read_parts(dest, m)
+    assert parts.column("file").to_pylist() == ref_names == mt.part_files(m)
+    assert parts.column("rows").to_pylist() == [p["rows"] for p in ref_manifest["parts"]]
+    assert mt.read_inputs(dest, m).column("path").to_pylist() == [f["path"] for f in m_inputs(src)]
+    assert visible(bucket, "out") == [f"out/{n}" for n in ref_names] and read_store(bucket, "out").equals(ref)
+    assert_clean(bucket, "out")
+    monkeypatch.setattr(job, "MANIFEST_INLINE", 10_000)
+    fastkl.run(src, dest, keep=("id",), measures=("kl", "js"), task_rows=10, quiet=True, overwrite=True)
+    assert not [k for k in keys(bucket, "out") if "_fastkl_" in k and k.endswith(".parquet")]
+
+
+def m_inputs(src):
+    """The inputs a job of `src` lists (an inline manifest's form)."""
+    from fastkl.io.sources import scan
+
+    return [f.to_dict() for f in scan(src, p="p", q="q", keep=("id",))[0].files]
+
+
 def test_globs_and_single_objects_read_the_same_files(tmp_path, shards, bucket):
     local, _ = shards
     src = upload(local, bucket)

@@ -91,25 +91,53 @@ def digest(*tables: pa.Table) -> str:
     return h.hexdigest()
 
 
-def write(root: Path, inputs: pa.Table, parts: pa.Table) -> None:
+def write(root: Path | str, inputs: pa.Table, parts: pa.Table, filesystem=None) -> None:
+    """Both tables into the staging directory (tmp + rename), or under a store's staging prefix
+    (`filesystem`: an upload is whole or absent)."""
     for name, t in ((INPUTS_TABLE, inputs), (PARTS_TABLE, parts)):
-        tmp = root / f".{name}.tmp"
+        if filesystem is not None:
+            pq.write_table(t, f"{root}/{name}", compression="zstd", row_group_size=ROW_GROUP, filesystem=filesystem)
+            continue
+        tmp = Path(root) / f".{name}.tmp"
         pq.write_table(t, tmp, compression="zstd", row_group_size=ROW_GROUP)
-        os.replace(tmp, root / name)
+        os.replace(tmp, Path(root) / name)
 
 
-def _read(dest: str | os.PathLike, manifest: dict, key: str, name: str, columns=None) -> pa.Table:
+def part_files(manifest: dict) -> list[str]:
+    """The part files a manifest names, inline or counted (the names of a table's "file" column)."""
+    parts = manifest["parts"]
+    if isinstance(parts, list):
+        return [p["file"] for p in parts]
+    n = parts["count"]
+    return part_names(n, max(6, len(str(max(n - 1, 0))))).to_pylist()
+
+
+def _open(dest, name: str, storage_options: dict | None = None):
+    """A table of DEST: a local path, or (a store URL) a file of the store's filesystem."""
+    from .stores import is_store_url, resolve
+
+    if isinstance(dest, str) and is_store_url(dest):
+        store, path = resolve(dest, storage_options)
+        return store.fs.open_input_file(f"{path.rstrip('/')}/{name}")
+    return Path(dest) / name
+
+
+def _read(dest: str | os.PathLike, manifest: dict, key: str, name: str, columns=None,
+          storage_options: dict | None = None) -> pa.Table:
     value = manifest.get(key)
     if isinstance(value, list):
         return pa.Table.from_pylist(value).select(columns) if columns else pa.Table.from_pylist(value)
-    return pq.read_table(Path(dest) / (value or {}).get("table", name), columns=columns)
+    return pq.read_table(_open(dest, (value or {}).get("table", name), storage_options), columns=columns)
 
 
-def read_parts(dest: str | os.PathLike, manifest: dict, columns=None) -> pa.Table:
-    """DEST's parts (from the manifest `manifest` read from DEST), inline or in their table."""
-    return _read(dest, manifest, "parts", PARTS_TABLE, columns)
+def read_parts(dest: str | os.PathLike, manifest: dict, columns=None, storage_options: dict | None = None) -> pa.Table:
+    """DEST's parts (from the manifest `manifest` read from DEST), inline or in their table.
+    A large table need not be read whole: `pq.ParquetFile(DEST/_fastkl_parts.parquet)` reads
+    row groups of ROW_GROUP parts (and only the columns asked for)."""
+    return _read(dest, manifest, "parts", PARTS_TABLE, columns, storage_options)
 
 
-def read_inputs(dest: str | os.PathLike, manifest: dict, columns=None) -> pa.Table:
-    """DEST's input files (from its manifest), inline or in their table."""
-    return _read(dest, manifest, "inputs", INPUTS_TABLE, columns)
+def read_inputs(dest: str | os.PathLike, manifest: dict, columns=None,
+                storage_options: dict | None = None) -> pa.Table:
+    """DEST's input files (from its manifest), inline or in their table (DEST a path or a store URL)."""
+    return _read(dest, manifest, "inputs", INPUTS_TABLE, columns, storage_options)

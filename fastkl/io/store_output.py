@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 
 from ..errors import DataError, DestTakenError, FastKLWarning, OptionError
 from .store_conditional import Conditional, conditional
+from . import manifest_tables as mt
 from .state_log import FinishedParts, StoreLogs
 from .stores import Store, resolve
 
@@ -446,10 +447,13 @@ class StoreStaging:
             if not overwrite:
                 raise OptionError(f"DEST {dest} appeared while the job ran; output left in {self}")
             cond.delete(dest.key(MANIFEST))  # DEST stops existing (for fastkl) while it is replaced
-        names = [p["file"] for p in manifest["parts"]]
-        with ThreadPoolExecutor(max_workers=min(16, max(1, len(names)))) as ex:
-            list(ex.map(lambda no: fs.copy_file(posixpath.join(self.root, no[1]), dest.key(no[0])),
-                        zip(names, objects)))
+        names = mt.part_files(manifest)  # a large job's parts and inputs are tables, copied beside the manifest
+        tables = [t for t in (mt.INPUTS_TABLE, mt.PARTS_TABLE) if isinstance(manifest.get("parts"), dict)]
+        copies = list(zip(names, objects)) + [(t, t) for t in tables]
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(copies)))) as ex:
+            list(ex.map(lambda no: fs.copy_file(posixpath.join(self.root, no[1]), dest.key(no[0])), copies))
+        for t in {mt.INPUTS_TABLE, mt.PARTS_TABLE} - set(tables):  # an older output's: not this manifest's
+            _delete(fs, fs.get_file_info(dest.key(t)))
         keep = set(names)
         for path in visible(dest):  # parts of an older, longer output
             if posixpath.basename(path) not in keep:

@@ -1576,7 +1576,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     job_fp = json.dumps(job, sort_keys=True, default=_json_default)
     # a large job's inputs and parts go to Parquet tables beside the manifest (fastkl.io.manifest_tables)
     tables = None
-    if not in_store and max(len(plan.tasks), len(plan.files)) > MANIFEST_INLINE:
+    if max(len(plan.tasks), len(plan.files)) > MANIFEST_INLINE:
         from ..io import manifest_tables as mt
 
         tables = (mt.inputs_table(plan.files), mt.parts_table(plan.tasks, staging.width))
@@ -1693,7 +1693,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     manifest = json.loads(json.dumps(manifest, default=_json_default))
     staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
     if tables is not None:
-        mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(resumed)))
+        mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(resumed)),
+                 filesystem=staging.dest.fs if in_store else None)
     finished.flush()
     staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks), finished=finished)
     return _finished(summary, summary_json)
