@@ -198,7 +198,7 @@ class FinishedParts:
         self._cols: dict[str, np.ndarray] = {}
         self._where: np.ndarray | None = None  # (load) log number, offset, length of a read-back record
         self._names: list[str] = []
-        self._readers: dict[int, IO[bytes]] = {}
+        self._reader: tuple[int, IO[bytes]] | None = None  # the log being read back (one: a store's is in memory)
         self._pending: list[bytes] = []
         self._last = time.monotonic()
 
@@ -248,9 +248,10 @@ class FinishedParts:
     def stats(self, i: int) -> dict:
         """The stats of a part read back by `load`, from its place in the log."""
         k, offset, length = self._where[i].tolist()
-        stream = self._readers.get(k)
-        if stream is None:
-            stream = self._readers[k] = self.logs.open(self._names[k])
+        if self._reader is None or self._reader[0] != k:  # parts come in order: logs change rarely
+            self._close_reader()
+            self._reader = (k, self.logs.open(self._names[k]))
+        stream = self._reader[1]
         stream.seek(offset)
         rec = _decode_line(stream.read(length))
         if rec is None or rec.get("index") != i:
@@ -280,10 +281,13 @@ class FinishedParts:
                                        f"{e.strerror or e}") from e
         self._last = time.monotonic()
 
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader[1].close()
+            self._reader = None
+
     def close(self) -> None:
-        for stream in self._readers.values():
-            stream.close()
-        self._readers = {}
+        self._close_reader()
         self.logs.close()
 
 
