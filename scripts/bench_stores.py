@@ -29,7 +29,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# the fastkl of this tree, here and in the processes started from here (not an installed one)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 import s3server  # noqa: E402
 
 
@@ -113,16 +116,61 @@ def main() -> None:
         print(f"  transfer floor on this server: read {nbytes / 1e6:.1f} MB in {rd:.3f} s "
               f"({nbytes / 1e6 / rd:.0f} MB/s), write {out_bytes / 1e6:.2f} MB in {wr:.3f} s")
         proxy = s3server.FaultProxy(endpoint)  # counts the requests of one more run (not timed)
+        marks = _mark_phases(proxy)
         fastkl.run("s3://bench/shards/", "s3://bench/out", storage_options={"endpoint_url": proxy.url}, **opts)
         proxy.close()
         calls = ", ".join(f"{m} {n}" for m, n in sorted(proxy.by_method.items()))
         print(f"  requests of one S3 job: {proxy.seen} ({calls})")
+        for phase, counts in _per_phase(proxy.log, marks).items():
+            print(f"    {phase:6s} {sum(counts.values()):4d}: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())))
         extra = med["s3"] - med["local"]
         print(f"  the store adds {extra:.3f} s; the bytes' transfer alone takes {rd + wr:.3f} s "
               f"(extra / transfer = {extra / (rd + wr):.2f})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
         server.kill()
+
+
+def _mark_phases(proxy) -> list[int]:
+    """Where the job's tasks start and end in the proxy's log (fastkl.jobs.run._run_tasks wrapped)."""
+    import fastkl.jobs.run as job
+
+    marks: list[int] = []
+    real = job._run_tasks
+
+    def wrapped(*a, **k):
+        marks.append(len(proxy.log))
+        try:
+            return real(*a, **k)
+        finally:
+            marks.append(len(proxy.log))
+
+    job._run_tasks = wrapped
+    return marks
+
+
+def _kind(method: str, path: str) -> str:
+    """What a request does, from its method and path (S3's REST API)."""
+    key, _, query = path.partition("?")
+    if "list-type" in query or "uploads" == query.split("&")[0] and method == "GET":
+        return "list"
+    if "uploadId" in query or query.startswith("uploads"):
+        return "multipart"
+    where = ("source" if "/shards/" in key else "claim" if "_fastkl-claim" in key else "probe" if "probe" in key
+             else "staging" if "_fastkl-staging" in key else "manifest" if key.endswith("_fastkl.json") else "dest")
+    return f"{method} {where}"
+
+
+def _per_phase(log: list[tuple[str, str]], marks: list[int]) -> dict[str, dict[str, int]]:
+    a, b = (marks + [len(log), len(log)])[:2]
+    out: dict[str, dict[str, int]] = {}
+    for phase, part in (("plan", log[:a]), ("tasks", log[a:b]), ("commit", log[b:])):
+        counts: dict[str, int] = {}
+        for method, path in part:
+            k = _kind(method, path)
+            counts[k] = counts.get(k, 0) + 1
+        out[phase] = counts
+    return out
 
 
 def _cpu() -> str:

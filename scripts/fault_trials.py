@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-sys.path.insert(0, str(TESTS))
+sys.path[:0] = [str(ROOT), str(TESTS)]  # the fastkl of this tree (not an installed one), and the tests' helpers
 import parquet_surgery as surgery  # noqa: E402
 
 PY = sys.executable

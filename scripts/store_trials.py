@@ -27,7 +27,10 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# the fastkl of this tree, here and in the processes started from here (not an installed one)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 import s3server  # noqa: E402
 
 JOB = ["--keep", "id", "--measure", "kl", "--measure", "js", "-q", "--task-rows", "5", "--workers", "1"]

@@ -73,7 +73,7 @@ class FaultProxy:
     holds get a 503 SlowDown (what S3 answers when it throttles), every
     other one a 500 InternalError, without reaching the server. `strip_conditions`: drop If-None-Match / If-Match,
     as an S3-compatible server without conditional writes ignores them.
-    `seen` counts the requests forwarded, `failed` the ones refused.
+    `seen` counts the requests forwarded, `failed` the ones refused, `log` lists them.
     """
 
     def __init__(self, upstream: str):
@@ -88,6 +88,7 @@ class FaultProxy:
         self.seen = 0
         self.failed = 0
         self.by_method: dict[str, int] = {}
+        self.log: list[tuple[str, str]] = []  # (method, path and query) of every request, in order
         self._lock = threading.Lock()
         proxy = self
 
@@ -160,6 +161,7 @@ class FaultProxy:
         with self._lock:
             self.seen += 1
             self.by_method[method] = self.by_method.get(method, 0) + 1
+            self.log.append((method, path))
             for rule in self.rules:
                 if rule[1] > 0 and rule[0](method, path):
                     rule[1] -= 1

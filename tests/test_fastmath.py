@@ -228,16 +228,3 @@ def test_float32_logprobs_rows_at_the_edges_of_exp(rng, measures):
     assert not failures, "\n".join(failures[:10])
     assert table["status"].to_pylist().count("ok") > 30  # most rows are valid: the fast loops ran
 
-
-def test_kernels_cache_follows_fastmath():
-    """Numba's cache of fastkl/kernels/dense.py is invalidated only when that file
-    changes, and the kernels inline fastkl/kernels/fastmath.py: keep its digest there."""
-    import hashlib
-    from pathlib import Path
-
-    from fastkl.kernels import dense, fastmath
-
-    digest = hashlib.sha256(Path(fastmath.__file__).read_bytes()).hexdigest()[:16]
-    assert dense.FASTMATH_DIGEST == digest, (
-        f"fastkl/kernels/fastmath.py changed: set FASTMATH_DIGEST = {digest!r} in fastkl/kernels/dense.py"
-    )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import collections
 import errno
 import json
-import math
 import os
 import random
 import signal

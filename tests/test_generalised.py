@@ -119,7 +119,6 @@ def test_extreme_log_ratios_are_defined(alpha):
     (finite or +inf), never NaN, and exact (the sums overflow where alpha > 1)."""
     rows_a, rows_b = [], []
     for r in (1.0, 50.0, 300.0, 700.0):
-        a = np.log(np.array([0.5, 0.5, 0.0]) + 0.0)
         b = np.array([math.log(0.5), math.log(0.5) - r, -math.inf])
         b = b - np.log(np.exp(b).sum())
         rows_a.append(np.array([math.log(0.5), math.log(0.5), -math.inf]))
@@ -247,8 +246,8 @@ def test_fully_listed_top_k_rows_are_exact(kind, rng):
 @settings(max_examples=120, deadline=None)
 @given(cases(max_k=40, max_n=4), st.sampled_from(BETAS))
 def test_gjs_without_renyi_matches_the_exact_reference(case, beta):
-    """gjs beside the measures of SPEC §2 only: float32 log-probabilities take their float32
-    loops then (renyi and bhattacharyya send a row to the float64 ones), weights by side."""
+    """gjs beside the measures of SPEC §2 only (no renyi, no bhattacharyya: their own tests
+    cover their float32 loops), weights by side."""
     P, Q, measures, opts = case
     measures = tuple(m for m in dict.fromkeys(measures + ("gjs",)) if m not in ("renyi", "bhattacharyya"))
     opts = dict(opts, beta=beta)
@@ -260,10 +259,26 @@ def test_gjs_without_renyi_matches_the_exact_reference(case, beta):
     assert not failures, "\n".join(failures[:10])
 
 
+@pytest.mark.parametrize("alpha", ALPHAS + (1.0 + 1e-7, 1.0 - 1e-7))
+@pytest.mark.parametrize("zeros", [0.0, 0.3])
+def test_renyi_of_float32_log_probabilities(alpha, zeros, rng):
+    """renyi's float32 log-space loop (it shares kl's): close rows (near alpha = 1 too),
+    far ones, zeros on either side, and rows it must hand to the float64 loops (alpha - 1
+    times a log-ratio above 80; S far below sum p), against the exact reference."""
+    P = naive.make_logprobs(rng, 16, 40, np.float32, zero_frac=zeros, spread=3.0)
+    Q = naive.make_logprobs(rng, 16, 40, np.float32, zero_frac=zeros, spread=3.0)
+    Q[:4] = P[:4] + rng.normal(0, 1e-3, P[:4].shape).astype(np.float32) * (P[:4] > -np.inf)
+    Q[:4] -= np.log(np.exp(Q[:4].astype(np.float64)).sum(axis=1, keepdims=True)).astype(np.float32)
+    Q[4, :] = np.float32(-60.0)  # a q far below p: (alpha - 1) log(p/q) > 80 for alpha >= 2.4
+    Q[4, 0] = np.float32(0.0)
+    for measures in (("renyi",), ("kl", "renyi"), ("reverse_kl", "js", "renyi", "bhattacharyya")):
+        assert_reference(P, Q, dict(kind="logprobs", alpha=alpha), measures, naive.rel_bound(np.float32))
+
+
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("zeros", [0.0, 0.3])
 def test_gjs_and_bhattacharyya_of_float32_log_probabilities(beta, zeros, rng):
-    """The float32 log-space loops of gjs and bhattacharyya (taken without renyi), with close
+    """The float32 log-space loops of gjs and bhattacharyya, with close
     and far rows, zeros on either side and each side the larger, against the exact reference."""
     P = naive.make_logprobs(rng, 12, 40, np.float32, zero_frac=zeros, spread=3.0)
     Q = naive.make_logprobs(rng, 12, 40, np.float32, zero_frac=zeros, spread=3.0)

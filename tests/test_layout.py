@@ -89,3 +89,26 @@ def test_the_core_count_is_computed_once():
     bad = [str(f.relative_to(PKG.parent)) for f in sorted(PKG.rglob("*.py"))
            if f.name != "_config.py" and "bench" not in f.relative_to(PKG).parts and ("sched_getaffinity" in f.read_text() or "cpu_count" in f.read_text())]
     assert not bad, bad
+
+
+KERNEL_MODULES = sorted((PKG / "kernels").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", KERNEL_MODULES, ids=lambda p: p.name)
+def test_a_kernel_module_carries_the_digest_of_what_it_inlines(path):
+    """Numba checks its on-disk cache of a kernel against the kernel's own file only, and
+    kernels inline the helpers of the kernel modules they import: each module that imports
+    one keeps their digest, so that editing them changes it (and so its cache) too."""
+    import hashlib
+    import re
+
+    text = path.read_text()
+    imported = sorted(set(re.findall(r"^from \.(\w+) import", text, re.M)))
+    if not imported:
+        assert "INLINES_DIGEST = " not in text  # (nothing to tie)
+        return
+    digest = hashlib.sha256(b"".join((path.parent / f"{m}.py").read_bytes() for m in imported)).hexdigest()[:16]
+    assert f'INLINES_DIGEST = "{digest}"' in text, (
+        f"{path.name} inlines {', '.join(imported)}, which changed: set INLINES_DIGEST = {digest!r} there "
+        f"(then in the modules that import {path.stem})")
+

@@ -233,3 +233,31 @@ def test_a_plan_of_columns_builds_the_tasks_of_its_rows(tmp_path):
             assert ends.get(f, 0) == start
             ends[f] = start + rows
         assert plan.tasks.grouped == (sum(1 for t in plan.tasks if t.group))
+
+
+def test_a_plan_of_columns_keeps_each_objects_etag():
+    """An S3 object's ETag (what its reads are pinned to) goes from planning through the plan's
+    columns to its InputFile, its tasks' FileRef and fingerprints, and the manifest's inputs table;
+    files without one (local, other stores) have no "etag" in either."""
+    from fastkl.io import manifest_tables as mt
+    from fastkl.io.filemeta import Identity
+    from fastkl.io.plan_columns import Files
+    from fastkl.io.sources import cut_tasks
+
+    def files(etags):
+        fs = Files()
+        for i, e in enumerate(etags):
+            fs.append(f"b/k{i}.parquet", f"s3://b/k{i}.parquet", "parquet", Identity(0, 0, 100, 5, 0, e), (),
+                      None, "d", (), [(10, 80, 0)], None)
+        return fs.freeze()
+
+    fs = files(["e0", "", "e2"])
+    assert [f.etag for f in fs] == ["e0", "", "e2"]
+    tasks = cut_tasks(fs, None, None, group_files=1)
+    assert [t.file.etag for t in tasks] == ["e0", "", "e2"]
+    assert [t.fingerprint().get("etag") for t in tasks] == ["e0", None, "e2"]
+    assert [t.file.identity().etag for t in tasks] == ["e0", "", "e2"]
+    assert mt.inputs_table(fs).column("etag").to_pylist() == ["e0", "", "e2"]
+    assert "etag" not in mt.inputs_table(files(["", ""])).column_names
+    grouped = cut_tasks(fs, None, None, group_files=3)
+    assert len(grouped) == 1 and [p.file.etag for p in grouped[0].pieces()] == ["e0", "", "e2"]

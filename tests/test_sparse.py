@@ -13,7 +13,6 @@ from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import fastkl
-import naive
 import naive_sparse as ns
 from test_naive_sparse import position
 from test_sparse_kernel import cap_slack, residue_tol

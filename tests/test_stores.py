@@ -34,7 +34,7 @@ import s3server
 from fastkl.io.store_output import CLAIM, MANIFEST, STAGING
 from fastkl.io.stores import resolve
 from test_faults import invoke
-from test_jobs import summary_stats, write_dataset
+from test_jobs import read_dest, summary_stats, write_dataset
 
 JOB = ("--keep", "id", "--measure", "kl", "--measure", "js", "-q")
 
@@ -170,6 +170,9 @@ def test_a_large_manifest_on_a_store_keeps_its_parts_in_tables(tmp_path, shards,
     assert parts.column("file").to_pylist() == ref_names == mt.part_files(m)
     assert parts.column("rows").to_pylist() == [p["rows"] for p in ref_manifest["parts"]]
     assert mt.read_inputs(dest, m).column("path").to_pylist() == [f["path"] for f in m_inputs(src)]
+    # the ETags planned from (what every read was pinned to), as an inline manifest lists them
+    etags = mt.read_inputs(dest, m, columns=["etag"]).column("etag").to_pylist()
+    assert etags == [f["etag"] for f in m_inputs(src)] and all(etags)
     assert visible(bucket, "out") == [f"out/{n}" for n in ref_names] and read_store(bucket, "out").equals(ref)
     assert_clean(bucket, "out")
     monkeypatch.setattr(job, "MANIFEST_INLINE", 10_000)
@@ -547,8 +550,163 @@ def test_local_cluster_workers_share_no_directory(tmp_path, shards, bucket, monk
 # changing input
 
 
+def _plain(rng, rows, first_id, k=256) -> bytes:
+    """A Parquet file whose size and footer do not depend on its values (uncompressed, plain, no
+    statistics), > 64 KiB so that a task reads it in more GETs than the one of its tail."""
+    t = pa.table({"id": pa.array(np.arange(first_id, first_id + rows, dtype=np.int64)),
+                  "p": pa.array(list(rng.dirichlet(np.ones(k), rows)), pa.list_(pa.float64())),
+                  "q": pa.array(list(rng.dirichlet(np.ones(k), rows)), pa.list_(pa.float64()))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(t, sink, row_group_size=10, compression="none", use_dictionary=False, write_statistics=False)
+    return sink.getvalue().to_pybytes()
+
+
+def put(bucket, key, data) -> str:
+    """One PUT (boto3): the object's ETag, without its quotes."""
+    import boto3
+
+    return boto3.client("s3").put_object(Bucket=bucket, Key=key, Body=data)["ETag"].strip('"')
+
+
+def plain_shards(bucket, files=3, rows=40, seed=0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [put(bucket, f"src/shard-{i}.parquet", _plain(rng, rows, 1000 * i)) for i in range(files)]
+
+
+@pytest.mark.parametrize("moment", ["before its task", "between its footer and its data"])
+def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkeypatch, moment):
+    """Every GET of a task is pinned to the planned ETag (If-Match): an object replaced by one of
+    the same size, footer and second fails the job with one line naming it, and nothing is
+    committed. (Without If-Match the data GETs would read the new bytes into the old plan.)"""
+    import fastkl.jobs.run as job
+    from test_faults import one_line
+
+    etags = plain_shards(bucket)
+    newer = _plain(np.random.default_rng(99), 40, 1000)
+    assert len(newer) == len(_plain(np.random.default_rng(0), 40, 1000))
+    replaced = []
+
+    def replace():
+        if not replaced:
+            replaced.append(put(bucket, "src/shard-1.parquet", newer))
+
+    if moment == "before its task":
+        real_task = job.run_task
+
+        def hook(task, *a, **k):
+            if task.file.display.endswith("shard-1.parquet"):
+                replace()
+            return real_task(task, *a, **k)
+
+        monkeypatch.setattr(job, "run_task", hook)
+    else:
+        real_ranges = job._chunk_ranges
+
+        def hook(md, groups, cols):
+            if md.num_rows and len(replaced) == 0 and hook.calls == 4:  # shard-1's first task (4 per file)
+                replace()
+            hook.calls += 1
+            return real_ranges(md, groups, cols)
+
+        hook.calls = 0
+        monkeypatch.setattr(job, "_chunk_ranges", hook)
+    code, err = invoke("run", f"s3://{bucket}/src/", f"s3://{bucket}/out", "--keep", "id", "--task-rows", "10",
+                       "--scheduler", "sync", "-q")
+    line = one_line(err)
+    assert code == 1 and replaced
+    assert (f"s3://{bucket}/src/shard-1.parquet: changed since the job started "
+            f"(ETag {etags[1]} -> {replaced[0]})") in line, line
+    assert visible(bucket, "out") == [] and MANIFEST not in " ".join(keys(bucket, "out"))
+
+
+def stop_store_clock(mp):
+    """Stop the clock of the (in-process) moto server: objects written now get one Last-Modified,
+    as two writes within one second do on S3 (its mtimes are to the second)."""
+    import datetime
+
+    mp.setattr("moto.s3.models.utcnow", lambda: datetime.datetime(2026, 1, 2, 3, 4, 5))
+
+
+def test_resume_redoes_the_parts_of_an_object_replaced_since(tmp_path, bucket, monkeypatch):
+    """--resume after a replacement that keeps size, footer and mtime: only the ETag tells. The
+    replaced file's parts are redone, the others reused; the output is that of the new data."""
+    from test_jobs import interrupt_at_task
+
+    with monkeypatch.context() as frozen:
+        stop_store_clock(frozen)
+        etags = plain_shards(bucket)
+        restore = interrupt_at_task(monkeypatch, 7)  # tasks 0-5 (shard-0, half of shard-1) staged
+        src, dest = f"s3://{bucket}/src/", f"s3://{bucket}/out"
+        opts = dict(keep=("id",), task_rows=10, scheduler="sync", quiet=True)
+        with pytest.raises(KeyboardInterrupt):
+            fastkl.run(src, dest, **opts)
+        restore()
+        newer = _plain(np.random.default_rng(99), 40, 0)
+        assert put(bucket, "src/shard-0.parquet", newer) != etags[0]
+    s = fastkl.run(src, dest, resume=True, **opts)
+    m = json.loads(s3fs().open_input_stream(f"{bucket}/out/{MANIFEST}").read())
+    assert [p["resumed"] for p in m["parts"]] == [False] * 4 + [True] * 2 + [False] * 6
+    local = tmp_path / "src"
+    local.mkdir()
+    for i in range(3):
+        (local / f"shard-{i}.parquet").write_bytes(s3fs().open_input_stream(f"{bucket}/src/shard-{i}.parquet").read())
+    ref = fastkl.run(local, tmp_path / "ref", keep=("id",), task_rows=10, quiet=True)
+    assert read_store(bucket, "out").equals(read_dest(tmp_path / "ref"))
+    assert s.rows == ref.rows == 120
+    assert_clean(bucket, "out")
+
+
+def test_a_server_ignoring_if_match_still_shows_the_replacement(bucket, s3):
+    """A server that drops If-Match (the proxy strips it) serves the new version: the ETag of its
+    answer differs from the pinned one, and the read fails the same way."""
+    from fastkl.io.store_reads import ObjectChanged, open_pinned
+
+    etags = plain_shards(bucket, files=1)
+    proxy = s3server.FaultProxy(s3)
+    proxy.strip_conditions = True
+    try:
+        store, path = resolve(f"s3://{bucket}/src/shard-0.parquet", {"endpoint_url": proxy.url})
+        f = open_pinned(store, path, etags[0])
+        new = put(bucket, "src/shard-0.parquet", _plain(np.random.default_rng(5), 40, 0))
+        with pytest.raises(ObjectChanged, match=f"ETag {etags[0]} -> {new}"):
+            f.read_at(1000, 0)
+    finally:
+        proxy.close()
+
+
+def test_large_tasks_stream_through_pinned_reads_and_large_parts_go_multipart(tmp_path, bucket, monkeypatch):
+    """Tasks above the pre-fetch bound read through on-demand pinned GETs; a part above S3Upload.PART
+    goes up as a multipart upload (S3's smallest part, 5 MiB, here): same output as local."""
+    import fastkl.jobs.run as job
+    from fastkl.io.store_conditional import S3Upload, conditional
+
+    plain_shards(bucket)  # > 64 KiB each: a task reads more than the tail its open fetched
+    local = tmp_path / "src"
+    local.mkdir()
+    for i in range(3):
+        (local / f"shard-{i}.parquet").write_bytes(s3fs().open_input_stream(f"{bucket}/src/shard-{i}.parquet").read())
+    fastkl.run(local, tmp_path / "ref", keep=("id",), task_rows=20, quiet=True)
+    monkeypatch.setattr(job, "STORE_PREBUFFER_MAX", 0)
+    fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), task_rows=20, quiet=True)
+    assert read_store(bucket, "out").equals(read_dest(tmp_path / "ref"))
+    monkeypatch.setattr(S3Upload, "PART", 5 << 20)
+    data = np.random.default_rng(1).bytes(12 << 20)
+    up = conditional(resolve(f"s3://{bucket}/x")[0]).open_upload(f"{bucket}/big/blob")
+    for i in range(0, len(data), 1 << 20):
+        up.write(data[i:i + (1 << 20)])
+    assert keys(bucket, "big") == [] and len(pending_uploads(bucket)) == 1  # invisible until closed
+    up.close()
+    assert s3fs().open_input_stream(f"{bucket}/big/blob").read() == data and not pending_uploads(bucket)
+    up = conditional(resolve(f"s3://{bucket}/x")[0]).open_upload(f"{bucket}/big/dropped")
+    up.write(data)
+    up.abort()
+    assert keys(bucket, "big") == ["big/blob"] and not pending_uploads(bucket)
+
+
 def test_an_object_rewritten_after_planning_is_refused(shards, bucket):
-    """A task checks on its own handle that the object is the one planned (size, mtime, footer)."""
+    """A task reads the planned version only: another version (even of the same size) is refused
+    naming both ETags, a removed one too; the same bytes uploaded again the same way have the
+    same ETag and are read (an ETag names bytes: S3's is their MD5, or that of its parts)."""
     from fastkl.io.sources import scan
     from fastkl.jobs.run import _open_planned
 
@@ -556,18 +714,26 @@ def test_an_object_rewritten_after_planning_is_refused(shards, bucket):
     src = upload(local, bucket)
     plan, _ = scan(src, p="p", q="q", keep=("id",))
     f = plan.tasks[0].file
-    assert f.store is not None and f.display.startswith("s3://")
+    assert f.store is not None and f.display.startswith("s3://") and f.etag
     _open_planned(f).close()  # unchanged: fine
     original = s3fs().open_input_stream(f.path).read()
     first = pq.read_table(f.path, filesystem=s3fs())
-    pq.write_table(first.slice(0, first.num_rows - 1), f.path, filesystem=s3fs())  # rewritten, smaller
-    with pytest.raises(fastkl.DataError, match="changed since the job started"):
+    bucket_, key = f.path.split("/", 1)
+    new = put(bucket_, key, pq_bytes(first.slice(0, first.num_rows - 1)))  # rewritten, smaller
+    with pytest.raises(fastkl.DataError, match=rf"changed since the job started \(ETag {f.etag} -> {new}\)"):
         _open_planned(f)
-    time.sleep(1.1)  # the store's clock is to the second: the same bytes again, a later mtime
-    with s3fs().open_output_stream(f.path) as out:
+    s3fs().delete_file(f.path)
+    with pytest.raises(fastkl.DataError, match=r"changed since the job started \(removed\)"):
+        _open_planned(f)
+    with s3fs().open_output_stream(f.path) as out:  # the same bytes by the same client: the same ETag
         out.write(original)
-    with pytest.raises(fastkl.DataError, match=r"changed since the job started \(modified\)"):
-        _open_planned(f)
+    _open_planned(f).close()
+
+
+def pq_bytes(table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
 def test_clean_a_local_dest_left_by_a_killed_job(tmp_path, shards):

@@ -42,6 +42,7 @@ class Identity:
     size: int
     mtime_ns: int
     ctime_ns: int
+    etag: str = ""  # an S3 object's version tag (fastkl.io.store_reads): what it is, where it has no inode
 
     @classmethod
     def of(cls, fd: int) -> "Identity":
@@ -58,7 +59,13 @@ class Identity:
         return cls(0, 0, info.size, info.mtime_ns or 0, 0)
 
     def differences(self, other: "Identity") -> str:
-        """'' if equal, else what changed, for the one-line message."""
+        """'' if equal, else what changed, for the one-line message.
+
+        Objects pinned by ETag compare by it alone: the same ETag is the same
+        bytes, whatever its mtime (a rewrite of the same bytes changes no output).
+        """
+        if self.etag or other.etag:
+            return "" if self.etag == other.etag else f"ETag {self.etag or '?'} -> {other.etag or '?'}"
         if (self.dev, self.ino) != (other.dev, other.ino):
             return "replaced by another file"
         if self.size != other.size:

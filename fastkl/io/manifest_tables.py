@@ -32,7 +32,9 @@ ROW_GROUP = 1 << 16  # rows per row group: a reader takes a slice without the re
 
 
 def inputs_table(files: "Files") -> pa.Table:
-    """The `inputs` of the manifest (InputFile.to_dict, one row per file), from the plan's columns."""
+    """The `inputs` of the manifest (InputFile.to_dict, one row per file), from the plan's columns;
+    an "etag" column (after "footer") when an input is a pinned S3 object (the version planned from)."""
+    etags = {"etag": files.etag.arrow()} if files.has_etags() else {}
     return pa.table({
         "path": files.arrow("path"),
         "format": files.arrow("format"),
@@ -41,6 +43,7 @@ def inputs_table(files: "Files") -> pa.Table:
         "inode": files.arrow("ino"),
         "ctime_ns": files.arrow("ctime_ns"),
         "footer": files.footer.arrow(),
+        **etags,  # S3 objects (the version planned from)
         "rows": files.arrow("rows"),
         "units": pa.array(np.diff(files.unit_start).astype(np.int32)),
     })
@@ -91,10 +94,16 @@ def digest(*tables: pa.Table) -> str:
     return h.hexdigest()
 
 
-def write(root: Path | str, inputs: pa.Table, parts: pa.Table, filesystem=None) -> None:
+def write(root: Path | str, inputs: pa.Table, parts: pa.Table, filesystem=None, open_output=None) -> None:
     """Both tables into the staging directory (tmp + rename), or under a store's staging prefix
-    (`filesystem`: an upload is whole or absent)."""
+    (`open_output(path)`: a file whose upload is whole or absent, on S3 one PUT if small; else
+    `filesystem`'s output stream)."""
     for name, t in ((INPUTS_TABLE, inputs), (PARTS_TABLE, parts)):
+        if open_output is not None:
+            out = open_output(f"{root}/{name}")
+            pq.write_table(t, out, compression="zstd", row_group_size=ROW_GROUP)
+            out.close()  # uploaded now, if the writer did not close it
+            continue
         if filesystem is not None:
             pq.write_table(t, f"{root}/{name}", compression="zstd", row_group_size=ROW_GROUP, filesystem=filesystem)
             continue

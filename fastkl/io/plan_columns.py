@@ -82,6 +82,8 @@ class Files:
 
     def __init__(self) -> None:
         self.path, self.display, self.footer = _Strings(), _Strings(), _Strings()
+        self.etag = _Strings()  # an S3 object's ETag planned from (store_reads pins every read to it), else ""
+        self._etags = False  # any file has one
         self._partitions, self._stores = _Interned(), _Interned()
         self.cols: dict[str, Any] = {name: array("q") for name in (*self._INTS, *self._UNITS)}
         for small in ("fmt", "partition", "store"):  # codes and indexes: 1-4 bytes, not 8
@@ -100,6 +102,9 @@ class Files:
         self.path.append(path)
         self.display.append("" if display == path else display)
         self.footer.append(footer)
+        etag = getattr(identity, "etag", "") or ""
+        self.etag.append(etag)
+        self._etags = self._etags or bool(etag)
         for name, v in (("size", identity.size), ("mtime_ns", identity.mtime_ns), ("dev", identity.dev),
                         ("ino", identity.ino), ("ctime_ns", identity.ctime_ns),
                         ("rows", sum(u[0] for u in units)), ("fmt", FORMATS.index(fmt)),
@@ -144,6 +149,10 @@ class Files:
     def n_units(self) -> int:
         return int(self.cols["unit_start"][-1])
 
+    def has_etags(self) -> bool:
+        """Whether any file is pinned by an ETag (the manifest's inputs then have an "etag" column)."""
+        return self._etags
+
     def fmt_of(self, i: int) -> str:
         return FORMATS[int(self.cols["fmt"][i])]
 
@@ -156,7 +165,7 @@ class Files:
         meta = tuple(c["meta"][i].tolist()) if c["has_meta"][i] else ()
         return (i, path, self.display[i] or path, self.fmt_of(i), int(c["size"][i]), int(c["mtime_ns"][i]),
                 self._partitions.values[int(c["partition"][i])], int(c["dev"][i]), int(c["ino"][i]),
-                int(c["ctime_ns"][i]), self.footer[i], self.store_of(i), meta)
+                int(c["ctime_ns"][i]), self.footer[i], self.store_of(i), meta, self.etag[i])
 
     def ref(self, i: int):
         """What a task needs of file i (`FileRef`: no units)."""

@@ -64,6 +64,7 @@ from .filemeta import (
 )
 from .footer_checks import check_footer, row_group_spans
 from .plan_columns import Files, Tasks, cut
+from .store_reads import open_pinned, pins
 from .stores import Store, is_store_url, resolve
 from ..errors import DataError, OptionError
 
@@ -106,9 +107,10 @@ class FileRef:
     # Parquet: (footer offset in the file, footer length, end of its head, start of its tail, crc32 of
     # head and tail): a task reads the head, its row groups' entries and the tail, not the whole footer
     meta: tuple[int, int, int, int, int] = ()
+    etag: str = ""  # an S3 object: the ETag planned from, which every read of a task is pinned to
 
     def identity(self) -> Identity:
-        return Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns)
+        return Identity(self.dev, self.ino, self.size, self.mtime_ns, self.ctime_ns, self.etag)
 
 
 @dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
@@ -128,6 +130,7 @@ class InputFile(FileRef):
             "inode": self.ino,
             "ctime_ns": self.ctime_ns,
             "footer": self.footer,
+            **({"etag": self.etag} if self.etag else {}),
             "rows": self.rows,
             "row_groups" if self.fmt == "parquet" else "record_batches": len(self.units),
         }
@@ -165,6 +168,7 @@ class Task:
             "inode": self.file.ino,
             "ctime_ns": self.file.ctime_ns,
             "footer": self.file.footer,
+            **({"etag": self.file.etag} if self.file.etag else {}),
             "units": [[u.index, u.offset, u.rows] for u in self.units],
             "row_start": self.row_start,
         }
@@ -642,13 +646,16 @@ def _discover_store(url: str, storage_options: dict | None, found: list, roots: 
         found.append(_Found(p, key, fmt, partition, store))
         return True
 
-    def add_dir(d: str) -> bool:
+    def add_dir(d: str, first=None) -> bool:
         data = False
-        for p in sd.walk(store, d):
+        for p in sd.walk(store, d, first):
             data |= add(p, _hive(posixpath.relpath(posixpath.dirname(p), d)))
         return data
 
-    kind = sd.source_kind(store, path, url)
+    # most SOURCE URLs are prefixes: list first, unless the name says it is a file or a glob
+    named_file = path.lower().endswith(PARQUET_EXT + IPC_EXT) or _has_magic(path)
+    first = None if named_file else sd.prefix_listing(store, path)
+    kind = "dir" if first else sd.source_kind(store, path, url)
     if kind == "file":
         roots.append(store.url(path))
         if posixpath.basename(path) in _SUMMARY_FILES:
@@ -657,7 +664,7 @@ def _discover_store(url: str, storage_options: dict | None, found: list, roots: 
         add(path, explicit=True)
     elif kind == "dir":
         roots.append(store.url(path))
-        if not add_dir(path):
+        if not add_dir(path, first):
             raise OptionError(f"SOURCE {url!r} holds no Parquet or Arrow IPC file")
     else:
         matches = sd.expand_glob(store, path)
@@ -868,11 +875,16 @@ def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[
 
     Local: a regular file handle (never a memory map: see filemeta), fstat of
     its descriptor. Store: a random-access object (range GETs of only what is
-    read), its size and mtime from the store (a store has no descriptor to ask).
+    read), its size and mtime from the store (a store has no descriptor to ask);
+    on S3 one version of it, that every read is pinned to (`store_reads`), found
+    by the GET of its tail that holds the footer (no HEAD).
     """
     if store is None:
         src = pa.OSFile(path)
         return src, lambda: Identity.of(src.fileno())
+    if pins(store):
+        pinned = open_pinned(store, path)
+        return pinned, pinned.identity
     fs = store.fs
     first = [Identity.of_object(fs.get_file_info(path))]  # before opening: the handle's size must be it
     src = fs.open_input_file(path)
@@ -1158,7 +1170,9 @@ def _check_columns(
 def cut_tasks(files: Files, task_rows: int | None, task_bytes: int | None,
               batch_bytes: int = DEFAULT_BATCH_BYTES, group_files: int | None = None) -> Tasks:
     """The input cut into tasks (`fastkl.io.plan_columns.cut`): group_files at most this many small
-    files per task; None: GROUP_FILES once there are GROUP_MIN_TASKS tasks, else 1."""
+    files per task; None: GROUP_FILES once there are GROUP_MIN_TASKS tasks, else 1. Each task's rows
+    per read batch (what cut_tasks returned beside the tasks before the plan was columns; part of a
+    part's state, so --resume redoes a part read in other batches) are `tasks.batch_rows`."""
     return cut(files, task_rows, task_bytes, batch_bytes, group_files, GROUP_MIN_TASKS, GROUP_FILES)
 
 

@@ -144,11 +144,14 @@ def _fsync_dir(d: Path) -> None:
 
 class StoreLogs:
     """The logs of a store staging prefix: a store has no append, so each batch is an object of its own
-    (an upload is whole or absent)."""
+    (an upload is whole or absent). `cond` (fastkl.io.store_conditional): a batch is one PUT and a
+    log read back one GET (on S3 through boto3; pyarrow's filesystem takes three requests to write a
+    small object). `fresh`: nothing is staged under `root` (a new job id), so the first batch is
+    numbered without listing the prefix."""
 
-    def __init__(self, fs: Any, root: str):
-        self.fs, self.root = fs, root
-        self._session: int | None = None
+    def __init__(self, fs: Any, root: str, cond: Any = None, fresh: bool = False):
+        self.fs, self.root, self.cond = fs, root, cond
+        self._session: int | None = 1 if fresh else None
         self._batches = 0
 
     def __str__(self) -> str:
@@ -161,21 +164,33 @@ class StoreLogs:
             found = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
         except FileNotFoundError:
             return []
-        return sorted(n for n in (posixpath.basename(e.path) for e in found if e.type == pafs.FileType.File)
-                      if _NAME.match(n))
+        names = sorted(n for n in (posixpath.basename(e.path) for e in found if e.type == pafs.FileType.File)
+                       if _NAME.match(n))
+        if self._session is None and not self._batches:  # this listing numbers the next batches too
+            self._session = _session(names)
+        return names
 
     def open(self, name: str) -> IO[bytes]:
         import io
 
-        with self.fs.open_input_stream(posixpath.join(self.root, name)) as f:
-            return io.BytesIO(f.read())  # a batch object is small (STATE_BATCH records at most)
+        path = posixpath.join(self.root, name)
+        if self.cond is not None:
+            found = self.cond.read(path)
+            if found is None:
+                raise FileNotFoundError(path)
+            return io.BytesIO(found.data)  # a batch object is small (STATE_BATCH records at most)
+        with self.fs.open_input_stream(path) as f:
+            return io.BytesIO(f.read())
 
     def write(self, data: bytes) -> None:
         if self._session is None:
             self._session = _session(self.names())
         self._batches += 1
-        with self.fs.open_output_stream(posixpath.join(self.root, f"states-{self._session:06d}-"
-                                                                  f"{self._batches:06d}.log")) as f:
+        path = posixpath.join(self.root, f"states-{self._session:06d}-{self._batches:06d}.log")
+        if self.cond is not None:
+            self.cond.put(path, data)
+            return
+        with self.fs.open_output_stream(path) as f:
             f.write(data)
 
     def any(self) -> bool:

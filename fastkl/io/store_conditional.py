@@ -1,9 +1,11 @@
 """Conditional writes on object stores: the one primitive the rename-free commit is built on.
 
-pyarrow.fs has no conditional PUT, so S3 goes through boto3 here, and only
-here: `put_object(IfNoneMatch="*")` creates an object only if the key is
-free, `put_object(IfMatch=etag)` replaces it only if it is still the version
-read (S3 has both since late 2024; MinIO, R2 and moto too). fsspec stores use
+pyarrow.fs has no conditional PUT, so S3 goes through boto3 here (and in
+`store_reads`, for reads pinned by If-Match): `put_object(IfNoneMatch="*")`
+creates an object only if the key is free, `put_object(IfMatch=etag)`
+replaces it only if it is still the version read (S3 has both since late
+2024; MinIO, R2 and moto too). Plain writes and deletes of S3 objects go
+here too, one request each (`put`, `delete`, `S3Upload`). fsspec stores use
 an exclusive-create open mode (`"xb"`) where the filesystem honours it
 (memory://, local); a replace there compares the content first (not atomic:
 such stores serve one machine). Stores with neither (pyarrow's GCS here, S3
@@ -58,7 +60,9 @@ def _s3_client(options: tuple):
         endpoint = f"{o.get('scheme', 'https')}://{endpoint}"
     if endpoint:
         kw["endpoint_url"] = endpoint
-    cfg = Config(retries={"max_attempts": S3_RETRIES, "mode": "standard"}, connect_timeout=10, read_timeout=30)
+    attempts = getattr(o.get("retry_strategy"), "max_attempts", S3_RETRIES)  # as pyarrow's client is told
+    cfg = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=10, read_timeout=30,
+                 max_pool_connections=32)  # pinned reads (store_reads): tasks x concurrent GETs
     return boto3.client("s3", config=cfg, **kw)
 
 
@@ -95,6 +99,36 @@ class Conditional:
             self.store.fs.delete_file(path)
         except FileNotFoundError:
             pass
+
+    def put(self, path: str, data: bytes) -> None:
+        """A small object written unconditionally (whole or absent)."""
+        with self.store.fs.open_output_stream(path) as f:
+            f.write(data)
+
+    def delete_prefix(self, path: str) -> None:
+        """Everything under `path/`; nothing there is fine."""
+        fs = self.store.fs
+        try:
+            fs.delete_dir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            for e in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)):
+                if e.type == pafs.FileType.File:
+                    fs.delete_file(e.path)
+
+    def drop_if_empty(self, path: str) -> None:
+        """Remove the directory `path` if nothing is left in it (stores with directories)."""
+        fs = self.store.fs
+        try:
+            if not fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+                fs.delete_dir(path)
+        except OSError:
+            pass
+
+    def open_upload(self, path: str) -> Any:
+        """A writable file whose bytes appear at `path` only once it is closed."""
+        return self.store.fs.open_output_stream(path)
 
     def abort_uploads(self, prefix: str) -> int:
         """Abort pending multipart uploads under a prefix (S3 only): how many."""
@@ -152,6 +186,44 @@ class S3Conditional(Conditional):
             raise OSError(f"{self.store.url(path)}: {e}") from None
         return Version(r["Body"].read(), r["ETag"], r["LastModified"].timestamp())
 
+    def _call(self, path: str, method: str, **kw) -> dict:
+        """One boto3 call; its failure an OSError naming the URL (transient ones say so: retried)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self._client(), method)(**kw)
+        except (BotoCoreError, ClientError) as e:
+            raise OSError(f"{self.store.url(path)}: {e}") from None
+
+    # pyarrow's S3 filesystem would add a HEAD before a delete, a marker object for the "directory"
+    # left empty after it, and three requests (a multipart upload) for any write: one request here.
+    def put(self, path: str, data: bytes) -> None:
+        bucket, key = _split(path)
+        self._call(path, "put_object", Bucket=bucket, Key=key, Body=data)
+
+    def delete(self, path: str) -> None:
+        bucket, key = _split(path)
+        self._call(path, "delete_object", Bucket=bucket, Key=key)
+
+    def delete_prefix(self, path: str) -> None:
+        """One listing page and one batch delete per 1,000 objects (an empty prefix is no object)."""
+        bucket, key = _split(path.rstrip("/") + "/")
+        token: dict = {}
+        while True:
+            page = self._call(path, "list_objects_v2", Bucket=bucket, Prefix=key, **token)
+            doomed = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if doomed:
+                self._call(path, "delete_objects", Bucket=bucket, Delete={"Objects": doomed, "Quiet": True})
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def drop_if_empty(self, path: str) -> None:
+        """Nothing to do: on S3 a prefix without objects does not exist (and fastkl writes no markers)."""
+
+    def open_upload(self, path: str) -> "S3Upload":
+        return S3Upload(self, path)
+
     def abort_uploads(self, prefix: str) -> int:
         bucket, key = _split(prefix)
         c, n = self._client(), 0
@@ -160,6 +232,80 @@ class S3Conditional(Conditional):
                 c.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
                 n += 1
         return n
+
+
+class S3Upload:
+    """A file written into memory and uploaded by one PUT when closed (a part, most often a few
+    MB: one request where a multipart upload takes three); from PART bytes on, by a multipart
+    upload of PART-sized pieces, so memory stays bounded whatever the size."""
+
+    PART = 64 << 20
+
+    def __init__(self, cond: S3Conditional, path: str):
+        self.cond, self.path = cond, path
+        self.bucket, self.key = _split(path)
+        self.size = 0
+        self.closed = False
+        self._buf = bytearray()
+        self._upload: str | None = None
+        self._parts: list[dict] = []
+
+    def write(self, data) -> int:
+        self._buf += data
+        self.size += len(data)
+        if len(self._buf) >= self.PART:
+            self._send_part()
+        return len(data)
+
+    def _send_part(self) -> None:
+        if self._upload is None:
+            self._upload = self.cond._call(self.path, "create_multipart_upload", Bucket=self.bucket,
+                                           Key=self.key)["UploadId"]
+        n = len(self._parts) + 1
+        r = self.cond._call(self.path, "upload_part", Bucket=self.bucket, Key=self.key, UploadId=self._upload,
+                            PartNumber=n, Body=bytes(self._buf))
+        self._parts.append({"PartNumber": n, "ETag": r["ETag"]})
+        self._buf = bytearray()
+
+    def close(self) -> None:
+        """Upload what is written: the object appears whole, now."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._upload is None:
+            self.cond._call(self.path, "put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self._buf))
+        else:
+            if self._buf or not self._parts:
+                self._send_part()
+            self.cond._call(self.path, "complete_multipart_upload", Bucket=self.bucket, Key=self.key,
+                            UploadId=self._upload, MultipartUpload={"Parts": self._parts})
+        self._buf = bytearray()
+
+    def abort(self) -> None:
+        """Drop what was written; nothing appears."""
+        self.closed = True
+        self._buf = bytearray()
+        if self._upload is not None:
+            try:
+                self.cond._call(self.path, "abort_multipart_upload", Bucket=self.bucket, Key=self.key,
+                                UploadId=self._upload)
+            except OSError:
+                pass  # `fastkl clean` and the next job abort what is left under staging
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
 
 
 class ExclusiveConditional(Conditional):

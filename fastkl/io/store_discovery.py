@@ -58,12 +58,13 @@ def _skipped(name: str, asked: str = "") -> bool:
     return name.startswith((".", "_")) and not asked.startswith(name[:1])
 
 
-def walk(store: Store, root: str) -> Iterator[str]:
-    """Files under a prefix in sorted order, files of a level before its sub-prefixes, depth first."""
+def walk(store: Store, root: str, first: list[pafs.FileInfo] | None = None) -> Iterator[str]:
+    """Files under a prefix in sorted order, files of a level before its sub-prefixes, depth first
+    (`first`: the root's listing, if the caller has it already)."""
     stack = [root]
     while stack:
         d = stack.pop()
-        entries = listing(store, d)
+        entries = first if d == root and first is not None else listing(store, d)
         names = {posixpath.basename(e.path) for e in entries}
         if d != root and is_output(store, d, names):
             continue
@@ -133,6 +134,16 @@ def sniff(store: Store, path: str, ext_parquet: tuple, ext_ipc: tuple,
     except OSError as e:
         raise DataError(f"{store.url(path)}: cannot read it ({_why(e)})") from None
     return kind or ("ipc" if low.endswith(ext_ipc) else None)
+
+
+def prefix_listing(store: Store, path: str) -> list[pafs.FileInfo] | None:
+    """The listing of `path` as a prefix if it holds anything, else None: one request where
+    asking what `path` is first takes two or three (a HEAD, then a listing of one key)."""
+    try:
+        entries = store.fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return None  # not a prefix, or an error that source_kind reports in its own words
+    return sorted(entries, key=lambda e: e.path) or None
 
 
 def source_kind(store: Store, path: str, url: str) -> str:

@@ -96,10 +96,10 @@ def read_json(cond: Conditional, path: str) -> Any | None:
         return None
 
 
-def put_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:
+def put_json(store: Store, path: str, obj: Any) -> None:
     """An unconditional small object (state files; an upload is atomic: whole or absent)."""
-    with fs.open_output_stream(path) as f:
-        f.write((json.dumps(obj, separators=(",", ":"), allow_nan=True) + "\n").encode())  # C encoder: fast
+    data = (json.dumps(obj, separators=(",", ":"), allow_nan=True) + "\n").encode()  # C encoder: fast
+    conditional(store).put(path, data)
 
 
 def _entries(fs: pafs.FileSystem, path: str, recursive: bool = False) -> list[pafs.FileInfo]:
@@ -129,15 +129,24 @@ def store_dest(dest: str, storage_options: dict | None) -> StoreDest:
 def dest_kind(dest: StoreDest) -> str | None:
     """None (nothing), "output" (a manifest), "interrupted" (a commit killed while publishing:
     --resume or --overwrite finish it), "empty", or what else it is, for the refusal."""
+    return dest_state(dest)[0]
+
+
+def dest_state(dest: StoreDest) -> tuple[str | None, Any]:
+    """`dest_kind` and the manifest it read (parsed; None if absent or not JSON): one GET."""
     cond = conditional(dest.store)
-    if cond.read(dest.key(MANIFEST)) is not None:
-        return "output"
+    found = cond.read(dest.key(MANIFEST))
+    if found is not None:
+        try:
+            return "output", json.loads(found.data)
+        except ValueError:
+            return "output", None
     shown = visible(dest)
     if not shown:
-        return None if not _entries(dest.fs, dest.path) else "empty"
+        return (None if not _entries(dest.fs, dest.path) else "empty"), None
     if pending_commits(dest):
-        return "interrupted"
-    return f"a prefix holding {len(shown)} other object(s), e.g. {dest.store.url(shown[0])}"
+        return "interrupted", None
+    return f"a prefix holding {len(shown)} other object(s), e.g. {dest.store.url(shown[0])}", None
 
 
 def check_store_dest(dest: str, roots: Iterable[str], *, overwrite: bool, exists_ok: bool,
@@ -316,6 +325,10 @@ class StoreStaging:
         self.width = max(6, len(str(max(n_parts - 1, 0))))
         self.job_id: str | None = None
         self.retries = 4  # a task whose upload fails transiently runs again (backoff)
+        self._uploads: dict[str, Any] = {}  # tmp -> its upload, in the process writing it
+
+    def __getstate__(self) -> dict:
+        return dict(self.__dict__, _uploads={})  # it stays in the process that has it
 
     @property
     def top(self) -> str:
@@ -349,7 +362,7 @@ class StoreStaging:
         root = manifest.pop("_staged_root")
         self.job_id = posixpath.basename(root)
         rec = read_json(self._cond(), posixpath.join(root, COMMIT))
-        put_json(self.dest.fs, posixpath.join(root, COMMIT), {"manifest": manifest, "objects": rec["objects"]})
+        put_json(self.dest.store, posixpath.join(root, COMMIT), {"manifest": manifest, "objects": rec["objects"]})
 
     def staged_job_id(self, job: dict) -> str | None:
         """The id of a staged attempt of this very job (its fingerprint is `job`)."""
@@ -362,34 +375,52 @@ class StoreStaging:
 
     def prepare(self, job: dict, job_id: str, *, resume: bool) -> FinishedParts:
         """Start staging job `job_id` (every other staged attempt is dead: this job holds the claim
-        and removes them); with resume, return the reusable part states."""
+        and removes them); its finished parts (with resume, those the staged attempt of this very
+        job logged whose objects are still the ones it uploaded)."""
         self.job_id = job_id
-        fs = self.dest.fs
+        fs, cond = self.dest.fs, self._cond()
         for e in _entries(fs, self.top):
             if e.path != self.root and posixpath.basename(e.path) != CLAIM:
-                _delete(fs, e)
+                _delete(cond, e)
         mark = {"job_id": job_id, "job": job}
-        if read_json(self._cond(), posixpath.join(self.root, JOB)) != mark:
-            _delete_prefix(fs, self.root)
-            put_json(fs, posixpath.join(self.root, JOB), mark)
-        finished = FinishedParts(StoreLogs(fs, self.root), max(1, self.n_parts), job_id)
-        if resume:
-            finished.load(self._vouched)
+        n = max(1, self.n_parts)
+        if not resume:  # a new job id: nothing is staged under it (nothing read, no log listed)
+            put_json(self.dest.store, posixpath.join(self.root, JOB), mark)
+            return FinishedParts(StoreLogs(fs, self.root, cond, fresh=True), n, job_id)
+        if read_json(cond, posixpath.join(self.root, JOB)) != mark:
+            cond.delete_prefix(self.root)
+            put_json(self.dest.store, posixpath.join(self.root, JOB), mark)
+            return FinishedParts(StoreLogs(fs, self.root, cond, fresh=True), n, job_id)
+        finished = FinishedParts(StoreLogs(fs, self.root, cond), n, job_id)
+        sizes: dict[str, int] = {}  # the staged objects' sizes: one listing, not a HEAD per part
+
+        def vouched(st: Any) -> bool:
+            if not sizes:
+                sizes.update((posixpath.basename(e.path), e.size) for e in _entries(fs, self.root)
+                             if e.type == pafs.FileType.File)
+            return self._vouched(st, sizes)
+
+        finished.load(vouched)
         return finished
 
-    def _vouched(self, st: Any) -> bool:
-        """The staged object this state names exists with its size, written by this job."""
+    def _vouched(self, st: Any, sizes: dict[str, int] | None = None) -> bool:
+        """The staged object this state names exists with its size, written by this job
+        (`sizes`: the staged objects' sizes from a listing, else a HEAD of the one named)."""
         if not isinstance(st, dict) or st.get("job_id") != self.job_id or not isinstance(st.get("object"), str):
             return False
+        if sizes is not None:
+            return sizes.get(st["object"]) == st.get("part_size")
         info = self.dest.fs.get_file_info(posixpath.join(self.root, st["object"]))
         return info.type == pafs.FileType.File and info.size == st.get("part_size")
 
     def check_parts(self, n_parts: int, finished: FinishedParts) -> list[str]:
-        """Before the commit: every part is staged and vouched; the staged object of each."""
+        """Before the commit: every part is staged and vouched; the staged object of each. The
+        states are those the client holds (`finished`): what its tasks reported for the objects
+        they uploaded, and those --resume vouched for by a listing; none is read back."""
         out = []
         for i in range(n_parts):
             st = finished.record(i)
-            if not self._vouched(st):
+            if st is None or not self._vouched(st, {st.get("object"): st.get("part_size")}):
                 raise DataError(f"{self.part_name(i)} in {self} is not the part this job wrote; "
                                 "not committing: run the job again with --resume")
             out.append(st["object"])
@@ -400,30 +431,48 @@ class StoreStaging:
         return posixpath.join(self.root, f"{self.part_name(index)[:-8]}.{uuid.uuid4().hex[:12]}.parquet")
 
     def part_writer(self, tmp: str, schema: pa.Schema) -> pq.ParquetWriter:
-        return pq.ParquetWriter(tmp, schema, filesystem=self.dest.fs)
+        """A part written to the store as it is computed (on S3 one PUT when it closes, if small)."""
+        upload = self._cond().open_upload(tmp)
+        self._uploads[tmp] = upload
+        return pq.ParquetWriter(upload, schema)
+
+    def open_upload(self, path: str) -> Any:
+        """A writable file whose bytes appear at `path` once closed (on S3 one PUT if small)."""
+        return self._cond().open_upload(path)
 
     def discard_tmp(self, tmp: str) -> None:
+        upload = self._uploads.pop(tmp, None)
+        if hasattr(upload, "abort"):
+            upload.abort()
         try:
-            self.dest.fs.delete_file(tmp)
+            self._cond().delete(tmp)
         except OSError:
             pass
 
     def publish_part(self, index: int, tmp: str) -> dict:
-        """What names the uploaded attempt in the part's state (logged by the client): the last
-        finished attempt counts."""
-        return {"object": posixpath.basename(tmp), "part_size": self.dest.fs.get_file_info(tmp).size}
+        """Upload the written part (if its writer did not) and say what names the attempt in the
+        part's state (logged by the client): the last finished attempt counts. Its size is what
+        was uploaded (no HEAD)."""
+        upload = self._uploads.pop(tmp, None)
+        if upload is not None:
+            size = upload.tell()
+            upload.close()  # uploaded now if the writer did not close it
+        else:
+            size = self.dest.fs.get_file_info(tmp).size
+        return {"object": posixpath.basename(tmp), "part_size": size}
 
     def write_empty_part(self, schema: pa.Schema) -> dict:
         """Empty input: one empty part keeps DEST a readable dataset; its state, to log."""
         tmp = self.tmp_part(0)
-        pq.write_table(schema.empty_table(), tmp, filesystem=self.dest.fs)
+        with self.part_writer(tmp, schema) as w:
+            w.write_table(schema.empty_table())
         return self.publish_part(0, tmp)
 
     def discard_if_nothing_finished(self) -> None:
         try:
-            if not StoreLogs(self.dest.fs, self.root).any():
-                _delete_prefix(self.dest.fs, self.root)
-                _delete_if_empty(self.dest.fs, self.top)
+            if not StoreLogs(self.dest.fs, self.root, self._cond()).any():
+                self._cond().delete_prefix(self.root)
+                self._cond().drop_if_empty(self.top)
         except OSError:
             pass
 
@@ -433,16 +482,27 @@ class StoreStaging:
     def commit(self, manifest: dict, *, overwrite: bool, lock: StoreClaim, n_parts: int,
                finished: FinishedParts) -> None:
         objects = self.check_parts(max(1, n_parts), finished)
-        put_json(self.dest.fs, posixpath.join(self.root, COMMIT), {"manifest": manifest, "objects": objects})
-        self.commit_written(overwrite=overwrite, lock=lock)
+        finished.close()
+        rec = json.loads(json.dumps({"manifest": manifest, "objects": objects}, allow_nan=True))
+        self.commit_written(overwrite=overwrite, lock=lock, rec=rec)
 
-    def commit_written(self, *, overwrite: bool, lock: StoreClaim) -> None:
-        """Steps 4-6 from the commit record: also after a kill, and by `fastkl clean`."""
-        lock.check()
+    def commit_written(self, *, overwrite: bool, lock: StoreClaim, rec: dict | None = None) -> None:
+        """Steps 3-6: the commit record (`rec` is written; None: read, after a kill and by
+        `fastkl clean`), then the copies and the manifest. The claim's refresh, the record and
+        the read of the old manifest are independent round trips, made at once; no copy starts
+        before all three are done."""
         cond, fs, dest = self._cond(), self.dest.fs, self.dest
-        rec = read_json(cond, posixpath.join(self.root, COMMIT))
+        record = posixpath.join(self.root, COMMIT)
+        with ThreadPoolExecutor(max_workers=3) as ex:
+            checked = ex.submit(lock.check)
+            got = (ex.submit(put_json, dest.store, record, rec) if rec is not None
+                   else ex.submit(read_json, cond, record))
+            previous = ex.submit(read_json, cond, dest.key(MANIFEST))
+            checked.result()
+            rec = rec if rec is not None else got.result()
+            got.result()
+            old = previous.result()
         manifest, objects = rec["manifest"], rec["objects"]
-        old = read_json(cond, dest.key(MANIFEST))
         if old is not None:
             if not overwrite:
                 raise OptionError(f"DEST {dest} appeared while the job ran; output left in {self}")
@@ -450,14 +510,15 @@ class StoreStaging:
         names = mt.part_files(manifest)  # a large job's parts and inputs are tables, copied beside the manifest
         tables = [t for t in (mt.INPUTS_TABLE, mt.PARTS_TABLE) if isinstance(manifest.get("parts"), dict)]
         copies = list(zip(names, objects)) + [(t, t) for t in tables]
-        with ThreadPoolExecutor(max_workers=min(16, max(1, len(copies)))) as ex:
+        with ThreadPoolExecutor(max_workers=min(16, len(copies) + 1)) as ex:
+            listed = ex.submit(_entries, fs, dest.path)  # beside the copies: the new names are kept anyway
             list(ex.map(lambda no: fs.copy_file(posixpath.join(self.root, no[1]), dest.key(no[0])), copies))
-        for t in {mt.INPUTS_TABLE, mt.PARTS_TABLE} - set(tables):  # an older output's: not this manifest's
-            _delete(fs, fs.get_file_info(dest.key(t)))
-        keep = set(names)
-        for path in visible(dest):  # parts of an older, longer output
-            if posixpath.basename(path) not in keep:
-                _delete(fs, fs.get_file_info(path))
+            keep = set(names)
+            old_tables = {mt.INPUTS_TABLE, mt.PARTS_TABLE} - set(tables)  # an older output's: not this manifest's
+            for e in listed.result():  # parts of an older, longer output, and its manifest tables
+                name = posixpath.basename(e.path)
+                if name in old_tables or (not name.startswith(("_", ".")) and name not in keep):
+                    _delete(cond, e)
         data = json.dumps(manifest, indent=1, allow_nan=True).encode() + b"\n"
         if cond.create(dest.key(MANIFEST), data) is None:
             other = read_json(cond, dest.key(MANIFEST))
@@ -467,11 +528,14 @@ class StoreStaging:
 
     def remove(self) -> None:
         """Drop this job's staged objects and pending uploads, and the staging prefix if empty."""
-        fs = self.dest.fs
-        _delete_prefix(fs, self.root)
-        self._cond().abort_uploads(self.top)  # this job holds DEST: any upload under staging is dead
-        _delete_if_empty(fs, self.top)
-        drop_stale_probes(self.dest)
+        cond = self._cond()
+        with ThreadPoolExecutor(max_workers=3) as ex:  # three independent round trips at once
+            done = [ex.submit(cond.delete_prefix, self.root),
+                    ex.submit(cond.abort_uploads, self.top),  # this job holds DEST: any upload under staging is dead
+                    ex.submit(drop_stale_probes, self.dest)]
+            for f in done:
+                f.result()
+        cond.drop_if_empty(self.top)
 
 
 def drop_stale_probes(dest: StoreDest, age_s: float = 60.0) -> None:
@@ -481,43 +545,21 @@ def drop_stale_probes(dest: StoreDest, age_s: float = 60.0) -> None:
     for e in _entries(dest.fs, dest.path):
         name = posixpath.basename(e.path)
         if name.startswith(PROBE) and e.type == pafs.FileType.File and now - (e.mtime_ns or 0) / 1e9 > age_s:
-            _delete(dest.fs, e)
+            _delete(conditional(dest.store), e)
 
 
-def _delete(fs: pafs.FileSystem, e: pafs.FileInfo) -> None:
+def _delete(cond: Conditional, e: pafs.FileInfo) -> None:
     if e.type == pafs.FileType.Directory:
-        _delete_prefix(fs, e.path)
+        cond.delete_prefix(e.path)
     elif e.type == pafs.FileType.File:
-        try:
-            fs.delete_file(e.path)
-        except FileNotFoundError:
-            pass
-
-
-def _delete_prefix(fs: pafs.FileSystem, path: str) -> None:
-    try:
-        fs.delete_dir(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        for e in _entries(fs, path, recursive=True):
-            if e.type == pafs.FileType.File:
-                fs.delete_file(e.path)
-
-
-def _delete_if_empty(fs: pafs.FileSystem, path: str) -> None:
-    try:
-        if not _entries(fs, path):
-            fs.delete_dir(path)
-    except OSError:
-        pass
+        cond.delete(e.path)
 
 
 def remove_leftovers(dest: StoreDest) -> None:
     """After a job found DEST already complete: what a kill after its commit left."""
-    fs = dest.fs
-    _delete_prefix(fs, dest.key(STAGING))
-    conditional(dest.store).abort_uploads(dest.key(STAGING))
+    cond = conditional(dest.store)
+    cond.delete_prefix(dest.key(STAGING))
+    cond.abort_uploads(dest.key(STAGING))
     drop_stale_probes(dest)
 
 
@@ -537,7 +579,7 @@ def clean(dest: StoreDest, display: str) -> str:
             staged = [posixpath.basename(e.path) for e in _entries(dest.fs, dest.key(STAGING))
                       if e.type == pafs.FileType.Directory]
             aborted = conditional(dest.store).abort_uploads(dest.key(STAGING))
-            _delete_prefix(dest.fs, dest.key(STAGING))
+            conditional(dest.store).delete_prefix(dest.key(STAGING))
             drop_stale_probes(dest, age_s=0.0)  # clean is explicit: the user says no job is starting
             what = (f"removed the staged parts of {len(staged)} job(s)" if staged else "nothing staged")
             if aborted:

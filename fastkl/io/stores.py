@@ -1,8 +1,11 @@
 """Object stores: a SOURCE or DEST URL -> a pyarrow filesystem and a path in it (docs/guide/storage.md).
 
 `s3://` and `gs://` go to pyarrow's native filesystems (C++ clients, range
-reads, no Python in the data path); any other protocol (`memory://`,
-`abfs://`, `hf://` ...) goes through fsspec, wrapped in
+reads) for listings and copies; on S3 the reads of SOURCE objects (pinned
+to a version, `store_reads`), the uploads of parts and small objects and
+the conditional writes (`store_conditional`) go through boto3, which sends
+what pyarrow cannot (conditions) in fewer requests. Any other protocol
+(`memory://`, `abfs://`, `hf://` ...) goes through fsspec, wrapped in
 `pyarrow.fs.PyFileSystem(FSSpecHandler(...))` so that everything downstream
 speaks one API. Local paths and `file://` URLs never come here: they keep the
 local code path (flock, rename) of `fastkl.io.output`.

@@ -82,17 +82,16 @@ from ..io.output import (
 from ..errors import DataError, FastKLError, InvalidRowError, OptionError
 from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_at, read_rows
 from ..io.stores import is_store_url, scheme_of
-from ..io.store_conditional import conditional
 from ..io.store_output import (
     StoreClaim,
     StoreDest,
     StoreStaging,
     check_store_dest,
-    read_json,
 )
-from ..io.store_output import dest_kind as store_dest_kind
+from ..io.store_output import dest_state as store_dest_state
 from ..io.store_output import remove_leftovers as store_remove_leftovers
 from ..io.sources import Columns, FileRef, Plan, Task, dataset_sources, open_input, scan
+from ..io.store_reads import ObjectChanged, PinnedFile, open_pinned, pins
 from .._registry import Dtype, Kind, Tail
 from .._result import Layout, layout_for, output_fields
 from .groups import batch_groups
@@ -191,8 +190,9 @@ def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq
     checked against the planned bytes: a task reads and parses the footer's head and tail and
     its own row groups' entries, not the whole footer (which is O(row groups of the file))."""
     try:
-        # never a memory map: a truncated mapped file is a SIGBUS, not an error; a store: range reads
-        src = pa.OSFile(f.path) if f.store is None else open_input(f.path, f.store)[0]
+        src = _open_source(f)
+    except ObjectChanged as e:
+        raise _changed_error(f, e.what) from None
     except FileNotFoundError:
         raise _changed_error(f, "removed") from None
     except OSError as e:
@@ -201,13 +201,15 @@ def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq
     try:
         changed = f.identity().differences(_now(src, f))
         own = f.fmt == "parquet" and f.meta and units and all(u.meta for u in units)
+        if not changed and own and isinstance(src, PinnedFile):
+            src.pinned.prefetch(_footer_ranges(f, units))  # its footer pieces: one GET (most often none)
         if not changed and own:
             md, changed = _own_footer(src, f, units)
         elif not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see fastkl.io.sources
             footer = parquet_footer(src, f.size) if f.fmt == "parquet" else ipc_file_footer(src, f.size)
             changed = "" if digest(footer) == f.footer else "footer differs"
     except (OSError, ValueError, pa.ArrowException) as e:
-        changed = f"footer unreadable: {_short(e)}"
+        changed = _pinned_change(src) or f"footer unreadable: {_short(e)}"
     except BaseException:
         src.close()
         raise
@@ -215,6 +217,29 @@ def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq
         src.close()
         raise _changed_error(f, changed)
     return src, md
+
+
+def _open_source(f: FileRef) -> pa.NativeFile:
+    """A read handle on the planned file: never a memory map (a truncated mapped file is a SIGBUS,
+    not an error); on S3 the planned version only (every GET If-Match its ETag); on other
+    stores range reads of the object, checked by size and mtime."""
+    if f.store is None:
+        return pa.OSFile(f.path)
+    if f.etag and pins(f.store):
+        return open_pinned(f.store, f.path, f.etag)
+    return open_input(f.path, f.store)[0]
+
+
+def _footer_ranges(f: FileRef, units: Sequence[Any]) -> list[tuple[int, int]]:
+    """The byte ranges `_own_footer` reads: the footer's head, the units' entries, its tail."""
+    at, n, head, tail, _ = f.meta
+    a, b = units[0].meta[0], units[-1].meta[1]
+    return [(at, at + head), (at + a, at + b), (at + tail, f.size)]
+
+
+def _pinned_change(src: pa.NativeFile) -> str:
+    """What a pinned read found changed ('' for any other handle or failure)."""
+    return src.pinned.changed if isinstance(src, PinnedFile) else ""
 
 
 def _own_footer(src: pa.NativeFile, f: FileRef, units: Sequence[Any]) -> tuple[pq.FileMetaData | None, str]:
@@ -249,14 +274,19 @@ def _changed_error(f: FileRef, what: str) -> DataError:
 
 
 def _now(src: pa.NativeFile, f: FileRef) -> Identity:
-    """The file's identity now: fstat of the handle, or what the store says of the object."""
+    """The file's identity now: fstat of the handle, the version a pinned handle reads (a read
+    of any other fails), or what the store says of the object."""
     if f.store is None:
         return Identity.of(src.fileno())
+    if isinstance(src, PinnedFile):
+        return src.identity()
     return Identity.of_object(f.store.fs.get_file_info(f.path))
 
 
 def _difference(src: pa.NativeFile, f: FileRef) -> str:
     """What changed in the open file since planning ('' if nothing): size, mtime, ctime of the handle."""
+    if _pinned_change(src):
+        return _pinned_change(src)
     try:
         return f.identity().differences(_now(src, f))
     except FileNotFoundError:
@@ -328,11 +358,18 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src:
         if task.file.store is not None:
             buf, pre = STORE_READ_BUFFER, task.nbytes <= STORE_PREBUFFER_MAX
         # md: the metadata of only this task's row groups (see _open_task), numbered from 0
+        groups = list(range(len(task.units))) if md is not None else [u.index for u in task.units]
+        if isinstance(src, PinnedFile):  # pinned S3 reads: we fetch the chunks (each GET If-Match), not pyarrow
+            md = md or pq.read_metadata(src)
+            if pre:
+                src.pinned.prefetch(_chunk_ranges(md, groups, cols))
+                buf = 0  # each chunk read whole from the fetched bytes, without a copy
+            pre = False
         pf = pq.ParquetFile(src, metadata=md, buffer_size=0 if pre else buf, pre_buffer=pre,
                             page_checksum_verification=True)
         yield from pf.iter_batches(
             batch_size=_aligned_batch_rows(batch_rows, task.units),
-            row_groups=list(range(len(task.units))) if md is not None else [u.index for u in task.units],
+            row_groups=groups,
             columns=cols,
             use_threads=use_threads,
         )
@@ -340,6 +377,22 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src:
         for b in _ipc_batches(src, task.file, cols, task.units):
             for o in range(0, b.num_rows, batch_rows):
                 yield b.slice(o, batch_rows)
+
+
+def _chunk_ranges(md: pq.FileMetaData, groups: list[int], cols: list[str]) -> list[tuple[int, int]]:
+    """Byte ranges of the column chunks a Parquet read of `cols` in row groups `groups` reads."""
+    from ..io.sources import _leaf_columns
+
+    out, leaves = [], _leaf_columns(md, cols)
+    for g in groups:
+        rg = md.row_group(g)
+        for j in leaves:
+            c = rg.column(j)
+            start = c.data_page_offset
+            if c.has_dictionary_page and c.dictionary_page_offset and c.dictionary_page_offset < start:
+                start = c.dictionary_page_offset
+            out.append((start, start + c.total_compressed_size))
+    return out
 
 
 # What reading a file that is damaged, or changed under the reader, raises
@@ -1694,7 +1747,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
     if tables is not None:
         mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(resumed)),
-                 filesystem=staging.dest.fs if in_store else None)
+                 open_output=staging.open_upload if in_store else None)
     finished.flush()
     staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks), finished=finished)
     return _finished(summary, summary_json)
@@ -1829,10 +1882,9 @@ def _identity(m: dict) -> dict:
 def _existing(dest, dest_p) -> tuple[str | None, dict | None]:
     """What is at DEST now (kind as `dest_kind` says) and its manifest; a foreign DEST is refused."""
     if isinstance(dest_p, StoreDest):
-        kind = store_dest_kind(dest_p)
+        kind, old = store_dest_state(dest_p)
         if kind not in (None, "output", "empty", "interrupted"):
             raise OptionError(f"DEST {os.fspath(dest)!r} exists and is not a fastkl output ({kind})")
-        old = read_json(conditional(dest_p.store), dest_p.key(MANIFEST)) if kind == "output" else None
         return (None if kind == "empty" else kind), old
     kind = dest_kind(dest_p)
     if kind not in (None, "output", "empty"):

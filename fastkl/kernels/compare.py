@@ -16,6 +16,10 @@ from numba import njit
 from .dense import OK, TARGET_UNLISTED
 from .half import as_float32
 
+# Numba checks its on-disk cache against this file only: this digest of the kernel
+# modules imported above ties the cache to them too (tests/test_layout.py).
+INLINES_DIGEST = "f9f20454e64c3cb8"
+
 ID_OUT_OF_RANGE = 13  # fastkl._registry.STATUSES order (checked by tests/test_compare.py)
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")

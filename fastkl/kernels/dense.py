@@ -46,8 +46,8 @@ Choices, made on purpose:
   loops mask) instead of a Python exception check that blocks vectorisation.
 * `cache=True`: the compiled kernels go to Numba's on-disk cache, so only the
   first call on a machine pays the compile: per family, float32 and float64
-  values (mixed inputs are cast to float64 first). FASTMATH_DIGEST ties the
-  cache to `fastmath.py`, whose helpers the kernels inline.
+  values (mixed inputs are cast to float64 first). INLINES_DIGEST ties the
+  cache to `fastmath.py`, `half.py` and `views.py`, whose helpers the kernels inline.
 * Accuracy: sums are in float64; log(p/q) takes its mantissa from
   (p-q)/q when p/q is near 1 (where log(p)-log(q) would cancel), and the
   Jensen-Shannon and Hellinger terms are written in forms that do not cancel
@@ -63,6 +63,7 @@ from numba import njit, types
 from numba.extending import overload
 
 from .half import as_float32, decode_row
+from .views import borrowed
 from .fastmath import (exp32, exp_neg, exp_nonpositive, expm1_f64, expm1_series32, from_order_key, inf_keys, log_pos, log_ratio,
                        log_ratio32, not_normal32, order_key)
 
@@ -87,12 +88,11 @@ MAX_FLOAT = 1.7976931348623157e308
 _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 
 # Numba's on-disk cache is checked against this file's timestamp only, but the
-# kernels inline fastmath's helpers: after an edit there, cached kernels would
-# keep the old code. tests/test_fastmath.py checks that this digest of
-# fastmath.py is current, so any change there changes this file too.
-FASTMATH_DIGEST = "85ca9ca0e5658476"
-# The same for half.py, whose decoders the kernels inline (tests/test_half_precision.py).
-HALF_DIGEST = "b613eb7967c47450"
+# kernels inline the helpers of the modules imported above: after an edit there,
+# cached kernels would keep the old code. tests/test_layout.py checks that this
+# digest of those modules is current, so any change there changes this file too
+# (each kernel module has one).
+INLINES_DIGEST = "80eada051e7351c5"
 
 
 def _is_float32(values):
@@ -882,6 +882,37 @@ def _kl_logs32(arow, brow, terms, p_decode, q_decode):
 
 
 @_jit
+def _kl_renyi_logs32(arow, brow, terms, am1):
+    """`_kl_logs32` and renyi's sum of p expm1(x), x = (alpha-1)(a - b), in one loop sharing
+    a - b and exp(a): (kl, p_sum, q_sum, flag, ren, sum |t|, sum |t| max(x, 0), float64 sum p),
+    flagged as `_kl_logs32` flags and, as `_kl_renyi32`, x > 80. Rows 0-2 of `terms`."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    half = np.float32(0.5)
+    c = np.float32(am1)
+    p_sum = q_sum = flag = size = growth = zero
+    for j in range(arow.size):
+        a = arow[j]
+        b = brow[j]
+        p = exp32(a)
+        p_sum += p
+        q_sum += exp32(b)
+        p_pos = a > NEG_INF32
+        d = a - b if p_pos else zero
+        terms[0, j] = p * d
+        terms[2, j] = p
+        x = c * d
+        e = exp32(x)
+        t = p * (expm1_series32(x) if abs(x) < half else e - one)  # (p = 0: d = x = 0, t = 0)
+        terms[1, j] = t
+        size += abs(t)
+        growth += abs(t) * max(x, zero)
+        flag += one if (p_pos & ((a < LOG_MIN32) | (b == NEG_INF32) | (x > RENYI_X_MAX32))) else zero
+    n = arow.size
+    return _sum64(terms[0], n), p_sum, q_sum, flag, _sum64(terms[1], n), size, growth, _sum64(terms[2], n)
+
+
+@_jit
 def _kl_reverse_logs32(arow, brow, terms):
     """`_kl_logs32` plus sum q (b - a)."""
     zero = np.float32(0.0)
@@ -1055,20 +1086,26 @@ def _tv_hellinger_logs32(arow, brow, terms, want_bha):
 
 @_jit
 def _logprobs32_chunk(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
-                      want_bha, terms):
+                      want_bha, want_renyi, am1, terms):
     """The requested sums over one chunk of a float32 logprobs row: (flag, p_sum, q_sum, kl, rkl,
-    ent, ce, js, tv, hel, gjs, bc, p64, q64); the first loop that runs gives the row sums (bc,
-    p64, q64: bhattacharyya's sum of sqrt(p q) and float64 row sums, with want_bha)."""
-    kl = rkl = ent = ce = js = tv = hel = gjs = bc = p64 = q64 = 0.0
+    ent, ce, js, tv, hel, gjs, bc, p64, q64, ren); the first loop that runs gives the row sums
+    (bc, p64, q64: bhattacharyya's sum of sqrt(p q) and float64 row sums, with want_bha; p64
+    also with want_renyi, whose ren is the sum of p expm1((alpha-1) log(p/q)))."""
+    kl = rkl = ent = ce = js = tv = hel = gjs = bc = p64 = q64 = ren = 0.0
     want_gjs = want_gjs and 0.0 < beta < 1.0  # gjs is 0 at beta = 0 and 1
     flag = np.float32(0.0)
     p_sum = q_sum = np.float32(0.0)
     sums = False  # the row sums are there
     if use_q:
-        if want_rkl:
-            kl, rkl, p_sum, q_sum, flag = _kl_reverse_logs32(arow, brow, terms)
+        if want_renyi:  # renyi shares kl's a - b and exp(a) in one loop (which also gives kl and the sums)
+            kl, p_sum, q_sum, f, ren, size, growth, p64 = _kl_renyi_logs32(arow, brow, terms, am1)
+            flag += f + (np.float32(1.0) if growth > np.float32(2.0) * size else np.float32(0.0))
             sums = True
-        elif want_kl or not (want_js or want_tvh or want_gjs):  # also the loop that checks the sums for ent / ce
+        if want_rkl:
+            kl, rkl, p_sum, q_sum, f = _kl_reverse_logs32(arow, brow, terms)
+            flag += f
+            sums = True
+        elif not want_renyi and (want_kl or not (want_js or want_tvh or want_gjs)):  # also checks ent / ce's sums
             kl, p_sum, q_sum, flag = _kl_logs32(arow, brow, terms, 0, 0)
             sums = True
         if want_js:
@@ -1080,8 +1117,9 @@ def _logprobs32_chunk(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, w
             p_sum, q_sum, sums = (p_sum, q_sum, sums) if sums else (ps, qs, True)
             flag += f
         if want_tvh:
-            tv, hel, ps, qs, f, bc, p64, q64 = _tv_hellinger_logs32(arow, brow, terms, want_bha)
+            tv, hel, ps, qs, f, bc, pc, q64 = _tv_hellinger_logs32(arow, brow, terms, want_bha)
             p_sum, q_sum = (p_sum, q_sum) if sums else (ps, qs)
+            p64 = p64 if want_renyi else pc
             flag += f
     if want_ent or not use_q:
         ent, p_sum, f = _entropy_logs32(arow, terms)
@@ -1089,21 +1127,23 @@ def _logprobs32_chunk(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, w
     if use_q and want_ce:
         ce, f = _cross_entropy_logs32(arow, brow, terms)
         flag += f
-    return flag, p_sum, q_sum, kl, rkl, ent, ce, js, tv, hel, gjs, bc, p64, q64
+    return flag, p_sum, q_sum, kl, rkl, ent, ce, js, tv, hel, gjs, bc, p64, q64, ren
 
 
 @_jit
 def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
-                      want_bha, sum_tol, terms):
-    """All requested sums for a float32 logprobs row (no renyi), or ok = False when the row
-    needs the scan and the float64 loops."""
-    kl = rkl = ent = ce = js = tv = hel = gjs = bc = p64 = q64 = 0.0
+                      want_bha, want_renyi, am1, sum_tol, terms):
+    """All requested sums for a float32 logprobs row (renyi as log(S / sum p)), or ok = False
+    when the row needs the scan and the float64 loops (a flag, a row sum not clearly within
+    `sum_tol`, or S far below sum p, which S - sum p cannot give)."""
+    kl = rkl = ent = ce = js = tv = hel = gjs = bc = p64 = q64 = ren = 0.0
     flag = p_sum = q_sum = 0.0
     for b0 in range(0, arow.size, SUM_BLOCK):
         b1 = min(b0 + SUM_BLOCK, arow.size)
-        f, ps, qs, a, b, c, d, e, g, h, m, bcc, pc, qc = _logprobs32_chunk(
+        f, ps, qs, a, b, c, d, e, g, h, m, bcc, pc, qc, r = _logprobs32_chunk(
             arow[b0:b1], brow[b0:b1], use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs, beta,
-            want_bha, terms)
+            want_bha, want_renyi, am1, terms)
+        ren += r
         flag += np.float64(f)
         p_sum += np.float64(ps)
         q_sum += np.float64(qs)
@@ -1120,9 +1160,12 @@ def _logprobs32_terms(arow, brow, use_q, want_kl, want_rkl, want_ent, want_ce, w
         q64 += qc
     if not use_q:
         q_sum = 1.0
+    if want_renyi:  # NaN where S is far below sum p or underflowed: the general loops then
+        ren = _renyi_log(ren, 0.0, p64, 0.0, am1)
+        flag += 0.0 if ren == ren else 1.0
     ok = flag == 0.0 and _sums_within32(p_sum, q_sum, min(arow.size, SUM_BLOCK), sum_tol)
     bha = _bhattacharyya(hel, bc, p64, q64) if (ok and want_bha) else 0.0
-    return ok, kl, rkl, ent, ce, js, tv, hel, gjs, bha
+    return ok, kl, rkl, ent, ce, js, tv, hel, gjs, bha, ren
 
 
 @_jit
@@ -1710,6 +1753,10 @@ def _make_kernel(name):
         values, FLOAT16 or BFLOAT16 for uint16 values holding those bits.
         `beta` is gjs's weight, `am1` renyi's alpha - 1 (unused unless asked).
         """
+        # views that Numba does not reference-count (kernels.views): of the arguments, and of
+        # the terms buffer, which `terms_owner` keeps alive to the end
+        p_offsets, p_values, p_mask = borrowed(p_offsets), borrowed(p_values), borrowed(p_mask)
+        q_offsets, q_values, q_mask = borrowed(q_offsets), borrowed(q_values), borrowed(q_mask)
         want_kl = slots[KL] >= 0 or slots[JEFFREYS] >= 0
         want_rkl = slots[REVERSE_KL] >= 0 or slots[JEFFREYS] >= 0
         want_js = slots[JS] >= 0
@@ -1728,11 +1775,11 @@ def _make_kernel(name):
                                              or want_renyi)
         as_is32 = _is_float32(p_values) and not normalize and smoothing == 0.0
         probs32 = probs and as_is32
-        logprobs32 = (logs and as_is32 and p_kind == LOGPROBS and (q_kind == LOGPROBS or not use_q)
-                      and not want_renyi)
+        logprobs32 = logs and as_is32 and p_kind == LOGPROBS and (q_kind == LOGPROBS or not use_q)
         logits_kl = logs and kl_only and p_kind == LOGITS and q_kind == LOGITS and no_nulls
         kl = rkl = js = ent = ce = tv = hel = kl_inf = rkl_inf = gjs = ren = bha = 0.0
-        terms = np.empty((5, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
+        terms_owner = np.empty((5, SUM_BLOCK), dtype=np.float32)  # the float32 loops' terms, summed in float64
+        terms = borrowed(terms_owner)
         p_scratch = _scratch(p_values, p_offsets, start, stop)  # empty unless a 16-bit side
         q_scratch = _scratch(q_values, q_offsets, start, stop) if use_q else p_scratch
         for i in range(start, stop):
@@ -1778,9 +1825,9 @@ def _make_kernel(name):
                                 want_tvh, want_gjs, want_renyi, beta, am1)
                     elif logs:
                         if fast and not kl_only:
-                            done, kl, rkl, ent, ce, js, tv, hel, gjs, bha = _logprobs32_terms(
+                            done, kl, rkl, ent, ce, js, tv, hel, gjs, bha, ren = _logprobs32_terms(
                                 prow, qrow, use_q, want_kl, want_rkl, want_ent, want_ce, want_js, want_tvh, want_gjs,
-                                beta, want_bha, sum_tol, terms)
+                                beta, want_bha, want_renyi, am1, sum_tol, terms)
                         elif logits_kl:  # the common logits call, straight to its loops
                             p_top, p_bad = _scan_logits(prow)
                             q_top, q_bad = _scan_logits(qrow)
@@ -1806,6 +1853,7 @@ def _make_kernel(name):
                 continue
             _write_row(out, slots, i, k, inv_log_base, kl, rkl, js, ent, ce, tv, hel, kl_inf, rkl_inf, gjs, ren,
                        bha, beta, am1)
+        terms_owner[0, 0] = 0.0  # the buffer's last use: alive until here
 
     divergence_rows.__qualname__ = divergence_rows.__name__ = f"divergence_rows_{name}"
     return _jit(divergence_rows)

@@ -7,8 +7,9 @@ straight-line float and integer arithmetic (no calls, no branches, only
 selects), so a loop that uses them compiles to SIMD code.
 
 The kernels inline these helpers, and Numba's cache only watches the file of
-a cached function: fastkl/kernels/dense.py carries a digest of this file
-(FASTMATH_DIGEST, checked by the tests) so that editing here invalidates it.
+a cached function: each kernel module carries a digest of the kernel modules
+it imports (INLINES_DIGEST, checked by tests/test_layout.py), so that editing
+here invalidates them.
 
 Callers must compile with `error_model="numpy"`: Numba's default Python
 error model puts a zero-division check on every float division, and that

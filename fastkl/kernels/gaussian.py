@@ -15,6 +15,10 @@ from numba import njit
 from .dense import EMPTY, LENGTH_MISMATCH, NAN, NON_FINITE, NULL_ELEMENT, OK, valid_bit
 from .sampled import k3_term
 
+# Numba checks its on-disk cache against this file only: this digest of the kernel
+# modules imported above ties the cache to them too (tests/test_layout.py).
+INLINES_DIGEST = "da3fad05478d5ce0"
+
 _jit = njit(nogil=True, cache=True, error_model="numpy")
 
 

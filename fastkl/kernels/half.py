@@ -13,7 +13,6 @@ flush-denormals CPU mode cannot change them.
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload

@@ -17,9 +17,11 @@ and selects, see there):
 * `sampled_rows`: one value per measure and position (token rows);
 * `sampled_sequences`: sequence rows in one pass. Each sequence's positions
   are validated and their estimators summed chunk by chunk through L1
-  scratch buffers (r with the sums of k1, k2 and abs, then k3 from r, then
-  its sum; k3 in float32 for 32- and 16-bit input, whose error bound allows
-  it, see `k3_32`); no per-position
+  scratch buffers: for float32 (and 16-bit, widened) input r and k3 in
+  float32 at full width, whose error bound allows it, then their sums in
+  float64 (`_chunk_32`, `_chunk_sum32`); for float64 input, and float32
+  chunks that hold an r the float32 form does not take, r with the sums of
+  k1, k2 and abs, then k3 from r, then its sum; no per-position
   array is written unless asked for (`m_tokens`, the summary's token level).
   A sequence holding a bad position is scanned again by the scalar rules to
   name the first one.
@@ -34,16 +36,21 @@ from numba import njit
 
 from .dense import (FASTMATH, _is_float32, LENGTH_MISMATCH as FIRST_INVALID, NAN, NEGATIVE, NO_TOKENS, NON_FINITE, NULL,
                     NULL_ELEMENT, OK, valid_bit)  # FIRST_INVALID: the first invalid-position code
-from .fastmath import bits_float, bits_float32
+from .fastmath import bits_float, bits_float32, float32_bits
+from .views import borrowed
+
+# Numba checks its on-disk cache against this file only: this digest of the kernel
+# modules imported above ties the cache to them too (tests/test_layout.py).
+INLINES_DIGEST = "ab0206bf8b4c8c71"
 
 K1, K2, K3, ABS = 0, 1, 2, 3  # slots: fastkl._registry.SAMPLED_MEASURES order
 N_SAMPLED = 4
-CHUNK = 512  # positions per pass through L1-sized pieces (scratch of sequences: r and k3, 2 x 4 KiB)
+CHUNK = 512  # positions per pass through L1-sized pieces (scratch of sequences: r and k3 in float64 and float32, 12 KiB)
 INF = math.inf
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")
 # Loops of terms: no `reassoc` (the operation order of k3_vec is the algorithm);
-# only the loops that sum (`_chunk_r`, `_chunk_k3_sum`) have it, so that LLVM
+# only the loops that sum (`_chunk_r`, `_chunk_k3_sum`, `_chunk_sum32`) have it, so that LLVM
 # vectorises their float sums. The helpers
 # are inlined into the loops by Numba (LLVM leaves a function as large as k3_vec
 # called, and a loop with a call is not vectorised); they take the flags of the
@@ -299,19 +306,26 @@ def _chunk_k3(rbuf, k3buf, n):
 # ------------------------------------------------------------------ k3 in float32
 # For float32 inputs the error bound is 1e-6 of the terms (float64: 1e-12), so
 # k3 may be evaluated in float32: twice the lanes per vector and a shorter
-# polynomial. The same reduction as `k3_vec` with k in [-6, 6], valid for
+# polynomial. The near form of `k3_vec` with k in [-6, 6], valid for
 # 2^-60 <= |r| <= 4 (and r = 0): there the rounding of r to float32 moves k3 by
-# at most 4 * 2^-24 of it, and the evaluation (measured against mpmath over that
-# range: 1.5e-7) adds a few float32 roundings, which the near form does not
-# amplify beyond 1.5x. A chunk holding any other r (|r| > 4, where the rounding
-# of r alone would cost |r| 2^-24; tiny r, whose square is subnormal in float32)
-# is computed again by `_chunk_k3` in float64.
-# g: mpmath.chebyfit(g, [-1/2, 1/2], 7) (7e-10 relative before float32 rounding).
-_G32 = tuple(np.float32(c) for c in (0.5, 0.16666667139493802, 0.04166666713918055, 0.008333182071584195,
-                                     0.001388873772021196, 0.000199621762266955, 2.492243642934227e-05))
+# at most 4 * 2^-24 of it, and the evaluation adds a few float32 roundings,
+# which the near form does not amplify beyond 1.5x. Few operations (16 lanes
+# each): s = x - k L and c_k = (2^k - 1) - k L with L = ln2 rounded to float32,
+# whose 21 significant bits make k L exact for |k| <= 7 (LLVM computes it once
+# for both), so each is rounded once, and the pair is the exact identity with L
+# for ln2 (k3 moves by |k| |ln2 - L| e^x <= 2e-8 of it); g of degree 5; no
+# clamp at 0 (for |x| < 1/2, k = 0 and the result is s^2 g(s) + (0 s + 0) >= 0;
+# for |x| >= 1/2, k3 >= 0.1 and the error is ~1e-7 of it). Measured against
+# `k3_vec` over 8.6M float32 r in that range (uniform, log-uniform down to
+# 2^-60, and around |r| = 1/2, (k + 1/2) ln2 and 4): 2.0e-7 relative at most.
+# A chunk holding any other r (|r| > 4, where the rounding of r alone would
+# cost |r| 2^-24; tiny r, whose square is subnormal in float32) is computed
+# again in float64 (see `_chunk_32`).
+# g: mpmath.chebyfit(g, [-1/2, 1/2], 6) (1.3e-8 absolute, g ~ 1/2, before float32 rounding).
+_G32 = tuple(np.float32(c) for c in (0.5000000121607167, 0.16666666801683436, 0.04166579123000645,
+                                     0.008333236133521863, 0.001398218604627775, 0.00019944874441589592))
 _INV_LN2_F = np.float32(_INV_LN2)
-_LN2_HI_F = np.float32(0.693145751953125)  # 16 significant bits: k * _LN2_HI_F is exact
-_LN2_LO_F = np.float32(0.6931471805599453 - 0.693145751953125)
+_LN2_F = np.float32(math.log(2.0))
 _HALF_F, _ONE_F, _ZERO_F = np.float32(0.5), np.float32(1.0), np.float32(0.0)
 _R32_MAX = 4.0
 _R32_MIN = 2.0 ** -60
@@ -322,9 +336,8 @@ def k3_32(x):
     """e^x - 1 - x for a float32 x with 2^-60 <= |x| <= 4 or x = 0 (see above); >= 0."""
     k = np.floor(x * _INV_LN2_F + _HALF_F)
     k = k if abs(x) >= _HALF_F else _ZERO_F
-    s = (x - k * _LN2_HI_F) - k * _LN2_LO_F  # exact but for the last term (Sterbenz)
-    g = _G32[6]
-    g = g * s + _G32[5]
+    s = x - k * _LN2_F
+    g = _G32[5]
     g = g * s + _G32[4]
     g = g * s + _G32[3]
     g = g * s + _G32[2]
@@ -332,23 +345,102 @@ def k3_32(x):
     g = g * s + _G32[0]
     s2g = s * s * g
     two_k = bits_float32(np.int32(np.int32(np.int32(k) + np.int32(127)) << np.int32(23)))
-    tkm1 = two_k - _ONE_F  # exact, as is tkm1 - k * _LN2_HI_F for |k| <= 6
-    c_k = (tkm1 - k * _LN2_HI_F) - k * _LN2_LO_F
-    out = two_k * s2g + (tkm1 * s + c_k)
-    return out if out > _ZERO_F else _ZERO_F
+    tkm1 = two_k - _ONE_F  # exact for |k| <= 6
+    c_k = tkm1 - k * _LN2_F
+    return two_k * s2g + (tkm1 * s + c_k)
+
+
+# ------------------------------------------------------------------ float32 sequences
+# For float32 sides each chunk is first taken in float32 at full vector width
+# (`_chunk_32`, 16 lanes): one pass reads p and q, validates them (the rules of
+# `_usable`, with sum_tol as the largest float32 below it), forms r = q - p in
+# float32 and k3_32(r) into float32 scratch, and notes in one boolean whether
+# the chunk is clean (no counters: an int64 one would halve the lanes of the
+# whole loop, and k-register pressure made even int32 ones cost); then one
+# reassociated pass (`_chunk_sum32`) sums r, r^2 and k3 from that scratch in
+# float64: each term converted, never accumulated in float32. k3 is skipped in
+# both when not asked for (compiled apart: k3buf None), |r| summed apart when asked.
+# q - p of two float32 values in float32 is their exact difference rounded once,
+# so k1 = -r and abs are within 2^-24 of their terms and k2 within 2^-23, well
+# inside the float32 bound (1e-6 of the terms), and k3's error is the single
+# rounding of r that the analysis above `k3_32` assumes. A chunk that is not
+# clean (an r outside `k3_32`'s range, q = -inf, or a bad position, which the
+# float64 pass counts and names) is taken again by the float64 passes; nothing
+# of it reached acc before.
+_R32_MAX_F, _R32_MIN_F = np.float32(_R32_MAX), np.float32(_R32_MIN)
+
+
+@_jit
+def _tol32(sum_tol):
+    """The largest float32 <= sum_tol (>= 0): x <= it in float32 iff x <= sum_tol in float64."""
+    t = np.float32(sum_tol)
+    return bits_float32(np.int32(float32_bits(t) - np.int32(1))) if np.float64(t) > sum_tol else t
 
 
 @_kernel
-def _chunk_k3_32(rbuf, k3buf, n):
-    """k3 of the chunk's n positions in float32 into k3buf; returns how many r are outside
-    `k3_32`'s range (then the caller takes `_chunk_k3`)."""
-    outside = 0
-    for j in range(n):
-        r = rbuf[j]
+def _chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf, k3buf, lo, hi):
+    """Float32 sides: r = q - p of positions lo..hi in float32 into rbuf (0 where a position
+    does not count) and k3_32(r) into k3buf (unless None). Returns whether the chunk is clean: no bad
+    position and no r that `k3_32` does not take (see above); a chunk that is not is taken
+    again by the float64 passes, which count and name what is bad. No `reassoc`: k3_32's
+    order is its algorithm; one boolean for the whole chunk, not counters, so that the loop
+    keeps 16 float32 lanes and few registers."""
+    pv, qv, pr = p_values[lo:hi], q_values[lo:hi], pre[lo:hi]
+    tol32 = _tol32(sum_tol)
+    clean = True
+    for j in range(hi - lo):
+        counted = (pr[j] != np.uint8(NULL)) if has_pre else True  # (booleans: an int64 code
+        code_ok = (pr[j] == np.uint8(OK)) if has_pre else True  # would take 64-bit lanes)
+        p = pv[j]
+        q = qv[j]
+        ok = code_ok & (p <= tol32) & (q <= tol32)  # p = -inf too: its r (+inf or NaN) is far
+        r = q - p if ok else _ZERO_F
         a = abs(r)
-        outside += (a > _R32_MAX) | ((a < _R32_MIN) & (a != 0.0))
-        k3buf[j] = np.float64(k3_32(np.float32(r)))
-    return outside
+        far = ~(a <= _R32_MAX_F) | ((a < _R32_MIN_F) & (a != _ZERO_F))  # (q = -inf: r = -inf is far)
+        clean &= ~far & (ok | ~counted)
+        rbuf[j] = r
+        if k3buf is not None:  # (None: k3 is not asked for; a compile-time branch)
+            k3buf[j] = k3_32(r)
+    return clean
+
+
+@_jit
+def _counted_ok(pre, has_pre, lo, hi):
+    """How many of positions lo..hi count (pre-status OK): all of them without `pre`."""
+    if not has_pre:
+        return hi - lo
+    n = 0
+    for j in range(lo, hi):
+        n += pre[j] == OK
+    return n
+
+
+@njit(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def _chunk_sum32(rbuf, k3buf, n, acc):
+    """Add the sums of k1, k2 and k3 of the chunk's n float32 r and k3 to acc, in float64
+    (vectorised: one fixed order for a given n)."""
+    s_r = 0.0
+    s_rr = 0.0
+    s_k3 = 0.0
+    for j in range(n):
+        r = np.float64(rbuf[j])
+        s_r += r
+        s_rr += r * r
+        if k3buf is not None:  # (as in `_chunk_32`)
+            s_k3 += np.float64(k3buf[j])
+    acc[K1] -= s_r
+    acc[K2] += 0.5 * s_rr
+    acc[K3] += s_k3
+
+
+@njit(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
+def _chunk_abs32(rbuf, n, acc):
+    """Add the sum of abs of the chunk's n float32 r to acc, in float64 (a pass of its own:
+    abs is seldom asked for, and its two conversions and adds would cost every call)."""
+    s_abs = 0.0
+    for j in range(n):
+        s_abs += abs(np.float64(rbuf[j]))
+    acc[ABS] += s_abs
 
 
 @njit(nogil=True, cache=True, error_model="numpy", fastmath=FASTMATH)
@@ -395,11 +487,17 @@ def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum
     `sums`, NaN where not ok) and status (`token_status`). The sums do not
     depend on `want_tokens` nor on how the sequences are split into blocks.
     """
-    rbuf = np.empty(CHUNK)
-    k3buf = np.zeros(CHUNK)
-    acc = np.zeros(N_SAMPLED)
+    # views that Numba does not reference-count (kernels.views): of the arguments, and of
+    # scratch that `owners` keeps alive to the end
+    offsets, pre, p_values, q_values = borrowed(offsets), borrowed(pre), borrowed(p_values), borrowed(q_values)
+    owners = (np.empty(CHUNK), np.zeros(CHUNK), np.empty(CHUNK, dtype=np.float32),
+              np.empty(CHUNK, dtype=np.float32), np.zeros(N_SAMPLED))
+    rbuf, k3buf, rbuf32, k3buf32, acc = (borrowed(owners[0]), borrowed(owners[1]), borrowed(owners[2]),
+                                         borrowed(owners[3]), borrowed(owners[4]))
     want_k3 = slots[K3] >= 0
-    k3_in_float32 = _is_float32(p_values) and _is_float32(q_values)  # (compile-time constants)
+    want_abs = slots[ABS] >= 0
+    # (compile-time constants; the sides are float32 or float64 here: `scalar_values` widens 16-bit ones)
+    in_float32 = _is_float32(p_values) and _is_float32(q_values)
     for i in range(start, stop):
         code = np.int64(seq_status[i])
         lo, hi = offsets[i], offsets[i + 1]
@@ -409,14 +507,27 @@ def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum
         if code == OK:
             for a in range(lo, hi, CHUNK):
                 b = min(a + CHUNK, hi)
+                if in_float32 and (_chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf32, k3buf32, a, b)
+                                   if want_k3 else
+                                   _chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf32, None, a, b)):
+                    count += _counted_ok(pre, has_pre, a, b)  # (a clean chunk: every counted position is ok)
+                    if want_k3:
+                        _chunk_sum32(rbuf32, k3buf32, b - a, acc)
+                    else:
+                        _chunk_sum32(rbuf32, None, b - a, acc)
+                    if want_abs:
+                        _chunk_abs32(rbuf32, b - a, acc)
+                    if want_tokens:
+                        _chunk_tokens(p_values, q_values, pre, has_pre, sum_tol, slots, rbuf32, k3buf32, a, b,
+                                      token_values, token_status)
+                    continue
                 ok_n, bad_n = _chunk_r(p_values, q_values, pre, has_pre, sum_tol, rbuf, a, b, acc)
                 count += ok_n
                 bad += bad_n
                 if bad and not want_tokens:
                     break  # the sums are lost anyway: name the first bad position
                 if want_k3:  # (a pass of its own: fused with the reads above it was slower)
-                    if not (k3_in_float32 and _chunk_k3_32(rbuf, k3buf, b - a) == 0):
-                        _chunk_k3(rbuf, k3buf, b - a)
+                    _chunk_k3(rbuf, k3buf, b - a)
                     _chunk_k3_sum(k3buf, b - a, acc)
                 if want_tokens:
                     _chunk_tokens(p_values, q_values, pre, has_pre, sum_tol, slots, rbuf, k3buf, a, b,
@@ -431,6 +542,7 @@ def sampled_sequences(offsets, seq_status, pre, has_pre, p_values, q_values, sum
         for m in range(N_SAMPLED):
             if slots[m] >= 0:
                 sums[slots[m], i] = acc[m] if code == OK else np.nan
+    owners[4][0] = 0.0  # the scratch's last use: alive until here
 
 
 @_kernel

@@ -7,6 +7,10 @@ from numba import njit
 
 from .dense import LENGTH_MISMATCH as FIRST_INVALID, NO_TOKENS, OK, TARGET_UNLISTED  # the first invalid-row code
 
+# Numba checks its on-disk cache against this file only: this digest of the kernel
+# modules imported above ties the cache to them too (tests/test_layout.py).
+INLINES_DIGEST = "f5ad337eb0d1e85c"
+
 
 @njit(nogil=True, cache=True)
 def sum_positions(offsets, seq_status, pos_status, pos_values, sums, tokens, status, first_bad):
