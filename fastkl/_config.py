@@ -42,6 +42,16 @@ GROUP_FILES = 256
 # object each); beyond, in Parquet tables beside it (fastkl.io.manifest_tables).
 MANIFEST_INLINE = 10_000
 
+# Finished parts' states (what --resume reuses) are appended by the client to
+# a log in batches (fastkl.io.state_log): written and fsync'd once at least
+# STATE_FLUSH_S seconds have passed since the last batch, or STATE_BATCH
+# records wait, and when the job stops. A kill loses at most that much
+# finished work (redone by --resume), not one file per part at 10^6 parts.
+# FASTKL_STATE_FLUSH_S=0: every state at once (the tests that kill a job at a
+# chosen part use it).
+STATE_FLUSH_S = float(os.environ.get("FASTKL_STATE_FLUSH_S", "1.0"))
+STATE_BATCH = 4096
+
 # The threads scheduler keeps at most this many tasks per worker thread
 # submitted at once (and so at most as many results waiting to be merged in
 # task order): planning, scheduling and merging stay linear in the tasks.

@@ -78,7 +78,7 @@ def _kept(staging: str | None) -> str:
 
 
 def _kept_in_store(staging: str) -> str:
-    """The same hint for a store DEST: finished parts are the state objects under its staging prefix."""
+    """The same hint for a store DEST: finished parts have their states logged under its staging prefix."""
     try:
         import pyarrow.fs as pafs
 
@@ -86,7 +86,7 @@ def _kept_in_store(staging: str) -> str:
 
         store, path = resolve(staging)
         found = store.fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        if any(f.path.rsplit("/", 1)[-1].startswith("part-") and f.path.endswith(".json") for f in found):
+        if any(f.path.rsplit("/", 1)[-1].startswith("states-") and f.path.endswith(".log") for f in found):
             return f"; finished parts kept in {staging}/ for --resume"
     except Exception:  # noqa: BLE001 - a hint, never a second error
         pass

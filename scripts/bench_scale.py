@@ -18,7 +18,8 @@ table gives the median of --rounds runs:
   merge      no data: N synthetic files of one row group each cut into N tasks
              (`cut_tasks`), N task results (a realistic kl+js summary state)
              handed to the job's ordered merge in a shuffled order within the
-             scheduler's window, the manifest's parts list built and written:
+             scheduler's window and their states logged (fastkl.io.state_log,
+             in a temporary directory), the manifest's parts built and written:
              what the client does per task, and its peak RSS
 
 For every section the fit y = a + b * N**c (least squares over the sizes)
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -153,8 +155,11 @@ def case_merge(n: int) -> dict:
 
     from fastkl._engine import compute
     from fastkl._options import Options
+    from fastkl.io.filemeta import Identity
     from fastkl.io.output import Staging
-    from fastkl.io.sources import InputFile, Unit, cut_tasks
+    from fastkl.io.plan_columns import Files
+    from fastkl.io.sources import cut_tasks
+    from fastkl.io.state_log import FinishedParts, LocalLogs
     from fastkl.jobs import run as job
     from fastkl.summary.stats import PartStats
 
@@ -166,22 +171,34 @@ def case_merge(n: int) -> dict:
     lists = pa.list_(pa.float64())
     state = PartStats.from_result(compute(pa.array(list(p), lists), pa.array(list(q), lists), ("kl", "js"),
                                           Options())).to_json()
+    state_text = json.dumps(state, separators=(",", ":"))  # as a task sends it
     base = _peak_mb()
     t0 = time.perf_counter()
-    files = [InputFile(i, f"/data/shards/shard-{i:07d}.parquet", f"/data/shards/shard-{i:07d}.parquet",
-                       "parquet", 60_000, 1_700_000_000_000_000_000 + i, (), 2049, 10_000 + i,
-                       1_700_000_000_000_000_000 + i, f"{i:032x}", None, (), 1000,
-                       (Unit(0, 0, 1000, 1 << 17),)) for i in range(n)]
-    tasks, batch_rows = cut_tasks(files, None, 1 << 17, group_files=1)
+    files = Files()  # what `scan` builds from the footers, one file at a time
+    for i in range(n):
+        path = f"/data/shards/shard-{i:07d}.parquet"
+        ident = Identity(2049, 10_000 + i, 60_000, 1_700_000_000_000_000_000 + i, 1_700_000_000_000_000_000 + i)
+        files.append(path, path, "parquet", ident, (), None, f"{i:032x}", (), [(1000, 1 << 17, 0)], None)
+    tasks = cut_tasks(files.freeze(), None, 1 << 17, group_files=1)
     t_plan = time.perf_counter()
-    merge = job._OrderedMerge({})
+    merge = job._OrderedMerge(np.zeros(n, bool), None)
+    logs_dir = tempfile.mkdtemp(prefix="fastkl-scale-states-")
+    finished = FinishedParts(LocalLogs(Path(logs_dir)), n, "job")  # the states, logged as in a job
     window = 16
     order = list(range(n))
     for a in range(0, n, window):  # results arrive shuffled within the scheduler's window
         chunk = order[a:a + window]
         random.Random(a).shuffle(chunk)
         for i in chunk:
-            merge.add({"index": i, "rows": 1000, "stats": state, "seconds": 0.01})
+            result = {"index": i, "rows": 1000, "stats": state, "stats_text": state_text, "seconds": 0.01,
+                      "state": {"fingerprint": f"{i:032x}", "batch_rows": 131072, "rows": 1000,
+                                "part_size": 20_000, "part_inode": 10_000 + i, "part_mtime_ns": 1_700_000_000_000_000_000 + i}}
+            finished.add(i, result["state"], result["stats_text"])
+            merge.add(result)
+    finished.flush()
+    log_bytes = sum(os.path.getsize(os.path.join(logs_dir, f)) for f in os.listdir(logs_dir))
+    finished.close()
+    shutil.rmtree(logs_dir, ignore_errors=True)
     merge.drain(n)
     t_merge = time.perf_counter()
 
@@ -189,14 +206,12 @@ def case_merge(n: int) -> dict:
     staging.width = max(6, len(str(n - 1)))
     out = tempfile.mkdtemp(prefix="fastkl-scale-manifest-")
     try:  # the manifest as the job writes it: inline up to MANIFEST_INLINE parts, else Parquet tables
-        from pathlib import Path
-
         from fastkl._config import MANIFEST_INLINE
         from fastkl.io import manifest_tables as mt
 
         head = {"summary": merge.merged.to_json()}
         if n > MANIFEST_INLINE:
-            inputs, parts = mt.inputs_table(files), mt.parts_table(tasks, staging.part_name)
+            inputs, parts = mt.inputs_table(files), mt.parts_table(tasks, staging.width)
             head["plan_digest"] = mt.digest(inputs, parts)
             mt.write(Path(out), inputs, parts.append_column("resumed", pa.array(np.zeros(n, bool))))
             head["parts"] = {"table": mt.PARTS_TABLE, "count": n}
@@ -217,7 +232,7 @@ def case_merge(n: int) -> dict:
     assert merge.merged.rows == 1000 * n
     return {"wall_s": t_end - t0, "plan_s": t_plan - t0, "merge_s": t_merge - t_plan,
             "manifest_s": t_end - t_merge, "tasks": len(tasks), "rss_mb": _peak_mb(), "rss_before_mb": base,
-            "manifest_bytes": size}
+            "manifest_bytes": size, "state_log_bytes": log_bytes}
 
 
 def child(section: str, n: int, data: str) -> None:

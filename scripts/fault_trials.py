@@ -10,10 +10,12 @@ Kinds (tests/test_faults.py runs a few of each in the test suite):
 kills      `fastkl run` SIGKILLed at random moments (threads and processes
            schedulers): DEST must be absent or complete and identical to a
            clean run; `--resume` must finish it, identical (parts and
-           summary), without rewriting any part that a state file vouched for.
+           summary), without rewriting any part whose logged state vouched
+           for it (states batched as by default: about a second per batch).
 steps      a SIGKILL just before / after every file-system step of a job
-           (each os.replace, os.rename, rmtree of the commit protocol), then
-           --resume, same checks.
+           (each os.replace, os.rename, rmtree of the commit protocol, each
+           fsync of the state log, one state per batch), then --resume, same
+           checks.
 disk       a full disk (ENOSPC injected at each write step; a real EFBIG from
            RLIMIT_FSIZE at several sizes): exit 1 with one line, nothing
            partial in DEST, no temporaries left, --resume identical.
@@ -58,7 +60,7 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-sys.path.insert(0, str(TESTS))
+sys.path[:0] = [str(ROOT), str(TESTS)]  # the fastkl of this tree (not an installed one), and the tests' helpers
 import parquet_surgery as surgery  # noqa: E402
 
 PY = sys.executable
@@ -163,12 +165,14 @@ def summary_of(dest: Path) -> dict:
 
 
 def vouched(staging: Path) -> dict:
-    """Finished parts (with a state file): name -> (inode, mtime_ns)."""
+    """Finished parts (their states logged, fastkl.io.state_log): name -> (inode, mtime_ns)."""
+    from fastkl.io.state_log import read_local
+
     out = {}
     st = staging / "_state"
     if staging.is_dir() and st.is_dir():
-        for f in st.glob("part-*.json"):
-            part = staging / (f.stem + ".parquet")
+        for state in read_local(st).values():
+            part = staging / f"part-{state['index']:06d}.parquet"
             if part.is_file():
                 s = part.stat()
                 out[part.name] = (s.st_ino, s.st_mtime_ns)
@@ -290,13 +294,17 @@ def steps(work: Path) -> dict:
     clean = Clean(src, work / "steps-clean", args)
     n_tasks = len(clean.parts)
     faults = []
-    for op, count in (("replace", 2 * n_tasks + 2), ("rename", 1), ("rmtree", 1), ("write_batch", 2)):
+    # os.replace: the job's mark, each part, the manifest; fsync: the state log's directory, then
+    # each state (FASTKL_STATE_FLUSH_S=0: one batch per finished part, so every log write is a step)
+    for op, count in (("replace", n_tasks + 2), ("fsync", n_tasks + 1), ("rename", 1), ("rmtree", 1),
+                      ("write_batch", 2)):
         for i in range(1, count + 1):
             faults += [f"kill-before:{op}:{i}", f"kill-after:{op}:{i}"]
     rows = []
     for j, fault in enumerate(faults):
         dest = work / f"step-{j}"
-        r = guarded([PY, str(TESTS / "faultinject.py"), fault, "--", "run", str(src), str(dest), *args])
+        r = guarded([PY, str(TESTS / "faultinject.py"), fault, "--", "run", str(src), str(dest), *args],
+                    env={"FASTKL_STATE_FLUSH_S": "0"})
         fired = r["code"] == -signal.SIGKILL
         state, problems = check_after_fault(clean, dest, [])
         rows.append({"fault": fault, "fired": fired, "state": state, "problems": problems})
@@ -319,9 +327,9 @@ def disk(work: Path) -> dict:
     n_tasks = len(clean.parts)
     rows = []
 
-    def one(label, cmd, preexec=None):
+    def one(label, cmd, preexec=None, env=None):
         dest = Path(cmd[cmd.index("run") + 2])
-        r = guarded(cmd, preexec_fn=preexec)
+        r = guarded(cmd, preexec_fn=preexec, env=env)
         line = _one_line(r["stderr"])
         problems = []
         if r["code"] != 1 or line is None:
@@ -337,11 +345,11 @@ def disk(work: Path) -> dict:
         rows.append({"fault": label, "message": (line or "")[:110], "state": state, "problems": problems + more})
         shutil.rmtree(dest, ignore_errors=True)
 
-    for op, count in (("write_batch", n_tasks), ("replace", 2 * n_tasks + 2), ("rename", 1)):
+    for op, count in (("write_batch", n_tasks), ("replace", n_tasks + 2), ("fsync", n_tasks + 1), ("rename", 1)):
         for i in range(1, count + 1):
             dest = work / f"disk-{op}-{i}"
             one(f"ENOSPC at {op} #{i}", [PY, str(TESTS / "faultinject.py"), f"fail:{op}:{i}:{errno.ENOSPC}", "--",
-                                       "run", str(src), str(dest), *args])
+                                       "run", str(src), str(dest), *args], env={"FASTKL_STATE_FLUSH_S": "0"})
 
     def fsize(limit):
         def f():

@@ -7,7 +7,8 @@ a file-system operation, in this process::
     python tests/faultinject.py fail:write_batch:2:28 -- run SRC DEST -q    # ENOSPC
 
 Operations: replace (os.replace), rename (os.rename), rmtree (shutil.rmtree),
-write_batch (pyarrow.parquet.ParquetWriter.write_batch), mkdir (Path.mkdir).
+write_batch (pyarrow.parquet.ParquetWriter.write_batch), mkdir (Path.mkdir),
+fsync (os.fsync: the finished parts' state log, fastkl.io.state_log).
 Actions: kill-before / kill-after (SIGKILL this process just before / after
 the call: nothing of Python's cleanup runs, as with `kill -9` or a lost
 machine) and fail (raise OSError with that errno instead of the call: a full
@@ -50,6 +51,7 @@ def install(spec: str) -> None:
         "rmtree": (shutil, "rmtree"),
         "write_batch": (pq.ParquetWriter, "write_batch"),
         "mkdir": (Path, "mkdir"),
+        "fsync": (os, "fsync"),
     }
     owner, name = targets[op]
     real = getattr(owner, name)

@@ -39,6 +39,7 @@ JOB = ["--keep", "id", "--task-rows", "6", "-q"]  # 2 shards of 40 and 45 rows, 
 def _env() -> dict:
     e = dict(os.environ)
     e["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), e.get("PYTHONPATH", "")])
+    e.setdefault("FASTKL_STATE_FLUSH_S", "0")  # each finished part's state logged at once
     return e
 
 
@@ -51,18 +52,18 @@ def start(*args, stop_after_parts: int | None = None) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 
 
-# Stops the job right after its n-th finished part (part and state in place, the
+# Stops the job right after its n-th finished part (part in place, its state logged, the
 # lock held): a job caught mid-run, deterministically, for the others to meet.
 _STOPPER = """
 import os, signal, sys
-import fastkl.io.output as out
-real, n, count = out.Staging.finish_part, int(sys.argv[1]), [0]
-def finish_part(self, *a, **k):
+import fastkl.io.state_log as log
+real, n, count = log.FinishedParts.add, int(sys.argv[1]), [0]
+def add(self, *a, **k):
     real(self, *a, **k)
     count[0] += 1
     if count[0] == n:
         os.kill(os.getpid(), signal.SIGSTOP)
-out.Staging.finish_part = finish_part
+log.FinishedParts.add = add
 from fastkl.cli import main
 main(sys.argv[2:], prog_name="fastkl")
 """

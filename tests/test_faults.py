@@ -44,6 +44,7 @@ import faultinject
 import naive
 import parquet_surgery as surgery
 from fastkl.io.output import MANIFEST, staging_path
+from fastkl.io.state_log import encode, read_local
 from test_bad_rows import mess_up
 from test_jobs import _bytes_of_parts, _rows, read_dest, summary_stats, write_dataset
 
@@ -64,6 +65,7 @@ def cli(*args, env=None, timeout=60, fault=()):
     else:
         cmd = [sys.executable, "-m", "fastkl.cli", *map(str, args)]
     e = dict(os.environ, **(env or {}))
+    e.setdefault("FASTKL_STATE_FLUSH_S", "0")  # every finished part's state logged at once: kills land on a known part
     e["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), e.get("PYTHONPATH", "")])
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
     return r.returncode, r.stderr
@@ -92,12 +94,12 @@ def listing(root) -> list[str]:
 
 
 def finished_parts(staging: Path) -> dict[str, tuple[int, int]]:
-    """Parts that a state file vouches for (what --resume must not redo): name -> (inode, mtime)."""
+    """Parts that a logged state vouches for (what --resume must not redo): name -> (inode, mtime)."""
     out = {}
     if not staging.is_dir() or not (staging / "_state").is_dir():
         return out
-    for f in (staging / "_state").glob("part-*.json"):
-        part = staging / (f.stem + ".parquet")
+    for state in read_local(staging / "_state").values():
+        part = staging / state["part"] if "part" in state else staging / f"part-{state['index']:06d}.parquet"
         if part.is_file():
             s = part.stat()
             out[part.name] = (s.st_ino, s.st_mtime_ns)
@@ -159,14 +161,16 @@ def test_sigkill_at_random_moments_then_resume(tmp_path, dataset):
 
 
 # (fault, what the kill interrupts); sync scheduler: 16 tasks, each one os.replace
-# for its part and one for its state; os.replace #1 is the job's own mark, #34 the manifest.
+# for its part, its state then logged (one fsync each, FASTKL_STATE_FLUSH_S=0); os.replace #1
+# is the job's own mark, #18 the manifest.
 COMMIT_STEPS = [
     ("kill-after:mkdir:2", "creating the staging directory"),
     ("kill-before:replace:1", "before the staging directory is marked"),
     ("kill-after:replace:2", "a part renamed into place, its state not yet written"),
-    ("kill-after:replace:9", "four parts and their states finished"),
+    ("kill-after:replace:6", "four parts and their states finished"),
+    ("kill-before:fsync:3", "a state written to the log, not yet synced"),
     ("kill-before:write_batch:12", "in the middle of writing a part"),
-    ("kill-after:replace:34", "the manifest written into staging"),
+    ("kill-after:replace:18", "the manifest written into staging"),
     ("kill-after:rmtree:1", "the state removed, the rename not done"),
     ("kill-after:rename:1", "right after the commit's rename"),
 ]
@@ -184,6 +188,50 @@ def test_sigkill_at_each_step_then_resume(tmp_path, dataset, fault, moment):
     if moment == "four parts and their states finished":
         assert len(before) == 4
     resume_and_check(source, dest, clean, before, scheduler="sync")
+
+
+def _log_of(staging: Path) -> Path:
+    (log,) = sorted((staging / "_state").glob("states-*.log"))
+    return log
+
+
+def test_a_torn_or_damaged_state_record_is_never_trusted(tmp_path, dataset):
+    """The state log after a kill: a record torn at its end, or damaged in its middle, is dropped
+    with everything after it in that log; those parts are redone, the output is the clean one."""
+    source, _, clean = dataset
+    dest = tmp_path / "out"
+    code, _ = cli("run", source, dest, *JOB, "--scheduler", "sync", fault=["kill-after:replace:6"])
+    assert code == -signal.SIGKILL
+    staging = staging_path(dest)
+    log = _log_of(staging)
+    states = read_local(staging / "_state")
+    assert sorted(states) == [0, 1, 2, 3]
+    forged = encode(dict(states[3], index=4))  # a state for part 4 (renamed in place, not logged) ...
+    with open(log, "ab") as f:
+        f.write(forged[:-7])  # ... torn by a kill in the middle of its write
+    assert sorted(read_local(staging / "_state")) == [0, 1, 2, 3]
+    lines = log.read_bytes().splitlines(keepends=True)
+    damaged = bytearray(lines[2])
+    damaged[20] ^= 1  # a flipped bit in record 2: it and what follows in its log are not trusted
+    log.write_bytes(b"".join(lines[:2]) + bytes(damaged) + b"".join(lines[3:]))
+    assert sorted(read_local(staging / "_state")) == [0, 1]
+    resume_and_check(source, dest, clean, finished_parts(staging))
+    parts = json.loads((dest / MANIFEST).read_text())["parts"]
+    assert [p["resumed"] for p in parts[:6]] == [True, True, False, False, False, False]
+
+
+def test_states_waiting_for_their_batch_are_redone_after_a_kill(tmp_path, dataset):
+    """By default states are logged in batches (about one a second): a kill loses those still
+    waiting; --resume redoes their parts (finished, renamed in place, but not vouched for)."""
+    source, _, clean = dataset
+    dest = tmp_path / "out"
+    code, _ = cli("run", source, dest, *JOB, "--scheduler", "sync", fault=["kill-after:replace:6"],
+                  env={"FASTKL_STATE_FLUSH_S": "600"})
+    assert code == -signal.SIGKILL
+    staging = staging_path(dest)
+    assert len(list(staging.glob("part-*.parquet"))) == 5 and finished_parts(staging) == {}
+    resume_and_check(source, dest, clean, {})
+    assert not any(p["resumed"] for p in json.loads((dest / MANIFEST).read_text())["parts"])
 
 
 def test_sigkill_between_the_renames_of_an_overwrite(tmp_path, dataset):
@@ -301,9 +349,9 @@ def test_no_worker_left_fails_in_bounded_time(tmp_path, dataset, monkeypatch):
 # 3. exceptions while writing
 
 
-@pytest.mark.parametrize("op, nth", [("write_batch", 5), ("replace", 7), ("replace", 34), ("rename", 1)])
+@pytest.mark.parametrize("op, nth", [("write_batch", 5), ("replace", 7), ("fsync", 4), ("replace", 18), ("rename", 1)])
 def test_disk_full_leaves_nothing_partial(tmp_path, dataset, monkeypatch, op, nth):
-    """ENOSPC at a part's write, a part's or state's rename, the manifest, the commit."""
+    """ENOSPC at a part's write, a part's rename, a state's log write, the manifest, the commit."""
     source, _, clean = dataset
     dest = tmp_path / "out"
     code, err = cli("run", source, dest, *JOB, "--scheduler", "sync", fault=[f"fail:{op}:{nth}:{errno.ENOSPC}"])
@@ -679,14 +727,14 @@ def test_writing_never_follows_a_planted_symlink(tmp_path, dataset):
 
     # 1. an earlier, killed job's staging directory with links planted in it
     dest = tmp_path / "out"
-    code, _ = cli("run", source, dest, *JOB, "--scheduler", "sync", fault=["kill-after:replace:9"])
+    code, _ = cli("run", source, dest, *JOB, "--scheduler", "sync", fault=["kill-after:replace:6"])
     assert code == -signal.SIGKILL
     staging = staging_path(dest)
     os.remove(staging / "part-000002.parquet")
     (staging / "part-000002.parquet").symlink_to(victim)  # a finished part replaced by a link ...
-    state = json.loads((staging / "_state" / "part-000002.json").read_text())
-    state["part_size"] = victim.stat().st_size  # ... that its forged state vouches for
-    (staging / "_state" / "part-000002.json").write_text(json.dumps(state))
+    state = read_local(staging / "_state")[2]
+    state["part_size"] = victim.stat().st_size  # ... that a forged state, logged last, vouches for
+    (staging / "_state" / "states-000009.log").write_bytes(encode(state))
     (staging / "part-000007.parquet").symlink_to(victim)  # a part not yet written
     (staging / "evil").symlink_to(outside, target_is_directory=True)
     (staging / ".part-000008.parquet.x.tmp").symlink_to(victim)

@@ -61,7 +61,8 @@ def _ipc_dataset(root, rng, *, files=3, rows=ROWS, batch=2):
 
 def _cli(source, dest, *extra):
     cmd = [sys.executable, "-m", "fastkl.cli", "run", str(source), str(dest), "--keep", "id", "--quiet", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, FASTKL_STATE_FLUSH_S="0")  # each finished part's state logged at once: a kill keeps it
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _finished_parts(dest):

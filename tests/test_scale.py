@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -197,3 +198,66 @@ def test_grouped_tasks_on_worker_processes(tmp_path):
     assert _table(tmp_path / "grp").equals(_table(tmp_path / "one"))
     assert _summary(grouped) == _summary(one)
     assert len(json.loads((tmp_path / "grp" / MANIFEST).read_text())["parts"]) == 6
+
+
+def test_part_names_of_the_manifest_table_are_the_staging_names():
+    """The parts table's names are built as one buffer: they must be exactly `Staging.part_name`'s."""
+    from fastkl.io import manifest_tables as mt
+    from fastkl.io.output import Staging
+
+    for n in (1, 12, 1_000_001):
+        staging = Staging(Path("/nowhere"), n)
+        names = mt.part_names(n, staging.width)
+        assert len(names) == n
+        for i in {0, min(1, n - 1), n // 2, n - 1}:
+            assert names[i].as_py() == staging.part_name(i)
+
+
+def test_a_plan_of_columns_builds_the_tasks_of_its_rows(tmp_path):
+    """Tasks built on demand from the plan's columns cover every row once, in order, grouped or cut."""
+    from fastkl.io.sources import scan
+
+    src = _tiny_files(tmp_path / "src", 7, rows=40)
+    pq.write_table(pq.read_table(os.path.join(src, "f0003.parquet")), os.path.join(src, "f0003.parquet"),
+                   row_group_size=4)
+    for kw in (dict(task_rows=12), dict(task_rows=100, group_files=3)):
+        plan, _ = scan(src, p="p", q="q", keep=["id"], **kw)
+        seen = []
+        for t in plan.tasks:
+            for piece in t.pieces():
+                assert piece.rows == sum(u.rows for u in piece.units)
+                seen.append((piece.file.index, piece.row_start, piece.rows))
+        assert sum(r for _, _, r in seen) == plan.rows == 280
+        ends = {}
+        for f, start, rows in seen:
+            assert ends.get(f, 0) == start
+            ends[f] = start + rows
+        assert plan.tasks.grouped == (sum(1 for t in plan.tasks if t.group))
+
+
+def test_a_plan_of_columns_keeps_each_objects_etag():
+    """An S3 object's ETag (what its reads are pinned to) goes from planning through the plan's
+    columns to its InputFile, its tasks' FileRef and fingerprints, and the manifest's inputs table;
+    files without one (local, other stores) have no "etag" in either."""
+    from fastkl.io import manifest_tables as mt
+    from fastkl.io.filemeta import Identity
+    from fastkl.io.plan_columns import Files
+    from fastkl.io.sources import cut_tasks
+
+    def files(etags):
+        fs = Files()
+        for i, e in enumerate(etags):
+            fs.append(f"b/k{i}.parquet", f"s3://b/k{i}.parquet", "parquet", Identity(0, 0, 100, 5, 0, e), (),
+                      None, "d", (), [(10, 80, 0)], None)
+        return fs.freeze()
+
+    fs = files(["e0", "", "e2"])
+    assert [f.etag for f in fs] == ["e0", "", "e2"]
+    tasks = cut_tasks(fs, None, None, group_files=1)
+    assert [t.file.etag for t in tasks] == ["e0", "", "e2"]
+    assert [t.fingerprint().get("etag") for t in tasks] == ["e0", None, "e2"]
+    assert [t.file.identity().etag for t in tasks] == ["e0", "", "e2"]
+    assert mt.inputs_table(fs).column("etag").to_pylist() == ["e0", "", "e2"]
+    assert "etag" not in mt.inputs_table(files(["", ""])).column_names
+    grouped = cut_tasks(fs, None, None, group_files=3)
+    assert len(grouped) == 1 and [p.file.etag for p in grouped[0].pieces()] == ["e0", "", "e2"]

@@ -152,6 +152,41 @@ def test_s3_to_s3_equals_local_to_local(tmp_path, shards, bucket):
     assert pads.dataset(f"{bucket}/out", filesystem=s3fs(), format="parquet").count_rows() == table.num_rows
 
 
+def test_a_large_manifest_on_a_store_keeps_its_parts_in_tables(tmp_path, shards, bucket, monkeypatch):
+    """Above MANIFEST_INLINE parts a store DEST gets the Parquet tables too, copied beside its manifest;
+    an --overwrite with an inline manifest removes them."""
+    import fastkl.jobs.run as job
+    from fastkl.io import manifest_tables as mt
+
+    local, _ = shards
+    src = upload(local, bucket)
+    ref, ref_manifest, ref_names = local_reference(tmp_path, local, "--task-rows", "10")
+    monkeypatch.setattr(job, "MANIFEST_INLINE", 3)
+    dest = f"s3://{bucket}/out"
+    fastkl.run(src, dest, keep=("id",), measures=("kl", "js"), task_rows=10, quiet=True)
+    m = json.loads(s3fs().open_input_stream(f"{bucket}/out/{MANIFEST}").read())
+    assert m["parts"] == {"table": mt.PARTS_TABLE, "count": len(ref_names)}
+    parts = mt.read_parts(dest, m)
+    assert parts.column("file").to_pylist() == ref_names == mt.part_files(m)
+    assert parts.column("rows").to_pylist() == [p["rows"] for p in ref_manifest["parts"]]
+    assert mt.read_inputs(dest, m).column("path").to_pylist() == [f["path"] for f in m_inputs(src)]
+    # the ETags planned from (what every read was pinned to), as an inline manifest lists them
+    etags = mt.read_inputs(dest, m, columns=["etag"]).column("etag").to_pylist()
+    assert etags == [f["etag"] for f in m_inputs(src)] and all(etags)
+    assert visible(bucket, "out") == [f"out/{n}" for n in ref_names] and read_store(bucket, "out").equals(ref)
+    assert_clean(bucket, "out")
+    monkeypatch.setattr(job, "MANIFEST_INLINE", 10_000)
+    fastkl.run(src, dest, keep=("id",), measures=("kl", "js"), task_rows=10, quiet=True, overwrite=True)
+    assert not [k for k in keys(bucket, "out") if "_fastkl_" in k and k.endswith(".parquet")]
+
+
+def m_inputs(src):
+    """The inputs a job of `src` lists (an inline manifest's form)."""
+    from fastkl.io.sources import scan
+
+    return [f.to_dict() for f in scan(src, p="p", q="q", keep=("id",))[0].files]
+
+
 def test_globs_and_single_objects_read_the_same_files(tmp_path, shards, bucket):
     local, _ = shards
     src = upload(local, bucket)
@@ -377,18 +412,32 @@ def test_sigkill_during_the_commit_then_resume_or_clean(tmp_path, shards, bucket
     assert_clean(bucket, "out")
 
 
+def logged_states(bucket, prefix) -> set[int]:
+    """The parts whose states a job logged under its staging prefix (batch objects states-*.log)."""
+    import io
+
+    from fastkl.io.state_log import decode
+
+    found = set()
+    for k in keys(bucket, prefix):
+        if k.rsplit("/", 1)[1].startswith("states-"):
+            data = s3fs().open_input_stream(f"{bucket}/{k}").read()
+            found |= {rec["index"] for _, _, rec in decode(io.BytesIO(data))}
+    return found
+
+
 def test_resume_reuses_the_staged_parts(shards, bucket):
     local, _ = shards
     src = upload(local, bucket)
     dest = f"s3://{bucket}/out"
-    env = dict(os.environ, FASTKL_CLAIM_STALE_S="2")
+    env = dict(os.environ, FASTKL_CLAIM_STALE_S="2", FASTKL_STATE_FLUSH_S="0")  # a batch object per state
     p = _start([src, dest, "--task-rows", "5", "--workers", "1", *JOB], env)
     deadline = time.time() + 60
-    while time.time() < deadline and sum(k.endswith(".json") and "part-" in k for k in keys(bucket, "out")) < 4:
+    while time.time() < deadline and len(logged_states(bucket, "out")) < 4:
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    staged = sum(k.endswith(".json") and "part-" in k for k in keys(bucket, "out"))
+    staged = len(logged_states(bucket, "out"))
     assert staged >= 4
     s = fastkl.run(src, dest, keep=("id",), measures=("kl", "js"), task_rows=5, workers=1, resume=True,
                    quiet=True)
@@ -446,7 +495,7 @@ def _job_with_a_worker_killed(client, src, bucket, ref, names) -> bool:
     def kill_when_parts_start():
         deadline = time.time() + 60
         while time.time() < deadline:
-            if sum(k.endswith(".json") and "part-" in k for k in keys(bucket, "killed")) >= 2:
+            if sum(k.endswith(".parquet") and "part-" in k for k in keys(bucket, "killed")) >= 2:  # staged uploads
                 os.kill(victim, signal.SIGKILL)
                 killed.append(victim)
                 return
@@ -777,7 +826,7 @@ def test_a_job_whose_claim_was_taken_does_not_commit(shards, bucket):
     t = threading.Thread(target=job)
     t.start()
     deadline = time.time() + 60
-    while time.time() < deadline and not any("part-" in k and k.endswith(".json") for k in keys(bucket, "out")):
+    while time.time() < deadline and not any("part-" in k and k.endswith(".parquet") for k in keys(bucket, "out")):
         time.sleep(0.01)
     with s3fs().open_output_stream(f"{bucket}/out/{CLAIM}") as f:
         f.write(json.dumps({"pid": 1, "host": "elsewhere", "job_id": "intruder", "token": "x"}).encode())

@@ -17,45 +17,66 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from .plan_columns import Files, Tasks
 
 INPUTS_TABLE = "_fastkl_inputs.parquet"
 PARTS_TABLE = "_fastkl_parts.parquet"
 ROW_GROUP = 1 << 16  # rows per row group: a reader takes a slice without the rest
 
 
-def inputs_table(files: Sequence) -> pa.Table:
-    """The `inputs` of the manifest (InputFile.to_dict, one row per file) as columns."""
-    etags = {"etag": pa.array([f.etag for f in files], pa.string())} if any(f.etag for f in files) else {}
+def inputs_table(files: "Files") -> pa.Table:
+    """The `inputs` of the manifest (InputFile.to_dict, one row per file), from the plan's columns;
+    an "etag" column (after "footer") when an input is a pinned S3 object (the version planned from)."""
+    etags = {"etag": files.etag.arrow()} if files.has_etags() else {}
     return pa.table({
-        "path": pa.array([f.display if f.store is not None else f.path for f in files], pa.string()),
-        "format": pa.array([f.fmt for f in files], pa.string()),
-        "size": pa.array([f.size for f in files], pa.int64()),
-        "mtime_ns": pa.array([f.mtime_ns for f in files], pa.int64()),
-        "inode": pa.array([f.ino for f in files], pa.int64()),
-        "ctime_ns": pa.array([f.ctime_ns for f in files], pa.int64()),
-        "footer": pa.array([f.footer for f in files], pa.string()),
+        "path": files.arrow("path"),
+        "format": files.arrow("format"),
+        "size": files.arrow("size"),
+        "mtime_ns": files.arrow("mtime_ns"),
+        "inode": files.arrow("ino"),
+        "ctime_ns": files.arrow("ctime_ns"),
+        "footer": files.footer.arrow(),
         **etags,  # S3 objects (the version planned from)
-        "rows": pa.array([f.rows for f in files], pa.int64()),
-        "units": pa.array([len(f.units) for f in files], pa.int32()),
+        "rows": files.arrow("rows"),
+        "units": pa.array(np.diff(files.unit_start).astype(np.int32)),
     })
 
 
-def parts_table(tasks: Sequence, part_name: Callable[[int], str]) -> pa.Table:
+def part_names(n: int, width: int) -> pa.Array:
+    """"part-000000.parquet" ... for n parts, built as one buffer (no Python string per part)."""
+    digits = max(width, len(str(max(n - 1, 0))))
+    size = 5 + digits + 8
+    chars = np.empty((n, size), np.uint8)
+    chars[:, :5] = np.frombuffer(b"part-", np.uint8)
+    chars[:, 5 + digits:] = np.frombuffer(b".parquet", np.uint8)
+    rest = np.arange(n, dtype=np.int64)
+    for k in range(5 + digits - 1, 4, -1):  # decimal digits, last first
+        chars[:, k] = ord("0") + rest % 10
+        rest //= 10
+    offsets = np.arange(0, (n + 1) * size, size, dtype=np.int32)
+    return pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(chars))
+
+
+def parts_table(tasks: "Tasks", width: int) -> pa.Table:
     """The `parts` of the manifest as columns: part file, first input file (and last, for a part of
     grouped files), first row in it, rows, first and last row group / record batch (one file)."""
+    first, last = tasks.first_piece[:-1], tasks.first_piece[1:] - 1
+    p = tasks.pieces
     return pa.table({
-        "file": pa.array([part_name(t.index) for t in tasks], pa.string()),
-        "input": pa.array([t.file.index for t in tasks], pa.int64()),
-        "input_last": pa.array([t.group[-1].file.index if t.group else t.file.index for t in tasks], pa.int64()),
-        "row_start": pa.array([t.row_start for t in tasks], pa.int64()),
-        "rows": pa.array([t.rows for t in tasks], pa.int64()),
-        "unit_first": pa.array([t.units[0].index for t in tasks], pa.int64()),
-        "unit_last": pa.array([t.group[-1].units[-1].index if t.group else t.units[-1].index for t in tasks],
-                              pa.int64()),
+        "file": part_names(len(tasks), width),
+        "input": pa.array(p["file"][first]),
+        "input_last": pa.array(p["file"][last]),
+        "row_start": pa.array(p["row_start"][first]),
+        "rows": pa.array(tasks.rows),
+        "unit_first": pa.array(p["unit_first"][first]),
+        "unit_last": pa.array(p["unit_last"][last]),
     })
 
 
@@ -73,25 +94,59 @@ def digest(*tables: pa.Table) -> str:
     return h.hexdigest()
 
 
-def write(root: Path, inputs: pa.Table, parts: pa.Table) -> None:
+def write(root: Path | str, inputs: pa.Table, parts: pa.Table, filesystem=None, open_output=None) -> None:
+    """Both tables into the staging directory (tmp + rename), or under a store's staging prefix
+    (`open_output(path)`: a file whose upload is whole or absent, on S3 one PUT if small; else
+    `filesystem`'s output stream)."""
     for name, t in ((INPUTS_TABLE, inputs), (PARTS_TABLE, parts)):
-        tmp = root / f".{name}.tmp"
+        if open_output is not None:
+            out = open_output(f"{root}/{name}")
+            pq.write_table(t, out, compression="zstd", row_group_size=ROW_GROUP)
+            out.close()  # uploaded now, if the writer did not close it
+            continue
+        if filesystem is not None:
+            pq.write_table(t, f"{root}/{name}", compression="zstd", row_group_size=ROW_GROUP, filesystem=filesystem)
+            continue
+        tmp = Path(root) / f".{name}.tmp"
         pq.write_table(t, tmp, compression="zstd", row_group_size=ROW_GROUP)
-        os.replace(tmp, root / name)
+        os.replace(tmp, Path(root) / name)
 
 
-def _read(dest: str | os.PathLike, manifest: dict, key: str, name: str, columns=None) -> pa.Table:
+def part_files(manifest: dict) -> list[str]:
+    """The part files a manifest names, inline or counted (the names of a table's "file" column)."""
+    parts = manifest["parts"]
+    if isinstance(parts, list):
+        return [p["file"] for p in parts]
+    n = parts["count"]
+    return part_names(n, max(6, len(str(max(n - 1, 0))))).to_pylist()
+
+
+def _open(dest, name: str, storage_options: dict | None = None):
+    """A table of DEST: a local path, or (a store URL) a file of the store's filesystem."""
+    from .stores import is_store_url, resolve
+
+    if isinstance(dest, str) and is_store_url(dest):
+        store, path = resolve(dest, storage_options)
+        return store.fs.open_input_file(f"{path.rstrip('/')}/{name}")
+    return Path(dest) / name
+
+
+def _read(dest: str | os.PathLike, manifest: dict, key: str, name: str, columns=None,
+          storage_options: dict | None = None) -> pa.Table:
     value = manifest.get(key)
     if isinstance(value, list):
         return pa.Table.from_pylist(value).select(columns) if columns else pa.Table.from_pylist(value)
-    return pq.read_table(Path(dest) / (value or {}).get("table", name), columns=columns)
+    return pq.read_table(_open(dest, (value or {}).get("table", name), storage_options), columns=columns)
 
 
-def read_parts(dest: str | os.PathLike, manifest: dict, columns=None) -> pa.Table:
-    """DEST's parts (from the manifest `manifest` read from DEST), inline or in their table."""
-    return _read(dest, manifest, "parts", PARTS_TABLE, columns)
+def read_parts(dest: str | os.PathLike, manifest: dict, columns=None, storage_options: dict | None = None) -> pa.Table:
+    """DEST's parts (from the manifest `manifest` read from DEST), inline or in their table.
+    A large table need not be read whole: `pq.ParquetFile(DEST/_fastkl_parts.parquet)` reads
+    row groups of ROW_GROUP parts (and only the columns asked for)."""
+    return _read(dest, manifest, "parts", PARTS_TABLE, columns, storage_options)
 
 
-def read_inputs(dest: str | os.PathLike, manifest: dict, columns=None) -> pa.Table:
-    """DEST's input files (from its manifest), inline or in their table."""
-    return _read(dest, manifest, "inputs", INPUTS_TABLE, columns)
+def read_inputs(dest: str | os.PathLike, manifest: dict, columns=None,
+                storage_options: dict | None = None) -> pa.Table:
+    """DEST's input files (from its manifest), inline or in their table (DEST a path or a store URL)."""
+    return _read(dest, manifest, "inputs", INPUTS_TABLE, columns, storage_options)

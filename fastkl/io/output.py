@@ -6,8 +6,9 @@ Layout while a job runs::
     DEST.fastkl-staging/
         part-000000.parquet          finished parts, final names
         _state/job.json              marks the directory as fastkl's: the job's id and fingerprint
-        _state/part-000000.json      per finished part: job id, input fingerprint, rows, the part
-                                     file's size / inode / mtime, stats
+        _state/states-000001.log     the finished parts' states, appended by the client in batches
+                                     (fastkl.io.state_log): job id, input fingerprint, rows, the
+                                     part file's size / inode / mtime, stats
 
 DEST is exclusive: a job takes `DestLock` before it looks at DEST or touches
 the staging directory and holds it until it has committed or given up. The
@@ -20,11 +21,11 @@ rename the job checks that the lock file is still the one it holds.
 Every job has a random id, kept in `_state/job.json`; `--resume` adopts the
 id of the staged attempt only if that attempt's fingerprint is its own, and
 otherwise starts a fresh staging directory. A part is written to a unique
-temporary name and renamed into place, then its state file is written (also
-tmp + rename), naming the job's id and the part file's size, inode and
-mtime: a part without its state file, or whose state names another job or
-another file (a part renamed over it by another process), is never accepted,
-neither by `--resume` nor by the commit, which checks every part again.
+temporary name and renamed into place by its task, then the client logs its
+state, naming the job's id and the part file's size, inode and mtime: a part
+without a logged state, or whose state names another job or another file (a
+part renamed over it by another process), is never accepted, neither by
+`--resume` nor by the commit, which checks every part again.
 
 The commit writes `_fastkl.json`, drops `_state/` and renames the staging
 directory to DEST in one step, so DEST either does not exist or holds the
@@ -70,6 +71,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..errors import DataError, DestTakenError, FastKLWarning, OptionError
+from .state_log import FinishedParts, LocalLogs
 
 MANIFEST = "_fastkl.json"
 STATE_DIR = "_state"
@@ -443,6 +445,7 @@ class Staging:
         self.dest = dest
         self.root = staging_path(dest)
         self.state = self.root / STATE_DIR
+        self.n_parts = n_parts
         self.width = max(6, len(str(max(n_parts - 1, 0))))
         self.job_id: str | None = None  # set by prepare(); travels with the Staging to the tasks
 
@@ -487,8 +490,9 @@ class Staging:
             return staged["job_id"]
         return None
 
-    def prepare(self, job: dict, job_id: str, *, resume: bool) -> dict[int, dict]:
-        """Create the staging directory of job `job_id`; with resume, return the reusable part states.
+    def prepare(self, job: dict, job_id: str, *, resume: bool) -> FinishedParts:
+        """Create the staging directory of job `job_id`; its finished parts (with resume, those an
+        earlier attempt of this job logged whose files are still the ones it wrote).
 
         A staging directory of another job id (another fingerprint, or not
         resuming) is removed: nothing of another job is ever reused.
@@ -502,22 +506,13 @@ class Staging:
         if not os.path.lexists(self.root):
             self.state.mkdir(parents=True)
             _write_json(self.state / "job.json", mark)
-        if not resume:
-            return {}
-        done = {}
-        for f in self.state.glob("part-*.json"):
-            if not is_regular_file(f):
-                continue
-            st = _read_json(f)
-            if not isinstance(st, dict) or not isinstance(st.get("index"), int) or st["index"] < 0:
-                continue
-            part = self.root / self.part_name(st["index"])
-            if f.name == f"{part.stem}.json" and self._vouched(st, part):
-                done[int(st["index"])] = st
-        return done
+        finished = FinishedParts(LocalLogs(self.state), max(1, self.n_parts), job_id)
+        if resume:
+            finished.load(lambda st: self._vouched(st, self.root / self.part_name(st["index"])))
+        return finished
 
     def _vouched(self, state: Any, part: Path) -> bool:
-        """The part file is the one this job's state file describes: written by this job
+        """The part file is the one this job's state describes: written by this job
         (its id) and not replaced since (size, inode, mtime of a regular file, no link)."""
         if self.job_id is None or not isinstance(state, dict) or state.get("job_id") != self.job_id:
             return False
@@ -529,12 +524,12 @@ class Staging:
             state.get("part_size"), state.get("part_inode"), state.get("part_mtime_ns")
         ]
 
-    def check_parts(self, n_parts: int) -> None:
+    def check_parts(self, n_parts: int, finished: FinishedParts) -> None:
         """Before the commit: every part is this job's (a process still writing into the
         staging directory, or one that wrote into it, is caught here, not in DEST)."""
         for i in range(n_parts):
             part = self.root / self.part_name(i)
-            if not self._vouched(_read_json(self.state / f"{part.stem}.json"), part):
+            if not self._vouched(finished.record(i), part):
                 raise DataError(
                     f"{part.name} in {str(self.root)!r} is not the part this job wrote (another process "
                     "wrote into the staging directory); not committing: run the job again with --resume"
@@ -544,11 +539,12 @@ class Staging:
         """Write back the manifest of an interrupted commit (its parts now marked resumed)."""
         _write_json(self.root / MANIFEST, manifest)
 
-    def write_empty_part(self, schema) -> None:
-        """Empty input: one empty part keeps DEST a readable dataset."""
+    def write_empty_part(self, schema) -> dict | None:
+        """Empty input: one empty part keeps DEST a readable dataset (in place: no state to log)."""
         import pyarrow.parquet as pq
 
         pq.write_table(schema.empty_table(), self.root / self.part_name(0))
+        return None
 
     # The functions below run inside Dask tasks, possibly on other machines.
     def tmp_part(self, index: int) -> Path:
@@ -562,7 +558,8 @@ class Staging:
     def discard_tmp(self, tmp: Path) -> None:
         tmp.unlink(missing_ok=True)
 
-    def finish_part(self, index: int, tmp: Path, state: dict) -> None:
+    def publish_part(self, index: int, tmp: Path) -> dict:
+        """Rename the written part into place; what identifies it, for its state (logged by the client)."""
         part = self.root / self.part_name(index)
         written = os.lstat(tmp)  # a rename keeps size, inode and mtime: they identify the part
         try:
@@ -570,19 +567,14 @@ class Staging:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        state = dict(state, index=index, part=part.name, job_id=self.job_id, part_size=written.st_size,
-                     part_inode=written.st_ino, part_mtime_ns=written.st_mtime_ns)
-        _write_json(self.state / f"{part.stem}.json", state, compact=True)
-
-    def note(self, index: int, staged: dict | None) -> None:
-        """A part finished (the client hears it): nothing to remember here, the commit reads the disk."""
+        return {"part_size": written.st_size, "part_inode": written.st_ino, "part_mtime_ns": written.st_mtime_ns}
 
     def discard_if_nothing_finished(self) -> None:
         """After a failed job: drop the staging directory when no part is
         finished (nothing for --resume to reuse), so no empty directory stays
         beside DEST. With finished parts it stays for --resume."""
         try:
-            if is_real_dir(self.root) and not any(self.state.glob("part-*.json")):
+            if is_real_dir(self.root) and not (is_real_dir(self.state) and LocalLogs(self.state).any()):
                 _remove(self.root)
         except OSError:
             pass  # a failing job reports its own error, not this one
@@ -590,16 +582,19 @@ class Staging:
     def drop_extra_parts(self, n_parts: int) -> None:
         """Remove everything that is not a part of this job (temporaries of lost
         attempts, parts of a longer earlier job, stray links or directories)."""
-        keep = {self.part_name(i) for i in range(n_parts)}
-        for f in self.root.iterdir():
-            if f.name == STATE_DIR and is_real_dir(f):
+        name = re.compile(rf"part-(\d{{{self.width}}})\.parquet")  # no set of 10^6 names
+        for f in os.scandir(self.root):
+            if f.name == STATE_DIR and is_real_dir(Path(f.path)):
                 continue
-            if f.name in keep and is_regular_file(f):
+            m = name.fullmatch(f.name)
+            if m and int(m.group(1)) < n_parts and f.is_file(follow_symlinks=False):
                 continue
-            _remove(f)
+            _remove(Path(f.path))
 
-    def commit(self, manifest: dict, *, overwrite: bool, lock: DestLock, n_parts: int) -> None:
-        self.check_parts(n_parts)
+    def commit(self, manifest: dict, *, overwrite: bool, lock: DestLock, n_parts: int,
+               finished: FinishedParts) -> None:
+        self.check_parts(n_parts, finished)
+        finished.close()
         _write_json(self.root / MANIFEST, manifest)
         self.commit_written(overwrite=overwrite, lock=lock)
 

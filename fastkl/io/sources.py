@@ -30,7 +30,6 @@ the planned one.
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import glob
 import hashlib
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 from urllib.parse import unquote
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -63,6 +63,7 @@ from .filemeta import (
     stream_messages,
 )
 from .footer_checks import check_footer, row_group_spans
+from .plan_columns import Files, Tasks, cut
 from .store_reads import open_pinned, pins
 from .stores import Store, is_store_url, resolve
 from ..errors import DataError, OptionError
@@ -218,21 +219,21 @@ class Columns:
 
 @dataclass
 class Plan:
-    files: list[InputFile]
-    tasks: list[Task]
+    files: Files  # columns; files[i] is an InputFile
+    tasks: Tasks  # columns; tasks[i] is a Task, built when it is submitted
     columns: Columns
-    batch_rows: list[int]  # per task: rows per read batch
+    batch_rows: np.ndarray  # per task: rows per read batch
     # every (p, q) pair of list value types among the files: what the kernel will be specialised for
     value_types: frozenset = frozenset()
     sequence: bool = False  # sequence rows (lists of lists): the output has m_mean, tokens, ...
 
     @property
     def rows(self) -> int:
-        return sum(f.rows for f in self.files)
+        return int(self.files.rows.sum())
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tasks)
+        return int(self.tasks.nbytes.sum())
 
 
 # --------------------------------------------------------------------------
@@ -1166,99 +1167,13 @@ def _check_columns(
                 )
 
 
-def _grouped(tasks: list[Task], batch_rows: list[int], most: int, max_rows: int, max_bytes: int,
-             batch_bytes: int) -> tuple[list[Task], list[int]]:
-    """Consecutive tasks of different files joined into tasks of at most `most` files, `max_rows`
-    rows and `max_bytes` bytes (a file's last slice may join the files after it; a file cut into
-    several tasks keeps its full ones). Linear in the tasks; input order is kept."""
-    out: list[Task] = []
-    out_rows: list[int] = []
-    cur: list[Task] = []
-    c_rows = c_bytes = 0
-
-    def flush() -> None:
-        if len(cur) == 1:
-            t = cur[0]
-            out.append(dataclasses.replace(t, index=len(out)))
-            out_rows.append(batch_rows[t.index])
-        elif cur:
-            i = len(out)
-            pieces = tuple(dataclasses.replace(t, index=i) for t in cur)
-            out.append(Task(i, cur[0].file, cur[0].units, cur[0].row_start, c_rows, c_bytes, pieces))
-            per_row = c_bytes / c_rows if c_rows else 1.0
-            out_rows.append(int(max(1, min(max_rows, batch_bytes // max(per_row, 1.0)))))
-        cur.clear()
-
-    for t in tasks:
-        if cur and (len(cur) >= most or c_rows + t.rows > max_rows or c_bytes + t.nbytes > max_bytes
-                    or t.file.index == cur[-1].file.index):
-            flush()
-            c_rows = c_bytes = 0
-        cur.append(t)
-        c_rows += t.rows
-        c_bytes += t.nbytes
-    flush()
-    return out, out_rows
-
-
-def cut_tasks(files: Sequence[InputFile], task_rows: int | None, task_bytes: int | None,
-              batch_bytes: int = DEFAULT_BATCH_BYTES, group_files: int | None = None) -> tuple[list[Task], list[int]]:
-    """The input cut into tasks (and each task's rows per read batch): a file's units in runs of at
-    most task_rows rows and task_bytes bytes, then small files grouped (`_grouped`). Linear in the
-    units; only what planning learnt from the footers, no I/O (scripts/bench_scale.py times it alone).
-    """
-    tasks: list[Task] = []
-    batch_rows: list[int] = []
-    max_rows = task_rows or (1 << 62)
-    max_bytes = task_bytes or (1 << 62)
-    batch_bytes = min(batch_bytes, max_bytes)
-
-    def emit(file: InputFile, units: list[Unit], row_start: int) -> None:
-        rows = sum(u.rows for u in units)
-        nbytes = sum(u.nbytes for u in units)
-        tasks.append(Task(len(tasks), ref, tuple(units), row_start, rows, nbytes))
-        per_row = nbytes / rows if rows else 1.0
-        batch_rows.append(int(max(1, min(max_rows, batch_bytes // max(per_row, 1.0)))))
-
-    for file in files:
-        # one per file, shared by its tasks: a copy without the units only for a file of many (a task
-        # ships its file with it); a file of a few units is its own reference (no copy: at 10^6
-        # files, 136 bytes each)
-        ref = file.ref() if len(file.units) > 8 else file
-        row = 0
-        cur: list[Unit] = []
-        cur_start = 0
-        c_rows = c_bytes = 0  # running totals of `cur` (summing it per unit was quadratic in the row groups)
-        for u in file.units:
-            if u.rows == 0:
-                continue
-            pieces = [u]
-            if file.fmt != "parquet" and (u.rows > max_rows or u.nbytes > max_bytes):
-                # split a big record batch into zero-copy row slices
-                per_row = u.nbytes / u.rows
-                step = int(max(1, min(max_rows, max_bytes // max(per_row, 1.0))))
-                pieces = [
-                    Unit(u.index, o, min(step, u.rows - o), int(per_row * min(step, u.rows - o)), u.pos)
-                    for o in range(0, u.rows, step)
-                ]
-            for piece in pieces:
-                if cur and (c_rows + piece.rows > max_rows or c_bytes + piece.nbytes > max_bytes):
-                    emit(file, cur, cur_start)
-                    cur = []
-                    c_rows = c_bytes = 0
-                if not cur:
-                    cur_start = row
-                cur.append(piece)
-                c_rows += piece.rows
-                c_bytes += piece.nbytes
-                row += piece.rows
-        if cur:
-            emit(file, cur, cur_start)
-    if group_files is None:
-        group_files = GROUP_FILES if len(tasks) >= GROUP_MIN_TASKS else 1
-    if group_files > 1:
-        tasks, batch_rows = _grouped(tasks, batch_rows, group_files, max_rows, max_bytes, batch_bytes)
-    return tasks, batch_rows
+def cut_tasks(files: Files, task_rows: int | None, task_bytes: int | None,
+              batch_bytes: int = DEFAULT_BATCH_BYTES, group_files: int | None = None) -> Tasks:
+    """The input cut into tasks (`fastkl.io.plan_columns.cut`): group_files at most this many small
+    files per task; None: GROUP_FILES once there are GROUP_MIN_TASKS tasks, else 1. Each task's rows
+    per read batch (what cut_tasks returned beside the tasks before the plan was columns; part of a
+    part's state, so --resume redoes a part read in other batches) are `tasks.batch_rows`."""
+    return cut(files, task_rows, task_bytes, batch_bytes, group_files, GROUP_MIN_TASKS, GROUP_FILES)
 
 
 def scan(
@@ -1306,26 +1221,17 @@ def scan(
     rows = [sum(u[0] for u in ft.units) for ft in footers]
     _check_columns(found, [ft.schema for ft in footers], cols, rows, sampled)
 
-    files: list[InputFile] = []
-    for i, (f, ft) in enumerate(zip(found, footers)):
+    files = Files()
+    for f, ft in zip(found, footers):
         scale = kernel_bytes_scale(ft.schema, names)
-        spans = ft.spans or [()] * len(ft.units)
-        us = tuple(Unit(g, 0, r, int(b * scale), pos, sp) for g, ((r, b, pos), sp) in enumerate(zip(ft.units, spans)))
-        ident = ft.identity
-        files.append(
-            InputFile(
-                # display: the path's own string when they are equal (one string per file, not two)
-                i, f.path, f.path if f.display == f.path else f.display, f.fmt, ident.size, ident.mtime_ns, f.partition,
-                ident.dev, ident.ino, ident.ctime_ns, ft.digest, f.store, ft.meta, etag=ident.etag,
-                rows=sum(u.rows for u in us), units=us,
-            )
-        )
-
-    tasks, batch_rows = cut_tasks(files, task_rows, task_bytes, batch_bytes, group_files)
+        units = [(r, int(b * scale), pos) for r, b, pos in ft.units]
+        files.append(f.path, f.display, f.fmt, ft.identity, f.partition, f.store, ft.digest, ft.meta, units,
+                     ft.spans)
+    tasks = cut_tasks(files.freeze(), task_rows, task_bytes, batch_bytes, group_files)
     # the kernel dtypes the job will meet (warm-up), from files with rows: an empty shard may be typed null
     value_types = frozenset(tuple(_element_type(ft.schema.field(c).type) for c in names)
                             for ft, n in zip(footers, rows) if n > 0)
     ref = next((ft for ft, n in zip(footers, rows) if n > 0), footers[0] if footers else None)
     shape_of = _is_list if sampled else is_sequence_type
     sequence = ref is not None and shape_of(ref.schema.field(p).type)
-    return Plan(files, tasks, cols, batch_rows, value_types, sequence), roots
+    return Plan(files, tasks, cols, tasks.batch_rows, value_types, sequence), roots

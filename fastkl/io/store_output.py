@@ -8,7 +8,8 @@ way, with conditional writes (`store_conditional`)::
                                                 refreshed If-Match: <etag> every few seconds
     DEST/_fastkl-staging/<job id>/job.json   2. the job's fingerprint (what --resume may adopt)
         part-000003.<attempt>.parquet           tasks upload parts here (an upload is invisible until
-        part-000003.json                        complete); the state names the attempt that counts
+        states-000001-000001.log                complete); the client logs their states in batch objects
+                                                (fastkl.io.state_log): a state names the attempt that counts
         _commit.json                         3. the manifest to be, written when every part is staged
     DEST/part-000003.parquet                 4. server-side copies of the staged parts (no data
                                                 through the client)
@@ -45,6 +46,8 @@ import pyarrow.parquet as pq
 
 from ..errors import DataError, DestTakenError, FastKLWarning, OptionError
 from .store_conditional import Conditional, conditional
+from . import manifest_tables as mt
+from .state_log import FinishedParts, StoreLogs
 from .stores import Store, resolve
 
 MANIFEST = "_fastkl.json"
@@ -318,14 +321,14 @@ class StoreStaging:
 
     def __init__(self, dest: StoreDest, n_parts: int):
         self.dest = dest
+        self.n_parts = n_parts
         self.width = max(6, len(str(max(n_parts - 1, 0))))
         self.job_id: str | None = None
         self.retries = 4  # a task whose upload fails transiently runs again (backoff)
         self._uploads: dict[str, Any] = {}  # tmp -> its upload, in the process writing it
-        self._known: dict[int, dict] = {}  # part -> its staged object and size, as the client heard it
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _uploads={}, _known={})  # each stays in the process that has it
+        return dict(self.__dict__, _uploads={})  # it stays in the process that has it
 
     @property
     def top(self) -> str:
@@ -340,9 +343,6 @@ class StoreStaging:
 
     def part_name(self, index: int) -> str:
         return f"part-{index:0{self.width}d}.parquet"
-
-    def _state_path(self, index: int) -> str:
-        return posixpath.join(self.root, self.part_name(index)[: -len(".parquet")] + ".json")
 
     def _cond(self) -> Conditional:
         return conditional(self.dest.store)
@@ -373,37 +373,35 @@ class StoreStaging:
                     return mark["job_id"]
         return None
 
-    def prepare(self, job: dict, job_id: str, *, resume: bool) -> dict[int, dict]:
+    def prepare(self, job: dict, job_id: str, *, resume: bool) -> FinishedParts:
         """Start staging job `job_id` (every other staged attempt is dead: this job holds the claim
-        and removes them); with resume, return the reusable part states."""
+        and removes them); its finished parts (with resume, those the staged attempt of this very
+        job logged whose objects are still the ones it uploaded)."""
         self.job_id = job_id
         fs, cond = self.dest.fs, self._cond()
         for e in _entries(fs, self.top):
             if e.path != self.root and posixpath.basename(e.path) != CLAIM:
                 _delete(cond, e)
         mark = {"job_id": job_id, "job": job}
-        if not resume:  # a new job id: nothing is staged under it
+        n = max(1, self.n_parts)
+        if not resume:  # a new job id: nothing is staged under it (nothing read, no log listed)
             put_json(self.dest.store, posixpath.join(self.root, JOB), mark)
-            return {}
+            return FinishedParts(StoreLogs(fs, self.root, cond, fresh=True), n, job_id)
         if read_json(cond, posixpath.join(self.root, JOB)) != mark:
             cond.delete_prefix(self.root)
             put_json(self.dest.store, posixpath.join(self.root, JOB), mark)
-            return {}
-        done = {}
-        for e in _entries(fs, self.root):
-            name = posixpath.basename(e.path)
-            if name.startswith("part-") and name.endswith(".json"):
-                st = read_json(self._cond(), e.path)
-                if isinstance(st, dict) and isinstance(st.get("index"), int) and self._vouched(st):
-                    done[st["index"]] = st
-                    self.note(st["index"], st)
-        return done
+            return FinishedParts(StoreLogs(fs, self.root, cond, fresh=True), n, job_id)
+        finished = FinishedParts(StoreLogs(fs, self.root, cond), n, job_id)
+        sizes: dict[str, int] = {}  # the staged objects' sizes: one listing, not a HEAD per part
 
-    def note(self, index: int, staged: dict | None) -> None:
-        """A part finished (its task's result, or a state --resume vouched for): the commit
-        need not read its state back."""
-        if staged is not None:
-            self._known[index] = {"object": staged["object"], "part_size": staged["part_size"]}
+        def vouched(st: Any) -> bool:
+            if not sizes:
+                sizes.update((posixpath.basename(e.path), e.size) for e in _entries(fs, self.root)
+                             if e.type == pafs.FileType.File)
+            return self._vouched(st, sizes)
+
+        finished.load(vouched)
+        return finished
 
     def _vouched(self, st: Any, sizes: dict[str, int] | None = None) -> bool:
         """The staged object this state names exists with its size, written by this job
@@ -415,23 +413,14 @@ class StoreStaging:
         info = self.dest.fs.get_file_info(posixpath.join(self.root, st["object"]))
         return info.type == pafs.FileType.File and info.size == st.get("part_size")
 
-    def check_parts(self, n_parts: int) -> list[str]:
-        """Before the commit: every part is staged and vouched; the staged object of each.
-        Parts the client heard of are known; any other is read back (its state, concurrently,
-        and one listing for the objects' sizes)."""
-        unknown = [i for i in range(n_parts) if i not in self._known]
-        states = {i: dict(self._known[i], job_id=self.job_id) for i in range(n_parts) if i in self._known}
-        sizes = None
-        if unknown:
-            sizes = {posixpath.basename(e.path): e.size for e in _entries(self.dest.fs, self.root)
-                     if e.type == pafs.FileType.File}
-            cond = self._cond()
-            with ThreadPoolExecutor(max_workers=min(16, len(unknown))) as ex:
-                states.update(zip(unknown, ex.map(lambda i: read_json(cond, self._state_path(i)), unknown)))
+    def check_parts(self, n_parts: int, finished: FinishedParts) -> list[str]:
+        """Before the commit: every part is staged and vouched; the staged object of each. The
+        states are those the client holds (`finished`): what its tasks reported for the objects
+        they uploaded, and those --resume vouched for by a listing; none is read back."""
         out = []
         for i in range(n_parts):
-            st = states[i]
-            if not self._vouched(st, sizes if i in unknown else {st["object"]: st["part_size"]}):
+            st = finished.record(i)
+            if st is None or not self._vouched(st, {st.get("object"): st.get("part_size")}):
                 raise DataError(f"{self.part_name(i)} in {self} is not the part this job wrote; "
                                 "not committing: run the job again with --resume")
             out.append(st["object"])
@@ -447,6 +436,10 @@ class StoreStaging:
         self._uploads[tmp] = upload
         return pq.ParquetWriter(upload, schema)
 
+    def open_upload(self, path: str) -> Any:
+        """A writable file whose bytes appear at `path` once closed (on S3 one PUT if small)."""
+        return self._cond().open_upload(path)
+
     def discard_tmp(self, tmp: str) -> None:
         upload = self._uploads.pop(tmp, None)
         if hasattr(upload, "abort"):
@@ -456,31 +449,28 @@ class StoreStaging:
         except OSError:
             pass
 
-    def finish_part(self, index: int, tmp: str, state: dict) -> dict:
-        """Name the uploaded attempt in the part's state: the last finished attempt counts.
-        Returns the state (the client notes it)."""
+    def publish_part(self, index: int, tmp: str) -> dict:
+        """Upload the written part (if its writer did not) and say what names the attempt in the
+        part's state (logged by the client): the last finished attempt counts. Its size is what
+        was uploaded (no HEAD)."""
         upload = self._uploads.pop(tmp, None)
         if upload is not None:
             size = upload.tell()
             upload.close()  # uploaded now if the writer did not close it
         else:
             size = self.dest.fs.get_file_info(tmp).size
-        state = dict(state, index=index, part=self.part_name(index), job_id=self.job_id,
-                     object=posixpath.basename(tmp), part_size=size)
-        put_json(self.dest.store, self._state_path(index), state)
-        return state
+        return {"object": posixpath.basename(tmp), "part_size": size}
 
-    def write_empty_part(self, schema: pa.Schema) -> None:
-        """Empty input: one empty part keeps DEST a readable dataset."""
+    def write_empty_part(self, schema: pa.Schema) -> dict:
+        """Empty input: one empty part keeps DEST a readable dataset; its state, to log."""
         tmp = self.tmp_part(0)
         with self.part_writer(tmp, schema) as w:
             w.write_table(schema.empty_table())
-        self.note(0, self.finish_part(0, tmp, {"rows": 0}))
+        return self.publish_part(0, tmp)
 
     def discard_if_nothing_finished(self) -> None:
         try:
-            if not any(posixpath.basename(e.path).endswith(".json") and posixpath.basename(e.path) != JOB
-                       for e in _entries(self.dest.fs, self.root)):
+            if not StoreLogs(self.dest.fs, self.root, self._cond()).any():
                 self._cond().delete_prefix(self.root)
                 self._cond().drop_if_empty(self.top)
         except OSError:
@@ -489,8 +479,10 @@ class StoreStaging:
     def drop_extra_parts(self, n_parts: int) -> None:
         """Nothing to do before the commit: only the attempts the states name are published."""
 
-    def commit(self, manifest: dict, *, overwrite: bool, lock: StoreClaim, n_parts: int) -> None:
-        objects = self.check_parts(max(1, n_parts))
+    def commit(self, manifest: dict, *, overwrite: bool, lock: StoreClaim, n_parts: int,
+               finished: FinishedParts) -> None:
+        objects = self.check_parts(max(1, n_parts), finished)
+        finished.close()
         rec = json.loads(json.dumps({"manifest": manifest, "objects": objects}, allow_nan=True))
         self.commit_written(overwrite=overwrite, lock=lock, rec=rec)
 
@@ -515,14 +507,17 @@ class StoreStaging:
             if not overwrite:
                 raise OptionError(f"DEST {dest} appeared while the job ran; output left in {self}")
             cond.delete(dest.key(MANIFEST))  # DEST stops existing (for fastkl) while it is replaced
-        names = [p["file"] for p in manifest["parts"]]
-        with ThreadPoolExecutor(max_workers=min(16, len(names) + 1)) as ex:
+        names = mt.part_files(manifest)  # a large job's parts and inputs are tables, copied beside the manifest
+        tables = [t for t in (mt.INPUTS_TABLE, mt.PARTS_TABLE) if isinstance(manifest.get("parts"), dict)]
+        copies = list(zip(names, objects)) + [(t, t) for t in tables]
+        with ThreadPoolExecutor(max_workers=min(16, len(copies) + 1)) as ex:
             listed = ex.submit(_entries, fs, dest.path)  # beside the copies: the new names are kept anyway
-            list(ex.map(lambda no: fs.copy_file(posixpath.join(self.root, no[1]), dest.key(no[0])),
-                        zip(names, objects)))
+            list(ex.map(lambda no: fs.copy_file(posixpath.join(self.root, no[1]), dest.key(no[0])), copies))
             keep = set(names)
-            for e in listed.result():  # parts of an older, longer output
-                if not posixpath.basename(e.path).startswith(("_", ".")) and posixpath.basename(e.path) not in keep:
+            old_tables = {mt.INPUTS_TABLE, mt.PARTS_TABLE} - set(tables)  # an older output's: not this manifest's
+            for e in listed.result():  # parts of an older, longer output, and its manifest tables
+                name = posixpath.basename(e.path)
+                if name in old_tables or (not name.startswith(("_", ".")) and name not in keep):
                     _delete(cond, e)
         data = json.dumps(manifest, indent=1, allow_nan=True).encode() + b"\n"
         if cond.create(dest.key(MANIFEST), data) is None:

@@ -765,14 +765,20 @@ def _run_task_once(task: Task, batch_rows: int, spec: JobSpec, kernel_threads, r
                           f"{e.strerror or _short(e)}") from e
         raise
     stats_json = PartStats.merge_all([PartStats.for_layout(spec.layout, spec.group_by), *stats]).to_json()
-    staged = staging.finish_part(
-        task.index,
-        tmp,
-        {"job": spec.job_fp, "fingerprint": task.fingerprint(), "batch_rows": batch_rows,
-         "rows": done, "stats": stats_json},
-    )
-    return {"index": task.index, "rows": done, "stats": stats_json, "seconds": time.perf_counter() - t0,
-            **({"staged": {k: staged[k] for k in ("object", "part_size")}} if staged else {})}
+    state = {"fingerprint": _fingerprint(task), "batch_rows": batch_rows, "rows": done,
+             **staging.publish_part(task.index, tmp)}  # the part is in place before the client logs its state
+    # the stats also as the JSON the client logs: encoded here, in parallel, not by the client
+    stats_text = json.dumps(stats_json, separators=(",", ":"), allow_nan=True)
+    return {"index": task.index, "rows": done, "stats": stats_json, "stats_text": stats_text, "state": state,
+            "seconds": time.perf_counter() - t0}
+
+
+def _fingerprint(task: Task) -> str:
+    """A digest of `Task.fingerprint` (what --resume compares; a grouped task's lists 256 files)."""
+    import hashlib
+
+    text = json.dumps(task.fingerprint(), sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def _short(e: BaseException) -> str:
@@ -787,7 +793,7 @@ def _short(e: BaseException) -> str:
 def _run_sync(todo, plan, spec, progress, on_result):
     progress.start()
     for t in todo:
-        on_result(run_task(t, plan.batch_rows[t.index], spec, _config.cores(), progress.add))
+        on_result(run_task(t, int(plan.batch_rows[t.index]), spec, _config.cores(), progress.add))
 
 
 class _Window:
@@ -895,7 +901,7 @@ def _run_threads(todo, plan, spec, progress, workers, on_result):
     place: dict = {}
 
     def submit(t):
-        fut = pool.submit(run_task, t, plan.batch_rows[t.index], spec, k, progress.add, cancelled)
+        fut = pool.submit(run_task, t, int(plan.batch_rows[t.index]), spec, k, progress.add, cancelled)
         place[fut] = window.next
         return fut
 
@@ -1006,7 +1012,7 @@ def _run_distributed(todo, plan, spec, progress, client, on_result):
 
     def submit(t):
         fut = client.submit(
-            run_task, t, plan.batch_rows[t.index], spec, threads, topic if reported else None,
+            run_task, t, int(plan.batch_rows[t.index]), spec, threads, topic if reported else None,
             key=f"fastkl-part-{t.index}-{topic[-8:]}", pure=False, priority=-t.index,
         )
         by_key[fut.key] = t
@@ -1487,7 +1493,7 @@ def run(
         return DryRun.of(plan, time.perf_counter() - t_start, scheduler, workers)
     if summary_json is not None:
         check_side_file(summary_json, "--summary-json", None if store_dest else dest_p,
-                        [r for r in roots if not is_store_url(r)], [f.path for f in plan.files if f.store is None])
+                        [r for r in roots if not is_store_url(r)], plan.files.local_paths())
     # DEST is this job's from here on (one job per DEST): nothing beside DEST was touched before
     if store_dest:
         hold = StoreClaim.acquire(dest_p, os.fspath(dest), last_writer_wins=last_writer_wins)
@@ -1536,11 +1542,11 @@ class DryRun:
         n = (workers or _config.cores()) if local and scheduler not in ("sync", "synchronous") else (workers or 1)
         n = max(1, n)
         work = (len(plan.tasks) * cls.TASK_OVERHEAD_S + len(plan.files) * cls.FILE_OVERHEAD_S
-                + sum(len(f.units) for f in plan.files) * cls.UNIT_OVERHEAD_S + plan.nbytes / cls.BYTES_PER_CORE_S)
+                + plan.files.n_units * cls.UNIT_OVERHEAD_S + plan.nbytes / cls.BYTES_PER_CORE_S)
         return cls(
-            files=len(plan.files), rows=plan.rows, file_bytes=sum(f.size for f in plan.files),
+            files=len(plan.files), rows=plan.rows, file_bytes=int(plan.files.size.sum()),
             decoded_bytes=plan.nbytes, tasks=len(plan.tasks), parts=max(1, len(plan.tasks)),
-            grouped_tasks=sum(1 for t in plan.tasks if t.group), plan_s=plan_s, workers=n,
+            grouped_tasks=plan.tasks.grouped, plan_s=plan_s, workers=n,
             estimated_s=plan_s + work / min(n, max(1, len(plan.tasks))),
         )
 
@@ -1623,10 +1629,10 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     job_fp = json.dumps(job, sort_keys=True, default=_json_default)
     # a large job's inputs and parts go to Parquet tables beside the manifest (fastkl.io.manifest_tables)
     tables = None
-    if not in_store and max(len(plan.tasks), len(plan.files)) > MANIFEST_INLINE:
+    if max(len(plan.tasks), len(plan.files)) > MANIFEST_INLINE:
         from ..io import manifest_tables as mt
 
-        tables = (mt.inputs_table(plan.files), mt.parts_table(plan.tasks, staging.part_name))
+        tables = (mt.inputs_table(plan.files), mt.parts_table(plan.tasks, staging.width))
         files = {"table": mt.INPUTS_TABLE, "count": len(plan.files)}
         planned = _identity({**job, "rows": plan.rows, "inputs": files, "plan_digest": mt.digest(*tables)})
     else:
@@ -1654,36 +1660,24 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     # --resume continues the staged attempt only if it was this very job; any other is a new job
     job_id = (staging.staged_job_id(job) if resume else None) or new_job_id()
     lock.announce(job_id)
-    done_states = staging.prepare(job, job_id, resume=resume)
+    finished = staging.prepare(job, job_id, resume=resume)
     spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout, grouping)
-
-    # Parts finished by an earlier attempt whose input is unchanged.
-    reused: dict[int, dict] = {}
-    for t in plan.tasks:
-        st = done_states.get(t.index)
-        if (
-            st is not None
-            and st.get("job") == job_fp
-            and st.get("fingerprint") == json.loads(json.dumps(t.fingerprint()))
-            and st.get("batch_rows") == plan.batch_rows[t.index]
-            and st.get("rows") == t.rows
-        ):
-            reused[t.index] = st["stats"]
-    del done_states
-    resumed = bytearray(len(plan.tasks))
-    for i in reused:
-        resumed[i] = 1
-    todo = [t for t in plan.tasks if not resumed[t.index]]
+    resumed = _reusable(plan, finished)
+    todo = plan.tasks.select(np.flatnonzero(~resumed))
     staging.drop_extra_parts(len(plan.tasks))
 
     t_plan = time.perf_counter()
     progress = Progress(plan.rows, plan.nbytes, enabled=Progress.wanted(quiet))
-    for t in plan.tasks:
-        if resumed[t.index]:
-            progress.done(t.index, t.rows, t.nbytes)
+    for i in np.flatnonzero(resumed).tolist():
+        progress.done(i, int(plan.tasks.rows[i]), int(plan.tasks.nbytes[i]))
     kind = "threads" if scheduler is None else scheduler if isinstance(scheduler, str) else "client"
     to_close: list = []  # a cluster / connection this call opened, closed in reverse
-    merge = _OrderedMerge(reused, PartStats.for_layout(layout, grouping))
+    merge = _OrderedMerge(resumed, finished.stats, PartStats.for_layout(layout, grouping))
+
+    def on_result(result: dict) -> None:
+        finished.add(result["index"], result["state"], result["stats_text"])
+        merge.add(result)
+
     failed = True
     try:
         from .._engine import warmup
@@ -1692,8 +1686,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         # (numba issue 4807), for every dtype the files of the plan need
         warmup(_kernel_dtypes(plan), _warm_options(options), measures, spec.layout.sparse)
         if todo:
-            _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close,
-                       lambda r: (staging.note(r["index"], r.get("staged")), merge.add(r)))
+            _run_tasks(todo, plan, spec, progress, kind, scheduler, client, workers, to_close, on_result)
         merge.drain(len(plan.tasks))
         failed = False
     finally:
@@ -1703,6 +1696,7 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
                 obj.close()
             except Exception:
                 pass
+        _keep_states(finished, close=failed)  # logged now: the merge's end may fail too (too many groups)
         if failed:  # workers are stopped: keep the staging directory only if --resume has parts to reuse
             staging.discard_if_nothing_finished()
     t_compute = time.perf_counter()
@@ -1712,7 +1706,9 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
         merged = merge.merged
     else:  # empty input: one empty part keeps DEST a readable dataset
         merged = PartStats.for_layout(layout, grouping)
-        staging.write_empty_part(schema)
+        empty = staging.write_empty_part(schema)
+        if empty is not None:
+            finished.add(0, {**empty, "rows": 0, "stats": merged.to_json()})
     timings = {
         "plan_s": t_plan - t_start,
         "compute_s": t_compute - t_plan,
@@ -1720,8 +1716,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     }
     if tables is None:
         parts = _parts(plan, staging)
-        for t in plan.tasks:
-            parts[t.index]["resumed"] = bool(resumed[t.index])
+        for i, part in enumerate(parts[:len(plan.tasks)]):
+            part["resumed"] = bool(resumed[i])
     else:
         parts = {"table": mt.PARTS_TABLE, "count": len(plan.tasks)}
     timings["total_s"] = time.perf_counter() - t_start
@@ -1750,9 +1746,34 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     manifest = json.loads(json.dumps(manifest, default=_json_default))
     staging.drop_extra_parts(max(1, len(plan.tasks)))  # temporaries of attempts lost with a dead worker
     if tables is not None:
-        mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(np.frombuffer(resumed, np.uint8) > 0)))
-    staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks))
+        mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(resumed)),
+                 open_output=staging.open_upload if in_store else None)
+    finished.flush()
+    staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks), finished=finished)
     return _finished(summary, summary_json)
+
+
+def _reusable(plan: Plan, finished) -> np.ndarray:
+    """Which parts an earlier attempt finished (logged, their files unchanged) on input that is
+    unchanged too (same fingerprint, read batch size and rows): --resume does not redo them."""
+    resumed = np.zeros(len(plan.tasks), bool)
+    for i in np.flatnonzero(finished.done[:len(plan.tasks)]).tolist():
+        st, t = finished.record(i), plan.tasks[i]
+        resumed[i] = (st.get("fingerprint") == _fingerprint(t) and st.get("batch_rows") == int(plan.batch_rows[i])
+                      and st.get("rows") == t.rows)
+    return resumed
+
+
+def _keep_states(finished, close: bool) -> None:
+    """Once the tasks have stopped: log the states still waiting, so that --resume reuses their
+    parts whatever fails next; a failing job's error is its own, not this one's."""
+    try:
+        finished.flush()
+    except OSError:
+        if not close:
+            raise
+    if close:
+        finished.close()
 
 
 class _OrderedMerge:
@@ -1764,14 +1785,14 @@ class _OrderedMerge:
     The merge is `PartStats.merge` in task order, the same fold as merging the
     list of every task's state, so the summary does not depend on the order
     of arrival (nor, its sums being exact, on how the job was split).
-    `reused`: the states of parts an earlier attempt finished (--resume),
-    merged when their turn comes; `start`: the state merged into first.
+    `reused[i]`: part i was finished by an earlier attempt (--resume), its state
+    read with `stats_of(i)` when its turn comes; `start`: the state merged into first.
     """
 
     BATCH = 64  # states merged at once by `PartStats.merge_all` (which copies its first: once per batch)
 
-    def __init__(self, reused: dict[int, dict], start=None):
-        self.reused = reused
+    def __init__(self, reused: np.ndarray, stats_of: Callable[[int], dict], start=None):
+        self.reused, self.stats_of = reused, stats_of
         self.waiting: dict[int, dict] = {}
         self.next = 0
         self._merged = start  # an empty state of the job's layout (and its cap on groups), or None
@@ -1800,8 +1821,8 @@ class _OrderedMerge:
 
         while True:
             st = self.waiting.pop(self.next, None)
-            if st is None:
-                st = self.reused.pop(self.next, None)
+            if st is None and self.next < len(self.reused) and self.reused[self.next]:
+                st = self.stats_of(self.next)
             if st is None:
                 return
             self._ready.append(PartStats.from_json(st))
