@@ -1641,9 +1641,12 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     kind, old = _existing(dest, dest_p)  # again, now that DEST is ours: another job may have committed meanwhile
     if kind == "output" or (kind is not None and not in_store and not overwrite):
         # with resume: done already if it is this job's output
-        if not overwrite and isinstance(old, dict) and _identity(old) == planned:
+        if resume and not overwrite and isinstance(old, dict) and _identity(old) == planned:
             _forget_leftovers(dest_p)
             return _finished(Summary.from_dict(old["summary"]), summary_json)
+        # without resume, DEST was absent when checked: another job committed it before this one took
+        # DEST, and this one stops as if it had come later ("already exists", exit 2), even when that
+        # output is identical (it exited 0 then, committing nothing: two racing jobs both "succeeded")
         if not overwrite:
             raise OptionError(f"DEST {os.fspath(dest)!r} already exists (pass --overwrite to replace it)")
     if resume:
