@@ -898,6 +898,18 @@ def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[
     return src, ident
 
 
+def _read_footers(found: list[_Found], names: list[str]) -> list[_Footer]:
+    """Every file's footer: objects in a store by 16 threads (each read waits on a round trip),
+    local files in this thread. Local reads gain nothing from threads (the parsing holds the
+    GIL: 10^4 small files took 5.3 s with 16 threads, 3.2 s in one), and pyarrow's metadata
+    parsed in pool threads left ~10 KB per file in glibc's per-thread arenas (+110 MB peak
+    RSS at 10^4 files)."""
+    if all(f.store is None for f in found):
+        return [_read_footer(f, names) for f in found]
+    with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
+        return list(ex.map(lambda f: _read_footer(f, names), found))
+
+
 def _read_footer(f: _Found, names: list[str]) -> _Footer:
     what = {"parquet": "Parquet file", "ipc": "Arrow IPC file", "ipc_stream": "Arrow IPC stream"}[f.fmt]
     try:
@@ -1216,8 +1228,7 @@ def scan(
                    target=target, group_by=group_by)
     names = [c for c in (p, q) if c is not None]
     read = [c for _, c in cols.roles()]  # sized on all the columns a task reads (ids, masks too)
-    with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
-        footers = list(ex.map(lambda f: _read_footer(f, read), found))
+    footers = _read_footers(found, read)
     rows = [sum(u[0] for u in ft.units) for ft in footers]
     _check_columns(found, [ft.schema for ft in footers], cols, rows, sampled)
 
