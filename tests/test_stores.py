@@ -841,6 +841,27 @@ def test_a_job_whose_claim_was_taken_does_not_commit(shards, bucket):
     assert MANIFEST not in [k.rsplit("/", 1)[1] for k in keys(bucket, "out")] and not visible(bucket, "out")
 
 
+def test_a_claim_names_its_job_and_its_release_leaves_a_claim_taken_over(bucket):
+    """A new job's id is in the claim from its creation (no second PUT); the release is one delete
+    If-Match the ETag the job last wrote, so a claim another job took over meanwhile stays, and the
+    probe that ran before the claim leaves nothing."""
+    from fastkl.io.store_conditional import conditional
+    from fastkl.io.store_output import StoreClaim, store_dest
+
+    d = store_dest(f"s3://{bucket}/out", None)
+    cond = conditional(d.store)
+    mine = StoreClaim.acquire(d, "x", job_id="j1")
+    assert json.loads(cond.read(d.key(CLAIM)).data)["job_id"] == "j1"
+    # another job takes it over (as if this one had looked dead) before this one's next refresh
+    assert cond.replace(d.key(CLAIM), json.dumps({"job_id": "other"}).encode(), mine._etag) is not None
+    mine.release()
+    assert json.loads(cond.read(d.key(CLAIM)).data)["job_id"] == "other"
+    cond.delete(d.key(CLAIM))
+    with StoreClaim.acquire(d, "x", job_id="j2"):
+        pass
+    assert keys(bucket, "out") == []
+
+
 def test_a_failed_store_job_says_where_its_parts_are_kept(tmp_path, bucket):
     from test_jobs import _with_bad_row
 

@@ -83,6 +83,7 @@ from ..errors import DataError, FastKLError, InvalidRowError, OptionError
 from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_at, read_rows
 from ..io.stores import is_store_url, scheme_of
 from ..io.store_output import (
+    Probe,
     StoreClaim,
     StoreDest,
     StoreStaging,
@@ -90,6 +91,7 @@ from ..io.store_output import (
 )
 from ..io.store_output import dest_state as store_dest_state
 from ..io.store_output import remove_leftovers as store_remove_leftovers
+from ..io.store_output import state_ahead as store_state_ahead
 from ..io.sources import Columns, FileRef, Plan, Task, dataset_sources, open_input, scan
 from ..io.store_reads import ObjectChanged, PinnedFile, open_pinned, pins
 from .._registry import Dtype, Kind, Tail
@@ -1455,17 +1457,21 @@ def run(
     if summary_json is not None:
         summary_json = local_path(summary_json, "--summary-json")
     checked = []
+    probes: list[Probe] = []
 
     store_dest = is_store_url(dest)
+    ahead: list = []  # DEST's state, read beside SOURCE's listing
 
     def check(roots) -> None:  # before any file is opened
         local_roots = [r for r in roots if not is_store_url(r)]
         if store_dest:
             checked.append(check_store_dest(dest, roots, overwrite=overwrite, exists_ok=resume and not overwrite,
-                                            storage_options=storage_options))
+                                            storage_options=storage_options, ahead=ahead[0]))
+            if not dry_run:  # DEST passed its checks: ask whether it honours conditions while footers are read
+                probes.append(Probe(checked[0]))
         else:
             checked.append(check_dest(dest, local_roots, overwrite=overwrite, exists_ok=resume and not overwrite))
-        if summary_json is not None:
+        if summary_json is not None and not dry_run:
             check_side_file(summary_json, "--summary-json", None if store_dest else checked[0], local_roots)
 
     if mask is not None and lengths is not None:
@@ -1477,26 +1483,35 @@ def run(
         sparse = check_request(measures, options, p_ids=p_ids is not None, q_ids=q_ids is not None,
                                has_q=q is not None, has_target=target is not None)
     sampled = options.p_kind == "sampled"
-    plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
-                       sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
-                       target=target, group_by=group_by,
-                       task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options,
-                       group_files=group_files)
-    layout = (Layout(measures) if measures == ("gaussian_kl",)
-              else layout_for(measures, options, sequence=plan.sequence, sparse=sparse))
-    for k in keep:
-        if k in {f.name for f in output_fields(layout, status)}:
-            raise OptionError(f"keep column {k!r} has the name of an output column")
-    _check_element_types(plan, options)
+    if store_dest:
+        ahead.append(store_state_ahead(dest, storage_options))
+    try:
+        plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
+                           sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
+                           target=target, group_by=group_by,
+                           task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options,
+                           group_files=group_files)
+        layout = (Layout(measures) if measures == ("gaussian_kl",)
+                  else layout_for(measures, options, sequence=plan.sequence, sparse=sparse))
+        for k in keep:
+            if k in {f.name for f in output_fields(layout, status)}:
+                raise OptionError(f"keep column {k!r} has the name of an output column")
+        _check_element_types(plan, options)
+        if summary_json is not None:
+            check_side_file(summary_json, "--summary-json", None if store_dest else checked[0],
+                            [r for r in roots if not is_store_url(r)], plan.files.local_paths())
+    except BaseException:
+        for pr in probes:  # the probe started beside the footers leaves nothing at DEST
+            pr.join()
+        raise
     dest_p = checked[0]
     if dry_run:
         return DryRun.of(plan, time.perf_counter() - t_start, scheduler, workers)
-    if summary_json is not None:
-        check_side_file(summary_json, "--summary-json", None if store_dest else dest_p,
-                        [r for r in roots if not is_store_url(r)], plan.files.local_paths())
-    # DEST is this job's from here on (one job per DEST): nothing beside DEST was touched before
+    # DEST is this job's from here on (one job per DEST): nothing beside DEST (and its probe) was touched before
+    job_id = None if resume else new_job_id()  # a resumed job may adopt a staged one's id: named later
     if store_dest:
-        hold = StoreClaim.acquire(dest_p, os.fspath(dest), last_writer_wins=last_writer_wins)
+        hold = StoreClaim.acquire(dest_p, os.fspath(dest), last_writer_wins=last_writer_wins,
+                                  probe=probes[0] if probes else None, job_id=job_id)
     else:
         hold = DestLock.acquire(dest_p, os.fspath(dest))
     with hold as lock:
@@ -1505,7 +1520,7 @@ def run(
             task_rows=task_rows, task_bytes=task_bytes, group_files=group_files, scheduler=scheduler, client=client,
             workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
-            grouping=grouping,
+            grouping=grouping, job_id=job_id,
         )
 
 
@@ -1604,8 +1619,9 @@ def _local_sources(source):
 
 def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layout, options, status, task_rows,
                 task_bytes, group_files, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start,
-                grouping=None):
-    """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
+                grouping=None, job_id=None):
+    """The job once it holds DEST: everything that reads or writes DEST and its staging directory
+    (`job_id`: the new job's id, which a store claim names already)."""
     from ..summary.stats import PartStats, Summary
 
     cols = plan.columns
@@ -1638,7 +1654,12 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     else:
         files = [f.to_dict() for f in plan.files]
         planned = _identity({**job, "rows": plan.rows, "inputs": files, "parts": _parts(plan, staging)})
-    kind, old = _existing(dest, dest_p)  # again, now that DEST is ours: another job may have committed meanwhile
+    if in_store and overwrite and not resume:
+        # what is at DEST changes nothing for this job (the commit reads the old manifest anyway): one
+        # request less. Otherwise DEST is read again, now that it is ours: another job may have committed
+        kind, old = None, None
+    else:
+        kind, old = _existing(dest, dest_p)
     if kind == "output" or (kind is not None and not in_store and not overwrite):
         # with resume: done already if it is this job's output
         if resume and not overwrite and isinstance(old, dict) and _identity(old) == planned:
@@ -1661,8 +1682,9 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
             staging.commit_written(overwrite=overwrite or kind == "interrupted", lock=lock)
             return _finished(Summary.from_dict(pending["summary"]), summary_json)
     # --resume continues the staged attempt only if it was this very job; any other is a new job
-    job_id = (staging.staged_job_id(job) if resume else None) or new_job_id()
-    lock.announce(job_id)
+    job_id = (staging.staged_job_id(job) if resume else None) or job_id or new_job_id()
+    if not (in_store and lock.job_id == job_id):  # a store claim names a new job's id from its creation
+        lock.announce(job_id)
     finished = staging.prepare(job, job_id, resume=resume)
     spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout, grouping)
     resumed = _reusable(plan, finished)
