@@ -451,6 +451,29 @@ def test_resume_reuses_the_staged_parts(shards, bucket):
     assert s.rows == shards[1].num_rows
 
 
+def test_the_last_states_are_logged_beside_the_commit_and_it_waits_for_them(shards, bucket, s3):
+    """The states still waiting when the tasks end go in one batch PUT beside the commit's first round
+    trips (claim refresh, commit record, old manifest): a batch that cannot be written stops the job
+    before any copy, DEST stays absent, and --resume then finishes the job."""
+    local, _ = shards
+    src = upload(local, bucket)
+    proxy = s3server.FaultProxy(s3)
+    proxy.fail(lambda method, path: method == "PUT" and "/states-" in path, 1000)
+    try:
+        with pytest.raises(OSError, match="cannot log finished parts' states"):
+            fastkl.run(src, f"s3://{bucket}/out", keep=("id",), task_rows=30, quiet=True,
+                       storage_options={"endpoint_url": proxy.url,
+                                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)})
+    finally:
+        proxy.close()
+    assert proxy.failed > 0
+    assert MANIFEST not in [k.rsplit("/", 1)[1] for k in keys(bucket, "out")] and not visible(bucket, "out")
+    assert not logged_states(bucket, "out")
+    s = fastkl.run(src, f"s3://{bucket}/out", keep=("id",), task_rows=30, quiet=True, resume=True)
+    assert s.rows == shards[1].num_rows
+    assert_clean(bucket, "out")
+
+
 # --------------------------------------------------------------------------
 # transient failures
 

@@ -38,7 +38,7 @@ import uuid
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -149,19 +149,24 @@ def dest_state(dest: StoreDest) -> tuple[str | None, Any]:
     return f"a prefix holding {len(shown)} other object(s), e.g. {dest.store.url(shown[0])}", None
 
 
+def _in_thread(name: str, fn: Callable[[], Any], daemon: bool = True) -> Future:
+    """`fn()` run in a thread of its own: its result, or its error, raised where the job waits for it."""
+    out: Future = Future()
+
+    def run() -> None:
+        try:
+            out.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - raised by whoever takes the result
+            out.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=daemon).start()
+    return out
+
+
 def state_ahead(dest: str, storage_options: dict | None) -> Future:
     """`dest_state` read in a thread, so that it overlaps SOURCE's listing; `check_store_dest` takes
     it (a read only: DEST is not touched before its checks, and an error is raised where they run)."""
-    out: Future = Future()
-
-    def read() -> None:
-        try:
-            out.set_result(dest_state(store_dest(dest, storage_options)))
-        except BaseException as e:  # noqa: BLE001 - raised by check_store_dest
-            out.set_exception(e)
-
-    threading.Thread(target=read, name="fastkl-dest", daemon=True).start()
-    return out
+    return _in_thread("fastkl-dest", lambda: dest_state(store_dest(dest, storage_options)))
 
 
 def check_store_dest(dest: str, roots: Iterable[str], *, overwrite: bool, exists_ok: bool,
@@ -403,9 +408,11 @@ class StoreStaging:
         self.retries = 4  # a task whose upload fails transiently runs again (backoff)
         self._uploads: dict[str, Any] = {}  # tmp -> its upload, in the process writing it
         self._setup: Future | None = None  # prepare's writes that run beside the tasks (a new job id)
+        self._logging: Future | None = None  # the last batch of states, logged beside the manifest's making
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _uploads={}, _setup=None)  # each stays in the process that has it
+        # each stays in the process that has it
+        return dict(self.__dict__, _uploads={}, _setup=None, _logging=None)
 
     @property
     def top(self) -> str:
@@ -466,8 +473,7 @@ class StoreStaging:
         fs, cond = self.dest.fs, self._cond()
         n = max(1, self.n_parts)
         if not resume:  # a new job id: nothing is staged under it (nothing read, no log listed)
-            self._setup = Future()
-            threading.Thread(target=self._setup_new, args=(mark,), name="fastkl-staging", daemon=True).start()
+            self._setup = _in_thread("fastkl-staging", lambda: self._setup_new(mark))
             return FinishedParts(StoreLogs(fs, self.root, cond, fresh=True), n, job_id)
         self._drop_others()
         if read_json(cond, posixpath.join(self.root, JOB)) != mark:
@@ -493,22 +499,31 @@ class StoreStaging:
                 _delete(cond, e)
 
     def _setup_new(self, mark: dict) -> None:
-        try:
-            with ThreadPoolExecutor(max_workers=2) as ex:  # two independent round trips at once
-                done = [ex.submit(self._drop_others),
-                        ex.submit(put_json, self.dest.store, posixpath.join(self.root, JOB), mark)]
-                for f in done:
-                    f.result()
-        except BaseException as e:  # noqa: BLE001 - raised where the job waits for it
-            self._setup.set_exception(e)
-        else:
-            self._setup.set_result(None)
+        with ThreadPoolExecutor(max_workers=2) as ex:  # two independent round trips at once
+            done = [ex.submit(self._drop_others),
+                    ex.submit(put_json, self.dest.store, posixpath.join(self.root, JOB), mark)]
+            for f in done:
+                f.result()
 
     def settle(self) -> None:
         """Wait for prepare's writes that ran beside the tasks; their failure is the job's."""
         setup, self._setup = self._setup, None
         if setup is not None:
             setup.result()
+
+    def log_beside(self, finished: FinishedParts) -> None:
+        """Every task has finished: the states still waiting for their batch are logged in a thread
+        while the job makes its manifest (and uploads its tables); the commit waits for that beside
+        its first round trips. Not a daemon: a job failing meanwhile still logs them for --resume."""
+        self._logging = _in_thread("fastkl-states", finished.flush, daemon=False)
+
+    def _logged(self, finished: FinishedParts) -> None:
+        """Every state logged (those `log_beside` sent, then any added since), and the logs closed."""
+        logging, self._logging = self._logging, None
+        if logging is not None:
+            logging.result()
+        finished.flush()
+        finished.close()
 
     def _vouched(self, st: Any, sizes: dict[str, int] | None = None) -> bool:
         """The staged object this state names exists with its size, written by this job
@@ -594,18 +609,19 @@ class StoreStaging:
                finished: FinishedParts) -> None:
         self.settle()
         objects = self.check_parts(max(1, n_parts), finished)
-        finished.close()
         rec = json.loads(json.dumps({"manifest": manifest, "objects": objects}, allow_nan=True))
-        self.commit_written(overwrite=overwrite, lock=lock, rec=rec)
+        self.commit_written(overwrite=overwrite, lock=lock, rec=rec, beside=lambda: self._logged(finished))
 
-    def commit_written(self, *, overwrite: bool, lock: StoreClaim, rec: dict | None = None) -> None:
+    def commit_written(self, *, overwrite: bool, lock: StoreClaim, rec: dict | None = None,
+                       beside: Callable[[], None] | None = None) -> None:
         """Steps 3-6: the commit record (`rec` is written; None: read, after a kill and by
-        `fastkl clean`), then the copies and the manifest. The claim's refresh, the record and
-        the read of the old manifest are independent round trips, made at once; no copy starts
-        before all three are done."""
+        `fastkl clean`), then the copies and the manifest. The claim's refresh, the record, the
+        read of the old manifest (and `beside`: the last states logged) are independent round
+        trips, made at once; no copy starts before all of them are done."""
         cond, fs, dest = self._cond(), self.dest.fs, self.dest
         record = posixpath.join(self.root, COMMIT)
-        with ThreadPoolExecutor(max_workers=3) as ex:
+        with ThreadPoolExecutor(max_workers=4) as ex:
+            logged = ex.submit(beside) if beside is not None else None
             checked = ex.submit(lock.check)
             got = (ex.submit(put_json, dest.store, record, rec) if rec is not None
                    else ex.submit(read_json, cond, record))
@@ -614,6 +630,8 @@ class StoreStaging:
             rec = rec if rec is not None else got.result()
             got.result()
             old = previous.result()
+            if logged is not None:
+                logged.result()
         manifest, objects = rec["manifest"], rec["objects"]
         if old is not None:
             if not overwrite:
@@ -642,19 +660,25 @@ class StoreStaging:
             other = read_json(cond, dest.key(MANIFEST))
             job = other.get("job_id") if isinstance(other, dict) else "?"
             raise DestTakenError(f"DEST {dest} was committed by another fastkl job (job {job}) meanwhile")
-        self.remove(entries, staged.result() if staged is not None else None, pending.result())
+        # on a store without directories (S3) what step 6 removes is named already, so the claim goes at
+        # the same time: a job taking DEST meanwhile has nothing of its own there that this one could remove
+        self.remove(entries, staged.result() if staged is not None else None, pending.result(),
+                    release=lock.release if staged is not None else None)
 
     def remove(self, listed: list[pafs.FileInfo] | None = None, staged: list[str] | None = None,
-               pending: list[tuple[str, str]] | None = None) -> None:
+               pending: list[tuple[str, str]] | None = None, release: Callable[[], None] | None = None) -> None:
         """Drop this job's staged objects and pending uploads, and the staging prefix if empty;
         what the commit listed beside its copies is not listed again (`listed`: DEST, for the stale
-        probes; `staged`: this job's objects; `pending`: the uploads under staging)."""
+        probes; `staged`: this job's objects; `pending`: the uploads under staging; `release`: the
+        claim's, at the same time)."""
         cond = self._cond()
-        with ThreadPoolExecutor(max_workers=3) as ex:  # independent round trips at once
+        with ThreadPoolExecutor(max_workers=4) as ex:  # independent round trips at once
             done = [ex.submit(cond.delete_prefix, self.root) if staged is None else ex.submit(cond.delete_keys, staged),
                     # this job holds DEST: any upload under staging is dead
                     ex.submit(cond.abort_uploads, self.top, pending),
                     ex.submit(drop_stale_probes, self.dest, 60.0, listed)]
+            if release is not None:
+                done.append(ex.submit(release))
             for f in done:
                 f.result()
         cond.drop_if_empty(self.top)

@@ -1721,7 +1721,10 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
                 obj.close()
             except Exception:
                 pass
-        _keep_states(finished, close=failed)  # logged now: the merge's end may fail too (too many groups)
+        if failed or not in_store or not plan.tasks:
+            _keep_states(finished, close=failed)  # logged now: the merge's end may fail too (too many groups)
+        else:  # logged beside what follows: the commit's first round trips wait for it (the same if it fails)
+            staging.log_beside(finished)
         if failed:  # workers are stopped: keep the staging directory only if --resume has parts to reuse
             staging.discard_if_nothing_finished()
     t_compute = time.perf_counter()
@@ -1773,7 +1776,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     if tables is not None:
         mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(resumed)),
                  open_output=staging.open_upload if in_store else None)
-    finished.flush()
+    if not in_store:  # a store's staging logs what is left beside its commit's first round trips
+        finished.flush()
     staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks), finished=finished)
     return _finished(summary, summary_json)
 
