@@ -12,6 +12,7 @@ start), and a LocalCluster whose workers share no directory with the client.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -605,7 +606,10 @@ def plain_shards(bucket, files=3, rows=40, seed=0) -> list[str]:
 def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkeypatch, moment):
     """Every GET of a task is pinned to the planned ETag (If-Match): an object replaced by one of
     the same size, footer and second fails the job with one line naming it, and nothing is
-    committed. (Without If-Match the data GETs would read the new bytes into the old plan.)"""
+    committed. (Without If-Match the data GETs would read the new bytes into the old plan.) Between
+    footer and data: the replacement comes once shard-1's first task has planned its chunk reads; with
+    the ranges located at planning its footer pieces and chunks came in the same GETs, so that task
+    reads the planned version whole and the next task's GET of shard-1 fails."""
     import fastkl.jobs.run as job
     from test_faults import one_line
 
@@ -628,7 +632,7 @@ def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkey
 
         monkeypatch.setattr(job, "run_task", hook)
     else:
-        real_ranges = job._chunk_ranges
+        real_ranges = job.chunk_ranges
 
         def hook(md, groups, cols):
             if md.num_rows and len(replaced) == 0 and hook.calls == 4:  # shard-1's first task (4 per file)
@@ -637,7 +641,7 @@ def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkey
             return real_ranges(md, groups, cols)
 
         hook.calls = 0
-        monkeypatch.setattr(job, "_chunk_ranges", hook)
+        monkeypatch.setattr(job, "chunk_ranges", hook)
     code, err = invoke("run", f"s3://{bucket}/src/", f"s3://{bucket}/out", "--keep", "id", "--task-rows", "10",
                        "--scheduler", "sync", "-q")
     line = one_line(err)
@@ -645,6 +649,49 @@ def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkey
     assert (f"s3://{bucket}/src/shard-1.parquet: changed since the job started "
             f"(ETag {etags[1]} -> {replaced[0]})") in line, line
     assert visible(bucket, "out") == [] and MANIFEST not in " ".join(keys(bucket, "out"))
+
+
+def test_a_task_fetches_its_footer_pieces_and_chunks_at_once_without_its_tail(tmp_path, bucket, monkeypatch):
+    """Planning locates the column chunks of each row group (from the footer it reads anyway), so a
+    task opens its object without a request and fetches its footer pieces and chunks in the same
+    GETs: the only suffix GETs are planning's, one per object. Same output as local; and a task whose
+    planned ranges are wrong (here: beyond the object) still reads right, by a GET more."""
+    import fastkl.jobs.run as job
+    from fastkl.io.store_reads import Pinned
+
+    plain_shards(bucket)  # 4 row groups of 10 rows each
+    local = tmp_path / "src"
+    local.mkdir()
+    for i in range(3):
+        (local / f"shard-{i}.parquet").write_bytes(s3fs().open_input_stream(f"{bucket}/src/shard-{i}.parquet").read())
+    fastkl.run(local, tmp_path / "ref", keep=("id",), task_rows=20, quiet=True)
+    ref = read_dest(tmp_path / "ref")
+    gets = []
+    real_get = Pinned._get
+
+    def counted(self, start, end=None, suffix=0):
+        gets.append("tail" if suffix else "range")
+        return real_get(self, start, end, suffix)
+
+    monkeypatch.setattr(Pinned, "_get", counted)
+    fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), task_rows=20, quiet=True)
+    assert read_store(bucket, "out").equals(ref)
+    # 3 objects x 2 tasks: a task's footer pieces and its 2 row groups' chunks lie within 1 MiB: one GET
+    assert gets.count("tail") == 3 and gets.count("range") == 6, gets
+
+    gets.clear()
+    from fastkl.io import plan_columns
+
+    real = plan_columns.Files.unit
+
+    def misplaced(self, i, g, offset=0, end=None):
+        u = real(self, i, g, offset, end)
+        return dataclasses.replace(u, chunks=tuple((1 << 40, (1 << 40) + 8) for _ in u.chunks)) if u.chunks else u
+
+    monkeypatch.setattr(plan_columns.Files, "unit", misplaced)
+    fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), task_rows=20, quiet=True, overwrite=True)
+    assert read_store(bucket, "out").equals(ref)
+    assert gets.count("tail") == 3 and gets.count("range") == 12, gets
 
 
 def stop_store_clock(mp):

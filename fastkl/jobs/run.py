@@ -92,7 +92,7 @@ from ..io.store_output import (
 from ..io.store_output import dest_state as store_dest_state
 from ..io.store_output import remove_leftovers as store_remove_leftovers
 from ..io.store_output import state_ahead as store_state_ahead
-from ..io.sources import Columns, FileRef, Plan, Task, dataset_sources, open_input, scan
+from ..io.sources import Columns, FileRef, Plan, Task, chunk_ranges, dataset_sources, open_input, scan
 from ..io.store_reads import ObjectChanged, PinnedFile, open_pinned, pins
 from .._registry import Dtype, Kind, Tail
 from .._result import Layout, layout_for, output_fields
@@ -186,13 +186,20 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
     return _open_task(f)[0]
 
 
-def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq.FileMetaData | None]:
+def _open_task(f: FileRef, units: Sequence[Any] = (), prebuffer: bool = False,
+               ) -> tuple[pa.NativeFile, pq.FileMetaData | None]:
     """`_open_planned`, and for a Parquet slice whose footer entries scan located, the
     metadata of just its row groups (row group k of it is units[k]), read from the file and
     checked against the planned bytes: a task reads and parses the footer's head and tail and
-    its own row groups' entries, not the whole footer (which is O(row groups of the file))."""
+    its own row groups' entries, not the whole footer (which is O(row groups of the file)).
+
+    A pinned S3 object whose units' column chunks planning located is opened without a request
+    (no GET of its tail): its footer pieces and, with `prebuffer`, the chunks are fetched at once,
+    in the same coalesced GETs, every one If-Match the planned ETag."""
+    own = f.fmt == "parquet" and f.meta and units and all(u.meta for u in units)
+    planned = bool(own and f.etag and all(u.chunks for u in units))
     try:
-        src = _open_source(f)
+        src = _open_source(f, planned)
     except ObjectChanged as e:
         raise _changed_error(f, e.what) from None
     except FileNotFoundError:
@@ -202,9 +209,10 @@ def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq
     md = None
     try:
         changed = f.identity().differences(_now(src, f))
-        own = f.fmt == "parquet" and f.meta and units and all(u.meta for u in units)
         if not changed and own and isinstance(src, PinnedFile):
-            src.pinned.prefetch(_footer_ranges(f, units))  # its footer pieces: one GET (most often none)
+            # its footer pieces: one GET (most often none after a tail GET), with its chunks if planned
+            chunks = [r for u in units for r in u.chunks] if planned and prebuffer else []
+            src.pinned.prefetch(_footer_ranges(f, units) + chunks)
         if not changed and own:
             md, changed = _own_footer(src, f, units)
         elif not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see fastkl.io.sources
@@ -221,14 +229,14 @@ def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq
     return src, md
 
 
-def _open_source(f: FileRef) -> pa.NativeFile:
+def _open_source(f: FileRef, planned: bool = False) -> pa.NativeFile:
     """A read handle on the planned file: never a memory map (a truncated mapped file is a SIGBUS,
-    not an error); on S3 the planned version only (every GET If-Match its ETag); on other
-    stores range reads of the object, checked by size and mtime."""
+    not an error); on S3 the planned version only (every GET If-Match its ETag; `planned`: opened
+    as planned, without a request); on other stores range reads of the object, checked by size and mtime."""
     if f.store is None:
         return pa.OSFile(f.path)
     if f.etag and pins(f.store):
-        return open_pinned(f.store, f.path, f.etag)
+        return open_pinned(f.store, f.path, f.etag, (f.size, f.mtime_ns) if planned else None)
     return open_input(f.path, f.store)[0]
 
 
@@ -364,7 +372,7 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src:
         if isinstance(src, PinnedFile):  # pinned S3 reads: we fetch the chunks (each GET If-Match), not pyarrow
             md = md or pq.read_metadata(src)
             if pre:
-                src.pinned.prefetch(_chunk_ranges(md, groups, cols))
+                src.pinned.prefetch(chunk_ranges(md, groups, cols))  # (fetched with the footer if planned)
                 buf = 0  # each chunk read whole from the fetched bytes, without a copy
             pre = False
         pf = pq.ParquetFile(src, metadata=md, buffer_size=0 if pre else buf, pre_buffer=pre,
@@ -381,22 +389,6 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src:
                 yield b.slice(o, batch_rows)
 
 
-def _chunk_ranges(md: pq.FileMetaData, groups: list[int], cols: list[str]) -> list[tuple[int, int]]:
-    """Byte ranges of the column chunks a Parquet read of `cols` in row groups `groups` reads."""
-    from ..io.sources import _leaf_columns
-
-    out, leaves = [], _leaf_columns(md, cols)
-    for g in groups:
-        rg = md.row_group(g)
-        for j in leaves:
-            c = rg.column(j)
-            start = c.data_page_offset
-            if c.has_dictionary_page and c.dictionary_page_offset and c.dictionary_page_offset < start:
-                start = c.dictionary_page_offset
-            out.append((start, start + c.total_compressed_size))
-    return out
-
-
 # What reading a file that is damaged, or changed under the reader, raises
 # (pyarrow's IPC reader: ValueError for a batch number beyond the footer's).
 _READ_ERRORS = (pa.ArrowException, OSError, MemoryError, ValueError, EOFError)
@@ -408,7 +400,7 @@ def _read(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
     A file found changed (replaced, rewritten, truncated) before, during or
     at the end of the read fails the task: its part would mix two versions.
     """
-    src, md = _open_task(task.file, task.units)
+    src, md = _open_task(task.file, task.units, prebuffer=task.nbytes <= STORE_PREBUFFER_MAX)
     try:
         it = _batches(task, spec, batch_rows, use_threads, src, md)
         done = 0
