@@ -656,7 +656,6 @@ def test_a_task_fetches_its_footer_pieces_and_chunks_at_once_without_its_tail(tm
     task opens its object without a request and fetches its footer pieces and chunks in the same
     GETs: the only suffix GETs are planning's, one per object. Same output as local; and a task whose
     planned ranges are wrong (here: beyond the object) still reads right, by a GET more."""
-    import fastkl.jobs.run as job
     from fastkl.io.store_reads import Pinned
 
     plain_shards(bucket)  # 4 row groups of 10 rows each
