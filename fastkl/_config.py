@@ -57,6 +57,12 @@ STATE_BATCH = 4096
 # task order): planning, scheduling and merging stay linear in the tasks.
 WINDOW_PER_THREAD = 8
 
+# On a Dask cluster, tasks reading less than BATCH_BYTES in all run together, up to
+# BATCH_TASKS of them, as one Dask task: Dask costs 1-3 ms per task (scheduler, worker,
+# transfers), more than a task of a few KB takes.
+BATCH_BYTES = 1 << 20
+BATCH_TASKS = 16
+
 # Parquet is read through a buffered stream of this many bytes.
 READ_BUFFER = 1 << 20
 

@@ -13,6 +13,10 @@ table gives the median of --rounds runs:
              ... --keep id`, default options (small files grouped into tasks)
   tasks      the same files with group_files=1: N tasks, one per file (the
              scheduling, per-task state and merge cost per task)
+  cluster    the tasks section on a distributed.LocalCluster (2 worker
+             processes of 1 thread, started in the child): the client, the
+             scheduler and the workers' per-task cost together; then N no-op
+             tasks on the same cluster give Dask's own cost per task there
   rowgroups  one Parquet file of N row groups (4 rows of 32 float32 per side),
              tasks of ~1 MiB (task_bytes=2**20)
   merge      no data: N synthetic files of one row group each cut into N tasks
@@ -21,6 +25,9 @@ table gives the median of --rounds runs:
              scheduler's window and their states logged (fastkl.io.state_log,
              in a temporary directory), the manifest's parts built and written:
              what the client does per task, and its peak RSS
+
+"overhead ms/task" is (compute time x threads - the tasks' own time) / tasks:
+the share of the threads' time no task used (scheduling, results, merge).
 
 For every section the fit y = a + b * N**c (least squares over the sizes)
 is printed: c is the growth exponent (1 = linear). The machine is named
@@ -51,6 +58,7 @@ sys.path.insert(0, ROOT)
 SIZES = {
     "files": [100, 300, 1000, 3000, 10000, 30000],
     "tasks": [100, 300, 1000, 3000, 10000],
+    "cluster": [100, 300, 1000, 3000, 10000],
     "rowgroups": [1000, 3000, 10000, 30000, 100000],
     "merge": [10000, 100000, 1000000],
 }
@@ -122,11 +130,19 @@ def _peak_mb() -> float:
 
 def case_job(kind: str, n: int, data: str) -> dict:
     import fastkl
+    from fastkl import _config
 
-    src = tiny_files(data, n) if kind in ("files", "tasks") else row_group_file(data, n)
+    src = tiny_files(data, n) if kind in ("files", "tasks", "cluster") else row_group_file(data, n)
     opts = {"keep": "id", "quiet": True}
-    if kind == "tasks":
+    threads = _config.cores()
+    if kind in ("tasks", "cluster"):
         opts["group_files"] = 1
+    if kind == "cluster":
+        from distributed import Client, LocalCluster
+
+        threads = 2
+        cluster = LocalCluster(n_workers=threads, threads_per_worker=1, processes=True, dashboard_address=None)
+        opts["scheduler"] = Client(cluster)
     if kind == "rowgroups":
         opts["task_bytes"] = 1 << 20
     out = tempfile.mkdtemp(prefix="fastkl-scale-out-")
@@ -140,13 +156,42 @@ def case_job(kind: str, n: int, data: str) -> dict:
         with open(os.path.join(dest, "_fastkl.json")) as fh:
             m = json.load(fh)
         parts = m["parts"]
+        tasks = len(parts) if isinstance(parts, list) else parts["count"]
+        floor = _dask_floor_ms(opts["scheduler"], min(tasks, 10_000)) if kind == "cluster" else None
+        # what the tasks' own time leaves of the threads' compute time: scheduling, results, merge
+        overhead = s.timings["compute_s"] * threads - s.timings["task_s"]
         return {"wall_s": wall, "plan_s": s.timings["plan_s"], "compute_s": s.timings["compute_s"],
-                "tasks": len(parts) if isinstance(parts, list) else parts["count"], "rss_mb": _peak_mb(),
+                "task_s": s.timings["task_s"], "overhead_ms": max(0.0, 1e3 * overhead / tasks),
+                "tasks": tasks, "rss_mb": _peak_mb(), **({"dask_floor_ms": floor} if floor else {}),
                 "rss_before_mb": base,
                 "manifest_bytes": sum(os.path.getsize(os.path.join(dest, f)) for f in os.listdir(dest)
                                       if f.startswith("_fastkl"))}
     finally:
+        if kind == "cluster":
+            opts["scheduler"].close()
+            cluster.close()
         shutil.rmtree(out, ignore_errors=True)
+
+
+def _noop(i: int) -> dict:
+    return {"index": i, "stats_text": "x" * 4000}  # about a task result's size
+
+
+def _dask_floor_ms(client, n: int) -> float:
+    """Wall ms per task of n no-op tasks on the same cluster, submitted and collected as a job
+    does (a window of futures refilled from `as_completed`): what Dask itself costs per task here."""
+    from distributed import as_completed
+
+    t0 = time.perf_counter()
+    todo = iter(range(n))
+    ready = as_completed([client.submit(_noop, i, pure=False) for i, _ in zip(todo, range(256))],
+                         with_results=True)
+    for fut, _ in ready:
+        fut.release()
+        i = next(todo, None)
+        if i is not None:
+            ready.add(client.submit(_noop, i, pure=False))
+    return 1e3 * (time.perf_counter() - t0) / n
 
 
 def case_merge(n: int) -> dict:
@@ -288,7 +333,8 @@ def run_section(section: str, sizes: list[int], rounds: int, data: str) -> list[
     rows = []
     for n in sizes:
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        make = {"files": "make-tiny", "tasks": "make-tiny", "rowgroups": "make-rowgroups"}.get(section)
+        make = {"files": "make-tiny", "tasks": "make-tiny", "cluster": "make-tiny",
+                "rowgroups": "make-rowgroups"}.get(section)
         if make:  # in a child: this process stays small (its peak would be inherited by the next)
             subprocess.run([sys.executable, __file__, "--child", make, "--n", str(n), "--data", data],
                            check=True, env=env)
@@ -311,12 +357,15 @@ def run_section(section: str, sizes: list[int], rounds: int, data: str) -> list[
 def report(section: str, rows: list[dict]) -> str:
     ns = [r["n"] for r in rows]
     lines = [f"### {section}", "",
-             "| N | wall s | plan s | tasks | per N (ms) | peak RSS MB | manifest bytes | load |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| N | wall s | plan s | tasks | per N (ms) | overhead ms/task | peak RSS MB | manifest bytes | load |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        over = f"{r['overhead_ms']:.3f}" if "overhead_ms" in r else "-"
+        if "dask_floor_ms" in r:  # Dask's own wall ms per no-op task on the same cluster
+            over += f" (Dask no-op: {r['dask_floor_ms']:.2f} wall)"
         lines.append(f"| {r['n']:,} | {r['wall_s']:.2f} | {r['plan_s']:.2f} | {r['tasks']:,.0f} | "
-                     f"{1e3 * r['wall_s'] / r['n']:.3f} | {r['rss_mb']:.0f} | {r['manifest_bytes']:,.0f} | "
-                     f"{r['load']:.1f} |")
+                     f"{1e3 * r['wall_s'] / r['n']:.3f} | {over} | {r['rss_mb']:.0f} | "
+                     f"{r['manifest_bytes']:,.0f} | {r['load']:.1f} |")
     lines.append("")
     for what, key in (("wall", "wall_s"), ("plan", "plan_s"), ("peak RSS", "rss_mb")):
         f = fit(ns, [r[key] for r in rows])
@@ -328,7 +377,7 @@ def report(section: str, rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="files,tasks,rowgroups,merge")
+    ap.add_argument("--only", default="files,tasks,cluster,rowgroups,merge")
     ap.add_argument("--sizes", default=None, help="comma-separated N for the sections run")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "fastkl-scale"))

@@ -309,6 +309,72 @@ def test_task_that_always_kills_its_worker_fails_the_job(tmp_path, dataset, clus
     cluster.wait_for_workers(2, timeout=60)
 
 
+# tiny tasks (a row group of one row each: 135 of them) run in batches of several per Dask task
+TINY_KW = dict(JOB_KW, task_rows=1)
+
+
+@pytest.fixture
+def tiny_tasks(tmp_path, rng):
+    source, _ = write_dataset(str(tmp_path / "src"), "parquet", rng, files=3, group=1)
+    clean = tmp_path / "clean"
+    fastkl.run(source, clean, **TINY_KW)
+    return source, clean
+
+
+def test_tiny_tasks_run_in_batches_with_the_same_output(tmp_path, tiny_tasks, cluster):
+    source, clean = tiny_tasks
+    plugin = _with_killer(cluster, faultinject.KillTask("shard-01.parquet", 60, str(tmp_path)))
+    try:
+        from distributed import get_task_stream
+        with get_task_stream(cluster) as ts:
+            s = fastkl.run(source, tmp_path / "out", scheduler=cluster, **TINY_KW)
+        seen = {str(t["key"]) for t in ts.data}
+    finally:
+        cluster.unregister_worker_plugin(plugin.name)
+    assert (tmp_path / "killed-60").exists()  # a worker died running a batch that holds task 60
+    batches = [k for k in seen if k.startswith("fastkl-parts-")]
+    assert len(batches) >= 8 and len(batches) < len(read_dest(clean)) // 4, sorted(seen)[:5]
+    assert _bytes_of_parts(tmp_path / "out") == _bytes_of_parts(clean)
+    assert summary_stats(s) == manifest_summary(clean)
+    cluster.wait_for_workers(2, timeout=60)
+
+
+def test_tiny_task_that_always_kills_its_worker_is_named(tmp_path, tiny_tasks, cluster):
+    """Its batch is split after Dask gives up on it; the task is then named alone."""
+    source, _ = tiny_tasks
+    plugin = _with_killer(cluster, faultinject.KillTask("shard-02.parquet", 100, str(tmp_path), always=True))
+    try:
+        with pytest.raises(fastkl.DataError) as info:
+            fastkl.run(source, tmp_path / "out", scheduler=cluster, **TINY_KW)
+    finally:
+        cluster.unregister_worker_plugin(plugin.name)
+    msg = str(info.value)
+    # task 100 is shard-02's row group 15 (shard-00 holds tasks 0-39, shard-01 40-84), alone
+    assert "shard-02.parquet: row group 15: " in msg and "died 4 times" in msg and " ... " not in msg, msg
+    assert not (tmp_path / "out").exists()
+    cluster.wait_for_workers(2, timeout=60)
+
+
+def test_task_batches_keep_order_and_size():
+    from types import SimpleNamespace
+
+    from fastkl._config import BATCH_BYTES, BATCH_TASKS
+    from fastkl.jobs.run import _task_batches
+
+    sizes = [100] * 300 + [BATCH_BYTES] + [BATCH_BYTES // 3] * 7 + [10] * 5
+    todo = [SimpleNamespace(index=i, nbytes=b) for i, b in enumerate(sizes)]
+    batches = _task_batches(todo, threads=2)
+    assert [t.index for b in batches for t in b] == list(range(len(todo)))
+    assert all(len(b) <= BATCH_TASKS and (len(b) == 1 or sum(t.nbytes for t in b) <= BATCH_BYTES)
+               for b in batches)
+    assert [len(b) for b in batches[:19]] == [BATCH_TASKS] * 18 + [300 - 18 * BATCH_TASKS]
+    assert [t.nbytes for t in batches[19]] == [BATCH_BYTES]  # a big task alone
+    assert [len(b) for b in batches[20:]] == [3, 3, 1 + 5]
+    few = [SimpleNamespace(index=i, nbytes=100) for i in range(40)]
+    assert [len(b) for b in _task_batches(few, threads=2)] == [2] * 20  # 8 batches or more per thread
+    assert [len(b) for b in _task_batches(few[:15], threads=2)] == [1] * 15
+
+
 def test_no_worker_left_fails_in_bounded_time(tmp_path, dataset, monkeypatch):
     """A worker without a nanny dies and nothing restarts it: the job fails, it does not wait forever."""
     import cloudpickle

@@ -62,8 +62,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .. import _config
-from .._config import (DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, MANIFEST_INLINE, NO_WORKER_TIMEOUT, PREFETCH,
-                       READ_BUFFER, WINDOW_PER_THREAD)
+from .._config import (BATCH_BYTES, BATCH_TASKS, DEFAULT_TASK_BYTES, FIRST_WORKER_TIMEOUT, MANIFEST_INLINE,
+                       NO_WORKER_TIMEOUT, PREFETCH, READ_BUFFER, WINDOW_PER_THREAD)
 from .._options import OnInvalid, Options, check_measures, check_request, documented, needs_q
 from ..io.output import (
     MANIFEST,
@@ -1000,28 +1000,55 @@ def _run_distributed(todo, plan, spec, progress, client, on_result):
     # A window of tasks in flight (in task order, by priority), refilled as results come back:
     # the client holds O(window) futures and results, the scheduler O(window) tasks.
     total_threads = sum(int(w.get("nthreads", 1)) for w in info.values())
-    window = _Window(todo, max(256, total_threads * WINDOW_PER_THREAD))
-    by_key: dict[str, Task] = {}  # tasks in flight
-    place: dict[str, int] = {}
+    batches = _task_batches(todo, total_threads)
+    in_flight = max(256, total_threads * WINDOW_PER_THREAD)  # tasks
+    window = _Window(batches, max(2 * total_threads, in_flight * len(batches) // max(1, len(todo))))
+    by_key: dict[str, list[Task]] = {}  # the tasks of each Dask task in flight
+    live: dict[str, Any] = {}  # their futures
+    place: dict[str, int] = {}  # their batch's place in the window
+    left: dict[int, int] = {}  # Dask tasks still running a batch's tasks
 
-    def submit(t):
-        fut = client.submit(
-            run_task, t, int(plan.batch_rows[t.index]), spec, threads, topic if reported else None,
-            key=f"fastkl-part-{t.index}-{topic[-8:]}", pure=False, priority=-t.index,
-        )
-        by_key[fut.key] = t
-        place[fut.key] = window.next
+    def send(batch: list[Task], at: int):
+        first = batch[0]
+        rows = [int(plan.batch_rows[t.index]) for t in batch]
+        topic_arg = topic if reported else None
+        if len(batch) == 1:
+            fut = client.submit(run_task, first, rows[0], spec, threads, topic_arg,
+                                key=f"fastkl-part-{first.index}-{topic[-8:]}", pure=False, priority=-first.index)
+        else:
+            fut = client.submit(run_tasks, batch, rows, spec, threads, topic_arg,
+                                key=f"fastkl-parts-{first.index}-{batch[-1].index}-{topic[-8:]}", pure=False,
+                                priority=-first.index)
+        by_key[fut.key], live[fut.key], place[fut.key] = batch, fut, at
+        left[at] = left.get(at, 0) + 1
         return fut
 
+    def submit(batch: list[Task]):
+        return send(batch, window.next)
+
+    def split(fut) -> list:
+        """A batch whose workers died: its tasks again one by one, so that a task that
+        kills its worker is the one named (and the others are not given up with it)."""
+        batch, at = by_key.pop(fut.key), place.pop(fut.key)
+        del live[fut.key]
+        fut.release()
+        left[at] -= 1
+        return [send([t], at) for t in batch]
+
     try:
-        for fut, r in _completed(client, window, submit, by_key):
-            t = by_key.pop(fut.key)
-            window.finished(place.pop(fut.key))
-            progress.done(t.index, t.rows, t.nbytes)
+        for fut, r in _completed(client, window, submit, by_key, split):
+            batch, at = by_key.pop(fut.key), place.pop(fut.key)
+            del live[fut.key]
+            left[at] -= 1
+            if not left[at]:
+                del left[at]
+                window.finished(at)
             fut.release()
-            on_result(r)
+            for t, result in zip(batch, r if len(batch) > 1 else [r]):
+                progress.done(t.index, t.rows, t.nbytes)
+                on_result(result)
     except BaseException as e:
-        client.cancel(list(window.running.values()))
+        client.cancel(list(live.values()))
         lost = _killed_worker_error(e, by_key, client)
         if lost is not None:
             raise lost from e
@@ -1034,9 +1061,33 @@ def _run_distributed(todo, plan, spec, progress, client, on_result):
                 pass
 
 
-def _completed(client, window: _Window, submit, by_key):
+def _task_batches(todo: list[Task], threads: int) -> list[list[Task]]:
+    """Consecutive small tasks grouped to run as one Dask task (BATCH_BYTES, BATCH_TASKS),
+    each other task alone; never so few batches that a thread would wait for work."""
+    most = max(1, min(BATCH_TASKS, len(todo) // (8 * max(1, threads))))
+    out: list[list[Task]] = []
+    size = 0
+    for t in todo:
+        last = out[-1] if out else None
+        if (last is not None and len(last) < most and t.nbytes < BATCH_BYTES
+                and size + t.nbytes <= BATCH_BYTES and last[0].nbytes < BATCH_BYTES):
+            last.append(t)
+            size += t.nbytes
+        else:
+            out.append([t])
+            size = t.nbytes
+    return out
+
+
+def run_tasks(tasks: list[Task], batch_rows: list[int], spec: JobSpec, kernel_threads, report=None) -> list[dict]:
+    """Several small tasks in one Dask task (see `_task_batches`), their results in order."""
+    return [run_task(t, b, spec, kernel_threads, report) for t, b in zip(tasks, batch_rows)]
+
+
+def _completed(client, window: _Window, submit, by_key, split):
     """Submit the window's tasks and yield (future, result) as they finish, like `as_completed`
-    refilled from the window after every batch of results, but never wait forever
+    refilled from the window after every batch of results (a batch of tasks whose Dask task
+    Dask gave up on is `split` and its tasks resubmitted), but never wait forever
     on a cluster without workers: neither for a task to run nor for a result held by a
     worker that died after finishing it (Dask recomputes it, once a worker exists)."""
     from distributed import as_completed
@@ -1071,9 +1122,26 @@ def _completed(client, window: _Window, submit, by_key):
                     break
                 except TimeoutError:
                     check_workers(force=True)
+                except Exception as e:
+                    if len(by_key.get(fut.key, ())) > 1 and _is_killed_worker(e):
+                        result = split  # (no task returns a function) its workers died: the tasks again, one by one
+                        break
+                    raise
             alone["since"] = None
+            if result is split:
+                ready.update(split(fut))
+                continue
             yield fut, result  # the caller marks it finished in the window
         ready.update(window.fill(submit))
+
+
+def _is_killed_worker(e: BaseException) -> bool:
+    """Dask gave up on a task whose workers kept dying."""
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, KilledWorker)
 
 
 def _suspects(client, by_key) -> list[tuple[Task, int]]:
@@ -1086,7 +1154,7 @@ def _suspects(client, by_key) -> list[tuple[Task, int]]:
         counts = client.run_on_scheduler(count, list(by_key))
     except Exception:  # noqa: BLE001 - only for the message
         return []
-    out = [(by_key[k], n) for k, n in counts.items() if n]
+    out = [(t, n) for k, n in counts.items() if n for t in by_key[k]]
     return sorted(out, key=lambda x: (-x[1], x[0].index))
 
 
@@ -1105,13 +1173,10 @@ def _killed_worker_error(e: BaseException, by_key: dict, client=None) -> DataErr
     A worker may hold more tasks than it runs (queued ones are charged for its
     death too), so the other tasks charged as often are named as well.
     """
-    try:
-        from distributed.scheduler import KilledWorker
-    except ImportError:  # pragma: no cover
+    if not _is_killed_worker(e):
         return None
-    if not isinstance(e, KilledWorker):
-        return None
-    t = by_key.get(getattr(e, "task", None))
+    batch = by_key.get(getattr(e, "task", None))
+    t = batch[0] if batch else None  # a batch is split before Dask gives up on one of its tasks alone
     tries = getattr(e, "allowed_failures", None)
     times = f"{tries + 1} times" if isinstance(tries, int) else "repeatedly"
     if t is None:
