@@ -12,6 +12,14 @@ computing and uploading their parts, commit = claim, server-side copies,
 manifest) and, as the floor the issue asks about, the time to move the
 same bytes through the same client alone (read every input object whole,
 write the output's bytes once; measured once a round, median).
+
+Round trips one after another, per phase: the S3 job again through a proxy
+that delays every request by --delay seconds (requests in flight at once are
+delayed at once), tasks one at a time (scheduler "sync"), against the same
+job through the proxy undelayed; a phase's extra time over the delay is how
+many of its round trips wait for one another (tasks: per task).
+
+    python scripts/bench_stores.py --tree /work/main   # another checkout's fastkl, this bench and test server
 """
 
 from __future__ import annotations
@@ -29,9 +37,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-# the fastkl of this tree, here and in the processes started from here (not an installed one)
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+HERE = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+# the fastkl of this tree (or of --tree), here and in the processes started from here (not an installed one)
+ROOT = os.path.abspath(sys.argv[sys.argv.index("--tree") + 1]) if "--tree" in sys.argv[:-1] else HERE
+sys.path[:0] = [ROOT, os.path.join(HERE, "tests")]
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 import s3server  # noqa: E402
 
@@ -70,6 +79,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--k", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--delay", type=float, default=0.2, help="seconds added to each request to count round trips "
+                    "one after another (0: not counted)")
+    ap.add_argument("--tree", default=HERE, help="the checkout whose fastkl is measured (default: this one)")
     a = ap.parse_args()
 
     server, endpoint = s3server.start_process()  # its own process: the server's Python does not share our GIL
@@ -128,9 +140,36 @@ def main() -> None:
         extra = med["s3"] - med["local"]
         print(f"  the store adds {extra:.3f} s; the bytes' transfer alone takes {rd + wr:.3f} s "
               f"(extra / transfer = {extra / (rd + wr):.2f})")
+        if a.delay > 0:
+            _round_trips(fastkl, endpoint, opts, a.delay)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         server.kill()
+
+
+def _round_trips(fastkl, endpoint: str, opts: dict, delay: float, runs: int = 2) -> None:
+    """Round trips one after another per phase: (phase time delayed - undelayed) / delay, medians."""
+    proxy = s3server.FaultProxy(endpoint)
+    src = "s3://bench/shards/"
+    tasks = fastkl.run(src, "s3://bench/out", dry_run=True, **opts).tasks
+    times: dict[float, list[tuple[float, float, float]]] = {0.0: [], delay: []}
+    try:
+        for r in range(runs):
+            for d in ((0.0, delay) if r % 2 == 0 else (delay, 0.0)):
+                proxy.delay_s = d
+                t0 = time.perf_counter()
+                s = fastkl.run(src, "s3://bench/out", scheduler="sync", storage_options={"endpoint_url": proxy.url},
+                               **opts)
+                wall = time.perf_counter() - t0
+                tm = s.timings
+                times[d].append((tm["plan_s"], tm["compute_s"], wall - tm["plan_s"] - tm["compute_s"]))
+    finally:
+        proxy.close()
+    med = {d: [statistics.median(t[i] for t in v) for i in range(3)] for d, v in times.items()}
+    turns = [(med[delay][i] - med[0.0][i]) / delay for i in range(3)]
+    print(f"  round trips one after another ({delay * 1000:.0f} ms per request, tasks one at a time, "
+          f"{runs} runs each, medians): before the tasks {turns[0]:.1f}, per task {turns[1] / max(1, tasks):.1f} "
+          f"({tasks} tasks), commit {turns[2]:.1f}")
 
 
 def _mark_phases(proxy) -> list[int]:

@@ -15,6 +15,7 @@ server it runs (a fix of the server under test, not of any client).
 from __future__ import annotations
 
 import os
+import time
 
 BAD, GOOD = b"CompleteMultipartUploadResponse", b"CompleteMultipartUploadResult"
 ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -72,7 +73,8 @@ class FaultProxy:
     `fail(predicate, n)`: the next n requests for which predicate(method, path)
     holds get a 503 SlowDown (what S3 answers when it throttles), every
     other one a 500 InternalError, without reaching the server. `strip_conditions`: drop If-None-Match / If-Match,
-    as an S3-compatible server without conditional writes ignores them.
+    as an S3-compatible server without conditional writes ignores them. `delay_s`: every request forwarded
+    waits that long first (a distant store's round trip; requests in flight at once wait at once).
     `seen` counts the requests forwarded, `failed` the ones refused, `log` lists them.
     """
 
@@ -85,6 +87,7 @@ class FaultProxy:
         self.upstream = urlsplit(upstream)
         self.rules: list = []
         self.strip_conditions = False
+        self.delay_s = 0.0
         self.seen = 0
         self.failed = 0
         self.by_method: dict[str, int] = {}
@@ -124,6 +127,8 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(msg)
                     return
+                if proxy.delay_s:
+                    time.sleep(proxy.delay_s)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("host", "content-length", "transfer-encoding")}
                 if proxy.strip_conditions:

@@ -12,6 +12,7 @@ start), and a LocalCluster whose workers share no directory with the client.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -451,6 +452,29 @@ def test_resume_reuses_the_staged_parts(shards, bucket):
     assert s.rows == shards[1].num_rows
 
 
+def test_the_last_states_are_logged_beside_the_commit_and_it_waits_for_them(shards, bucket, s3):
+    """The states still waiting when the tasks end go in one batch PUT beside the commit's first round
+    trips (claim refresh, commit record, old manifest): a batch that cannot be written stops the job
+    before any copy, DEST stays absent, and --resume then finishes the job."""
+    local, _ = shards
+    src = upload(local, bucket)
+    proxy = s3server.FaultProxy(s3)
+    proxy.fail(lambda method, path: method == "PUT" and "/states-" in path, 1000)
+    try:
+        with pytest.raises(OSError, match="cannot log finished parts' states"):
+            fastkl.run(src, f"s3://{bucket}/out", keep=("id",), task_rows=30, quiet=True,
+                       storage_options={"endpoint_url": proxy.url,
+                                        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=2)})
+    finally:
+        proxy.close()
+    assert proxy.failed > 0
+    assert MANIFEST not in [k.rsplit("/", 1)[1] for k in keys(bucket, "out")] and not visible(bucket, "out")
+    assert not logged_states(bucket, "out")
+    s = fastkl.run(src, f"s3://{bucket}/out", keep=("id",), task_rows=30, quiet=True, resume=True)
+    assert s.rows == shards[1].num_rows
+    assert_clean(bucket, "out")
+
+
 # --------------------------------------------------------------------------
 # transient failures
 
@@ -582,7 +606,10 @@ def plain_shards(bucket, files=3, rows=40, seed=0) -> list[str]:
 def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkeypatch, moment):
     """Every GET of a task is pinned to the planned ETag (If-Match): an object replaced by one of
     the same size, footer and second fails the job with one line naming it, and nothing is
-    committed. (Without If-Match the data GETs would read the new bytes into the old plan.)"""
+    committed. (Without If-Match the data GETs would read the new bytes into the old plan.) Between
+    footer and data: the replacement comes once shard-1's first task has planned its chunk reads; with
+    the ranges located at planning its footer pieces and chunks came in the same GETs, so that task
+    reads the planned version whole and the next task's GET of shard-1 fails."""
     import fastkl.jobs.run as job
     from test_faults import one_line
 
@@ -605,7 +632,7 @@ def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkey
 
         monkeypatch.setattr(job, "run_task", hook)
     else:
-        real_ranges = job._chunk_ranges
+        real_ranges = job.chunk_ranges
 
         def hook(md, groups, cols):
             if md.num_rows and len(replaced) == 0 and hook.calls == 4:  # shard-1's first task (4 per file)
@@ -614,7 +641,7 @@ def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkey
             return real_ranges(md, groups, cols)
 
         hook.calls = 0
-        monkeypatch.setattr(job, "_chunk_ranges", hook)
+        monkeypatch.setattr(job, "chunk_ranges", hook)
     code, err = invoke("run", f"s3://{bucket}/src/", f"s3://{bucket}/out", "--keep", "id", "--task-rows", "10",
                        "--scheduler", "sync", "-q")
     line = one_line(err)
@@ -622,6 +649,48 @@ def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkey
     assert (f"s3://{bucket}/src/shard-1.parquet: changed since the job started "
             f"(ETag {etags[1]} -> {replaced[0]})") in line, line
     assert visible(bucket, "out") == [] and MANIFEST not in " ".join(keys(bucket, "out"))
+
+
+def test_a_task_fetches_its_footer_pieces_and_chunks_at_once_without_its_tail(tmp_path, bucket, monkeypatch):
+    """Planning locates the column chunks of each row group (from the footer it reads anyway), so a
+    task opens its object without a request and fetches its footer pieces and chunks in the same
+    GETs: the only suffix GETs are planning's, one per object. Same output as local; and a task whose
+    planned ranges are wrong (here: beyond the object) still reads right, by a GET more."""
+    from fastkl.io.store_reads import Pinned
+
+    plain_shards(bucket)  # 4 row groups of 10 rows each
+    local = tmp_path / "src"
+    local.mkdir()
+    for i in range(3):
+        (local / f"shard-{i}.parquet").write_bytes(s3fs().open_input_stream(f"{bucket}/src/shard-{i}.parquet").read())
+    fastkl.run(local, tmp_path / "ref", keep=("id",), task_rows=20, quiet=True)
+    ref = read_dest(tmp_path / "ref")
+    gets = []
+    real_get = Pinned._get
+
+    def counted(self, start, end=None, suffix=0):
+        gets.append("tail" if suffix else "range")
+        return real_get(self, start, end, suffix)
+
+    monkeypatch.setattr(Pinned, "_get", counted)
+    fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), task_rows=20, quiet=True)
+    assert read_store(bucket, "out").equals(ref)
+    # 3 objects x 2 tasks: a task's footer pieces and its 2 row groups' chunks lie within 1 MiB: one GET
+    assert gets.count("tail") == 3 and gets.count("range") == 6, gets
+
+    gets.clear()
+    from fastkl.io import plan_columns
+
+    real = plan_columns.Files.unit
+
+    def misplaced(self, i, g, offset=0, end=None):
+        u = real(self, i, g, offset, end)
+        return dataclasses.replace(u, chunks=tuple((1 << 40, (1 << 40) + 8) for _ in u.chunks)) if u.chunks else u
+
+    monkeypatch.setattr(plan_columns.Files, "unit", misplaced)
+    fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), task_rows=20, quiet=True, overwrite=True)
+    assert read_store(bucket, "out").equals(ref)
+    assert gets.count("tail") == 3 and gets.count("range") == 12, gets
 
 
 def stop_store_clock(mp):
@@ -839,6 +908,27 @@ def test_a_job_whose_claim_was_taken_does_not_commit(shards, bucket):
     assert len(failed) == 1 and isinstance(failed[0], fastkl.DestTakenError), failed
     assert "intruder" in str(failed[0]) and "not committing" in str(failed[0])
     assert MANIFEST not in [k.rsplit("/", 1)[1] for k in keys(bucket, "out")] and not visible(bucket, "out")
+
+
+def test_a_claim_names_its_job_and_its_release_leaves_a_claim_taken_over(bucket):
+    """A new job's id is in the claim from its creation (no second PUT); the release is one delete
+    If-Match the ETag the job last wrote, so a claim another job took over meanwhile stays, and the
+    probe that ran before the claim leaves nothing."""
+    from fastkl.io.store_conditional import conditional
+    from fastkl.io.store_output import StoreClaim, store_dest
+
+    d = store_dest(f"s3://{bucket}/out", None)
+    cond = conditional(d.store)
+    mine = StoreClaim.acquire(d, "x", job_id="j1")
+    assert json.loads(cond.read(d.key(CLAIM)).data)["job_id"] == "j1"
+    # another job takes it over (as if this one had looked dead) before this one's next refresh
+    assert cond.replace(d.key(CLAIM), json.dumps({"job_id": "other"}).encode(), mine._etag) is not None
+    mine.release()
+    assert json.loads(cond.read(d.key(CLAIM)).data)["job_id"] == "other"
+    cond.delete(d.key(CLAIM))
+    with StoreClaim.acquire(d, "x", job_id="j2"):
+        pass
+    assert keys(bucket, "out") == []
 
 
 def test_a_failed_store_job_says_where_its_parts_are_kept(tmp_path, bucket):

@@ -96,7 +96,8 @@ class Files:
 
     def append(self, path: str, display: str, fmt: str, identity: Any, partition: tuple, store: Any,
                footer: str, meta: tuple, units: Sequence[tuple[int, int, int]],
-               spans: Sequence[tuple[int, int, int]] | None) -> None:
+               spans: Sequence[tuple[int, int, int]] | None,
+               chunks: Sequence[Sequence[tuple[int, int]]] | None = None) -> None:
         """One file as planned from its footer: units are (rows, decoded bytes, message offset)."""
         c = self.cols
         self.path.append(path)
@@ -122,6 +123,20 @@ class Files:
         else:
             c["unit_meta"].extend((0, 0, 0) * len(units))
         c["unit_start"].append(c["unit_start"][-1] + len(units))
+        leaves = len(chunks[0]) if chunks and len(chunks) == len(units) else 0
+        if leaves and any(len(r) != leaves for r in chunks):
+            leaves = 0
+        if leaves and "leaves" not in c:  # Unit.chunks: from the first file that has them (pinned S3 objects),
+            # so a plan of local files has none of these columns. File i's units have `leaves` (start, end)
+            # pairs each, from pair chunk_start[i] on
+            c["leaves"], c["chunk_start"] = array("i", [0] * self._n), array("q", [0] * (self._n + 1))
+            c["chunks"] = array("q")
+        if "leaves" in c:
+            for ranges in chunks if leaves else ():
+                for a, b in ranges:
+                    c["chunks"].extend((a, b))
+            c["leaves"].append(leaves)
+            c["chunk_start"].append(len(c["chunks"]) // 2)
         self._n += 1
 
     def freeze(self) -> "Files":
@@ -131,6 +146,8 @@ class Files:
                 self.cols[name] = _frozen(a)
         self.cols["meta"] = self.cols["meta"].reshape(-1, 5)
         self.cols["unit_meta"] = self.cols["unit_meta"].reshape(-1, 3)
+        if "chunks" in self.cols:
+            self.cols["chunks"] = self.cols["chunks"].reshape(-1, 2)
         return self
 
     def __getattr__(self, name: str) -> np.ndarray:
@@ -186,7 +203,12 @@ class Files:
             nbytes = int(nbytes / rows * (end - offset))
             return Unit(g, offset, end - offset, nbytes, int(c["unit_pos"][k]))
         meta = tuple(c["unit_meta"][k].tolist()) if c["has_meta"][i] else ()
-        return Unit(g, 0, rows, nbytes, int(c["unit_pos"][k]), meta)
+        chunks: tuple = ()
+        if "leaves" in c and c["leaves"][i]:
+            leaves = int(c["leaves"][i])
+            at = int(c["chunk_start"][i]) + g * leaves
+            chunks = tuple(map(tuple, c["chunks"][at:at + leaves].tolist()))
+        return Unit(g, 0, rows, nbytes, int(c["unit_pos"][k]), meta, chunks)
 
     def __getitem__(self, i: int):
         from .sources import InputFile

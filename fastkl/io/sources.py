@@ -86,6 +86,9 @@ class Unit:
     nbytes: int  # estimated decoded bytes of the columns read
     pos: int = 0  # IPC stream: byte offset of the record batch's message
     meta: tuple[int, int, int] = ()  # Parquet: its RowGroup entry in the footer (start, end, crc32)
+    # Parquet on S3: the byte ranges of the column chunks a task reads, from the footer planning read, so
+    # that a task fetches them with its footer pieces at once (no GET of the object's tail first)
+    chunks: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)  # slots: a plan holds one per row group / task / file
@@ -868,6 +871,7 @@ class _Footer:
     digest: str
     meta: tuple = ()  # Parquet: see FileRef.meta
     spans: list[tuple[int, int, int]] | None = None  # Parquet: see Unit.meta, per row group
+    chunks: list[list[tuple[int, int]]] | None = None  # Parquet on S3: see Unit.chunks, per row group
 
 
 def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[[], Identity]]:
@@ -898,27 +902,29 @@ def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[
     return src, ident
 
 
-def _read_footers(found: list[_Found], names: list[str]) -> Iterator[_Footer]:
+def _read_footers(found: list[_Found], names: list[str], fetched: Sequence[str] = ()) -> Iterator[_Footer]:
     """Every file's footer, in order: objects in a store by 16 threads (each read waits on a round trip),
     local files in this thread. Local reads gain nothing from threads (the parsing holds the
     GIL: 10^4 small files took 5.3 s with 16 threads, 3.2 s in one), and pyarrow's metadata
     parsed in pool threads left ~10 KB per file in glibc's per-thread arenas (+110 MB peak
-    RSS at 10^4 files)."""
+    RSS at 10^4 files). `names`, `fetched`: see `_read_footer`."""
     if all(f.store is None for f in found):
-        yield from (_read_footer(f, names) for f in found)
+        yield from (_read_footer(f, names, fetched) for f in found)
         return
     with ThreadPoolExecutor(max_workers=min(16, len(found))) as ex:
-        yield from ex.map(lambda f: _read_footer(f, names), found)
+        yield from ex.map(lambda f: _read_footer(f, names, fetched), found)
 
 
-def _read_footer(f: _Found, names: list[str]) -> _Footer:
+def _read_footer(f: _Found, names: list[str], fetched: Sequence[str] = ()) -> _Footer:
+    """What planning learns from one file: `names` are the columns it is sized on, `fetched` the
+    ones a task reads (their chunks' byte ranges are kept for pinned S3 objects)."""
     what = {"parquet": "Parquet file", "ipc": "Arrow IPC file", "ipc_stream": "Arrow IPC stream"}[f.fmt]
     try:
         src, identity = open_input(f.path, f.store)
         with src:
             ident = identity()
             read = {"parquet": _plan_parquet, "ipc": _plan_ipc_file, "ipc_stream": _plan_ipc_stream}[f.fmt]
-            schema, units, footer, *where = read(f, src, ident.size, names)
+            schema, units, footer, *where = read(f, src, ident.size, names, *((fetched,) if f.fmt == "parquet" else ()))
             changed = ident.differences(identity())
     except DataError:
         raise
@@ -929,7 +935,7 @@ def _read_footer(f: _Found, names: list[str]) -> _Footer:
     return _Footer(schema, units, ident, footer, *where)
 
 
-def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
+def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str], fetched: Sequence[str] = ()):
     footer = parquet_footer(src, size)
     md = pq.read_metadata(src)
     schema = md.schema.to_arrow_schema()
@@ -941,7 +947,25 @@ def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
         raise DataError(f"{f.display}: corrupt Parquet footer: {e}") from None
     units = [(md.row_group(g).num_rows, sizes[g], 0) for g in range(md.num_row_groups)]
     meta, spans = _footer_spans(footer, md.num_row_groups, size)
-    return schema, units, digest(footer), meta, spans
+    chunks = None
+    if spans and pins(f.store):  # a task of it can then skip the GET of its tail (see fastkl.jobs.run)
+        got = [c for c in fetched if c in schema.names]
+        chunks = [chunk_ranges(md, [g], got) for g in range(md.num_row_groups)]
+    return schema, units, digest(footer), meta, spans, chunks
+
+
+def chunk_ranges(md: pq.FileMetaData, groups: Sequence[int], cols: Sequence[str]) -> list[tuple[int, int]]:
+    """Byte ranges of the column chunks a Parquet read of `cols` in row groups `groups` reads."""
+    out, leaves = [], _leaf_columns(md, list(cols))
+    for g in groups:
+        rg = md.row_group(g)
+        for j in leaves:
+            c = rg.column(j)
+            start = c.data_page_offset
+            if c.has_dictionary_page and c.dictionary_page_offset and c.dictionary_page_offset < start:
+                start = c.dictionary_page_offset
+            out.append((start, start + c.total_compressed_size))
+    return out
 
 
 def _footer_spans(footer: bytes, n_row_groups: int, size: int):
@@ -1235,7 +1259,7 @@ def scan(
     schemas: list[pa.Schema] = []
     distinct: dict[pa.Schema, tuple[pa.Schema, float]] = {}
     rows: list[int] = []
-    for f, ft in zip(found, _read_footers(found, read)):
+    for f, ft in zip(found, _read_footers(found, read, cols.read())):
         if ft.schema not in distinct:
             try:
                 distinct[ft.schema] = (ft.schema, kernel_bytes_scale(ft.schema, names))
@@ -1246,7 +1270,7 @@ def scan(
         rows.append(sum(u[0] for u in ft.units))
         units = [(r, int(b * scale), pos) for r, b, pos in ft.units]
         files.append(f.path, f.display, f.fmt, ft.identity, f.partition, f.store, ft.digest, ft.meta, units,
-                     ft.spans)
+                     ft.spans, ft.chunks)
     _check_columns(found, schemas, cols, rows, sampled)
     tasks = cut_tasks(files.freeze(), task_rows, task_bytes, batch_bytes, group_files)
     # the kernel dtypes the job will meet (warm-up), from files with rows: an empty shard may be typed null

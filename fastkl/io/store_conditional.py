@@ -19,7 +19,7 @@ import functools
 import hashlib
 import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow.fs as pafs
 
@@ -70,6 +70,7 @@ class Conditional:
     """create / replace / read / delete of small objects (claims, manifests) on one store."""
 
     supported = True
+    flat = False  # a prefix is nothing but its objects (no directories to remove after them)
 
     def __init__(self, store: Store):
         self.store = store
@@ -100,6 +101,15 @@ class Conditional:
         except FileNotFoundError:
             pass
 
+    def delete_if(self, path: str, etag: str) -> bool:
+        """Delete `path` only if it is still the version `etag`: whether it was deleted
+        (here a read and a compare before the delete; S3 does it in one conditional request)."""
+        now = self.read(path)
+        if now is None or now.etag != etag:
+            return False
+        self.delete(path)
+        return True
+
     def put(self, path: str, data: bytes) -> None:
         """A small object written unconditionally (whole or absent)."""
         with self.store.fs.open_output_stream(path) as f:
@@ -117,6 +127,22 @@ class Conditional:
                 if e.type == pafs.FileType.File:
                     fs.delete_file(e.path)
 
+    def keys(self, path: str) -> list[str]:
+        """Every object under `path/` (for `delete_keys`: a listing taken ahead of the deletion)."""
+        sel = pafs.FileSelector(path, recursive=True, allow_not_found=True)
+        try:
+            return [e.path for e in self.store.fs.get_file_info(sel) if e.type == pafs.FileType.File]
+        except FileNotFoundError:
+            return []
+
+    def delete_keys(self, paths: list[str]) -> None:
+        for p in paths:
+            self.delete(p)
+
+    def pending_uploads(self, prefix: str) -> list[tuple[str, str]]:
+        """Pending multipart uploads under a prefix (S3 only): (path, upload id)."""
+        return []
+
     def drop_if_empty(self, path: str) -> None:
         """Remove the directory `path` if nothing is left in it (stores with directories)."""
         fs = self.store.fs
@@ -130,22 +156,27 @@ class Conditional:
         """A writable file whose bytes appear at `path` only once it is closed."""
         return self.store.fs.open_output_stream(path)
 
-    def abort_uploads(self, prefix: str) -> int:
-        """Abort pending multipart uploads under a prefix (S3 only): how many."""
+    def abort_uploads(self, prefix: str, pending: list[tuple[str, str]] | None = None) -> int:
+        """Abort pending multipart uploads under a prefix (S3 only; `pending`: listed already): how many."""
         return 0
 
-    def probe(self, path: str) -> bool:
-        """Whether the store honours conditional creates: create twice, the second must fail."""
+    def probe(self, path: str, answered: Callable[[bool], None] | None = None) -> bool:
+        """Whether the store honours conditional creates: create twice, the second must fail
+        (`answered` is told before the probe object is deleted). A first create refused means the
+        key was taken already: nothing to learn, the store is assumed to have refused it."""
         try:
-            if self.create(path, b"probe") is None:
-                return True  # taken already: nothing to learn, assume the store refused it
-            return self.create(path, b"probe") is None
+            ok = self.create(path, b"probe") is None or self.create(path, b"probe") is None
+            if answered is not None:
+                answered(ok)
+            return ok
         finally:
             self.delete(path)
 
 
 class S3Conditional(Conditional):
     """S3 and compatible servers: If-None-Match / If-Match on PutObject (boto3)."""
+
+    flat = True
 
     def _client(self):
         return _s3_client(self.store.options)
@@ -205,18 +236,45 @@ class S3Conditional(Conditional):
         bucket, key = _split(path)
         self._call(path, "delete_object", Bucket=bucket, Key=key)
 
+    def delete_if(self, path: str, etag: str) -> bool:
+        """One DeleteObject with If-Match (S3 has conditional deletes, moto too): a claim taken over
+        by another job meanwhile is not deleted (412), and no read is needed before."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, key = _split(path)
+        try:
+            self._client().delete_object(Bucket=bucket, Key=key, IfMatch=etag)
+        except BotoCoreError as e:
+            raise OSError(f"{self.store.url(path)}: {e}") from None
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "NoSuchKey", "ConditionalRequestConflict") or status in (404, 409, 412):
+                return False
+            raise OSError(f"{self.store.url(path)}: {code or status}: {e}") from None
+        return True
+
     def delete_prefix(self, path: str) -> None:
         """One listing page and one batch delete per 1,000 objects (an empty prefix is no object)."""
+        self.delete_keys(self.keys(path))
+
+    def keys(self, path: str) -> list[str]:
         bucket, key = _split(path.rstrip("/") + "/")
+        out: list[str] = []
         token: dict = {}
         while True:
             page = self._call(path, "list_objects_v2", Bucket=bucket, Prefix=key, **token)
-            doomed = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if doomed:
-                self._call(path, "delete_objects", Bucket=bucket, Delete={"Objects": doomed, "Quiet": True})
+            out += [f"{bucket}/{o['Key']}" for o in page.get("Contents", [])]
             if not page.get("IsTruncated"):
-                return
+                return out
             token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def delete_keys(self, paths: list[str]) -> None:
+        """One batch delete per 1,000 objects of one bucket."""
+        for i in range(0, len(paths), 1000):
+            bucket = _split(paths[i])[0]
+            doomed = [{"Key": _split(p)[1]} for p in paths[i:i + 1000]]
+            self._call(paths[i], "delete_objects", Bucket=bucket, Delete={"Objects": doomed, "Quiet": True})
 
     def drop_if_empty(self, path: str) -> None:
         """Nothing to do: on S3 a prefix without objects does not exist (and fastkl writes no markers)."""
@@ -224,14 +282,19 @@ class S3Conditional(Conditional):
     def open_upload(self, path: str) -> "S3Upload":
         return S3Upload(self, path)
 
-    def abort_uploads(self, prefix: str) -> int:
+    def pending_uploads(self, prefix: str) -> list[tuple[str, str]]:
         bucket, key = _split(prefix)
-        c, n = self._client(), 0
-        for page in c.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key + "/"):
-            for u in page.get("Uploads", []):
-                c.abort_multipart_upload(Bucket=bucket, Key=u["Key"], UploadId=u["UploadId"])
-                n += 1
-        return n
+        return [(f"{bucket}/{u['Key']}", u["UploadId"])
+                for page in self._client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket,
+                                                                                           Prefix=key + "/")
+                for u in page.get("Uploads", [])]
+
+    def abort_uploads(self, prefix: str, pending: list[tuple[str, str]] | None = None) -> int:
+        pending = self.pending_uploads(prefix) if pending is None else pending
+        for path, upload in pending:
+            bucket, key = _split(path)
+            self._client().abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
+        return len(pending)
 
 
 class S3Upload:
@@ -352,7 +415,9 @@ class UnconditionalWrites(Conditional):
             f.write(data)
         return hashlib.md5(data).hexdigest()
 
-    def probe(self, path: str) -> bool:
+    def probe(self, path: str, answered: Callable[[bool], None] | None = None) -> bool:
+        if answered is not None:
+            answered(False)
         return False
 
 

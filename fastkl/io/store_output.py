@@ -36,9 +36,9 @@ import threading
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -149,16 +149,37 @@ def dest_state(dest: StoreDest) -> tuple[str | None, Any]:
     return f"a prefix holding {len(shown)} other object(s), e.g. {dest.store.url(shown[0])}", None
 
 
+def _in_thread(name: str, fn: Callable[[], Any], daemon: bool = True) -> Future:
+    """`fn()` run in a thread of its own: its result, or its error, raised where the job waits for it."""
+    out: Future = Future()
+
+    def run() -> None:
+        try:
+            out.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - raised by whoever takes the result
+            out.set_exception(e)
+
+    threading.Thread(target=run, name=name, daemon=daemon).start()
+    return out
+
+
+def state_ahead(dest: str, storage_options: dict | None) -> Future:
+    """`dest_state` read in a thread, so that it overlaps SOURCE's listing; `check_store_dest` takes
+    it (a read only: DEST is not touched before its checks, and an error is raised where they run)."""
+    return _in_thread("fastkl-dest", lambda: dest_state(store_dest(dest, storage_options)))
+
+
 def check_store_dest(dest: str, roots: Iterable[str], *, overwrite: bool, exists_ok: bool,
-                     storage_options: dict | None) -> StoreDest:
-    """Refuse DEST overlapping SOURCE, a foreign DEST, or an existing one without overwrite."""
+                     storage_options: dict | None, ahead: Future | None = None) -> StoreDest:
+    """Refuse DEST overlapping SOURCE, a foreign DEST, or an existing one without overwrite
+    (`ahead`: `state_ahead`'s read of DEST, else DEST is read here)."""
     d = store_dest(dest, storage_options)
     for root in roots:
         if isinstance(root, str) and root.startswith(d.store.protocol + "://"):
             if _overlaps(str(d), root):
                 raise OptionError(f"DEST {dest!r} overlaps SOURCE {root!r}: "
                                   "DEST must be outside the input and must not contain it")
-    kind = dest_kind(d)
+    kind = ahead.result()[0] if ahead is not None else dest_kind(d)
     if kind not in (None, "output", "empty", "interrupted"):
         raise OptionError(f"DEST {dest!r} exists and is not a fastkl output ({kind}): refusing to replace it; "
                           "choose another DEST")
@@ -200,12 +221,47 @@ def holder(info: Any) -> str:
     return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started', '?')}{job}"
 
 
+class Probe:
+    """Whether a store DEST honours conditional creates, asked in a thread of its own so that the
+    job can plan meanwhile (run() starts it once DEST has passed its checks, beside the footer reads):
+    two creates of `DEST/_fastkl-probe-<random>` (a `_` name: no reader lists it), the second must be
+    refused. `ok()` waits for the answer, `join()` for the probe's delete, which nothing waits for
+    before the claim is taken (a probe a kill leaves is dropped by later jobs, `drop_stale_probes`)."""
+
+    def __init__(self, dest: StoreDest):
+        self.cond = conditional(dest.store)
+        self._answer: Future = Future()
+        self._thread: threading.Thread | None = None
+        if not self.cond.supported:
+            self._answer.set_result(False)
+            return
+        # the probe's key is its own (not under the staging prefix, which the winner of a race clears)
+        path = dest.key(f"{PROBE}-{uuid.uuid4().hex[:12]}")
+        self._thread = threading.Thread(target=self._run, args=(path,), name="fastkl-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: str) -> None:
+        try:
+            self.cond.probe(path, self._answer.set_result)
+        except BaseException as e:  # noqa: BLE001 - handed to the thread that waits for the answer
+            if not self._answer.done():
+                self._answer.set_exception(e)
+
+    def ok(self) -> bool:
+        return self._answer.result()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+
 class StoreClaim:
     """One job's hold on a store DEST: `DEST/_fastkl-claim.json`, created conditionally and
     refreshed by a thread. The store's counterpart of `DestLock` (same methods)."""
 
-    def __init__(self, dest: StoreDest, display: str, cond: Conditional, etag: str, info: dict):
-        self.dest, self.display, self.cond = dest, display, cond
+    def __init__(self, dest: StoreDest, display: str, cond: Conditional, etag: str, info: dict,
+                 probe: Probe | None = None):
+        self.dest, self.display, self.cond, self._probe = dest, display, cond, probe
         self.path = dest.key(CLAIM)
         self._etag, self.info = etag, info
         self._mutex = threading.Lock()
@@ -215,30 +271,47 @@ class StoreClaim:
         self._beat.start()
 
     @classmethod
-    def acquire(cls, dest: StoreDest, display: str, *, last_writer_wins: bool = False) -> "StoreClaim":
+    def acquire(cls, dest: StoreDest, display: str, *, last_writer_wins: bool = False,
+                probe: Probe | None = None, job_id: str | None = None) -> "StoreClaim":
         """Take DEST or raise DestTakenError naming the live job that holds it.
 
-        The first creation doubles as the probe: a second conditional create
-        of the same key must be refused, else the store ignores conditions.
+        `probe`: the conditional-write probe, started earlier (else started
+        now); no claim is written before its answer. `job_id`: named in the
+        claim as it is created (a job that knows its id saves the `announce`).
         """
-        cond = conditional(dest.store)
-        # the probe's key is its own (not under the staging prefix, which the winner of a race clears)
-        if not cond.supported or not cond.probe(dest.key(f"{PROBE}-{uuid.uuid4().hex[:12]}")):
+        probe = probe if probe is not None else Probe(dest)
+        try:
+            supported = probe.ok()
+        except BaseException:
+            probe.join()
+            raise
+        if not supported:
             if not last_writer_wins:
+                probe.join()  # nothing of this job is left at DEST
                 raise OptionError(
                     f"DEST {display!r}: this store does not support conditional writes (If-None-Match), so two "
                     "jobs could both write DEST; pass --last-writer-wins (last_writer_wins=True) to accept that")
             warnings.warn(FastKLWarning(f"DEST {display!r}: no conditional writes on this store: "
                                         "last writer wins if two jobs run at once"), stacklevel=2)
+        cond = probe.cond
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                "job_id": None, "token": uuid.uuid4().hex}
+                "job_id": job_id, "token": uuid.uuid4().hex}
         data = json.dumps(info).encode()
         path = dest.key(CLAIM)
+        try:
+            return cls._take(dest, display, cond, path, data, info, probe)
+        except BaseException:
+            probe.join()
+            raise
+
+    @classmethod
+    def _take(cls, dest: StoreDest, display: str, cond: Conditional, path: str, data: bytes, info: dict,
+              probe: Probe) -> "StoreClaim":
         for _ in range(5):
             etag = cond.create(path, data)
             if etag is not None:
-                return cls(dest, display, cond, etag, info)
+                return cls(dest, display, cond, etag, info, probe)
             old = cond.read(path)
             if old is None:
                 continue  # released meanwhile: try again
@@ -251,7 +324,7 @@ class StoreClaim:
                                      "wait for it to end or stop it")
             etag = cond.replace(path, data, old.etag)  # of two jobs taking over a dead claim, one wins
             if etag is not None:
-                return cls(dest, display, cond, etag, info)
+                return cls(dest, display, cond, etag, info, probe)
         raise DestTakenError(f"DEST {display!r} is taken by other fastkl jobs starting and ending in turn")
 
     def _refresh(self) -> None:
@@ -272,6 +345,11 @@ class StoreClaim:
             except OSError:
                 pass  # a transient failure: the next beat tries again
 
+    @property
+    def job_id(self) -> str | None:
+        """The job id the claim names now."""
+        return self.info.get("job_id")
+
     def announce(self, job_id: str | None) -> None:
         """Name the job id in the claim, for a job that finds DEST taken."""
         self.info["job_id"] = job_id
@@ -285,18 +363,21 @@ class StoreClaim:
                                  f"while this job ran {self._lost}; not committing")
 
     def release(self) -> None:
-        """Stop refreshing and delete the claim if it is still ours."""
+        """Stop refreshing and delete the claim if it is still ours: the version this job wrote
+        last (a conditional delete, If-Match its ETag: one request, no read before)."""
         self._stop.set()
-        with self._mutex:
-            if self._lost:
-                return
-            self._lost = "(released)"
-            try:
-                now = self.cond.read(self.path)
-                if now is not None and json.loads(now.data).get("token") == self.info["token"]:
-                    self.cond.delete(self.path)
-            except (OSError, ValueError):
-                pass  # a claim left behind is taken over by the next job
+        try:
+            with self._mutex:
+                if self._lost:
+                    return
+                self._lost = "(released)"
+                try:
+                    self.cond.delete_if(self.path, self._etag)
+                except OSError:
+                    pass  # a claim left behind is taken over by the next job
+        finally:
+            if self._probe is not None:
+                self._probe.join()
 
     def __enter__(self) -> "StoreClaim":
         return self
@@ -326,9 +407,12 @@ class StoreStaging:
         self.job_id: str | None = None
         self.retries = 4  # a task whose upload fails transiently runs again (backoff)
         self._uploads: dict[str, Any] = {}  # tmp -> its upload, in the process writing it
+        self._setup: Future | None = None  # prepare's writes that run beside the tasks (a new job id)
+        self._logging: Future | None = None  # the last batch of states, logged beside the manifest's making
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _uploads={})  # it stays in the process that has it
+        # each stays in the process that has it
+        return dict(self.__dict__, _uploads={}, _setup=None, _logging=None)
 
     @property
     def top(self) -> str:
@@ -376,17 +460,22 @@ class StoreStaging:
     def prepare(self, job: dict, job_id: str, *, resume: bool) -> FinishedParts:
         """Start staging job `job_id` (every other staged attempt is dead: this job holds the claim
         and removes them); its finished parts (with resume, those the staged attempt of this very
-        job logged whose objects are still the ones it uploaded)."""
+        job logged whose objects are still the ones it uploaded).
+
+        A new job id has nothing staged under it, so nothing the tasks do waits for these writes:
+        the removal of dead attempts and the job's mark run in a thread beside the tasks, and the
+        commit (or the end of a failed job) waits for them (`settle`). The mark is one PUT sent as
+        the tasks start, so it lands long before a part is finished; a kill before it lands leaves
+        parts that --resume cannot adopt (without the mark they are not this job's): they are redone,
+        never mixed in."""
         self.job_id = job_id
-        fs, cond = self.dest.fs, self._cond()
-        for e in _entries(fs, self.top):
-            if e.path != self.root and posixpath.basename(e.path) != CLAIM:
-                _delete(cond, e)
         mark = {"job_id": job_id, "job": job}
+        fs, cond = self.dest.fs, self._cond()
         n = max(1, self.n_parts)
         if not resume:  # a new job id: nothing is staged under it (nothing read, no log listed)
-            put_json(self.dest.store, posixpath.join(self.root, JOB), mark)
+            self._setup = _in_thread("fastkl-staging", lambda: self._setup_new(mark))
             return FinishedParts(StoreLogs(fs, self.root, cond, fresh=True), n, job_id)
+        self._drop_others()
         if read_json(cond, posixpath.join(self.root, JOB)) != mark:
             cond.delete_prefix(self.root)
             put_json(self.dest.store, posixpath.join(self.root, JOB), mark)
@@ -402,6 +491,39 @@ class StoreStaging:
 
         finished.load(vouched)
         return finished
+
+    def _drop_others(self) -> None:
+        cond = self._cond()
+        for e in _entries(self.dest.fs, self.top):
+            if e.path != self.root and posixpath.basename(e.path) != CLAIM:
+                _delete(cond, e)
+
+    def _setup_new(self, mark: dict) -> None:
+        with ThreadPoolExecutor(max_workers=2) as ex:  # two independent round trips at once
+            done = [ex.submit(self._drop_others),
+                    ex.submit(put_json, self.dest.store, posixpath.join(self.root, JOB), mark)]
+            for f in done:
+                f.result()
+
+    def settle(self) -> None:
+        """Wait for prepare's writes that ran beside the tasks; their failure is the job's."""
+        setup, self._setup = self._setup, None
+        if setup is not None:
+            setup.result()
+
+    def log_beside(self, finished: FinishedParts) -> None:
+        """Every task has finished: the states still waiting for their batch are logged in a thread
+        while the job makes its manifest (and uploads its tables); the commit waits for that beside
+        its first round trips. Not a daemon: a job failing meanwhile still logs them for --resume."""
+        self._logging = _in_thread("fastkl-states", finished.flush, daemon=False)
+
+    def _logged(self, finished: FinishedParts) -> None:
+        """Every state logged (those `log_beside` sent, then any added since), and the logs closed."""
+        logging, self._logging = self._logging, None
+        if logging is not None:
+            logging.result()
+        finished.flush()
+        finished.close()
 
     def _vouched(self, st: Any, sizes: dict[str, int] | None = None) -> bool:
         """The staged object this state names exists with its size, written by this job
@@ -470,6 +592,10 @@ class StoreStaging:
 
     def discard_if_nothing_finished(self) -> None:
         try:
+            self.settle()
+        except OSError:
+            pass
+        try:
             if not StoreLogs(self.dest.fs, self.root, self._cond()).any():
                 self._cond().delete_prefix(self.root)
                 self._cond().drop_if_empty(self.top)
@@ -481,19 +607,21 @@ class StoreStaging:
 
     def commit(self, manifest: dict, *, overwrite: bool, lock: StoreClaim, n_parts: int,
                finished: FinishedParts) -> None:
+        self.settle()
         objects = self.check_parts(max(1, n_parts), finished)
-        finished.close()
         rec = json.loads(json.dumps({"manifest": manifest, "objects": objects}, allow_nan=True))
-        self.commit_written(overwrite=overwrite, lock=lock, rec=rec)
+        self.commit_written(overwrite=overwrite, lock=lock, rec=rec, beside=lambda: self._logged(finished))
 
-    def commit_written(self, *, overwrite: bool, lock: StoreClaim, rec: dict | None = None) -> None:
+    def commit_written(self, *, overwrite: bool, lock: StoreClaim, rec: dict | None = None,
+                       beside: Callable[[], None] | None = None) -> None:
         """Steps 3-6: the commit record (`rec` is written; None: read, after a kill and by
-        `fastkl clean`), then the copies and the manifest. The claim's refresh, the record and
-        the read of the old manifest are independent round trips, made at once; no copy starts
-        before all three are done."""
+        `fastkl clean`), then the copies and the manifest. The claim's refresh, the record, the
+        read of the old manifest (and `beside`: the last states logged) are independent round
+        trips, made at once; no copy starts before all of them are done."""
         cond, fs, dest = self._cond(), self.dest.fs, self.dest
         record = posixpath.join(self.root, COMMIT)
-        with ThreadPoolExecutor(max_workers=3) as ex:
+        with ThreadPoolExecutor(max_workers=4) as ex:
+            logged = ex.submit(beside) if beside is not None else None
             checked = ex.submit(lock.check)
             got = (ex.submit(put_json, dest.store, record, rec) if rec is not None
                    else ex.submit(read_json, cond, record))
@@ -502,6 +630,8 @@ class StoreStaging:
             rec = rec if rec is not None else got.result()
             got.result()
             old = previous.result()
+            if logged is not None:
+                logged.result()
         manifest, objects = rec["manifest"], rec["objects"]
         if old is not None:
             if not overwrite:
@@ -510,12 +640,18 @@ class StoreStaging:
         names = mt.part_files(manifest)  # a large job's parts and inputs are tables, copied beside the manifest
         tables = [t for t in (mt.INPUTS_TABLE, mt.PARTS_TABLE) if isinstance(manifest.get("parts"), dict)]
         copies = list(zip(names, objects)) + [(t, t) for t in tables]
-        with ThreadPoolExecutor(max_workers=min(16, len(copies) + 1)) as ex:
-            listed = ex.submit(_entries, fs, dest.path)  # beside the copies: the new names are kept anyway
+        with ThreadPoolExecutor(max_workers=min(16, len(copies) + 3)) as ex:
+            # beside the copies: DEST's listing (the new names are kept anyway), and what step 6 removes (every
+            # object of this job is staged by now, its logs and commit record included; nothing is deleted
+            # before step 5)
+            listed = ex.submit(_entries, fs, dest.path)
+            staged = ex.submit(cond.keys, self.root) if cond.flat else None
+            pending = ex.submit(cond.pending_uploads, self.top)
             list(ex.map(lambda no: fs.copy_file(posixpath.join(self.root, no[1]), dest.key(no[0])), copies))
             keep = set(names)
             old_tables = {mt.INPUTS_TABLE, mt.PARTS_TABLE} - set(tables)  # an older output's: not this manifest's
-            for e in listed.result():  # parts of an older, longer output, and its manifest tables
+            entries = listed.result()
+            for e in entries:  # parts of an older, longer output, and its manifest tables
                 name = posixpath.basename(e.path)
                 if name in old_tables or (not name.startswith(("_", ".")) and name not in keep):
                     _delete(cond, e)
@@ -524,25 +660,36 @@ class StoreStaging:
             other = read_json(cond, dest.key(MANIFEST))
             job = other.get("job_id") if isinstance(other, dict) else "?"
             raise DestTakenError(f"DEST {dest} was committed by another fastkl job (job {job}) meanwhile")
-        self.remove()
+        # on a store without directories (S3) what step 6 removes is named already, so the claim goes at
+        # the same time: a job taking DEST meanwhile has nothing of its own there that this one could remove
+        self.remove(entries, staged.result() if staged is not None else None, pending.result(),
+                    release=lock.release if staged is not None else None)
 
-    def remove(self) -> None:
-        """Drop this job's staged objects and pending uploads, and the staging prefix if empty."""
+    def remove(self, listed: list[pafs.FileInfo] | None = None, staged: list[str] | None = None,
+               pending: list[tuple[str, str]] | None = None, release: Callable[[], None] | None = None) -> None:
+        """Drop this job's staged objects and pending uploads, and the staging prefix if empty;
+        what the commit listed beside its copies is not listed again (`listed`: DEST, for the stale
+        probes; `staged`: this job's objects; `pending`: the uploads under staging; `release`: the
+        claim's, at the same time)."""
         cond = self._cond()
-        with ThreadPoolExecutor(max_workers=3) as ex:  # three independent round trips at once
-            done = [ex.submit(cond.delete_prefix, self.root),
-                    ex.submit(cond.abort_uploads, self.top),  # this job holds DEST: any upload under staging is dead
-                    ex.submit(drop_stale_probes, self.dest)]
+        with ThreadPoolExecutor(max_workers=4) as ex:  # independent round trips at once
+            done = [ex.submit(cond.delete_prefix, self.root) if staged is None else ex.submit(cond.delete_keys, staged),
+                    # this job holds DEST: any upload under staging is dead
+                    ex.submit(cond.abort_uploads, self.top, pending),
+                    ex.submit(drop_stale_probes, self.dest, 60.0, listed)]
+            if release is not None:
+                done.append(ex.submit(release))
             for f in done:
                 f.result()
         cond.drop_if_empty(self.top)
 
 
-def drop_stale_probes(dest: StoreDest, age_s: float = 60.0) -> None:
+def drop_stale_probes(dest: StoreDest, age_s: float = 60.0, listed: list[pafs.FileInfo] | None = None) -> None:
     """Probe objects of jobs killed while probing. A probe lives milliseconds: one older than
-    `age_s` is a dead job's (a younger one may be another job's probe in progress: kept)."""
+    `age_s` is a dead job's (a younger one may be another job's probe in progress: kept).
+    `listed`: a listing of DEST taken moments ago (the commit's), else DEST is listed here."""
     now = time.time()
-    for e in _entries(dest.fs, dest.path):
+    for e in (listed if listed is not None else _entries(dest.fs, dest.path)):
         name = posixpath.basename(e.path)
         if name.startswith(PROBE) and e.type == pafs.FileType.File and now - (e.mtime_ns or 0) / 1e9 > age_s:
             _delete(conditional(dest.store), e)

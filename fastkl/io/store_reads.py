@@ -54,7 +54,7 @@ class Pinned:
 
     closed = False
 
-    def __init__(self, store: Store, path: str, etag: str | None = None):
+    def __init__(self, store: Store, path: str, etag: str | None = None, planned: tuple[int, int] | None = None):
         self.store, self.path = store, path
         self.bucket, self.key = _split(path)
         self.etag = etag
@@ -65,7 +65,10 @@ class Pinned:
         self._kept: list[tuple[int, bytes]] = []  # prefetched blocks, sorted by start (held until close)
         self._ahead: tuple[int, bytes] = (0, b"")  # the last on-demand block
         self._lock = threading.Lock()
-        self._open()
+        if planned is not None and etag:  # size and mtime as planned: the first GET, If-Match, checks them
+            self.size, self.mtime_ns = planned
+        else:
+            self._open()
 
     # ------------------------------------------------------------------ requests
 
@@ -210,10 +213,12 @@ class PinnedFile(pa.PythonFile):
         return Identity(0, 0, p.size, p.mtime_ns, 0, _etag(p.etag or ""))
 
 
-def open_pinned(store: Store, path: str, etag: str = "") -> PinnedFile:
+def open_pinned(store: Store, path: str, etag: str = "", planned: tuple[int, int] | None = None) -> PinnedFile:
     """Open one version of an S3 object: the planned `etag`, or (planning) whatever is there now,
-    which every later read of this handle is pinned to. Raises ObjectChanged if that version is gone."""
-    p = Pinned(store, path, f'"{etag}"' if etag else None)
+    which every later read of this handle is pinned to. Raises ObjectChanged if that version is gone.
+    `planned`: its size and mtime_ns as planned with that ETag: no request now (the tail is not
+    fetched; the first read finds a version that is gone)."""
+    p = Pinned(store, path, f'"{etag}"' if etag else None, planned)
     f = PinnedFile(p, mode="r")
     f.pinned = p
     return f

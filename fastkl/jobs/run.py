@@ -83,6 +83,7 @@ from ..errors import DataError, FastKLError, InvalidRowError, OptionError
 from ..io.filemeta import Identity, big_endian, digest, ipc_file_footer, parquet_footer, read_at, read_rows
 from ..io.stores import is_store_url, scheme_of
 from ..io.store_output import (
+    Probe,
     StoreClaim,
     StoreDest,
     StoreStaging,
@@ -90,7 +91,8 @@ from ..io.store_output import (
 )
 from ..io.store_output import dest_state as store_dest_state
 from ..io.store_output import remove_leftovers as store_remove_leftovers
-from ..io.sources import Columns, FileRef, Plan, Task, dataset_sources, open_input, scan
+from ..io.store_output import state_ahead as store_state_ahead
+from ..io.sources import Columns, FileRef, Plan, Task, chunk_ranges, dataset_sources, open_input, scan
 from ..io.store_reads import ObjectChanged, PinnedFile, open_pinned, pins
 from .._registry import Dtype, Kind, Tail
 from .._result import Layout, layout_for, output_fields
@@ -184,13 +186,20 @@ def _open_planned(f: FileRef) -> pa.NativeFile:
     return _open_task(f)[0]
 
 
-def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq.FileMetaData | None]:
+def _open_task(f: FileRef, units: Sequence[Any] = (), prebuffer: bool = False,
+               ) -> tuple[pa.NativeFile, pq.FileMetaData | None]:
     """`_open_planned`, and for a Parquet slice whose footer entries scan located, the
     metadata of just its row groups (row group k of it is units[k]), read from the file and
     checked against the planned bytes: a task reads and parses the footer's head and tail and
-    its own row groups' entries, not the whole footer (which is O(row groups of the file))."""
+    its own row groups' entries, not the whole footer (which is O(row groups of the file)).
+
+    A pinned S3 object whose units' column chunks planning located is opened without a request
+    (no GET of its tail): its footer pieces and, with `prebuffer`, the chunks are fetched at once,
+    in the same coalesced GETs, every one If-Match the planned ETag."""
+    own = f.fmt == "parquet" and f.meta and units and all(u.meta for u in units)
+    planned = bool(own and f.etag and all(u.chunks for u in units))
     try:
-        src = _open_source(f)
+        src = _open_source(f, planned)
     except ObjectChanged as e:
         raise _changed_error(f, e.what) from None
     except FileNotFoundError:
@@ -200,9 +209,10 @@ def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq
     md = None
     try:
         changed = f.identity().differences(_now(src, f))
-        own = f.fmt == "parquet" and f.meta and units and all(u.meta for u in units)
         if not changed and own and isinstance(src, PinnedFile):
-            src.pinned.prefetch(_footer_ranges(f, units))  # its footer pieces: one GET (most often none)
+            # its footer pieces: one GET (most often none after a tail GET), with its chunks if planned
+            chunks = [r for u in units for r in u.chunks] if planned and prebuffer else []
+            src.pinned.prefetch(_footer_ranges(f, units) + chunks)
         if not changed and own:
             md, changed = _own_footer(src, f, units)
         elif not changed and f.fmt != "ipc_stream":  # a stream's digest covers all its headers: see fastkl.io.sources
@@ -219,14 +229,14 @@ def _open_task(f: FileRef, units: Sequence[Any] = ()) -> tuple[pa.NativeFile, pq
     return src, md
 
 
-def _open_source(f: FileRef) -> pa.NativeFile:
+def _open_source(f: FileRef, planned: bool = False) -> pa.NativeFile:
     """A read handle on the planned file: never a memory map (a truncated mapped file is a SIGBUS,
-    not an error); on S3 the planned version only (every GET If-Match its ETag); on other
-    stores range reads of the object, checked by size and mtime."""
+    not an error); on S3 the planned version only (every GET If-Match its ETag; `planned`: opened
+    as planned, without a request); on other stores range reads of the object, checked by size and mtime."""
     if f.store is None:
         return pa.OSFile(f.path)
     if f.etag and pins(f.store):
-        return open_pinned(f.store, f.path, f.etag)
+        return open_pinned(f.store, f.path, f.etag, (f.size, f.mtime_ns) if planned else None)
     return open_input(f.path, f.store)[0]
 
 
@@ -362,7 +372,7 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src:
         if isinstance(src, PinnedFile):  # pinned S3 reads: we fetch the chunks (each GET If-Match), not pyarrow
             md = md or pq.read_metadata(src)
             if pre:
-                src.pinned.prefetch(_chunk_ranges(md, groups, cols))
+                src.pinned.prefetch(chunk_ranges(md, groups, cols))  # (fetched with the footer if planned)
                 buf = 0  # each chunk read whole from the fetched bytes, without a copy
             pre = False
         pf = pq.ParquetFile(src, metadata=md, buffer_size=0 if pre else buf, pre_buffer=pre,
@@ -379,22 +389,6 @@ def _batches(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool, src:
                 yield b.slice(o, batch_rows)
 
 
-def _chunk_ranges(md: pq.FileMetaData, groups: list[int], cols: list[str]) -> list[tuple[int, int]]:
-    """Byte ranges of the column chunks a Parquet read of `cols` in row groups `groups` reads."""
-    from ..io.sources import _leaf_columns
-
-    out, leaves = [], _leaf_columns(md, cols)
-    for g in groups:
-        rg = md.row_group(g)
-        for j in leaves:
-            c = rg.column(j)
-            start = c.data_page_offset
-            if c.has_dictionary_page and c.dictionary_page_offset and c.dictionary_page_offset < start:
-                start = c.dictionary_page_offset
-            out.append((start, start + c.total_compressed_size))
-    return out
-
-
 # What reading a file that is damaged, or changed under the reader, raises
 # (pyarrow's IPC reader: ValueError for a batch number beyond the footer's).
 _READ_ERRORS = (pa.ArrowException, OSError, MemoryError, ValueError, EOFError)
@@ -406,7 +400,7 @@ def _read(task: Task, spec: JobSpec, batch_rows: int, use_threads: bool):
     A file found changed (replaced, rewritten, truncated) before, during or
     at the end of the read fails the task: its part would mix two versions.
     """
-    src, md = _open_task(task.file, task.units)
+    src, md = _open_task(task.file, task.units, prebuffer=task.nbytes <= STORE_PREBUFFER_MAX)
     try:
         it = _batches(task, spec, batch_rows, use_threads, src, md)
         done = 0
@@ -1520,17 +1514,21 @@ def run(
     if summary_json is not None:
         summary_json = local_path(summary_json, "--summary-json")
     checked = []
+    probes: list[Probe] = []
 
     store_dest = is_store_url(dest)
+    ahead: list = []  # DEST's state, read beside SOURCE's listing
 
     def check(roots) -> None:  # before any file is opened
         local_roots = [r for r in roots if not is_store_url(r)]
         if store_dest:
             checked.append(check_store_dest(dest, roots, overwrite=overwrite, exists_ok=resume and not overwrite,
-                                            storage_options=storage_options))
+                                            storage_options=storage_options, ahead=ahead[0]))
+            if not dry_run:  # DEST passed its checks: ask whether it honours conditions while footers are read
+                probes.append(Probe(checked[0]))
         else:
             checked.append(check_dest(dest, local_roots, overwrite=overwrite, exists_ok=resume and not overwrite))
-        if summary_json is not None:
+        if summary_json is not None and not dry_run:
             check_side_file(summary_json, "--summary-json", None if store_dest else checked[0], local_roots)
 
     if mask is not None and lengths is not None:
@@ -1542,26 +1540,35 @@ def run(
         sparse = check_request(measures, options, p_ids=p_ids is not None, q_ids=q_ids is not None,
                                has_q=q is not None, has_target=target is not None)
     sampled = options.p_kind == "sampled"
-    plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
-                       sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
-                       target=target, group_by=group_by,
-                       task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options,
-                       group_files=group_files)
-    layout = (Layout(measures) if measures == ("gaussian_kl",)
-              else layout_for(measures, options, sequence=plan.sequence, sparse=sparse))
-    for k in keep:
-        if k in {f.name for f in output_fields(layout, status)}:
-            raise OptionError(f"keep column {k!r} has the name of an output column")
-    _check_element_types(plan, options)
+    if store_dest:
+        ahead.append(store_state_ahead(dest, storage_options))
+    try:
+        plan, roots = scan(source, p=p, q=q, keep=keep, mask=mask, lengths=lengths, p_ids=p_ids, q_ids=q_ids,
+                           sampled=sampled, logvars=(p_logvar, q_logvar) if measures == ("gaussian_kl",) else None,
+                           target=target, group_by=group_by,
+                           task_rows=task_rows, task_bytes=task_bytes, check=check, storage_options=storage_options,
+                           group_files=group_files)
+        layout = (Layout(measures) if measures == ("gaussian_kl",)
+                  else layout_for(measures, options, sequence=plan.sequence, sparse=sparse))
+        for k in keep:
+            if k in {f.name for f in output_fields(layout, status)}:
+                raise OptionError(f"keep column {k!r} has the name of an output column")
+        _check_element_types(plan, options)
+        if summary_json is not None:
+            check_side_file(summary_json, "--summary-json", None if store_dest else checked[0],
+                            [r for r in roots if not is_store_url(r)], plan.files.local_paths())
+    except BaseException:
+        for pr in probes:  # the probe started beside the footers leaves nothing at DEST
+            pr.join()
+        raise
     dest_p = checked[0]
     if dry_run:
         return DryRun.of(plan, time.perf_counter() - t_start, scheduler, workers)
-    if summary_json is not None:
-        check_side_file(summary_json, "--summary-json", None if store_dest else dest_p,
-                        [r for r in roots if not is_store_url(r)], plan.files.local_paths())
-    # DEST is this job's from here on (one job per DEST): nothing beside DEST was touched before
+    # DEST is this job's from here on (one job per DEST): nothing beside DEST (and its probe) was touched before
+    job_id = None if resume else new_job_id()  # a resumed job may adopt a staged one's id: named later
     if store_dest:
-        hold = StoreClaim.acquire(dest_p, os.fspath(dest), last_writer_wins=last_writer_wins)
+        hold = StoreClaim.acquire(dest_p, os.fspath(dest), last_writer_wins=last_writer_wins,
+                                  probe=probes[0] if probes else None, job_id=job_id)
     else:
         hold = DestLock.acquire(dest_p, os.fspath(dest))
     with hold as lock:
@@ -1570,7 +1577,7 @@ def run(
             task_rows=task_rows, task_bytes=task_bytes, group_files=group_files, scheduler=scheduler, client=client,
             workers=workers,
             overwrite=overwrite, resume=resume, quiet=quiet, summary_json=summary_json, t_start=t_start,
-            grouping=grouping,
+            grouping=grouping, job_id=job_id,
         )
 
 
@@ -1669,8 +1676,9 @@ def _local_sources(source):
 
 def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layout, options, status, task_rows,
                 task_bytes, group_files, scheduler, client, workers, overwrite, resume, quiet, summary_json, t_start,
-                grouping=None):
-    """The job once it holds DEST: everything that reads or writes DEST and its staging directory."""
+                grouping=None, job_id=None):
+    """The job once it holds DEST: everything that reads or writes DEST and its staging directory
+    (`job_id`: the new job's id, which a store claim names already)."""
     from ..summary.stats import PartStats, Summary
 
     cols = plan.columns
@@ -1703,7 +1711,12 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     else:
         files = [f.to_dict() for f in plan.files]
         planned = _identity({**job, "rows": plan.rows, "inputs": files, "parts": _parts(plan, staging)})
-    kind, old = _existing(dest, dest_p)  # again, now that DEST is ours: another job may have committed meanwhile
+    if in_store and overwrite and not resume:
+        # what is at DEST changes nothing for this job (the commit reads the old manifest anyway): one
+        # request less. Otherwise DEST is read again, now that it is ours: another job may have committed
+        kind, old = None, None
+    else:
+        kind, old = _existing(dest, dest_p)
     if kind == "output" or (kind is not None and not in_store and not overwrite):
         # with resume: done already if it is this job's output
         if resume and not overwrite and isinstance(old, dict) and _identity(old) == planned:
@@ -1726,8 +1739,9 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
             staging.commit_written(overwrite=overwrite or kind == "interrupted", lock=lock)
             return _finished(Summary.from_dict(pending["summary"]), summary_json)
     # --resume continues the staged attempt only if it was this very job; any other is a new job
-    job_id = (staging.staged_job_id(job) if resume else None) or new_job_id()
-    lock.announce(job_id)
+    job_id = (staging.staged_job_id(job) if resume else None) or job_id or new_job_id()
+    if not (in_store and lock.job_id == job_id):  # a store claim names a new job's id from its creation
+        lock.announce(job_id)
     finished = staging.prepare(job, job_id, resume=resume)
     spec = JobSpec(measures, options, cols, schema, status, staging, job_fp, layout, grouping)
     resumed = _reusable(plan, finished)
@@ -1764,7 +1778,10 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
                 obj.close()
             except Exception:
                 pass
-        _keep_states(finished, close=failed)  # logged now: the merge's end may fail too (too many groups)
+        if failed or not in_store or not plan.tasks:
+            _keep_states(finished, close=failed)  # logged now: the merge's end may fail too (too many groups)
+        else:  # logged beside what follows: the commit's first round trips wait for it (the same if it fails)
+            staging.log_beside(finished)
         if failed:  # workers are stopped: keep the staging directory only if --resume has parts to reuse
             staging.discard_if_nothing_finished()
     t_compute = time.perf_counter()
@@ -1816,7 +1833,8 @@ def _run_locked(source, dest, dest_p: Path, plan: Plan, lock: DestLock, *, layou
     if tables is not None:
         mt.write(staging.root, tables[0], tables[1].append_column("resumed", pa.array(resumed)),
                  open_output=staging.open_upload if in_store else None)
-    finished.flush()
+    if not in_store:  # a store's staging logs what is left beside its commit's first round trips
+        finished.flush()
     staging.commit(manifest, overwrite=overwrite, lock=lock, n_parts=len(plan.tasks), finished=finished)
     return _finished(summary, summary_json)
 
