@@ -514,7 +514,10 @@ class StoreStaging:
     def log_beside(self, finished: FinishedParts) -> None:
         """Every task has finished: the states still waiting for their batch are logged in a thread
         while the job makes its manifest (and uploads its tables); the commit waits for that beside
-        its first round trips. Not a daemon: a job failing meanwhile still logs them for --resume."""
+        its first round trips. Not a daemon: a job failing meanwhile still logs them for --resume.
+        prepare's writes are waited for first: nothing of them may land after a later failure
+        released the claim."""
+        self.settle()
         self._logging = _in_thread("fastkl-states", finished.flush, daemon=False)
 
     def _logged(self, finished: FinishedParts) -> None:
