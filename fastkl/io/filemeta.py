@@ -289,6 +289,23 @@ def _width(t: pa.DataType) -> int:
         return 8
 
 
+def check_batch_length(schema: pa.Schema, msg: Message) -> None:
+    """Refuse a record batch whose length disagrees with its columns' (the top-level field
+    nodes'): planning counts a batch's rows from its length, so a length damaged to 0 would
+    drop the batch's rows without a word. Layouts whose nodes are not counted here are left
+    to pyarrow."""
+    at = 0
+    tops = []
+    for fld in schema:
+        tops.append(at)
+        at += _nodes(fld.type)
+    if at != len(msg.nodes):
+        return
+    for name, i in zip(schema.names, tops):
+        if msg.nodes[i][0] != msg.rows:
+            raise ValueError(f"a record batch of {msg.rows} rows holds {msg.nodes[i][0]} values of column {name!r}")
+
+
 def field_bytes(schema: pa.Schema, names: list[str], msg: Message) -> int | None:
     """Decoded bytes of the named float-list columns in this batch; None when it cannot tell."""
     starts, at = {}, 0

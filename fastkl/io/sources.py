@@ -53,6 +53,7 @@ from .._config import DEFAULT_BATCH_BYTES, DEFAULT_TASK_BYTES, GROUP_FILES, GROU
 from .filemeta import (
     Identity,
     RECORD_BATCH,
+    check_batch_length,
     digest,
     field_bytes,
     ipc_file_batch,
@@ -995,6 +996,7 @@ def _plan_ipc_file(f: _Found, src: pa.NativeFile, size: int, names: list[str]):
     units = []
     for i, block in enumerate(blocks):
         msg = ipc_file_batch(src, block, size)
+        check_batch_length(schema, msg)
         nbytes = field_bytes(schema, present, msg)
         if nbytes is None:  # a layout the header reader does not know: read the columns once
             nbytes = _read_bytes(src, schema, present, i)
@@ -1023,6 +1025,7 @@ def _plan_ipc_stream(f: _Found, src: pa.NativeFile, size: int, names: list[str])
     for pos, msg in stream_messages(src, size):
         h.update(msg.metadata)
         if msg.kind == RECORD_BATCH:
+            check_batch_length(schema, msg)
             nbytes = field_bytes(schema, present, msg)
             if nbytes is None:  # unknown layout: estimate from the body
                 nbytes = msg.body
