@@ -928,7 +928,9 @@ def main(argv=None) -> int:
                 r = hostile(work, int(a.rss_limit * 2**30))
                 print(_table(r["cases"], ["case", "file_bytes", "scheduler", "env", "code", "peak_rss_mib",
                                           "watchdog_mib", "watchdog_killed", "seconds", "message"]))
-                nbad = sum(c["watchdog_killed"] or c["timed_out"] or c["code"] not in (0, 1) for c in r["cases"])
+                # exit 2: a usage error, e.g. a memory cap that leaves no room for a worker process
+                nbad = sum(c["watchdog_killed"] or c["timed_out"] or c["code"] not in (0, 1, 2)
+                           or (c["code"] == 2 and "FASTKL_MEMORY_LIMIT" not in c["message"]) for c in r["cases"])
                 print(f"hostile: {len(r['cases'])} runs; peak RSS max {max(c['peak_rss_mib'] for c in r['cases'])} "
                       f"MiB (watchdog at {r['rss_limit_mib']} MiB); watchdog kills / hangs / crashes: {nbad}")
                 bad += nbad

@@ -89,3 +89,26 @@ def test_an_empty_batch_is_still_read(tmp_path):
         w.write_table(table.slice(0, 0))
         w.write_table(table)
     assert fastkl.run(str(path), tmp_path / "out", quiet=True).rows == 3
+
+
+def test_a_field_node_of_an_impossible_length_fails_the_job(tmp_path):
+    """2**62 values in a column's node: the plan's byte counts overflowed (an OverflowError escaped)."""
+    from fastkl.io import filemeta as fm
+
+    rows = np.random.default_rng(0).dirichlet(np.ones(4), 10)
+    table = pa.table({"p": list(rows), "q": list(rows)})
+    path = tmp_path / "x.arrow"
+    with pa.ipc.new_file(str(path), table.schema) as w:
+        w.write_table(table)
+    with pa.OSFile(str(path)) as f:
+        offset = fm.ipc_file_blocks(fm.ipc_file_footer(f, f.size()))[0][0]
+        n, skip = fm._prefix(fm.read_at(f, offset, 8))
+        flat = fm.read_at(f, offset + skip, n)
+    values_node = fm._root(flat).table(2).structs(1, 16)[1]  # p's values: 40 of them
+    at = offset + skip + values_node
+    raw = bytearray(path.read_bytes())
+    assert int.from_bytes(raw[at:at + 8], "little") == 40
+    raw[at:at + 8] = (2**62).to_bytes(8, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(fastkl.DataError, match="x.arrow: .*field node declares 4611686018427387904 values"):
+        fastkl.run(str(path), tmp_path / "out", quiet=True)

@@ -599,10 +599,15 @@ def test_lying_footers_and_pages_are_refused_cheaply(tmp_path, rng):
         ss = surgery.column_meta(md, 1, 1).get(16)
         ss.get(3)[2].append(7)  # definition_level_histogram one entry too long
 
+    def usize(md, data):  # their sums overflowed the plan's 64-bit columns (an OverflowError escaped)
+        for c in range(3):
+            surgery.column_meta(md, 0, c).set(6, 2**62)  # total_uncompressed_size
+
     expect = {"rows": "values for 1000000000000000 rows", "negative": "declares -5 rows", "outside": "outside the data",
-              "page": "row group 1", "values": "row group 1", "histogram": "definition level histogram"}
+              "page": "row group 1", "values": "row group 1", "histogram": "definition level histogram",
+              "usize": "declares 4611686018427387904 bytes"}
     for name, edit in [("rows", rows), ("negative", negative), ("outside", outside), ("page", page),
-                       ("values", values), ("histogram", histogram)]:
+                       ("values", values), ("histogram", histogram), ("usize", usize)]:
         p = _lying(tmp_path, rng, f"{name}.parquet", edit)
         code, err = invoke("run", p, tmp_path / f"out-{name}")
         assert code == 1 and p.name in one_line(err) and expect[name] in err, (name, err)

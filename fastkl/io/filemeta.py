@@ -289,11 +289,18 @@ def _width(t: pa.DataType) -> int:
         return 8
 
 
+_MAX_NODE = 1 << 48
+
+
 def check_batch_length(schema: pa.Schema, msg: Message) -> None:
     """Refuse a record batch whose length disagrees with its columns' (the top-level field
     nodes'): planning counts a batch's rows from its length, so a length damaged to 0 would
     drop the batch's rows without a word. Layouts whose nodes are not counted here are left
-    to pyarrow."""
+    to pyarrow. So is a field node of a negative or an impossible length (2**48 values or more:
+    their sizes would overflow the plan's 64-bit columns)."""
+    for length, nulls in msg.nodes:
+        if not (0 <= length < _MAX_NODE and 0 <= nulls <= length):
+            raise ValueError(f"a record batch's field node declares {length} values with {nulls} nulls")
     at = 0
     tops = []
     for fld in schema:

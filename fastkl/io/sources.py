@@ -802,6 +802,9 @@ def _leaf_columns(md: pq.FileMetaData, names: list[str]) -> list[int]:
     return out
 
 
+_MAX_DECLARED = 1 << 48  # bytes or values of one column chunk: 256 TiB is no real file's
+
+
 def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int) -> list[int]:
     """Refuse a footer that contradicts itself or the file, before any page is read; the decoded
     bytes of the named columns per row group, from the same one pass.
@@ -839,6 +842,9 @@ def _check_parquet_footer(md: pq.FileMetaData, names: list[str], file_size: int)
                 raise ValueError(f"{where} declares {c.num_values} values for {n} rows")
             if c.total_compressed_size < 0 or c.total_uncompressed_size < 0:
                 raise ValueError(f"row group {g}, column {c.path_in_schema} declares a negative size")
+            if max(c.total_uncompressed_size, c.num_values) >= _MAX_DECLARED:  # sizes past 64-bit sums
+                raise ValueError(f"row group {g}, column {c.path_in_schema} declares "
+                                 f"{c.total_uncompressed_size} bytes for {c.num_values} values")
             if c.num_values == 0:
                 continue  # an empty chunk may have no page at all
             starts = [c.data_page_offset]
