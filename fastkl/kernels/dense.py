@@ -750,6 +750,9 @@ def _in_chunks(kl_loop):
     SUM_BLOCK, its sums and flag added in float64."""
 
     def chunked(arow, brow, terms, a_decode, b_decode):
+        if arow.size <= SUM_BLOCK:  # one chunk: no slicing (measured 7% of a row of 256)
+            a, ps, qs, f = kl_loop(arow, brow, terms, a_decode, b_decode)
+            return a, np.float64(ps), np.float64(qs), np.float64(f)
         kl = p_sum = q_sum = flag = 0.0
         for b0 in range(0, arow.size, SUM_BLOCK):
             b1 = min(b0 + SUM_BLOCK, arow.size)
