@@ -64,7 +64,7 @@ from numba.extending import overload
 
 from .half import as_float32, decode_row
 from .views import borrowed
-from .fastmath import (exp32, exp_neg, exp_nonpositive, expm1_f64, expm1_series32, from_order_key, inf_keys, log_pos, log_ratio,
+from .fastmath import (exp32, exp_neg, exp_nonpositive, expm1_32, expm1_f64, expm1_with32, from_order_key, inf_keys, log_pos, log_ratio,
                        log_ratio32, not_normal32, order_key)
 
 FASTMATH = {"nsz", "contract", "reassoc"}
@@ -92,7 +92,7 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # cached kernels would keep the old code. tests/test_layout.py checks that this
 # digest of those modules is current, so any change there changes this file too
 # (each kernel module has one).
-INLINES_DIGEST = "80eada051e7351c5"
+INLINES_DIGEST = "3d963d7134e05056"
 
 
 def _is_float32(values):
@@ -680,7 +680,6 @@ def _kl_renyi32(prow, qrow, terms, am1):
     `_renyi_direct32`'s)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    half = np.float32(0.5)
     a = np.float32(am1)
     p_sum = q_sum = flag = size = growth = zero
     for j in range(prow.size):
@@ -692,8 +691,7 @@ def _kl_renyi32(prow, qrow, terms, am1):
         lr = log_ratio32(p, inv_q, p - q)
         terms[0, j] = p * lr
         x = a * lr
-        e = exp32(x)
-        em1 = expm1_series32(x) if abs(x) < half else e - one
+        em1 = expm1_32(x)
         t = p * em1 if p > zero else zero
         terms[1, j] = t
         size += abs(t)
@@ -891,7 +889,6 @@ def _kl_renyi_logs32(arow, brow, terms, am1):
     flagged as `_kl_logs32` flags and, as `_kl_renyi32`, x > 80. Rows 0-2 of `terms`."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    half = np.float32(0.5)
     c = np.float32(am1)
     p_sum = q_sum = flag = size = growth = zero
     for j in range(arow.size):
@@ -905,8 +902,7 @@ def _kl_renyi_logs32(arow, brow, terms, am1):
         terms[0, j] = p * d
         terms[2, j] = p
         x = c * d
-        e = exp32(x)
-        t = p * (expm1_series32(x) if abs(x) < half else e - one)  # (p = 0: d = x = 0, t = 0)
+        t = p * expm1_32(x)  # (p = 0: d = x = 0, t = 0)
         terms[1, j] = t
         size += abs(t)
         growth += abs(t) * max(x, zero)
@@ -1001,7 +997,7 @@ def _pair_logs32(a, b):
     big = exp32(a if a >= b else b)
     ad = abs(a - b) if both else (INF32 if (p_pos | q_pos) else zero)
     ex = exp32(-ad)  # small / big, exact to ~1e-7 of itself however small
-    em = expm1_series32(-ad) if ad < np.float32(0.5) else ex - one  # (expm1_32, with ex kept)
+    em = expm1_with32(-ad, ex)
     small = big * ex
     p_big = a >= b
     bad = (a != a) | (b != b) | (p_pos & (a < LOG_MIN32)) | (q_pos & (b < LOG_MIN32))

@@ -335,10 +335,17 @@ def expm1_series32(x):
 
 
 @_fast
+def expm1_with32(x, e):
+    """float32 e**x - 1 given e = exp32(x) (a loop that needs both computes the exp once):
+    the series for |x| < 1/2, e - 1 elsewhere (< 2.6e-7 relative there); both are computed
+    and one selected, so a loop using it stays SIMD."""
+    return expm1_series32(x) if abs(x) < _HALF_RANGE_F else e - _F1
+
+
+@_fast
 def expm1_32(x):
-    """float32 e**x - 1: the series for |x| < 1/2, exp32(x) - 1 elsewhere (< 2.6e-7
-    relative there); both are computed and one selected, so a loop using it stays SIMD."""
-    return expm1_series32(x) if abs(x) < _HALF_RANGE_F else exp32(x) - _F1
+    """float32 e**x - 1 (`expm1_with32`)."""
+    return expm1_with32(x, exp32(x))
 
 # ---------------------------------------------------------------- ordering keys
 # Floating-point max does not vectorise without `nnan` (the NaN rule of a

@@ -9,7 +9,7 @@ from .dense import LENGTH_MISMATCH as FIRST_INVALID, NO_TOKENS, OK, TARGET_UNLIS
 
 # Numba checks its on-disk cache against this file only: this digest of the kernel
 # modules imported above ties the cache to them too (tests/test_layout.py).
-INLINES_DIGEST = "56416bcc3847dfeb"
+INLINES_DIGEST = "331a7d4efa1d292d"
 
 
 @njit(nogil=True, cache=True)
