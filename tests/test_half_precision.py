@@ -375,3 +375,28 @@ def test_cli_job_over_parquet_bfloat16_and_float16(rng, tmp_path):
     np.testing.assert_array_equal(pq.read_table(tmp_path / "out16").column("kl").to_numpy(), ref16)
     r = runner.invoke(main, ["run", str(src16), str(tmp_path / "bad"), "--q-dtype", "bfloat16", "--quiet"])
     assert r.exit_code == 2 and "declared --q-dtype bfloat16 but got list<halffloat>" in r.output
+
+
+def test_a_job_warns_once_about_dictionary_encoded_float16(tmp_path, rng):
+    """pyarrow dictionary-encodes 16-bit values by default, which reads 3-6x slower: say so at the start."""
+    import warnings
+
+    p = rng.dirichlet(np.ones(8), 50).astype(np.float16)
+    t = pa.table({"p": pa.array(list(p), pa.list_(pa.float16())), "q": pa.array(list(p[::-1]), pa.list_(pa.float16()))})
+    for i in range(3):
+        pq.write_table(t, tmp_path / f"dict-{i}.parquet")
+    pq.write_table(t, tmp_path / "plain.parquet", use_dictionary=False)
+
+    def warned(source, dest):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            fastkl.run(source, tmp_path / dest, quiet=True, sum_tol=2e-2)
+        return [str(x.message) for x in w if issubclass(x.category, fastkl.FastKLWarning)]
+
+    got = warned([str(tmp_path / f"dict-{i}.parquet") for i in range(3)], "a")
+    assert len(got) == 1 and "dict-0.parquet (and 2 more of the 3 files): columns p, q store float16" in got[0], got
+    assert "use_dictionary=False" in got[0]
+    assert warned(str(tmp_path / "plain.parquet"), "b") == []
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "dict-1.parquet"), str(tmp_path / "c"), "-q",
+                                       "--sum-tol", "0.02"])
+    assert result.exit_code == 0 and "warning:" in result.output and "column" in result.output, result.output

@@ -39,6 +39,7 @@ import struct
 import zlib
 import re
 import stat
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -67,7 +68,7 @@ from .footer_checks import check_footer, row_group_spans
 from .plan_columns import Files, Tasks, cut
 from .store_reads import open_pinned, pins
 from .stores import Store, is_store_url, resolve
-from ..errors import DataError, OptionError
+from ..errors import DataError, FastKLWarning, OptionError
 
 PARQUET_EXT = (".parquet", ".parq", ".pq")
 IPC_EXT = (".arrow", ".feather", ".ipc", ".fea")
@@ -879,6 +880,7 @@ class _Footer:
     meta: tuple = ()  # Parquet: see FileRef.meta
     spans: list[tuple[int, int, int]] | None = None  # Parquet: see Unit.meta, per row group
     chunks: list[list[tuple[int, int]]] | None = None  # Parquet on S3: see Unit.chunks, per row group
+    slow_half: tuple[str, ...] = ()  # Parquet: columns read whose float16 values are dictionary-encoded
 
 
 def open_input(path: str, store: Store | None) -> tuple[pa.NativeFile, Callable[[], Identity]]:
@@ -942,6 +944,17 @@ def _read_footer(f: _Found, names: list[str], fetched: Sequence[str] = ()) -> _F
     return _Footer(schema, units, ident, footer, *where)
 
 
+def _warn_dictionary_float16(found: list[tuple[str, tuple[str, ...]]], n_files: int) -> None:
+    display, names = found[0]
+    more = f" (and {len(found) - 1} more of the {n_files} files)" if len(found) > 1 else ""
+    warnings.warn(FastKLWarning(
+        f"{display}{more}: {'columns' if len(names) > 1 else 'column'} {', '.join(names)} "
+        f"{'store' if len(names) > 1 else 'stores'} float16 values dictionary-encoded, pyarrow's "
+        "default for 16-bit values, which reads 3-6x slower than plain; write them with "
+        "pyarrow.parquet.write_table(..., use_dictionary=False) (see 'Writing tables that read fast' in the docs)"
+    ), stacklevel=3)
+
+
 def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str], fetched: Sequence[str] = ()):
     footer = parquet_footer(src, size)
     md = pq.read_metadata(src)
@@ -958,7 +971,24 @@ def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str], fe
     if spans and pins(f.store):  # a task of it can then skip the GET of its tail (see fastkl.jobs.run)
         got = [c for c in fetched if c in schema.names]
         chunks = [chunk_ranges(md, [g], got) for g in range(md.num_row_groups)]
-    return schema, units, digest(footer), meta, spans, chunks
+    return schema, units, digest(footer), meta, spans, chunks, _dictionary_float16(md, present)
+
+
+def _dictionary_float16(md: pq.FileMetaData, names: list[str]) -> tuple[str, ...]:
+    """The named columns whose float16 values the first row group stores dictionary-encoded:
+    pyarrow's default for 16-bit values, and several times slower to decode than plain
+    (docs/guide/writing-tables.md)."""
+    if md.num_row_groups == 0:
+        return ()
+    rg, out = md.row_group(0), []
+    for name in names:
+        for j in _leaf_columns(md, [name]):
+            c = rg.column(j)
+            if (c.physical_type == "FIXED_LEN_BYTE_ARRAY" and c.has_dictionary_page
+                    and str(md.schema.column(j).logical_type) == "Float16"):
+                out.append(name)
+                break
+    return tuple(out)
 
 
 def chunk_ranges(md: pq.FileMetaData, groups: Sequence[int], cols: Sequence[str]) -> list[tuple[int, int]]:
@@ -1268,6 +1298,7 @@ def scan(
     schemas: list[pa.Schema] = []
     distinct: dict[pa.Schema, tuple[pa.Schema, float]] = {}
     rows: list[int] = []
+    slow_half: list[tuple[str, tuple[str, ...]]] = []  # (file, columns): float16 values dictionary-encoded
     for f, ft in zip(found, _read_footers(found, read, cols.read())):
         if ft.schema not in distinct:
             try:
@@ -1277,10 +1308,14 @@ def scan(
         schema, scale = distinct[ft.schema]
         schemas.append(schema)
         rows.append(sum(u[0] for u in ft.units))
+        if ft.slow_half:
+            slow_half.append((f.display, ft.slow_half))
         units = [(r, int(b * scale), pos) for r, b, pos in ft.units]
         files.append(f.path, f.display, f.fmt, ft.identity, f.partition, f.store, ft.digest, ft.meta, units,
                      ft.spans, ft.chunks)
     _check_columns(found, schemas, cols, rows, sampled)
+    if slow_half:
+        _warn_dictionary_float16(slow_half, len(found))
     tasks = cut_tasks(files.freeze(), task_rows, task_bytes, batch_bytes, group_files)
     # the kernel dtypes the job will meet (warm-up), from files with rows: an empty shard may be typed null
     with_rows = {id(sc): sc for sc, n in zip(schemas, rows) if n > 0}.values()
