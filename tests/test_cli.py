@@ -143,6 +143,10 @@ def test_bench_quick(tmp_path):
                    "I/O floor", "fastkl run", "x the time to read the input"):
         assert needle in out, out
     info = json.loads(out_json.read_text())
+    import llvmlite.binding as ll  # the header names what the kernels are compiled for
+    from numba import config
+    target = config.CPU_NAME or ll.get_host_cpu_name()
+    assert f"kernels: LLVM target {target}" in out and info["kernels"].startswith("LLVM target"), out
     assert info["kernel"]["fastkl kl, probs"]["median_s"] > 0
     assert info["job"]["fastkl"]["median_s"] > 0 and info["job"]["floor"]["median_s"] > 0
     assert invoke("bench", "--rows", "5")[0] == 2  # usage error

@@ -599,6 +599,24 @@ def machine() -> str:
     return f"{cpu}, {default_threads()} cores{mem}, {platform.system()} {platform.release()}"
 
 
+_SIMD = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512fp16", "avx512bf16", "fma", "f16c", "neon", "sve", "sve2")
+
+
+def compile_target() -> str:
+    """What Numba compiles the kernels for: the LLVM CPU name (NUMBA_CPU_NAME if set, else the
+    host's) and the vector features it has, which decide the kernels' vector width."""
+    import llvmlite.binding as ll
+    from numba import config
+
+    name = config.CPU_NAME or ll.get_host_cpu_name()
+    if config.CPU_FEATURES:
+        feats = [f[1:] for f in config.CPU_FEATURES.split(",") if f.startswith("+")]
+    else:
+        feats = [f for f, on in ll.get_host_cpu_features().items() if on]
+    simd = [f for f in _SIMD if f in feats]
+    return f"LLVM target {name}{' (NUMBA_CPU_NAME)' if config.CPU_NAME else ''}, {' '.join(simd) or 'no SIMD extensions'}"
+
+
 def versions() -> str:
     import numba
 
@@ -765,6 +783,7 @@ def bench(rows: int = 200_000, k: int = 256, dtype=np.float32, threads: int | No
     threads = threads or default_threads()
     echo(f"fastkl bench, {time.strftime('%Y-%m-%d %H:%M')}")
     echo(f"machine: {machine()}")
+    echo(f"kernels: {compile_target()}")
     echo(f"software: {versions()}")
     if peers:
         avail = peers_available()
@@ -773,7 +792,8 @@ def bench(rows: int = 200_000, k: int = 256, dtype=np.float32, threads: int | No
                                        "PyTorch: a CPU build" if "torch" in missing else "") if x)
         echo("peers: " + ", ".join(["numpy"] + [n for n, ok in avail.items() if ok])
              + (f" (not installed: {', '.join(missing)}; {hint})" if missing else ""))
-    out: dict = {"machine": machine(), "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    out: dict = {"machine": machine(), "kernels": compile_target(), "versions": versions(),
+                 "date": time.strftime("%Y-%m-%d %H:%M")}
     if kernel:
         echo("")
         lines, info = kernel_report(rows, k, dtype, threads=threads, rounds=rounds, peers=peers, log=log,
