@@ -579,14 +579,15 @@ def test_local_cluster_workers_share_no_directory(tmp_path, shards, bucket, monk
 # changing input
 
 
-def _plain(rng, rows, first_id, k=256) -> bytes:
+def _plain(rng, rows, first_id, k=256, row_group=10) -> bytes:
     """A Parquet file whose size and footer do not depend on its values (uncompressed, plain, no
     statistics), > 64 KiB so that a task reads it in more GETs than the one of its tail."""
     t = pa.table({"id": pa.array(np.arange(first_id, first_id + rows, dtype=np.int64)),
                   "p": pa.array(list(rng.dirichlet(np.ones(k), rows)), pa.list_(pa.float64())),
                   "q": pa.array(list(rng.dirichlet(np.ones(k), rows)), pa.list_(pa.float64()))})
     sink = pa.BufferOutputStream()
-    pq.write_table(t, sink, row_group_size=10, compression="none", use_dictionary=False, write_statistics=False)
+    pq.write_table(t, sink, row_group_size=row_group, compression="none", use_dictionary=False,
+                   write_statistics=False)
     return sink.getvalue().to_pybytes()
 
 
@@ -691,6 +692,32 @@ def test_a_task_fetches_its_footer_pieces_and_chunks_at_once_without_its_tail(tm
     fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), task_rows=20, quiet=True, overwrite=True)
     assert read_store(bucket, "out").equals(ref)
     assert gets.count("tail") == 3 and gets.count("range") == 12, gets
+
+
+def test_a_task_of_a_single_row_group_object_makes_no_tail_get(tmp_path, bucket, monkeypatch):
+    """Most shards hold one row group: planning locates its footer and chunks too, so its task's
+    only request is one range GET (before: a GET of the tail, then one of the chunks)."""
+    from fastkl.io.store_reads import Pinned
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        put(bucket, f"src/shard-{i}.parquet", _plain(rng, 40, 1000 * i, row_group=40))
+    local = tmp_path / "src"
+    local.mkdir()
+    for i in range(3):
+        (local / f"shard-{i}.parquet").write_bytes(s3fs().open_input_stream(f"{bucket}/src/shard-{i}.parquet").read())
+    fastkl.run(local, tmp_path / "ref", keep=("id",), quiet=True)
+    gets = []
+    real_get = Pinned._get
+
+    def counted(self, start, end=None, suffix=0):
+        gets.append("tail" if suffix else "range")
+        return real_get(self, start, end, suffix)
+
+    monkeypatch.setattr(Pinned, "_get", counted)
+    fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), quiet=True)
+    assert read_store(bucket, "out").equals(read_dest(tmp_path / "ref"))
+    assert gets.count("tail") == 3 and gets.count("range") == 3, gets  # planning's tails; a GET per task
 
 
 def stop_store_clock(mp):

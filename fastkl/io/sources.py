@@ -966,9 +966,10 @@ def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str], fe
     except ValueError as e:
         raise DataError(f"{f.display}: corrupt Parquet footer: {e}") from None
     units = [(md.row_group(g).num_rows, sizes[g], 0) for g in range(md.num_row_groups)]
-    meta, spans = _footer_spans(footer, md.num_row_groups, size)
+    pinned = pins(f.store)  # a pinned S3 object of one row group too: its task then needs no tail GET
+    meta, spans = _footer_spans(footer, md.num_row_groups, size, single=pinned)
     chunks = None
-    if spans and pins(f.store):  # a task of it can then skip the GET of its tail (see fastkl.jobs.run)
+    if spans and pinned:  # a task of it can then skip the GET of its tail (see fastkl.jobs.run)
         got = [c for c in fetched if c in schema.names]
         chunks = [chunk_ranges(md, [g], got) for g in range(md.num_row_groups)]
     return schema, units, digest(footer), meta, spans, chunks, _dictionary_float16(md, present)
@@ -1005,11 +1006,12 @@ def chunk_ranges(md: pq.FileMetaData, groups: Sequence[int], cols: Sequence[str]
     return out
 
 
-def _footer_spans(footer: bytes, n_row_groups: int, size: int):
+def _footer_spans(footer: bytes, n_row_groups: int, size: int, single: bool = False):
     """Where the footer's head, each row group's entry and its tail lie (FileRef.meta, Unit.meta),
     with their crc32: what lets a task check and parse only its own part of the footer. Only
-    for footers of more than one row group (else the whole footer is that part)."""
-    found = row_group_spans(footer, n_row_groups) if n_row_groups > 1 else None
+    for footers of more than one row group (else the whole footer is that part), or `single`
+    (a footer of one row group: then a task knows where its footer lies without asking)."""
+    found = row_group_spans(footer, n_row_groups) if n_row_groups > 1 or (single and n_row_groups == 1) else None
     if found is None:
         return (), None
     head, first, ends, tail = found
