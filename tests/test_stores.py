@@ -652,21 +652,20 @@ def test_an_object_replaced_while_the_job_runs_fails_it_naming_it(bucket, monkey
     assert visible(bucket, "out") == [] and MANIFEST not in " ".join(keys(bucket, "out"))
 
 
-def test_a_task_fetches_its_footer_pieces_and_chunks_at_once_without_its_tail(tmp_path, bucket, monkeypatch):
-    """Planning locates the column chunks of each row group (from the footer it reads anyway), so a
-    task opens its object without a request and fetches its footer pieces and chunks in the same
-    GETs: the only suffix GETs are planning's, one per object. Same output as local; and a task whose
-    planned ranges are wrong (here: beyond the object) still reads right, by a GET more."""
-    from fastkl.io.store_reads import Pinned
-
-    plain_shards(bucket)  # 4 row groups of 10 rows each
+def _local_copy(tmp_path, bucket, files=3):
+    """The bucket's src/shard-i.parquet objects copied to a local directory (the reference run's)."""
     local = tmp_path / "src"
     local.mkdir()
-    for i in range(3):
+    for i in range(files):
         (local / f"shard-{i}.parquet").write_bytes(s3fs().open_input_stream(f"{bucket}/src/shard-{i}.parquet").read())
-    fastkl.run(local, tmp_path / "ref", keep=("id",), task_rows=20, quiet=True)
-    ref = read_dest(tmp_path / "ref")
-    gets = []
+    return local
+
+
+def _count_gets(monkeypatch) -> list[str]:
+    """Every GET of a pinned reader from now on, as "tail" (a suffix GET) or "range"."""
+    from fastkl.io.store_reads import Pinned
+
+    gets: list[str] = []
     real_get = Pinned._get
 
     def counted(self, start, end=None, suffix=0):
@@ -674,6 +673,18 @@ def test_a_task_fetches_its_footer_pieces_and_chunks_at_once_without_its_tail(tm
         return real_get(self, start, end, suffix)
 
     monkeypatch.setattr(Pinned, "_get", counted)
+    return gets
+
+
+def test_a_task_fetches_its_footer_pieces_and_chunks_at_once_without_its_tail(tmp_path, bucket, monkeypatch):
+    """Planning locates the column chunks of each row group (from the footer it reads anyway), so a
+    task opens its object without a request and fetches its footer pieces and chunks in the same
+    GETs: the only suffix GETs are planning's, one per object. Same output as local; and a task whose
+    planned ranges are wrong (here: beyond the object) still reads right, by a GET more."""
+    plain_shards(bucket)  # 4 row groups of 10 rows each
+    fastkl.run(_local_copy(tmp_path, bucket), tmp_path / "ref", keep=("id",), task_rows=20, quiet=True)
+    ref = read_dest(tmp_path / "ref")
+    gets = _count_gets(monkeypatch)
     fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), task_rows=20, quiet=True)
     assert read_store(bucket, "out").equals(ref)
     # 3 objects x 2 tasks: a task's footer pieces and its 2 row groups' chunks lie within 1 MiB: one GET
@@ -697,24 +708,11 @@ def test_a_task_fetches_its_footer_pieces_and_chunks_at_once_without_its_tail(tm
 def test_a_task_of_a_single_row_group_object_makes_no_tail_get(tmp_path, bucket, monkeypatch):
     """Most shards hold one row group: planning locates its footer and chunks too, so its task's
     only request is one range GET (before: a GET of the tail, then one of the chunks)."""
-    from fastkl.io.store_reads import Pinned
-
     rng = np.random.default_rng(0)
     for i in range(3):
         put(bucket, f"src/shard-{i}.parquet", _plain(rng, 40, 1000 * i, row_group=40))
-    local = tmp_path / "src"
-    local.mkdir()
-    for i in range(3):
-        (local / f"shard-{i}.parquet").write_bytes(s3fs().open_input_stream(f"{bucket}/src/shard-{i}.parquet").read())
-    fastkl.run(local, tmp_path / "ref", keep=("id",), quiet=True)
-    gets = []
-    real_get = Pinned._get
-
-    def counted(self, start, end=None, suffix=0):
-        gets.append("tail" if suffix else "range")
-        return real_get(self, start, end, suffix)
-
-    monkeypatch.setattr(Pinned, "_get", counted)
+    fastkl.run(_local_copy(tmp_path, bucket), tmp_path / "ref", keep=("id",), quiet=True)
+    gets = _count_gets(monkeypatch)
     fastkl.run(f"s3://{bucket}/src/", f"s3://{bucket}/out", keep=("id",), quiet=True)
     assert read_store(bucket, "out").equals(read_dest(tmp_path / "ref"))
     assert gets.count("tail") == 3 and gets.count("range") == 3, gets  # planning's tails; a GET per task
