@@ -972,11 +972,12 @@ def _plan_parquet(f: _Found, src: pa.NativeFile, size: int, names: list[str], fe
     if spans and pinned:  # a task of it can then skip the GET of its tail (see fastkl.jobs.run)
         got = [c for c in fetched if c in schema.names]
         chunks = [chunk_ranges(md, [g], got) for g in range(md.num_row_groups)]
-    return schema, units, digest(footer), meta, spans, chunks, _dictionary_float16(md, present)
+    half = [n for n in present if _element_type(schema.field(n).type) == pa.float16()]  # most files: none
+    return schema, units, digest(footer), meta, spans, chunks, _dictionary_float16(md, half) if half else ()
 
 
 def _dictionary_float16(md: pq.FileMetaData, names: list[str]) -> tuple[str, ...]:
-    """The named columns whose float16 values the first row group stores dictionary-encoded:
+    """The named (float16) columns whose values the first row group stores dictionary-encoded:
     pyarrow's default for 16-bit values, and several times slower to decode than plain
     (docs/guide/writing-tables.md)."""
     if md.num_row_groups == 0:

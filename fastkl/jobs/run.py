@@ -1084,6 +1084,9 @@ def run_tasks(tasks: list[Task], batch_rows: list[int], spec: JobSpec, kernel_th
     return [run_task(t, b, spec, kernel_threads, report) for t, b in zip(tasks, batch_rows)]
 
 
+_SPLIT = object()  # in `_completed`: a batch to split, not a result
+
+
 def _completed(client, window: _Window, submit, by_key, split):
     """Submit the window's tasks and yield (future, result) as they finish, like `as_completed`
     refilled from the window after every batch of results (a batch of tasks whose Dask task
@@ -1124,11 +1127,11 @@ def _completed(client, window: _Window, submit, by_key, split):
                     check_workers(force=True)
                 except Exception as e:
                     if len(by_key.get(fut.key, ())) > 1 and _is_killed_worker(e):
-                        result = split  # (no task returns a function) its workers died: the tasks again, one by one
+                        result = _SPLIT  # its workers died: the tasks again, one by one
                         break
                     raise
             alone["since"] = None
-            if result is split:
+            if result is _SPLIT:
                 ready.update(split(fut))
                 continue
             yield fut, result  # the caller marks it finished in the window
