@@ -396,3 +396,46 @@ def test_float32_rows_at_the_sum_tolerance_get_the_exact_verdict(rng, k, sum_tol
     want = ["ok" if (e and q_ok) else "not_normalized" for e in exact]
     assert got == want
     assert any(w != "ok" for w in want) and (sum_tol == 0 or any(w == "ok" for w in want))
+
+
+# What kl alone's fast loops (float32, float16, bfloat16 rows; fastkl.kernels.dense
+# `_kl32` / `_kl16`) must send to the exact checks: a bad value where the other
+# side is 0 leaves the ratio p/q nothing to flag, so each is found another way.
+ZERO_PARTNER = [
+    (0.0, -1 / 256, "negative"),
+    (-1 / 256, 0.0, "negative"),
+    (0.0, NAN, "nan"),
+    (NAN, 0.0, "nan"),
+    (0.0, INF, "non_finite"),
+    (0.0, -INF, "non_finite"),
+    (1 / 256, 0.0, "ok"),  # kl = +inf, a correct answer
+    (0.0, 0.0, "ok"),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("case", ZERO_PARTNER, ids=lambda c: f"p={c[0]}-q={c[1]}")
+@pytest.mark.parametrize("k", [4, 256])
+def test_kl_alone_sees_a_bad_value_beside_a_zero(dtype, case, k):
+    """Rows of powers of two (exact in every type), the value at position k - 2
+    (inside the vectorised part of a row of 256) set, the row's sum kept at 1."""
+    p_val, q_val, reason = case
+    P = np.full((2, k), 1 / k)
+    Q = P.copy()
+    j = k - 2
+    for row, val in ((P[1], p_val), (Q[1], q_val)):
+        row[0] += row[j] - (val if math.isfinite(val) else 0.0)
+        row[j] = val
+    assert naive.row_status(P[1], Q[1]) == {reason}
+    if dtype == "bfloat16":
+        bits = lambda x: (x.astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # exact here
+        p, q, opts = bits(P), bits(Q), {"dtype": "bfloat16"}
+    else:
+        p, q, opts = P.astype(dtype), Q.astype(dtype), {}
+    kl = fastkl.divergences(p, q, measures=("kl",), status=True, on_invalid="null", **opts)
+    assert col(kl, "status") == ["ok", reason]
+    if reason != "ok":
+        assert col(kl, "kl")[1] is None
+    else:
+        ref, got = float(naive.reference("kl", P[1], Q[1]).value), col(kl, "kl")[1]
+        assert got == ref if math.isinf(ref) else abs(got - ref) <= 1e-6 * abs(ref)

@@ -62,10 +62,10 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from .half import as_float32, decode_row
+from .half import FLOAT16, as_float32, decode_row, float16_value
 from .views import borrowed
 from .fastmath import (exp32, exp_neg, exp_nonpositive, expm1_32, expm1_f64, expm1_with32, from_order_key, inf_keys, log_pos, log_ratio,
-                       log_ratio32, not_normal32, order_key)
+                       log_ratio32, not_normal32, order_key, float32_bits, normal_offset32, NORMAL_SPAN_F)
 
 FASTMATH = {"nsz", "contract", "reassoc"}
 
@@ -92,7 +92,7 @@ _jit = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # cached kernels would keep the old code. tests/test_layout.py checks that this
 # digest of those modules is current, so any change there changes this file too
 # (each kernel module has one).
-INLINES_DIGEST = "3d963d7134e05056"
+INLINES_DIGEST = "16af64b4438e06e4"
 
 
 def _is_float32(values):
@@ -532,14 +532,22 @@ def _sum64(terms, n):
     return total
 
 
+_U32_0 = np.uint32(0)
+_I32_0 = np.int32(0)
+
+
 @_jit
 def _kl32(prow, qrow, terms, p_decode, q_decode):
     """(sum p log(p/q), sum p, sum q, flag): the one-measure loop of `fastkl.kl`; rows of
-    16-bit patterns (uint16) are decoded in the loop by p_decode / q_decode."""
+    16-bit patterns (uint16) are decoded in the loop by p_decode / q_decode. The flag
+    is nonzero when the row needs the general loops: a ratio p/q that is not a
+    normal float32 where p != 0 (the largest offset from the smallest normal's
+    bits, one unsigned max), or a q with its sign bit set (the least bits, one min)."""
     zero = np.float32(0.0)
     one = np.float32(1.0)
-    kl = 0.0
-    p_sum = q_sum = flag = zero
+    p_sum = q_sum = zero
+    worst = _U32_0
+    q_bits = _I32_0
     for j in range(prow.size):
         p = as_float32(prow[j], p_decode)
         q = as_float32(qrow[j], q_decode)
@@ -547,8 +555,43 @@ def _kl32(prow, qrow, terms, p_decode, q_decode):
         q_sum += q
         inv_q = one / q
         terms[0, j] = p * log_ratio32(p, inv_q, p - q)
-        flag += abs(p if not_normal32(p * inv_q) else zero) - min(q, zero)
+        # the select comes before the offset: `offset if p != 0 else 0` stays scalar (LLVM 22)
+        worst = max(worst, normal_offset32(p * inv_q if p != zero else one))
+        q_bits = min(q_bits, float32_bits(q))
     kl = _sum64(terms[0], prow.size)
+    flag = one if (worst >= NORMAL_SPAN_F) | (q_bits < _I32_0) else zero
+    return kl, p_sum, q_sum, flag
+
+
+# The largest float16 bit pattern of a finite positive value (65504): above it
+# are +inf, NaN and every negative value (-0 included).
+_MAX_FINITE_F16 = np.uint16(0x7BFF)
+_U16_0 = np.uint16(0)
+
+
+@_jit
+def _kl16(prow, qrow, terms, p_decode, q_decode):
+    """`_kl32` for two float16 rows (uint16 bit patterns): the flag is found on
+    the 16-bit patterns, 32 to a vector. A ratio of two finite positive float16
+    values lies in [2**-40, 2**40], always a normal float32, so a row needs the
+    slow loops only for a value that is not finite, a negative one, or p > 0 = q."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    p_sum = q_sum = zero
+    worst = unseen = _U16_0
+    for j in range(prow.size):
+        hp = prow[j]
+        hq = qrow[j]
+        worst = max(worst, max(hp, hq))
+        unseen = max(unseen, hp if hq == _U16_0 else _U16_0)
+        p = float16_value(hp)
+        q = float16_value(hq)
+        p_sum += p
+        q_sum += q
+        inv_q = one / q
+        terms[0, j] = p * log_ratio32(p, inv_q, p - q)
+    kl = _sum64(terms[0], prow.size)
+    flag = one if (worst > _MAX_FINITE_F16) | (unseen != _U16_0) else zero
     return kl, p_sum, q_sum, flag
 
 
@@ -766,6 +809,23 @@ def _in_chunks(kl_loop):
 
 
 _kl32_blocked = _in_chunks(_kl32)
+_kl16_blocked = _in_chunks(_kl16)
+
+
+def _kl_probs(prow, qrow, terms, p_decode, q_decode):
+    """The kl loop for a row of probabilities: `_kl16` for two float16 rows, else `_kl32`."""
+
+
+@overload(_kl_probs, inline="always")
+def _kl_probs_typed(prow, qrow, terms, p_decode, q_decode):
+    if not (isinstance(prow.dtype, types.Integer) and isinstance(qrow.dtype, types.Integer)):
+        return lambda prow, qrow, terms, p_decode, q_decode: _kl32_blocked(prow, qrow, terms, p_decode, q_decode)
+
+    def halves(prow, qrow, terms, p_decode, q_decode):
+        if p_decode == FLOAT16 and q_decode == FLOAT16:
+            return _kl16_blocked(prow, qrow, terms, p_decode, q_decode)
+        return _kl32_blocked(prow, qrow, terms, p_decode, q_decode)
+    return halves
 
 
 @_jit
@@ -1802,7 +1862,7 @@ def _make_kernel(name):
                     p_raw = p_values[ps:ps + k]
                     q_raw = q_values[qs:qs + k]
                     if probs:
-                        kl, p_sum, q_sum, flag = _kl32_blocked(p_raw, q_raw, terms, p_decode, q_decode)
+                        kl, p_sum, q_sum, flag = _kl_probs(p_raw, q_raw, terms, p_decode, q_decode)
                     else:
                         kl, p_sum, q_sum, flag = _kl_logs32_blocked(p_raw, q_raw, terms, p_decode, q_decode)
                     done = flag == 0.0 and _sums_within32(p_sum, q_sum, min(k, SUM_BLOCK), sum_tol)

@@ -242,7 +242,7 @@ _I23 = np.int32(23)
 _I31 = np.int32(31)
 _I0 = np.int32(0)
 _MIN_NORMAL_BITS_F = np.uint32(0x00800000)
-_NORMAL_SPAN_F = np.uint32(0x7F000000)  # bits(+inf) - bits(min normal)
+NORMAL_SPAN_F = np.uint32(0x7F000000)  # bits(+inf) - bits(min normal)
 
 # Numba types int32 arithmetic as int64; every integer step below is cast
 # back to int32 so LLVM keeps 8/16 lanes per vector instead of 4/8.
@@ -270,9 +270,17 @@ def log_ratio32(num, inv_den, diff):
 
 
 @_fast
+def normal_offset32(x):
+    """How far x's bits lie above the smallest normal float32's, as uint32:
+    below `NORMAL_SPAN_F` exactly when x is a positive normal float32, so a
+    loop can keep the largest and test once."""
+    return np.uint32(np.uint32(float32_bits(x)) - _MIN_NORMAL_BITS_F)
+
+
+@_fast
 def not_normal32(x):
     """True for x <= 0 (incl. -0), subnormal, inf or NaN: one integer compare."""
-    return np.uint32(np.uint32(float32_bits(x)) - _MIN_NORMAL_BITS_F) >= _NORMAL_SPAN_F
+    return np.uint32(np.uint32(float32_bits(x)) - _MIN_NORMAL_BITS_F) >= NORMAL_SPAN_F
 
 
 _INV_LN2_F = np.float32(1.4426950408889634)

@@ -99,6 +99,16 @@ def _as_float32_typed(x, code):
     return lambda x, code: x
 
 
+def float16_value(h):
+    """The float32 value of the float16 bit pattern h, inlined in the loops that read float16 rows."""
+
+
+@overload(float16_value, inline="always")
+def _float16_value_typed(h):
+    if isinstance(h, types.Integer):
+        return lambda h: _float16_bits(h)
+
+
 @_jit
 def float16_to_float32(h):
     """The float32 value of the float16 bit pattern h (an integer < 2**16)."""
