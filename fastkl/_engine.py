@@ -144,9 +144,9 @@ def _pre_status(pre: np.ndarray | None, *sides: Side | None) -> np.ndarray:
 
 
 def _run_blocks(kernel, args: tuple, offsets: np.ndarray, threads: int) -> None:
-    """kernel(*args, start, stop) over blocks of rows of about equal element counts, on the pool."""
+    """kernel(*args, start, stop) over blocks of rows of about equal element counts, in `threads` threads."""
     n = len(offsets) - 1
-    _run_ranges(kernel, args, _blocks(offsets, threads * 4) if threads > 1 else [(0, n)])
+    _run_ranges(kernel, args, _blocks(offsets, threads * 4) if threads > 1 else [(0, n)], threads)
 
 
 def _even_blocks(n: int, threads: int) -> list[tuple[int, int]]:
@@ -156,14 +156,41 @@ def _even_blocks(n: int, threads: int) -> list[tuple[int, int]]:
     return [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo] or [(0, n)]
 
 
-def _run_ranges(kernel, args: tuple, blocks: list[tuple[int, int]]) -> None:
-    """kernel(*args, start, stop) for each (start, stop) of `blocks`, on the pool if more than one."""
-    if len(blocks) == 1:
-        kernel(*args, *blocks[0])
+def _run_ranges(kernel, args: tuple, blocks: list[tuple[int, int]], threads: int) -> None:
+    """kernel(*args, start, stop) for each (start, stop) of `blocks`, in at most `threads` threads.
+
+    The calling thread takes blocks too, beside threads - 1 helpers from the
+    pool: each thread takes the next block when it is done with one, so a
+    helper that starts late (an idle core waking up, a pool busy with another
+    call) costs only the blocks it did not take.
+    """
+    if len(blocks) == 1 or threads <= 1:
+        for lo, hi in blocks:
+            kernel(*args, lo, hi)
         return
-    futures = [_get_pool().submit(kernel, *args, lo, hi) for lo, hi in blocks]
-    for f in futures:
-        f.result()
+    todo = iter(blocks)
+    lock = threading.Lock()
+
+    def take_blocks() -> None:
+        try:
+            while True:
+                with lock:
+                    block = next(todo, None)
+                if block is None:
+                    return
+                kernel(*args, *block)
+        except BaseException:
+            with lock:
+                for _ in todo:  # the other threads stop after the block they are in
+                    pass
+            raise
+
+    helpers = [_get_pool().submit(take_blocks) for _ in range(min(threads, len(blocks)) - 1)]
+    try:
+        take_blocks()
+    finally:
+        for h in helpers:
+            h.result()
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -375,7 +402,7 @@ def _run_sampled(cols: dict[str, Any], pre: np.ndarray | None, layout: Layout, o
     values = np.empty((len(layout.measures), n), dtype=np.float64)
     status = np.empty(n, dtype=np.uint8)
     args = (*p[:3], *q[:3], _read_only(pre), float(options.sum_tol), _sampled_slots(layout), values, status)
-    _run_ranges(sampled_rows, args, _even_blocks(n, threads))
+    _run_ranges(sampled_rows, args, _even_blocks(n, threads), threads)
     return _Rows(values, status, _sampled_describe(cols["p"], cols["q"], options))
 
 

@@ -369,6 +369,50 @@ def test_long_sequences_over_several_chunks_and_threads():
     assert checked >= 10
 
 
+
+@pytest.mark.parametrize("length", [1000, 37])
+def test_each_special_value_in_unmasked_float32_sequences(length):
+    """Every position counts (the float32 pass tests its chunk on the bits): each special
+    value, on each side, in the vectorised body and in the tail of a sequence, gets the
+    reference's status, bad position and sums."""
+    rng = np.random.default_rng(11)
+    specials = [v for v in _SPECIAL if v is not None] + [-1e-30, -5.0, -2.0 ** -61]
+    rows_p, rows_q, where = [], [], []
+    for side in (0, 1):
+        for v in specials:
+            for j in (length // 2, length - 1):
+                lp = -rng.exponential(1.0, length).astype(np.float32)
+                lq = np.minimum(lp + rng.normal(0, 0.3, length).astype(np.float32), 0).astype(np.float32)
+                (lp, lq)[side][j] = v
+                if v in (-5.0, -2.0 ** -61):  # r = +-5 (beyond the float32 pass), |r| < 2^-60 (its square subnormal)
+                    (lp, lq)[1 - side][j] = 0.0
+                rows_p.append(lp)
+                rows_q.append(lq)
+                where.append((side, v, j))
+    tiny = -float(np.float32(1.2345678 * 2.0 ** -70))  # its square: a float32 subnormal of 9 bits
+    for j in (length // 2, length - 1):  # r = 0 but one tiny r: its k3 is the whole sum
+        lp = -rng.exponential(1.0, length).astype(np.float32)
+        lq = lp.copy()
+        lp[j], lq[j] = 0.0, tiny
+        rows_p.append(lp)
+        rows_q.append(lq)
+        where.append(("tiny r", tiny, j))
+    p, q = np.array(rows_p), np.array(rows_q)
+    table = _run(pa.array(list(p), type=pa.list_(pa.float32())), pa.array(list(q), type=pa.list_(pa.float32())),
+                 {}, per_token=False).to_table(status=True)
+    res = _run(pa.array(list(p), type=pa.list_(pa.float32())), pa.array(list(q), type=pa.list_(pa.float32())),
+               {}, per_token=False)
+    for i, what in enumerate(where):
+        ps, qs = p[i].astype(np.float64).tolist(), q[i].astype(np.float64).tolist()
+        status, bad_at, refs = naive.sampled_sequence_reference(ps, qs, [True] * length)
+        assert table["status"][i].as_py() == status, what
+        if bad_at is not None:
+            assert res.describe(i, status)[0] == bad_at, what
+        if status == "ok":
+            for m in MEASURES:
+                _sum_check(table[m][i].as_py(), refs[m], (what, m), 1e-6)
+
+
 def test_the_summary_token_level_is_the_one_per_token_values_give():
     """The fused path writes no per-position values; the summary's token level computes them
     when it reads them, and gets the statistics (token mean, quantiles...) of m_tokens."""

@@ -153,3 +153,50 @@ def test_first_calls_from_threads_in_a_fresh_process(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip() == "ok"
+
+
+def _counting_kernel(blocks_done, running, peak, lock, fail_at=None):
+    """A stand-in for a kernel: records each block and the most threads in it at once."""
+    import threading
+    import time
+
+    def kernel(lo, hi):
+        with lock:
+            running.add(threading.get_ident())
+            peak[0] = max(peak[0], len(running))
+        try:
+            time.sleep(0.002)  # long enough for the other threads to overlap
+            if fail_at == lo:
+                raise ValueError(f"block {lo}")
+            with lock:
+                blocks_done.append((lo, hi))
+        finally:
+            with lock:
+                running.discard(threading.get_ident())
+    return kernel
+
+
+def test_threads_caps_the_threads_a_call_uses(monkeypatch):
+    """threads=N means N threads (the caller and N - 1 pool helpers) even when the
+    pool has more, every block run once; an error stops the blocks not yet taken."""
+    import threading
+
+    from fastkl import _config, _engine
+
+    monkeypatch.setattr(_config, "cores", lambda: 8)
+    monkeypatch.setattr(_engine, "_pool", None)  # a pool of 8 for this test
+    blocks = [(i, i + 1) for i in range(24)]
+    for threads in (1, 2, 3):
+        done, running, peak, lock = [], set(), [0], threading.Lock()
+        _engine._run_ranges(_counting_kernel(done, running, peak, lock), (), blocks, threads)
+        assert sorted(done) == blocks
+        assert peak[0] == threads
+    done, running, peak, lock = [], set(), [0], threading.Lock()
+    try:
+        _engine._run_ranges(_counting_kernel(done, running, peak, lock, fail_at=3), (), blocks, 2)
+    except ValueError as e:
+        assert str(e) == "block 3"
+    else:
+        raise AssertionError("the block's error was not raised")
+    assert len(done) < len(blocks) - 10  # the rest were not started
+    _engine._pool.shutdown()

@@ -56,6 +56,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from numba import njit
 
+from .._engine import _run_ranges
+
 # --------------------------------------------------------------------------
 # Data
 
@@ -209,7 +211,7 @@ def flat(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def stream(p: np.ndarray, q: np.ndarray, threads: int | None = None, vectorised: bool = True) -> np.ndarray:
     """Sum each row of p and q into one float64: only reads the two buffers.
 
-    Rows are split into 4 blocks per thread, as `fastkl._engine` splits them.
+    Rows are split into 4 blocks per thread and run as `fastkl._engine` runs them.
     """
     fn = _stream_vec if vectorised else _stream_scalar
     offsets, pv = flat(p)
@@ -221,9 +223,7 @@ def stream(p: np.ndarray, q: np.ndarray, threads: int | None = None, vectorised:
         fn(offsets, pv, qv, out, 0, n)
         return out
     cuts = np.linspace(0, n, threads * 4 + 1).astype(np.int64)
-    futs = [_pool(threads).submit(fn, offsets, pv, qv, out, int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
-    for f in futs:
-        f.result()
+    _run_ranges(fn, (offsets, pv, qv, out), [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a], threads)
     return out
 
 

@@ -45,7 +45,7 @@ INLINES_DIGEST = "745e5c5ab011a7e8"
 
 K1, K2, K3, ABS = 0, 1, 2, 3  # slots: fastkl._registry.SAMPLED_MEASURES order
 N_SAMPLED = 4
-CHUNK = 512  # positions per pass through L1-sized pieces (scratch of sequences: r and k3 in float64 and float32, 12 KiB)
+CHUNK = 1024  # positions per pass through L1-sized pieces (scratch: r and k3 in float64 and float32, 24 KiB; 8 KiB on the float32 path)
 INF = math.inf
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")
@@ -385,6 +385,8 @@ def _chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf, k3buf, lo, hi):
     again by the float64 passes, which count and name what is bad. No `reassoc`: k3_32's
     order is its algorithm; one boolean for the whole chunk, not counters, so that the loop
     keeps 16 float32 lanes and few registers."""
+    if not has_pre:
+        return _chunk_32_all(p_values, q_values, sum_tol, rbuf, k3buf, lo, hi)
     pv, qv, pr = p_values[lo:hi], q_values[lo:hi], pre[lo:hi]
     tol32 = _tol32(sum_tol)
     clean = True
@@ -402,6 +404,41 @@ def _chunk_32(p_values, q_values, pre, has_pre, sum_tol, rbuf, k3buf, lo, hi):
         if k3buf is not None:  # (None: k3 is not asked for; a compile-time branch)
             k3buf[j] = k3_32(r)
     return clean
+
+
+
+# The same tests on the bits, for a chunk whose positions all count: a float32 x <= t
+# (t >= 0) exactly when bits(x) <= bits(t) as int32, but for a NaN with its sign bit set,
+# whose r is NaN and far; |r| is far exactly when bits(|r|) > bits(4) or 0 < bits(|r|) <
+# bits(2^-60), i.e. bits(|r|) - 1 (unsigned, wrapping 0 away) < bits(2^-60) - 1.
+_R32_MAX_BITS = np.uint32(0x40800000)  # bits(4.0)
+_R32_MIN_BITS_1 = np.uint32(((127 - 60) << 23) - 1)  # bits(2^-60) - 1
+_U32_1 = np.uint32(1)
+_U32_ALL = np.uint32(0xFFFFFFFF)
+
+
+@_kernel
+def _chunk_32_all(p_values, q_values, sum_tol, rbuf, k3buf, lo, hi):
+    """`_chunk_32` where every position counts: its tests as three integer
+    extremes of the bits (one max of p's and q's, one max and one min of |r|'s),
+    not selects and masks per position."""
+    pv, qv = p_values[lo:hi], q_values[lo:hi]
+    tol_bits = float32_bits(_tol32(sum_tol))
+    top = float32_bits(_ZERO_F)
+    a_max = np.uint32(0)
+    a_min = _U32_ALL
+    for j in range(hi - lo):
+        p = pv[j]
+        q = qv[j]
+        top = max(top, max(float32_bits(p), float32_bits(q)))
+        r = q - p
+        a_bits = np.uint32(float32_bits(abs(r)))
+        a_max = max(a_max, a_bits)
+        a_min = min(a_min, np.uint32(a_bits - _U32_1))
+        rbuf[j] = r
+        if k3buf is not None:
+            k3buf[j] = k3_32(r)
+    return (top <= tol_bits) & (a_max <= _R32_MAX_BITS) & (a_min >= _R32_MIN_BITS_1)
 
 
 @_jit
