@@ -19,6 +19,7 @@ and DLPack tensors (torch, JAX) carry their type (`fastkl.adapters.protocols`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterator
 
 import numpy as np
@@ -168,8 +169,25 @@ def _from_numpy(x: np.ndarray, name: str, declared: str | None = None) -> Side:
     dtype, decode = element_type(x.dtype, declared, name)
     x = np.ascontiguousarray(x)  # no copy when already C-ordered
     n, k = x.shape
-    offsets = np.arange(n + 1, dtype=np.int64) * k
+    offsets = _row_offsets(n, k) if n <= _CACHED_ROWS else _new_row_offsets(n, k)
     return Side(offsets, x.reshape(-1).view(dtype), _EMPTY_MASK, 0, None, decode)
+
+
+_CACHED_ROWS = 1 << 20  # offsets of up to 8 MiB are kept for the next call of that shape
+
+
+def _new_row_offsets(n: int, k: int) -> np.ndarray:
+    """0, k, 2k, ..., nk as read-only int64 (one allocation)."""
+    offsets = np.arange(0, (n + 1) * k, k, dtype=np.int64) if k else np.zeros(n + 1, dtype=np.int64)
+    offsets.flags.writeable = False
+    return offsets
+
+
+@lru_cache(maxsize=4)
+def _row_offsets(n: int, k: int) -> np.ndarray:
+    """`_new_row_offsets`, shared by both sides of a call and by the calls that follow on
+    arrays of that shape: building them (fresh pages) cost 5% of a kl call on 200,000 x 256."""
+    return _new_row_offsets(n, k)
 
 
 def _child_buffers(child: pa.Array, name: str, declared: str | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
