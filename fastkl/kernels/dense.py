@@ -576,7 +576,7 @@ _U16_0 = np.uint16(0)
 @_jit
 def _kl16(prow, qrow, terms, p_decode, q_decode):
     """`_kl32` for two float16 rows (uint16 bit patterns): the flag is found on
-    the 16-bit patterns, 32 to a vector. A ratio of two finite positive float16
+    the 16-bit patterns (integer max, no float compares). A ratio of two finite positive float16
     values lies in [2**-40, 2**40], always a normal float32, so a row needs the
     slow loops only for a value that is not finite, a negative one, or p > 0 = q."""
     zero = np.float32(0.0)

@@ -17,7 +17,7 @@ from .sampled import k3_term
 
 # Numba checks its on-disk cache against this file only: this digest of the kernel
 # modules imported above ties the cache to them too (tests/test_layout.py).
-INLINES_DIGEST = "b4a1cb7634cadabe"
+INLINES_DIGEST = "f290560f386d805b"
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")
 
