@@ -190,7 +190,8 @@ def _run_ranges(kernel, args: tuple, blocks: list[tuple[int, int]], threads: int
         take_blocks()
     finally:
         for h in helpers:
-            h.result()
+            if not h.cancel():  # one still queued (the pool busy with other calls) is not waited for
+                h.result()
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:

@@ -200,3 +200,24 @@ def test_threads_caps_the_threads_a_call_uses(monkeypatch):
         raise AssertionError("the block's error was not raised")
     assert len(done) < len(blocks) - 10  # the rest were not started
     _engine._pool.shutdown()
+
+
+def test_a_call_does_not_wait_for_helpers_the_busy_pool_never_started(monkeypatch):
+    """With the pool's workers all busy with another call's long blocks, a second call runs
+    its blocks in its own thread and returns without waiting for them."""
+    import threading
+    import time
+
+    from fastkl import _config, _engine
+
+    monkeypatch.setattr(_config, "cores", lambda: 1)
+    monkeypatch.setattr(_engine, "_pool", None)  # one worker, kept busy below
+    release = threading.Event()
+    _engine._get_pool().submit(release.wait, 10)
+    done = []
+    t0 = time.perf_counter()
+    _engine._run_ranges(lambda lo, hi: done.append(lo), (), [(i, i + 1) for i in range(8)], 2)
+    elapsed = time.perf_counter() - t0
+    release.set()
+    assert sorted(done) == list(range(8)) and elapsed < 2.0
+    _engine._pool.shutdown()
