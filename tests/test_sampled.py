@@ -370,7 +370,7 @@ def test_long_sequences_over_several_chunks_and_threads():
 
 
 
-@pytest.mark.parametrize("length", [1000, 37])
+@pytest.mark.parametrize("length", [100, 37])
 def test_each_special_value_in_unmasked_float32_sequences(length):
     """Every position counts (the float32 pass tests its chunk on the bits): each special
     value, on each side, in the vectorised body and in the tail of a sequence, gets the
