@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, note
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 import fastkl
@@ -481,3 +481,26 @@ def test_rows_after_an_infinite_or_invalid_row_are_their_own(dtype, measures):
     assert kl[0] == math.inf and kl[2] == math.inf and kl[3] is None
     assert kl[1] == kl[4] and 0 < kl[1] < 1
     assert t["status"].to_pylist() == ["ok", "ok", "ok", "negative", "ok"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases(allow_decode=False, kinds=("probs",), same_kind=True, max_k=300))
+def test_kl_reverse_kl_js_entropy_in_one_pass(case):
+    """The four that float32 probs compute in one pass (fastkl.kernels.dense
+    `_kl_rkl_js_ent32`, js's smaller side's log from the larger side's and the ratio's),
+    with or without cross_entropy and gjs beside them, against the exact reference."""
+    P, Q, _, opts = case
+    for measures in (("kl", "reverse_kl", "js", "entropy"), ("js", "entropy", "reverse_kl", "cross_entropy", "gjs")):
+        note(f"measures={measures}\nP={P!r}\nQ={Q!r}")
+        run_and_check(P, Q, measures, opts, naive.rel_bound(P.dtype, Q.dtype))
+
+
+@pytest.mark.parametrize("delta", (1e-2, 1e-4, 1e-6))
+def test_kl_reverse_kl_js_entropy_in_one_pass_on_nearly_equal_rows(delta, rng):
+    """Where js's log(2b/s) = log(2a/s) - |log(p/q)| cancels (p ~ q): the bound relative
+    to the tiny terms still holds."""
+    P64 = naive.make_probs(rng, 8, 300, spread=2.0)
+    Q64 = P64 * (1 + delta * rng.standard_normal(P64.shape))
+    Q64 /= Q64.sum(axis=1, keepdims=True)
+    P, Q = P64.astype(np.float32), Q64.astype(np.float32)
+    run_and_check(P, Q, ("kl", "reverse_kl", "js", "entropy"), {}, naive.rel_bound(np.float32))
