@@ -97,8 +97,20 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like a Ctrl-C, so that the job stops the same way."""
 
 
+def _quiet_unwinding() -> None:
+    """Once a job is interrupted, the coroutines the Dask client had pending are dropped
+    unawaited as the stack unwinds: their RuntimeWarnings would print beside the one line."""
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+
+
 def _raise_terminated(signum, frame) -> None:
+    _quiet_unwinding()
     raise Terminated()
+
+
+def _raise_interrupted(signum, frame) -> None:
+    _quiet_unwinding()
+    raise KeyboardInterrupt()
 
 
 @contextlib.contextmanager
@@ -109,10 +121,15 @@ def _sigterm_interrupts():
         yield
         return
     before = signal.signal(signal.SIGTERM, _raise_terminated)
+    ctrl_c = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (not a caller's own handler)
+    if ctrl_c:
+        signal.signal(signal.SIGINT, _raise_interrupted)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, before)
+        if ctrl_c:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_guarded(fn, debug: bool, staging_hint: str | None = None):

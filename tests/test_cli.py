@@ -223,3 +223,26 @@ def test_logits_peer_reference_is_exact_and_torch_is_timed_against_it():
     assert {k.split(": ", 1)[1] for k in info} == {"fastkl kl, kind='logits'", "torch float32 kl_div(log_softmax)",
                                                     "torch float64 kl_div(log_softmax)"}
     assert all(v["median_s"] > 0 and v["rel_err_max"] < 1.0 for v in info.values())
+
+
+def test_an_interrupted_job_prints_no_unawaited_coroutine_warning():
+    """SIGTERM / Ctrl-C during a job unwinds the Dask client's pending coroutines: the
+    RuntimeWarnings they raise would print beside the one line (seen on a LocalCluster job)."""
+    import gc
+    import signal
+    import warnings
+
+    from fastkl import cli
+
+    async def pending():
+        return None
+
+    for handler, raised in ((cli._raise_terminated, cli.Terminated), (cli._raise_interrupted, KeyboardInterrupt)):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            with pytest.raises(raised):
+                handler(signal.SIGTERM, None)
+            coroutine = pending()
+            del coroutine
+            gc.collect()
+        assert not [w for w in seen if "never awaited" in str(w.message)]
