@@ -630,7 +630,6 @@ def _kl_reverse32(prow, qrow, terms):
     return kl, rkl, p_sum, q_sum, flag
 
 
-
 @_jit
 def _kl_rkl_js_ent32(prow, qrow, terms):
     """(kl, reverse_kl, js sum, entropy, sum p, sum q, flag) in one pass with three logs
@@ -666,6 +665,7 @@ def _kl_rkl_js_ent32(prow, qrow, terms):
     n = prow.size
     return (_sum64(terms[0], n), -_sum64(terms[1], n), _sum64(terms[2], n), -_sum64(terms[3], n), p_sum, q_sum,
             _flag(worst, q_bits))
+
 
 @_jit
 def _entropy32(prow, terms):
