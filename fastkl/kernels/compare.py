@@ -18,7 +18,7 @@ from .half import as_float32
 
 # Numba checks its on-disk cache against this file only: this digest of the kernel
 # modules imported above ties the cache to them too (tests/test_layout.py).
-INLINES_DIGEST = "65776246507899b3"
+INLINES_DIGEST = "8d136917092d2ae4"
 
 ID_OUT_OF_RANGE = 13  # fastkl._registry.STATUSES order (checked by tests/test_compare.py)
 

@@ -96,7 +96,7 @@ _inline = njit(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy", i
 # cached kernels would keep the old code. tests/test_layout.py checks that this
 # digest of those modules is current, so any change there changes this file too
 # (each kernel module has one).
-INLINES_DIGEST = "16af64b4438e06e4"
+INLINES_DIGEST = "63032e08cda36b6e"
 
 
 def _is_float32(values):

@@ -280,7 +280,7 @@ def normal_offset32(x):
 @_fast
 def not_normal32(x):
     """True for x <= 0 (incl. -0), subnormal, inf or NaN: one integer compare."""
-    return np.uint32(np.uint32(float32_bits(x)) - _MIN_NORMAL_BITS_F) >= NORMAL_SPAN_F
+    return normal_offset32(x) >= NORMAL_SPAN_F
 
 
 _INV_LN2_F = np.float32(1.4426950408889634)

@@ -17,7 +17,7 @@ from .sampled import k3_term
 
 # Numba checks its on-disk cache against this file only: this digest of the kernel
 # modules imported above ties the cache to them too (tests/test_layout.py).
-INLINES_DIGEST = "23ac2a681d61783b"
+INLINES_DIGEST = "3c223a595272aa64"
 
 _jit = njit(nogil=True, cache=True, error_model="numpy")
 

@@ -9,7 +9,7 @@ from .dense import LENGTH_MISMATCH as FIRST_INVALID, NO_TOKENS, OK, TARGET_UNLIS
 
 # Numba checks its on-disk cache against this file only: this digest of the kernel
 # modules imported above ties the cache to them too (tests/test_layout.py).
-INLINES_DIGEST = "bfc8fb258aaab1f1"
+INLINES_DIGEST = "2cebb893f4a75e57"
 
 
 @njit(nogil=True, cache=True)
